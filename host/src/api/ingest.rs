@@ -1,0 +1,152 @@
+//! `POST /v1/ingest`: bulk property updates as a JSON array or NDJSON, applied with one
+//! durable commit per request. Items are parsed one by one so a bad item is rejected by index
+//! without stopping the rest.
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::error::ErrorBody;
+use super::extract::body_bytes;
+use super::{ApiError, AppState};
+use crate::registry::Update;
+use crate::types::{Properties, TwinId};
+
+/// One ingest item.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IngestItem {
+    pub twin_id: TwinId,
+    #[schema(value_type = Object)]
+    pub properties: Properties,
+    #[serde(default)]
+    pub ts: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Rejected {
+    pub index: usize,
+    #[schema(value_type = Object)]
+    pub error: Value,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct IngestResult {
+    pub applied: usize,
+    pub rejected: Vec<Rejected>,
+}
+
+/// Bodies above this size are parsed on the blocking pool so they don't stall other requests.
+const PARSE_INLINE_MAX: usize = 256 * 1024;
+
+fn item_error(e: serde_json::Error) -> ApiError {
+    match e.classify() {
+        serde_json::error::Category::Data => ApiError::BadRequest(format!("invalid item: {e}")),
+        _ => ApiError::InvalidJson(format!("malformed JSON: {e}")),
+    }
+}
+
+/// Parse a body into updates, collecting per-item errors.
+pub fn parse(body: &[u8], ndjson: bool) -> Result<(Vec<(usize, Update)>, Vec<Rejected>), ApiError> {
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    let mut take = |i: usize, r: Result<IngestItem, serde_json::Error>| match r {
+        Ok(it) => ok.push((
+            i,
+            Update {
+                twin_id: it.twin_id,
+                patch: it.properties,
+                ts: it.ts,
+                if_match: None,
+            },
+        )),
+        Err(e) => bad.push(Rejected {
+            index: i,
+            error: item_error(e).body()["error"].clone(),
+        }),
+    };
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if !ndjson && first == Some(&b'[') {
+        let items: Vec<&RawValue> = serde_json::from_slice(body)
+            .map_err(|e| ApiError::InvalidJson(format!("malformed JSON array: {e}")))?;
+        for (i, raw) in items.into_iter().enumerate() {
+            take(i, serde_json::from_str(raw.get()));
+        }
+    } else {
+        let mut i = 0;
+        for line in body.split(|b| *b == b'\n') {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            take(i, serde_json::from_slice(line));
+            i += 1;
+        }
+    }
+    if ok.is_empty() && bad.is_empty() {
+        return Err(ApiError::BadRequest("the body holds no items".into()));
+    }
+    Ok((ok, bad))
+}
+
+/// Bulk ingest. A 200 means every applied update is durable.
+#[utoipa::path(post, path = "/v1/ingest", tag = "twins",
+    request_body(content = Vec<IngestItem>, description = "JSON array, or NDJSON with Content-Type application/x-ndjson"),
+    responses((status = 200, body = IngestResult), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn ingest(State(s): State<AppState>, req: Request) -> Result<axum::Json<IngestResult>, ApiError> {
+    let ndjson = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("ndjson") || ct.contains("jsonlines"));
+    let body = body_bytes(req, &()).await?;
+    let (items, mut rejected) = if body.len() > PARSE_INLINE_MAX {
+        tokio::task::spawn_blocking(move || parse(&body, ndjson))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??
+    } else {
+        parse(&body, ndjson)?
+    };
+    let (index, updates): (Vec<usize>, Vec<Update>) = items.into_iter().unzip();
+    let outcome = s.registry.apply_batch(&updates).await?;
+    rejected.extend(outcome.rejected.into_iter().map(|(i, e)| Rejected {
+        index: index[i],
+        error: ApiError::from(e).body()["error"].clone(),
+    }));
+    rejected.sort_by_key(|r| r.index);
+    Ok(axum::Json(IngestResult {
+        applied: outcome.applied,
+        rejected,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_items_are_rejected_by_index() {
+        let id = TwinId::new_v7();
+        let body = format!(
+            "{{\"twin_id\":\"{id}\",\"properties\":{{\"t\":1}}}}\n\nnot json\n{{\"twin_id\":\"nope\",\"properties\":{{}}}}\n{{\"twin_id\":\"{id}\",\"properties\":{{\"t\":2}}}}\n"
+        );
+        let (ok, bad) = parse(body.as_bytes(), true).unwrap();
+        assert_eq!(ok.iter().map(|o| o.0).collect::<Vec<_>>(), vec![0, 3]);
+        assert_eq!(bad.iter().map(|b| b.index).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(bad[0].error["code"], "invalid_json");
+        assert_eq!(bad[1].error["code"], "bad_request");
+    }
+
+    #[test]
+    fn json_array_items() {
+        let id = TwinId::new_v7();
+        let body = format!("[{{\"twin_id\":\"{id}\",\"properties\":{{}}}}, 5]");
+        let (ok, bad) = parse(body.as_bytes(), false).unwrap();
+        assert_eq!((ok.len(), bad.len(), bad[0].index), (1, 1, 1));
+        assert!(parse(b"[1,", false).is_err());
+        assert!(parse(b"   ", false).is_err());
+    }
+}

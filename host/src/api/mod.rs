@@ -1,0 +1,114 @@
+//! The HTTP API (axum): routes of API.md, auth, errors, limits and the OpenAPI document.
+//!
+//! Owns: translating HTTP to calls on the registry and history — nothing else. Exposes:
+//! [`router`] and [`AppState`]. Must never: hold storage keys, validation rules or query
+//! logic; those belong to the subsystems.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+mod models;
+mod ops;
+mod ingest;
+mod twins;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Uri};
+use axum::routing::{get, post, put};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+use crate::history::History;
+use crate::registry::Registry;
+use crate::store::Store;
+
+/// Default body limit of JSON calls (`--max-body-bytes`).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Default body limit of `POST /v1/ingest` (`--max-ingest-bytes`).
+pub const DEFAULT_MAX_INGEST_BYTES: usize = 64 * 1024 * 1024;
+
+/// Limits the API enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_ingest_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_ingest_bytes: DEFAULT_MAX_INGEST_BYTES,
+        }
+    }
+}
+
+/// Everything a handler may use.
+pub struct AppStateInner {
+    pub registry: Registry,
+    pub history: History,
+    pub auth: auth::Auth,
+    pub store: Store,
+    pub prometheus: PrometheusHandle,
+    pub started: Instant,
+}
+
+pub type AppState = Arc<AppStateInner>;
+
+/// Assemble every route.
+pub fn router(state: AppState, limits: Limits) -> Router {
+    let v1 = Router::new()
+        .route("/twins", post(twins::create).get(twins::list))
+        .route(
+            "/twins/{id}",
+            get(twins::get_one).patch(twins::patch).delete(twins::delete),
+        )
+        .route("/twins/{id}/lifecycle", put(twins::lifecycle))
+        .route("/twins/{id}/children", get(twins::children))
+        .route("/twins/{id}/ancestors", get(twins::ancestors))
+        .route("/twins/{id}/relationships", get(twins::relationships))
+        .route(
+            "/twins/{id}/relationships/{name}/{target_id}",
+            put(twins::put_relationship).delete(twins::delete_relationship),
+        )
+        .route("/twins/{id}/history/{property}", get(twins::history))
+        .route("/query", post(twins::query))
+        .route(
+            "/models/{entity_type}",
+            put(models::put).get(models::get_one).delete(models::delete),
+        )
+        .route("/models", get(models::list))
+        .route("/tokens", post(ops::create_token))
+        .route("/metrics", get(ops::metrics_json))
+        .route("/openapi.json", get(ops::openapi))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .merge(
+            Router::new()
+                .route("/ingest", post(twins::ingest))
+                .layer(DefaultBodyLimit::max(limits.max_ingest_bytes)),
+        );
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(ops::healthz))
+        .route("/metrics", get(ops::metrics_prometheus))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))
+        .layer(axum::middleware::from_fn(ops::count_requests))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}

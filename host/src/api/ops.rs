@@ -1,0 +1,145 @@
+//! Operations: health, Prometheus metrics, the JSON metrics of API.md, the OpenAPI
+//! document, and token creation.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use utoipa::{OpenApi, ToSchema};
+
+use super::extract::Json;
+use super::{ApiError, AppState};
+use crate::types::Role;
+
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
+pub async fn healthz() -> axum::Json<Value> {
+    axum::Json(json!({"status": "ok"}))
+}
+
+/// Record request counts and latency per route for `/metrics`.
+pub async fn count_requests(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("twinhost_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("twinhost_http_request_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn refresh_gauges(s: &AppState) {
+    metrics::gauge!("twinhost_active_twins").set(s.registry.twin_count() as f64);
+    metrics::gauge!("twinhost_commit_queue_depth").set(s.registry.queue_depth() as f64);
+    let c = s.registry.commit_stats();
+    metrics::gauge!("twinhost_commits").set(c.commits.load(Ordering::Relaxed) as f64);
+    metrics::gauge!("twinhost_history_points_written").set(c.points.load(Ordering::Relaxed) as f64);
+}
+
+/// Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+pub async fn metrics_prometheus(State(s): State<AppState>) -> impl IntoResponse {
+    refresh_gauges(&s);
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.prometheus.render(),
+    )
+}
+
+/// The metrics of API.md as JSON.
+#[utoipa::path(get, path = "/v1/metrics", tag = "operations", responses((status = 200, description = "active_twins, sync_operations, compute_operations, queue_depth, avg_sync_latency_ms, active_subscriptions, …")))]
+pub async fn metrics_json(State(s): State<AppState>) -> axum::Json<Value> {
+    let c = s.registry.commit_stats();
+    let commits = c.commits.load(Ordering::Relaxed);
+    let requests = c.requests.load(Ordering::Relaxed);
+    let micros = c.commit_micros.load(Ordering::Relaxed);
+    let per = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    axum::Json(json!({
+        "node_id": s.registry.node_id(),
+        "active_twins": s.registry.twin_count(),
+        // No peers or compute modules exist yet in this release: these count real work (none).
+        "sync_operations": 0,
+        "compute_operations": 0,
+        "avg_sync_latency_ms": 0.0,
+        "queue_depth": s.registry.queue_depth(),
+        "active_subscriptions": s.registry.subscriber_count(),
+        "commits": commits,
+        "commit_requests": requests,
+        "avg_requests_per_commit": per(requests, commits),
+        "avg_commit_ms": per(micros, commits) / 1000.0,
+        "twin_writes": c.twin_writes.load(Ordering::Relaxed),
+        "history_points_written": c.points.load(Ordering::Relaxed),
+        "store_bytes": s.store.size_on_disk(),
+        "uptime_s": s.started.elapsed().as_secs(),
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub role: Role,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TokenResponse {
+    /// Shown once; only its hash is stored.
+    pub token: String,
+    pub role: Role,
+}
+
+/// Create an API token (admin).
+#[utoipa::path(post, path = "/v1/tokens", tag = "operations", request_body = TokenRequest,
+    responses((status = 201, body = TokenResponse), (status = 403, body = super::error::ErrorBody)))]
+pub async fn create_token(
+    State(s): State<AppState>,
+    Json(r): Json<TokenRequest>,
+) -> Result<(StatusCode, axum::Json<TokenResponse>), ApiError> {
+    let token = s.auth.create(r.role)?;
+    Ok((StatusCode::CREATED, axum::Json(TokenResponse { token, role: r.role })))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "twinhost", description = "Digital twin host: the v1 HTTP API (see API.md)."),
+    paths(
+        super::twins::create, super::twins::list, super::twins::get_one, super::twins::patch,
+        super::twins::delete, super::twins::lifecycle, super::twins::children,
+        super::twins::ancestors, super::twins::relationships, super::twins::put_relationship,
+        super::twins::delete_relationship, super::twins::history, super::twins::query,
+        super::ingest::ingest, super::models::put, super::models::get_one, super::models::list,
+        super::models::delete, create_token, metrics_json, metrics_prometheus, healthz,
+    ),
+    components(schemas(super::error::ErrorBody, crate::types::Twin, crate::registry::Model)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let comps = doc.components.get_or_insert_with(Default::default);
+        comps.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI 3.1 document of this API, generated from the handlers.
+pub async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}

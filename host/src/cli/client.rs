@@ -1,0 +1,282 @@
+//! Client subcommands: thin wrappers over the HTTP API that print JSON.
+
+use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use super::Conn;
+use crate::types::Role;
+
+#[derive(Subcommand, Debug)]
+pub enum TwinCmd {
+    /// Create a twin.
+    Create {
+        #[arg(long)]
+        entity_type: String,
+        /// Properties as a JSON object (inline or @file).
+        #[arg(long, default_value = "{}")]
+        properties: String,
+        #[arg(long)]
+        parent: Option<String>,
+        /// Use this id instead of a generated one.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Show a twin.
+    Get { id: String },
+    /// Merge-patch a twin's properties (JSON object, inline or @file).
+    Patch {
+        id: String,
+        patch: String,
+        /// Only apply if the twin is at this version.
+        #[arg(long)]
+        if_match: Option<u64>,
+    },
+    /// Delete a twin.
+    Delete {
+        id: String,
+        /// Also delete everything below it.
+        #[arg(long)]
+        cascade: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCmd {
+    /// Create or replace the model of an entity type from a JSON file.
+    Put { entity_type: String, file: PathBuf },
+    /// Show one model, or all.
+    Get { entity_type: Option<String> },
+}
+
+/// An HTTP client bound to one server and token.
+pub struct Client {
+    http: reqwest::Client,
+    url: String,
+    token: Option<String>,
+}
+
+/// Read the token: `--token`, else `<data-dir>/admin.token`.
+pub fn resolve_token(conn: &Conn) -> Option<String> {
+    conn.token.clone().or_else(|| read_token_file(&conn.data_dir))
+}
+
+pub fn read_token_file(data_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(data_dir.join(crate::api::auth::ADMIN_TOKEN_FILE))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+impl Client {
+    pub fn new(conn: &Conn) -> Self {
+        Client {
+            http: reqwest::Client::new(),
+            url: conn.url.trim_end_matches('/').to_owned(),
+            token: resolve_token(conn),
+        }
+    }
+
+    /// Send a request; non-2xx becomes an error carrying the server's message.
+    pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>, ctype: &str) -> anyhow::Result<Value> {
+        let mut rb = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb.header("content-type", ctype).body(b);
+        }
+        let resp = rb
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {} (is `twinhost serve` running?)", self.url))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        let v: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        if !status.is_success() {
+            let msg = v["error"]["message"].as_str().unwrap_or("no message");
+            let hint = if status == StatusCode::UNAUTHORIZED {
+                " (pass --token or --data-dir pointing at the server's data directory)"
+            } else {
+                ""
+            };
+            let details = if v["error"]["details"].is_null() { String::new() } else { format!("\n{:#}", v["error"]["details"]) };
+            bail!("{status}: {msg}{hint}{details}");
+        }
+        Ok(v)
+    }
+
+    pub async fn json(&self, method: Method, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.call(method, path, Some(serde_json::to_vec(body)?), "application/json").await
+    }
+}
+
+/// `{…}` inline, or `@path` to read a file.
+fn json_arg(s: &str) -> anyhow::Result<Value> {
+    let text = match s.strip_prefix('@') {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {p}"))?,
+        None => s.to_owned(),
+    };
+    serde_json::from_str(&text).with_context(|| format!("not valid JSON: {s}"))
+}
+
+fn print(v: &Value) {
+    if !v.is_null() {
+        println!("{v:#}");
+    }
+}
+
+pub async fn twin(conn: Conn, cmd: TwinCmd) -> anyhow::Result<()> {
+    let c = Client::new(&conn);
+    let v = match cmd {
+        TwinCmd::Create { entity_type, properties, parent, id } => {
+            let body = json!({"entity_type": entity_type, "properties": json_arg(&properties)?, "parent_id": parent, "id": id});
+            c.json(Method::POST, "/v1/twins", &body).await?
+        }
+        TwinCmd::Get { id } => c.call(Method::GET, &format!("/v1/twins/{id}"), None, "").await?,
+        TwinCmd::Patch { id, patch, if_match } => {
+            let mut rb = c.http.patch(format!("{}/v1/twins/{id}", c.url)).json(&json_arg(&patch)?);
+            if let Some(t) = &c.token {
+                rb = rb.bearer_auth(t);
+            }
+            if let Some(v) = if_match {
+                rb = rb.header("if-match", format!("\"{v}\""));
+            }
+            let resp = rb.send().await.with_context(|| format!("cannot reach {}", c.url))?;
+            let status = resp.status();
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            if !status.is_success() {
+                bail!("{status}: {}", v["error"]["message"].as_str().unwrap_or("no message"));
+            }
+            v
+        }
+        TwinCmd::Delete { id, cascade } => {
+            c.call(Method::DELETE, &format!("/v1/twins/{id}?cascade={cascade}"), None, "").await?;
+            eprintln!("deleted {id}");
+            Value::Null
+        }
+    };
+    print(&v);
+    Ok(())
+}
+
+pub async fn query(conn: Conn, q: String) -> anyhow::Result<()> {
+    let c = Client::new(&conn);
+    print(&c.json(Method::POST, "/v1/query", &json_arg(&q)?).await?);
+    Ok(())
+}
+
+pub async fn model(conn: Conn, cmd: ModelCmd) -> anyhow::Result<()> {
+    let c = Client::new(&conn);
+    let v = match cmd {
+        ModelCmd::Put { entity_type, file } => {
+            let body = json_arg(&format!("@{}", file.display()))?;
+            c.json(Method::PUT, &format!("/v1/models/{entity_type}"), &body).await?
+        }
+        ModelCmd::Get { entity_type: Some(t) } => c.call(Method::GET, &format!("/v1/models/{t}"), None, "").await?,
+        ModelCmd::Get { entity_type: None } => c.call(Method::GET, "/v1/models", None, "").await?,
+    };
+    print(&v);
+    Ok(())
+}
+
+pub async fn token_create(conn: Conn, role: Role) -> anyhow::Result<()> {
+    let c = Client::new(&conn);
+    let v = c.json(Method::POST, "/v1/tokens", &json!({"role": role})).await?;
+    println!("{}", v["token"].as_str().unwrap_or_default());
+    eprintln!("created a {role} token; it is shown only once");
+    Ok(())
+}
+
+/// Ingest a file in batches: NDJSON streams line by line; a JSON array is split into items.
+pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<()> {
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let c = Client::new(&conn);
+    let size = std::fs::metadata(&file).with_context(|| format!("reading {}", file.display()))?.len();
+    let mut reader = std::io::BufReader::new(std::fs::File::open(&file)?);
+    let first = reader.fill_buf()?.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    // Batches of items, each an NDJSON body, with the bytes they came from (for progress).
+    let mut batches: Box<dyn Iterator<Item = anyhow::Result<(Vec<u8>, usize, u64)>>> = if first == Some(b'[') {
+        let mut text = String::new();
+        reader.read_to_string(&mut text)?;
+        let items: Vec<Box<serde_json::value::RawValue>> = serde_json::from_str(&text).context("the file is not a JSON array")?;
+        let per_item = size / items.len().max(1) as u64;
+        let chunks: Vec<(Vec<u8>, usize, u64)> = items
+            .chunks(batch)
+            .map(|ch| {
+                let mut body = Vec::new();
+                for it in ch {
+                    body.extend_from_slice(it.get().as_bytes());
+                    body.push(b'\n');
+                }
+                (body, ch.len(), per_item * ch.len() as u64)
+            })
+            .collect();
+        Box::new(chunks.into_iter().map(Ok))
+    } else {
+        let mut lines = reader.lines();
+        Box::new(std::iter::from_fn(move || {
+            let mut body = Vec::new();
+            let (mut n, mut bytes) = (0usize, 0u64);
+            for line in lines.by_ref() {
+                let line = match line {
+                    Ok(l) => l,
+                    Err(e) => return Some(Err(e.into())),
+                };
+                bytes += line.len() as u64 + 1;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                body.extend_from_slice(line.as_bytes());
+                body.push(b'\n');
+                n += 1;
+                if n == batch {
+                    break;
+                }
+            }
+            (n > 0).then_some(Ok((body, n, bytes)))
+        }))
+    };
+    let bar = ProgressBar::new(size);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg} ({eta})")
+            .expect("valid template"),
+    );
+    let started = Instant::now();
+    let (mut applied, mut offset) = (0u64, 0usize);
+    let mut rejected: Vec<Value> = Vec::new();
+    for b in batches.by_ref() {
+        let (body, n, bytes) = b?;
+        let v = c.call(Method::POST, "/v1/ingest", Some(body), "application/x-ndjson").await?;
+        applied += v["applied"].as_u64().unwrap_or(0);
+        for r in v["rejected"].as_array().into_iter().flatten() {
+            let mut r = r.clone();
+            r["index"] = json!(r["index"].as_u64().unwrap_or(0) + offset as u64);
+            rejected.push(r);
+        }
+        offset += n;
+        bar.inc(bytes);
+        bar.set_message(format!("{applied} applied, {} rejected", rejected.len()));
+    }
+    bar.finish();
+    let secs = started.elapsed().as_secs_f64();
+    for r in rejected.iter().take(20) {
+        eprintln!("item {}: {}", r["index"], r["error"]["message"].as_str().unwrap_or(""));
+    }
+    if rejected.len() > 20 {
+        eprintln!("… and {} more rejected items", rejected.len() - 20);
+    }
+    println!(
+        "{}",
+        json!({"applied": applied, "rejected": rejected.len(), "seconds": (secs * 1000.0).round() / 1000.0,
+               "updates_per_s": (applied as f64 / secs).round()})
+    );
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! The command line: `serve`, client subcommands for the common calls, `token`, and `bench`.
+//!
+//! Owns: argument parsing (clap; every flag also a `TWINHOST_*` variable) and turning
+//! commands into either a server run or HTTP calls. Must never: reach into the store of a
+//! running server — client commands go through the HTTP API like any other client.
+
+mod bench;
+mod client;
+mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::types::Role;
+
+/// Default listen address: loopback only, so a first start exposes nothing.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "twinhost-data";
+
+#[derive(Parser, Debug)]
+#[command(name = "twinhost", version, about = "Digital twin host: registry, durable store, history and WebAssembly logic")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server on its embedded store.
+    Serve(serve::ServeArgs),
+    /// Create, read, patch and delete twins.
+    Twin {
+        #[command(subcommand)]
+        cmd: client::TwinCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Run a query (a JSON body as for POST /v1/query, inline or @file).
+    Query {
+        query: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Manage entity-type models.
+    Model {
+        #[command(subcommand)]
+        cmd: client::ModelCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Bulk-ingest a JSON array or NDJSON file of updates, with a progress bar.
+    Ingest {
+        file: PathBuf,
+        /// Items per request (each request is one durable commit).
+        #[arg(long, default_value_t = 20_000)]
+        batch: usize,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Manage API tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Measure throughput and latency on this machine (in process and over HTTP), with the
+    /// seed's Python orchestrator as the baseline when python3 is present.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token with a role (needs the admin token).
+    Create {
+        #[arg(long, value_enum)]
+        role: Role,
+    },
+}
+
+/// How a client command reaches the server.
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// Server URL.
+    #[arg(long, env = "TWINHOST_URL", default_value = "http://127.0.0.1:7878", global = true)]
+    pub url: String,
+    /// API token; by default the admin token in the data directory.
+    #[arg(long, env = "TWINHOST_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory holding `admin.token`.
+    #[arg(long, env = "TWINHOST_DATA_DIR", default_value = DEFAULT_DATA_DIR, global = true)]
+    pub data_dir: PathBuf,
+}
+
+/// Parse the command line and run it.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing();
+            rt.block_on(serve::run(args))
+        }
+        Command::Bench(args) => rt.block_on(bench::run(args)),
+        Command::Twin { cmd, conn } => rt.block_on(client::twin(conn, cmd)),
+        Command::Query { query, conn } => rt.block_on(client::query(conn, query)),
+        Command::Model { cmd, conn } => rt.block_on(client::model(conn, cmd)),
+        Command::Ingest { file, batch, conn } => rt.block_on(client::ingest(conn, file, batch)),
+        Command::Token {
+            cmd: TokenCmd::Create { role },
+            conn,
+        } => rt.block_on(client::token_create(conn, role)),
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=info,sled=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+/// Parse a listen address with a clear error.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an address like 127.0.0.1:7878"))
+}

@@ -1,0 +1,195 @@
+//! `twinhost serve`: open the store, load the registry, serve HTTP until SIGINT/SIGTERM,
+//! then drain requests, flush and exit 0.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::api::{self, auth::Auth, AppStateInner, Limits};
+use crate::history::{History, Retention};
+use crate::registry::Registry;
+use crate::store::{keys, Store};
+
+/// How often the history retention sweep runs.
+const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Data directory (created if missing).
+    #[arg(long, env = "TWINHOST_DATA_DIR", default_value = super::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "TWINHOST_LISTEN", default_value = super::DEFAULT_LISTEN, value_parser = super::parse_listen)]
+    pub listen: SocketAddr,
+    /// This node's id (kept in the data directory; generated on first start if not given).
+    #[arg(long, env = "TWINHOST_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Serve without tokens. Refused unless the listen address is loopback.
+    #[arg(long, env = "TWINHOST_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// Largest JSON body, in bytes.
+    #[arg(long, env = "TWINHOST_MAX_BODY_BYTES", default_value_t = api::DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Largest ingest body, in bytes.
+    #[arg(long, env = "TWINHOST_MAX_INGEST_BYTES", default_value_t = api::DEFAULT_MAX_INGEST_BYTES)]
+    pub max_ingest_bytes: usize,
+    /// Drop history older than this (e.g. `7d`, `12h`).
+    #[arg(long, env = "TWINHOST_HISTORY_MAX_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub history_max_age: Duration,
+    /// Keep at most this many points per property series.
+    #[arg(long, env = "TWINHOST_HISTORY_MAX_POINTS", default_value_t = 100_000)]
+    pub history_max_points: u64,
+}
+
+/// The process-wide Prometheus recorder (installed once).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (e.g. in-process tests); keep ours local then.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// A running node: the pieces `serve` and the in-process benchmark share.
+pub struct Node {
+    pub store: Store,
+    pub registry: Registry,
+    pub state: api::AppState,
+    pub admin_token_file: PathBuf,
+}
+
+/// Open the data directory and build the node.
+pub async fn open_node(
+    data_dir: &std::path::Path,
+    node_id: Option<&str>,
+    insecure: bool,
+    retention: Retention,
+) -> anyhow::Result<Node> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    let store = Store::open(data_dir).with_context(|| {
+        format!(
+            "opening the store in {} (is another twinhost using it?)",
+            data_dir.display()
+        )
+    })?;
+    let node_id = resolve_node_id(&store, node_id)?;
+    let registry = Registry::open(&store, &node_id)?;
+    let repaired = registry.repair().await?;
+    if repaired > 0 {
+        tracing::warn!(repaired, "finished an interrupted cascade delete");
+    }
+    let (auth, created) = Auth::open(store.clone(), data_dir, insecure)?;
+    let admin_token_file = data_dir.join(api::auth::ADMIN_TOKEN_FILE);
+    if let Some(p) = &created {
+        eprintln!("created the admin token: {}", p.display());
+    }
+    let state = Arc::new(AppStateInner {
+        registry: registry.clone(),
+        history: History::new(store.clone(), retention),
+        auth,
+        store: store.clone(),
+        prometheus: prometheus(),
+        started: Instant::now(),
+    });
+    Ok(Node {
+        store,
+        registry,
+        state,
+        admin_token_file,
+    })
+}
+
+fn resolve_node_id(store: &Store, given: Option<&str>) -> anyhow::Result<String> {
+    let stored = store
+        .get(keys::META_NODE_ID)?
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    let id = match (given, stored) {
+        (Some(g), Some(s)) if g != s => {
+            tracing::warn!(stored = %s, given = %g, "node id differs from the one this data directory was created with; using the given one");
+            g.to_owned()
+        }
+        (Some(g), _) => g.to_owned(),
+        (None, Some(s)) => return Ok(s),
+        (None, None) => format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+    };
+    crate::registry::check_name("node id", &id)?;
+    store.put_durable(keys::META_NODE_ID, id.as_bytes())?;
+    Ok(id)
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.insecure_no_auth && !args.listen.ip().is_loopback() {
+        bail!(
+            "--insecure-no-auth is refused on {}: without tokens anyone who reaches the port \
+             controls the node. Listen on 127.0.0.1 or drop the flag.",
+            args.listen
+        );
+    }
+    let retention = Retention {
+        max_age: args.history_max_age,
+        max_points_per_series: args.history_max_points,
+    };
+    let node = open_node(&args.data_dir, args.node_id.as_deref(), args.insecure_no_auth, retention).await?;
+    let history = node.state.history.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RETENTION_SWEEP_EVERY);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let h = history.clone();
+            match tokio::task::spawn_blocking(move || h.sweep(chrono::Utc::now())).await {
+                Ok(Ok(n)) if n > 0 => tracing::info!(chunks = n, "history retention removed old chunks"),
+                Ok(Err(e)) => tracing::error!(error = %e, "history retention sweep failed"),
+                _ => {}
+            }
+        }
+    });
+    let app = api::router(
+        node.state.clone(),
+        Limits {
+            max_body_bytes: args.max_body_bytes,
+            max_ingest_bytes: args.max_ingest_bytes,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, node_id = node.registry.node_id(), twins = node.registry.twin_count(), "listening");
+    if args.insecure_no_auth {
+        eprintln!("WARNING: --insecure-no-auth: every request is treated as admin");
+    } else {
+        eprintln!("admin token: {}", node.admin_token_file.display());
+    }
+    // Printed on stdout so scripts and tests can wait for it.
+    println!("twinhost listening on http://{addr}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("draining writes");
+    node.registry.shutdown();
+    node.store.flush()?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,216 @@
+//! Time-series history of numeric twin properties.
+//!
+//! Owns: the encoding of samples into history chunks (one packed chunk per series per group
+//! commit, keyed by series then time), range reads with optional bucketing, and retention.
+//! Exposes: [`points_for`] (used by the registry's write path to attach samples to a commit),
+//! [`History`] (reads and the retention sweep). Must never: write twin state or enqueue writes
+//! of its own outside the registry's commit requests.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::store::{keys, Point, Store, StoreError};
+use crate::types::{Properties, TwinId};
+
+/// Retention of history: a bound on age and on points per series, so it cannot grow without
+/// limit. Enforced by [`History::sweep`], which `serve` runs periodically.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_points_per_series: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_points_per_series: 100_000,
+        }
+    }
+}
+
+/// Most points one history read returns (raw points; buckets are bounded by the same number).
+pub const MAX_POINTS_PER_READ: usize = 100_000;
+
+/// Append one sample per numeric property in `props` to `out`.
+pub fn points_for(id: &TwinId, props: &Properties, ts_micros: i64, out: &mut Vec<Point>) {
+    for (name, v) in props {
+        if let Some(value) = v.as_f64() {
+            out.push(Point {
+                series: keys::history_series(id, name),
+                ts_micros,
+                value,
+            });
+        }
+    }
+}
+
+/// One stored sample.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, ToSchema)]
+pub struct Sample {
+    pub ts: DateTime<Utc>,
+    pub value: f64,
+}
+
+/// An aggregate over one `step`-long bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, ToSchema)]
+pub struct Bucket {
+    /// Start of the bucket.
+    pub ts: DateTime<Utc>,
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub avg: f64,
+}
+
+/// Reads and maintenance of history.
+#[derive(Clone)]
+pub struct History {
+    store: Store,
+    retention: Retention,
+}
+
+fn decode_chunk(v: &[u8]) -> impl Iterator<Item = (i64, f64)> + '_ {
+    v.chunks_exact(16).map(|c| {
+        let ts = i64::from_le_bytes(c[..8].try_into().expect("chunk of 16"));
+        let val = f64::from_le_bytes(c[8..].try_into().expect("chunk of 16"));
+        (ts, val)
+    })
+}
+
+fn micros_to_time(us: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(us).single().unwrap_or_default()
+}
+
+impl History {
+    pub fn new(store: Store, retention: Retention) -> Self {
+        History { store, retention }
+    }
+
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// Samples of one series in `[from, to]`, ordered by time, at most [`MAX_POINTS_PER_READ`]
+    /// (the oldest ones are kept when there are more).
+    pub fn points(
+        &self,
+        id: &TwinId,
+        property: &str,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<Sample>, StoreError> {
+        let lo = from.map(|t| t.timestamp_micros()).unwrap_or(i64::MIN);
+        let hi = to.map(|t| t.timestamp_micros()).unwrap_or(i64::MAX);
+        let prefix = keys::history_series(id, property);
+        let mut out: Vec<(i64, f64)> = Vec::new();
+        // Chunks are keyed by their first sample, so a chunk that starts after `hi` holds
+        // nothing in range; earlier chunks may still reach into it.
+        let mut end = prefix.clone();
+        end.extend_from_slice(&keys::ts_bytes(hi.saturating_add(1)));
+        for kv in self.store.range(&prefix, &end) {
+            let (_, v) = kv?;
+            out.extend(decode_chunk(&v).filter(|(t, _)| *t >= lo && *t <= hi));
+        }
+        out.sort_by_key(|p| p.0);
+        out.truncate(MAX_POINTS_PER_READ);
+        Ok(out
+            .into_iter()
+            .map(|(t, value)| Sample {
+                ts: micros_to_time(t),
+                value,
+            })
+            .collect())
+    }
+
+    /// Samples aggregated into `step`-long buckets aligned to the Unix epoch; empty buckets
+    /// are omitted.
+    pub fn buckets(
+        &self,
+        id: &TwinId,
+        property: &str,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        step: Duration,
+    ) -> Result<Vec<Bucket>, StoreError> {
+        let step_us = (step.as_micros() as i64).max(1);
+        let mut out: Vec<Bucket> = Vec::new();
+        let mut cur: Option<(i64, u64, f64, f64, f64)> = None;
+        for s in self.points(id, property, from, to)? {
+            let t = s.ts.timestamp_micros();
+            let start = t.div_euclid(step_us) * step_us;
+            match &mut cur {
+                Some((b, n, mn, mx, sum)) if *b == start => {
+                    *n += 1;
+                    *mn = mn.min(s.value);
+                    *mx = mx.max(s.value);
+                    *sum += s.value;
+                }
+                _ => {
+                    if let Some(done) = cur.take() {
+                        out.push(bucket(done));
+                    }
+                    cur = Some((start, 1, s.value, s.value, s.value));
+                }
+            }
+        }
+        if let Some(done) = cur {
+            out.push(bucket(done));
+        }
+        Ok(out)
+    }
+
+    /// Enforce retention: drop chunks whose newest sample is older than `max_age`, and the
+    /// oldest chunks of any series holding more than `max_points_per_series`. Returns how many
+    /// chunks were removed.
+    pub fn sweep(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        let cutoff = now.timestamp_micros() - self.retention.max_age.as_micros() as i64;
+        let mut removed = 0u64;
+        let mut doomed = Vec::new();
+        // Walk series by series (keys sort by series, then time).
+        let mut series: Option<Vec<u8>> = None;
+        let mut chunks: Vec<(sled::IVec, u64, i64)> = Vec::new();
+        let flush = |chunks: &mut Vec<(sled::IVec, u64, i64)>, doomed: &mut Vec<sled::IVec>| {
+            let total: u64 = chunks.iter().map(|c| c.1).sum();
+            let mut excess = total.saturating_sub(self.retention.max_points_per_series);
+            for (k, n, newest) in chunks.drain(..) {
+                if newest < cutoff || excess > 0 {
+                    excess = excess.saturating_sub(n);
+                    doomed.push(k);
+                }
+            }
+        };
+        for kv in self.store.scan_prefix(&[keys::HISTORY]) {
+            let (k, v) = kv?;
+            let series_len = k.len().saturating_sub(16);
+            let this = &k[..series_len];
+            if series.as_deref() != Some(this) {
+                flush(&mut chunks, &mut doomed);
+                series = Some(this.to_vec());
+            }
+            let newest = decode_chunk(&v).map(|p| p.0).max().unwrap_or(i64::MIN);
+            chunks.push((k.clone(), (v.len() / 16) as u64, newest));
+            if doomed.len() >= 10_000 {
+                removed += doomed.len() as u64;
+                self.store.remove_keys(doomed.drain(..))?;
+            }
+        }
+        flush(&mut chunks, &mut doomed);
+        removed += doomed.len() as u64;
+        self.store.remove_keys(doomed)?;
+        Ok(removed)
+    }
+}
+
+fn bucket((start, n, mn, mx, sum): (i64, u64, f64, f64, f64)) -> Bucket {
+    Bucket {
+        ts: micros_to_time(start),
+        count: n,
+        min: mn,
+        max: mx,
+        avg: sum / n as f64,
+    }
+}

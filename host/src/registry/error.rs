@@ -1,0 +1,32 @@
+//! Errors of the registry's operations, each mapping to one row of API.md's status table.
+
+use std::collections::BTreeMap;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// 404: an unknown twin, model or relationship.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// 409: duplicate id, children without cascade, retired twin, …
+    #[error("{0}")]
+    Conflict(String),
+    /// 412: `If-Match` named another version.
+    #[error("version mismatch: If-Match names version {expected}, the twin is at version {current}")]
+    VersionMismatch { expected: u64, current: u64 },
+    /// 422: properties violate the entity type's model; one reason per property.
+    #[error("{} propert{} failed validation", .0.len(), if .0.len() == 1 { "y" } else { "ies" })]
+    Validation(BTreeMap<String, String>),
+    /// 400: a request that cannot mean anything (bad names, bad query shape).
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RegistryError {
+    pub fn twin_not_found(id: impl std::fmt::Display) -> Self {
+        RegistryError::NotFound(format!("twin {id}"))
+    }
+}

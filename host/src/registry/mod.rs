@@ -1,0 +1,850 @@
+//! The twin registry: models, twins, hierarchy, relationships, lifecycle, queries — and the
+//! one write path.
+//!
+//! Owns: the in-memory state of every twin (a sharded map), the secondary indexes (all ids,
+//! entity type, parent → children), models and relationships, and the change feed.
+//! Exposes: [`Registry`], whose mutating methods are *the* write path: each validates against
+//! the model, merge-patches, bumps `version` and `vclock`, reserves a slot in the store's
+//! group-commit queue *before* changing memory (so a full queue refuses with no change), and
+//! returns only once the change is durable; then it publishes a [`Change`] on the feed.
+//! Must never: call layers above it (events, wasm, sync, api) — they subscribe to the feed.
+//!
+//! Lock order: the index lock, then a twin's shard. Never take the index lock while holding a
+//! twin guard (clone the twin, drop the guard, then fill `children_ids`).
+
+mod error;
+pub mod model;
+pub mod query;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::broadcast;
+use utoipa::ToSchema;
+
+pub use error::RegistryError;
+pub use model::Model;
+pub use query::{Page, Query};
+
+use crate::history;
+use crate::store::{commit, keys, CommitHandle, CommitRequest, KvOp, StateSource, Store, StoreError};
+use crate::types::{Lifecycle, Properties, Twin, TwinId};
+
+/// Capacity of the change feed. A subscriber that falls further behind than this is told it
+/// lagged (tokio's broadcast semantics) rather than holding memory.
+pub const CHANGE_FEED_CAPACITY: usize = 65_536;
+/// Longest entity type, relationship or property name.
+pub const MAX_NAME_LEN: usize = 128;
+/// Most properties one twin may hold.
+pub const MAX_PROPERTIES: usize = 4096;
+/// Deepest hierarchy walked by ancestor queries (guards against corrupted parent chains).
+pub const MAX_DEPTH: usize = 10_000;
+
+/// What kind of change a [`Change`] records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Created,
+    Updated,
+    Deleted,
+    Lifecycle,
+}
+
+/// A committed change, published on the change feed after it is durable.
+#[derive(Clone, Debug, Serialize)]
+pub struct Change {
+    pub kind: ChangeKind,
+    pub twin_id: TwinId,
+    pub entity_type: String,
+    pub parent_id: Option<TwinId>,
+    pub version: u64,
+    /// The merge patch applied (all properties for `created`).
+    pub changed: Properties,
+    pub lifecycle: Lifecycle,
+    pub ts: DateTime<Utc>,
+}
+
+/// A property update: a JSON merge patch of `properties`.
+#[derive(Clone, Debug)]
+pub struct Update {
+    pub twin_id: TwinId,
+    pub patch: Properties,
+    /// Time of the measurement (history timestamp); now when absent.
+    pub ts: Option<DateTime<Utc>>,
+    /// Refuse unless the twin is at this version.
+    pub if_match: Option<u64>,
+}
+
+/// A twin to create.
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTwin {
+    #[serde(default)]
+    pub id: Option<TwinId>,
+    pub entity_type: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub properties: Properties,
+    #[serde(default)]
+    pub parent_id: Option<TwinId>,
+}
+
+/// A relationship from one twin to another.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Relationship {
+    pub name: String,
+    pub target_id: TwinId,
+    #[schema(value_type = Object)]
+    pub properties: Value,
+}
+
+/// Result of a batch of updates: how many were applied, and why the others were not.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    pub applied: usize,
+    pub rejected: Vec<(usize, RegistryError)>,
+}
+
+#[derive(Default)]
+struct Indexes {
+    all: BTreeSet<TwinId>,
+    by_type: HashMap<String, BTreeSet<TwinId>>,
+    children: HashMap<TwinId, BTreeSet<TwinId>>,
+}
+
+impl Indexes {
+    fn insert(&mut self, t: &Twin) {
+        self.all.insert(t.id);
+        self.by_type.entry(t.entity_type.clone()).or_default().insert(t.id);
+        if let Some(p) = t.parent_id {
+            self.children.entry(p).or_default().insert(t.id);
+        }
+    }
+
+    fn remove(&mut self, t: &Twin) {
+        self.all.remove(&t.id);
+        if let Some(set) = self.by_type.get_mut(&t.entity_type) {
+            set.remove(&t.id);
+            if set.is_empty() {
+                self.by_type.remove(&t.entity_type);
+            }
+        }
+        if let Some(p) = t.parent_id {
+            if let Some(set) = self.children.get_mut(&p) {
+                set.remove(&t.id);
+                if set.is_empty() {
+                    self.children.remove(&p);
+                }
+            }
+        }
+        self.children.remove(&t.id);
+    }
+
+    /// Every twin below `root`, in no particular order.
+    fn descendants(&self, root: TwinId) -> Vec<TwinId> {
+        let mut out = Vec::new();
+        let mut stack = vec![root];
+        while let Some(id) = stack.pop() {
+            if let Some(kids) = self.children.get(&id) {
+                for k in kids {
+                    out.push(*k);
+                    stack.push(*k);
+                }
+            }
+        }
+        out
+    }
+}
+
+struct TwinMap(DashMap<TwinId, Twin>);
+
+impl StateSource for TwinMap {
+    fn twin_bytes(&self, id: &TwinId) -> Option<Vec<u8>> {
+        self.0.get(id).map(|t| t.to_record_bytes())
+    }
+}
+
+type RelMap = BTreeMap<TwinId, BTreeMap<(String, TwinId), Value>>;
+
+struct Inner {
+    node_id: String,
+    twins: Arc<TwinMap>,
+    index: RwLock<Indexes>,
+    models: RwLock<HashMap<String, Arc<Model>>>,
+    rels: RwLock<RelMap>,
+    commit: CommitHandle,
+    changes: broadcast::Sender<Arc<Change>>,
+}
+
+/// The registry. Cheap to clone; all clones share state.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+/// Check an entity type or relationship name.
+pub fn check_name(what: &str, name: &str) -> Result<(), RegistryError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::BadRequest(format!(
+            "{what} {name:?} must be 1-{MAX_NAME_LEN} characters of A-Z a-z 0-9 _ - . :"
+        )))
+    }
+}
+
+fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    }
+}
+
+impl Registry {
+    /// Load every twin, model and relationship from the store, rebuild the indexes and start
+    /// the group-commit writer.
+    pub fn open(store: &Store, node_id: &str) -> Result<Self, RegistryError> {
+        let twins = Arc::new(TwinMap(DashMap::new()));
+        let mut index = Indexes::default();
+        for kv in store.scan_prefix(&[keys::TWIN]) {
+            let (k, v) = kv?;
+            let t: Twin = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            index.insert(&t);
+            twins.0.insert(t.id, t);
+        }
+        let mut models = HashMap::new();
+        for kv in store.scan_prefix(&[keys::MODEL]) {
+            let (k, v) = kv?;
+            let m: Model = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            models.insert(String::from_utf8_lossy(&k[1..]).into_owned(), Arc::new(m));
+        }
+        let mut rels: RelMap = BTreeMap::new();
+        for kv in store.scan_prefix(&[keys::REL]) {
+            let (k, v) = kv?;
+            let (src, dst, name) = keys::parse_rel(&k).ok_or_else(|| corrupt(&k, "bad key"))?;
+            let props: Value = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            rels.entry(src).or_default().insert((name, dst), props);
+        }
+        let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
+        let commit = store.start_committer(twins.clone());
+        let reg = Registry {
+            inner: Arc::new(Inner {
+                node_id: node_id.to_owned(),
+                twins,
+                index: RwLock::new(index),
+                models: RwLock::new(models),
+                rels: RwLock::new(rels),
+                commit,
+                changes,
+            }),
+        };
+        tracing::info!(
+            twins = reg.twin_count(),
+            models = reg.inner.models.read().len(),
+            "registry loaded"
+        );
+        Ok(reg)
+    }
+
+    /// Finish a cascade delete that a crash interrupted: twins whose parent no longer exists
+    /// (and relationships whose ends are gone) are removed. Run once after [`Registry::open`].
+    pub async fn repair(&self) -> Result<usize, RegistryError> {
+        let orphans: Vec<TwinId> = {
+            let idx = self.inner.index.read();
+            self.inner
+                .twins
+                .0
+                .iter()
+                .filter(|t| t.parent_id.is_some_and(|p| !idx.all.contains(&p)))
+                .map(|t| t.id)
+                .collect()
+        };
+        let mut n = 0;
+        for id in orphans {
+            tracing::warn!(twin_id = %id, "removing twin whose parent is gone (interrupted cascade delete)");
+            n += self.delete(id, true).await?;
+        }
+        Ok(n)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    pub fn twin_count(&self) -> usize {
+        self.inner.twins.0.len()
+    }
+
+    /// Requests waiting for the group-commit writer.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.commit.queue_depth()
+    }
+
+    pub fn commit_stats(&self) -> &crate::store::CommitStats {
+        &self.inner.commit.stats
+    }
+
+    /// Subscribe to committed changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.inner.changes.subscribe()
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.inner.changes.receiver_count()
+    }
+
+    /// Stop the writer after it has drained and flushed.
+    pub fn shutdown(&self) {
+        self.inner.commit.clone().shutdown();
+    }
+
+    /// Run `f` with a reserved commit slot; wait until its writes are durable; publish its
+    /// changes. `f` must not fail after changing memory.
+    async fn write<T>(
+        &self,
+        f: impl FnOnce(&mut CommitRequest, &mut Vec<Change>) -> T,
+    ) -> Result<T, RegistryError> {
+        let slot = self.inner.commit.reserve().await?;
+        let mut req = CommitRequest::default();
+        let mut changes = Vec::new();
+        let out = f(&mut req, &mut changes);
+        let rx = slot.send(req);
+        commit::wait(rx).await?;
+        if self.inner.changes.receiver_count() > 0 {
+            for c in changes {
+                let _ = self.inner.changes.send(Arc::new(c));
+            }
+        }
+        Ok(out)
+    }
+
+    fn wants_changes(&self) -> bool {
+        self.inner.changes.receiver_count() > 0
+    }
+
+    fn model_for(&self, entity_type: &str) -> Option<Arc<Model>> {
+        let models = self.inner.models.read();
+        if models.is_empty() {
+            return None;
+        }
+        models.get(entity_type).cloned()
+    }
+
+    fn with_children(&self, mut t: Twin) -> Twin {
+        if let Some(kids) = self.inner.index.read().children.get(&t.id) {
+            t.children_ids = kids.clone();
+        }
+        t
+    }
+
+    // ---- models -------------------------------------------------------------------------
+
+    /// Create or replace the model of an entity type. Returns true when it is new.
+    pub async fn put_model(&self, entity_type: &str, model: Model) -> Result<bool, RegistryError> {
+        check_name("entity type", entity_type)?;
+        model.check()?;
+        let bytes = serde_json::to_vec(&model).expect("models serialize");
+        let model = Arc::new(model);
+        self.write(|req, _| {
+            req.kv.push(KvOp::Put(keys::model(entity_type), bytes));
+            self.inner
+                .models
+                .write()
+                .insert(entity_type.to_owned(), model)
+                .is_none()
+        })
+        .await
+    }
+
+    pub fn model(&self, entity_type: &str) -> Result<Arc<Model>, RegistryError> {
+        self.inner
+            .models
+            .read()
+            .get(entity_type)
+            .cloned()
+            .ok_or_else(|| RegistryError::NotFound(format!("model {entity_type:?}")))
+    }
+
+    pub fn models(&self) -> BTreeMap<String, Arc<Model>> {
+        self.inner
+            .models
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub async fn delete_model(&self, entity_type: &str) -> Result<(), RegistryError> {
+        self.model(entity_type)?;
+        self.write(|req, _| {
+            req.kv.push(KvOp::Delete(keys::model(entity_type)));
+            self.inner.models.write().remove(entity_type);
+        })
+        .await
+    }
+
+    // ---- twins --------------------------------------------------------------------------
+
+    pub fn get(&self, id: &TwinId) -> Result<Twin, RegistryError> {
+        let t = self
+            .inner
+            .twins
+            .0
+            .get(id)
+            .map(|t| t.clone())
+            .ok_or_else(|| RegistryError::twin_not_found(id))?;
+        Ok(self.with_children(t))
+    }
+
+    /// Create one twin.
+    pub async fn create(&self, new: NewTwin) -> Result<Twin, RegistryError> {
+        let mut r = self.create_many(vec![new]).await?;
+        r.pop().expect("one result per input")
+    }
+
+    /// Create several twins with one durable commit; each succeeds or fails on its own.
+    pub async fn create_many(
+        &self,
+        items: Vec<NewTwin>,
+    ) -> Result<Vec<Result<Twin, RegistryError>>, RegistryError> {
+        // Validation that needs no lock happens before reserving a commit slot.
+        let checked: Vec<Result<(NewTwin, Option<Arc<Model>>), RegistryError>> = items
+            .into_iter()
+            .map(|mut n| {
+                check_name("entity type", &n.entity_type)?;
+                n.properties.retain(|_, v| !v.is_null());
+                if n.properties.len() > MAX_PROPERTIES {
+                    return Err(RegistryError::BadRequest(format!(
+                        "a twin holds at most {MAX_PROPERTIES} properties"
+                    )));
+                }
+                let model = self.model_for(&n.entity_type);
+                if let Some(m) = &model {
+                    m.validate_new(&n.properties)?;
+                }
+                Ok((n, model))
+            })
+            .collect();
+        let node = self.inner.node_id.clone();
+        let wants = self.wants_changes();
+        self.write(|req, changes| {
+            let now = Utc::now();
+            let mut idx = self.inner.index.write();
+            checked
+                .into_iter()
+                .map(|c| {
+                    let (n, _) = c?;
+                    let id = n.id.unwrap_or_else(TwinId::new_v7);
+                    if idx.all.contains(&id) {
+                        return Err(RegistryError::Conflict(format!("twin {id} already exists")));
+                    }
+                    if let Some(p) = n.parent_id {
+                        if !idx.all.contains(&p) {
+                            return Err(RegistryError::NotFound(format!("parent twin {p}")));
+                        }
+                    }
+                    let twin = Twin {
+                        id,
+                        entity_type: n.entity_type,
+                        properties: n.properties,
+                        version: 1,
+                        vclock: BTreeMap::from([(node.clone(), 1)]),
+                        parent_id: n.parent_id,
+                        children_ids: BTreeSet::new(),
+                        lifecycle: Lifecycle::Active,
+                        created_at: now,
+                        updated_at: now,
+                    };
+                    idx.insert(&twin);
+                    history::points_for(&id, &twin.properties, now.timestamp_micros(), &mut req.points);
+                    req.twins.push(id);
+                    if wants {
+                        changes.push(change(ChangeKind::Created, &twin, twin.properties.clone(), now));
+                    }
+                    self.inner.twins.0.insert(id, twin.clone());
+                    Ok(twin)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Apply one merge patch and return the updated twin.
+    pub async fn patch(&self, update: Update) -> Result<Twin, RegistryError> {
+        check_patch(&update.patch)?;
+        let t = self
+            .write(|req, changes| self.apply_one(&update, Utc::now(), req, changes, true))
+            .await??;
+        Ok(self.with_children(t.expect("asked for the twin")))
+    }
+
+    /// Apply many updates with one durable commit. Rejected items do not stop the rest.
+    pub async fn apply_batch(&self, updates: &[Update]) -> Result<BatchOutcome, RegistryError> {
+        self.write(|req, changes| {
+            let now = Utc::now();
+            let mut out = BatchOutcome::default();
+            for (i, u) in updates.iter().enumerate() {
+                match check_patch(&u.patch)
+                    .and_then(|()| self.apply_one(u, now, req, changes, false))
+                {
+                    Ok(_) => out.applied += 1,
+                    Err(e) => out.rejected.push((i, e)),
+                }
+            }
+            metrics::counter!("twinhost_updates_total").increment(out.applied as u64);
+            out
+        })
+        .await
+    }
+
+    /// The in-memory half of an update, under the twin's shard lock.
+    fn apply_one(
+        &self,
+        u: &Update,
+        now: DateTime<Utc>,
+        req: &mut CommitRequest,
+        changes: &mut Vec<Change>,
+        want_twin: bool,
+    ) -> Result<Option<Twin>, RegistryError> {
+        let mut t = self
+            .inner
+            .twins
+            .0
+            .get_mut(&u.twin_id)
+            .ok_or_else(|| RegistryError::twin_not_found(u.twin_id))?;
+        if t.lifecycle == Lifecycle::Retired {
+            return Err(RegistryError::Conflict(format!(
+                "twin {} is retired and refuses updates",
+                u.twin_id
+            )));
+        }
+        if let Some(expected) = u.if_match {
+            if expected != t.version {
+                return Err(RegistryError::VersionMismatch {
+                    expected,
+                    current: t.version,
+                });
+            }
+        }
+        if let Some(m) = self.model_for(&t.entity_type) {
+            m.validate_patch(&u.patch)?;
+        }
+        let added = u
+            .patch
+            .iter()
+            .filter(|(k, v)| !v.is_null() && !t.properties.contains_key(*k))
+            .count();
+        if t.properties.len() + added > MAX_PROPERTIES {
+            return Err(RegistryError::BadRequest(format!(
+                "a twin holds at most {MAX_PROPERTIES} properties"
+            )));
+        }
+        for (k, v) in &u.patch {
+            if v.is_null() {
+                t.properties.remove(k);
+            } else {
+                json_patch::merge(t.properties.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        t.version += 1;
+        bump(&mut t.vclock, &self.inner.node_id);
+        t.updated_at = now;
+        let ts = u.ts.unwrap_or(now);
+        history::points_for(&u.twin_id, &u.patch, ts.timestamp_micros(), &mut req.points);
+        req.twins.push(u.twin_id);
+        if self.wants_changes() {
+            changes.push(change(ChangeKind::Updated, &t, u.patch.clone(), ts));
+        }
+        Ok(want_twin.then(|| t.clone()))
+    }
+
+    /// Delete a twin; with `cascade`, its whole subtree. Returns how many twins were removed.
+    pub async fn delete(&self, id: TwinId, cascade: bool) -> Result<usize, RegistryError> {
+        self.write(|req, changes| {
+            let now = Utc::now();
+            let mut idx = self.inner.index.write();
+            if !idx.all.contains(&id) {
+                return Err(RegistryError::twin_not_found(id));
+            }
+            let below = idx.descendants(id);
+            if !below.is_empty() && !cascade {
+                return Err(RegistryError::Conflict(format!(
+                    "twin {id} has {} descendant(s); delete them first or use ?cascade=true",
+                    below.len()
+                )));
+            }
+            let doomed: BTreeSet<TwinId> = below.into_iter().chain([id]).collect();
+            for d in &doomed {
+                if let Some((_, t)) = self.inner.twins.0.remove(d) {
+                    idx.remove(&t);
+                    if self.wants_changes() {
+                        changes.push(change(ChangeKind::Deleted, &t, Properties::new(), now));
+                    }
+                }
+                req.twins.push(*d);
+                req.kv.push(KvOp::DeletePrefix(keys::history_twin_prefix(d)));
+                req.kv.push(KvOp::DeletePrefix(keys::rel_prefix(d)));
+            }
+            // Relationships pointing into the deleted set.
+            let mut rels = self.inner.rels.write();
+            for d in &doomed {
+                rels.remove(d);
+            }
+            for (src, m) in rels.iter_mut() {
+                m.retain(|(name, dst), _| {
+                    let keep = !doomed.contains(dst);
+                    if !keep {
+                        req.kv.push(KvOp::Delete(keys::rel(src, dst, name)));
+                    }
+                    keep
+                });
+            }
+            rels.retain(|_, m| !m.is_empty());
+            Ok(doomed.len())
+        })
+        .await?
+    }
+
+    /// Change the lifecycle state. `retired` is final.
+    pub async fn set_lifecycle(&self, id: TwinId, state: Lifecycle) -> Result<Twin, RegistryError> {
+        let t = self
+            .write(|req, changes| {
+                let mut t = self
+                    .inner
+                    .twins
+                    .0
+                    .get_mut(&id)
+                    .ok_or_else(|| RegistryError::twin_not_found(id))?;
+                if t.lifecycle == state {
+                    return Ok(t.clone());
+                }
+                if t.lifecycle == Lifecycle::Retired {
+                    return Err(RegistryError::Conflict(format!(
+                        "twin {id} is retired; retirement is final"
+                    )));
+                }
+                let now = Utc::now();
+                t.lifecycle = state;
+                t.version += 1;
+                bump(&mut t.vclock, &self.inner.node_id);
+                t.updated_at = now;
+                req.twins.push(id);
+                if self.wants_changes() {
+                    changes.push(change(ChangeKind::Lifecycle, &t, Properties::new(), now));
+                }
+                Ok(t.clone())
+            })
+            .await??;
+        Ok(self.with_children(t))
+    }
+
+    pub fn children(&self, id: &TwinId) -> Result<Vec<Twin>, RegistryError> {
+        self.get(id).map(|t| {
+            t.children_ids
+                .iter()
+                .filter_map(|c| self.get(c).ok())
+                .collect()
+        })
+    }
+
+    /// Ancestors, nearest first.
+    pub fn ancestors(&self, id: &TwinId) -> Result<Vec<Twin>, RegistryError> {
+        let mut cur = self.get(id)?.parent_id;
+        let mut out = Vec::new();
+        while let Some(p) = cur {
+            if out.len() >= MAX_DEPTH {
+                break;
+            }
+            let Ok(t) = self.get(&p) else { break };
+            cur = t.parent_id;
+            out.push(t);
+        }
+        Ok(out)
+    }
+
+    // ---- relationships ------------------------------------------------------------------
+
+    pub async fn put_relationship(
+        &self,
+        src: TwinId,
+        name: &str,
+        target: TwinId,
+        props: Value,
+    ) -> Result<bool, RegistryError> {
+        check_name("relationship name", name)?;
+        if !(props.is_object() || props.is_null()) {
+            return Err(RegistryError::BadRequest(
+                "relationship properties must be a JSON object".into(),
+            ));
+        }
+        let props = if props.is_null() { Value::Object(Default::default()) } else { props };
+        let bytes = serde_json::to_vec(&props).expect("json serializes");
+        self.write(|req, _| {
+            // The index lock keeps both ends alive while the relationship is recorded.
+            let idx = self.inner.index.read();
+            for end in [src, target] {
+                if !idx.all.contains(&end) {
+                    return Err(RegistryError::twin_not_found(end));
+                }
+            }
+            req.kv.push(KvOp::Put(keys::rel(&src, &target, name), bytes));
+            let mut rels = self.inner.rels.write();
+            Ok(rels
+                .entry(src)
+                .or_default()
+                .insert((name.to_owned(), target), props)
+                .is_none())
+        })
+        .await?
+    }
+
+    pub fn relationships(&self, src: &TwinId) -> Result<Vec<Relationship>, RegistryError> {
+        self.get(src)?;
+        Ok(self
+            .inner
+            .rels
+            .read()
+            .get(src)
+            .map(|m| {
+                m.iter()
+                    .map(|((name, dst), p)| Relationship {
+                        name: name.clone(),
+                        target_id: *dst,
+                        properties: p.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    pub async fn delete_relationship(
+        &self,
+        src: TwinId,
+        name: &str,
+        target: TwinId,
+    ) -> Result<(), RegistryError> {
+        self.write(|req, _| {
+            let mut rels = self.inner.rels.write();
+            let removed = rels
+                .get_mut(&src)
+                .and_then(|m| m.remove(&(name.to_owned(), target)));
+            if removed.is_none() {
+                return Err(RegistryError::NotFound(format!(
+                    "relationship {name:?} from {src} to {target}"
+                )));
+            }
+            rels.retain(|_, m| !m.is_empty());
+            req.kv.push(KvOp::Delete(keys::rel(&src, &target, name)));
+            Ok(())
+        })
+        .await?
+    }
+
+    // ---- queries ------------------------------------------------------------------------
+
+    /// Run a query. Candidates come from the most selective index (parent, ancestor, entity
+    /// type, else all twins), in id order starting after the cursor.
+    pub fn query(&self, q: &Query) -> Result<Page, RegistryError> {
+        let (cursor, limit) = q.check().map_err(RegistryError::BadRequest)?;
+        let idx = self.inner.index.read();
+        let lower = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+        let empty = BTreeSet::new();
+        let descendants: BTreeSet<TwinId>;
+        let source: &BTreeSet<TwinId> = if let Some(p) = q.parent_id {
+            idx.children.get(&p).unwrap_or(&empty)
+        } else if let Some(a) = q.ancestor_id {
+            descendants = idx.descendants(a).into_iter().collect();
+            &descendants
+        } else if let Some(et) = &q.entity_type {
+            idx.by_type.get(et).unwrap_or(&empty)
+        } else {
+            &idx.all
+        };
+        // With both filters the source is the parent's children; check the ancestor by walking up.
+        let walk_to = q.ancestor_id.filter(|_| q.parent_id.is_some());
+        let mut items = Vec::with_capacity(limit.min(1024));
+        let mut more = false;
+        for id in source.range((lower, Bound::Unbounded)) {
+            let matched = match self.inner.twins.0.get(id) {
+                Some(t) if q.matches(&t) => t.clone(),
+                _ => continue,
+            };
+            if walk_to.is_some_and(|a| !self.has_ancestor(&matched, a)) {
+                continue;
+            }
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            let mut t = matched;
+            if let Some(kids) = idx.children.get(&t.id) {
+                t.children_ids = kids.clone();
+            }
+            items.push(t);
+        }
+        let next_cursor = if more {
+            items.last().map(|t: &Twin| t.id.to_string())
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+}
+
+impl Registry {
+    /// Whether `a` is above `t` in the hierarchy. Takes no index lock and no guard is held
+    /// on `t` (it is a copy), so it may be called while holding the index lock.
+    fn has_ancestor(&self, t: &Twin, a: TwinId) -> bool {
+        let mut cur = t.parent_id;
+        for _ in 0..MAX_DEPTH {
+            match cur {
+                Some(p) if p == a => return true,
+                Some(p) => cur = self.inner.twins.0.get(&p).and_then(|x| x.parent_id),
+                None => return false,
+            }
+        }
+        false
+    }
+}
+
+fn bump(vclock: &mut crate::types::VClock, node: &str) {
+    match vclock.get_mut(node) {
+        Some(n) => *n += 1,
+        None => {
+            vclock.insert(node.to_owned(), 1);
+        }
+    }
+}
+
+fn change(kind: ChangeKind, t: &Twin, changed: Properties, ts: DateTime<Utc>) -> Change {
+    Change {
+        kind,
+        twin_id: t.id,
+        entity_type: t.entity_type.clone(),
+        parent_id: t.parent_id,
+        version: t.version,
+        changed,
+        lifecycle: t.lifecycle,
+        ts,
+    }
+}
+
+fn check_patch(patch: &Properties) -> Result<(), RegistryError> {
+    if patch.len() > MAX_PROPERTIES {
+        return Err(RegistryError::BadRequest(format!(
+            "a patch names at most {MAX_PROPERTIES} properties"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! Twin queries: the seed's `{"entity_type", "properties"}` equality shape plus `where`
+//! conditions, hierarchy filters and cursor paging in id order.
+
+use std::cmp::Ordering;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use crate::types::{Properties, Twin, TwinId};
+
+/// Page size when a query gives no `limit`.
+pub const DEFAULT_LIMIT: usize = 100;
+/// Largest page a query may ask for.
+pub const MAX_LIMIT: usize = 10_000;
+/// Most `where` conditions in one query.
+pub const MAX_CONDITIONS: usize = 64;
+
+/// Comparison operator of a `where` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum Op {
+    #[serde(rename = "=")]
+    Eq,
+    #[serde(rename = "!=")]
+    Ne,
+    #[serde(rename = "<")]
+    Lt,
+    #[serde(rename = "<=")]
+    Le,
+    #[serde(rename = ">")]
+    Gt,
+    #[serde(rename = ">=")]
+    Ge,
+    #[serde(rename = "in")]
+    In,
+    #[serde(rename = "exists")]
+    Exists,
+}
+
+/// One condition on a top-level property.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    pub property: String,
+    pub op: Op,
+    /// Compared value; an array for `in`; for `exists`, `false` asks for absence (default true).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub value: Value,
+}
+
+/// The body of `POST /v1/query`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Query {
+    #[serde(default)]
+    pub entity_type: Option<String>,
+    /// Exact equality on each named property.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub properties: Properties,
+    #[serde(default, rename = "where")]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub parent_id: Option<TwinId>,
+    /// Matches twins anywhere below this one.
+    #[serde(default)]
+    pub ancestor_id: Option<TwinId>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// One page of results.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Page {
+    pub items: Vec<Twin>,
+    pub next_cursor: Option<String>,
+}
+
+impl Query {
+    /// Shape checks that need no data; returns the parsed cursor and limit.
+    pub fn check(&self) -> Result<(Option<TwinId>, usize), String> {
+        if self.conditions.len() > MAX_CONDITIONS {
+            return Err(format!("at most {MAX_CONDITIONS} where conditions"));
+        }
+        for c in &self.conditions {
+            if c.op == Op::In && !c.value.is_array() {
+                return Err(format!("`in` on {} needs an array value", c.property));
+            }
+            if c.op == Op::Exists && !(c.value.is_null() || c.value.is_boolean()) {
+                return Err(format!("`exists` on {} takes true, false or nothing", c.property));
+            }
+        }
+        let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
+        if limit == 0 || limit > MAX_LIMIT {
+            return Err(format!("limit must be between 1 and {MAX_LIMIT}"));
+        }
+        let cursor = match &self.cursor {
+            None => None,
+            Some(c) => Some(
+                c.parse::<TwinId>()
+                    .map_err(|_| "cursor is not one this server returned".to_string())?,
+            ),
+        };
+        Ok((cursor, limit))
+    }
+
+    /// Whether a twin's own fields match (hierarchy filters are checked by the registry).
+    pub fn matches(&self, t: &Twin) -> bool {
+        if let Some(et) = &self.entity_type {
+            if &t.entity_type != et {
+                return false;
+            }
+        }
+        if let Some(p) = self.parent_id {
+            if t.parent_id != Some(p) {
+                return false;
+            }
+        }
+        for (k, v) in &self.properties {
+            if !t.properties.get(k).is_some_and(|x| json_eq(x, v)) {
+                return false;
+            }
+        }
+        self.conditions
+            .iter()
+            .all(|c| condition_holds(c, t.properties.get(&c.property)))
+    }
+}
+
+fn condition_holds(c: &Condition, actual: Option<&Value>) -> bool {
+    match c.op {
+        Op::Exists => actual.is_some() != (c.value == Value::Bool(false)),
+        Op::In => {
+            let Some(a) = actual else { return false };
+            c.value
+                .as_array()
+                .is_some_and(|vs| vs.iter().any(|v| json_eq(a, v)))
+        }
+        Op::Eq => actual.is_some_and(|a| json_eq(a, &c.value)),
+        Op::Ne => !actual.is_some_and(|a| json_eq(a, &c.value)),
+        Op::Lt | Op::Le | Op::Gt | Op::Ge => {
+            let Some(ord) = actual.and_then(|a| compare(a, &c.value)) else {
+                return false;
+            };
+            match c.op {
+                Op::Lt => ord == Ordering::Less,
+                Op::Le => ord != Ordering::Greater,
+                Op::Gt => ord == Ordering::Greater,
+                _ => ord != Ordering::Less,
+            }
+        }
+    }
+}
+
+/// Equality where `1` and `1.0` are the same number.
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
+}
+
+/// Order numbers by value and strings lexically; anything else does not compare.
+fn compare(a: &Value, b: &Value) -> Option<Ordering> {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64()?.partial_cmp(&y.as_f64()?),
+        (Value::String(x), Value::String(y)) => Some(x.cmp(y)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn twin(props: Value) -> Twin {
+        Twin {
+            id: TwinId::new_v7(),
+            entity_type: "machine".into(),
+            properties: props.as_object().unwrap().clone(),
+            version: 1,
+            vclock: Default::default(),
+            parent_id: None,
+            children_ids: Default::default(),
+            lifecycle: Default::default(),
+            created_at: Default::default(),
+            updated_at: Default::default(),
+        }
+    }
+
+    fn q(v: Value) -> Query {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn every_operator() {
+        let t = twin(json!({"temperature": 90, "status": "operational"}));
+        let yes = [
+            json!({"property": "temperature", "op": ">", "value": 85}),
+            json!({"property": "temperature", "op": ">=", "value": 90.0}),
+            json!({"property": "temperature", "op": "<=", "value": 90}),
+            json!({"property": "temperature", "op": "=", "value": 90.0}),
+            json!({"property": "status", "op": "!=", "value": "fault"}),
+            json!({"property": "status", "op": "in", "value": ["fault", "operational"]}),
+            json!({"property": "status", "op": "exists"}),
+            json!({"property": "missing", "op": "exists", "value": false}),
+            json!({"property": "missing", "op": "!=", "value": 1}),
+        ];
+        for c in yes {
+            assert!(q(json!({"where": [c.clone()]})).matches(&t), "{c}");
+        }
+        let no = [
+            json!({"property": "temperature", "op": "<", "value": 85}),
+            json!({"property": "temperature", "op": ">", "value": "85"}),
+            json!({"property": "missing", "op": ">", "value": 1}),
+            json!({"property": "status", "op": "in", "value": ["fault"]}),
+            json!({"property": "missing", "op": "exists"}),
+        ];
+        for c in no {
+            assert!(!q(json!({"where": [c.clone()]})).matches(&t), "{c}");
+        }
+    }
+
+    #[test]
+    fn seed_shape_is_equality() {
+        let t = twin(json!({"status": "operational"}));
+        assert!(q(json!({"entity_type": "machine", "properties": {"status": "operational"}})).matches(&t));
+        assert!(!q(json!({"entity_type": "building"})).matches(&t));
+        assert!(!q(json!({"properties": {"status": "fault"}})).matches(&t));
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        assert!(q(json!({"limit": 0})).check().is_err());
+        assert!(q(json!({"cursor": "nope"})).check().is_err());
+        assert!(q(json!({"where": [{"property": "a", "op": "in", "value": 3}]})).check().is_err());
+        assert!(serde_json::from_value::<Query>(json!({"where": [{"property": "a", "op": "~"}]})).is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! Key layout of the one sled tree. Every record kind has a one-byte prefix so a single
+//! atomic `apply_batch` can cover twins, history, models, relationships and tokens at once.
+
+use crate::types::TwinId;
+
+/// Twins: `t` + 16-byte id → JSON twin record.
+pub const TWIN: u8 = b't';
+/// Models: `m` + entity type → JSON model.
+pub const MODEL: u8 = b'm';
+/// Relationships: `r` + source id + target id + name → JSON properties.
+pub const REL: u8 = b'r';
+/// API tokens: `k` + sha256(token) hex → JSON token record.
+pub const TOKEN: u8 = b'k';
+/// History chunks: `h` + series + time + commit sequence → packed points.
+pub const HISTORY: u8 = b'h';
+/// Metadata: `x` + name.
+pub const META: u8 = b'x';
+
+/// The format version of the data directory; bumped when the layout changes so a newer
+/// release can migrate and an older one refuses instead of misreading.
+pub const FORMAT_VERSION: u64 = 1;
+pub const META_FORMAT_VERSION: &[u8] = b"xformat_version";
+pub const META_NODE_ID: &[u8] = b"xnode_id";
+
+pub fn twin(id: &TwinId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = TWIN;
+    k[1..].copy_from_slice(id.as_bytes());
+    k
+}
+
+pub fn model(entity_type: &str) -> Vec<u8> {
+    prefixed(MODEL, entity_type.as_bytes())
+}
+
+pub fn token(hash_hex: &str) -> Vec<u8> {
+    prefixed(TOKEN, hash_hex.as_bytes())
+}
+
+/// Prefix of every relationship whose source is `src`.
+pub fn rel_prefix(src: &TwinId) -> Vec<u8> {
+    prefixed(REL, src.as_bytes())
+}
+
+pub fn rel(src: &TwinId, target: &TwinId, name: &str) -> Vec<u8> {
+    let mut k = rel_prefix(src);
+    k.extend_from_slice(target.as_bytes());
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// Split a relationship key back into (source, target, name).
+pub fn parse_rel(key: &[u8]) -> Option<(TwinId, TwinId, String)> {
+    if key.len() < 33 || key[0] != REL {
+        return None;
+    }
+    let src = uuid::Uuid::from_slice(&key[1..17]).ok()?;
+    let dst = uuid::Uuid::from_slice(&key[17..33]).ok()?;
+    let name = std::str::from_utf8(&key[33..]).ok()?.to_owned();
+    Some((TwinId(src), TwinId(dst), name))
+}
+
+/// Prefix of every history series of one twin.
+pub fn history_twin_prefix(id: &TwinId) -> Vec<u8> {
+    prefixed(HISTORY, id.as_bytes())
+}
+
+/// Prefix of one series: twin id, then the property name with its length so that one
+/// name is never a prefix of another's keys.
+pub fn history_series(id: &TwinId, property: &str) -> Vec<u8> {
+    let name = property.as_bytes();
+    let len = u16::try_from(name.len()).unwrap_or(u16::MAX);
+    let mut k = history_twin_prefix(id);
+    k.extend_from_slice(&len.to_be_bytes());
+    k.extend_from_slice(&name[..len as usize]);
+    k
+}
+
+/// Time in microseconds as big-endian bytes that sort like the signed value.
+pub fn ts_bytes(ts_micros: i64) -> [u8; 8] {
+    ((ts_micros as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub fn ts_from_bytes(b: [u8; 8]) -> i64 {
+    (u64::from_be_bytes(b) ^ (1 << 63)) as i64
+}
+
+fn prefixed(p: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + rest.len());
+    k.push(p);
+    k.extend_from_slice(rest);
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ts_bytes_sort_like_signed_times() {
+        let times = [-5_000_000i64, -1, 0, 1, 1_700_000_000_000_000];
+        for w in times.windows(2) {
+            assert!(ts_bytes(w[0]) < ts_bytes(w[1]));
+            assert_eq!(ts_from_bytes(ts_bytes(w[0])), w[0]);
+        }
+    }
+
+    #[test]
+    fn series_prefix_is_not_shared_between_names() {
+        let id = TwinId::new_v7();
+        let a = history_series(&id, "temp");
+        let b = history_series(&id, "temperature");
+        assert!(!b.starts_with(&a));
+    }
+
+    #[test]
+    fn rel_keys_round_trip() {
+        let (a, b) = (TwinId::new_v7(), TwinId::new_v7());
+        assert_eq!(parse_rel(&rel(&a, &b, "feeds")), Some((a, b, "feeds".into())));
+    }
+}

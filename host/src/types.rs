@@ -1,0 +1,136 @@
+//! Plain types shared by every layer: twin ids, the twin record, lifecycle and clocks.
+//!
+//! These are the shapes API.md fixes (`id`, `entity_type`, `properties`, `version`, `vclock`,
+//! `parent_id`, `children_ids`, `lifecycle`, `created_at`, `updated_at`). They carry no
+//! behaviour beyond small helpers, so every subsystem can depend on them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// A property bag: JSON object of property name to value.
+pub type Properties = serde_json::Map<String, serde_json::Value>;
+
+/// Identifier of a twin. UUID v7 by default (time-ordered, so key scans follow creation order),
+/// any UUID when the client supplies its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(transparent)]
+#[schema(value_type = String, format = Uuid)]
+pub struct TwinId(pub Uuid);
+
+impl TwinId {
+    /// A fresh time-ordered id.
+    pub fn new_v7() -> Self {
+        TwinId(Uuid::now_v7())
+    }
+    /// The 16 raw bytes, as used in storage keys.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+    /// The smallest id: a cursor lower bound.
+    pub const MIN: TwinId = TwinId(Uuid::nil());
+}
+
+impl fmt::Display for TwinId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for TwinId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(TwinId)
+    }
+}
+
+/// Lifecycle state of a twin. `retired` is terminal: it refuses property updates and further
+/// lifecycle changes (it can still be read and deleted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    #[default]
+    Active,
+    Suspended,
+    Retired,
+}
+
+/// A version vector: node id → number of changes that node made to the twin.
+pub type VClock = BTreeMap<String, u64>;
+
+/// A twin as stored and served.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Twin {
+    pub id: TwinId,
+    pub entity_type: String,
+    #[schema(value_type = Object)]
+    pub properties: Properties,
+    /// Incremented by every change; the `ETag` of the twin.
+    pub version: u64,
+    #[schema(value_type = Object)]
+    pub vclock: VClock,
+    pub parent_id: Option<TwinId>,
+    /// Derived from the children's `parent_id` (never persisted, rebuilt on load).
+    #[serde(default, skip_deserializing)]
+    #[schema(value_type = Vec<String>)]
+    pub children_ids: BTreeSet<TwinId>,
+    pub lifecycle: Lifecycle,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The on-disk form of a twin: the served form without the derived `children_ids`.
+#[derive(Serialize)]
+pub(crate) struct TwinRecord<'a> {
+    pub id: TwinId,
+    pub entity_type: &'a str,
+    pub properties: &'a Properties,
+    pub version: u64,
+    pub vclock: &'a VClock,
+    pub parent_id: Option<TwinId>,
+    pub lifecycle: Lifecycle,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Twin {
+    /// Serialize the persisted fields (children are derived on load).
+    pub(crate) fn to_record_bytes(&self) -> Vec<u8> {
+        let rec = TwinRecord {
+            id: self.id,
+            entity_type: &self.entity_type,
+            properties: &self.properties,
+            version: self.version,
+            vclock: &self.vclock,
+            parent_id: self.parent_id,
+            lifecycle: self.lifecycle,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        };
+        serde_json::to_vec(&rec).expect("a twin always serializes: keys are strings")
+    }
+}
+
+/// Role carried by an API token; each role includes the ones below it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Read,
+    Write,
+    Admin,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Read => "read",
+            Role::Write => "write",
+            Role::Admin => "admin",
+        })
+    }
+}
