@@ -148,8 +148,9 @@ pub async fn relationships(
 pub async fn put_relationship(
     State(s): State<AppState>,
     Path((id, name, target)): Path<(TwinId, String, TwinId)>,
-    body: axum::body::Bytes,
+    req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    let body = super::extract::body_bytes(req, &()).await?; // over the limit → JSON 413
     let props: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {

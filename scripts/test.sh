@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run the whole test suite: unit tests, and end-to-end tests that start the real binary.
+# Prints cargo test's summary at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p target
+set +e
+cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
+status=${PIPESTATUS[0]}
+set -e
+echo
+echo "== summary"
+grep -E "^test result:|Running " target/test.log | sed 's/^ *//'
+passed=$(grep -E "^test result:" target/test.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
+failed=$(grep -E "^test result:" target/test.log | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ | bc)
+echo "total: ${passed:-0} passed, ${failed:-0} failed"
+exit "$status"
