@@ -67,12 +67,11 @@ async fn acknowledged_updates_survive_sigkill() {
                         .json(&json!({"n": n}))
                         .send()
                         .await;
-                    match r {
-                        Ok(r) if r.status() == 200 && r.bytes().await.is_ok() => {
-                            acked.lock().unwrap().insert(id.clone(), n);
-                        }
-                        _ => return n,
+                    let Ok(r) = r else { return n };
+                    if r.status() != 200 || r.bytes().await.is_err() {
+                        return n;
                     }
+                    acked.lock().unwrap().insert(id.clone(), n);
                 }
             }
             unreachable!()
