@@ -22,22 +22,47 @@ struct Api {
 }
 
 impl Api {
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<(&str, Vec<u8>)>) -> anyhow::Result<Value> {
-        let mut rb = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token);
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> anyhow::Result<Value> {
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
         if let Some((ct, b)) = body {
             rb = rb.header("content-type", ct).body(b);
         }
-        let resp = rb.send().await.with_context(|| format!("reaching {}", self.url))?;
+        let resp = rb
+            .send()
+            .await
+            .with_context(|| format!("reaching {}", self.url))?;
         let status = resp.status();
         let text = resp.text().await?;
         if !status.is_success() {
             bail!("{path}: {status}: {text}");
         }
-        Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? })
+        Ok(if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        })
     }
 
-    async fn json(&self, method: reqwest::Method, path: &str, body: Value) -> anyhow::Result<Value> {
-        self.call(method, path, Some(("application/json", serde_json::to_vec(&body)?))).await
+    async fn json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> anyhow::Result<Value> {
+        self.call(
+            method,
+            path,
+            Some(("application/json", serde_json::to_vec(&body)?)),
+        )
+        .await
     }
 }
 
@@ -64,22 +89,37 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading the admin token {token_file}"))?
         .trim()
         .to_owned();
-    let api = Api { http: reqwest::Client::new(), url, token };
+    let api = Api {
+        http: reqwest::Client::new(),
+        url,
+        token,
+    };
     use reqwest::Method;
 
     println!("== model: machines are validated (temperature in degF, status from a fixed set)");
-    api.json(Method::PUT, "/v1/models/machine", json!({
-        "properties": {
-            "temperature": {"type": "number", "unit": "degF", "min": -40, "max": 500},
-            "vibration_level": {"type": "number", "min": 0},
-            "status": {"type": "string", "enum": ["operational", "maintenance", "fault"]}
-        },
-        "required": ["status"]
-    })).await?;
+    api.json(
+        Method::PUT,
+        "/v1/models/machine",
+        json!({
+            "properties": {
+                "temperature": {"type": "number", "unit": "degF", "min": -40, "max": 500},
+                "vibration_level": {"type": "number", "min": 0},
+                "status": {"type": "string", "enum": ["operational", "maintenance", "fault"]}
+            },
+            "required": ["status"]
+        }),
+    )
+    .await?;
 
     println!("== twins: one building, {MACHINES} CNC machines under it");
-    let building = api.json(Method::POST, "/v1/twins", json!({"entity_type": "building",
-        "properties": {"name": "Factory A", "location": "Detroit", "area_sqft": 100000}})).await?;
+    let building = api
+        .json(
+            Method::POST,
+            "/v1/twins",
+            json!({"entity_type": "building",
+        "properties": {"name": "Factory A", "location": "Detroit", "area_sqft": 100000}}),
+        )
+        .await?;
     let building_id = building["id"].as_str().context("building id")?.to_owned();
     let mut ids = Vec::new();
     for i in 0..MACHINES {
@@ -88,11 +128,32 @@ async fn main() -> anyhow::Result<()> {
                            "temperature": 68.5, "vibration_level": 0.2}})).await?;
         ids.push(m["id"].as_str().context("machine id")?.to_owned());
     }
-    println!("   building {building_id} with {} children", api.call(Method::GET, &format!("/v1/twins/{building_id}/children"), None).await?.as_array().map_or(0, Vec::len));
+    println!(
+        "   building {building_id} with {} children",
+        api.call(
+            Method::GET,
+            &format!("/v1/twins/{building_id}/children"),
+            None
+        )
+        .await?
+        .as_array()
+        .map_or(0, Vec::len)
+    );
 
     println!("== a bad reading is refused with the reason (the model says min -40)");
-    let bad = api.json(Method::PATCH, &format!("/v1/twins/{}", ids[0]), json!({"temperature": -500})).await;
-    println!("   {}", bad.err().map(|e| e.to_string()).unwrap_or_else(|| "unexpectedly accepted".into()));
+    let bad = api
+        .json(
+            Method::PATCH,
+            &format!("/v1/twins/{}", ids[0]),
+            json!({"temperature": -500}),
+        )
+        .await;
+    println!(
+        "   {}",
+        bad.err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "unexpectedly accepted".into())
+    );
 
     println!("== sensor stream: {ROUNDS} rounds × {MACHINES} machines through /v1/ingest (NDJSON)");
     let started = Instant::now();
@@ -102,45 +163,105 @@ async fn main() -> anyhow::Result<()> {
         let ts = base + chrono::Duration::seconds(r as i64);
         let mut body = String::new();
         for (i, id) in ids.iter().enumerate() {
-            body.push_str(&json!({"twin_id": id, "ts": ts.to_rfc3339(), "properties": {
-                "temperature": temperature(i, r), "vibration_level": 0.1 + (i % 10) as f64 * 0.05}}).to_string());
+            body.push_str(
+                &json!({"twin_id": id, "ts": ts.to_rfc3339(), "properties": {
+                "temperature": temperature(i, r), "vibration_level": 0.1 + (i % 10) as f64 * 0.05}})
+                .to_string(),
+            );
             body.push('\n');
         }
-        let out = api.call(Method::POST, "/v1/ingest", Some(("application/x-ndjson", body.into_bytes()))).await?;
+        let out = api
+            .call(
+                Method::POST,
+                "/v1/ingest",
+                Some(("application/x-ndjson", body.into_bytes())),
+            )
+            .await?;
         applied += out["applied"].as_u64().unwrap_or(0);
     }
-    println!("   {applied} durable updates in {:.0} ms", started.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "   {applied} durable updates in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
 
     println!("== one machine goes into maintenance (PATCH with If-Match)");
-    let m5 = api.call(Method::GET, &format!("/v1/twins/{}", ids[5]), None).await?;
-    let patched = api.http.patch(format!("{}/v1/twins/{}", api.url, ids[5])).bearer_auth(&api.token)
-        .header("if-match", format!("\"{}\"", m5["version"])).json(&json!({"status": "maintenance"})).send().await?;
-    println!("   {} → version {}", patched.status(), patched.json::<Value>().await?["version"]);
+    let m5 = api
+        .call(Method::GET, &format!("/v1/twins/{}", ids[5]), None)
+        .await?;
+    let patched = api
+        .http
+        .patch(format!("{}/v1/twins/{}", api.url, ids[5]))
+        .bearer_auth(&api.token)
+        .header("if-match", format!("\"{}\"", m5["version"]))
+        .json(&json!({"status": "maintenance"}))
+        .send()
+        .await?;
+    println!(
+        "   {} → version {}",
+        patched.status(),
+        patched.json::<Value>().await?["version"]
+    );
 
     println!("== query: machines over 85 degrees");
-    let hot = api.json(Method::POST, "/v1/query", json!({"entity_type": "machine",
-        "where": [{"property": "temperature", "op": ">", "value": 85}], "limit": 1000})).await?;
+    let hot = api
+        .json(
+            Method::POST,
+            "/v1/query",
+            json!({"entity_type": "machine",
+        "where": [{"property": "temperature", "op": ">", "value": 85}], "limit": 1000}),
+        )
+        .await?;
     let items = hot["items"].as_array().cloned().unwrap_or_default();
     println!("   {} machines over 85:", items.len());
     for t in items.iter().take(10) {
-        println!("   ALERT: High temperature on {} ({}): {:.1} degF", t["properties"]["name"].as_str().unwrap_or("?"),
-            t["id"].as_str().unwrap_or("?"), t["properties"]["temperature"].as_f64().unwrap_or(0.0));
+        println!(
+            "   ALERT: High temperature on {} ({}): {:.1} degF",
+            t["properties"]["name"].as_str().unwrap_or("?"),
+            t["id"].as_str().unwrap_or("?"),
+            t["properties"]["temperature"].as_f64().unwrap_or(0.0)
+        );
     }
     if items.len() > 10 {
         println!("   … and {} more", items.len() - 10);
     }
     let operational = api.json(Method::POST, "/v1/query", json!({"entity_type": "machine", "properties": {"status": "operational"}, "limit": 1000})).await?;
-    println!("   operational machines (the seed's query): {}", operational["items"].as_array().map_or(0, Vec::len));
+    println!(
+        "   operational machines (the seed's query): {}",
+        operational["items"].as_array().map_or(0, Vec::len)
+    );
 
     let hottest = &ids[19];
     println!("== history of Machine-019 ({hottest})");
-    let h = api.call(Method::GET, &format!("/v1/twins/{hottest}/history/temperature"), None).await?;
+    let h = api
+        .call(
+            Method::GET,
+            &format!("/v1/twins/{hottest}/history/temperature"),
+            None,
+        )
+        .await?;
     let pts = h["points"].as_array().cloned().unwrap_or_default();
-    println!("   {} points, first {} last {}", pts.len(), pts.first().map_or(Value::Null, |p| p["value"].clone()), pts.last().map_or(Value::Null, |p| p["value"].clone()));
-    let b = api.call(Method::GET, &format!("/v1/twins/{hottest}/history/temperature?step=5s"), None).await?;
+    println!(
+        "   {} points, first {} last {}",
+        pts.len(),
+        pts.first().map_or(Value::Null, |p| p["value"].clone()),
+        pts.last().map_or(Value::Null, |p| p["value"].clone())
+    );
+    let b = api
+        .call(
+            Method::GET,
+            &format!("/v1/twins/{hottest}/history/temperature?step=5s"),
+            None,
+        )
+        .await?;
     for bucket in b["buckets"].as_array().into_iter().flatten() {
-        println!("   {}  count {:>2}  min {:.1}  max {:.1}  avg {:.2}", bucket["ts"].as_str().unwrap_or(""), bucket["count"],
-            bucket["min"].as_f64().unwrap_or(0.0), bucket["max"].as_f64().unwrap_or(0.0), bucket["avg"].as_f64().unwrap_or(0.0));
+        println!(
+            "   {}  count {:>2}  min {:.1}  max {:.1}  avg {:.2}",
+            bucket["ts"].as_str().unwrap_or(""),
+            bucket["count"],
+            bucket["min"].as_f64().unwrap_or(0.0),
+            bucket["max"].as_f64().unwrap_or(0.0),
+            bucket["avg"].as_f64().unwrap_or(0.0)
+        );
     }
 
     tokio::time::sleep(Duration::from_millis(10)).await;

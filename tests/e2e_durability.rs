@@ -24,8 +24,10 @@ async fn acknowledged_updates_survive_sigkill() {
         let mut ids = Vec::new();
         for i in 0..TWINS_PER_WRITER {
             ids.push(
-                srv.create_twin_id(&json!({"entity_type": "machine", "properties": {"writer": w, "i": i, "n": 0}}))
-                    .await,
+                srv.create_twin_id(
+                    &json!({"entity_type": "machine", "properties": {"writer": w, "i": i, "n": 0}}),
+                )
+                .await,
             );
         }
         owned.push(ids);
@@ -34,7 +36,12 @@ async fn acknowledged_updates_survive_sigkill() {
     let client = reqwest::Client::new();
     let mut tasks = Vec::new();
     for (w, ids) in owned.iter().cloned().enumerate() {
-        let (client, url, token, acked) = (client.clone(), srv.url.clone(), srv.token.clone(), acked.clone());
+        let (client, url, token, acked) = (
+            client.clone(),
+            srv.url.clone(),
+            srv.token.clone(),
+            acked.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             for n in 1u64.. {
                 if w < INGEST_WRITERS {
@@ -94,7 +101,10 @@ async fn acknowledged_updates_survive_sigkill() {
         let r = srv.get(&format!("/v1/twins/{id}")).await;
         r.expect(200);
         let got = r.body["properties"]["n"].as_u64().unwrap();
-        assert!(got >= *n, "twin {id}: acknowledged n={n} but after the crash n={got}");
+        assert!(
+            got >= *n,
+            "twin {id}: acknowledged n={n} but after the crash n={got}"
+        );
         checked += 1;
     }
     // Ingested temperatures are history: the last acknowledged point survived too.
@@ -102,7 +112,9 @@ async fn acknowledged_updates_survive_sigkill() {
         .iter()
         .find(|(id, _)| owned[0].contains(id))
         .expect("an ingest writer's twin");
-    let h = srv.get(&format!("/v1/twins/{id}/history/temperature")).await;
+    let h = srv
+        .get(&format!("/v1/twins/{id}/history/temperature"))
+        .await;
     h.expect(200);
     let pts = h.body["points"].as_array().unwrap();
     assert!(
@@ -123,7 +135,12 @@ async fn concurrent_patches_are_all_applied() {
         .await;
     let mut tasks = Vec::new();
     for w in 0..8 {
-        let (client, url, token, id) = (srv.http.clone(), srv.url.clone(), srv.token.clone(), id.clone());
+        let (client, url, token, id) = (
+            srv.http.clone(),
+            srv.url.clone(),
+            srv.token.clone(),
+            id.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             for i in 0..25 {
                 let r = client

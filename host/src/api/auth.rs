@@ -106,9 +106,9 @@ impl Auth {
         let h = header.ok_or_else(|| {
             ApiError::Unauthorized("missing `Authorization: Bearer <token>` header".into())
         })?;
-        let token = h
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| ApiError::Unauthorized("expected `Authorization: Bearer <token>`".into()))?;
+        let token = h.strip_prefix("Bearer ").ok_or_else(|| {
+            ApiError::Unauthorized("expected `Authorization: Bearer <token>`".into())
+        })?;
         self.tokens
             .read()
             .get(&hash(token.trim()))
@@ -140,9 +140,15 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     if matches!(path, "/healthz" | "/metrics" | "/v1/openapi.json") {
         return None;
     }
-    let admin_area = ["/v1/models", "/v1/modules", "/v1/peers", "/v1/tokens", "/v1/behaviors"]
-        .iter()
-        .any(|p| path == *p || path.starts_with(&format!("{p}/")));
+    let admin_area = [
+        "/v1/models",
+        "/v1/modules",
+        "/v1/peers",
+        "/v1/tokens",
+        "/v1/behaviors",
+    ]
+    .iter()
+    .any(|p| path == *p || path.starts_with(&format!("{p}/")));
     let reading = matches!(*method, Method::GET | Method::HEAD) || path == "/v1/query";
     Some(match (reading, admin_area) {
         (true, _) if path.starts_with("/v1/tokens") => Role::Admin,
@@ -153,7 +159,11 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
 }
 
 /// Middleware: check the bearer token against the route's role.
-pub async fn require(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if let Some(need) = required_role(req.method(), req.uri().path()) {
         let header = req
             .headers()
@@ -179,12 +189,27 @@ mod tests {
         assert_eq!(required_role(&Method::GET, "/v1/twins"), Some(Role::Read));
         assert_eq!(required_role(&Method::POST, "/v1/query"), Some(Role::Read));
         assert_eq!(required_role(&Method::POST, "/v1/twins"), Some(Role::Write));
-        assert_eq!(required_role(&Method::POST, "/v1/ingest"), Some(Role::Write));
-        assert_eq!(required_role(&Method::PUT, "/v1/models/machine"), Some(Role::Admin));
-        assert_eq!(required_role(&Method::GET, "/v1/models/machine"), Some(Role::Read));
-        assert_eq!(required_role(&Method::POST, "/v1/tokens"), Some(Role::Admin));
+        assert_eq!(
+            required_role(&Method::POST, "/v1/ingest"),
+            Some(Role::Write)
+        );
+        assert_eq!(
+            required_role(&Method::PUT, "/v1/models/machine"),
+            Some(Role::Admin)
+        );
+        assert_eq!(
+            required_role(&Method::GET, "/v1/models/machine"),
+            Some(Role::Read)
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/v1/tokens"),
+            Some(Role::Admin)
+        );
         assert_eq!(required_role(&Method::GET, "/v1/tokens"), Some(Role::Admin));
         // A prefix that only looks like an admin route is not one.
-        assert_eq!(required_role(&Method::POST, "/v1/modelsx"), Some(Role::Write));
+        assert_eq!(
+            required_role(&Method::POST, "/v1/modelsx"),
+            Some(Role::Write)
+        );
     }
 }

@@ -139,9 +139,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
             RegistryError::Conflict(m) => ApiError::Conflict(m),
             RegistryError::VersionMismatch { .. } => ApiError::VersionMismatch(e.to_string()),
-            RegistryError::Validation(ref d) => {
-                ApiError::Validation(e.to_string(), json!(d))
-            }
+            RegistryError::Validation(ref d) => ApiError::Validation(e.to_string(), json!(d)),
             RegistryError::BadRequest(m) => ApiError::BadRequest(m),
             RegistryError::Store(s) => s.into(),
         }

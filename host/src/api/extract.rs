@@ -27,9 +27,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
 pub async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, state).await.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(
-                "the request body is larger than the server's limit".into(),
-            )
+            ApiError::PayloadTooLarge("the request body is larger than the server's limit".into())
         } else {
             ApiError::BadRequest(format!("could not read the body: {}", e.body_text()))
         }
@@ -39,7 +37,9 @@ pub async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes
 /// Parse JSON with errors a user can act on.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::InvalidJson("the body is empty; expected JSON".into()));
+        return Err(ApiError::InvalidJson(
+            "the body is empty; expected JSON".into(),
+        ));
     }
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::BadRequest(format!("invalid body: {e}")),

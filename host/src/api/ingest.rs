@@ -50,8 +50,11 @@ fn item_error(e: serde_json::Error) -> ApiError {
     }
 }
 
+/// Parsed items with their index in the body, and the items that did not parse.
+pub type Parsed = (Vec<(usize, Update)>, Vec<Rejected>);
+
 /// Parse a body into updates, collecting per-item errors.
-pub fn parse(body: &[u8], ndjson: bool) -> Result<(Vec<(usize, Update)>, Vec<Rejected>), ApiError> {
+pub fn parse(body: &[u8], ndjson: bool) -> Result<Parsed, ApiError> {
     let mut ok = Vec::new();
     let mut bad = Vec::new();
     let mut take = |i: usize, r: Result<IngestItem, serde_json::Error>| match r {
@@ -96,7 +99,10 @@ pub fn parse(body: &[u8], ndjson: bool) -> Result<(Vec<(usize, Update)>, Vec<Rej
 #[utoipa::path(post, path = "/v1/ingest", tag = "twins",
     request_body(content = Vec<IngestItem>, description = "JSON array, or NDJSON with Content-Type application/x-ndjson"),
     responses((status = 200, body = IngestResult), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
-pub async fn ingest(State(s): State<AppState>, req: Request) -> Result<axum::Json<IngestResult>, ApiError> {
+pub async fn ingest(
+    State(s): State<AppState>,
+    req: Request,
+) -> Result<axum::Json<IngestResult>, ApiError> {
     let ndjson = req
         .headers()
         .get(header::CONTENT_TYPE)

@@ -7,9 +7,9 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+mod ingest;
 mod models;
 mod ops;
-mod ingest;
 mod twins;
 
 use std::sync::Arc;
@@ -67,7 +67,9 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/twins", post(twins::create).get(twins::list))
         .route(
             "/twins/{id}",
-            get(twins::get_one).patch(twins::patch).delete(twins::delete),
+            get(twins::get_one)
+                .patch(twins::patch)
+                .delete(twins::delete),
         )
         .route("/twins/{id}/lifecycle", put(twins::lifecycle))
         .route("/twins/{id}/children", get(twins::children))
@@ -99,7 +101,10 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/metrics", get(ops::metrics_prometheus))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require,
+        ))
         .layer(axum::middleware::from_fn(ops::count_requests))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

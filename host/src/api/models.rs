@@ -21,7 +21,11 @@ pub async fn put(
     Json(model): Json<Model>,
 ) -> Result<impl IntoResponse, ApiError> {
     let created = s.registry.put_model(&entity_type, model.clone()).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, axum::Json(model)))
 }
 

@@ -52,7 +52,10 @@ fn refresh_gauges(s: &AppState) {
 pub async fn metrics_prometheus(State(s): State<AppState>) -> impl IntoResponse {
     refresh_gauges(&s);
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         s.prometheus.render(),
     )
 }
@@ -106,7 +109,13 @@ pub async fn create_token(
     Json(r): Json<TokenRequest>,
 ) -> Result<(StatusCode, axum::Json<TokenResponse>), ApiError> {
     let token = s.auth.create(r.role)?;
-    Ok((StatusCode::CREATED, axum::Json(TokenResponse { token, role: r.role })))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(TokenResponse {
+            token,
+            role: r.role,
+        }),
+    ))
 }
 
 #[derive(OpenApi)]

@@ -29,9 +29,13 @@ fn with_etag(status: StatusCode, t: Twin) -> Response {
 #[utoipa::path(post, path = "/v1/twins", tag = "twins", request_body = NewTwin,
     responses((status = 201, body = Twin), (status = 404, description = "unknown parent", body = ErrorBody),
               (status = 409, description = "duplicate id", body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn create(State(s): State<AppState>, Json(new): Json<NewTwin>) -> Result<Response, ApiError> {
+pub async fn create(
+    State(s): State<AppState>,
+    Json(new): Json<NewTwin>,
+) -> Result<Response, ApiError> {
     let t = s.registry.create(new).await?;
-    let loc = HeaderValue::from_str(&format!("/v1/twins/{}", t.id)).expect("uuid is a valid header");
+    let loc =
+        HeaderValue::from_str(&format!("/v1/twins/{}", t.id)).expect("uuid is a valid header");
     let mut r = with_etag(StatusCode::CREATED, t);
     r.headers_mut().insert(header::LOCATION, loc);
     Ok(r)
@@ -39,13 +43,18 @@ pub async fn create(State(s): State<AppState>, Json(new): Json<NewTwin>) -> Resu
 
 #[utoipa::path(get, path = "/v1/twins/{id}", tag = "twins", params(("id" = String, Path)),
     responses((status = 200, body = Twin, headers(("ETag" = String))), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn get_one(State(s): State<AppState>, Path(id): Path<TwinId>) -> Result<Response, ApiError> {
+pub async fn get_one(
+    State(s): State<AppState>,
+    Path(id): Path<TwinId>,
+) -> Result<Response, ApiError> {
     Ok(with_etag(StatusCode::OK, s.registry.get(&id)?))
 }
 
 /// Parse `If-Match`: `"3"`, `W/"3"`, `3`, or `*` (any version).
 fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
     let s = v
         .to_str()
         .map_err(|_| ApiError::BadRequest("If-Match is not text".into()))?
@@ -55,7 +64,9 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     }
     let s = s.trim_start_matches("W/").trim_matches('"');
     s.parse().map(Some).map_err(|_| {
-        ApiError::BadRequest(format!("If-Match must be a twin version like \"3\", got {s:?}"))
+        ApiError::BadRequest(format!(
+            "If-Match must be a twin version like \"3\", got {s:?}"
+        ))
     })
 }
 
@@ -71,7 +82,9 @@ pub async fn patch(
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
     let Value::Object(patch) = body else {
-        return Err(ApiError::BadRequest("the body must be a JSON object (a merge patch of properties)".into()));
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object (a merge patch of properties)".into(),
+        ));
     };
     let t = s
         .registry
@@ -116,19 +129,28 @@ pub async fn lifecycle(
     Path(id): Path<TwinId>,
     Json(b): Json<LifecycleBody>,
 ) -> Result<Response, ApiError> {
-    Ok(with_etag(StatusCode::OK, s.registry.set_lifecycle(id, b.state).await?))
+    Ok(with_etag(
+        StatusCode::OK,
+        s.registry.set_lifecycle(id, b.state).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/twins/{id}/children", tag = "twins", params(("id" = String, Path)),
     responses((status = 200, body = Vec<Twin>), (status = 404, body = ErrorBody)))]
-pub async fn children(State(s): State<AppState>, Path(id): Path<TwinId>) -> Result<axum::Json<Vec<Twin>>, ApiError> {
+pub async fn children(
+    State(s): State<AppState>,
+    Path(id): Path<TwinId>,
+) -> Result<axum::Json<Vec<Twin>>, ApiError> {
     Ok(axum::Json(s.registry.children(&id)?))
 }
 
 /// Ancestors, nearest first.
 #[utoipa::path(get, path = "/v1/twins/{id}/ancestors", tag = "twins", params(("id" = String, Path)),
     responses((status = 200, body = Vec<Twin>), (status = 404, body = ErrorBody)))]
-pub async fn ancestors(State(s): State<AppState>, Path(id): Path<TwinId>) -> Result<axum::Json<Vec<Twin>>, ApiError> {
+pub async fn ancestors(
+    State(s): State<AppState>,
+    Path(id): Path<TwinId>,
+) -> Result<axum::Json<Vec<Twin>>, ApiError> {
     Ok(axum::Json(s.registry.ancestors(&id)?))
 }
 
@@ -156,10 +178,25 @@ pub async fn put_relationship(
     } else {
         super::extract::parse_json(&body)?
     };
-    let created = s.registry.put_relationship(id, &name, target, props.clone()).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let created = s
+        .registry
+        .put_relationship(id, &name, target, props.clone())
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     let properties = if props.is_null() { json!({}) } else { props };
-    Ok((status, axum::Json(Relationship { name, target_id: target, properties })).into_response())
+    Ok((
+        status,
+        axum::Json(Relationship {
+            name,
+            target_id: target,
+            properties,
+        }),
+    )
+        .into_response())
 }
 
 #[utoipa::path(delete, path = "/v1/twins/{id}/relationships/{name}/{target_id}", tag = "twins",
@@ -176,7 +213,10 @@ pub async fn delete_relationship(
 /// Query twins (the seed's shape plus `where`, hierarchy filters and paging).
 #[utoipa::path(post, path = "/v1/query", tag = "twins", request_body = TwinQuery,
     responses((status = 200, body = Page), (status = 400, body = ErrorBody)))]
-pub async fn query(State(s): State<AppState>, Json(q): Json<TwinQuery>) -> Result<axum::Json<Page>, ApiError> {
+pub async fn query(
+    State(s): State<AppState>,
+    Json(q): Json<TwinQuery>,
+) -> Result<axum::Json<Page>, ApiError> {
     Ok(axum::Json(s.registry.query(&q)?))
 }
 
@@ -191,7 +231,10 @@ pub struct ListParams {
 /// List twins in id (creation) order, one page at a time.
 #[utoipa::path(get, path = "/v1/twins", tag = "twins", params(ListParams),
     responses((status = 200, body = Page), (status = 400, body = ErrorBody)))]
-pub async fn list(State(s): State<AppState>, Query(p): Query<ListParams>) -> Result<axum::Json<Page>, ApiError> {
+pub async fn list(
+    State(s): State<AppState>,
+    Query(p): Query<ListParams>,
+) -> Result<axum::Json<Page>, ApiError> {
     let q = TwinQuery {
         entity_type: p.entity_type,
         parent_id: p.parent_id,
@@ -243,7 +286,9 @@ pub async fn history(
         }
     };
     let body = tokio::task::spawn_blocking(move || match step {
-        None => h.points(&id, &property, p.from, p.to).map(|pts| json!({ "points": pts })),
+        None => h
+            .points(&id, &property, p.from, p.to)
+            .map(|pts| json!({ "points": pts })),
         Some(d) => h
             .buckets(&id, &property, p.from, p.to, d)
             .map(|b| json!({ "buckets": b })),

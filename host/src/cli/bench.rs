@@ -75,7 +75,10 @@ fn proc_sample() -> ProcSample {
             Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
         })
         .unwrap_or(0.0);
-    ProcSample { cpu_s, at: Instant::now() }
+    ProcSample {
+        cpu_s,
+        at: Instant::now(),
+    }
 }
 
 fn rss_mb(field: &str) -> f64 {
@@ -107,7 +110,9 @@ async fn fleet(twins: usize) -> anyhow::Result<Fleet> {
         .registry
         .create(NewTwin {
             entity_type: "building".into(),
-            properties: props_of(json!({"name": "Factory A", "location": "Detroit", "area_sqft": 100000})),
+            properties: props_of(
+                json!({"name": "Factory A", "location": "Detroit", "area_sqft": 100000}),
+            ),
             ..Default::default()
         })
         .await?;
@@ -126,7 +131,11 @@ async fn fleet(twins: usize) -> anyhow::Result<Fleet> {
             ids.push(t?.id);
         }
     }
-    Ok(Fleet { _dir: dir, node, ids })
+    Ok(Fleet {
+        _dir: dir,
+        node,
+        ids,
+    })
 }
 
 fn props_of(v: Value) -> Properties {
@@ -142,21 +151,38 @@ fn update(ids: &[TwinId], k: usize, nprops: usize) -> Update {
     let mut p = Properties::new();
     p.insert("temperature".into(), json!(70 + (k % 20)));
     if nprops > 1 {
-        p.insert("vibration_level".into(), json!(0.1 + (k % 10) as f64 * 0.05));
+        p.insert(
+            "vibration_level".into(),
+            json!(0.1 + (k % 10) as f64 * 0.05),
+        );
     }
     for j in 2..nprops {
         p.insert(format!("p{j}"), json!((k % 100) as f64));
     }
-    Update { twin_id: ids[k % ids.len()], patch: p, ts: None, if_match: None }
+    Update {
+        twin_id: ids[k % ids.len()],
+        patch: p,
+        ts: None,
+        if_match: None,
+    }
 }
 
 fn ndjson_line(ids: &[TwinId], k: usize, nprops: usize) -> String {
     let u = update(ids, k, nprops);
-    format!("{{\"twin_id\":\"{}\",\"properties\":{}}}\n", u.twin_id, Value::Object(u.patch))
+    format!(
+        "{{\"twin_id\":\"{}\",\"properties\":{}}}\n",
+        u.twin_id,
+        Value::Object(u.patch)
+    )
 }
 
 /// Phase 1: unpaced updates from several concurrent producers.
-async fn inproc_max(reg: &Registry, ids: &[TwinId], nprops: usize, secs: f64) -> anyhow::Result<Value> {
+async fn inproc_max(
+    reg: &Registry,
+    ids: &[TwinId],
+    nprops: usize,
+    secs: f64,
+) -> anyhow::Result<Value> {
     const WORKERS: usize = 4;
     const BATCH: usize = 4000;
     let done = Arc::new(AtomicU64::new(0));
@@ -182,12 +208,20 @@ async fn inproc_max(reg: &Registry, ids: &[TwinId], nprops: usize, secs: f64) ->
     let p1 = proc_sample();
     let n = done.load(Ordering::Relaxed) as f64;
     let s = p1.at.duration_since(p0.at).as_secs_f64();
-    Ok(json!({"updates_per_s": (n / s).round(), "property_values_per_s": (n * nprops as f64 / s).round(),
-              "cpu_percent": cpu_percent(p0, p1).round(), "updates": n}))
+    Ok(
+        json!({"updates_per_s": (n / s).round(), "property_values_per_s": (n * nprops as f64 / s).round(),
+              "cpu_percent": cpu_percent(p0, p1).round(), "updates": n}),
+    )
 }
 
 /// Phase 2: the operator's fleet at its own rate, paced in 10 ms ticks.
-async fn fleet_paced(reg: &Registry, ids: &[TwinId], hz: f64, nprops: usize, secs: f64) -> anyhow::Result<Value> {
+async fn fleet_paced(
+    reg: &Registry,
+    ids: &[TwinId],
+    hz: f64,
+    nprops: usize,
+    secs: f64,
+) -> anyhow::Result<Value> {
     const TICK: Duration = Duration::from_millis(10);
     let rate = ids.len() as f64 * hz;
     let per_tick = rate * TICK.as_secs_f64();
@@ -227,14 +261,22 @@ async fn fleet_paced(reg: &Registry, ids: &[TwinId], hz: f64, nprops: usize, sec
     }
     let p1 = proc_sample();
     let s = p1.at.duration_since(p0.at).as_secs_f64();
-    Ok(json!({"offered_updates_per_s": rate.round(), "achieved_updates_per_s": (sent as f64 / s).round(),
+    Ok(
+        json!({"offered_updates_per_s": rate.round(), "achieved_updates_per_s": (sent as f64 / s).round(),
               "durable_latency_p50_ms": hist.value_at_quantile(0.5) as f64 / 1000.0,
               "durable_latency_p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0,
-              "cpu_percent": cpu_percent(p0, p1).round(), "rss_mb": rss_mb("VmRSS:").round()}))
+              "cpu_percent": cpu_percent(p0, p1).round(), "rss_mb": rss_mb("VmRSS:").round()}),
+    )
 }
 
 async fn serve_in_process(node: &super::serve::Node) -> anyhow::Result<String> {
-    let app = api::router(node.state.clone(), Limits { max_body_bytes: 1 << 20, max_ingest_bytes: 256 << 20 });
+    let app = api::router(
+        node.state.clone(),
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_ingest_bytes: 256 << 20,
+        },
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -262,7 +304,8 @@ async fn http_ingest(url: &str, ids: &[TwinId], nprops: usize, secs: f64) -> any
     let p0 = proc_sample();
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        let (client, bodies, done, url) = (client.clone(), bodies.clone(), done.clone(), url.to_owned());
+        let (client, bodies, done, url) =
+            (client.clone(), bodies.clone(), done.clone(), url.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut i = c;
             while Instant::now() < deadline {
@@ -291,7 +334,9 @@ async fn http_ingest(url: &str, ids: &[TwinId], nprops: usize, secs: f64) -> any
 
 /// Phase 4: open-loop PATCHes at a fixed rate; latency from send to response.
 async fn patch_latency(url: &str, ids: &[TwinId], rate: u64, secs: f64) -> anyhow::Result<Value> {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
     let total = (rate as f64 * secs) as u64;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = tokio::time::Instant::now();
@@ -316,10 +361,12 @@ async fn patch_latency(url: &str, ids: &[TwinId], rate: u64, secs: f64) -> anyho
         hist.record(r??.as_micros() as u64)?;
     }
     let achieved = total as f64 / start.elapsed().as_secs_f64();
-    Ok(json!({"rate": rate, "achieved_per_s": achieved.round(), "requests": total,
+    Ok(
+        json!({"rate": rate, "achieved_per_s": achieved.round(), "requests": total,
               "p50_ms": hist.value_at_quantile(0.5) as f64 / 1000.0,
               "p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0,
-              "max_ms": hist.max() as f64 / 1000.0}))
+              "max_ms": hist.max() as f64 / 1000.0}),
+    )
 }
 
 /// Queries/s of `q` in process, for `secs`.
@@ -341,10 +388,15 @@ async fn query_http_rate(url: &str, q: &Query, secs: f64) -> anyhow::Result<f64>
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let (client, body, done, url) = (client.clone(), body.clone(), done.clone(), url.to_owned());
+        let (client, body, done, url) =
+            (client.clone(), body.clone(), done.clone(), url.to_owned());
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
-                let r = client.post(format!("{url}/v1/query")).body(body.clone()).send().await?;
+                let r = client
+                    .post(format!("{url}/v1/query"))
+                    .body(body.clone())
+                    .send()
+                    .await?;
                 anyhow::ensure!(r.status().is_success(), "query answered {}", r.status());
                 r.bytes().await?;
                 done.fetch_add(1, Ordering::Relaxed);
@@ -359,8 +411,10 @@ async fn query_http_rate(url: &str, q: &Query, secs: f64) -> anyhow::Result<f64>
 }
 
 fn seed_query(limit: usize) -> Query {
-    serde_json::from_value(json!({"entity_type": "machine", "properties": {"status": "operational"}, "limit": limit}))
-        .expect("a valid query")
+    serde_json::from_value(
+        json!({"entity_type": "machine", "properties": {"status": "operational"}, "limit": limit}),
+    )
+    .expect("a valid query")
 }
 
 fn find_seed_bench(given: &Option<PathBuf>) -> Option<PathBuf> {
@@ -369,7 +423,12 @@ fn find_seed_bench(given: &Option<PathBuf>) -> Option<PathBuf> {
     }
     let cwd = std::env::current_dir().ok()?;
     cwd.ancestors()
-        .flat_map(|d| [d.join("shared/reference/seed_bench.py"), d.join("../shared/reference/seed_bench.py")])
+        .flat_map(|d| {
+            [
+                d.join("shared/reference/seed_bench.py"),
+                d.join("../shared/reference/seed_bench.py"),
+            ]
+        })
         .find(|p| p.exists())
 }
 
@@ -386,7 +445,10 @@ async fn seed_comparison(args: &BenchArgs) -> anyhow::Result<Value> {
     }
     let ours_updates = UPDATES as f64 / start.elapsed().as_secs_f64();
     let (ours_queries, hits) = query_rate(reg, &seed_query(TWINS), 2.0)?;
-    anyhow::ensure!(hits == TWINS, "the full-result query found {hits} of {TWINS} machines");
+    anyhow::ensure!(
+        hits == TWINS,
+        "the full-result query found {hits} of {TWINS} machines"
+    );
     let mut out = json!({"twinhost": {"updates_per_s": ours_updates.round(), "full_result_queries_per_s": ours_queries.round()}});
     if args.no_seed {
         return Ok(out);
@@ -398,29 +460,49 @@ async fn seed_comparison(args: &BenchArgs) -> anyhow::Result<Value> {
     eprintln!("  running the seed baseline {} …", script.display());
     let o = std::process::Command::new("python3")
         .arg(&script)
-        .args(["--twins", "10000", "--updates", "100000", "--subs", "1000", "--queries", "10"])
+        .args([
+            "--twins",
+            "10000",
+            "--updates",
+            "100000",
+            "--subs",
+            "1000",
+            "--queries",
+            "10",
+        ])
         .output();
     match o {
         Ok(o) if o.status.success() => {
-            let seed: Value = serde_json::from_slice(&o.stdout).context("seed_bench.py printed no JSON")?;
+            let seed: Value =
+                serde_json::from_slice(&o.stdout).context("seed_bench.py printed no JSON")?;
             let su = seed["updates_per_s"].as_f64().unwrap_or(f64::NAN);
             let sq = seed["queries_per_s"].as_f64().unwrap_or(f64::NAN);
             out["seed"] = seed;
             out["ratio_updates"] = json!(((ours_updates / su) * 10.0).round() / 10.0);
             out["ratio_full_result_queries"] = json!(((ours_queries / sq) * 10.0).round() / 10.0);
         }
-        Ok(o) => out["seed"] = json!(format!("seed_bench.py failed: {}", String::from_utf8_lossy(&o.stderr))),
+        Ok(o) => {
+            out["seed"] = json!(format!(
+                "seed_bench.py failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ))
+        }
         Err(e) => out["seed"] = json!(format!("python3 not runnable: {e}")),
     }
     Ok(out)
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.twins > 0 && args.props > 0 && args.hz > 0.0 && args.seconds > 0.0,
-        "--twins, --props, --hz and --seconds must be positive");
+    anyhow::ensure!(
+        args.twins > 0 && args.props > 0 && args.hz > 0.0 && args.seconds > 0.0,
+        "--twins, --props, --hz and --seconds must be positive"
+    );
     let want = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
     let mut report = serde_json::Map::new();
-    eprintln!("twinhost bench: {} twins × {} Hz × {} properties, {} s per phase", args.twins, args.hz, args.props, args.seconds);
+    eprintln!(
+        "twinhost bench: {} twins × {} Hz × {} properties, {} s per phase",
+        args.twins, args.hz, args.props, args.seconds
+    );
     if want("inproc") || want("fleet") {
         let f = fleet(args.twins).await?;
         if want("inproc") {
@@ -430,8 +512,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             report.insert("inproc".into(), r);
         }
         if want("fleet") {
-            eprintln!("phase: your fleet, paced at {} updates/s", args.twins as f64 * args.hz);
-            let r = fleet_paced(&f.node.registry, &f.ids, args.hz, args.props, args.seconds).await?;
+            eprintln!(
+                "phase: your fleet, paced at {} updates/s",
+                args.twins as f64 * args.hz
+            );
+            let r =
+                fleet_paced(&f.node.registry, &f.ids, args.hz, args.props, args.seconds).await?;
             eprintln!("  {r}");
             report.insert("fleet".into(), r);
         }
@@ -455,12 +541,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if want("query") {
         eprintln!("phase: queries over {} twins", args.query_twins);
         let f = fleet(args.query_twins).await?;
-        let (seed_shape, hits) = query_rate(&f.node.registry, &seed_query(100), args.seconds.min(3.0))?;
+        let (seed_shape, hits) =
+            query_rate(&f.node.registry, &seed_query(100), args.seconds.min(3.0))?;
         let hot: Query = serde_json::from_value(json!({"entity_type": "machine",
             "where": [{"property": "temperature", "op": ">", "value": 85}], "limit": 100}))?;
         let (scan, _) = query_rate(&f.node.registry, &hot, args.seconds.min(3.0))?;
         let building = f.node.registry.get(&f.ids[0])?.parent_id;
-        let by_parent: Query = serde_json::from_value(json!({"parent_id": building, "limit": 100}))?;
+        let by_parent: Query =
+            serde_json::from_value(json!({"parent_id": building, "limit": 100}))?;
         let (parent, _) = query_rate(&f.node.registry, &by_parent, args.seconds.min(3.0))?;
         let url = serve_in_process(&f.node).await?;
         let http = query_http_rate(&url, &seed_query(100), args.seconds.min(3.0)).await?;
@@ -471,13 +559,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.insert("query".into(), r);
     }
     if want("seed") {
-        eprintln!("phase: the seed's workload (10K twins, 100K updates) on twinhost and on the seed");
+        eprintln!(
+            "phase: the seed's workload (10K twins, 100K updates) on twinhost and on the seed"
+        );
         let r = seed_comparison(&args).await?;
         eprintln!("  {r}");
         report.insert("seed_comparison".into(), r);
     }
     report.insert("peak_rss_mb".into(), json!(rss_mb("VmHWM:").round()));
-    report.insert("cores".into(), json!(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)));
+    report.insert(
+        "cores".into(),
+        json!(std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)),
+    );
     println!("{}", serde_json::to_string_pretty(&Value::Object(report))?);
     Ok(())
 }

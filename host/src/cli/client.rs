@@ -64,7 +64,9 @@ pub struct Client {
 
 /// Read the token: `--token`, else `<data-dir>/admin.token`.
 pub fn resolve_token(conn: &Conn) -> Option<String> {
-    conn.token.clone().or_else(|| read_token_file(&conn.data_dir))
+    conn.token
+        .clone()
+        .or_else(|| read_token_file(&conn.data_dir))
 }
 
 pub fn read_token_file(data_dir: &Path) -> Option<String> {
@@ -83,7 +85,13 @@ impl Client {
     }
 
     /// Send a request; non-2xx becomes an error carrying the server's message.
-    pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>, ctype: &str) -> anyhow::Result<Value> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        ctype: &str,
+    ) -> anyhow::Result<Value> {
         let mut rb = self.http.request(method, format!("{}{path}", self.url));
         if let Some(t) = &self.token {
             rb = rb.bearer_auth(t);
@@ -97,7 +105,11 @@ impl Client {
             .with_context(|| format!("cannot reach {} (is `twinhost serve` running?)", self.url))?;
         let status = resp.status();
         let bytes = resp.bytes().await?;
-        let v: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        let v: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
         if !status.is_success() {
             let msg = v["error"]["message"].as_str().unwrap_or("no message");
             let hint = if status == StatusCode::UNAUTHORIZED {
@@ -105,14 +117,24 @@ impl Client {
             } else {
                 ""
             };
-            let details = if v["error"]["details"].is_null() { String::new() } else { format!("\n{:#}", v["error"]["details"]) };
+            let details = if v["error"]["details"].is_null() {
+                String::new()
+            } else {
+                format!("\n{:#}", v["error"]["details"])
+            };
             bail!("{status}: {msg}{hint}{details}");
         }
         Ok(v)
     }
 
     pub async fn json(&self, method: Method, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.call(method, path, Some(serde_json::to_vec(body)?), "application/json").await
+        self.call(
+            method,
+            path,
+            Some(serde_json::to_vec(body)?),
+            "application/json",
+        )
+        .await
     }
 }
 
@@ -134,29 +156,56 @@ fn print(v: &Value) {
 pub async fn twin(conn: Conn, cmd: TwinCmd) -> anyhow::Result<()> {
     let c = Client::new(&conn);
     let v = match cmd {
-        TwinCmd::Create { entity_type, properties, parent, id } => {
+        TwinCmd::Create {
+            entity_type,
+            properties,
+            parent,
+            id,
+        } => {
             let body = json!({"entity_type": entity_type, "properties": json_arg(&properties)?, "parent_id": parent, "id": id});
             c.json(Method::POST, "/v1/twins", &body).await?
         }
-        TwinCmd::Get { id } => c.call(Method::GET, &format!("/v1/twins/{id}"), None, "").await?,
-        TwinCmd::Patch { id, patch, if_match } => {
-            let mut rb = c.http.patch(format!("{}/v1/twins/{id}", c.url)).json(&json_arg(&patch)?);
+        TwinCmd::Get { id } => {
+            c.call(Method::GET, &format!("/v1/twins/{id}"), None, "")
+                .await?
+        }
+        TwinCmd::Patch {
+            id,
+            patch,
+            if_match,
+        } => {
+            let mut rb = c
+                .http
+                .patch(format!("{}/v1/twins/{id}", c.url))
+                .json(&json_arg(&patch)?);
             if let Some(t) = &c.token {
                 rb = rb.bearer_auth(t);
             }
             if let Some(v) = if_match {
                 rb = rb.header("if-match", format!("\"{v}\""));
             }
-            let resp = rb.send().await.with_context(|| format!("cannot reach {}", c.url))?;
+            let resp = rb
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {}", c.url))?;
             let status = resp.status();
             let v: Value = resp.json().await.unwrap_or(Value::Null);
             if !status.is_success() {
-                bail!("{status}: {}", v["error"]["message"].as_str().unwrap_or("no message"));
+                bail!(
+                    "{status}: {}",
+                    v["error"]["message"].as_str().unwrap_or("no message")
+                );
             }
             v
         }
         TwinCmd::Delete { id, cascade } => {
-            c.call(Method::DELETE, &format!("/v1/twins/{id}?cascade={cascade}"), None, "").await?;
+            c.call(
+                Method::DELETE,
+                &format!("/v1/twins/{id}?cascade={cascade}"),
+                None,
+                "",
+            )
+            .await?;
             eprintln!("deleted {id}");
             Value::Null
         }
@@ -176,9 +225,15 @@ pub async fn model(conn: Conn, cmd: ModelCmd) -> anyhow::Result<()> {
     let v = match cmd {
         ModelCmd::Put { entity_type, file } => {
             let body = json_arg(&format!("@{}", file.display()))?;
-            c.json(Method::PUT, &format!("/v1/models/{entity_type}"), &body).await?
+            c.json(Method::PUT, &format!("/v1/models/{entity_type}"), &body)
+                .await?
         }
-        ModelCmd::Get { entity_type: Some(t) } => c.call(Method::GET, &format!("/v1/models/{t}"), None, "").await?,
+        ModelCmd::Get {
+            entity_type: Some(t),
+        } => {
+            c.call(Method::GET, &format!("/v1/models/{t}"), None, "")
+                .await?
+        }
         ModelCmd::Get { entity_type: None } => c.call(Method::GET, "/v1/models", None, "").await?,
     };
     print(&v);
@@ -187,11 +242,16 @@ pub async fn model(conn: Conn, cmd: ModelCmd) -> anyhow::Result<()> {
 
 pub async fn token_create(conn: Conn, role: Role) -> anyhow::Result<()> {
     let c = Client::new(&conn);
-    let v = c.json(Method::POST, "/v1/tokens", &json!({"role": role})).await?;
+    let v = c
+        .json(Method::POST, "/v1/tokens", &json!({"role": role}))
+        .await?;
     println!("{}", v["token"].as_str().unwrap_or_default());
     eprintln!("created a {role} token; it is shown only once");
     Ok(())
 }
+
+/// One ingest request: an NDJSON body, its item count, and the file bytes it covers.
+type Chunk = (Vec<u8>, usize, u64);
 
 /// Ingest a file in batches: NDJSON streams line by line; a JSON array is split into items.
 pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<()> {
@@ -199,16 +259,23 @@ pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<(
         bail!("--batch must be at least 1");
     }
     let c = Client::new(&conn);
-    let size = std::fs::metadata(&file).with_context(|| format!("reading {}", file.display()))?.len();
+    let size = std::fs::metadata(&file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
     let mut reader = std::io::BufReader::new(std::fs::File::open(&file)?);
-    let first = reader.fill_buf()?.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let first = reader
+        .fill_buf()?
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .copied();
     // Batches of items, each an NDJSON body, with the bytes they came from (for progress).
-    let mut batches: Box<dyn Iterator<Item = anyhow::Result<(Vec<u8>, usize, u64)>>> = if first == Some(b'[') {
+    let mut batches: Box<dyn Iterator<Item = anyhow::Result<Chunk>>> = if first == Some(b'[') {
         let mut text = String::new();
         reader.read_to_string(&mut text)?;
-        let items: Vec<Box<serde_json::value::RawValue>> = serde_json::from_str(&text).context("the file is not a JSON array")?;
+        let items: Vec<Box<serde_json::value::RawValue>> =
+            serde_json::from_str(&text).context("the file is not a JSON array")?;
         let per_item = size / items.len().max(1) as u64;
-        let chunks: Vec<(Vec<u8>, usize, u64)> = items
+        let chunks: Vec<Chunk> = items
             .chunks(batch)
             .map(|ch| {
                 let mut body = Vec::new();
@@ -254,7 +321,14 @@ pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<(
     let mut rejected: Vec<Value> = Vec::new();
     for b in batches.by_ref() {
         let (body, n, bytes) = b?;
-        let v = c.call(Method::POST, "/v1/ingest", Some(body), "application/x-ndjson").await?;
+        let v = c
+            .call(
+                Method::POST,
+                "/v1/ingest",
+                Some(body),
+                "application/x-ndjson",
+            )
+            .await?;
         applied += v["applied"].as_u64().unwrap_or(0);
         for r in v["rejected"].as_array().into_iter().flatten() {
             let mut r = r.clone();
@@ -268,7 +342,11 @@ pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<(
     bar.finish();
     let secs = started.elapsed().as_secs_f64();
     for r in rejected.iter().take(20) {
-        eprintln!("item {}: {}", r["index"], r["error"]["message"].as_str().unwrap_or(""));
+        eprintln!(
+            "item {}: {}",
+            r["index"],
+            r["error"]["message"].as_str().unwrap_or("")
+        );
     }
     if rejected.len() > 20 {
         eprintln!("… and {} more rejected items", rejected.len() - 20);

@@ -21,7 +21,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7878";
 pub const DEFAULT_DATA_DIR: &str = "twinhost-data";
 
 #[derive(Parser, Debug)]
-#[command(name = "twinhost", version, about = "Digital twin host: registry, durable store, history and WebAssembly logic")]
+#[command(
+    name = "twinhost",
+    version,
+    about = "Digital twin host: registry, durable store, history and WebAssembly logic"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -85,7 +89,12 @@ pub enum TokenCmd {
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
     /// Server URL.
-    #[arg(long, env = "TWINHOST_URL", default_value = "http://127.0.0.1:7878", global = true)]
+    #[arg(
+        long,
+        env = "TWINHOST_URL",
+        default_value = "http://127.0.0.1:7878",
+        global = true
+    )]
     pub url: String,
     /// API token; by default the admin token in the data directory.
     #[arg(long, env = "TWINHOST_TOKEN", global = true, hide_env_values = true)]
@@ -98,7 +107,9 @@ pub struct Conn {
 /// Parse the command line and run it.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Serve(args) => {
             init_tracing();
@@ -120,7 +131,10 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,tower_http=info,sled=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 /// Parse a listen address with a clear error.

@@ -140,7 +140,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_age: args.history_max_age,
         max_points_per_series: args.history_max_points,
     };
-    let node = open_node(&args.data_dir, args.node_id.as_deref(), args.insecure_no_auth, retention).await?;
+    let node = open_node(
+        &args.data_dir,
+        args.node_id.as_deref(),
+        args.insecure_no_auth,
+        retention,
+    )
+    .await?;
     let history = node.state.history.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RETENTION_SWEEP_EVERY);
@@ -149,7 +155,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             tick.tick().await;
             let h = history.clone();
             match tokio::task::spawn_blocking(move || h.sweep(chrono::Utc::now())).await {
-                Ok(Ok(n)) if n > 0 => tracing::info!(chunks = n, "history retention removed old chunks"),
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::info!(chunks = n, "history retention removed old chunks")
+                }
                 Ok(Err(e)) => tracing::error!(error = %e, "history retention sweep failed"),
                 _ => {}
             }

@@ -13,7 +13,9 @@ pub enum RegistryError {
     #[error("{0}")]
     Conflict(String),
     /// 412: `If-Match` named another version.
-    #[error("version mismatch: If-Match names version {expected}, the twin is at version {current}")]
+    #[error(
+        "version mismatch: If-Match names version {expected}, the twin is at version {current}"
+    )]
     VersionMismatch { expected: u64, current: u64 },
     /// 422: properties violate the entity type's model; one reason per property.
     #[error("{} propert{} failed validation", .0.len(), if .0.len() == 1 { "y" } else { "ies" })]

@@ -33,7 +33,9 @@ pub use model::Model;
 pub use query::{Page, Query};
 
 use crate::history;
-use crate::store::{commit, keys, CommitHandle, CommitRequest, KvOp, StateSource, Store, StoreError};
+use crate::store::{
+    commit, keys, CommitHandle, CommitRequest, KvOp, StateSource, Store, StoreError,
+};
 use crate::types::{Lifecycle, Properties, Twin, TwinId};
 
 /// Capacity of the change feed. A subscriber that falls further behind than this is told it
@@ -121,7 +123,10 @@ struct Indexes {
 impl Indexes {
     fn insert(&mut self, t: &Twin) {
         self.all.insert(t.id);
-        self.by_type.entry(t.entity_type.clone()).or_default().insert(t.id);
+        self.by_type
+            .entry(t.entity_type.clone())
+            .or_default()
+            .insert(t.id);
         if let Some(p) = t.parent_id {
             self.children.entry(p).or_default().insert(t.id);
         }
@@ -419,7 +424,7 @@ impl Registry {
         items: Vec<NewTwin>,
     ) -> Result<Vec<Result<Twin, RegistryError>>, RegistryError> {
         // Validation that needs no lock happens before reserving a commit slot.
-        let checked: Vec<Result<(NewTwin, Option<Arc<Model>>), RegistryError>> = items
+        let checked: Vec<Result<NewTwin, RegistryError>> = items
             .into_iter()
             .map(|mut n| {
                 check_name("entity type", &n.entity_type)?;
@@ -429,11 +434,10 @@ impl Registry {
                         "a twin holds at most {MAX_PROPERTIES} properties"
                     )));
                 }
-                let model = self.model_for(&n.entity_type);
-                if let Some(m) = &model {
+                if let Some(m) = self.model_for(&n.entity_type) {
                     m.validate_new(&n.properties)?;
                 }
-                Ok((n, model))
+                Ok(n)
             })
             .collect();
         let node = self.inner.node_id.clone();
@@ -444,7 +448,7 @@ impl Registry {
             checked
                 .into_iter()
                 .map(|c| {
-                    let (n, _) = c?;
+                    let n = c?;
                     let id = n.id.unwrap_or_else(TwinId::new_v7);
                     if idx.all.contains(&id) {
                         return Err(RegistryError::Conflict(format!("twin {id} already exists")));
@@ -467,10 +471,20 @@ impl Registry {
                         updated_at: now,
                     };
                     idx.insert(&twin);
-                    history::points_for(&id, &twin.properties, now.timestamp_micros(), &mut req.points);
+                    history::points_for(
+                        &id,
+                        &twin.properties,
+                        now.timestamp_micros(),
+                        &mut req.points,
+                    );
                     req.twins.push(id);
                     if wants {
-                        changes.push(change(ChangeKind::Created, &twin, twin.properties.clone(), now));
+                        changes.push(change(
+                            ChangeKind::Created,
+                            &twin,
+                            twin.properties.clone(),
+                            now,
+                        ));
                     }
                     self.inner.twins.0.insert(id, twin.clone());
                     Ok(twin)
@@ -593,7 +607,8 @@ impl Registry {
                     }
                 }
                 req.twins.push(*d);
-                req.kv.push(KvOp::DeletePrefix(keys::history_twin_prefix(d)));
+                req.kv
+                    .push(KvOp::DeletePrefix(keys::history_twin_prefix(d)));
                 req.kv.push(KvOp::DeletePrefix(keys::rel_prefix(d)));
             }
             // Relationships pointing into the deleted set.
@@ -688,7 +703,11 @@ impl Registry {
                 "relationship properties must be a JSON object".into(),
             ));
         }
-        let props = if props.is_null() { Value::Object(Default::default()) } else { props };
+        let props = if props.is_null() {
+            Value::Object(Default::default())
+        } else {
+            props
+        };
         let bytes = serde_json::to_vec(&props).expect("json serializes");
         self.write(|req, _| {
             // The index lock keeps both ends alive while the relationship is recorded.
@@ -698,7 +717,8 @@ impl Registry {
                     return Err(RegistryError::twin_not_found(end));
                 }
             }
-            req.kv.push(KvOp::Put(keys::rel(&src, &target, name), bytes));
+            req.kv
+                .push(KvOp::Put(keys::rel(&src, &target, name), bytes));
             let mut rels = self.inner.rels.write();
             Ok(rels
                 .entry(src)

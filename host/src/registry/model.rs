@@ -104,7 +104,10 @@ impl Model {
             if (spec.min.is_some() || spec.max.is_some())
                 && !matches!(spec.ty, PropType::Number | PropType::Integer)
             {
-                bad.insert(name.clone(), "min/max apply only to number or integer".into());
+                bad.insert(
+                    name.clone(),
+                    "min/max apply only to number or integer".into(),
+                );
             }
             if let Some(vals) = &spec.allowed {
                 if vals.is_empty() {
@@ -282,7 +285,9 @@ mod tests {
         let err = machine()
             .validate_new(&props(json!({"temperature": 900, "extra": 1})))
             .unwrap_err();
-        let RegistryError::Validation(d) = err else { panic!("{err:?}") };
+        let RegistryError::Validation(d) = err else {
+            panic!("{err:?}")
+        };
         assert_eq!(d.len(), 3, "{d:?}");
         assert!(d["temperature"].contains("above the maximum"));
         assert!(d["status"].contains("missing"));
@@ -292,7 +297,9 @@ mod tests {
     #[test]
     fn patch_cannot_remove_required_or_break_enum() {
         let m = machine();
-        assert!(m.validate_patch(&props(json!({"temperature": 70.5}))).is_ok());
+        assert!(m
+            .validate_patch(&props(json!({"temperature": 70.5})))
+            .is_ok());
         let RegistryError::Validation(d) = m
             .validate_patch(&props(json!({"status": null, "temperature": "hot"})))
             .unwrap_err()
@@ -301,7 +308,9 @@ mod tests {
         };
         assert!(d["status"].contains("cannot be removed"));
         assert!(d["temperature"].contains("expected number, got string"));
-        assert!(m.validate_patch(&props(json!({"status": "broken"}))).is_err());
+        assert!(m
+            .validate_patch(&props(json!({"status": "broken"})))
+            .is_err());
     }
 
     #[test]
@@ -311,7 +320,9 @@ mod tests {
             "conflict": {"strategy": "merge"}
         }))
         .unwrap();
-        let RegistryError::Validation(d) = m.check().unwrap_err() else { panic!() };
+        let RegistryError::Validation(d) = m.check().unwrap_err() else {
+            panic!()
+        };
         assert_eq!(d.len(), 3, "{d:?}");
     }
 }

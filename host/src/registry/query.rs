@@ -91,7 +91,10 @@ impl Query {
                 return Err(format!("`in` on {} needs an array value", c.property));
             }
             if c.op == Op::Exists && !(c.value.is_null() || c.value.is_boolean()) {
-                return Err(format!("`exists` on {} takes true, false or nothing", c.property));
+                return Err(format!(
+                    "`exists` on {} takes true, false or nothing",
+                    c.property
+                ));
             }
         }
         let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
@@ -229,7 +232,10 @@ mod tests {
     #[test]
     fn seed_shape_is_equality() {
         let t = twin(json!({"status": "operational"}));
-        assert!(q(json!({"entity_type": "machine", "properties": {"status": "operational"}})).matches(&t));
+        assert!(
+            q(json!({"entity_type": "machine", "properties": {"status": "operational"}}))
+                .matches(&t)
+        );
         assert!(!q(json!({"entity_type": "building"})).matches(&t));
         assert!(!q(json!({"properties": {"status": "fault"}})).matches(&t));
     }
@@ -238,7 +244,14 @@ mod tests {
     fn bad_shapes_are_refused() {
         assert!(q(json!({"limit": 0})).check().is_err());
         assert!(q(json!({"cursor": "nope"})).check().is_err());
-        assert!(q(json!({"where": [{"property": "a", "op": "in", "value": 3}]})).check().is_err());
-        assert!(serde_json::from_value::<Query>(json!({"where": [{"property": "a", "op": "~"}]})).is_err());
+        assert!(
+            q(json!({"where": [{"property": "a", "op": "in", "value": 3}]}))
+                .check()
+                .is_err()
+        );
+        assert!(
+            serde_json::from_value::<Query>(json!({"where": [{"property": "a", "op": "~"}]}))
+                .is_err()
+        );
     }
 }

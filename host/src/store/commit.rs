@@ -179,7 +179,9 @@ fn writer(
         let started = Instant::now();
         let result = commit_once(&db, source.as_ref(), &mut reqs, seq, &stats);
         stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats.requests.fetch_add(reqs.len() as u64, Ordering::Relaxed);
+        stats
+            .requests
+            .fetch_add(reqs.len() as u64, Ordering::Relaxed);
         stats
             .commit_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -215,7 +217,10 @@ fn commit_once(
         dirty.extend(r.twins.drain(..));
         for p in r.points.drain(..) {
             npoints += 1;
-            series.entry(p.series).or_default().push((p.ts_micros, p.value));
+            series
+                .entry(p.series)
+                .or_default()
+                .push((p.ts_micros, p.value));
         }
     }
     // Prefix deletions first (they may remove a twin's old history), then puts.
@@ -258,7 +263,9 @@ fn commit_once(
     }
     db.apply_batch(batch)?;
     db.flush()?;
-    stats.twin_writes.fetch_add(dirty.len() as u64, Ordering::Relaxed);
+    stats
+        .twin_writes
+        .fetch_add(dirty.len() as u64, Ordering::Relaxed);
     stats.points.fetch_add(npoints, Ordering::Relaxed);
     Ok(())
 }

@@ -116,6 +116,9 @@ mod tests {
     #[test]
     fn rel_keys_round_trip() {
         let (a, b) = (TwinId::new_v7(), TwinId::new_v7());
-        assert_eq!(parse_rel(&rel(&a, &b, "feeds")), Some((a, b, "feeds".into())));
+        assert_eq!(
+            parse_rel(&rel(&a, &b, "feeds")),
+            Some((a, b, "feeds".into()))
+        );
     }
 }

@@ -50,14 +50,12 @@ impl Store {
             .open()?;
         match db.get(keys::META_FORMAT_VERSION)? {
             Some(v) => {
-                let found = v
-                    .as_ref()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| StoreError::Corrupt {
+                let found = v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
+                    StoreError::Corrupt {
                         key: "format_version".into(),
                         reason: "not 8 bytes".into(),
-                    })?;
+                    }
+                })?;
                 if found != keys::FORMAT_VERSION {
                     return Err(StoreError::FormatVersion {
                         found,
@@ -66,7 +64,10 @@ impl Store {
                 }
             }
             None => {
-                db.insert(keys::META_FORMAT_VERSION, &keys::FORMAT_VERSION.to_be_bytes())?;
+                db.insert(
+                    keys::META_FORMAT_VERSION,
+                    &keys::FORMAT_VERSION.to_be_bytes(),
+                )?;
                 db.flush()?;
             }
         }
@@ -100,7 +101,10 @@ impl Store {
 
     /// Remove keys directly, outside the commit queue. Only for maintenance of data that is not
     /// twin state (history retention), where losing the removal in a crash is harmless.
-    pub fn remove_keys<I: IntoIterator<Item = sled::IVec>>(&self, keys: I) -> Result<(), StoreError> {
+    pub fn remove_keys<I: IntoIterator<Item = sled::IVec>>(
+        &self,
+        keys: I,
+    ) -> Result<(), StoreError> {
         let mut b = sled::Batch::default();
         for k in keys {
             b.remove(k);
