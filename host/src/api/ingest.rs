@@ -117,7 +117,7 @@ pub async fn ingest(
         parse(&body, ndjson)?
     };
     let (index, updates): (Vec<usize>, Vec<Update>) = items.into_iter().unzip();
-    let outcome = s.registry.apply_batch(&updates).await?;
+    let outcome = s.registry.apply_batch(updates).await?;
     rejected.extend(outcome.rejected.into_iter().map(|(i, e)| Rejected {
         index: index[i],
         error: ApiError::from(e).body()["error"].clone(),

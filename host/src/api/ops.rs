@@ -65,7 +65,8 @@ pub async fn metrics_prometheus(State(s): State<AppState>) -> impl IntoResponse 
 pub async fn metrics_json(State(s): State<AppState>) -> axum::Json<Value> {
     let c = s.registry.commit_stats();
     let commits = c.commits.load(Ordering::Relaxed);
-    let requests = c.requests.load(Ordering::Relaxed);
+    let requests = c.jobs.load(Ordering::Relaxed);
+    let checkpoints = c.checkpoints.load(Ordering::Relaxed);
     let micros = c.commit_micros.load(Ordering::Relaxed);
     let per = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     axum::Json(json!({
@@ -78,9 +79,12 @@ pub async fn metrics_json(State(s): State<AppState>) -> axum::Json<Value> {
         "queue_depth": s.registry.queue_depth(),
         "active_subscriptions": s.registry.subscriber_count(),
         "commits": commits,
-        "commit_requests": requests,
-        "avg_requests_per_commit": per(requests, commits),
+        "commit_jobs": requests,
+        "avg_jobs_per_commit": per(requests, commits),
         "avg_commit_ms": per(micros, commits) / 1000.0,
+        "log_bytes": c.log_bytes.load(Ordering::Relaxed),
+        "checkpoints": checkpoints,
+        "avg_checkpoint_ms": per(c.checkpoint_micros.load(Ordering::Relaxed), checkpoints) / 1000.0,
         "twin_writes": c.twin_writes.load(Ordering::Relaxed),
         "history_points_written": c.points.load(Ordering::Relaxed),
         "store_bytes": s.store.size_on_disk(),

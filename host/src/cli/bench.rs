@@ -105,7 +105,14 @@ struct Fleet {
 
 async fn fleet(twins: usize) -> anyhow::Result<Fleet> {
     let dir = tempfile::tempdir()?;
-    let node = open_node(dir.path(), Some("bench"), true, Retention::default()).await?;
+    let node = open_node(
+        dir.path(),
+        Some("bench"),
+        true,
+        Retention::default(),
+        crate::store::commit::CHECKPOINT_EVERY,
+    )
+    .await?;
     let building = node
         .registry
         .create(NewTwin {
@@ -183,8 +190,10 @@ async fn inproc_max(
     nprops: usize,
     secs: f64,
 ) -> anyhow::Result<Value> {
-    const WORKERS: usize = 4;
-    const BATCH: usize = 4000;
+    // Enough producers in flight that the writer always has the next batch ready while the
+    // previous one is being fsynced.
+    const WORKERS: usize = 8;
+    const BATCH: usize = 2000;
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let p0 = proc_sample();
@@ -196,7 +205,7 @@ async fn inproc_max(
             while Instant::now() < deadline {
                 let batch: Vec<Update> = (0..BATCH).map(|i| update(&ids, k + i, nprops)).collect();
                 k += BATCH;
-                let out = reg.apply_batch(&batch).await?;
+                let out = reg.apply_batch(batch).await?;
                 done.fetch_add(out.applied as u64, Ordering::Relaxed);
             }
             anyhow::Ok(())
@@ -245,7 +254,7 @@ async fn fleet_paced(
         sent += n as u64;
         let reg = reg.clone();
         inflight.spawn(async move {
-            let r = reg.apply_batch(&batch).await;
+            let r = reg.apply_batch(batch).await;
             (r, scheduled.elapsed())
         });
         while let Some(done) = inflight.try_join_next() {
@@ -441,7 +450,7 @@ async fn seed_comparison(args: &BenchArgs) -> anyhow::Result<Value> {
     let start = Instant::now();
     for chunk in (0..UPDATES).collect::<Vec<_>>().chunks(5000) {
         let batch: Vec<Update> = chunk.iter().map(|k| update(&f.ids, *k, 2)).collect();
-        reg.apply_batch(&batch).await?;
+        reg.apply_batch(batch).await?;
     }
     let ours_updates = UPDATES as f64 / start.elapsed().as_secs_f64();
     let (ours_queries, hits) = query_rate(reg, &seed_query(TWINS), 2.0)?;

@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// Drop history older than this (e.g. `7d`, `12h`).
     #[arg(long, env = "TWINHOST_HISTORY_MAX_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
     pub history_max_age: Duration,
+    /// Fold the write-ahead log into the store this often (bounds replay time after a crash).
+    #[arg(long, env = "TWINHOST_CHECKPOINT_EVERY", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub checkpoint_every: Duration,
     /// Keep at most this many points per property series.
     #[arg(long, env = "TWINHOST_HISTORY_MAX_POINTS", default_value_t = 100_000)]
     pub history_max_points: u64,
@@ -74,15 +77,18 @@ pub async fn open_node(
     node_id: Option<&str>,
     insecure: bool,
     retention: Retention,
+    checkpoint_every: Duration,
 ) -> anyhow::Result<Node> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-    let store = Store::open(data_dir).with_context(|| {
-        format!(
-            "opening the store in {} (is another twinhost using it?)",
-            data_dir.display()
-        )
-    })?;
+    let store = Store::open(data_dir)
+        .with_context(|| {
+            format!(
+                "opening the store in {} (is another twinhost using it?)",
+                data_dir.display()
+            )
+        })?
+        .with_checkpoint_every(checkpoint_every);
     let node_id = resolve_node_id(&store, node_id)?;
     let registry = Registry::open(&store, &node_id)?;
     let repaired = registry.repair().await?;
@@ -145,6 +151,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.node_id.as_deref(),
         args.insecure_no_auth,
         retention,
+        args.checkpoint_every,
     )
     .await?;
     let history = node.state.history.clone();

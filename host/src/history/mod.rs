@@ -1,10 +1,10 @@
 //! Time-series history of numeric twin properties.
 //!
-//! Owns: the encoding of samples into history chunks (one packed chunk per series per group
-//! commit, keyed by series then time), range reads with optional bucketing, and retention.
-//! Exposes: [`points_for`] (used by the registry's write path to attach samples to a commit),
-//! [`History`] (reads and the retention sweep). Must never: write twin state or enqueue writes
-//! of its own outside the registry's commit requests.
+//! Owns: reading history — sled's chunks (one packed chunk per series per checkpoint, keyed
+//! by series then time, written by the store's checkpoint thread) merged with the samples not
+//! yet checkpointed — with optional bucketing, and the retention sweep.
+//! Exposes: [`History`]. Must never: write twin state; samples are recorded by the registry's
+//! write path alongside the change they come from.
 
 use std::time::Duration;
 
@@ -12,8 +12,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::store::{keys, Point, Store, StoreError};
-use crate::types::{Properties, TwinId};
+use crate::store::{keys, Store, StoreError};
+use crate::types::TwinId;
 
 /// Retention of history: a bound on age and on points per series, so it cannot grow without
 /// limit. Enforced by [`History::sweep`], which `serve` runs periodically.
@@ -34,19 +34,6 @@ impl Default for Retention {
 
 /// Most points one history read returns (raw points; buckets are bounded by the same number).
 pub const MAX_POINTS_PER_READ: usize = 100_000;
-
-/// Append one sample per numeric property in `props` to `out`.
-pub fn points_for(id: &TwinId, props: &Properties, ts_micros: i64, out: &mut Vec<Point>) {
-    for (name, v) in props {
-        if let Some(value) = v.as_f64() {
-            out.push(Point {
-                series: keys::history_series(id, name),
-                ts_micros,
-                value,
-            });
-        }
-    }
-}
 
 /// One stored sample.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, ToSchema)]
@@ -106,7 +93,10 @@ impl History {
         let lo = from.map(|t| t.timestamp_micros()).unwrap_or(i64::MIN);
         let hi = to.map(|t| t.timestamp_micros()).unwrap_or(i64::MAX);
         let prefix = keys::history_series(id, property);
-        let mut out: Vec<(i64, f64)> = Vec::new();
+        // Samples still waiting for a checkpoint, read before sled: a checkpoint finishing
+        // between the two reads then shows a sample twice (merged below), never not at all.
+        let mut out: Vec<(i64, f64)> = self.store.pending_history().lock().samples(*id, property);
+        out.retain(|(t, _)| *t >= lo && *t <= hi);
         // Chunks are keyed by their first sample, so a chunk that starts after `hi` holds
         // nothing in range; earlier chunks may still reach into it.
         let mut end = prefix.clone();
@@ -115,7 +105,8 @@ impl History {
             let (_, v) = kv?;
             out.extend(decode_chunk(&v).filter(|(t, _)| *t >= lo && *t <= hi));
         }
-        out.sort_by_key(|p| p.0);
+        out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        out.dedup();
         out.truncate(MAX_POINTS_PER_READ);
         Ok(out
             .into_iter()

@@ -15,6 +15,7 @@
 mod error;
 pub mod model;
 pub mod query;
+mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
@@ -32,10 +33,7 @@ pub use error::RegistryError;
 pub use model::Model;
 pub use query::{Page, Query};
 
-use crate::history;
-use crate::store::{
-    commit, keys, CommitHandle, CommitRequest, KvOp, StateSource, Store, StoreError,
-};
+use crate::store::{keys, CommitHandle, StateSource, Store, StoreError};
 use crate::types::{Lifecycle, Properties, Twin, TwinId};
 
 /// Capacity of the change feed. A subscriber that falls further behind than this is told it
@@ -167,7 +165,8 @@ impl Indexes {
     }
 }
 
-struct TwinMap(DashMap<TwinId, Twin>);
+/// Twins by id. Fx hashing: ids are UUIDs (uniform enough) and this map is on every update.
+struct TwinMap(DashMap<TwinId, Twin, rustc_hash::FxBuildHasher>);
 
 impl StateSource for TwinMap {
     fn twin_bytes(&self, id: &TwinId) -> Option<Vec<u8>> {
@@ -220,7 +219,10 @@ impl Registry {
     /// Load every twin, model and relationship from the store, rebuild the indexes and start
     /// the group-commit writer.
     pub fn open(store: &Store, node_id: &str) -> Result<Self, RegistryError> {
-        let twins = Arc::new(TwinMap(DashMap::new()));
+        // Raw key/value entries of the log tail land in sled first, so models and
+        // relationships load complete; twin entries are replayed into memory below.
+        let (entries, last_segment) = store.recover()?;
+        let twins = Arc::new(TwinMap(DashMap::with_hasher(rustc_hash::FxBuildHasher)));
         let mut index = Indexes::default();
         for kv in store.scan_prefix(&[keys::TWIN]) {
             let (k, v) = kv?;
@@ -241,8 +243,13 @@ impl Registry {
             let props: Value = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
             rels.entry(src).or_default().insert((name, dst), props);
         }
+        let replayed = (!entries.is_empty()).then(|| {
+            let mut batch = crate::store::Batch::new();
+            write::replay(&twins, &mut index, node_id, entries, &mut batch);
+            batch
+        });
         let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
-        let commit = store.start_committer(twins.clone());
+        let commit = store.start_committer(twins.clone(), last_segment, replayed)?;
         let reg = Registry {
             inner: Arc::new(Inner {
                 node_id: node_id.to_owned(),
@@ -311,27 +318,7 @@ impl Registry {
 
     /// Stop the writer after it has drained and flushed.
     pub fn shutdown(&self) {
-        self.inner.commit.clone().shutdown();
-    }
-
-    /// Run `f` with a reserved commit slot; wait until its writes are durable; publish its
-    /// changes. `f` must not fail after changing memory.
-    async fn write<T>(
-        &self,
-        f: impl FnOnce(&mut CommitRequest, &mut Vec<Change>) -> T,
-    ) -> Result<T, RegistryError> {
-        let slot = self.inner.commit.reserve().await?;
-        let mut req = CommitRequest::default();
-        let mut changes = Vec::new();
-        let out = f(&mut req, &mut changes);
-        let rx = slot.send(req);
-        commit::wait(rx).await?;
-        if self.inner.changes.receiver_count() > 0 {
-            for c in changes {
-                let _ = self.inner.changes.send(Arc::new(c));
-            }
-        }
-        Ok(out)
+        self.inner.commit.shutdown();
     }
 
     fn wants_changes(&self) -> bool {
@@ -355,23 +342,6 @@ impl Registry {
 
     // ---- models -------------------------------------------------------------------------
 
-    /// Create or replace the model of an entity type. Returns true when it is new.
-    pub async fn put_model(&self, entity_type: &str, model: Model) -> Result<bool, RegistryError> {
-        check_name("entity type", entity_type)?;
-        model.check()?;
-        let bytes = serde_json::to_vec(&model).expect("models serialize");
-        let model = Arc::new(model);
-        self.write(|req, _| {
-            req.kv.push(KvOp::Put(keys::model(entity_type), bytes));
-            self.inner
-                .models
-                .write()
-                .insert(entity_type.to_owned(), model)
-                .is_none()
-        })
-        .await
-    }
-
     pub fn model(&self, entity_type: &str) -> Result<Arc<Model>, RegistryError> {
         self.inner
             .models
@@ -390,15 +360,6 @@ impl Registry {
             .collect()
     }
 
-    pub async fn delete_model(&self, entity_type: &str) -> Result<(), RegistryError> {
-        self.model(entity_type)?;
-        self.write(|req, _| {
-            req.kv.push(KvOp::Delete(keys::model(entity_type)));
-            self.inner.models.write().remove(entity_type);
-        })
-        .await
-    }
-
     // ---- twins --------------------------------------------------------------------------
 
     pub fn get(&self, id: &TwinId) -> Result<Twin, RegistryError> {
@@ -409,258 +370,6 @@ impl Registry {
             .get(id)
             .map(|t| t.clone())
             .ok_or_else(|| RegistryError::twin_not_found(id))?;
-        Ok(self.with_children(t))
-    }
-
-    /// Create one twin.
-    pub async fn create(&self, new: NewTwin) -> Result<Twin, RegistryError> {
-        let mut r = self.create_many(vec![new]).await?;
-        r.pop().expect("one result per input")
-    }
-
-    /// Create several twins with one durable commit; each succeeds or fails on its own.
-    pub async fn create_many(
-        &self,
-        items: Vec<NewTwin>,
-    ) -> Result<Vec<Result<Twin, RegistryError>>, RegistryError> {
-        // Validation that needs no lock happens before reserving a commit slot.
-        let checked: Vec<Result<NewTwin, RegistryError>> = items
-            .into_iter()
-            .map(|mut n| {
-                check_name("entity type", &n.entity_type)?;
-                n.properties.retain(|_, v| !v.is_null());
-                if n.properties.len() > MAX_PROPERTIES {
-                    return Err(RegistryError::BadRequest(format!(
-                        "a twin holds at most {MAX_PROPERTIES} properties"
-                    )));
-                }
-                if let Some(m) = self.model_for(&n.entity_type) {
-                    m.validate_new(&n.properties)?;
-                }
-                Ok(n)
-            })
-            .collect();
-        let node = self.inner.node_id.clone();
-        let wants = self.wants_changes();
-        self.write(|req, changes| {
-            let now = Utc::now();
-            let mut idx = self.inner.index.write();
-            checked
-                .into_iter()
-                .map(|c| {
-                    let n = c?;
-                    let id = n.id.unwrap_or_else(TwinId::new_v7);
-                    if idx.all.contains(&id) {
-                        return Err(RegistryError::Conflict(format!("twin {id} already exists")));
-                    }
-                    if let Some(p) = n.parent_id {
-                        if !idx.all.contains(&p) {
-                            return Err(RegistryError::NotFound(format!("parent twin {p}")));
-                        }
-                    }
-                    let twin = Twin {
-                        id,
-                        entity_type: n.entity_type,
-                        properties: n.properties,
-                        version: 1,
-                        vclock: BTreeMap::from([(node.clone(), 1)]),
-                        parent_id: n.parent_id,
-                        children_ids: BTreeSet::new(),
-                        lifecycle: Lifecycle::Active,
-                        created_at: now,
-                        updated_at: now,
-                    };
-                    idx.insert(&twin);
-                    history::points_for(
-                        &id,
-                        &twin.properties,
-                        now.timestamp_micros(),
-                        &mut req.points,
-                    );
-                    req.twins.push(id);
-                    if wants {
-                        changes.push(change(
-                            ChangeKind::Created,
-                            &twin,
-                            twin.properties.clone(),
-                            now,
-                        ));
-                    }
-                    self.inner.twins.0.insert(id, twin.clone());
-                    Ok(twin)
-                })
-                .collect()
-        })
-        .await
-    }
-
-    /// Apply one merge patch and return the updated twin.
-    pub async fn patch(&self, update: Update) -> Result<Twin, RegistryError> {
-        check_patch(&update.patch)?;
-        let t = self
-            .write(|req, changes| self.apply_one(&update, Utc::now(), req, changes, true))
-            .await??;
-        Ok(self.with_children(t.expect("asked for the twin")))
-    }
-
-    /// Apply many updates with one durable commit. Rejected items do not stop the rest.
-    pub async fn apply_batch(&self, updates: &[Update]) -> Result<BatchOutcome, RegistryError> {
-        self.write(|req, changes| {
-            let now = Utc::now();
-            let mut out = BatchOutcome::default();
-            for (i, u) in updates.iter().enumerate() {
-                match check_patch(&u.patch)
-                    .and_then(|()| self.apply_one(u, now, req, changes, false))
-                {
-                    Ok(_) => out.applied += 1,
-                    Err(e) => out.rejected.push((i, e)),
-                }
-            }
-            metrics::counter!("twinhost_updates_total").increment(out.applied as u64);
-            out
-        })
-        .await
-    }
-
-    /// The in-memory half of an update, under the twin's shard lock.
-    fn apply_one(
-        &self,
-        u: &Update,
-        now: DateTime<Utc>,
-        req: &mut CommitRequest,
-        changes: &mut Vec<Change>,
-        want_twin: bool,
-    ) -> Result<Option<Twin>, RegistryError> {
-        let mut t = self
-            .inner
-            .twins
-            .0
-            .get_mut(&u.twin_id)
-            .ok_or_else(|| RegistryError::twin_not_found(u.twin_id))?;
-        if t.lifecycle == Lifecycle::Retired {
-            return Err(RegistryError::Conflict(format!(
-                "twin {} is retired and refuses updates",
-                u.twin_id
-            )));
-        }
-        if let Some(expected) = u.if_match {
-            if expected != t.version {
-                return Err(RegistryError::VersionMismatch {
-                    expected,
-                    current: t.version,
-                });
-            }
-        }
-        if let Some(m) = self.model_for(&t.entity_type) {
-            m.validate_patch(&u.patch)?;
-        }
-        let added = u
-            .patch
-            .iter()
-            .filter(|(k, v)| !v.is_null() && !t.properties.contains_key(*k))
-            .count();
-        if t.properties.len() + added > MAX_PROPERTIES {
-            return Err(RegistryError::BadRequest(format!(
-                "a twin holds at most {MAX_PROPERTIES} properties"
-            )));
-        }
-        for (k, v) in &u.patch {
-            if v.is_null() {
-                t.properties.remove(k);
-            } else {
-                json_patch::merge(t.properties.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-        t.version += 1;
-        bump(&mut t.vclock, &self.inner.node_id);
-        t.updated_at = now;
-        let ts = u.ts.unwrap_or(now);
-        history::points_for(&u.twin_id, &u.patch, ts.timestamp_micros(), &mut req.points);
-        req.twins.push(u.twin_id);
-        if self.wants_changes() {
-            changes.push(change(ChangeKind::Updated, &t, u.patch.clone(), ts));
-        }
-        Ok(want_twin.then(|| t.clone()))
-    }
-
-    /// Delete a twin; with `cascade`, its whole subtree. Returns how many twins were removed.
-    pub async fn delete(&self, id: TwinId, cascade: bool) -> Result<usize, RegistryError> {
-        self.write(|req, changes| {
-            let now = Utc::now();
-            let mut idx = self.inner.index.write();
-            if !idx.all.contains(&id) {
-                return Err(RegistryError::twin_not_found(id));
-            }
-            let below = idx.descendants(id);
-            if !below.is_empty() && !cascade {
-                return Err(RegistryError::Conflict(format!(
-                    "twin {id} has {} descendant(s); delete them first or use ?cascade=true",
-                    below.len()
-                )));
-            }
-            let doomed: BTreeSet<TwinId> = below.into_iter().chain([id]).collect();
-            for d in &doomed {
-                if let Some((_, t)) = self.inner.twins.0.remove(d) {
-                    idx.remove(&t);
-                    if self.wants_changes() {
-                        changes.push(change(ChangeKind::Deleted, &t, Properties::new(), now));
-                    }
-                }
-                req.twins.push(*d);
-                req.kv
-                    .push(KvOp::DeletePrefix(keys::history_twin_prefix(d)));
-                req.kv.push(KvOp::DeletePrefix(keys::rel_prefix(d)));
-            }
-            // Relationships pointing into the deleted set.
-            let mut rels = self.inner.rels.write();
-            for d in &doomed {
-                rels.remove(d);
-            }
-            for (src, m) in rels.iter_mut() {
-                m.retain(|(name, dst), _| {
-                    let keep = !doomed.contains(dst);
-                    if !keep {
-                        req.kv.push(KvOp::Delete(keys::rel(src, dst, name)));
-                    }
-                    keep
-                });
-            }
-            rels.retain(|_, m| !m.is_empty());
-            Ok(doomed.len())
-        })
-        .await?
-    }
-
-    /// Change the lifecycle state. `retired` is final.
-    pub async fn set_lifecycle(&self, id: TwinId, state: Lifecycle) -> Result<Twin, RegistryError> {
-        let t = self
-            .write(|req, changes| {
-                let mut t = self
-                    .inner
-                    .twins
-                    .0
-                    .get_mut(&id)
-                    .ok_or_else(|| RegistryError::twin_not_found(id))?;
-                if t.lifecycle == state {
-                    return Ok(t.clone());
-                }
-                if t.lifecycle == Lifecycle::Retired {
-                    return Err(RegistryError::Conflict(format!(
-                        "twin {id} is retired; retirement is final"
-                    )));
-                }
-                let now = Utc::now();
-                t.lifecycle = state;
-                t.version += 1;
-                bump(&mut t.vclock, &self.inner.node_id);
-                t.updated_at = now;
-                req.twins.push(id);
-                if self.wants_changes() {
-                    changes.push(change(ChangeKind::Lifecycle, &t, Properties::new(), now));
-                }
-                Ok(t.clone())
-            })
-            .await??;
         Ok(self.with_children(t))
     }
 
@@ -690,45 +399,6 @@ impl Registry {
 
     // ---- relationships ------------------------------------------------------------------
 
-    pub async fn put_relationship(
-        &self,
-        src: TwinId,
-        name: &str,
-        target: TwinId,
-        props: Value,
-    ) -> Result<bool, RegistryError> {
-        check_name("relationship name", name)?;
-        if !(props.is_object() || props.is_null()) {
-            return Err(RegistryError::BadRequest(
-                "relationship properties must be a JSON object".into(),
-            ));
-        }
-        let props = if props.is_null() {
-            Value::Object(Default::default())
-        } else {
-            props
-        };
-        let bytes = serde_json::to_vec(&props).expect("json serializes");
-        self.write(|req, _| {
-            // The index lock keeps both ends alive while the relationship is recorded.
-            let idx = self.inner.index.read();
-            for end in [src, target] {
-                if !idx.all.contains(&end) {
-                    return Err(RegistryError::twin_not_found(end));
-                }
-            }
-            req.kv
-                .push(KvOp::Put(keys::rel(&src, &target, name), bytes));
-            let mut rels = self.inner.rels.write();
-            Ok(rels
-                .entry(src)
-                .or_default()
-                .insert((name.to_owned(), target), props)
-                .is_none())
-        })
-        .await?
-    }
-
     pub fn relationships(&self, src: &TwinId) -> Result<Vec<Relationship>, RegistryError> {
         self.get(src)?;
         Ok(self
@@ -746,29 +416,6 @@ impl Registry {
                     .collect()
             })
             .unwrap_or_default())
-    }
-
-    pub async fn delete_relationship(
-        &self,
-        src: TwinId,
-        name: &str,
-        target: TwinId,
-    ) -> Result<(), RegistryError> {
-        self.write(|req, _| {
-            let mut rels = self.inner.rels.write();
-            let removed = rels
-                .get_mut(&src)
-                .and_then(|m| m.remove(&(name.to_owned(), target)));
-            if removed.is_none() {
-                return Err(RegistryError::NotFound(format!(
-                    "relationship {name:?} from {src} to {target}"
-                )));
-            }
-            rels.retain(|_, m| !m.is_empty());
-            req.kv.push(KvOp::Delete(keys::rel(&src, &target, name)));
-            Ok(())
-        })
-        .await?
     }
 
     // ---- queries ------------------------------------------------------------------------
@@ -836,35 +483,4 @@ impl Registry {
         }
         false
     }
-}
-
-fn bump(vclock: &mut crate::types::VClock, node: &str) {
-    match vclock.get_mut(node) {
-        Some(n) => *n += 1,
-        None => {
-            vclock.insert(node.to_owned(), 1);
-        }
-    }
-}
-
-fn change(kind: ChangeKind, t: &Twin, changed: Properties, ts: DateTime<Utc>) -> Change {
-    Change {
-        kind,
-        twin_id: t.id,
-        entity_type: t.entity_type.clone(),
-        parent_id: t.parent_id,
-        version: t.version,
-        changed,
-        lifecycle: t.lifecycle,
-        ts,
-    }
-}
-
-fn check_patch(patch: &Properties) -> Result<(), RegistryError> {
-    if patch.len() > MAX_PROPERTIES {
-        return Err(RegistryError::BadRequest(format!(
-            "a patch names at most {MAX_PROPERTIES} properties"
-        )));
-    }
-    Ok(())
 }

@@ -1,271 +1,591 @@
-//! Group commit: the one writer.
+//! Group commit and checkpoints: the one writer.
 //!
-//! Producers (the registry's write path, auth, models) reserve a slot in a bounded queue,
-//! make their in-memory change, then enqueue a [`CommitRequest`]. The writer thread takes
-//! everything queued (up to [`MAX_REQUESTS_PER_COMMIT`]), turns it into one atomic sled batch,
-//! flushes (fsync) and only then acknowledges every request in it.
+//! Producers send *jobs* (closures from the registry's write path) to one writer thread over a
+//! bounded queue. The writer runs every queued job in order — so memory changes and the log
+//! agree on one total order — and each job appends its entries to the commit's
+//! write-ahead-log frame. The frame is appended and fsynced once for everything queued, and
+//! only then is each job told it is durable. A 2xx therefore survives `kill -9`.
 //!
-//! Twins are written by *state*, not by delta: a request names the twins it dirtied and the
-//! writer asks the [`StateSource`] for their current bytes at commit time. Many updates to one
-//! twin in a batch therefore cost one write, and what is written is never older than anything
-//! acknowledged. History points are appended: one packed chunk per series per commit.
+//! Sled holds the checkpointed state. Every [`CHECKPOINT_EVERY`] (or when a segment passes
+//! [`MAX_SEGMENT_BYTES`]) the writer starts a new log segment and hands what changed since
+//! the last checkpoint — dirty twin ids, raw key/value changes and history samples — to the
+//! checkpoint thread, which writes the current bytes of each dirty twin and one history chunk
+//! per series as one atomic sled batch with the checkpoint marker, flushes, and deletes the
+//! covered segments. Many updates to one twin between checkpoints cost one sled write.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+use rustc_hash::FxBuildHasher;
 use tokio::sync::{mpsc, oneshot};
 
-use super::keys;
-use super::StoreError;
-use crate::types::TwinId;
+use super::wal::{self, encode, Segment};
+use super::{keys, StoreError};
+use crate::types::{Lifecycle, Properties, Twin, TwinId};
 
-/// How many requests may wait for the writer. Each request is one API call or one ingest
-/// batch, so this bounds memory held by pending writes; when it is full producers wait up to
+/// Jobs that may wait for the writer. Each job is one API call or one ingest batch, so this
+/// bounds memory held by pending writes; when it is full producers wait up to
 /// [`ENQUEUE_TIMEOUT`] and then get [`StoreError::Overloaded`] (HTTP 429).
-pub const QUEUE_CAPACITY: usize = 8192;
-/// Upper bound of requests folded into one commit, so one flush never grows without limit.
-pub const MAX_REQUESTS_PER_COMMIT: usize = 8192;
+pub const QUEUE_CAPACITY: usize = 4096;
+/// Most jobs folded into one commit, so one frame never grows without limit.
+pub const MAX_JOBS_PER_COMMIT: usize = 4096;
 /// How long a producer waits for a queue slot before giving up with `Overloaded`.
 pub const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default checkpoint interval (`serve --checkpoint-every`; bounds replay after a crash).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// Checkpoint when the current log segment grows past this.
+pub const MAX_SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Supplies the current persisted bytes of a twin (`None` when it no longer exists).
 pub trait StateSource: Send + Sync + 'static {
     fn twin_bytes(&self, id: &TwinId) -> Option<Vec<u8>>;
 }
 
-/// A raw key/value change.
-#[derive(Debug)]
+/// A raw key/value change (models, relationships, cleanup of deleted twins).
+#[derive(Debug, Clone)]
 pub enum KvOp {
     Put(Vec<u8>, Vec<u8>),
     Delete(Vec<u8>),
-    /// Remove every key under a prefix (a deleted twin's history or relationships).
+    /// Remove every key under a prefix.
     DeletePrefix(Vec<u8>),
 }
 
-/// One numeric sample of a history series.
-#[derive(Debug)]
-pub struct Point {
-    /// Series key prefix, see [`keys::history_series`].
-    pub series: Vec<u8>,
-    pub ts_micros: i64,
-    pub value: f64,
+/// Samples per twin: (property, time in µs, value). Keyed by twin with a fast hasher; the
+/// few properties of one twin are told apart by a scan.
+type SeriesMap = HashMap<TwinId, Vec<(Arc<str>, i64, f64)>, FxBuildHasher>;
+
+/// History samples not yet checkpointed; readers merge them with sled's chunks.
+#[derive(Default)]
+pub struct PendingHistory {
+    current: SeriesMap,
+    checkpointing: Option<Arc<SeriesMap>>,
 }
 
-/// What one producer wants made durable.
-#[derive(Debug, Default)]
-pub struct CommitRequest {
-    pub twins: Vec<TwinId>,
-    pub kv: Vec<KvOp>,
-    pub points: Vec<Point>,
-    /// Told after the flush; `None` for fire-and-forget maintenance writes.
-    pub ack: Option<oneshot::Sender<Result<u64, Arc<StoreError>>>>,
+impl PendingHistory {
+    /// Pending samples of one series (unordered).
+    pub fn samples(&self, id: TwinId, property: &str) -> Vec<(i64, f64)> {
+        let maps = std::iter::once(&self.current).chain(self.checkpointing.as_deref());
+        maps.filter_map(|m| m.get(&id))
+            .flatten()
+            .filter(|(name, _, _)| &**name == property)
+            .map(|(_, ts, v)| (*ts, *v))
+            .collect()
+    }
+}
+
+/// What one commit's jobs write. Handed to each job by the writer thread.
+#[derive(Default)]
+pub struct Batch {
+    frame: Vec<u8>,
+    dirty: Vec<TwinId>,
+    kv: Vec<KvOp>,
+    points: Vec<(TwinId, Arc<str>, i64, f64)>,
+    deleted: Vec<TwinId>,
+    names: HashMap<Box<str>, Arc<str>, FxBuildHasher>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Batch::default()
+    }
+
+    pub fn update(
+        &mut self,
+        id: TwinId,
+        version: u64,
+        now: DateTime<Utc>,
+        ts: DateTime<Utc>,
+        patch: &Properties,
+    ) {
+        encode::update(&mut self.frame, &id, version, now, ts, patch);
+        self.dirty.push(id);
+    }
+
+    pub fn create(&mut self, twin: &Twin) {
+        encode::create(&mut self.frame, twin);
+        self.dirty.push(twin.id);
+    }
+
+    /// A twin removed; its pending history is dropped with it.
+    pub fn delete(&mut self, id: TwinId) {
+        encode::delete(&mut self.frame, &id);
+        self.dirty.push(id);
+        self.deleted.push(id);
+        self.points.retain(|p| p.0 != id);
+    }
+
+    pub fn lifecycle(&mut self, id: TwinId, version: u64, now: DateTime<Utc>, state: Lifecycle) {
+        encode::lifecycle(&mut self.frame, &id, version, now, state);
+        self.dirty.push(id);
+    }
+
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        encode::put(&mut self.frame, &key, &value);
+        self.kv.push(KvOp::Put(key, value));
+    }
+
+    pub fn delete_key(&mut self, key: Vec<u8>) {
+        encode::delete_key(&mut self.frame, &key);
+        self.kv.push(KvOp::Delete(key));
+    }
+
+    pub fn delete_prefix(&mut self, prefix: Vec<u8>) {
+        encode::delete_prefix(&mut self.frame, &prefix);
+        self.kv.push(KvOp::DeletePrefix(prefix));
+    }
+
+    /// A history sample (derived from logged entries, so not logged itself).
+    pub fn point(&mut self, id: TwinId, property: &str, ts_micros: i64, value: f64) {
+        let name = match self.names.get(property) {
+            Some(n) => n.clone(),
+            None => {
+                let n: Arc<str> = Arc::from(property);
+                self.names.insert(property.into(), n.clone());
+                n
+            }
+        };
+        self.points.push((id, name, ts_micros, value));
+    }
+
+    /// Mark a twin dirty without logging (state rebuilt by replay).
+    pub fn mark_dirty(&mut self, id: TwinId) {
+        self.dirty.push(id);
+    }
+}
+
+/// Called once the commit holding a job is durable (or failed).
+pub type Done = Box<dyn FnOnce(Result<u64, Arc<StoreError>>) + Send>;
+/// A unit of work for the writer: change memory, log it, return what to do once durable.
+pub type Job = Box<dyn FnOnce(&mut Batch) -> Done + Send>;
+
+enum Msg {
+    Job(Job),
+    /// Wake up (time-based checkpoints on an idle node).
+    Tick,
+    /// Finish what is queued before this, checkpoint, and stop.
+    Close,
 }
 
 /// Counters of the writer, for metrics and benchmarks.
 #[derive(Debug, Default)]
 pub struct CommitStats {
     pub commits: AtomicU64,
-    pub requests: AtomicU64,
+    pub jobs: AtomicU64,
+    pub log_bytes: AtomicU64,
+    pub commit_micros: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub checkpoint_micros: AtomicU64,
     pub twin_writes: AtomicU64,
     pub points: AtomicU64,
-    pub commit_micros: AtomicU64,
 }
 
 /// The producers' side of the writer.
 #[derive(Clone)]
 pub struct CommitHandle {
-    tx: mpsc::Sender<CommitRequest>,
-    thread: Arc<parking_lot::Mutex<Option<JoinHandle<()>>>>,
+    tx: mpsc::Sender<Msg>,
+    threads: Arc<parking_lot::Mutex<Vec<JoinHandle<()>>>>,
     pub stats: Arc<CommitStats>,
 }
 
-/// A reserved slot in the queue: take it *before* changing memory so a full queue is refused
-/// with no state change.
-pub struct Slot<'a>(mpsc::Permit<'a, CommitRequest>);
-
-impl Slot<'_> {
-    /// Enqueue the request and return the receiver of its acknowledgement.
-    pub fn send(self, mut req: CommitRequest) -> oneshot::Receiver<Result<u64, Arc<StoreError>>> {
-        let (tx, rx) = oneshot::channel();
-        req.ack = Some(tx);
-        self.0.send(req);
-        rx
-    }
-}
-
 impl CommitHandle {
-    /// Reserve a slot, waiting at most [`ENQUEUE_TIMEOUT`].
-    pub async fn reserve(&self) -> Result<Slot<'_>, StoreError> {
-        match tokio::time::timeout(ENQUEUE_TIMEOUT, self.tx.reserve()).await {
-            Ok(Ok(p)) => Ok(Slot(p)),
-            Ok(Err(_)) => Err(StoreError::Closed),
-            Err(_) => Err(StoreError::Overloaded),
+    /// Run `job` on the writer and wait until its changes are durable.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Batch) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let boxed: Job = Box::new(move |b: &mut Batch| {
+            let out = job(b);
+            Box::new(move |r: Result<u64, Arc<StoreError>>| {
+                let _ = tx.send(r.map(|_| out));
+            })
+        });
+        match tokio::time::timeout(ENQUEUE_TIMEOUT, self.tx.send(Msg::Job(boxed))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(StoreError::Closed),
+            Err(_) => return Err(StoreError::Overloaded),
+        }
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Corrupt {
+                key: "commit".into(),
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(StoreError::Closed),
         }
     }
 
-    /// Requests waiting for the writer.
+    /// Jobs waiting for the writer.
     pub fn queue_depth(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
-    /// Enqueue and wait until durable.
-    pub async fn commit(&self, req: CommitRequest) -> Result<u64, StoreError> {
-        let rx = self.reserve().await?.send(req);
-        wait(rx).await
-    }
-
-    /// Stop accepting writes, let the writer drain and flush, and join it.
-    pub fn shutdown(self) {
-        let thread = self.thread.lock().take();
-        drop(self.tx);
-        if let Some(t) = thread {
-            // Other clones of the sender may still exist (they fail with `Closed` once the
-            // writer is gone); the writer exits when all are dropped.
+    /// Let everything queued so far commit, write a final checkpoint and stop the store's
+    /// threads. Later writes fail with [`StoreError::Closed`].
+    pub fn shutdown(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock());
+        if threads.is_empty() {
+            return;
+        }
+        // `send` waits for room, so the marker lands after every job already queued. A plain
+        // thread does the waiting: this may be called from inside the async runtime.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = self.tx.blocking_send(Msg::Close);
+            });
+        });
+        for t in threads {
             let _ = t.join();
         }
     }
 }
 
-/// Wait for an acknowledgement.
-pub async fn wait(rx: oneshot::Receiver<Result<u64, Arc<StoreError>>>) -> Result<u64, StoreError> {
-    match rx.await {
-        Ok(Ok(seq)) => Ok(seq),
-        Ok(Err(e)) => Err(match &*e {
-            StoreError::Sled(s) => StoreError::Sled(s.clone()),
-            other => StoreError::Corrupt {
-                key: "commit".into(),
-                reason: other.to_string(),
-            },
-        }),
-        Err(_) => Err(StoreError::Closed),
-    }
+/// Everything the writer starts with.
+pub(super) struct Start {
+    pub db: sled::Db,
+    pub wal_dir: PathBuf,
+    pub next_segment: u64,
+    pub source: Arc<dyn StateSource>,
+    pub pending: Arc<parking_lot::Mutex<PendingHistory>>,
+    /// Changes replayed from the log that the first checkpoint must persist.
+    pub replayed: Option<Batch>,
+    pub checkpoint_every: Duration,
 }
 
-pub(super) fn start(db: sled::Db, source: Arc<dyn StateSource>) -> CommitHandle {
-    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+struct Checkpoint {
+    upto: u64,
+    dirty: HashSet<TwinId, FxBuildHasher>,
+    kv: Vec<KvOp>,
+    points: Arc<SeriesMap>,
+}
+
+pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
+    let (tx, rx) = mpsc::channel::<Msg>(QUEUE_CAPACITY);
     let stats = Arc::new(CommitStats::default());
-    let st = stats.clone();
-    let thread = std::thread::Builder::new()
-        .name("twinhost-commit".into())
-        .spawn(move || writer(db, source, rx, st))
-        .expect("spawning the commit thread");
-    CommitHandle {
+    let segment = Segment::create(&s.wal_dir, s.next_segment).map_err(io_err)?;
+    let (ck_tx, ck_rx) = std::sync::mpsc::sync_channel::<Checkpoint>(1);
+    // Commits prepared by the writer wait here for the syncer: one being synced and one
+    // being prepared keeps both busy without holding more than a few frames in memory.
+    let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<Commit>(2);
+    let busy = Arc::new(AtomicBool::new(false));
+    let ckpt = {
+        let (db, dir, source, pending, busy, stats) = (
+            s.db.clone(),
+            s.wal_dir.clone(),
+            s.source.clone(),
+            s.pending.clone(),
+            busy.clone(),
+            stats.clone(),
+        );
+        spawn("twinhost-checkpoint", move || {
+            checkpointer(db, dir, source, pending, ck_rx, busy, stats)
+        })
+    };
+    // Wakes the writer so time-based checkpoints happen on an idle node too.
+    let ticker = {
+        let tx = tx.downgrade();
+        let every = s.checkpoint_every;
+        spawn("twinhost-commit-tick", move || loop {
+            std::thread::sleep(every / 4);
+            let Some(tx) = tx.upgrade() else { return };
+            if tx.try_send(Msg::Tick).is_err() && tx.is_closed() {
+                return;
+            }
+        })
+    };
+    let syncer = {
+        let (stats, pending) = (stats.clone(), s.pending.clone());
+        let every = s.checkpoint_every;
+        spawn("twinhost-sync", move || {
+            syncer(sync_rx, segment, pending, ck_tx, busy, stats, every)
+        })
+    };
+    let writer = {
+        let replayed = s.replayed;
+        spawn("twinhost-commit", move || writer(rx, sync_tx, replayed))
+    };
+    Ok(CommitHandle {
         tx,
-        thread: Arc::new(parking_lot::Mutex::new(Some(thread))),
+        threads: Arc::new(parking_lot::Mutex::new(vec![writer, syncer, ckpt, ticker])),
         stats,
-    }
+    })
 }
 
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .expect("spawning a store thread")
+}
+
+fn io_err(e: std::io::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// What the writer hands to the syncer: one frame and everything that follows from it.
+struct Commit {
+    batch: Batch,
+    dones: Vec<Done>,
+    /// Checkpoint right after this commit (replayed state, shutdown).
+    checkpoint_now: bool,
+    closing: bool,
+}
+
+/// Runs jobs in queue order and prepares commits. It never waits for the disk: while the
+/// syncer fsyncs one commit, the next one is being prepared here.
 fn writer(
-    db: sled::Db,
-    source: Arc<dyn StateSource>,
-    mut rx: mpsc::Receiver<CommitRequest>,
-    stats: Arc<CommitStats>,
+    mut rx: mpsc::Receiver<Msg>,
+    sync_tx: std::sync::mpsc::SyncSender<Commit>,
+    replayed: Option<Batch>,
 ) {
-    let mut seq: u64 = 0;
-    let mut reqs: Vec<CommitRequest> = Vec::with_capacity(256);
-    while let Some(first) = rx.blocking_recv() {
-        reqs.push(first);
-        while reqs.len() < MAX_REQUESTS_PER_COMMIT {
+    if let Some(batch) = replayed {
+        let _ = sync_tx.send(Commit {
+            batch,
+            dones: Vec::new(),
+            checkpoint_now: true,
+            closing: false,
+        });
+    }
+    let mut closing = false;
+    while !closing {
+        let mut batch = Batch::new();
+        let mut dones: Vec<Done> = Vec::new();
+        match rx.blocking_recv() {
+            Some(Msg::Job(job)) => dones.push(job(&mut batch)),
+            Some(Msg::Tick) => {}
+            Some(Msg::Close) | None => closing = true,
+        }
+        while !closing && dones.len() < MAX_JOBS_PER_COMMIT {
             match rx.try_recv() {
-                Ok(r) => reqs.push(r),
+                Ok(Msg::Job(job)) => dones.push(job(&mut batch)),
+                Ok(Msg::Tick) => {}
+                Ok(Msg::Close) => closing = true,
                 Err(_) => break,
             }
         }
-        seq += 1;
-        let started = Instant::now();
-        let result = commit_once(&db, source.as_ref(), &mut reqs, seq, &stats);
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats
-            .requests
-            .fetch_add(reqs.len() as u64, Ordering::Relaxed);
-        stats
-            .commit_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        metrics::histogram!("twinhost_commit_seconds").record(started.elapsed().as_secs_f64());
-        let result = result.map(|()| seq).map_err(Arc::new);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "group commit failed; the affected requests get an error");
-        }
-        for r in reqs.drain(..) {
-            if let Some(ack) = r.ack {
-                let _ = ack.send(result.clone());
-            }
+        let commit = Commit {
+            batch,
+            dones,
+            checkpoint_now: closing,
+            closing,
+        };
+        if sync_tx.send(commit).is_err() {
+            return;
         }
     }
-    if let Err(e) = db.flush() {
-        tracing::error!(error = %e, "final flush failed");
+    // Jobs still queued after Close are dropped: their callers see `Closed`.
+    rx.close();
+}
+
+/// Appends and fsyncs each commit, acknowledges it, and starts checkpoints.
+fn syncer(
+    rx: std::sync::mpsc::Receiver<Commit>,
+    mut segment: Segment,
+    pending: Arc<parking_lot::Mutex<PendingHistory>>,
+    ck_tx: std::sync::mpsc::SyncSender<Checkpoint>,
+    busy: Arc<AtomicBool>,
+    stats: Arc<CommitStats>,
+    checkpoint_every: Duration,
+) {
+    let mut seq = 0u64;
+    let mut last_checkpoint = Instant::now();
+    let mut dirty: HashSet<TwinId, FxBuildHasher> = HashSet::default();
+    let mut kv: Vec<KvOp> = Vec::new();
+    for Commit {
+        mut batch,
+        dones,
+        checkpoint_now,
+        closing,
+    } in rx
+    {
+        if !batch.frame.is_empty() {
+            seq += 1;
+            let started = Instant::now();
+            if let Err(e) = segment.append(&batch.frame) {
+                // Memory already holds these changes; without the log they would be
+                // acknowledged-but-lost after a restart. Stop rather than lie.
+                tracing::error!(error = %e, "cannot write the write-ahead log; stopping");
+                eprintln!("fatal: cannot write the write-ahead log: {e}");
+                std::process::exit(70);
+            }
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats
+                .log_bytes
+                .fetch_add(batch.frame.len() as u64, Ordering::Relaxed);
+            stats
+                .commit_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            metrics::histogram!("twinhost_commit_seconds").record(started.elapsed().as_secs_f64());
+        }
+        publish_points(&pending, &mut batch);
+        dirty.extend(batch.dirty.drain(..));
+        kv.append(&mut batch.kv);
+        stats.jobs.fetch_add(dones.len() as u64, Ordering::Relaxed);
+        for d in dones {
+            d(Ok(seq));
+        }
+        let due = checkpoint_now
+            || last_checkpoint.elapsed() >= checkpoint_every
+            || segment.bytes >= MAX_SEGMENT_BYTES;
+        let something = !dirty.is_empty() || !kv.is_empty() || !pending.lock().current.is_empty();
+        if due && something && (closing || !busy.load(Ordering::Acquire)) {
+            if let Err(e) = segment.rotate() {
+                tracing::error!(error = %e, "cannot start a new log segment; checkpoint postponed");
+            } else {
+                busy.store(true, Ordering::Release);
+                let points = {
+                    let mut p = pending.lock();
+                    let map = Arc::new(std::mem::take(&mut p.current));
+                    p.checkpointing = Some(map.clone());
+                    map
+                };
+                let ck = Checkpoint {
+                    upto: segment.number - 1,
+                    dirty: std::mem::take(&mut dirty),
+                    kv: std::mem::take(&mut kv),
+                    points,
+                };
+                // Capacity 1 and `busy` make this wait only at shutdown.
+                let _ = ck_tx.send(ck);
+                last_checkpoint = Instant::now();
+            }
+        }
+        if closing {
+            break;
+        }
     }
 }
 
-fn commit_once(
+fn publish_points(pending: &parking_lot::Mutex<PendingHistory>, batch: &mut Batch) {
+    if batch.points.is_empty() && batch.deleted.is_empty() {
+        return;
+    }
+    let mut p = pending.lock();
+    for id in batch.deleted.drain(..) {
+        p.current.remove(&id);
+    }
+    for (id, name, ts, v) in batch.points.drain(..) {
+        p.current.entry(id).or_default().push((name, ts, v));
+    }
+}
+
+fn checkpointer(
+    db: sled::Db,
+    wal_dir: PathBuf,
+    source: Arc<dyn StateSource>,
+    pending: Arc<parking_lot::Mutex<PendingHistory>>,
+    rx: std::sync::mpsc::Receiver<Checkpoint>,
+    busy: Arc<AtomicBool>,
+    stats: Arc<CommitStats>,
+) {
+    for ck in rx {
+        let started = Instant::now();
+        match write_checkpoint(&db, source.as_ref(), &ck) {
+            Ok(()) => {
+                if let Err(e) = wal::remove_upto(&wal_dir, ck.upto) {
+                    tracing::warn!(error = %e, "could not remove checkpointed log segments");
+                }
+                stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .checkpoint_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                stats
+                    .twin_writes
+                    .fetch_add(ck.dirty.len() as u64, Ordering::Relaxed);
+                stats.points.fetch_add(
+                    ck.points.values().map(|v| v.len() as u64).sum(),
+                    Ordering::Relaxed,
+                );
+                tracing::debug!(
+                    upto = ck.upto,
+                    twins = ck.dirty.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "checkpoint"
+                );
+            }
+            // The log segments stay; a restart replays them. Later checkpoints retry the twins
+            // they touch; history samples of this one stay in the log until then.
+            Err(e) => tracing::error!(error = %e, "checkpoint failed; the log keeps the changes"),
+        }
+        pending.lock().checkpointing = None;
+        busy.store(false, Ordering::Release);
+    }
+}
+
+fn write_checkpoint(
     db: &sled::Db,
     source: &dyn StateSource,
-    reqs: &mut [CommitRequest],
-    seq: u64,
-    stats: &CommitStats,
+    ck: &Checkpoint,
 ) -> Result<(), StoreError> {
-    let mut batch = sled::Batch::default();
-    let mut dirty: HashSet<TwinId> = HashSet::new();
-    let mut series: HashMap<Vec<u8>, Vec<(i64, f64)>> = HashMap::new();
-    let mut prefix_deletes = Vec::new();
-    let mut npoints = 0u64;
-    for r in reqs.iter_mut() {
-        dirty.extend(r.twins.drain(..));
-        for p in r.points.drain(..) {
-            npoints += 1;
-            series
-                .entry(p.series)
-                .or_default()
-                .push((p.ts_micros, p.value));
-        }
-    }
-    // Prefix deletions first (they may remove a twin's old history), then puts.
-    for r in reqs.iter_mut() {
-        for op in r.kv.drain(..) {
-            match op {
-                KvOp::Put(k, v) => batch.insert(k, v),
-                KvOp::Delete(k) => batch.remove(k),
-                KvOp::DeletePrefix(p) => prefix_deletes.push(p),
+    // Stage raw changes in order so a prefix delete also removes keys put earlier in it.
+    let mut staged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+    for op in &ck.kv {
+        match op {
+            KvOp::Put(k, v) => {
+                staged.insert(k.clone(), Some(v.clone()));
+            }
+            KvOp::Delete(k) => {
+                staged.insert(k.clone(), None);
+            }
+            KvOp::DeletePrefix(p) => {
+                for (_, v) in staged
+                    .range_mut(p.clone()..)
+                    .take_while(|(k, _)| k.starts_with(p))
+                {
+                    *v = None;
+                }
+                for k in db.scan_prefix(p).keys() {
+                    staged.insert(k?.to_vec(), None);
+                }
             }
         }
     }
-    let mut deleted_prefixes = sled::Batch::default();
-    for p in &prefix_deletes {
-        for kv in db.scan_prefix(p).keys() {
-            deleted_prefixes.remove(kv?);
+    let mut b = sled::Batch::default();
+    for (k, v) in staged {
+        match v {
+            Some(v) => b.insert(k, v),
+            None => b.remove(k),
         }
     }
-    if !prefix_deletes.is_empty() {
-        db.apply_batch(deleted_prefixes)?;
-    }
-    for id in &dirty {
+    let mut present: HashSet<TwinId, FxBuildHasher> = HashSet::default();
+    for id in &ck.dirty {
         let key = keys::twin(id);
         match source.twin_bytes(id) {
-            Some(bytes) => batch.insert(&key[..], bytes),
-            None => batch.remove(&key[..]),
+            Some(bytes) => {
+                present.insert(*id);
+                b.insert(&key[..], bytes);
+            }
+            None => b.remove(&key[..]),
         }
     }
-    let seq_bytes = seq.to_be_bytes();
-    for (mut key, mut pts) in series {
-        pts.sort_by_key(|p| p.0);
-        key.extend_from_slice(&keys::ts_bytes(pts[0].0));
-        key.extend_from_slice(&seq_bytes);
-        let mut val = Vec::with_capacity(pts.len() * 16);
-        for (ts, v) in pts {
-            val.extend_from_slice(&ts.to_le_bytes());
-            val.extend_from_slice(&v.to_le_bytes());
+    let seq = ck.upto.to_be_bytes();
+    for (id, samples) in ck.points.iter() {
+        // Every twin with samples is dirty; one gone by now (deleted) keeps no history.
+        if !present.contains(id) {
+            continue;
         }
-        batch.insert(key, val);
+        // One chunk per property: group this twin's samples by name, each group by time.
+        let mut samples = samples.clone();
+        samples.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        for group in samples.chunk_by(|a, b| a.0 == b.0) {
+            let mut key = keys::history_series(id, &group[0].0);
+            key.extend_from_slice(&keys::ts_bytes(group[0].1));
+            key.extend_from_slice(&seq);
+            let mut val = Vec::with_capacity(group.len() * 16);
+            for (_, ts, v) in group {
+                val.extend_from_slice(&ts.to_le_bytes());
+                val.extend_from_slice(&v.to_le_bytes());
+            }
+            b.insert(key, val);
+        }
     }
-    db.apply_batch(batch)?;
+    b.insert(keys::META_WAL_CHECKPOINT, &ck.upto.to_be_bytes());
+    db.apply_batch(b)?;
     db.flush()?;
-    stats
-        .twin_writes
-        .fetch_add(dirty.len() as u64, Ordering::Relaxed);
-    stats.points.fetch_add(npoints, Ordering::Relaxed);
     Ok(())
 }

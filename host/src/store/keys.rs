@@ -21,6 +21,8 @@ pub const META: u8 = b'x';
 pub const FORMAT_VERSION: u64 = 1;
 pub const META_FORMAT_VERSION: &[u8] = b"xformat_version";
 pub const META_NODE_ID: &[u8] = b"xnode_id";
+/// Number of the last write-ahead-log segment whose changes are all in sled.
+pub const META_WAL_CHECKPOINT: &[u8] = b"xwal_checkpoint";
 
 pub fn twin(id: &TwinId) -> [u8; 17] {
     let mut k = [0u8; 17];

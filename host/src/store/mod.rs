@@ -1,19 +1,21 @@
-//! Durable storage on an embedded sled database, with group commit.
+//! Durable storage: a write-ahead log with group commit, checkpointed into an embedded sled
+//! database.
 //!
-//! Owns: the on-disk layout ([`keys`]), the format-version check, and the one writer thread
-//! ([`commit`]) that batches concurrent changes into one atomic `apply_batch` + `flush` and
-//! only then acknowledges them. Exposes: [`Store`] (open, read scans, the commit queue).
+//! Owns: the on-disk layout ([`keys`], [`wal`]), the format-version check, the one writer
+//! thread ([`commit`]) that runs the registry's jobs in order, fsyncs one log frame for all of
+//! them and only then acknowledges, and the checkpoint thread that folds the log into sled.
+//! Exposes: [`Store`] (open, read scans, the log tail for replay, the writer).
 //! Must never: interpret twins or validate anything — the registry decides what to write;
-//! the store only makes it durable. Nothing outside the registry, history and auth enqueues
-//! writes.
+//! the store only makes it durable.
 
 pub mod commit;
 pub mod keys;
+pub mod wal;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use commit::{CommitHandle, CommitRequest, CommitStats, KvOp, Point, StateSource};
+pub use commit::{Batch, CommitHandle, CommitStats, KvOp, PendingHistory, StateSource};
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,8 @@ pub enum StoreError {
          use a matching twinhost release or a new --data-dir"
     )]
     FormatVersion { found: u64, expected: u64 },
+    #[error("write-ahead log: {0}")]
+    Io(String),
     #[error("the write queue is full; retry shortly")]
     Overloaded,
     #[error("the store is shutting down")]
@@ -37,6 +41,9 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    wal_dir: PathBuf,
+    pending: Arc<parking_lot::Mutex<PendingHistory>>,
+    checkpoint_every: std::time::Duration,
 }
 
 impl Store {
@@ -71,7 +78,69 @@ impl Store {
                 db.flush()?;
             }
         }
-        Ok(Store { db })
+        let wal_dir = dir.join("wal");
+        std::fs::create_dir_all(&wal_dir).map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(Store {
+            db,
+            wal_dir,
+            pending: Arc::default(),
+            checkpoint_every: commit::CHECKPOINT_EVERY,
+        })
+    }
+
+    /// How often the log is folded into sled (bounds replay after a crash). Set before the
+    /// registry starts the writer.
+    pub fn with_checkpoint_every(mut self, every: std::time::Duration) -> Self {
+        self.checkpoint_every = every.max(std::time::Duration::from_millis(10));
+        self
+    }
+
+    /// The last checkpointed log segment (0 before the first checkpoint).
+    fn checkpoint_marker(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .get(keys::META_WAL_CHECKPOINT)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
+    /// Entries logged after the last checkpoint, in order, with the last segment number. Raw
+    /// key/value entries are applied to sled right away, so loading from sled sees them; the
+    /// caller replays the twin entries into memory.
+    pub fn recover(&self) -> Result<(Vec<wal::Entry>, u64), StoreError> {
+        let after = self.checkpoint_marker()?;
+        let (entries, last) =
+            wal::read_after(&self.wal_dir, after).map_err(|e| StoreError::Io(e.to_string()))?;
+        let mut twin_entries = Vec::with_capacity(entries.len());
+        for e in entries {
+            match e {
+                wal::Entry::Put(k, v) => {
+                    self.db.insert(k, v)?;
+                }
+                wal::Entry::DeleteKey(k) => {
+                    self.db.remove(k)?;
+                }
+                wal::Entry::DeletePrefix(p) => {
+                    for k in self.db.scan_prefix(&p).keys() {
+                        self.db.remove(k?)?;
+                    }
+                }
+                other => twin_entries.push(other),
+            }
+        }
+        self.db.flush()?;
+        if !twin_entries.is_empty() {
+            tracing::info!(
+                entries = twin_entries.len(),
+                "replaying the write-ahead log"
+            );
+        }
+        Ok((twin_entries, last))
+    }
+
+    /// History samples not yet checkpointed.
+    pub fn pending_history(&self) -> &parking_lot::Mutex<PendingHistory> {
+        &self.pending
     }
 
     /// Iterate over `(key, value)` pairs whose key starts with `prefix`.
@@ -113,9 +182,24 @@ impl Store {
         Ok(())
     }
 
-    /// Start the group-commit writer. `source` supplies the current bytes of dirty twins.
-    pub fn start_committer(&self, source: Arc<dyn StateSource>) -> CommitHandle {
-        commit::start(self.db.clone(), source)
+    /// Start the writer after [`Store::recover`]: `last_segment` is what `recover` returned,
+    /// `replayed` the changes its replay made (persisted by the first checkpoint), and
+    /// `source` supplies the current bytes of dirty twins.
+    pub fn start_committer(
+        &self,
+        source: Arc<dyn StateSource>,
+        last_segment: u64,
+        replayed: Option<Batch>,
+    ) -> Result<CommitHandle, StoreError> {
+        commit::start(commit::Start {
+            db: self.db.clone(),
+            wal_dir: self.wal_dir.clone(),
+            next_segment: last_segment + 1,
+            source,
+            pending: self.pending.clone(),
+            replayed,
+            checkpoint_every: self.checkpoint_every,
+        })
     }
 
     /// Bytes on disk (sled's estimate).

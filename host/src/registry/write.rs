@@ -1,0 +1,488 @@
+//! The one write path. Every mutating method sends a job to the store's writer thread, which
+//! runs jobs one at a time: validate, change memory, append the log entries and history
+//! samples to the commit's batch. The method returns once the batch is durable, then
+//! publishes the changes on the feed. [`replay`] re-applies a log tail after a crash.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::{
+    check_name, BatchOutcome, Change, ChangeKind, Indexes, Model, NewTwin, Registry, RegistryError,
+    TwinMap, Update, MAX_PROPERTIES,
+};
+use crate::store::{keys, wal::Entry, Batch};
+use crate::types::{Lifecycle, Properties, Twin, TwinId, VClock};
+
+/// Record a history sample for each numeric property of `props`.
+fn points(batch: &mut Batch, id: TwinId, props: &Properties, ts: DateTime<Utc>) {
+    let us = ts.timestamp_micros();
+    for (name, v) in props {
+        if let Some(x) = v.as_f64() {
+            batch.point(id, name, us, x);
+        }
+    }
+}
+
+fn bump(vclock: &mut VClock, node: &str) {
+    match vclock.get_mut(node) {
+        Some(n) => *n += 1,
+        None => {
+            vclock.insert(node.to_owned(), 1);
+        }
+    }
+}
+
+/// Merge-patch `props` (RFC 7396 per property; `null` removes).
+fn merge(props: &mut Properties, patch: &Properties) {
+    for (k, v) in patch {
+        if v.is_null() {
+            props.remove(k);
+        } else if let Some(cur) = props.get_mut(k) {
+            json_patch::merge(cur, v);
+        } else {
+            let mut fresh = Value::Null;
+            json_patch::merge(&mut fresh, v);
+            props.insert(k.clone(), fresh);
+        }
+    }
+}
+
+fn change(kind: ChangeKind, t: &Twin, changed: Properties, ts: DateTime<Utc>) -> Change {
+    Change {
+        kind,
+        twin_id: t.id,
+        entity_type: t.entity_type.clone(),
+        parent_id: t.parent_id,
+        version: t.version,
+        changed,
+        lifecycle: t.lifecycle,
+        ts,
+    }
+}
+
+fn check_patch(patch: &Properties) -> Result<(), RegistryError> {
+    if patch.len() > MAX_PROPERTIES {
+        return Err(RegistryError::BadRequest(format!(
+            "a patch names at most {MAX_PROPERTIES} properties"
+        )));
+    }
+    Ok(())
+}
+
+impl Registry {
+    /// Run `f` on the writer thread; wait until what it logged is durable; publish its changes.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Registry, &mut Batch, &mut Vec<Change>) -> T + Send + 'static,
+    ) -> Result<T, RegistryError> {
+        let this = self.clone();
+        let (out, changes) = self
+            .inner
+            .commit
+            .run(move |b| {
+                let mut changes = Vec::new();
+                let out = f(&this, b, &mut changes);
+                (out, changes)
+            })
+            .await?;
+        if !changes.is_empty() && self.inner.changes.receiver_count() > 0 {
+            for c in changes {
+                let _ = self.inner.changes.send(Arc::new(c));
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- models -------------------------------------------------------------------------
+
+    /// Create or replace the model of an entity type. Returns true when it is new.
+    pub async fn put_model(&self, entity_type: &str, model: Model) -> Result<bool, RegistryError> {
+        check_name("entity type", entity_type)?;
+        model.check()?;
+        let bytes = serde_json::to_vec(&model).expect("models serialize");
+        let (et, model) = (entity_type.to_owned(), Arc::new(model));
+        self.write(move |this, b, _| {
+            b.put(keys::model(&et), bytes);
+            this.inner.models.write().insert(et, model).is_none()
+        })
+        .await
+    }
+
+    pub async fn delete_model(&self, entity_type: &str) -> Result<(), RegistryError> {
+        let et = entity_type.to_owned();
+        self.write(move |this, b, _| {
+            if this.inner.models.write().remove(&et).is_none() {
+                return Err(RegistryError::NotFound(format!("model {et:?}")));
+            }
+            b.delete_key(keys::model(&et));
+            Ok(())
+        })
+        .await?
+    }
+
+    // ---- twins --------------------------------------------------------------------------
+
+    /// Create one twin.
+    pub async fn create(&self, new: NewTwin) -> Result<Twin, RegistryError> {
+        let mut r = self.create_many(vec![new]).await?;
+        r.pop().expect("one result per input")
+    }
+
+    /// Create several twins with one durable commit; each succeeds or fails on its own.
+    pub async fn create_many(
+        &self,
+        items: Vec<NewTwin>,
+    ) -> Result<Vec<Result<Twin, RegistryError>>, RegistryError> {
+        self.write(move |this, b, changes| {
+            let now = Utc::now();
+            let wants = this.wants_changes();
+            items
+                .into_iter()
+                .map(|mut n| {
+                    check_name("entity type", &n.entity_type)?;
+                    n.properties.retain(|_, v| !v.is_null());
+                    if n.properties.len() > MAX_PROPERTIES {
+                        return Err(RegistryError::BadRequest(format!(
+                            "a twin holds at most {MAX_PROPERTIES} properties"
+                        )));
+                    }
+                    if let Some(m) = this.model_for(&n.entity_type) {
+                        m.validate_new(&n.properties)?;
+                    }
+                    let mut idx = this.inner.index.write();
+                    let id = n.id.unwrap_or_else(TwinId::new_v7);
+                    if idx.all.contains(&id) {
+                        return Err(RegistryError::Conflict(format!("twin {id} already exists")));
+                    }
+                    if let Some(p) = n.parent_id {
+                        if !idx.all.contains(&p) {
+                            return Err(RegistryError::NotFound(format!("parent twin {p}")));
+                        }
+                    }
+                    let twin = Twin {
+                        id,
+                        entity_type: n.entity_type,
+                        properties: n.properties,
+                        version: 1,
+                        vclock: BTreeMap::from([(this.inner.node_id.clone(), 1)]),
+                        parent_id: n.parent_id,
+                        children_ids: BTreeSet::new(),
+                        lifecycle: Lifecycle::Active,
+                        created_at: now,
+                        updated_at: now,
+                    };
+                    idx.insert(&twin);
+                    b.create(&twin);
+                    points(b, id, &twin.properties, now);
+                    if wants {
+                        changes.push(change(
+                            ChangeKind::Created,
+                            &twin,
+                            twin.properties.clone(),
+                            now,
+                        ));
+                    }
+                    this.inner.twins.0.insert(id, twin.clone());
+                    Ok(twin)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Apply one merge patch and return the updated twin.
+    pub async fn patch(&self, update: Update) -> Result<Twin, RegistryError> {
+        check_patch(&update.patch)?;
+        let t = self
+            .write(move |this, b, changes| this.apply_one(&update, Utc::now(), b, changes, true))
+            .await??;
+        Ok(self.with_children(t.expect("asked for the twin")))
+    }
+
+    /// Apply many updates with one durable commit. Rejected items do not stop the rest.
+    pub async fn apply_batch(&self, updates: Vec<Update>) -> Result<BatchOutcome, RegistryError> {
+        self.write(move |this, b, changes| {
+            let now = Utc::now();
+            let mut out = BatchOutcome::default();
+            for (i, u) in updates.iter().enumerate() {
+                match check_patch(&u.patch).and_then(|()| this.apply_one(u, now, b, changes, false))
+                {
+                    Ok(_) => out.applied += 1,
+                    Err(e) => out.rejected.push((i, e)),
+                }
+            }
+            metrics::counter!("twinhost_updates_total").increment(out.applied as u64);
+            out
+        })
+        .await
+    }
+
+    /// Validate and apply one update in memory, logging it. Runs on the writer thread.
+    fn apply_one(
+        &self,
+        u: &Update,
+        now: DateTime<Utc>,
+        b: &mut Batch,
+        changes: &mut Vec<Change>,
+        want_twin: bool,
+    ) -> Result<Option<Twin>, RegistryError> {
+        let mut t = self
+            .inner
+            .twins
+            .0
+            .get_mut(&u.twin_id)
+            .ok_or_else(|| RegistryError::twin_not_found(u.twin_id))?;
+        if t.lifecycle == Lifecycle::Retired {
+            return Err(RegistryError::Conflict(format!(
+                "twin {} is retired and refuses updates",
+                u.twin_id
+            )));
+        }
+        if let Some(expected) = u.if_match {
+            if expected != t.version {
+                return Err(RegistryError::VersionMismatch {
+                    expected,
+                    current: t.version,
+                });
+            }
+        }
+        if let Some(m) = self.model_for(&t.entity_type) {
+            m.validate_patch(&u.patch)?;
+        }
+        let added = u
+            .patch
+            .iter()
+            .filter(|(k, v)| !v.is_null() && !t.properties.contains_key(*k))
+            .count();
+        if t.properties.len() + added > MAX_PROPERTIES {
+            return Err(RegistryError::BadRequest(format!(
+                "a twin holds at most {MAX_PROPERTIES} properties"
+            )));
+        }
+        merge(&mut t.properties, &u.patch);
+        t.version += 1;
+        bump(&mut t.vclock, &self.inner.node_id);
+        t.updated_at = now;
+        let ts = u.ts.unwrap_or(now);
+        b.update(u.twin_id, t.version, now, ts, &u.patch);
+        points(b, u.twin_id, &u.patch, ts);
+        if self.wants_changes() {
+            changes.push(change(ChangeKind::Updated, &t, u.patch.clone(), ts));
+        }
+        Ok(want_twin.then(|| t.clone()))
+    }
+
+    /// Delete a twin; with `cascade`, its whole subtree. Returns how many twins were removed.
+    pub async fn delete(&self, id: TwinId, cascade: bool) -> Result<usize, RegistryError> {
+        self.write(move |this, b, changes| {
+            let now = Utc::now();
+            let mut idx = this.inner.index.write();
+            if !idx.all.contains(&id) {
+                return Err(RegistryError::twin_not_found(id));
+            }
+            let below = idx.descendants(id);
+            if !below.is_empty() && !cascade {
+                return Err(RegistryError::Conflict(format!(
+                    "twin {id} has {} descendant(s); delete them first or use ?cascade=true",
+                    below.len()
+                )));
+            }
+            let doomed: BTreeSet<TwinId> = below.into_iter().chain([id]).collect();
+            for d in &doomed {
+                if let Some((_, t)) = this.inner.twins.0.remove(d) {
+                    idx.remove(&t);
+                    if this.wants_changes() {
+                        changes.push(change(ChangeKind::Deleted, &t, Properties::new(), now));
+                    }
+                }
+                b.delete(*d);
+                b.delete_prefix(keys::history_twin_prefix(d));
+                b.delete_prefix(keys::rel_prefix(d));
+            }
+            // Relationships pointing into the deleted set.
+            let mut rels = this.inner.rels.write();
+            for d in &doomed {
+                rels.remove(d);
+            }
+            for (src, m) in rels.iter_mut() {
+                m.retain(|(name, dst), _| {
+                    let keep = !doomed.contains(dst);
+                    if !keep {
+                        b.delete_key(keys::rel(src, dst, name));
+                    }
+                    keep
+                });
+            }
+            rels.retain(|_, m| !m.is_empty());
+            Ok(doomed.len())
+        })
+        .await?
+    }
+
+    /// Change the lifecycle state. `retired` is final.
+    pub async fn set_lifecycle(&self, id: TwinId, state: Lifecycle) -> Result<Twin, RegistryError> {
+        let t = self
+            .write(move |this, b, changes| {
+                let mut t = this
+                    .inner
+                    .twins
+                    .0
+                    .get_mut(&id)
+                    .ok_or_else(|| RegistryError::twin_not_found(id))?;
+                if t.lifecycle == state {
+                    return Ok(t.clone());
+                }
+                if t.lifecycle == Lifecycle::Retired {
+                    return Err(RegistryError::Conflict(format!(
+                        "twin {id} is retired; retirement is final"
+                    )));
+                }
+                let now = Utc::now();
+                t.lifecycle = state;
+                t.version += 1;
+                bump(&mut t.vclock, &this.inner.node_id);
+                t.updated_at = now;
+                b.lifecycle(id, t.version, now, state);
+                if this.wants_changes() {
+                    changes.push(change(ChangeKind::Lifecycle, &t, Properties::new(), now));
+                }
+                Ok(t.clone())
+            })
+            .await??;
+        Ok(self.with_children(t))
+    }
+
+    // ---- relationships ------------------------------------------------------------------
+
+    /// Create or replace a relationship. Returns true when it is new.
+    pub async fn put_relationship(
+        &self,
+        src: TwinId,
+        name: &str,
+        target: TwinId,
+        props: Value,
+    ) -> Result<bool, RegistryError> {
+        check_name("relationship name", name)?;
+        if !(props.is_object() || props.is_null()) {
+            return Err(RegistryError::BadRequest(
+                "relationship properties must be a JSON object".into(),
+            ));
+        }
+        let props = if props.is_null() {
+            Value::Object(Default::default())
+        } else {
+            props
+        };
+        let bytes = serde_json::to_vec(&props).expect("json serializes");
+        let name = name.to_owned();
+        self.write(move |this, b, _| {
+            let idx = this.inner.index.read();
+            for end in [src, target] {
+                if !idx.all.contains(&end) {
+                    return Err(RegistryError::twin_not_found(end));
+                }
+            }
+            b.put(keys::rel(&src, &target, &name), bytes);
+            let mut rels = this.inner.rels.write();
+            Ok(rels
+                .entry(src)
+                .or_default()
+                .insert((name, target), props)
+                .is_none())
+        })
+        .await?
+    }
+
+    pub async fn delete_relationship(
+        &self,
+        src: TwinId,
+        name: &str,
+        target: TwinId,
+    ) -> Result<(), RegistryError> {
+        let name = name.to_owned();
+        self.write(move |this, b, _| {
+            let mut rels = this.inner.rels.write();
+            let removed = rels
+                .get_mut(&src)
+                .and_then(|m| m.remove(&(name.clone(), target)));
+            if removed.is_none() {
+                return Err(RegistryError::NotFound(format!(
+                    "relationship {name:?} from {src} to {target}"
+                )));
+            }
+            rels.retain(|_, m| !m.is_empty());
+            b.delete_key(keys::rel(&src, &target, &name));
+            Ok(())
+        })
+        .await?
+    }
+}
+
+/// Re-apply a log tail on top of the checkpointed state. Sled may hold a state newer than the
+/// checkpoint marker (a checkpoint reads live twins), so updates and lifecycle changes apply
+/// only when they are newer than the twin's version; creates only when the twin is absent.
+/// History samples are re-derived from every entry (the checkpoint never wrote them).
+pub(super) fn replay(
+    twins: &TwinMap,
+    index: &mut Indexes,
+    node_id: &str,
+    entries: Vec<Entry>,
+    b: &mut Batch,
+) {
+    for e in entries {
+        match e {
+            Entry::Update {
+                id,
+                version,
+                now,
+                ts,
+                patch,
+            } => {
+                if let Some(mut t) = twins.0.get_mut(&id) {
+                    if t.version < version {
+                        merge(&mut t.properties, &patch);
+                        t.version = version;
+                        bump(&mut t.vclock, node_id);
+                        t.updated_at = now;
+                    }
+                    points(b, id, &patch, ts);
+                    b.mark_dirty(id);
+                }
+            }
+            Entry::Create(t) => {
+                if !twins.0.contains_key(&t.id) {
+                    index.insert(&t);
+                    points(b, t.id, &t.properties, t.created_at);
+                    b.mark_dirty(t.id);
+                    twins.0.insert(t.id, *t);
+                }
+            }
+            Entry::Delete(id) => {
+                if let Some((_, t)) = twins.0.remove(&id) {
+                    index.remove(&t);
+                }
+                b.mark_dirty(id);
+            }
+            Entry::Lifecycle {
+                id,
+                version,
+                now,
+                state,
+            } => {
+                if let Some(mut t) = twins.0.get_mut(&id) {
+                    if t.version < version {
+                        t.lifecycle = state;
+                        t.version = version;
+                        bump(&mut t.vclock, node_id);
+                        t.updated_at = now;
+                    }
+                    b.mark_dirty(id);
+                }
+            }
+            Entry::Put(..) | Entry::DeleteKey(_) | Entry::DeletePrefix(_) => {}
+        }
+    }
+}
