@@ -31,7 +31,7 @@ use utoipa::ToSchema;
 
 pub use error::RegistryError;
 pub use model::Model;
-pub use query::{Page, Query};
+pub use query::{Page, Query, TwinRef};
 
 use crate::store::{keys, CommitHandle, StateSource, Store, StoreError};
 use crate::types::{Lifecycle, Properties, Twin, TwinId};
@@ -166,7 +166,10 @@ impl Indexes {
 }
 
 /// Twins by id. Fx hashing: ids are UUIDs (uniform enough) and this map is on every update.
-struct TwinMap(DashMap<TwinId, Twin, rustc_hash::FxBuildHasher>);
+///
+/// Twins are shared (`Arc`): readers take a reference instead of copying, and the writer's
+/// `Arc::make_mut` copies a twin only while a reader still holds the old one.
+struct TwinMap(DashMap<TwinId, Arc<Twin>, rustc_hash::FxBuildHasher>);
 
 impl StateSource for TwinMap {
     fn twin_bytes(&self, id: &TwinId) -> Option<Vec<u8>> {
@@ -228,7 +231,7 @@ impl Registry {
             let (k, v) = kv?;
             let t: Twin = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
             index.insert(&t);
-            twins.0.insert(t.id, t);
+            twins.0.insert(t.id, Arc::new(t));
         }
         let mut models = HashMap::new();
         for kv in store.scan_prefix(&[keys::MODEL]) {
@@ -368,7 +371,7 @@ impl Registry {
             .twins
             .0
             .get(id)
-            .map(|t| t.clone())
+            .map(|t| (**t).clone())
             .ok_or_else(|| RegistryError::twin_not_found(id))?;
         Ok(self.with_children(t))
     }
@@ -438,13 +441,16 @@ impl Registry {
         } else {
             &idx.all
         };
+        let from_type_index =
+            q.parent_id.is_none() && q.ancestor_id.is_none() && q.entity_type.is_some();
         // With both filters the source is the parent's children; check the ancestor by walking up.
         let walk_to = q.ancestor_id.filter(|_| q.parent_id.is_some());
         let mut items = Vec::with_capacity(limit.min(1024));
         let mut more = false;
         for id in source.range((lower, Bound::Unbounded)) {
             let matched = match self.inner.twins.0.get(id) {
-                Some(t) if q.matches(&t) => t.clone(),
+                Some(t) if from_type_index && q.matches_props(&t) => Arc::clone(&t),
+                Some(t) if !from_type_index && q.matches(&t) => Arc::clone(&t),
                 _ => continue,
             };
             if walk_to.is_some_and(|a| !self.has_ancestor(&matched, a)) {
@@ -454,14 +460,14 @@ impl Registry {
                 more = true;
                 break;
             }
-            let mut t = matched;
-            if let Some(kids) = idx.children.get(&t.id) {
-                t.children_ids = kids.clone();
-            }
-            items.push(t);
+            let children_ids = idx.children.get(&matched.id).cloned().unwrap_or_default();
+            items.push(TwinRef {
+                twin: matched,
+                children_ids,
+            });
         }
         let next_cursor = if more {
-            items.last().map(|t: &Twin| t.id.to_string())
+            items.last().map(|t| t.twin.id.to_string())
         } else {
             None
         };

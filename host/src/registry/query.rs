@@ -76,8 +76,48 @@ pub struct Query {
 /// One page of results.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Page {
-    pub items: Vec<Twin>,
+    #[schema(value_type = Vec<Twin>)]
+    pub items: Vec<TwinRef>,
     pub next_cursor: Option<String>,
+}
+
+/// A shared twin with its children, serialized exactly like [`Twin`] without copying it.
+#[derive(Clone, Debug)]
+pub struct TwinRef {
+    pub twin: std::sync::Arc<Twin>,
+    pub children_ids: std::collections::BTreeSet<TwinId>,
+}
+
+impl Serialize for TwinRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct View<'a> {
+            id: TwinId,
+            entity_type: &'a str,
+            properties: &'a Properties,
+            version: u64,
+            vclock: &'a crate::types::VClock,
+            parent_id: Option<TwinId>,
+            children_ids: &'a std::collections::BTreeSet<TwinId>,
+            lifecycle: crate::types::Lifecycle,
+            created_at: chrono::DateTime<chrono::Utc>,
+            updated_at: chrono::DateTime<chrono::Utc>,
+        }
+        let t = &*self.twin;
+        View {
+            id: t.id,
+            entity_type: &t.entity_type,
+            properties: &t.properties,
+            version: t.version,
+            vclock: &t.vclock,
+            parent_id: t.parent_id,
+            children_ids: &self.children_ids,
+            lifecycle: t.lifecycle,
+            created_at: t.created_at,
+            updated_at: t.updated_at,
+        }
+        .serialize(s)
+    }
 }
 
 impl Query {
@@ -113,11 +153,16 @@ impl Query {
 
     /// Whether a twin's own fields match (hierarchy filters are checked by the registry).
     pub fn matches(&self, t: &Twin) -> bool {
-        if let Some(et) = &self.entity_type {
-            if &t.entity_type != et {
-                return false;
-            }
-        }
+        self.matches_props(t)
+            && self
+                .entity_type
+                .as_ref()
+                .is_none_or(|et| &t.entity_type == et)
+    }
+
+    /// [`Query::matches`] without the entity-type check, for candidates that come from the
+    /// entity-type index (the check would only repeat it).
+    pub fn matches_props(&self, t: &Twin) -> bool {
         if let Some(p) = self.parent_id {
             if t.parent_id != Some(p) {
                 return false;

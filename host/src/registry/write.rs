@@ -185,7 +185,7 @@ impl Registry {
                             now,
                         ));
                     }
-                    this.inner.twins.0.insert(id, twin.clone());
+                    this.inner.twins.0.insert(id, Arc::new(twin.clone()));
                     Ok(twin)
                 })
                 .collect()
@@ -229,12 +229,13 @@ impl Registry {
         changes: &mut Vec<Change>,
         want_twin: bool,
     ) -> Result<Option<Twin>, RegistryError> {
-        let mut t = self
+        let mut entry = self
             .inner
             .twins
             .0
             .get_mut(&u.twin_id)
             .ok_or_else(|| RegistryError::twin_not_found(u.twin_id))?;
+        let t = Arc::make_mut(&mut *entry);
         if t.lifecycle == Lifecycle::Retired {
             return Err(RegistryError::Conflict(format!(
                 "twin {} is retired and refuses updates",
@@ -270,7 +271,7 @@ impl Registry {
         b.update(u.twin_id, t.version, now, ts, &u.patch);
         points(b, u.twin_id, &u.patch, ts);
         if self.wants_changes() {
-            changes.push(change(ChangeKind::Updated, &t, u.patch.clone(), ts));
+            changes.push(change(ChangeKind::Updated, t, u.patch.clone(), ts));
         }
         Ok(want_twin.then(|| t.clone()))
     }
@@ -326,15 +327,16 @@ impl Registry {
     pub async fn set_lifecycle(&self, id: TwinId, state: Lifecycle) -> Result<Twin, RegistryError> {
         let t = self
             .write(move |this, b, changes| {
-                let mut t = this
+                let mut entry = this
                     .inner
                     .twins
                     .0
                     .get_mut(&id)
                     .ok_or_else(|| RegistryError::twin_not_found(id))?;
-                if t.lifecycle == state {
-                    return Ok(t.clone());
+                if entry.lifecycle == state {
+                    return Ok((**entry).clone());
                 }
+                let t = Arc::make_mut(&mut *entry);
                 if t.lifecycle == Lifecycle::Retired {
                     return Err(RegistryError::Conflict(format!(
                         "twin {id} is retired; retirement is final"
@@ -347,7 +349,7 @@ impl Registry {
                 t.updated_at = now;
                 b.lifecycle(id, t.version, now, state);
                 if this.wants_changes() {
-                    changes.push(change(ChangeKind::Lifecycle, &t, Properties::new(), now));
+                    changes.push(change(ChangeKind::Lifecycle, t, Properties::new(), now));
                 }
                 Ok(t.clone())
             })
@@ -441,7 +443,8 @@ pub(super) fn replay(
                 ts,
                 patch,
             } => {
-                if let Some(mut t) = twins.0.get_mut(&id) {
+                if let Some(mut entry) = twins.0.get_mut(&id) {
+                    let t = Arc::make_mut(&mut *entry);
                     if t.version < version {
                         merge(&mut t.properties, &patch);
                         t.version = version;
@@ -457,7 +460,7 @@ pub(super) fn replay(
                     index.insert(&t);
                     points(b, t.id, &t.properties, t.created_at);
                     b.mark_dirty(t.id);
-                    twins.0.insert(t.id, *t);
+                    twins.0.insert(t.id, Arc::new(*t));
                 }
             }
             Entry::Delete(id) => {
@@ -472,7 +475,8 @@ pub(super) fn replay(
                 now,
                 state,
             } => {
-                if let Some(mut t) = twins.0.get_mut(&id) {
+                if let Some(mut entry) = twins.0.get_mut(&id) {
+                    let t = Arc::make_mut(&mut *entry);
                     if t.version < version {
                         t.lifecycle = state;
                         t.version = version;

@@ -36,6 +36,11 @@ pub const QUEUE_CAPACITY: usize = 4096;
 pub const MAX_JOBS_PER_COMMIT: usize = 4096;
 /// How long a producer waits for a queue slot before giving up with `Overloaded`.
 pub const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most history samples waiting for a checkpoint. When the checkpoint thread falls this far
+/// behind, the writer stops taking jobs until it catches up (producers then see 429s), so
+/// memory stays bounded: at most twice this many samples (pending + being checkpointed).
+pub const MAX_PENDING_SAMPLES: usize = 8_000_000;
+
 /// Default checkpoint interval (`serve --checkpoint-every`; bounds replay after a crash).
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// Checkpoint when the current log segment grows past this.
@@ -63,6 +68,7 @@ type SeriesMap = HashMap<TwinId, Vec<(Arc<str>, i64, f64)>, FxBuildHasher>;
 #[derive(Default)]
 pub struct PendingHistory {
     current: SeriesMap,
+    current_samples: usize,
     checkpointing: Option<Arc<SeriesMap>>,
 }
 
@@ -306,8 +312,10 @@ pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
         })
     };
     let writer = {
-        let replayed = s.replayed;
-        spawn("twinhost-commit", move || writer(rx, sync_tx, replayed))
+        let (replayed, pending) = (s.replayed, s.pending.clone());
+        spawn("twinhost-commit", move || {
+            writer(rx, sync_tx, replayed, pending)
+        })
     };
     Ok(CommitHandle {
         tx,
@@ -342,6 +350,7 @@ fn writer(
     mut rx: mpsc::Receiver<Msg>,
     sync_tx: std::sync::mpsc::SyncSender<Commit>,
     replayed: Option<Batch>,
+    pending: Arc<parking_lot::Mutex<PendingHistory>>,
 ) {
     if let Some(batch) = replayed {
         let _ = sync_tx.send(Commit {
@@ -353,6 +362,9 @@ fn writer(
     }
     let mut closing = false;
     while !closing {
+        while pending.lock().current_samples >= MAX_PENDING_SAMPLES {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut batch = Batch::new();
         let mut dones: Vec<Done> = Vec::new();
         match rx.blocking_recv() {
@@ -440,6 +452,7 @@ fn syncer(
                 busy.store(true, Ordering::Release);
                 let points = {
                     let mut p = pending.lock();
+                    p.current_samples = 0;
                     let map = Arc::new(std::mem::take(&mut p.current));
                     p.checkpointing = Some(map.clone());
                     map
@@ -467,8 +480,11 @@ fn publish_points(pending: &parking_lot::Mutex<PendingHistory>, batch: &mut Batc
     }
     let mut p = pending.lock();
     for id in batch.deleted.drain(..) {
-        p.current.remove(&id);
+        if let Some(gone) = p.current.remove(&id) {
+            p.current_samples -= gone.len();
+        }
     }
+    p.current_samples += batch.points.len();
     for (id, name, ts, v) in batch.points.drain(..) {
         p.current.entry(id).or_default().push((name, ts, v));
     }
@@ -483,6 +499,7 @@ fn checkpointer(
     busy: Arc<AtomicBool>,
     stats: Arc<CommitStats>,
 ) {
+    lower_priority();
     for ck in rx {
         let started = Instant::now();
         match write_checkpoint(&db, source.as_ref(), &ck) {
@@ -516,6 +533,20 @@ fn checkpointer(
         busy.store(false, Ordering::Release);
     }
 }
+
+/// Checkpoints are background work: let request threads and the commit path win the CPU
+/// (Linux applies `setpriority` to the calling thread when given its thread id).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take no pointers; failure only leaves the priority as is.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, CHECKPOINT_NICE);
+    }
+}
+
+/// Nice value of the checkpoint thread.
+const CHECKPOINT_NICE: libc::c_int = 10;
 
 fn write_checkpoint(
     db: &sled::Db,
