@@ -40,6 +40,21 @@ pub struct IngestResult {
     pub rejected: Vec<Rejected>,
 }
 
+/// Admit an ingest request only while fewer than the configured number are running;
+/// otherwise answer 429 with `Retry-After` before reading the body.
+pub async fn admit(
+    State(slots): State<std::sync::Arc<tokio::sync::Semaphore>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    let _permit = slots.try_acquire().map_err(|_| {
+        ApiError::Overloaded(
+            "too many ingest requests at once; retry after the Retry-After delay".into(),
+        )
+    })?;
+    Ok(next.run(req).await)
+}
+
 /// Bodies above this size are parsed on the blocking pool so they don't stall other requests.
 const PARSE_INLINE_MAX: usize = 256 * 1024;
 

@@ -32,12 +32,17 @@ use crate::store::Store;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Default body limit of `POST /v1/ingest` (`--max-ingest-bytes`).
 pub const DEFAULT_MAX_INGEST_BYTES: usize = 64 * 1024 * 1024;
+/// Default number of ingest requests processed at once (`--max-concurrent-ingest`). Each
+/// holds its whole body and parsed items in memory, so this bounds ingest memory to about
+/// this many times the body limit; more requests are answered 429 at once.
+pub const DEFAULT_MAX_CONCURRENT_INGEST: usize = 8;
 
 /// Limits the API enforces.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_ingest_bytes: usize,
+    pub max_concurrent_ingest: usize,
 }
 
 impl Default for Limits {
@@ -45,6 +50,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_ingest_bytes: DEFAULT_MAX_INGEST_BYTES,
+            max_concurrent_ingest: DEFAULT_MAX_CONCURRENT_INGEST,
         }
     }
 }
@@ -93,7 +99,13 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .merge(
             Router::new()
                 .route("/ingest", post(twins::ingest))
-                .layer(DefaultBodyLimit::max(limits.max_ingest_bytes)),
+                .layer(DefaultBodyLimit::max(limits.max_ingest_bytes))
+                .layer(axum::middleware::from_fn_with_state(
+                    Arc::new(tokio::sync::Semaphore::new(
+                        limits.max_concurrent_ingest.max(1),
+                    )),
+                    ingest::admit,
+                )),
         );
     Router::new()
         .nest("/v1", v1)

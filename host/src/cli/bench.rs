@@ -291,6 +291,7 @@ async fn serve_in_process(node: &super::serve::Node) -> anyhow::Result<String> {
         Limits {
             max_body_bytes: 1 << 20,
             max_ingest_bytes: 256 << 20,
+            ..Limits::default()
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// Largest ingest body, in bytes.
     #[arg(long, env = "TWINHOST_MAX_INGEST_BYTES", default_value_t = api::DEFAULT_MAX_INGEST_BYTES)]
     pub max_ingest_bytes: usize,
+    /// Ingest requests processed at once; more are answered 429.
+    #[arg(long, env = "TWINHOST_MAX_CONCURRENT_INGEST", default_value_t = api::DEFAULT_MAX_CONCURRENT_INGEST)]
+    pub max_concurrent_ingest: usize,
     /// Drop history older than this (e.g. `7d`, `12h`).
     #[arg(long, env = "TWINHOST_HISTORY_MAX_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
     pub history_max_age: Duration,
@@ -175,6 +178,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Limits {
             max_body_bytes: args.max_body_bytes,
             max_ingest_bytes: args.max_ingest_bytes,
+            max_concurrent_ingest: args.max_concurrent_ingest,
         },
     );
     let listener = tokio::net::TcpListener::bind(args.listen)

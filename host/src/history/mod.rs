@@ -205,3 +205,60 @@ fn bucket((start, n, mn, mx, sum): (i64, u64, f64, f64, f64)) -> Bucket {
         avg: sum / n as f64,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Write one chunk of `n` samples starting at `t0` (µs), one per second.
+    fn chunk(store: &Store, id: &TwinId, prop: &str, t0: i64, n: usize, seq: u64) {
+        let mut key = keys::history_series(id, prop);
+        key.extend_from_slice(&keys::ts_bytes(t0));
+        key.extend_from_slice(&seq.to_be_bytes());
+        let mut val = Vec::new();
+        for i in 0..n {
+            val.extend_from_slice(&(t0 + i as i64 * 1_000_000).to_le_bytes());
+            val.extend_from_slice(&(i as f64).to_le_bytes());
+        }
+        store.put_durable(&key, &val).unwrap();
+    }
+
+    #[test]
+    fn sweep_enforces_age_and_points_per_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Utc::now();
+        let us = now.timestamp_micros();
+        let hour = 3_600_000_000i64;
+        let (a, b) = (TwinId::new_v7(), TwinId::new_v7());
+        // Series a: one chunk two days old, three recent chunks of 10 points.
+        chunk(&store, &a, "t", us - 48 * hour, 10, 1);
+        for (i, seq) in (2..5).enumerate() {
+            chunk(&store, &a, "t", us - (3 - i as i64) * hour, 10, seq);
+        }
+        // Series b: recent and small, untouched.
+        chunk(&store, &b, "t", us - hour, 5, 9);
+        let h = History::new(
+            store,
+            Retention {
+                max_age: Duration::from_secs(24 * 3600),
+                max_points_per_series: 15,
+            },
+        );
+        assert_eq!(h.points(&a, "t", None, None).unwrap().len(), 40);
+        // The old chunk goes by age; of the 30 recent points, the oldest chunks go until at
+        // most 15 remain (whole chunks: 10 are kept).
+        assert_eq!(h.sweep(now).unwrap(), 3);
+        let left = h.points(&a, "t", None, None).unwrap();
+        assert_eq!(left.len(), 10);
+        assert!(left[0].ts.timestamp_micros() >= us - hour);
+        assert_eq!(h.points(&b, "t", None, None).unwrap().len(), 5);
+        // Buckets over what is left: one per hour-aligned step.
+        let buckets = h
+            .buckets(&a, "t", None, None, Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 10);
+        assert_eq!(buckets[0].min, 0.0);
+        assert_eq!(buckets.last().unwrap().max, 9.0);
+    }
+}
