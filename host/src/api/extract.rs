@@ -41,10 +41,20 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "the body is empty; expected JSON".into(),
         ));
     }
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::BadRequest(format!("invalid body: {e}")),
-        _ => ApiError::InvalidJson(format!("malformed JSON: {e}")),
-    })
+    serde_json::from_slice(bytes).map_err(|e| json_error(bytes, e, "invalid body"))
+}
+
+/// Tell malformed JSON (`invalid_json`) from well-formed JSON of the wrong shape
+/// (`bad_request`). serde reports some shape errors (a number where an enum is expected) as
+/// syntax errors, so on failure the text is checked once more for well-formedness.
+pub fn json_error(bytes: &[u8], e: serde_json::Error, what: &str) -> ApiError {
+    let well_formed = e.classify() == serde_json::error::Category::Data
+        || serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+    if well_formed {
+        ApiError::BadRequest(format!("{what}: {e}"))
+    } else {
+        ApiError::InvalidJson(format!("malformed JSON: {e}"))
+    }
 }
 
 /// Path parameters; a bad UUID → 400.
@@ -72,5 +82,45 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
             .await
             .map(|q| Query(q.0))
             .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Lifecycle;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Body {
+        state: Lifecycle,
+    }
+
+    #[test]
+    fn wrong_shapes_are_bad_request_and_broken_json_is_invalid_json() {
+        for bad_shape in [&br#"{"state": 1}"#[..], br#"{"state": "gone"}"#, br#"[1]"#] {
+            let e = parse_json::<Body>(bad_shape).unwrap_err();
+            assert_eq!(
+                e.code(),
+                "bad_request",
+                "{}",
+                String::from_utf8_lossy(bad_shape)
+            );
+        }
+        for broken in [&br#"{"state": "#[..], b"{bad", b"   "] {
+            let e = parse_json::<Body>(broken).unwrap_err();
+            assert_eq!(
+                e.code(),
+                "invalid_json",
+                "{}",
+                String::from_utf8_lossy(broken)
+            );
+        }
+        assert_eq!(
+            parse_json::<Body>(br#"{"state": "retired"}"#)
+                .unwrap()
+                .state,
+            Lifecycle::Retired
+        );
     }
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::error::ErrorBody;
-use super::extract::body_bytes;
+use super::extract::{body_bytes, json_error};
 use super::{ApiError, AppState};
 use crate::registry::Update;
 use crate::types::{Properties, TwinId};
@@ -58,13 +58,6 @@ pub async fn admit(
 /// Bodies above this size are parsed on the blocking pool so they don't stall other requests.
 const PARSE_INLINE_MAX: usize = 256 * 1024;
 
-fn item_error(e: serde_json::Error) -> ApiError {
-    match e.classify() {
-        serde_json::error::Category::Data => ApiError::BadRequest(format!("invalid item: {e}")),
-        _ => ApiError::InvalidJson(format!("malformed JSON: {e}")),
-    }
-}
-
 /// Parsed items with their index in the body, and the items that did not parse.
 pub type Parsed = (Vec<(usize, Update)>, Vec<Rejected>);
 
@@ -72,7 +65,7 @@ pub type Parsed = (Vec<(usize, Update)>, Vec<Rejected>);
 pub fn parse(body: &[u8], ndjson: bool) -> Result<Parsed, ApiError> {
     let mut ok = Vec::new();
     let mut bad = Vec::new();
-    let mut take = |i: usize, r: Result<IngestItem, serde_json::Error>| match r {
+    let mut take = |i: usize, text: &[u8], r: Result<IngestItem, serde_json::Error>| match r {
         Ok(it) => ok.push((
             i,
             Update {
@@ -84,7 +77,7 @@ pub fn parse(body: &[u8], ndjson: bool) -> Result<Parsed, ApiError> {
         )),
         Err(e) => bad.push(Rejected {
             index: i,
-            error: item_error(e).body()["error"].clone(),
+            error: json_error(text, e, "invalid item").body()["error"].clone(),
         }),
     };
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
@@ -92,7 +85,7 @@ pub fn parse(body: &[u8], ndjson: bool) -> Result<Parsed, ApiError> {
         let items: Vec<&RawValue> = serde_json::from_slice(body)
             .map_err(|e| ApiError::InvalidJson(format!("malformed JSON array: {e}")))?;
         for (i, raw) in items.into_iter().enumerate() {
-            take(i, serde_json::from_str(raw.get()));
+            take(i, raw.get().as_bytes(), serde_json::from_str(raw.get()));
         }
     } else {
         let mut i = 0;
@@ -100,7 +93,7 @@ pub fn parse(body: &[u8], ndjson: bool) -> Result<Parsed, ApiError> {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            take(i, serde_json::from_slice(line));
+            take(i, line, serde_json::from_slice(line));
             i += 1;
         }
     }

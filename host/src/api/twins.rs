@@ -41,7 +41,7 @@ pub async fn create(
     Ok(r)
 }
 
-#[utoipa::path(get, path = "/v1/twins/{id}", tag = "twins", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/twins/{id}", tag = "twins", params(("id" = uuid::Uuid, Path)),
     responses((status = 200, body = Twin, headers(("ETag" = String))), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_one(
     State(s): State<AppState>,
@@ -71,7 +71,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 }
 
 /// Apply a JSON merge patch (RFC 7396) to the twin's properties.
-#[utoipa::path(patch, path = "/v1/twins/{id}", tag = "twins", params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+#[utoipa::path(patch, path = "/v1/twins/{id}", tag = "twins", params(("id" = uuid::Uuid, Path), ("If-Match" = Option<String>, Header)),
     request_body(content = Object, description = "merge patch of properties; null removes"),
     responses((status = 200, body = Twin), (status = 409, description = "retired", body = ErrorBody),
               (status = 412, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -105,7 +105,7 @@ pub struct DeleteParams {
     cascade: bool,
 }
 
-#[utoipa::path(delete, path = "/v1/twins/{id}", tag = "twins", params(("id" = String, Path), DeleteParams),
+#[utoipa::path(delete, path = "/v1/twins/{id}", tag = "twins", params(("id" = uuid::Uuid, Path), DeleteParams),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, description = "has children", body = ErrorBody)))]
 pub async fn delete(
     State(s): State<AppState>,
@@ -122,7 +122,7 @@ pub struct LifecycleBody {
     state: Lifecycle,
 }
 
-#[utoipa::path(put, path = "/v1/twins/{id}/lifecycle", tag = "twins", params(("id" = String, Path)), request_body = LifecycleBody,
+#[utoipa::path(put, path = "/v1/twins/{id}/lifecycle", tag = "twins", params(("id" = uuid::Uuid, Path)), request_body = LifecycleBody,
     responses((status = 200, body = Twin), (status = 409, description = "retired is final", body = ErrorBody)))]
 pub async fn lifecycle(
     State(s): State<AppState>,
@@ -135,7 +135,7 @@ pub async fn lifecycle(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/twins/{id}/children", tag = "twins", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/twins/{id}/children", tag = "twins", params(("id" = uuid::Uuid, Path)),
     responses((status = 200, body = Vec<Twin>), (status = 404, body = ErrorBody)))]
 pub async fn children(
     State(s): State<AppState>,
@@ -145,7 +145,7 @@ pub async fn children(
 }
 
 /// Ancestors, nearest first.
-#[utoipa::path(get, path = "/v1/twins/{id}/ancestors", tag = "twins", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/twins/{id}/ancestors", tag = "twins", params(("id" = uuid::Uuid, Path)),
     responses((status = 200, body = Vec<Twin>), (status = 404, body = ErrorBody)))]
 pub async fn ancestors(
     State(s): State<AppState>,
@@ -154,7 +154,7 @@ pub async fn ancestors(
     Ok(axum::Json(s.registry.ancestors(&id)?))
 }
 
-#[utoipa::path(get, path = "/v1/twins/{id}/relationships", tag = "twins", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/twins/{id}/relationships", tag = "twins", params(("id" = uuid::Uuid, Path)),
     responses((status = 200, body = Vec<Relationship>), (status = 404, body = ErrorBody)))]
 pub async fn relationships(
     State(s): State<AppState>,
@@ -164,7 +164,7 @@ pub async fn relationships(
 }
 
 #[utoipa::path(put, path = "/v1/twins/{id}/relationships/{name}/{target_id}", tag = "twins",
-    params(("id" = String, Path), ("name" = String, Path), ("target_id" = String, Path)),
+    params(("id" = uuid::Uuid, Path), ("name" = String, Path), ("target_id" = uuid::Uuid, Path)),
     request_body(content = Option<Object>, description = "optional relationship properties"),
     responses((status = 201, body = Relationship), (status = 200, body = Relationship), (status = 404, body = ErrorBody)))]
 pub async fn put_relationship(
@@ -200,7 +200,7 @@ pub async fn put_relationship(
 }
 
 #[utoipa::path(delete, path = "/v1/twins/{id}/relationships/{name}/{target_id}", tag = "twins",
-    params(("id" = String, Path), ("name" = String, Path), ("target_id" = String, Path)),
+    params(("id" = uuid::Uuid, Path), ("name" = String, Path), ("target_id" = uuid::Uuid, Path)),
     responses((status = 204), (status = 404, body = ErrorBody)))]
 pub async fn delete_relationship(
     State(s): State<AppState>,
@@ -260,7 +260,7 @@ const MIN_STEP: Duration = Duration::from_millis(1);
 
 /// History of a numeric property: raw points, or buckets with `step`.
 #[utoipa::path(get, path = "/v1/twins/{id}/history/{property}", tag = "history",
-    params(("id" = String, Path), ("property" = String, Path), HistoryParams),
+    params(("id" = uuid::Uuid, Path), ("property" = String, Path), HistoryParams),
     responses((status = 200, description = "`{\"points\": [...]}` or `{\"buckets\": [...]}`"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn history(
     State(s): State<AppState>,

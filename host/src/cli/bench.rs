@@ -97,6 +97,24 @@ fn cpu_percent(a: ProcSample, b: ProcSample) -> f64 {
     100.0 * (b.cpu_s - a.cpu_s) / b.at.duration_since(a.at).as_secs_f64().max(1e-9)
 }
 
+/// Wait for the workers; return what they counted, the seconds since `p0`, and CPU percent.
+async fn finish(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    done: &AtomicU64,
+    p0: ProcSample,
+) -> anyhow::Result<(f64, f64, f64)> {
+    for t in tasks {
+        t.await??;
+    }
+    let p1 = proc_sample();
+    let secs = p1.at.duration_since(p0.at).as_secs_f64();
+    Ok((
+        done.load(Ordering::Relaxed) as f64,
+        secs,
+        cpu_percent(p0, p1),
+    ))
+}
+
 struct Fleet {
     _dir: tempfile::TempDir,
     node: super::serve::Node,
@@ -218,15 +236,10 @@ async fn inproc_max(
             anyhow::Ok(())
         }));
     }
-    for t in tasks {
-        t.await??;
-    }
-    let p1 = proc_sample();
-    let n = done.load(Ordering::Relaxed) as f64;
-    let s = p1.at.duration_since(p0.at).as_secs_f64();
+    let (n, s, cpu) = finish(tasks, &done, p0).await?;
     Ok(
         json!({"updates_per_s": (n / s).round(), "property_values_per_s": (n * nprops as f64 / s).round(),
-              "cpu_percent": cpu_percent(p0, p1).round(), "updates": n}),
+              "cpu_percent": cpu.round(), "updates": n}),
     )
 }
 
@@ -340,13 +353,8 @@ async fn http_ingest(url: &str, ids: &[TwinId], nprops: usize, secs: f64) -> any
             anyhow::Ok(())
         }));
     }
-    for t in tasks {
-        t.await??;
-    }
-    let p1 = proc_sample();
-    let n = done.load(Ordering::Relaxed) as f64;
-    let s = p1.at.duration_since(p0.at).as_secs_f64();
-    Ok(json!({"updates_per_s": (n / s).round(), "cpu_percent": cpu_percent(p0, p1).round()}))
+    let (n, s, cpu) = finish(tasks, &done, p0).await?;
+    Ok(json!({"updates_per_s": (n / s).round(), "cpu_percent": cpu.round()}))
 }
 
 /// Phase 4: open-loop PATCHes at a fixed rate; latency from send to response.
@@ -402,7 +410,7 @@ async fn query_http_rate(url: &str, q: &Query, secs: f64) -> anyhow::Result<f64>
     let body = serde_json::to_vec(q)?;
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    let start = Instant::now();
+    let p0 = proc_sample();
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let (client, body, done, url) =
@@ -421,10 +429,8 @@ async fn query_http_rate(url: &str, q: &Query, secs: f64) -> anyhow::Result<f64>
             anyhow::Ok(())
         }));
     }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+    let (n, s, _) = finish(tasks, &done, p0).await?;
+    Ok(n / s)
 }
 
 fn seed_query(limit: usize) -> Query {

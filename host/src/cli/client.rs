@@ -272,7 +272,7 @@ pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<(
     let mut batches: Box<dyn Iterator<Item = anyhow::Result<Chunk>>> = if first == Some(b'[') {
         let mut text = String::new();
         reader.read_to_string(&mut text)?;
-        let items: Vec<Box<serde_json::value::RawValue>> =
+        let items: Vec<Value> =
             serde_json::from_str(&text).context("the file is not a JSON array")?;
         let per_item = size / items.len().max(1) as u64;
         let chunks: Vec<Chunk> = items
@@ -280,7 +280,8 @@ pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<(
             .map(|ch| {
                 let mut body = Vec::new();
                 for it in ch {
-                    body.extend_from_slice(it.get().as_bytes());
+                    // Compact: an item spread over several lines must stay one NDJSON line.
+                    serde_json::to_writer(&mut body, it).expect("a Value serializes");
                     body.push(b'\n');
                 }
                 (body, ch.len(), per_item * ch.len() as u64)

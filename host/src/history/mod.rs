@@ -82,7 +82,8 @@ impl History {
     }
 
     /// Samples of one series in `[from, to]`, ordered by time, at most [`MAX_POINTS_PER_READ`]
-    /// (the oldest ones are kept when there are more).
+    /// (the newest ones are kept when there are more). Identical (time, value) samples are
+    /// returned once.
     pub fn points(
         &self,
         id: &TwinId,
@@ -107,7 +108,10 @@ impl History {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
         out.dedup();
-        out.truncate(MAX_POINTS_PER_READ);
+        // Keep the newest samples when there are more than one read returns.
+        if out.len() > MAX_POINTS_PER_READ {
+            out.drain(..out.len() - MAX_POINTS_PER_READ);
+        }
         Ok(out
             .into_iter()
             .map(|(t, value)| Sample {

@@ -33,6 +33,7 @@ pub use error::RegistryError;
 pub use model::Model;
 pub use query::{Page, Query, TwinRef};
 
+use crate::store::wal::from_slice_unbounded;
 use crate::store::{keys, CommitHandle, StateSource, Store, StoreError};
 use crate::types::{Lifecycle, Properties, Twin, TwinId};
 
@@ -229,21 +230,21 @@ impl Registry {
         let mut index = Indexes::default();
         for kv in store.scan_prefix(&[keys::TWIN]) {
             let (k, v) = kv?;
-            let t: Twin = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            let t: Twin = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
             index.insert(&t);
             twins.0.insert(t.id, Arc::new(t));
         }
         let mut models = HashMap::new();
         for kv in store.scan_prefix(&[keys::MODEL]) {
             let (k, v) = kv?;
-            let m: Model = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            let m: Model = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
             models.insert(String::from_utf8_lossy(&k[1..]).into_owned(), Arc::new(m));
         }
         let mut rels: RelMap = BTreeMap::new();
         for kv in store.scan_prefix(&[keys::REL]) {
             let (k, v) = kv?;
             let (src, dst, name) = keys::parse_rel(&k).ok_or_else(|| corrupt(&k, "bad key"))?;
-            let props: Value = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            let props: Value = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
             rels.entry(src).or_default().insert((name, dst), props);
         }
         let replayed = (!entries.is_empty()).then(|| {
@@ -272,8 +273,9 @@ impl Registry {
         Ok(reg)
     }
 
-    /// Finish a cascade delete that a crash interrupted: twins whose parent no longer exists
-    /// (and relationships whose ends are gone) are removed. Run once after [`Registry::open`].
+    /// Finish work a crash interrupted: twins whose parent no longer exists (a cascade
+    /// delete) and relationships whose ends are gone are removed through the write path.
+    /// Run once after [`Registry::open`]. Returns how many records were removed.
     pub async fn repair(&self) -> Result<usize, RegistryError> {
         let orphans: Vec<TwinId> = {
             let idx = self.inner.index.read();
@@ -289,6 +291,21 @@ impl Registry {
         for id in orphans {
             tracing::warn!(twin_id = %id, "removing twin whose parent is gone (interrupted cascade delete)");
             n += self.delete(id, true).await?;
+        }
+        let dangling: Vec<(TwinId, String, TwinId)> = {
+            let idx = self.inner.index.read();
+            self.inner
+                .rels
+                .read()
+                .iter()
+                .flat_map(|(src, m)| m.keys().map(move |(name, dst)| (*src, name.clone(), *dst)))
+                .filter(|(src, _, dst)| !idx.all.contains(src) || !idx.all.contains(dst))
+                .collect()
+        };
+        for (src, name, dst) in dangling {
+            tracing::warn!(source = %src, target = %dst, name = %name, "removing relationship whose end is gone");
+            self.delete_relationship(src, &name, dst).await?;
+            n += 1;
         }
         Ok(n)
     }
@@ -446,8 +463,14 @@ impl Registry {
         // With both filters the source is the parent's children; check the ancestor by walking up.
         let walk_to = q.ancestor_id.filter(|_| q.parent_id.is_some());
         let mut items = Vec::with_capacity(limit.min(1024));
-        let mut more = false;
-        for id in source.range((lower, Bound::Unbounded)) {
+        // Where to resume: after the last returned twin, or after the last examined one when
+        // the scan budget ran out first (a page may then hold fewer than `limit` items).
+        let mut resume: Option<TwinId> = None;
+        for (examined, id) in source.range((lower, Bound::Unbounded)).enumerate() {
+            if examined == query::MAX_EXAMINED_PER_PAGE {
+                resume = Some(*id);
+                break;
+            }
             let matched = match self.inner.twins.0.get(id) {
                 Some(t) if from_type_index && q.matches_props(&t) => Arc::clone(&t),
                 Some(t) if !from_type_index && q.matches(&t) => Arc::clone(&t),
@@ -457,7 +480,7 @@ impl Registry {
                 continue;
             }
             if items.len() == limit {
-                more = true;
+                resume = items.last().map(|t: &TwinRef| t.twin.id);
                 break;
             }
             let children_ids = idx.children.get(&matched.id).cloned().unwrap_or_default();
@@ -466,11 +489,19 @@ impl Registry {
                 children_ids,
             });
         }
-        let next_cursor = if more {
-            items.last().map(|t| t.twin.id.to_string())
-        } else {
-            None
-        };
+        // The budget stopped the scan at `id` before examining it: resume just before it.
+        let next_cursor = resume.map(|id| {
+            if items.last().map(|t| t.twin.id) == Some(id) {
+                id
+            } else {
+                source
+                    .range((lower, Bound::Excluded(id)))
+                    .next_back()
+                    .copied()
+                    .unwrap_or(id)
+            }
+        });
+        let next_cursor = next_cursor.map(|id| id.to_string());
         Ok(Page { items, next_cursor })
     }
 }

@@ -13,6 +13,9 @@ use crate::types::{Properties, Twin, TwinId};
 pub const DEFAULT_LIMIT: usize = 100;
 /// Largest page a query may ask for.
 pub const MAX_LIMIT: usize = 10_000;
+/// Most twins one page examines. A query that matches few twins stops here and returns the
+/// matches so far with a cursor, so no request holds the index for long (writes wait on it).
+pub const MAX_EXAMINED_PER_PAGE: usize = 100_000;
 /// Most `where` conditions in one query.
 pub const MAX_CONDITIONS: usize = 64;
 

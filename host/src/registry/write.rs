@@ -268,7 +268,7 @@ impl Registry {
         bump(&mut t.vclock, &self.inner.node_id);
         t.updated_at = now;
         let ts = u.ts.unwrap_or(now);
-        b.update(u.twin_id, t.version, now, ts, &u.patch);
+        b.update(u.twin_id, t.created_at, t.version, now, ts, &u.patch);
         points(b, u.twin_id, &u.patch, ts);
         if self.wants_changes() {
             changes.push(change(ChangeKind::Updated, t, u.patch.clone(), ts));
@@ -347,7 +347,7 @@ impl Registry {
                 t.version += 1;
                 bump(&mut t.vclock, &this.inner.node_id);
                 t.updated_at = now;
-                b.lifecycle(id, t.version, now, state);
+                b.lifecycle(id, t.created_at, t.version, now, state);
                 if this.wants_changes() {
                     changes.push(change(ChangeKind::Lifecycle, t, Properties::new(), now));
                 }
@@ -425,8 +425,10 @@ impl Registry {
 
 /// Re-apply a log tail on top of the checkpointed state. Sled may hold a state newer than the
 /// checkpoint marker (a checkpoint reads live twins), so updates and lifecycle changes apply
-/// only when they are newer than the twin's version; creates only when the twin is absent.
-/// History samples are re-derived from every entry (the checkpoint never wrote them).
+/// only to the same twin (`born` matches its `created_at`; an id can be deleted and created
+/// again) and only when newer than its version; creates only when the twin is absent.
+/// History samples are re-derived from every entry of the tail (no checkpoint wrote them),
+/// except those of twins the tail later deletes.
 pub(super) fn replay(
     twins: &TwinMap,
     index: &mut Indexes,
@@ -438,12 +440,16 @@ pub(super) fn replay(
         match e {
             Entry::Update {
                 id,
+                born,
                 version,
                 now,
                 ts,
                 patch,
             } => {
                 if let Some(mut entry) = twins.0.get_mut(&id) {
+                    if entry.created_at != born {
+                        continue;
+                    }
                     let t = Arc::make_mut(&mut *entry);
                     if t.version < version {
                         merge(&mut t.properties, &patch);
@@ -456,10 +462,10 @@ pub(super) fn replay(
                 }
             }
             Entry::Create(t) => {
+                points(b, t.id, &t.properties, t.created_at);
+                b.mark_dirty(t.id);
                 if !twins.0.contains_key(&t.id) {
                     index.insert(&t);
-                    points(b, t.id, &t.properties, t.created_at);
-                    b.mark_dirty(t.id);
                     twins.0.insert(t.id, Arc::new(*t));
                 }
             }
@@ -467,15 +473,20 @@ pub(super) fn replay(
                 if let Some((_, t)) = twins.0.remove(&id) {
                     index.remove(&t);
                 }
+                b.forget_points(id);
                 b.mark_dirty(id);
             }
             Entry::Lifecycle {
                 id,
+                born,
                 version,
                 now,
                 state,
             } => {
                 if let Some(mut entry) = twins.0.get_mut(&id) {
+                    if entry.created_at != born {
+                        continue;
+                    }
                     let t = Arc::make_mut(&mut *entry);
                     if t.version < version {
                         t.lifecycle = state;

@@ -34,6 +34,9 @@ use crate::types::{Lifecycle, Properties, Twin, TwinId};
 pub const QUEUE_CAPACITY: usize = 4096;
 /// Most jobs folded into one commit, so one frame never grows without limit.
 pub const MAX_JOBS_PER_COMMIT: usize = 4096;
+/// A commit stops taking more jobs once its log frame passes this size (one job may still
+/// exceed it; a frame's length must fit the frame header's u32).
+pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 /// How long a producer waits for a queue slot before giving up with `Overloaded`.
 pub const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most history samples waiting for a checkpoint. When the checkpoint thread falls this far
@@ -62,20 +65,24 @@ pub enum KvOp {
 
 /// Samples per twin: (property, time in µs, value). Keyed by twin with a fast hasher; the
 /// few properties of one twin are told apart by a scan.
-type SeriesMap = HashMap<TwinId, Vec<(Arc<str>, i64, f64)>, FxBuildHasher>;
+type SeriesMap = HashMap<TwinId, Vec<Sample>, FxBuildHasher>;
+/// One history sample: property, time in µs, value.
+type Sample = (Arc<str>, i64, f64);
 
 /// History samples not yet checkpointed; readers merge them with sled's chunks.
 #[derive(Default)]
 pub struct PendingHistory {
     current: SeriesMap,
     current_samples: usize,
-    checkpointing: Option<Arc<SeriesMap>>,
+    /// Samples handed to a checkpoint that has not succeeded yet (more than one after a
+    /// failed checkpoint, whose samples are carried into the next).
+    checkpointing: Vec<Arc<SeriesMap>>,
 }
 
 impl PendingHistory {
     /// Pending samples of one series (unordered).
     pub fn samples(&self, id: TwinId, property: &str) -> Vec<(i64, f64)> {
-        let maps = std::iter::once(&self.current).chain(self.checkpointing.as_deref());
+        let maps = std::iter::once(&self.current).chain(self.checkpointing.iter().map(|m| &**m));
         maps.filter_map(|m| m.get(&id))
             .flatten()
             .filter(|(name, _, _)| &**name == property)
@@ -100,15 +107,18 @@ impl Batch {
         Batch::default()
     }
 
+    /// A merge patch applied to the twin created at `born`, producing `version`.
+    #[allow(clippy::too_many_arguments)]
     pub fn update(
         &mut self,
         id: TwinId,
+        born: DateTime<Utc>,
         version: u64,
         now: DateTime<Utc>,
         ts: DateTime<Utc>,
         patch: &Properties,
     ) {
-        encode::update(&mut self.frame, &id, version, now, ts, patch);
+        encode::update(&mut self.frame, &id, born, version, now, ts, patch);
         self.dirty.push(id);
     }
 
@@ -125,8 +135,15 @@ impl Batch {
         self.points.retain(|p| p.0 != id);
     }
 
-    pub fn lifecycle(&mut self, id: TwinId, version: u64, now: DateTime<Utc>, state: Lifecycle) {
-        encode::lifecycle(&mut self.frame, &id, version, now, state);
+    pub fn lifecycle(
+        &mut self,
+        id: TwinId,
+        born: DateTime<Utc>,
+        version: u64,
+        now: DateTime<Utc>,
+        state: Lifecycle,
+    ) {
+        encode::lifecycle(&mut self.frame, &id, born, version, now, state);
         self.dirty.push(id);
     }
 
@@ -156,6 +173,11 @@ impl Batch {
             }
         };
         self.points.push((id, name, ts_micros, value));
+    }
+
+    /// Drop the samples this batch holds for a twin (replay of a delete).
+    pub fn forget_points(&mut self, id: TwinId) {
+        self.points.retain(|p| p.0 != id);
     }
 
     /// Mark a twin dirty without logging (state rebuilt by replay).
@@ -267,7 +289,21 @@ struct Checkpoint {
     upto: u64,
     dirty: HashSet<TwinId, FxBuildHasher>,
     kv: Vec<KvOp>,
-    points: Arc<SeriesMap>,
+    points: Vec<Arc<SeriesMap>>,
+}
+
+impl Checkpoint {
+    /// Fold a failed earlier checkpoint into this one: its changes come first, and this one's
+    /// marker covers both.
+    fn absorb(&mut self, earlier: Checkpoint) {
+        self.dirty.extend(earlier.dirty);
+        let mut kv = earlier.kv;
+        kv.append(&mut self.kv);
+        self.kv = kv;
+        let mut points = earlier.points;
+        points.append(&mut self.points);
+        self.points = points;
+    }
 }
 
 pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
@@ -293,7 +329,7 @@ pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
         })
     };
     // Wakes the writer so time-based checkpoints happen on an idle node too.
-    let ticker = {
+    let _ticker = {
         let tx = tx.downgrade();
         let every = s.checkpoint_every;
         spawn("twinhost-commit-tick", move || loop {
@@ -319,7 +355,9 @@ pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
     };
     Ok(CommitHandle {
         tx,
-        threads: Arc::new(parking_lot::Mutex::new(vec![writer, syncer, ckpt, ticker])),
+        // The ticker is not joined: it sleeps between ticks and ends by itself once the
+        // queue is gone, so shutdown does not wait for its sleep.
+        threads: Arc::new(parking_lot::Mutex::new(vec![writer, syncer, ckpt])),
         stats,
     })
 }
@@ -362,8 +400,19 @@ fn writer(
     }
     let mut closing = false;
     while !closing {
+        // Too many samples wait for a checkpoint: stop taking jobs, and keep asking the
+        // syncer for a checkpoint (it decides only when a commit arrives).
         while pending.lock().current_samples >= MAX_PENDING_SAMPLES {
-            std::thread::sleep(Duration::from_millis(1));
+            let nudge = Commit {
+                batch: Batch::new(),
+                dones: Vec::new(),
+                checkpoint_now: true,
+                closing: false,
+            };
+            if sync_tx.send(nudge).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
         let mut batch = Batch::new();
         let mut dones: Vec<Done> = Vec::new();
@@ -372,7 +421,7 @@ fn writer(
             Some(Msg::Tick) => {}
             Some(Msg::Close) | None => closing = true,
         }
-        while !closing && dones.len() < MAX_JOBS_PER_COMMIT {
+        while !closing && dones.len() < MAX_JOBS_PER_COMMIT && batch.frame.len() < MAX_FRAME_BYTES {
             match rx.try_recv() {
                 Ok(Msg::Job(job)) => dones.push(job(&mut batch)),
                 Ok(Msg::Tick) => {}
@@ -454,14 +503,14 @@ fn syncer(
                     let mut p = pending.lock();
                     p.current_samples = 0;
                     let map = Arc::new(std::mem::take(&mut p.current));
-                    p.checkpointing = Some(map.clone());
+                    p.checkpointing.push(map.clone());
                     map
                 };
                 let ck = Checkpoint {
                     upto: segment.number - 1,
                     dirty: std::mem::take(&mut dirty),
                     kv: std::mem::take(&mut kv),
-                    points,
+                    points: vec![points],
                 };
                 // Capacity 1 and `busy` make this wait only at shutdown.
                 let _ = ck_tx.send(ck);
@@ -500,10 +549,17 @@ fn checkpointer(
     stats: Arc<CommitStats>,
 ) {
     lower_priority();
-    for ck in rx {
+    // A failed checkpoint's changes exist only in the log segments it covers; they are
+    // carried into the next checkpoint, and no segment is deleted until one succeeds.
+    let mut carry: Option<Checkpoint> = None;
+    for mut ck in rx {
         let started = Instant::now();
+        if let Some(earlier) = carry.take() {
+            ck.absorb(earlier);
+        }
         match write_checkpoint(&db, source.as_ref(), &ck) {
             Ok(()) => {
+                pending.lock().checkpointing.clear();
                 if let Err(e) = wal::remove_upto(&wal_dir, ck.upto) {
                     tracing::warn!(error = %e, "could not remove checkpointed log segments");
                 }
@@ -515,7 +571,11 @@ fn checkpointer(
                     .twin_writes
                     .fetch_add(ck.dirty.len() as u64, Ordering::Relaxed);
                 stats.points.fetch_add(
-                    ck.points.values().map(|v| v.len() as u64).sum(),
+                    ck.points
+                        .iter()
+                        .flat_map(|m| m.values())
+                        .map(|v| v.len() as u64)
+                        .sum(),
                     Ordering::Relaxed,
                 );
                 tracing::debug!(
@@ -525,11 +585,11 @@ fn checkpointer(
                     "checkpoint"
                 );
             }
-            // The log segments stay; a restart replays them. Later checkpoints retry the twins
-            // they touch; history samples of this one stay in the log until then.
-            Err(e) => tracing::error!(error = %e, "checkpoint failed; the log keeps the changes"),
+            Err(e) => {
+                tracing::error!(error = %e, "checkpoint failed; its changes stay in the log and are retried with the next");
+                carry = Some(ck);
+            }
         }
-        pending.lock().checkpointing = None;
         busy.store(false, Ordering::Release);
     }
 }
@@ -595,16 +655,22 @@ fn write_checkpoint(
         }
     }
     let seq = ck.upto.to_be_bytes();
-    for (id, samples) in ck.points.iter() {
+    // Samples per twin, from every map this checkpoint covers.
+    let mut per_twin: HashMap<TwinId, Vec<&Sample>, FxBuildHasher> = HashMap::default();
+    for map in &ck.points {
+        for (id, samples) in map.iter() {
+            per_twin.entry(*id).or_default().extend(samples.iter());
+        }
+    }
+    for (id, mut samples) in per_twin {
         // Every twin with samples is dirty; one gone by now (deleted) keeps no history.
-        if !present.contains(id) {
+        if !present.contains(&id) {
             continue;
         }
         // One chunk per property: group this twin's samples by name, each group by time.
-        let mut samples = samples.clone();
         samples.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
         for group in samples.chunk_by(|a, b| a.0 == b.0) {
-            let mut key = keys::history_series(id, &group[0].0);
+            let mut key = keys::history_series(&id, &group[0].0);
             key.extend_from_slice(&keys::ts_bytes(group[0].1));
             key.extend_from_slice(&seq);
             let mut val = Vec::with_capacity(group.len() * 16);

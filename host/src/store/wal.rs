@@ -21,6 +21,9 @@ pub enum Entry {
     /// A merge patch that produced `version`.
     Update {
         id: TwinId,
+        /// `created_at` of the twin the update was for: an id deleted and created again is
+        /// another twin, and replay must not apply one's updates to the other.
+        born: DateTime<Utc>,
         version: u64,
         now: DateTime<Utc>,
         ts: DateTime<Utc>,
@@ -31,6 +34,7 @@ pub enum Entry {
     Delete(TwinId),
     Lifecycle {
         id: TwinId,
+        born: DateTime<Utc>,
         version: u64,
         now: DateTime<Utc>,
         state: Lifecycle,
@@ -78,6 +82,7 @@ pub mod encode {
     pub fn update(
         buf: &mut Vec<u8>,
         id: &TwinId,
+        born: DateTime<Utc>,
         version: u64,
         now: DateTime<Utc>,
         ts: DateTime<Utc>,
@@ -85,6 +90,7 @@ pub mod encode {
     ) {
         buf.push(T_UPDATE);
         buf.extend_from_slice(id.as_bytes());
+        buf.extend_from_slice(&nanos(born));
         buf.extend_from_slice(&version.to_le_bytes());
         buf.extend_from_slice(&nanos(now));
         buf.extend_from_slice(&micros(ts));
@@ -108,12 +114,14 @@ pub mod encode {
     pub fn lifecycle(
         buf: &mut Vec<u8>,
         id: &TwinId,
+        born: DateTime<Utc>,
         version: u64,
         now: DateTime<Utc>,
         state: Lifecycle,
     ) {
         buf.push(T_LIFECYCLE);
         buf.extend_from_slice(id.as_bytes());
+        buf.extend_from_slice(&nanos(born));
         buf.extend_from_slice(&version.to_le_bytes());
         buf.extend_from_slice(&nanos(now));
         buf.push(lifecycle_byte(state));
@@ -178,15 +186,17 @@ fn decode(payload: &[u8], out: &mut Vec<Entry>) -> Option<()> {
         let e = match c.u8()? {
             T_UPDATE => Entry::Update {
                 id: c.id()?,
+                born: c.time_nanos()?,
                 version: c.u64()?,
                 now: c.time_nanos()?,
                 ts: c.time()?,
-                patch: serde_json::from_slice(c.bytes()?).ok()?,
+                patch: from_slice_unbounded(c.bytes()?).ok()?,
             },
-            T_CREATE => Entry::Create(Box::new(serde_json::from_slice(c.bytes()?).ok()?)),
+            T_CREATE => Entry::Create(Box::new(from_slice_unbounded(c.bytes()?).ok()?)),
             T_DELETE => Entry::Delete(c.id()?),
             T_LIFECYCLE => Entry::Lifecycle {
                 id: c.id()?,
+                born: c.time_nanos()?,
                 version: c.u64()?,
                 now: c.time_nanos()?,
                 state: match c.u8()? {
@@ -204,6 +214,16 @@ fn decode(payload: &[u8], out: &mut Vec<Entry>) -> Option<()> {
         out.push(e);
     }
     Some(())
+}
+
+/// Parse JSON written by this server without serde_json's nesting limit: what was accepted
+/// once must always load again (a record nests a request's values one or two levels deeper).
+pub fn from_slice_unbounded<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    de.disable_recursion_limit();
+    let v = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -224,37 +244,56 @@ pub fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(out)
 }
 
-/// Read every entry of segments numbered above `after`, in order, truncating a torn tail.
-/// Returns the entries and the highest segment number seen.
+/// Read every entry of segments numbered above `after`, in order. Returns the entries and
+/// the highest segment number seen.
+///
+/// Only the newest segment may end in a torn frame (short, or failing its checksum): that is
+/// a write a crash interrupted, never acknowledged, and it is cut off. Damage anywhere else,
+/// or a frame whose checksum holds but whose entries do not decode, is refused: skipping it
+/// would silently drop acknowledged changes.
 pub fn read_after(dir: &Path, after: u64) -> io::Result<(Vec<Entry>, u64)> {
     let mut entries = Vec::new();
-    let mut last = after;
-    for n in segments(dir)? {
-        last = last.max(n);
-        if n <= after {
-            continue;
-        }
+    let all = segments(dir)?;
+    let last = all.last().copied().unwrap_or(0).max(after);
+    let newest = all.last().copied();
+    for n in all.into_iter().filter(|n| *n > after) {
         let path = segment_path(dir, n);
         let mut data = Vec::new();
         File::open(&path)?.read_to_end(&mut data)?;
         let mut pos = 0;
-        while pos + 8 <= data.len() {
-            let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-            let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().expect("4 bytes"));
+        let mut torn = false;
+        while pos < data.len() {
+            let Some(head) = data.get(pos..pos + 8) else {
+                torn = true;
+                break;
+            };
+            let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+            let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
             let Some(payload) = data.get(pos + 8..pos + 8 + len) else {
+                torn = true;
                 break;
             };
             if crc32fast::hash(payload) != crc {
+                torn = true;
                 break;
             }
-            let before = entries.len();
             if decode(payload, &mut entries).is_none() {
-                entries.truncate(before);
-                break;
+                return Err(corrupt(
+                    &path,
+                    pos,
+                    "a frame with a valid checksum does not decode",
+                ));
             }
             pos += 8 + len;
         }
-        if pos < data.len() {
+        if torn {
+            if Some(n) != newest {
+                return Err(corrupt(
+                    &path,
+                    pos,
+                    "damaged frame before the newest segment",
+                ));
+            }
             tracing::warn!(
                 segment = n,
                 valid = pos,
@@ -268,6 +307,17 @@ pub fn read_after(dir: &Path, after: u64) -> io::Result<(Vec<Entry>, u64)> {
         }
     }
     Ok((entries, last))
+}
+
+fn corrupt(path: &Path, pos: usize, what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "{} at byte {pos}: {what}; refusing to start rather than drop acknowledged changes \
+             (restore the data directory from a backup, or move this segment away to accept the loss)",
+            path.display()
+        ),
+    )
 }
 
 /// The segment being appended to.
@@ -296,8 +346,11 @@ impl Segment {
 
     /// Append one frame and make it durable (fdatasync).
     pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
+        let len = u32::try_from(payload.len()).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "a log frame larger than 4 GiB")
+        })?;
         let mut head = [0u8; 8];
-        head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        head[..4].copy_from_slice(&len.to_le_bytes());
         head[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
         self.file.write_all(&head)?;
         self.file.write_all(payload)?;
@@ -336,7 +389,7 @@ mod tests {
         let now = Utc.timestamp_nanos(1_700_000_000_123_456_789);
         let mut buf = Vec::new();
         let patch = json!({"t": 1.5}).as_object().unwrap().clone();
-        encode::update(&mut buf, &id, 2, now, now, &patch);
+        encode::update(&mut buf, &id, now, 2, now, now, &patch);
         encode::put(&mut buf, b"mx", b"{}");
         seg.append(&buf).unwrap();
         buf.clear();
@@ -364,5 +417,34 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), seg.bytes);
         // Segments at or below a checkpoint are skipped.
         assert!(read_after(dir.path(), 1).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn damage_before_the_newest_segment_is_refused_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::create(dir.path(), 1).unwrap();
+        let mut buf = Vec::new();
+        encode::delete(&mut buf, &TwinId::new_v7());
+        seg.append(&buf).unwrap();
+        seg.append(&buf).unwrap();
+        seg.rotate().unwrap();
+        seg.append(&buf).unwrap();
+        // Flip a byte inside the first frame of segment 1 (not the newest).
+        let path = segment_path(dir.path(), 1);
+        let mut data = std::fs::read(&path).unwrap();
+        data[10] ^= 0xff;
+        std::fs::write(&path, &data).unwrap();
+        let err = read_after(dir.path(), 0).unwrap_err();
+        assert!(err.to_string().contains("refusing to start"), "{err}");
+        // Nothing was cut off.
+        assert_eq!(std::fs::read(&path).unwrap().len(), data.len());
+    }
+
+    #[test]
+    fn a_checksummed_frame_that_does_not_decode_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::create(dir.path(), 1).unwrap();
+        seg.append(b"?not an entry").unwrap();
+        assert!(read_after(dir.path(), 0).is_err());
     }
 }
