@@ -265,6 +265,42 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    let guests = arg("--guests", "guests/target/wasm32-wasip2/release");
+    let wasm_path = format!("{guests}/thermal_analysis.wasm");
+    match std::fs::read(&wasm_path) {
+        Err(e) => println!(
+            "== (skipping the WebAssembly analysis: {wasm_path}: {e}; run scripts/build-guests.sh)"
+        ),
+        Ok(wasm) => {
+            println!("== upload the thermal-analysis component (WebAssembly, compute world) and run it on the hot machines");
+            let m = api
+                .call(
+                    Method::PUT,
+                    "/v1/modules/thermal-analysis?timeout=1s",
+                    Some(("application/wasm", wasm)),
+                )
+                .await?;
+            println!(
+                "   module {} version {} ({} bytes, sha256 {}…)",
+                m["name"],
+                m["version"],
+                m["size"],
+                &m["sha256"].as_str().unwrap_or("")[..12]
+            );
+            let out = api.json(Method::POST, "/v1/modules/thermal-analysis/invoke", json!({
+                "query": {"entity_type": "machine", "where": [{"property": "temperature", "op": ">", "value": 85}], "limit": 5},
+                "parameters": {"threshold": 85}})).await?;
+            for (id, r) in out["results"].as_object().into_iter().flatten() {
+                println!(
+                    "   {id}: mean {:.1} max {:.1}, {} reading(s) over 85",
+                    r["mean"].as_f64().unwrap_or(0.0),
+                    r["max"].as_f64().unwrap_or(0.0),
+                    r["over_threshold"]
+                );
+            }
+        }
+    }
+
     tokio::time::sleep(Duration::from_millis(10)).await;
     let m = api.call(Method::GET, "/v1/metrics", None).await?;
     println!("== metrics: {} twins, {} durable commits ({:.1} writes per commit, {:.2} ms per fsync), {} KiB of log",

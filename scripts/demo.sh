@@ -8,6 +8,7 @@ PORT="${PORT:-7878}"
 DATA="${DATA:-demo-data}"
 
 echo "== building (release; the first build compiles wasmtime and takes a few minutes)"
+./scripts/build-guests.sh
 cargo build --release --bin twinhost --example factory_floor
 
 rm -rf "$DATA"
@@ -20,7 +21,8 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-./target/release/examples/factory_floor --url "http://127.0.0.1:$PORT" --data-dir "$DATA"
+./target/release/examples/factory_floor --url "http://127.0.0.1:$PORT" --data-dir "$DATA" \
+  --guests guests/target/wasm32-wasip2/release
 
 if [ "${KEEP:-0}" = "1" ]; then
   trap - EXIT

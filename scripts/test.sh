@@ -3,6 +3,8 @@
 # Prints cargo test's summary at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The end-to-end tests upload the guest components: build them first (installs wasm32-wasip2).
+./scripts/build-guests.sh
 mkdir -p target
 set +e
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log

@@ -11,3 +11,4 @@ pub mod history;
 pub mod registry;
 pub mod store;
 pub mod types;
+pub mod wasm;

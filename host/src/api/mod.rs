@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 mod ingest;
 mod models;
+mod modules;
 mod ops;
 mod twins;
 
@@ -63,6 +64,9 @@ pub struct AppStateInner {
     pub store: Store,
     pub prometheus: PrometheusHandle,
     pub started: Instant,
+    pub runtime: Arc<crate::wasm::Runtime>,
+    /// Guest calls running at once (sized to the cores); a full pool answers 429.
+    pub compute_slots: Arc<tokio::sync::Semaphore>,
 }
 
 pub type AppState = Arc<AppStateInner>;
@@ -96,6 +100,19 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/metrics", get(ops::metrics_json))
         .route("/openapi.json", get(ops::openapi))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .merge(
+            Router::new()
+                .route(
+                    "/modules/{name}",
+                    put(modules::put)
+                        .get(modules::get_one)
+                        .delete(modules::delete),
+                )
+                .layer(DefaultBodyLimit::max(crate::wasm::MAX_MODULE_BYTES)),
+        )
+        .route("/modules", get(modules::list))
+        .route("/modules/{name}/rollback", post(modules::rollback))
+        .route("/modules/{name}/invoke", post(modules::invoke))
         .merge(
             Router::new()
                 .route("/ingest", post(twins::ingest))

@@ -72,9 +72,12 @@ pub async fn metrics_json(State(s): State<AppState>) -> axum::Json<Value> {
     axum::Json(json!({
         "node_id": s.registry.node_id(),
         "active_twins": s.registry.twin_count(),
-        // No peers or compute modules exist yet in this release: these count real work (none).
+        // No peers exist yet in this release: this counts real work (none).
         "sync_operations": 0,
-        "compute_operations": 0,
+        "compute_operations": s.runtime.stats.calls.load(Ordering::Relaxed),
+        "modules": s.runtime.module_count(),
+        "modules_compiled": s.runtime.stats.compiled.load(Ordering::Relaxed),
+        "modules_loaded_from_cache": s.runtime.stats.loaded_from_cache.load(Ordering::Relaxed),
         "avg_sync_latency_ms": 0.0,
         "queue_depth": s.registry.queue_depth(),
         "active_subscriptions": s.registry.subscriber_count(),
@@ -131,7 +134,8 @@ pub async fn create_token(
         super::twins::ancestors, super::twins::relationships, super::twins::put_relationship,
         super::twins::delete_relationship, super::twins::history, super::twins::query,
         super::ingest::ingest, super::models::put, super::models::get_one, super::models::list,
-        super::models::delete, create_token, metrics_json, metrics_prometheus, healthz,
+        super::models::delete, super::modules::put, super::modules::list, super::modules::get_one,
+        super::modules::rollback, super::modules::delete, super::modules::invoke, create_token, metrics_json, metrics_prometheus, healthz,
     ),
     components(schemas(super::error::ErrorBody, crate::types::Twin, crate::registry::Model)),
     modifiers(&BearerAuth),

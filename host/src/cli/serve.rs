@@ -103,6 +103,11 @@ pub async fn open_node(
     if let Some(p) = &created {
         eprintln!("created the admin token: {}", p.display());
     }
+    let runtime = crate::wasm::Runtime::open(store.clone(), registry.clone())
+        .map_err(|e| anyhow::anyhow!("starting the WebAssembly runtime: {e}"))?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let state = Arc::new(AppStateInner {
         registry: registry.clone(),
         history: History::new(store.clone(), retention),
@@ -110,6 +115,8 @@ pub async fn open_node(
         store: store.clone(),
         prometheus: prometheus(),
         started: Instant::now(),
+        runtime,
+        compute_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
     });
     Ok(Node {
         store,

@@ -13,6 +13,12 @@ pub const REL: u8 = b'r';
 pub const TOKEN: u8 = b'k';
 /// History chunks: `h` + series + time + commit sequence → packed points.
 pub const HISTORY: u8 = b'h';
+/// Module metadata: `w` + module name → JSON (versions, active version, limits).
+pub const MODULE: u8 = b'w';
+/// Module bytes as uploaded: `b` + sha256 hex → the component.
+pub const MODULE_BYTES: u8 = b'b';
+/// Compiled modules: `c` + sha256 hex + `/` + engine hash → serialized artifact.
+pub const ARTIFACT: u8 = b'c';
 /// Metadata: `x` + name.
 pub const META: u8 = b'x';
 
@@ -33,6 +39,18 @@ pub fn twin(id: &TwinId) -> [u8; 17] {
 
 pub fn model(entity_type: &str) -> Vec<u8> {
     prefixed(MODEL, entity_type.as_bytes())
+}
+
+pub fn module(name: &str) -> Vec<u8> {
+    prefixed(MODULE, name.as_bytes())
+}
+
+pub fn module_bytes(sha256_hex: &str) -> Vec<u8> {
+    prefixed(MODULE_BYTES, sha256_hex.as_bytes())
+}
+
+pub fn artifact(sha256_hex: &str, engine_hash: &str) -> Vec<u8> {
+    prefixed(ARTIFACT, format!("{sha256_hex}/{engine_hash}").as_bytes())
 }
 
 pub fn token(hash_hex: &str) -> Vec<u8> {

@@ -1,0 +1,211 @@
+//! `/v1/modules`: upload, list, rollback, delete and invoke WebAssembly components.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::ErrorBody;
+use super::extract::{Json, Path, Query};
+use super::{ApiError, AppState};
+use crate::registry::Query as TwinQuery;
+use crate::types::TwinId;
+use crate::wasm::{CallError, Limits, ModuleInfo, VersionInfo};
+
+/// Most twins one invocation may name.
+pub const MAX_INVOKE_TWINS: usize = 10_000;
+/// How long an invocation waits for a free compute slot before answering 429.
+const COMPUTE_SLOT_WAIT: Duration = Duration::from_secs(2);
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Invalid(m) => ApiError::Validation(m.clone(), json!({"module": m})),
+            CallError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            CallError::Guest { .. } => ApiError::Validation(e.to_string(), json!({})),
+            CallError::Store(s) => s.into(),
+            CallError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct LimitParams {
+    /// Fuel per call (default 1e9).
+    fuel: Option<u64>,
+    /// Memory per instance in MiB (default 64).
+    memory_mb: Option<u64>,
+    /// Wall-clock deadline per call, e.g. `500ms`, `2s` (default 2s).
+    timeout: Option<String>,
+}
+
+/// Upload a component and make it the active version.
+#[utoipa::path(put, path = "/v1/modules/{name}", tag = "modules", params(("name" = String, Path), LimitParams),
+    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    responses((status = 201, body = VersionInfo), (status = 422, description = "not a component, unknown world, missing exports, bad limits", body = ErrorBody)))]
+pub async fn put(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(p): Query<LimitParams>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let d = Limits::default();
+    let timeout_ms = match p.timeout.as_deref() {
+        None => d.timeout_ms,
+        Some(t) => humantime::parse_duration(t)
+            .map_err(|e| ApiError::BadRequest(format!("timeout {t:?}: {e}")))?
+            .as_millis() as u64,
+    };
+    let limits = Limits {
+        fuel: p.fuel.unwrap_or(d.fuel),
+        memory_bytes: p
+            .memory_mb
+            .map(|m| m.saturating_mul(1 << 20))
+            .unwrap_or(d.memory_bytes),
+        timeout_ms,
+    };
+    let rt = s.runtime.clone();
+    let info =
+        tokio::task::spawn_blocking(move || rt.upload(&name, &body, limits).map(|i| (name, i)))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let (name, info) = info;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(
+            json!({"name": name, "version": info.version, "world": info.world,
+                          "sha256": info.sha256, "size": info.size, "limits": info.limits}),
+        ),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/modules", tag = "modules", responses((status = 200, body = Vec<ModuleInfo>)))]
+pub async fn list(State(s): State<AppState>) -> axum::Json<Vec<ModuleInfo>> {
+    axum::Json(s.runtime.list())
+}
+
+#[utoipa::path(get, path = "/v1/modules/{name}", tag = "modules", params(("name" = String, Path)),
+    responses((status = 200, body = ModuleInfo), (status = 404, body = ErrorBody)))]
+pub async fn get_one(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<ModuleInfo>, ApiError> {
+    Ok(axum::Json(s.runtime.info(&name)?))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    version: u32,
+}
+
+#[utoipa::path(post, path = "/v1/modules/{name}/rollback", tag = "modules", params(("name" = String, Path)), request_body = RollbackBody,
+    responses((status = 200, body = VersionInfo), (status = 404, body = ErrorBody)))]
+pub async fn rollback(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Json(b): Json<RollbackBody>,
+) -> Result<axum::Json<VersionInfo>, ApiError> {
+    let rt = s.runtime.clone();
+    let info = tokio::task::spawn_blocking(move || rt.rollback(&name, b.version))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(axum::Json(info))
+}
+
+#[utoipa::path(delete, path = "/v1/modules/{name}", tag = "modules", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.runtime.delete(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InvokeBody {
+    /// Twins to compute over, one call each.
+    #[serde(default)]
+    twin_ids: Option<Vec<TwinId>>,
+    /// Or a query (as `POST /v1/query`; one page).
+    #[serde(default)]
+    query: Option<TwinQuery>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    parameters: Value,
+}
+
+/// Invoke a compute module once per twin; each twin gets its result or its own error.
+#[utoipa::path(post, path = "/v1/modules/{name}/invoke", tag = "modules", params(("name" = String, Path)), request_body = InvokeBody,
+    responses((status = 200, description = "`{\"results\": {\"<twin id>\": <json> | {\"error\": {…}}}}`"), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn invoke(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Json(b): Json<InvokeBody>,
+) -> Result<axum::Json<Value>, ApiError> {
+    s.runtime.info(&name)?;
+    let twins = match (b.twin_ids, b.query) {
+        (Some(ids), None) => {
+            if ids.len() > MAX_INVOKE_TWINS {
+                return Err(ApiError::BadRequest(format!(
+                    "at most {MAX_INVOKE_TWINS} twin_ids"
+                )));
+            }
+            ids.iter()
+                .map(|id| s.registry.get(id))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        (None, Some(q)) => s
+            .registry
+            .query(&q)?
+            .items
+            .into_iter()
+            .map(|t| (*t.twin).clone())
+            .collect(),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give exactly one of twin_ids or query".into(),
+            ))
+        }
+    };
+    let parameters = if b.parameters.is_null() {
+        json!({})
+    } else {
+        b.parameters
+    };
+    let permit = tokio::time::timeout(COMPUTE_SLOT_WAIT, s.compute_slots.clone().acquire_owned())
+        .await
+        .map_err(|_| {
+            ApiError::Overloaded(
+                "every compute slot is busy; retry after the Retry-After delay".into(),
+            )
+        })?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let rt: Arc<crate::wasm::Runtime> = s.runtime.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut out = BTreeMap::new();
+        for t in twins {
+            let r = match rt.call_compute(&name, std::slice::from_ref(&t), &parameters) {
+                Ok(v) => v,
+                Err(CallError::Guest { kind, message }) => {
+                    json!({"error": {"code": kind, "message": message}})
+                }
+                Err(e) => ApiError::from(e).body(),
+            };
+            out.insert(t.id.to_string(), r);
+        }
+        out
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(axum::Json(json!({ "results": results })))
+}

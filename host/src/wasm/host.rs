@@ -1,0 +1,106 @@
+//! The host side of a guest call: the store's data, and the `host` interface guests import.
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::twinhost::platform::{host, types};
+use super::{Limits, MAX_HOST_CALLS};
+use crate::registry::{Query, Registry};
+use crate::types::{Twin as RegTwin, TwinId};
+
+/// Everything one guest call can reach.
+pub struct HostState {
+    pub module: String,
+    pub registry: Registry,
+    pub limits: StoreLimits,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    host_calls: u32,
+}
+
+impl HostState {
+    pub fn new(module: &str, registry: Registry, limits: &Limits) -> Self {
+        HostState {
+            module: module.to_owned(),
+            registry,
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes as usize)
+                .instances(16)
+                .tables(64)
+                .memories(4)
+                .trap_on_grow_failure(true)
+                .build(),
+            // No preopened directories, no environment, no arguments, no network, no stdio:
+            // the WASI imports a standard library needs exist but reach nothing.
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            host_calls: 0,
+        }
+    }
+
+    /// Count a host call; a guest spamming the host is stopped with a trap.
+    fn charge(&mut self) -> wasmtime::Result<()> {
+        self.host_calls += 1;
+        if self.host_calls > MAX_HOST_CALLS {
+            wasmtime::bail!("more than {MAX_HOST_CALLS} host calls in one guest call");
+        }
+        Ok(())
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The registry's twin in the WIT shape (properties as JSON text).
+pub fn to_wit(t: &RegTwin) -> types::Twin {
+    types::Twin {
+        id: t.id.to_string(),
+        entity_type: t.entity_type.clone(),
+        properties: serde_json::Value::Object(t.properties.clone()).to_string(),
+        version: t.version,
+        parent_id: t.parent_id.map(|p| p.to_string()),
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: host::Level, message: String) {
+        if self.charge().is_err() {
+            return;
+        }
+        let message: String = message.chars().take(4096).collect();
+        let module = self.module.as_str();
+        match level {
+            host::Level::Debug => tracing::debug!(module, "{message}"),
+            host::Level::Info => tracing::info!(module, "{message}"),
+            host::Level::Warn => tracing::warn!(module, "{message}"),
+            host::Level::Error => tracing::error!(module, "{message}"),
+        }
+    }
+
+    fn get_twin(&mut self, id: String) -> Option<types::Twin> {
+        self.charge().ok()?;
+        let id: TwinId = id.parse().ok()?;
+        self.registry.get(&id).ok().map(|t| to_wit(&t))
+    }
+
+    fn query_twins(&mut self, query: String) -> Result<Vec<types::Twin>, String> {
+        self.charge().map_err(|e| e.to_string())?;
+        let q: Query = serde_json::from_str(&query).map_err(|e| format!("query: {e}"))?;
+        let page = self.registry.query(&q).map_err(|e| e.to_string())?;
+        Ok(page.items.iter().map(|t| to_wit(&t.twin)).collect())
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        let _ = self.charge();
+        chrono::Utc::now().timestamp_millis().max(0) as u64
+    }
+}

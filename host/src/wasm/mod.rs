@@ -1,0 +1,94 @@
+//! The WebAssembly runtime: user logic as components, sandboxed, versioned, hot-swapped.
+//!
+//! Owns: the wasmtime engine (Cranelift, fuel, epoch interruption, pooling allocator), the
+//! module registry (upload → validate against the WIT worlds → compile → version; compiled
+//! artifacts cached in the store by content hash and engine so a restart does not recompile),
+//! and calls into guests with per-call fuel, memory and wall-clock limits.
+//! Exposes: [`Runtime`]. Must never: give a guest a capability beyond the `host` interface
+//! (no preopened directories, environment, network or inherited stdio), or let a guest's
+//! failure escape its own call.
+//!
+//! This release implements the `compute` world; `behavior` and `resolver` come with the
+//! events and sync capabilities.
+
+mod host;
+mod modules;
+
+pub use modules::{CallError, ModuleInfo, Runtime, VersionInfo};
+
+/// Generated bindings of the `compute` world; nothing outside this module sees them.
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "compute",
+    });
+}
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Default fuel per call: roughly a billion simple instructions.
+pub const DEFAULT_FUEL: u64 = 1_000_000_000;
+/// Largest fuel a module may ask for.
+pub const MAX_FUEL: u64 = 100_000_000_000;
+/// Default linear-memory limit per instance.
+pub const DEFAULT_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest memory limit a module may ask for (also the pooling allocator's slot size).
+pub const MAX_MEMORY_BYTES: u64 = 512 * 1024 * 1024;
+/// Default wall-clock deadline per call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest deadline a module may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30);
+/// Epoch tick: the resolution of wall-clock deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Largest component accepted by `PUT /v1/modules/{name}`.
+pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
+/// Largest result (JSON text) a guest may return.
+pub const MAX_RESULT_BYTES: usize = 4 * 1024 * 1024;
+/// Most host calls (log, get-twin, query-twins, now-ms) one guest call may make.
+pub const MAX_HOST_CALLS: u32 = 10_000;
+
+/// Per-module limits, given as query parameters on upload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Limits {
+    /// Fuel per call.
+    pub fuel: u64,
+    /// Linear memory per instance, in bytes.
+    pub memory_bytes: u64,
+    /// Wall-clock deadline per call, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel: DEFAULT_FUEL,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            timeout_ms: DEFAULT_TIMEOUT.as_millis() as u64,
+        }
+    }
+}
+
+impl Limits {
+    /// Check the limits against the host's maxima.
+    pub fn check(&self) -> Result<(), String> {
+        if self.fuel == 0 || self.fuel > MAX_FUEL {
+            return Err(format!("fuel must be between 1 and {MAX_FUEL}"));
+        }
+        if self.memory_bytes < 64 * 1024 || self.memory_bytes > MAX_MEMORY_BYTES {
+            return Err(format!(
+                "memory must be between 64 KiB and {} MiB",
+                MAX_MEMORY_BYTES >> 20
+            ));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT.as_millis() as u64 {
+            return Err(format!(
+                "timeout must be between 1 ms and {} s",
+                MAX_TIMEOUT.as_secs()
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,489 @@
+//! The module registry and guest calls.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store as WasmStore, Trap,
+};
+
+use super::bindings::{Compute, ComputePre};
+use super::host::{to_wit, HostState};
+use super::{Limits, EPOCH_TICK, MAX_MEMORY_BYTES, MAX_RESULT_BYTES};
+use crate::registry::{check_name, Registry};
+use crate::store::{keys, Store, StoreError};
+use crate::types::Twin;
+
+/// Instances the pooling allocator keeps slots for (concurrent guest calls).
+const POOL_INSTANCES: u32 = 64;
+
+/// Why a module upload or call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Not a component, unknown world, missing exports, bad limits (422).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("module {0:?} not found")]
+    NotFound(String),
+    /// The guest failed: trap, fuel, memory, deadline, bad output. Only this call fails.
+    #[error("{kind}: {message}")]
+    Guest { kind: &'static str, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// One uploaded version of a module.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct VersionInfo {
+    pub version: u32,
+    pub world: String,
+    pub sha256: String,
+    pub size: u64,
+    pub limits: Limits,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What `GET /v1/modules/{name}` shows.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ModuleInfo {
+    pub name: String,
+    pub active: u32,
+    pub versions: Vec<VersionInfo>,
+    pub calls: u64,
+    pub errors: u64,
+    pub total_call_ms: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct ModuleMeta {
+    active: u32,
+    versions: Vec<VersionInfo>,
+}
+
+#[derive(Default)]
+struct Counters {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    micros: AtomicU64,
+}
+
+/// The active version of a module, ready to instantiate. Calls hold an `Arc` of it, so a swap
+/// never disturbs a call in flight.
+struct Active {
+    info: VersionInfo,
+    pre: ComputePre<HostState>,
+}
+
+struct Entry {
+    meta: ModuleMeta,
+    active: Arc<Active>,
+    counters: Arc<Counters>,
+}
+
+/// Runtime counters, for metrics and the restart check.
+#[derive(Default, Debug)]
+pub struct RuntimeStats {
+    pub compiled: AtomicU64,
+    pub loaded_from_cache: AtomicU64,
+    pub calls: AtomicU64,
+}
+
+/// The engine, the linker and every module.
+pub struct Runtime {
+    engine: Engine,
+    engine_hash: String,
+    linker: Linker<HostState>,
+    store: Store,
+    registry: Registry,
+    modules: RwLock<HashMap<String, Entry>>,
+    pub stats: Arc<RuntimeStats>,
+}
+
+fn internal(e: impl std::fmt::Display) -> CallError {
+    CallError::Internal(e.to_string())
+}
+
+impl Runtime {
+    /// Build the engine and load every module from the store (from cached artifacts).
+    pub fn open(store: Store, registry: Registry) -> Result<Arc<Runtime>, CallError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.consume_fuel(true);
+        config.epoch_interruption(true);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(POOL_INSTANCES);
+        pool.total_core_instances(POOL_INSTANCES * 4);
+        pool.total_memories(POOL_INSTANCES * 2);
+        pool.total_tables(POOL_INSTANCES * 4);
+        pool.max_memory_size(MAX_MEMORY_BYTES as usize);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(internal)?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        let engine_hash = format!("{:016x}", h.finish());
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(internal)?;
+        Compute::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+            .map_err(internal)?;
+        // Deadlines: a ticker advances the engine's epoch; each call's deadline is counted in
+        // ticks. The thread ends when the engine is dropped.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("twinhost-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(e) => e.increment_epoch(),
+                    None => return,
+                }
+            })
+            .map_err(internal)?;
+        let rt = Runtime {
+            engine,
+            engine_hash,
+            linker,
+            store,
+            registry,
+            modules: RwLock::new(HashMap::new()),
+            stats: Arc::default(),
+        };
+        rt.load_all()?;
+        Ok(Arc::new(rt))
+    }
+
+    fn load_all(&self) -> Result<(), CallError> {
+        for kv in self.store.scan_prefix(&[keys::MODULE]) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            let meta: ModuleMeta = serde_json::from_slice(&v).map_err(internal)?;
+            let Some(info) = meta
+                .versions
+                .iter()
+                .find(|i| i.version == meta.active)
+                .cloned()
+            else {
+                continue;
+            };
+            let active = self.prepare(&info)?;
+            self.modules.write().insert(
+                name,
+                Entry {
+                    meta,
+                    active: Arc::new(active),
+                    counters: Arc::default(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The compiled component of a version: from the artifact cache, else compiled from the
+    /// stored bytes (and cached).
+    fn prepare(&self, info: &VersionInfo) -> Result<Active, CallError> {
+        let akey = keys::artifact(&info.sha256, &self.engine_hash);
+        let component = match self.store.get(&akey)? {
+            // SAFETY: artifacts are written only by this server, under a key that includes the
+            // engine's compatibility hash, into its own data directory.
+            Some(bytes) => match unsafe { Component::deserialize(&self.engine, &bytes) } {
+                Ok(c) => {
+                    self.stats.loaded_from_cache.fetch_add(1, Ordering::Relaxed);
+                    c
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, sha256 = %info.sha256, "cached artifact unusable; recompiling");
+                    self.compile_stored(&info.sha256)?
+                }
+            },
+            None => self.compile_stored(&info.sha256)?,
+        };
+        let pre = self.instantiate_pre(&component)?;
+        Ok(Active {
+            info: info.clone(),
+            pre,
+        })
+    }
+
+    fn compile_stored(&self, sha: &str) -> Result<Component, CallError> {
+        let bytes = self
+            .store
+            .get(&keys::module_bytes(sha))?
+            .ok_or_else(|| internal(format!("module bytes {sha} missing from the store")))?;
+        let c = self.compile(&bytes)?;
+        let art = c.serialize().map_err(internal)?;
+        self.store
+            .put_durable(&keys::artifact(sha, &self.engine_hash), &art)?;
+        Ok(c)
+    }
+
+    fn compile(&self, bytes: &[u8]) -> Result<Component, CallError> {
+        let c = Component::new(&self.engine, bytes)
+            .map_err(|e| CallError::Invalid(format!("not a valid component: {e:#}")))?;
+        self.stats.compiled.fetch_add(1, Ordering::Relaxed);
+        Ok(c)
+    }
+
+    fn instantiate_pre(&self, component: &Component) -> Result<ComputePre<HostState>, CallError> {
+        let pre = self.linker.instantiate_pre(component).map_err(|e| {
+            CallError::Invalid(format!(
+                "the component needs imports the host does not provide (only twinhost:platform/host@0.1.0 and WASI without capabilities): {e:#}"
+            ))
+        })?;
+        ComputePre::new(pre).map_err(|e| {
+            CallError::Invalid(format!(
+                "the component does not implement world compute (export `run`): {e:#}"
+            ))
+        })
+    }
+
+    /// Validate, compile and activate a new version of `name`.
+    pub fn upload(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        limits: Limits,
+    ) -> Result<VersionInfo, CallError> {
+        check_name("module name", name).map_err(|e| CallError::Invalid(e.to_string()))?;
+        limits.check().map_err(CallError::Invalid)?;
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(CallError::Invalid(
+                "not a WebAssembly binary (no \\0asm header)".into(),
+            ));
+        }
+        if bytes[6..8] == [0, 0] {
+            return Err(CallError::Invalid(
+                "this is a core WebAssembly module, not a component; build for wasm32-wasip2 or wrap it with `wasm-tools component new`".into(),
+            ));
+        }
+        let component = self.compile(bytes)?;
+        let world = component_world(&component, &self.engine)?;
+        let pre = self.instantiate_pre(&component)?;
+        let sha = hex::encode(Sha256::digest(bytes));
+        self.store.put_durable(&keys::module_bytes(&sha), bytes)?;
+        let art = component.serialize().map_err(internal)?;
+        self.store
+            .put_durable(&keys::artifact(&sha, &self.engine_hash), &art)?;
+        let mut modules = self.modules.write();
+        let mut meta = modules
+            .get(name)
+            .map(|e| e.meta.clone())
+            .unwrap_or_default();
+        let info = VersionInfo {
+            version: meta.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1,
+            world,
+            sha256: sha,
+            size: bytes.len() as u64,
+            limits,
+            created_at: Utc::now(),
+        };
+        meta.versions.push(info.clone());
+        meta.active = info.version;
+        self.store.put_durable(
+            &keys::module(name),
+            &serde_json::to_vec(&meta).map_err(internal)?,
+        )?;
+        let counters = modules
+            .get(name)
+            .map(|e| e.counters.clone())
+            .unwrap_or_default();
+        let active = Arc::new(Active {
+            info: info.clone(),
+            pre,
+        });
+        modules.insert(
+            name.to_owned(),
+            Entry {
+                meta,
+                active,
+                counters,
+            },
+        );
+        tracing::info!(module = name, version = info.version, sha256 = %info.sha256, "module activated");
+        Ok(info)
+    }
+
+    /// Make an earlier version active again.
+    pub fn rollback(&self, name: &str, version: u32) -> Result<VersionInfo, CallError> {
+        let info = {
+            let modules = self.modules.read();
+            let e = modules
+                .get(name)
+                .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
+            e.meta
+                .versions
+                .iter()
+                .find(|v| v.version == version)
+                .cloned()
+                .ok_or_else(|| CallError::NotFound(format!("{name} version {version}")))?
+        };
+        let active = Arc::new(self.prepare(&info)?);
+        let mut modules = self.modules.write();
+        let e = modules
+            .get_mut(name)
+            .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
+        e.meta.active = version;
+        self.store.put_durable(
+            &keys::module(name),
+            &serde_json::to_vec(&e.meta).map_err(internal)?,
+        )?;
+        e.active = active;
+        Ok(info)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), CallError> {
+        let mut modules = self.modules.write();
+        if modules.remove(name).is_none() {
+            return Err(CallError::NotFound(name.to_owned()));
+        }
+        self.store
+            .remove_keys([sled::IVec::from(keys::module(name))])?;
+        self.store.flush()?;
+        Ok(())
+    }
+
+    pub fn info(&self, name: &str) -> Result<ModuleInfo, CallError> {
+        let modules = self.modules.read();
+        let e = modules
+            .get(name)
+            .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
+        Ok(module_info(name, e))
+    }
+
+    pub fn list(&self) -> Vec<ModuleInfo> {
+        let modules = self.modules.read();
+        let sorted: BTreeMap<_, _> = modules.iter().collect();
+        sorted.into_iter().map(|(n, e)| module_info(n, e)).collect()
+    }
+
+    /// Call `run` of the active version of `name` with `twins` and `parameters`, within the
+    /// module's limits. Blocking: run it on a blocking thread.
+    pub fn call_compute(
+        &self,
+        name: &str,
+        twins: &[Twin],
+        parameters: &Value,
+    ) -> Result<Value, CallError> {
+        let (active, counters) = {
+            let modules = self.modules.read();
+            let e = modules
+                .get(name)
+                .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
+            (e.active.clone(), e.counters.clone())
+        };
+        let started = Instant::now();
+        let result = self.call_active(name, &active, twins, parameters);
+        counters.calls.fetch_add(1, Ordering::Relaxed);
+        counters
+            .micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = &result {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(module = name, version = active.info.version, error = %e, "guest call failed");
+        }
+        result
+    }
+
+    fn call_active(
+        &self,
+        name: &str,
+        active: &Active,
+        twins: &[Twin],
+        parameters: &Value,
+    ) -> Result<Value, CallError> {
+        let limits = active.info.limits;
+        let mut store = WasmStore::new(
+            &self.engine,
+            HostState::new(name, self.registry.clone(), &limits),
+        );
+        store.limiter(|s| &mut s.limits);
+        store.set_fuel(limits.fuel).map_err(internal)?;
+        let ticks = Duration::from_millis(limits.timeout_ms).as_micros() / EPOCH_TICK.as_micros();
+        store.set_epoch_deadline((ticks as u64).max(1));
+        store.epoch_deadline_trap();
+        let bindings = active.pre.instantiate(&mut store).map_err(guest_error)?;
+        let wit_twins: Vec<_> = twins.iter().map(to_wit).collect();
+        let out = bindings
+            .call_run(&mut store, &wit_twins, &parameters.to_string())
+            .map_err(guest_error)?;
+        let text = out.map_err(|m| CallError::Guest {
+            kind: "guest_error",
+            message: m.chars().take(4096).collect(),
+        })?;
+        if text.len() > MAX_RESULT_BYTES {
+            return Err(CallError::Guest {
+                kind: "output_too_large",
+                message: format!(
+                    "the result is {} bytes; at most {MAX_RESULT_BYTES}",
+                    text.len()
+                ),
+            });
+        }
+        serde_json::from_str(&text).map_err(|e| CallError::Guest {
+            kind: "bad_output",
+            message: format!("the result is not JSON: {e}"),
+        })
+    }
+
+    pub fn module_count(&self) -> usize {
+        self.modules.read().len()
+    }
+}
+
+fn module_info(name: &str, e: &Entry) -> ModuleInfo {
+    ModuleInfo {
+        name: name.to_owned(),
+        active: e.meta.active,
+        versions: e.meta.versions.clone(),
+        calls: e.counters.calls.load(Ordering::Relaxed),
+        errors: e.counters.errors.load(Ordering::Relaxed),
+        total_call_ms: e.counters.micros.load(Ordering::Relaxed) as f64 / 1000.0,
+    }
+}
+
+/// Which of the host's worlds a component implements, from its exports.
+fn component_world(c: &Component, engine: &Engine) -> Result<String, CallError> {
+    let exports: Vec<String> = c
+        .component_type()
+        .exports(engine)
+        .map(|(n, _)| n.to_owned())
+        .collect();
+    if exports.iter().any(|n| n == "run") {
+        Ok("compute".into())
+    } else {
+        Err(CallError::Invalid(format!(
+            "the component exports [{}], which matches no world this host runs (compute exports `run`)",
+            exports.join(", ")
+        )))
+    }
+}
+
+/// Classify a failure inside the guest.
+fn guest_error(e: wasmtime::Error) -> CallError {
+    let (kind, message) = match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => ("fuel_exhausted", "the call ran out of fuel".to_owned()),
+        Some(Trap::Interrupt) => (
+            "deadline_exceeded",
+            "the call passed its wall-clock deadline".to_owned(),
+        ),
+        Some(Trap::StackOverflow) => (
+            "stack_overflow",
+            "the guest overflowed its stack".to_owned(),
+        ),
+        Some(t) => ("trap", format!("the guest trapped: {t}")),
+        None if format!("{e:#}").contains("memory") => ("out_of_memory", format!("{e:#}")),
+        None => ("trap", format!("{e:#}")),
+    };
+    CallError::Guest { kind, message }
+}

@@ -1,0 +1,304 @@
+//! WebAssembly compute modules through the real server: upload, validation, invoke,
+//! versions and rollback, restart from cached artifacts, and hostile guests that fail only
+//! their own call while good calls keep succeeding.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Body, Server};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+fn guest(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../guests/target/wasm32-wasip2/release/{name}.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}; build the guests first with scripts/build-guests.sh (scripts/test.sh does)"))
+}
+
+async fn upload(s: &Server, name: &str, bytes: &[u8], query: &str) -> common::Resp {
+    s.call(
+        Method::PUT,
+        &format!("/v1/modules/{name}{query}"),
+        Body::Raw(bytes, "application/wasm"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upload_invoke_version_rollback_and_restart_without_recompiling() {
+    let mut s = Server::start();
+    let wasm = guest("thermal_analysis");
+    let r = upload(&s, "thermal-analysis", &wasm, "").await;
+    r.expect(201);
+    assert_eq!(r.body["name"], "thermal-analysis");
+    assert_eq!(r.body["version"], 1);
+    assert_eq!(r.body["world"], "compute");
+    assert_eq!(r.body["size"], wasm.len());
+    assert_eq!(r.body["sha256"].as_str().unwrap().len(), 64);
+
+    let hot = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 91, "temperatures": [70, 71, 72, 99]}}))
+        .await;
+    let cool = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 70}}))
+        .await;
+    let bare = s.create_twin_id(&json!({"entity_type": "machine"})).await;
+    let r = s
+        .post(
+            "/v1/modules/thermal-analysis/invoke",
+            &json!({"twin_ids": [hot, cool, bare], "parameters": {"threshold": 85}}),
+        )
+        .await;
+    r.expect(200);
+    let res = &r.body["results"];
+    assert_eq!(res[&hot]["count"], 5);
+    assert_eq!(res[&hot]["max"], 99.0);
+    assert_eq!(res[&hot]["mean"], 80.6);
+    assert_eq!(res[&hot]["over_threshold"], 2);
+    assert_eq!(res[&cool]["count"], 1);
+    assert_eq!(res[&cool]["anomalies"], json!([]));
+    // A twin without readings gets its own error; the others are unaffected.
+    assert_eq!(res[&bare]["error"]["code"], "guest_error", "{res}");
+
+    // By query instead of ids.
+    let r = s
+        .post(
+            "/v1/modules/thermal-analysis/invoke",
+            &json!({"query": {"entity_type": "machine", "where": [{"property": "temperature", "op": ">", "value": 85}]}}),
+        )
+        .await;
+    r.expect(200);
+    assert_eq!(r.body["results"].as_object().unwrap().len(), 1);
+
+    // A second version, then rollback to the first.
+    let r = upload(
+        &s,
+        "thermal-analysis",
+        &guest("hostile"),
+        "?fuel=5000000&timeout=500ms&memory_mb=16",
+    )
+    .await;
+    r.expect(201);
+    assert_eq!(r.body["version"], 2);
+    assert_eq!(r.body["limits"]["timeout_ms"], 500);
+    let r = s
+        .post(
+            "/v1/modules/thermal-analysis/invoke",
+            &json!({"twin_ids": [cool]}),
+        )
+        .await;
+    assert_eq!(
+        r.body["results"][&cool],
+        json!({"ok": true}),
+        "version 2 answers"
+    );
+    let r = s
+        .post(
+            "/v1/modules/thermal-analysis/rollback",
+            &json!({"version": 1}),
+        )
+        .await;
+    r.expect(200);
+    let r = s
+        .post(
+            "/v1/modules/thermal-analysis/invoke",
+            &json!({"twin_ids": [cool]}),
+        )
+        .await;
+    assert_eq!(
+        r.body["results"][&cool]["count"], 1,
+        "version 1 answers again"
+    );
+    let m = s.get("/v1/modules/thermal-analysis").await;
+    m.expect(200);
+    assert_eq!(m.body["active"], 1);
+    assert_eq!(m.body["versions"].as_array().unwrap().len(), 2);
+    assert!(m.body["calls"].as_u64().unwrap() >= 5, "{}", m.body);
+    assert!(m.body["errors"].as_u64().unwrap() >= 1, "{}", m.body);
+    s.post(
+        "/v1/modules/thermal-analysis/rollback",
+        &json!({"version": 9}),
+    )
+    .await
+    .expect_error(404, "not_found");
+
+    // Restart: modules come back from cached artifacts, with no compilation.
+    s.stop().expect("clean stop");
+    s.restart();
+    let r = s
+        .post(
+            "/v1/modules/thermal-analysis/invoke",
+            &json!({"twin_ids": [hot]}),
+        )
+        .await;
+    r.expect(200);
+    assert_eq!(r.body["results"][&hot]["max"], 99.0);
+    let metrics = s.get("/v1/metrics").await.body;
+    assert_eq!(metrics["modules_compiled"], 0, "{metrics}");
+    assert_eq!(metrics["modules_loaded_from_cache"], 1, "{metrics}");
+    assert_eq!(metrics["compute_operations"], 1, "{metrics}");
+
+    s.delete("/v1/modules/thermal-analysis").await;
+    s.get("/v1/modules/thermal-analysis")
+        .await
+        .expect_error(404, "not_found");
+}
+
+#[tokio::test]
+async fn bad_uploads_are_422_with_the_reason() {
+    let s = Server::start();
+    let r = upload(&s, "x", b"definitely not wasm", "").await;
+    r.expect_error(422, "validation_failed");
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not a WebAssembly binary"));
+    let core = b"\0asm\x01\0\0\0";
+    let r = upload(&s, "x", core, "").await;
+    r.expect_error(422, "validation_failed");
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("core WebAssembly module"));
+    // A component header with a broken body.
+    let r = upload(&s, "x", b"\0asm\x0d\0\x01\0garbage", "").await;
+    r.expect_error(422, "validation_failed");
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not a valid component"));
+    let r = upload(&s, "x", &guest("thermal_analysis"), "?fuel=0").await;
+    r.expect_error(422, "validation_failed");
+    upload(&s, "x", &guest("thermal_analysis"), "?timeout=soon")
+        .await
+        .expect_error(400, "bad_request");
+    upload(&s, "bad name!", &guest("thermal_analysis"), "")
+        .await
+        .expect_error(422, "validation_failed");
+    s.get("/v1/modules/x").await.expect_error(404, "not_found");
+    s.post("/v1/modules/x/invoke", &json!({"twin_ids": []}))
+        .await
+        .expect_error(404, "not_found");
+    // Modules need the admin role.
+    let write = s.create_token("write").await;
+    let r = s
+        .send(
+            Method::PUT,
+            "/v1/modules/y",
+            Some(&write),
+            Body::Raw(&guest("hostile"), "application/wasm"),
+            &[],
+        )
+        .await;
+    r.expect_error(403, "forbidden");
+}
+
+/// Each hostile mode fails only its own call, with its own error code and within its
+/// deadline, while a stream of good calls keeps succeeding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_guests_fail_alone_within_their_limits() {
+    let s = Server::start();
+    upload(
+        &s,
+        "hostile",
+        &guest("hostile"),
+        "?fuel=200000000&timeout=1s&memory_mb=32",
+    )
+    .await
+    .expect(201);
+    upload(&s, "good", &guest("thermal_analysis"), "")
+        .await
+        .expect(201);
+    let twin = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 80}}))
+        .await;
+
+    // Good calls in the background for the whole test.
+    let (client, url, token, t2) = (s.http.clone(), s.url.clone(), s.token.clone(), twin.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let good = tokio::spawn(async move {
+        let mut ok = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            let r = client
+                .post(format!("{url}/v1/modules/good/invoke"))
+                .bearer_auth(&token)
+                .json(&json!({"twin_ids": [t2]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["results"][&t2]["count"], 1, "{v}");
+            ok += 1;
+        }
+        ok
+    });
+
+    let cases = [
+        ("loop", &["fuel_exhausted", "deadline_exceeded"][..]),
+        ("alloc", &["out_of_memory", "trap"][..]),
+        ("recurse", &["stack_overflow", "out_of_memory", "trap"][..]),
+        ("panic", &["trap"][..]),
+        ("huge", &["output_too_large", "out_of_memory", "trap"][..]),
+        ("garbage", &["bad_output"][..]),
+        ("spam", &["trap", "fuel_exhausted", "deadline_exceeded"][..]),
+    ];
+    for (mode, codes) in cases {
+        let started = Instant::now();
+        let r = s
+            .post(
+                "/v1/modules/hostile/invoke",
+                &json!({"twin_ids": [twin], "parameters": {"mode": mode}}),
+            )
+            .await;
+        r.expect(200);
+        let err = &r.body["results"][&twin]["error"];
+        let code = err["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{mode}: no error in {}", r.body));
+        assert!(codes.contains(&code), "{mode}: got {code}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{mode} took {:?}",
+            started.elapsed()
+        );
+    }
+    // An infinite loop with plenty of fuel is stopped by the wall-clock deadline.
+    upload(
+        &s,
+        "spinner",
+        &guest("hostile"),
+        "?fuel=100000000000&timeout=300ms",
+    )
+    .await
+    .expect(201);
+    let started = Instant::now();
+    let r = s
+        .post(
+            "/v1/modules/spinner/invoke",
+            &json!({"twin_ids": [twin], "parameters": {"mode": "loop"}}),
+        )
+        .await;
+    assert_eq!(
+        r.body["results"][&twin]["error"]["code"], "deadline_exceeded",
+        "{}",
+        r.body
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "deadline took {:?}",
+        started.elapsed()
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ok = good.await.unwrap();
+    assert!(ok > 0, "no good call completed while hostile guests ran");
+    s.get("/healthz").await.expect(200);
+    let h = s.get("/v1/modules/hostile").await;
+    assert_eq!(h.body["errors"], 7, "{}", h.body);
+}
