@@ -302,3 +302,50 @@ async fn hostile_guests_fail_alone_within_their_limits() {
     let h = s.get("/v1/modules/hostile").await;
     assert_eq!(h.body["errors"], 7, "{}", h.body);
 }
+
+#[tokio::test]
+async fn cli_module_put_list_rollback_and_invoke() {
+    let s = Server::start();
+    let path = format!(
+        "{}/../guests/target/wasm32-wasip2/release/thermal_analysis.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    guest("thermal_analysis");
+    let v = common::cli_json(&s.cli(&[
+        "module",
+        "put",
+        "ta",
+        &path,
+        "--timeout",
+        "1s",
+        "--fuel",
+        "300000000",
+    ]));
+    assert_eq!(
+        (v["version"].as_u64(), v["world"].as_str()),
+        (Some(1), Some("compute"))
+    );
+    assert_eq!(v["limits"]["fuel"], 300_000_000);
+    common::cli_json(&s.cli(&["module", "put", "ta", &path]));
+    let list = common::cli_json(&s.cli(&["module", "list"]));
+    assert_eq!(list[0]["name"], "ta");
+    assert_eq!(list[0]["active"], 2);
+    let v = common::cli_json(&s.cli(&["module", "rollback", "ta", "1"]));
+    assert_eq!(v["version"], 1);
+    let id = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 88}}))
+        .await;
+    let v = common::cli_json(&s.cli(&[
+        "invoke",
+        "ta",
+        "--twin",
+        &id,
+        "--parameters",
+        r#"{"threshold": 85}"#,
+    ]));
+    assert_eq!(v["results"][&id]["over_threshold"], 1, "{v}");
+    let v = common::cli_json(&s.cli(&["invoke", "ta", "--query", r#"{"entity_type": "machine"}"#]));
+    assert_eq!(v["results"][&id]["max"], 88.0, "{v}");
+    let out = s.cli(&["invoke", "ta"]);
+    assert!(!out.status.success(), "invoke without twins must fail");
+}

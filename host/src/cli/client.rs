@@ -55,6 +55,30 @@ pub enum ModelCmd {
     Get { entity_type: Option<String> },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ModuleCmd {
+    /// Upload a component (.wasm) as the new active version of NAME.
+    Put {
+        name: String,
+        file: PathBuf,
+        /// Fuel per call.
+        #[arg(long)]
+        fuel: Option<u64>,
+        /// Memory per instance, in MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Wall-clock deadline per call, e.g. 500ms or 2s.
+        #[arg(long)]
+        timeout: Option<String>,
+    },
+    /// List modules with their versions and call counts.
+    List,
+    /// Make an earlier version active again.
+    Rollback { name: String, version: u32 },
+    /// Delete a module.
+    Delete { name: String },
+}
+
 /// An HTTP client bound to one server and token.
 pub struct Client {
     http: reqwest::Client,
@@ -237,6 +261,82 @@ pub async fn model(conn: Conn, cmd: ModelCmd) -> anyhow::Result<()> {
         ModelCmd::Get { entity_type: None } => c.call(Method::GET, "/v1/models", None, "").await?,
     };
     print(&v);
+    Ok(())
+}
+
+pub async fn module(conn: Conn, cmd: ModuleCmd) -> anyhow::Result<()> {
+    let c = Client::new(&conn);
+    let v = match cmd {
+        ModuleCmd::Put {
+            name,
+            file,
+            fuel,
+            memory,
+            timeout,
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut q = Vec::new();
+            if let Some(f) = fuel {
+                q.push(format!("fuel={f}"));
+            }
+            if let Some(m) = memory {
+                q.push(format!("memory_mb={m}"));
+            }
+            if let Some(t) = timeout {
+                q.push(format!("timeout={t}"));
+            }
+            let query = if q.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", q.join("&"))
+            };
+            c.call(
+                Method::PUT,
+                &format!("/v1/modules/{name}{query}"),
+                Some(bytes),
+                "application/wasm",
+            )
+            .await?
+        }
+        ModuleCmd::List => c.call(Method::GET, "/v1/modules", None, "").await?,
+        ModuleCmd::Rollback { name, version } => {
+            c.json(
+                Method::POST,
+                &format!("/v1/modules/{name}/rollback"),
+                &json!({"version": version}),
+            )
+            .await?
+        }
+        ModuleCmd::Delete { name } => {
+            c.call(Method::DELETE, &format!("/v1/modules/{name}"), None, "")
+                .await?;
+            eprintln!("deleted module {name}");
+            Value::Null
+        }
+    };
+    print(&v);
+    Ok(())
+}
+
+pub async fn invoke(
+    conn: Conn,
+    module: String,
+    twins: Vec<String>,
+    query: Option<String>,
+    parameters: String,
+) -> anyhow::Result<()> {
+    let c = Client::new(&conn);
+    let mut body = json!({"parameters": json_arg(&parameters)?});
+    match query {
+        Some(q) => body["query"] = json_arg(&q)?,
+        None if twins.is_empty() => bail!("give --twin ID… or --query JSON"),
+        None => body["twin_ids"] = json!(twins),
+    }
+    print(
+        &c.json(Method::POST, &format!("/v1/modules/{module}/invoke"), &body)
+            .await?,
+    );
     Ok(())
 }
 

@@ -55,6 +55,28 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Manage WebAssembly modules.
+    Module {
+        #[command(subcommand)]
+        cmd: client::ModuleCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Invoke a compute module on twins (by id, or all twins matching a query).
+    Invoke {
+        module: String,
+        /// Twin ids.
+        #[arg(long = "twin", num_args = 1..)]
+        twins: Vec<String>,
+        /// A query (JSON as for POST /v1/query, inline or @file) instead of ids.
+        #[arg(long, conflicts_with = "twins")]
+        query: Option<String>,
+        /// Parameters (a JSON object, inline or @file).
+        #[arg(long, default_value = "{}")]
+        parameters: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Bulk-ingest a JSON array or NDJSON file of updates, with a progress bar.
     Ingest {
         file: PathBuf,
@@ -119,6 +141,14 @@ pub fn main() -> anyhow::Result<()> {
         Command::Twin { cmd, conn } => rt.block_on(client::twin(conn, cmd)),
         Command::Query { query, conn } => rt.block_on(client::query(conn, query)),
         Command::Model { cmd, conn } => rt.block_on(client::model(conn, cmd)),
+        Command::Module { cmd, conn } => rt.block_on(client::module(conn, cmd)),
+        Command::Invoke {
+            module,
+            twins,
+            query,
+            parameters,
+            conn,
+        } => rt.block_on(client::invoke(conn, module, twins, query, parameters)),
         Command::Ingest { file, batch, conn } => rt.block_on(client::ingest(conn, file, batch)),
         Command::Token {
             cmd: TokenCmd::Create { role },
