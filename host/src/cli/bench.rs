@@ -53,7 +53,10 @@ pub struct BenchArgs {
     /// Skip the seed baseline.
     #[arg(long)]
     pub no_seed: bool,
-    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed).
+    /// Directory of the built guest components (for the wasm phase).
+    #[arg(long, default_value = "guests/target/wasm32-wasip2/release")]
+    pub guests: PathBuf,
+    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -527,6 +530,116 @@ async fn seed_comparison(args: &BenchArgs) -> anyhow::Result<Value> {
     Ok(out)
 }
 
+/// Calls through the host vs a raw wasmtime call, instantiation from `InstancePre` with
+/// pooling, restart with 20 cached modules vs compiling them, and calls/s on all cores.
+async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {
+    const MODULES: usize = 20;
+    const CALLS: u32 = 2000;
+    let path = args.guests.join("thermal_analysis.wasm");
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "{}: build the guests with scripts/build-guests.sh",
+            path.display()
+        )
+    })?;
+    let dir = tempfile::tempdir()?;
+    let node = open_node(
+        dir.path(),
+        Some("bench"),
+        true,
+        Retention::default(),
+        crate::store::commit::CHECKPOINT_EVERY,
+    )
+    .await?;
+    let twin = node
+        .registry
+        .create(NewTwin {
+            entity_type: "machine".into(),
+            properties: props_of(
+                json!({"temperature": 91.5, "temperatures": [70, 71, 72, 88, 99]}),
+            ),
+            ..Default::default()
+        })
+        .await?;
+    let rt = node.state.runtime.clone();
+    for i in 0..MODULES {
+        rt.upload(&format!("ta{i}"), &bytes, crate::wasm::Limits::default())?;
+    }
+    let params = json!({"threshold": 85});
+    let (rt2, t2, p2) = (rt.clone(), twin.clone(), params.clone());
+    let host_us = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        let started = Instant::now();
+        for _ in 0..CALLS {
+            rt2.call_compute("ta0", std::slice::from_ref(&t2), &p2)?;
+        }
+        Ok(started.elapsed().as_micros() as f64 / CALLS as f64)
+    })
+    .await??;
+    let raw_us =
+        crate::wasm::measure::raw_call_micros(&bytes, &node.registry, &twin, &params, CALLS)?;
+    let inst_us = rt.instantiate_micros("ta0", CALLS)?;
+    let compile_ms = rt.compile_millis(&bytes, MODULES as u32)?;
+    node.registry.shutdown();
+    drop((rt, node));
+    // Restart: open the same data directory; every module loads from its cached artifact.
+    let started = Instant::now();
+    let node = open_node(
+        dir.path(),
+        Some("bench"),
+        true,
+        Retention::default(),
+        crate::store::commit::CHECKPOINT_EVERY,
+    )
+    .await?;
+    let restart_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let loaded = node
+        .state
+        .runtime
+        .stats
+        .loaded_from_cache
+        .load(Ordering::Relaxed);
+    let compiled = node.state.runtime.stats.compiled.load(Ordering::Relaxed);
+    // Calls/s with one caller per core.
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(args.seconds.min(3.0));
+    let p0 = proc_sample();
+    let mut tasks = Vec::new();
+    for c in 0..cores {
+        let (rt, t, p, done) = (
+            node.state.runtime.clone(),
+            twin.clone(),
+            params.clone(),
+            done.clone(),
+        );
+        tasks.push(tokio::task::spawn_blocking(
+            move || -> anyhow::Result<()> {
+                while Instant::now() < deadline {
+                    rt.call_compute(&format!("ta{}", c % MODULES), std::slice::from_ref(&t), &p)?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            },
+        ));
+    }
+    let (n, s, cpu) = finish(tasks, &done, p0).await?;
+    node.registry.shutdown();
+    Ok(json!({
+        "component_bytes": bytes.len(),
+        "host_call_us": (host_us * 10.0).round() / 10.0,
+        "raw_wasmtime_call_us": (raw_us * 10.0).round() / 10.0,
+        "host_over_raw": ((host_us / raw_us) * 100.0).round() / 100.0,
+        "instantiate_pooled_us": (inst_us * 10.0).round() / 10.0,
+        "compile_20_modules_ms": compile_ms.round(),
+        "restart_with_20_cached_modules_ms": restart_ms.round(),
+        "restart_speedup": ((compile_ms / restart_ms) * 10.0).round() / 10.0,
+        "restart_loaded_from_cache": loaded, "restart_compiled": compiled,
+        "calls_per_s_all_cores": (n / s).round(), "cpu_percent": cpu.round(),
+    }))
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.twins > 0 && args.props > 0 && args.hz > 0.0 && args.seconds > 0.0,
@@ -600,6 +713,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let r = seed_comparison(&args).await?;
         eprintln!("  {r}");
         report.insert("seed_comparison".into(), r);
+    }
+    if want("wasm") {
+        eprintln!("phase: WebAssembly compute calls (thermal-analysis)");
+        let r = wasm_phase(&args).await?;
+        eprintln!("  {r}");
+        report.insert("wasm".into(), r);
     }
     report.insert("peak_rss_mb".into(), json!(rss_mb("VmHWM:").round()));
     report.insert(

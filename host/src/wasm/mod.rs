@@ -14,7 +14,7 @@
 mod host;
 mod modules;
 
-pub use modules::{CallError, ModuleInfo, Runtime, VersionInfo};
+pub use modules::{measure, CallError, ModuleInfo, Runtime, VersionInfo};
 
 /// Generated bindings of the `compute` world; nothing outside this module sees them.
 mod bindings {

@@ -487,3 +487,79 @@ fn guest_error(e: wasmtime::Error) -> CallError {
     };
     CallError::Guest { kind, message }
 }
+
+/// Measurements for `twinhost bench` (same engine and bindings as real calls).
+pub mod measure {
+    use super::*;
+
+    /// Microseconds per call of `run` on a plain wasmtime setup: default engine (no fuel, no
+    /// epoch deadline, on-demand allocation), no store limits, no counters — the baseline
+    /// the host's own calls are compared with.
+    pub fn raw_call_micros(
+        bytes: &[u8],
+        registry: &Registry,
+        twin: &Twin,
+        params: &Value,
+        n: u32,
+    ) -> Result<f64, CallError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(internal)?;
+        let component = Component::new(&engine, bytes).map_err(internal)?;
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(internal)?;
+        Compute::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+            .map_err(internal)?;
+        let pre = ComputePre::new(linker.instantiate_pre(&component).map_err(internal)?)
+            .map_err(internal)?;
+        let wit = vec![to_wit(twin)];
+        let p = params.to_string();
+        let started = Instant::now();
+        for _ in 0..n {
+            let mut store = WasmStore::new(
+                &engine,
+                HostState::new("raw", registry.clone(), &Limits::default()),
+            );
+            let b = pre.instantiate(&mut store).map_err(internal)?;
+            b.call_run(&mut store, &wit, &p)
+                .map_err(internal)?
+                .map_err(internal)?;
+        }
+        Ok(started.elapsed().as_micros() as f64 / n as f64)
+    }
+
+    impl Runtime {
+        /// Microseconds to instantiate the active version of `name` from its `InstancePre`
+        /// with the pooling allocator (no call).
+        pub fn instantiate_micros(&self, name: &str, n: u32) -> Result<f64, CallError> {
+            let active = self
+                .modules
+                .read()
+                .get(name)
+                .map(|e| e.active.clone())
+                .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
+            let started = Instant::now();
+            for _ in 0..n {
+                let mut store = WasmStore::new(
+                    &self.engine,
+                    HostState::new(name, self.registry.clone(), &active.info.limits),
+                );
+                store.limiter(|s| &mut s.limits);
+                store.set_fuel(active.info.limits.fuel).map_err(internal)?;
+                store.set_epoch_deadline(1000);
+                active.pre.instantiate(&mut store).map_err(guest_error)?;
+            }
+            Ok(started.elapsed().as_micros() as f64 / n as f64)
+        }
+
+        /// Milliseconds to compile `bytes` `n` times (what a restart would cost without the
+        /// artifact cache).
+        pub fn compile_millis(&self, bytes: &[u8], n: u32) -> Result<f64, CallError> {
+            let started = Instant::now();
+            for _ in 0..n {
+                Component::new(&self.engine, bytes).map_err(internal)?;
+            }
+            Ok(started.elapsed().as_secs_f64() * 1000.0)
+        }
+    }
+}
