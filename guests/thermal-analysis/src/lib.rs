@@ -5,49 +5,37 @@
 //! z-score exceeds `parameters.z` (default 2.0) or whose value exceeds
 //! `parameters.threshold` (default 85) as anomalies.
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "compute",
-});
-
-use serde_json::{json, Value};
-use twinhost::platform::host::{log, Level};
+use twinhost_sdk::serde_json::json;
+use twinhost_sdk::{log, Compute, Level, Twin, Value};
 
 struct ThermalAnalysis;
 
-impl Guest for ThermalAnalysis {
-    fn run(twins: Vec<Twin>, parameters: String) -> Result<String, String> {
-        let params: Value =
-            serde_json::from_str(&parameters).map_err(|e| format!("parameters: {e}"))?;
-        let z_limit = params.get("z").and_then(Value::as_f64).unwrap_or(2.0);
-        let threshold = params
+impl Compute for ThermalAnalysis {
+    fn run(twins: Vec<Twin>, parameters: Value) -> Result<Value, String> {
+        let z_limit = parameters.get("z").and_then(Value::as_f64).unwrap_or(2.0);
+        let threshold = parameters
             .get("threshold")
             .and_then(Value::as_f64)
             .unwrap_or(85.0);
         let mut readings = Vec::new();
         for t in &twins {
-            let props: Value =
-                serde_json::from_str(&t.properties).map_err(|e| format!("twin {}: {e}", t.id))?;
-            if let Some(list) = props.get("temperatures").and_then(Value::as_array) {
+            if let Some(list) = t.properties.get("temperatures").and_then(Value::as_array) {
                 readings.extend(list.iter().filter_map(Value::as_f64));
             }
-            if let Some(x) = props.get("temperature").and_then(Value::as_f64) {
-                readings.push(x);
-            }
+            readings.extend(t.number("temperature"));
         }
         if readings.is_empty() {
             return Err("no temperature readings in the given twins".into());
         }
         let n = readings.len() as f64;
         let mean = readings.iter().sum::<f64>() / n;
-        let var = readings.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
-        let sd = var.sqrt();
+        let sd = (readings.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
         let min = readings.iter().copied().fold(f64::INFINITY, f64::min);
         let max = readings.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let anomalies: Vec<f64> = readings
             .iter()
             .copied()
-            .filter(|x| x > &threshold || (sd > 0.0 && ((x - mean) / sd).abs() > z_limit))
+            .filter(|x| *x > threshold || (sd > 0.0 && ((x - mean) / sd).abs() > z_limit))
             .collect();
         if !anomalies.is_empty() {
             log(
@@ -58,9 +46,8 @@ impl Guest for ThermalAnalysis {
         Ok(json!({
             "count": readings.len(), "min": min, "max": max, "mean": mean, "stddev": sd,
             "anomalies": anomalies, "over_threshold": readings.iter().filter(|x| **x > threshold).count(),
-        })
-        .to_string())
+        }))
     }
 }
 
-export!(ThermalAnalysis);
+twinhost_sdk::export_compute!(ThermalAnalysis);
