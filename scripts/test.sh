@@ -13,7 +13,7 @@ set -e
 echo
 echo "== summary"
 grep -E "^test result:|Running " target/test.log | sed 's/^ *//'
-passed=$(grep -E "^test result:" target/test.log | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
-failed=$(grep -E "^test result:" target/test.log | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ | bc)
-echo "total: ${passed:-0} passed, ${failed:-0} failed"
+grep -E "^test result:" target/test.log |
+  awk '{for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i }}
+       END { printf "total: %d passed, %d failed\n", p, f }'
 exit "$status"

@@ -41,18 +41,30 @@ pub struct IngestResult {
 }
 
 /// Admit an ingest request only while fewer than the configured number are running;
-/// otherwise answer 429 with `Retry-After` before reading the body.
+/// otherwise answer 429 with `Retry-After` without parsing or applying anything.
 pub async fn admit(
     State(slots): State<std::sync::Arc<tokio::sync::Semaphore>>,
     req: Request,
     next: axum::middleware::Next,
 ) -> Result<axum::response::Response, ApiError> {
-    let _permit = slots.try_acquire().map_err(|_| {
-        ApiError::Overloaded(
-            "too many ingest requests at once; retry after the Retry-After delay".into(),
-        )
-    })?;
-    Ok(next.run(req).await)
+    match slots.try_acquire() {
+        Ok(_permit) => Ok(next.run(req).await),
+        Err(_) => {
+            // Read and drop the body (up to the default ingest limit) before answering, so a
+            // client still sending it gets the 429 rather than a broken pipe.
+            let mut body = req.into_body().into_data_stream();
+            let mut seen = 0usize;
+            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut body).await {
+                seen += chunk.len();
+                if seen > super::DEFAULT_MAX_INGEST_BYTES {
+                    break;
+                }
+            }
+            Err(ApiError::Overloaded(
+                "too many ingest requests at once; retry after the Retry-After delay".into(),
+            ))
+        }
+    }
 }
 
 /// Bodies above this size are parsed on the blocking pool so they don't stall other requests.

@@ -131,16 +131,21 @@ impl Drop for Fleet {
     }
 }
 
-async fn fleet(twins: usize) -> anyhow::Result<Fleet> {
-    let dir = tempfile::tempdir()?;
-    let node = open_node(
-        dir.path(),
+/// A node on `dir` as the bench runs it: no auth, default retention and checkpoints.
+async fn bench_node(dir: &std::path::Path) -> anyhow::Result<super::serve::Node> {
+    open_node(
+        dir,
         Some("bench"),
         true,
         Retention::default(),
         crate::store::commit::CHECKPOINT_EVERY,
     )
-    .await?;
+    .await
+}
+
+async fn fleet(twins: usize) -> anyhow::Result<Fleet> {
+    let dir = tempfile::tempdir()?;
+    let node = bench_node(dir.path()).await?;
     let building = node
         .registry
         .create(NewTwin {
@@ -543,14 +548,7 @@ async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {
         )
     })?;
     let dir = tempfile::tempdir()?;
-    let node = open_node(
-        dir.path(),
-        Some("bench"),
-        true,
-        Retention::default(),
-        crate::store::commit::CHECKPOINT_EVERY,
-    )
-    .await?;
+    let node = bench_node(dir.path()).await?;
     let twin = node
         .registry
         .create(NewTwin {
@@ -583,14 +581,7 @@ async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     drop((rt, node));
     // Restart: open the same data directory; every module loads from its cached artifact.
     let started = Instant::now();
-    let node = open_node(
-        dir.path(),
-        Some("bench"),
-        true,
-        Retention::default(),
-        crate::store::commit::CHECKPOINT_EVERY,
-    )
-    .await?;
+    let node = bench_node(dir.path()).await?;
     let restart_ms = started.elapsed().as_secs_f64() * 1000.0;
     let loaded = node
         .state

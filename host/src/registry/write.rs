@@ -446,17 +446,9 @@ pub(super) fn replay(
                 ts,
                 patch,
             } => {
-                if let Some(mut entry) = twins.0.get_mut(&id) {
-                    if entry.created_at != born {
-                        continue;
-                    }
-                    let t = Arc::make_mut(&mut *entry);
-                    if t.version < version {
-                        merge(&mut t.properties, &patch);
-                        t.version = version;
-                        bump(&mut t.vclock, node_id);
-                        t.updated_at = now;
-                    }
+                if replay_change(twins, id, born, version, now, node_id, |t| {
+                    merge(&mut t.properties, &patch)
+                }) {
                     points(b, id, &patch, ts);
                     b.mark_dirty(id);
                 }
@@ -483,21 +475,41 @@ pub(super) fn replay(
                 now,
                 state,
             } => {
-                if let Some(mut entry) = twins.0.get_mut(&id) {
-                    if entry.created_at != born {
-                        continue;
-                    }
-                    let t = Arc::make_mut(&mut *entry);
-                    if t.version < version {
-                        t.lifecycle = state;
-                        t.version = version;
-                        bump(&mut t.vclock, node_id);
-                        t.updated_at = now;
-                    }
+                if replay_change(twins, id, born, version, now, node_id, |t| {
+                    t.lifecycle = state
+                }) {
                     b.mark_dirty(id);
                 }
             }
             Entry::Put(..) | Entry::DeleteKey(_) | Entry::DeletePrefix(_) => {}
         }
     }
+}
+
+/// Replay one change to the twin `id` born at `born`: apply `f` and the version bookkeeping
+/// when the change is newer than the twin. Returns false when the twin is absent or another
+/// incarnation of the id (the entry is then skipped entirely).
+fn replay_change(
+    twins: &TwinMap,
+    id: TwinId,
+    born: DateTime<Utc>,
+    version: u64,
+    now: DateTime<Utc>,
+    node_id: &str,
+    f: impl FnOnce(&mut Twin),
+) -> bool {
+    let Some(mut entry) = twins.0.get_mut(&id) else {
+        return false;
+    };
+    if entry.created_at != born {
+        return false;
+    }
+    let t = Arc::make_mut(&mut *entry);
+    if t.version < version {
+        f(t);
+        t.version = version;
+        bump(&mut t.vclock, node_id);
+        t.updated_at = now;
+    }
+    true
 }
