@@ -349,3 +349,77 @@ async fn cli_module_put_list_rollback_and_invoke() {
     let out = s.cli(&["invoke", "ta"]);
     assert!(!out.status.success(), "invoke without twins must fail");
 }
+
+/// Hot swap under load: a client invokes continuously while the module is replaced 20 times;
+/// no call fails and results of both versions are observed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_swap_under_load_fails_no_call() {
+    let s = Server::start();
+    let (thermal, hostile) = (guest("thermal_analysis"), guest("hostile"));
+    upload(&s, "swap", &thermal, "").await.expect(201);
+    let twin = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 80}}))
+        .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (client, url, token, t, stop) = (
+            s.http.clone(),
+            s.url.clone(),
+            s.token.clone(),
+            twin.clone(),
+            stop.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let (mut v1, mut v2, mut failed) = (0, 0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client
+                    .post(format!("{url}/v1/modules/swap/invoke"))
+                    .bearer_auth(&token)
+                    .json(&json!({"twin_ids": [t]}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status();
+                let body: Value = r.json().await.unwrap();
+                let res = &body["results"][&t];
+                if status != 200 || !res["error"].is_null() {
+                    failed.push(body.clone());
+                } else if res["count"] == 1 {
+                    v1 += 1;
+                } else if res["ok"] == true {
+                    v2 += 1;
+                } else {
+                    failed.push(body.clone());
+                }
+            }
+            (v1, v2, failed)
+        }));
+    }
+    for i in 0..20 {
+        let bytes = if i % 2 == 0 { &hostile } else { &thermal };
+        let r = upload(&s, "swap", bytes, "").await;
+        r.expect(201);
+        assert_eq!(r.body["version"], i + 2);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut v1, mut v2) = (0, 0);
+    for c in clients {
+        let (a, b, failed) = c.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "failed calls during hot swap: {failed:?}"
+        );
+        v1 += a;
+        v2 += b;
+    }
+    assert!(
+        v1 > 0 && v2 > 0,
+        "results of both versions: v1={v1} v2={v2}"
+    );
+    let m = s.get("/v1/modules/swap").await;
+    assert_eq!(m.body["versions"].as_array().unwrap().len(), 21);
+    assert_eq!(m.body["errors"], 0, "{}", m.body);
+    eprintln!("hot swap: {v1} calls answered by thermal-analysis, {v2} by the other version");
+}
