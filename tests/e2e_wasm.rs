@@ -171,6 +171,14 @@ async fn bad_uploads_are_422_with_the_reason() {
         .as_str()
         .unwrap()
         .contains("not a valid component"));
+    // A valid component, but of a world this host does not run.
+    let r = upload(&s, "x", &guest("other_world"), "").await;
+    r.expect_error(422, "validation_failed");
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("matches no world") && msg.contains("greet"),
+        "{msg}"
+    );
     let r = upload(&s, "x", &guest("thermal_analysis"), "?fuel=0").await;
     r.expect_error(422, "validation_failed");
     upload(&s, "x", &guest("thermal_analysis"), "?timeout=soon")
