@@ -13,6 +13,17 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+/// Who made a change when it was not a client: a behavior or a rule, and how many such
+/// automatic steps led to it. Guards against behaviors re-triggering themselves without end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Cause {
+    /// `behavior:<name>` or `rule:<name>`.
+    pub by: String,
+    /// 1 for a change made in response to a client's change, 2 for one made in response to
+    /// that, and so on.
+    pub depth: u8,
+}
+
 /// A property bag: JSON object of property name to value.
 pub type Properties = serde_json::Map<String, serde_json::Value>;
 

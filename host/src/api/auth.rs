@@ -146,6 +146,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         "/v1/peers",
         "/v1/tokens",
         "/v1/behaviors",
+        "/v1/rules",
     ]
     .iter()
     .any(|p| path == *p || path.starts_with(&format!("{p}/")));

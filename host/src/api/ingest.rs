@@ -85,6 +85,7 @@ pub fn parse(body: &[u8], ndjson: bool) -> Result<Parsed, ApiError> {
                 patch: it.properties,
                 ts: it.ts,
                 if_match: None,
+                cause: None,
             },
         )),
         Err(e) => bad.push(Rejected {

@@ -5,12 +5,15 @@
 //! logic; those belong to the subsystems.
 
 pub mod auth;
+mod behaviors;
 pub mod error;
+mod events;
 pub mod extract;
 mod ingest;
 mod models;
 mod modules;
 mod ops;
+mod rules;
 mod twins;
 
 use std::sync::Arc;
@@ -65,6 +68,9 @@ pub struct AppStateInner {
     pub prometheus: PrometheusHandle,
     pub started: Instant,
     pub runtime: Arc<crate::wasm::Runtime>,
+    pub events: crate::events::EventLog,
+    pub rules: crate::events::Rules,
+    pub behaviors: crate::wasm::behaviors::Behaviors,
     /// Guest calls running at once (sized to the cores); a full pool answers 429.
     pub compute_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -96,6 +102,21 @@ pub fn router(state: AppState, limits: Limits) -> Router {
             put(models::put).get(models::get_one).delete(models::delete),
         )
         .route("/models", get(models::list))
+        .route("/rules", get(rules::list))
+        .route(
+            "/rules/{name}",
+            put(rules::put).get(rules::get_one).delete(rules::delete),
+        )
+        .route("/behaviors", get(behaviors::list))
+        .route(
+            "/behaviors/{name}",
+            put(behaviors::put)
+                .get(behaviors::get_one)
+                .delete(behaviors::delete),
+        )
+        .route("/events", get(events::sse))
+        .route("/events/ws", get(events::ws))
+        .route("/events/log", get(events::log))
         .route("/tokens", post(ops::create_token))
         .route("/metrics", get(ops::metrics_json))
         .route("/openapi.json", get(ops::openapi))

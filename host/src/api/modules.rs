@@ -119,12 +119,40 @@ pub async fn rollback(
     Ok(axum::Json(info))
 }
 
-#[utoipa::path(delete, path = "/v1/modules/{name}", tag = "modules", params(("name" = String, Path)),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
+#[derive(Deserialize, IntoParams)]
+pub struct DeleteParams {
+    /// Delete even while behaviors or rules use the module (they then fail until it returns).
+    #[serde(default)]
+    force: bool,
+}
+
+/// Delete a module. Refused with 409 while a behavior or rule uses it, unless `force=true`.
+#[utoipa::path(delete, path = "/v1/modules/{name}", tag = "modules", params(("name" = String, Path), DeleteParams),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn delete(
     State(s): State<AppState>,
     Path(name): Path<String>,
+    Query(p): Query<DeleteParams>,
 ) -> Result<StatusCode, ApiError> {
+    s.runtime.info(&name)?;
+    let mut users: Vec<String> = s
+        .behaviors
+        .using(&name)
+        .into_iter()
+        .map(|b| format!("behavior {b:?}"))
+        .collect();
+    users.extend(
+        s.rules
+            .using_module(&name)
+            .into_iter()
+            .map(|r| format!("rule {r:?}")),
+    );
+    if !users.is_empty() && !p.force {
+        return Err(ApiError::Conflict(format!(
+            "module {name:?} is used by {}; delete or rebind them first, or pass ?force=true",
+            users.join(", ")
+        )));
+    }
     s.runtime.delete(&name)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -141,6 +169,30 @@ pub struct InvokeBody {
     #[serde(default)]
     #[schema(value_type = Object)]
     parameters: Value,
+    /// For a `resolver` module instead: the conflict to merge.
+    #[serde(default)]
+    resolve: Option<ResolveBody>,
+}
+
+/// A conflict for a resolver module: a property and the two writes.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveBody {
+    property: String,
+    a: SideBody,
+    b: SideBody,
+}
+
+/// One write of a conflicting property.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SideBody {
+    #[schema(value_type = Object)]
+    value: Value,
+    #[serde(default)]
+    hlc: u64,
+    #[serde(default)]
+    origin: String,
 }
 
 /// Invoke a compute module once per twin; each twin gets its result or its own error.
@@ -152,6 +204,28 @@ pub async fn invoke(
     Json(b): Json<InvokeBody>,
 ) -> Result<axum::Json<Value>, ApiError> {
     s.runtime.info(&name)?;
+    if let Some(r) = b.resolve {
+        let permit = compute_slot(&s).await?;
+        let rt = s.runtime.clone();
+        let merged = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            rt.call_resolver(
+                &name,
+                &r.property,
+                (&r.a.value, r.a.hlc, &r.a.origin),
+                (&r.b.value, r.b.hlc, &r.b.origin),
+            )
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        return Ok(axum::Json(match merged {
+            Ok(v) => json!({ "result": v }),
+            Err(CallError::Guest { kind, message }) => {
+                json!({"error": {"code": kind, "message": message}})
+            }
+            Err(e) => return Err(e.into()),
+        }));
+    }
     let twins = match (b.twin_ids, b.query) {
         (Some(ids), None) => {
             if ids.len() > MAX_INVOKE_TWINS {
@@ -181,14 +255,7 @@ pub async fn invoke(
     } else {
         b.parameters
     };
-    let permit = tokio::time::timeout(COMPUTE_SLOT_WAIT, s.compute_slots.clone().acquire_owned())
-        .await
-        .map_err(|_| {
-            ApiError::Overloaded(
-                "every compute slot is busy; retry after the Retry-After delay".into(),
-            )
-        })?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let permit = compute_slot(&s).await?;
     let rt: Arc<crate::wasm::Runtime> = s.runtime.clone();
     let results = tokio::task::spawn_blocking(move || {
         let _permit = permit;
@@ -208,4 +275,16 @@ pub async fn invoke(
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(axum::Json(json!({ "results": results })))
+}
+
+/// A slot of the compute pool, or 429 when none frees up in time.
+async fn compute_slot(s: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    tokio::time::timeout(COMPUTE_SLOT_WAIT, s.compute_slots.clone().acquire_owned())
+        .await
+        .map_err(|_| {
+            ApiError::Overloaded(
+                "every compute slot is busy; retry after the Retry-After delay".into(),
+            )
+        })?
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }

@@ -80,7 +80,7 @@ pub async fn metrics_json(State(s): State<AppState>) -> axum::Json<Value> {
         "modules_loaded_from_cache": s.runtime.stats.loaded_from_cache.load(Ordering::Relaxed),
         "avg_sync_latency_ms": 0.0,
         "queue_depth": s.registry.queue_depth(),
-        "active_subscriptions": s.registry.subscriber_count(),
+        "active_subscriptions": s.events.subscriber_count(),
         "commits": commits,
         "commit_jobs": requests,
         "avg_jobs_per_commit": per(requests, commits),

@@ -93,6 +93,7 @@ pub async fn patch(
             patch,
             ts: None,
             if_match: if_match(&headers)?,
+            cause: None,
         })
         .await?;
     Ok(with_etag(StatusCode::OK, t))

@@ -128,6 +128,7 @@ impl Drop for Fleet {
     /// Stop the store's threads so the next phase starts with this one's memory released.
     fn drop(&mut self) {
         self.node.registry.shutdown();
+        self.node.events.shutdown();
     }
 }
 
@@ -139,6 +140,7 @@ async fn bench_node(dir: &std::path::Path) -> anyhow::Result<super::serve::Node>
         true,
         Retention::default(),
         crate::store::commit::CHECKPOINT_EVERY,
+        crate::events::LogConfig::default(),
     )
     .await
 }
@@ -204,6 +206,7 @@ fn update(ids: &[TwinId], k: usize, nprops: usize) -> Update {
         patch: p,
         ts: None,
         if_match: None,
+        cause: None,
     }
 }
 

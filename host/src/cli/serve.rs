@@ -50,6 +50,12 @@ pub struct ServeArgs {
     /// Keep at most this many points per property series.
     #[arg(long, env = "TWINHOST_HISTORY_MAX_POINTS", default_value_t = 100_000)]
     pub history_max_points: u64,
+    /// Events kept for resumption (in memory and persisted).
+    #[arg(long, env = "TWINHOST_EVENT_TAIL", default_value_t = crate::events::log::DEFAULT_TAIL)]
+    pub event_tail: usize,
+    /// Drop persisted events older than this.
+    #[arg(long, env = "TWINHOST_EVENT_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub event_max_age: Duration,
 }
 
 /// The process-wide Prometheus recorder (installed once).
@@ -70,6 +76,7 @@ pub fn prometheus() -> PrometheusHandle {
 pub struct Node {
     pub store: Store,
     pub registry: Registry,
+    pub events: crate::events::EventLog,
     pub state: api::AppState,
     pub admin_token_file: PathBuf,
 }
@@ -81,6 +88,7 @@ pub async fn open_node(
     insecure: bool,
     retention: Retention,
     checkpoint_every: Duration,
+    event_log: crate::events::LogConfig,
 ) -> anyhow::Result<Node> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
@@ -94,6 +102,11 @@ pub async fn open_node(
         .with_checkpoint_every(checkpoint_every);
     let node_id = resolve_node_id(&store, node_id)?;
     let registry = Registry::open(&store, &node_id)?;
+    let events = crate::events::EventLog::open(store.clone(), &node_id, event_log)?;
+    {
+        let events = events.clone();
+        registry.set_change_sink(Arc::new(move |changes| events.append_changes(changes)));
+    }
     let repaired = registry.repair().await?;
     if repaired > 0 {
         tracing::warn!(repaired, "finished an interrupted cascade delete");
@@ -108,6 +121,15 @@ pub async fn open_node(
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
+    let rules = crate::events::Rules::open(store.clone(), registry.clone(), events.clone())?;
+    rules.set_invoker(runtime.clone());
+    let behaviors = crate::wasm::behaviors::Behaviors::open(
+        store.clone(),
+        registry.clone(),
+        runtime.clone(),
+        events.clone(),
+        cores,
+    )?;
     let state = Arc::new(AppStateInner {
         registry: registry.clone(),
         history: History::new(store.clone(), retention),
@@ -116,11 +138,15 @@ pub async fn open_node(
         prometheus: prometheus(),
         started: Instant::now(),
         runtime,
+        events: events.clone(),
+        rules,
+        behaviors,
         compute_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
     });
     Ok(Node {
         store,
         registry,
+        events,
         state,
         admin_token_file,
     })
@@ -162,6 +188,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.insecure_no_auth,
         retention,
         args.checkpoint_every,
+        crate::events::LogConfig {
+            tail: args.event_tail,
+            max_age: args.event_max_age,
+        },
     )
     .await?;
     let history = node.state.history.clone();
@@ -205,6 +235,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await?;
     tracing::info!("draining writes");
     node.registry.shutdown();
+    node.events.shutdown();
     node.store.flush()?;
     tracing::info!("stopped cleanly");
     Ok(())

@@ -26,7 +26,6 @@ use dashmap::DashMap;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
 pub use error::RegistryError;
@@ -35,11 +34,8 @@ pub use query::{Page, Query, TwinRef};
 
 use crate::store::wal::from_slice_unbounded;
 use crate::store::{keys, CommitHandle, StateSource, Store, StoreError};
-use crate::types::{Lifecycle, Properties, Twin, TwinId};
+use crate::types::{Cause, Lifecycle, Properties, Twin, TwinId};
 
-/// Capacity of the change feed. A subscriber that falls further behind than this is told it
-/// lagged (tokio's broadcast semantics) rather than holding memory.
-pub const CHANGE_FEED_CAPACITY: usize = 65_536;
 /// Longest entity type, relationship or property name.
 pub const MAX_NAME_LEN: usize = 128;
 /// Most properties one twin may hold.
@@ -57,8 +53,8 @@ pub enum ChangeKind {
     Lifecycle,
 }
 
-/// A committed change, published on the change feed after it is durable.
-#[derive(Clone, Debug, Serialize)]
+/// A committed change, handed to the change sink after it is durable.
+#[derive(Clone, Debug)]
 pub struct Change {
     pub kind: ChangeKind,
     pub twin_id: TwinId,
@@ -69,7 +65,13 @@ pub struct Change {
     pub changed: Properties,
     pub lifecycle: Lifecycle,
     pub ts: DateTime<Utc>,
+    /// Who made the change when it was a behavior or a rule (the self-trigger guard).
+    pub cause: Option<Arc<Cause>>,
 }
+
+/// Receives every committed change, in commit order, on the store's sync thread right after
+/// the change is durable. Must be quick and must not call back into the registry's writes.
+pub type ChangeSink = Arc<dyn Fn(Vec<Change>) + Send + Sync>;
 
 /// A property update: a JSON merge patch of `properties`.
 #[derive(Clone, Debug)]
@@ -80,6 +82,8 @@ pub struct Update {
     pub ts: Option<DateTime<Utc>>,
     /// Refuse unless the twin is at this version.
     pub if_match: Option<u64>,
+    /// Set when a behavior or rule makes the change.
+    pub cause: Option<Arc<Cause>>,
 }
 
 /// A twin to create.
@@ -187,7 +191,7 @@ struct Inner {
     models: RwLock<HashMap<String, Arc<Model>>>,
     rels: RwLock<RelMap>,
     commit: CommitHandle,
-    changes: broadcast::Sender<Arc<Change>>,
+    sink: std::sync::OnceLock<ChangeSink>,
 }
 
 /// The registry. Cheap to clone; all clones share state.
@@ -252,7 +256,6 @@ impl Registry {
             write::replay(&twins, &mut index, node_id, entries, &mut batch);
             batch
         });
-        let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
         let commit = store.start_committer(twins.clone(), last_segment, replayed)?;
         let reg = Registry {
             inner: Arc::new(Inner {
@@ -262,7 +265,7 @@ impl Registry {
                 models: RwLock::new(models),
                 rels: RwLock::new(rels),
                 commit,
-                changes,
+                sink: std::sync::OnceLock::new(),
             }),
         };
         tracing::info!(
@@ -327,13 +330,12 @@ impl Registry {
         &self.inner.commit.stats
     }
 
-    /// Subscribe to committed changes.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
-        self.inner.changes.subscribe()
-    }
-
-    pub fn subscriber_count(&self) -> usize {
-        self.inner.changes.receiver_count()
+    /// Install the receiver of committed changes (the event log). Once per registry; until
+    /// then changes are not collected at all.
+    pub fn set_change_sink(&self, sink: ChangeSink) {
+        if self.inner.sink.set(sink).is_err() {
+            tracing::warn!("change sink already installed; keeping the first");
+        }
     }
 
     /// Stop the writer after it has drained and flushed.
@@ -342,7 +344,7 @@ impl Registry {
     }
 
     fn wants_changes(&self) -> bool {
-        self.inner.changes.receiver_count() > 0
+        self.inner.sink.get().is_some()
     }
 
     fn model_for(&self, entity_type: &str) -> Option<Arc<Model>> {
@@ -507,6 +509,20 @@ impl Registry {
 }
 
 impl Registry {
+    /// Whether `a` is `parent` or above it in the hierarchy (for a twin whose parent is
+    /// `parent`). Reads only twin shards, never the index lock.
+    pub fn is_under(&self, parent: Option<TwinId>, a: TwinId) -> bool {
+        let mut cur = parent;
+        for _ in 0..MAX_DEPTH {
+            match cur {
+                Some(p) if p == a => return true,
+                Some(p) => cur = self.inner.twins.0.get(&p).and_then(|x| x.parent_id),
+                None => return false,
+            }
+        }
+        false
+    }
+
     /// Whether `a` is above `t` in the hierarchy. Takes no index lock and no guard is held
     /// on `t` (it is a copy), so it may be called while holding the index lock.
     fn has_ancestor(&self, t: &Twin, a: TwinId) -> bool {

@@ -60,6 +60,7 @@ fn change(kind: ChangeKind, t: &Twin, changed: Properties, ts: DateTime<Utc>) ->
         changed,
         lifecycle: t.lifecycle,
         ts,
+        cause: None,
     }
 }
 
@@ -79,20 +80,23 @@ impl Registry {
         f: impl FnOnce(&Registry, &mut Batch, &mut Vec<Change>) -> T + Send + 'static,
     ) -> Result<T, RegistryError> {
         let this = self.clone();
-        let (out, changes) = self
+        let sink = self.inner.sink.get().cloned();
+        let out = self
             .inner
             .commit
-            .run(move |b| {
-                let mut changes = Vec::new();
-                let out = f(&this, b, &mut changes);
-                (out, changes)
-            })
+            .run_then(
+                move |b| {
+                    let mut changes = Vec::new();
+                    let out = f(&this, b, &mut changes);
+                    (out, changes)
+                },
+                move |changes| {
+                    if let (Some(sink), false) = (sink, changes.is_empty()) {
+                        sink(changes);
+                    }
+                },
+            )
             .await?;
-        if !changes.is_empty() && self.inner.changes.receiver_count() > 0 {
-            for c in changes {
-                let _ = self.inner.changes.send(Arc::new(c));
-            }
-        }
         Ok(out)
     }
 
@@ -271,7 +275,9 @@ impl Registry {
         b.update(u.twin_id, t.created_at, t.version, now, ts, &u.patch);
         points(b, u.twin_id, &u.patch, ts);
         if self.wants_changes() {
-            changes.push(change(ChangeKind::Updated, t, u.patch.clone(), ts));
+            let mut c = change(ChangeKind::Updated, t, u.patch.clone(), ts);
+            c.cause = u.cause.clone();
+            changes.push(c);
         }
         Ok(want_twin.then(|| t.clone()))
     }

@@ -226,10 +226,24 @@ impl CommitHandle {
         &self,
         job: impl FnOnce(&mut Batch) -> T + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.run_then(move |b| (job(b), ()), |()| {}).await
+    }
+
+    /// Like [`CommitHandle::run`], and once the job's changes are durable call `on_durable`
+    /// with the second half of its output — on the sync thread, in commit order, before the
+    /// caller is woken. Keep it short: it delays every later acknowledgement.
+    pub async fn run_then<T: Send + 'static, P: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Batch) -> (T, P) + Send + 'static,
+        on_durable: impl FnOnce(P) + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         let boxed: Job = Box::new(move |b: &mut Batch| {
-            let out = job(b);
+            let (out, publish) = job(b);
             Box::new(move |r: Result<u64, Arc<StoreError>>| {
+                if r.is_ok() {
+                    on_durable(publish);
+                }
                 let _ = tx.send(r.map(|_| out));
             })
         });

@@ -182,6 +182,21 @@ impl Store {
         Ok(())
     }
 
+    /// Put and remove keys directly, outside the commit queue, as one atomic sled batch
+    /// (flushed by sled within a second). Only for records that are not twin state: the
+    /// event-log tail.
+    pub fn apply_direct(&self, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for (k, v) in ops {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        self.db.apply_batch(b)?;
+        Ok(())
+    }
+
     /// Start the writer after [`Store::recover`]: `last_segment` is what `recover` returned,
     /// `replayed` the changes its replay made (persisted by the first checkpoint), and
     /// `source` supplies the current bytes of dirty twins.

@@ -5,7 +5,7 @@ use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::twinhost::platform::{host, types};
-use super::{Limits, MAX_HOST_CALLS};
+use super::{Limits, MAX_ACTIONS_PER_CALL, MAX_HOST_CALLS};
 use crate::registry::{Query, Registry};
 use crate::types::{Twin as RegTwin, TwinId};
 
@@ -17,6 +17,8 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     host_calls: u32,
+    /// Alerts raised with `emit-alert` during the call.
+    pub alerts: Vec<types::Alert>,
 }
 
 impl HostState {
@@ -36,6 +38,7 @@ impl HostState {
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
             host_calls: 0,
+            alerts: Vec::new(),
         }
     }
 
@@ -97,6 +100,17 @@ impl host::Host for HostState {
         let q: Query = serde_json::from_str(&query).map_err(|e| format!("query: {e}"))?;
         let page = self.registry.query(&q).map_err(|e| e.to_string())?;
         Ok(page.items.iter().map(|t| to_wit(&t.twin)).collect())
+    }
+
+    fn emit_alert(&mut self, alert: types::Alert) {
+        if self.charge().is_err() {
+            return;
+        }
+        if self.alerts.len() >= MAX_ACTIONS_PER_CALL {
+            tracing::warn!(module = %self.module, "more than {MAX_ACTIONS_PER_CALL} alerts in one call; dropping the rest");
+            return;
+        }
+        self.alerts.push(alert);
     }
 
     fn now_ms(&mut self) -> u64 {

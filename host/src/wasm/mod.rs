@@ -8,20 +8,44 @@
 //! (no preopened directories, environment, network or inherited stdio), or let a guest's
 //! failure escape its own call.
 //!
-//! This release implements the `compute` world; `behavior` and `resolver` come with the
-//! events and sync capabilities.
+//! Worlds: `compute` (invoked over HTTP and by rules), `behavior` (run by [`behaviors`] on the
+//! events of the twins it is bound to) and `resolver` (merges conflicting writes for sync).
 
+pub mod behaviors;
 mod host;
 mod modules;
 
-pub use modules::{measure, CallError, ModuleInfo, Runtime, VersionInfo};
+pub use modules::{measure, BehaviorOutput, CallError, ModuleInfo, Runtime, VersionInfo};
 
-/// Generated bindings of the `compute` world; nothing outside this module sees them.
+/// Generated bindings of the three worlds; nothing outside this module sees them. The
+/// `behavior` and `resolver` bindings reuse the `compute` bindings' `types` and `host`, so
+/// the host interface is implemented once.
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "compute",
     });
+
+    pub mod behavior {
+        wasmtime::component::bindgen!({
+            path: "../wit",
+            world: "behavior",
+            with: {
+                "twinhost:platform/types": super::twinhost::platform::types,
+                "twinhost:platform/host": super::twinhost::platform::host,
+            },
+        });
+    }
+
+    pub mod resolver {
+        wasmtime::component::bindgen!({
+            path: "../wit",
+            world: "resolver",
+            with: {
+                "twinhost:platform/types": super::twinhost::platform::types,
+            },
+        });
+    }
 }
 
 use std::time::Duration;
@@ -49,6 +73,8 @@ pub const MAX_MODULE_BYTES: usize = 32 * 1024 * 1024;
 pub const MAX_RESULT_BYTES: usize = 4 * 1024 * 1024;
 /// Most host calls (log, get-twin, query-twins, now-ms) one guest call may make.
 pub const MAX_HOST_CALLS: u32 = 10_000;
+/// Most alerts (returned or emitted) and patches one guest call may produce.
+pub const MAX_ACTIONS_PER_CALL: usize = 100;
 
 /// Per-module limits, given as query parameters on upload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

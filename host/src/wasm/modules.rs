@@ -17,6 +17,9 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store as WasmStore, Trap,
 };
 
+use super::bindings::behavior::BehaviorPre;
+use super::bindings::resolver::ResolverPre;
+use super::bindings::twinhost::platform::types;
 use super::bindings::{Compute, ComputePre};
 use super::host::{to_wit, HostState};
 use super::{Limits, EPOCH_TICK, MAX_MEMORY_BYTES, MAX_RESULT_BYTES};
@@ -83,7 +86,21 @@ struct Counters {
 /// never disturbs a call in flight.
 struct Active {
     info: VersionInfo,
-    pre: ComputePre<HostState>,
+    pre: Pre,
+}
+
+/// A pre-instantiated component of one of the worlds.
+enum Pre {
+    Compute(ComputePre<HostState>),
+    Behavior(BehaviorPre<HostState>),
+    Resolver(ResolverPre<HostState>),
+}
+
+/// What a behavior call produced: its actions, and the alerts it raised through the host.
+#[derive(Debug, Default)]
+pub struct BehaviorOutput {
+    pub patches: Vec<(Option<String>, String)>,
+    pub alerts: Vec<(String, String, String)>,
 }
 
 struct Entry {
@@ -234,16 +251,22 @@ impl Runtime {
         Ok(c)
     }
 
-    fn instantiate_pre(&self, component: &Component) -> Result<ComputePre<HostState>, CallError> {
+    fn instantiate_pre(&self, component: &Component) -> Result<Pre, CallError> {
+        let world = component_world(component, &self.engine)?;
         let pre = self.linker.instantiate_pre(component).map_err(|e| {
             CallError::Invalid(format!(
                 "the component needs imports the host does not provide (only twinhost:platform/host@0.1.0 and WASI without capabilities): {e:#}"
             ))
         })?;
-        ComputePre::new(pre).map_err(|e| {
+        let wrong = |e: wasmtime::Error| {
             CallError::Invalid(format!(
-                "the component does not implement world compute (export `run`): {e:#}"
+                "the component does not implement world {world} as this host defines it: {e:#}"
             ))
+        };
+        Ok(match world {
+            "compute" => Pre::Compute(ComputePre::new(pre).map_err(wrong)?),
+            "behavior" => Pre::Behavior(BehaviorPre::new(pre).map_err(wrong)?),
+            _ => Pre::Resolver(ResolverPre::new(pre).map_err(wrong)?),
         })
     }
 
@@ -267,7 +290,7 @@ impl Runtime {
             ));
         }
         let component = self.compile(bytes)?;
-        let world = component_world(&component, &self.engine)?;
+        let world = component_world(&component, &self.engine)?.to_owned();
         let pre = self.instantiate_pre(&component)?;
         let sha = hex::encode(Sha256::digest(bytes));
         self.store.put_durable(&keys::module_bytes(&sha), bytes)?;
@@ -366,6 +389,14 @@ impl Runtime {
         sorted.into_iter().map(|(n, e)| module_info(n, e)).collect()
     }
 
+    /// The world of the active version of `name`.
+    pub fn world_of(&self, name: &str) -> Option<String> {
+        self.modules
+            .read()
+            .get(name)
+            .map(|e| e.active.info.world.clone())
+    }
+
     /// Call `run` of the active version of `name` with `twins` and `parameters`, within the
     /// module's limits. Blocking: run it on a blocking thread.
     pub fn call_compute(
@@ -374,6 +405,115 @@ impl Runtime {
         twins: &[Twin],
         parameters: &Value,
     ) -> Result<Value, CallError> {
+        self.call(name, |store, pre| {
+            let Pre::Compute(pre) = pre else {
+                return Err(wrong_world(name, "compute"));
+            };
+            let bindings = pre.instantiate(&mut *store).map_err(guest_error)?;
+            let wit_twins: Vec<_> = twins.iter().map(to_wit).collect();
+            let out = bindings
+                .call_run(&mut *store, &wit_twins, &parameters.to_string())
+                .map_err(guest_error)?;
+            json_result(out)
+        })
+    }
+
+    /// Call `on-event` of the behavior module `name`. Blocking.
+    pub fn call_behavior(
+        &self,
+        name: &str,
+        event: &types::Event,
+    ) -> Result<BehaviorOutput, CallError> {
+        self.call(name, |store, pre| {
+            let Pre::Behavior(pre) = pre else {
+                return Err(wrong_world(name, "behavior"));
+            };
+            let bindings = pre.instantiate(&mut *store).map_err(guest_error)?;
+            let actions = bindings
+                .call_on_event(&mut *store, event)
+                .map_err(guest_error)?
+                .map_err(|m| CallError::Guest {
+                    kind: "guest_error",
+                    message: m.chars().take(4096).collect(),
+                })?;
+            let emitted = std::mem::take(&mut store.data_mut().alerts);
+            if actions.len() + emitted.len() > super::MAX_ACTIONS_PER_CALL {
+                return Err(CallError::Guest {
+                    kind: "output_too_large",
+                    message: format!(
+                        "{} actions; at most {}",
+                        actions.len() + emitted.len(),
+                        super::MAX_ACTIONS_PER_CALL
+                    ),
+                });
+            }
+            let mut out = BehaviorOutput::default();
+            let mut bytes = 0;
+            for a in actions {
+                match a {
+                    types::Action::Patch(p) => {
+                        bytes += p.properties.len();
+                        out.patches.push((p.twin_id, p.properties));
+                    }
+                    types::Action::Alert(a) => {
+                        bytes += a.message.len() + a.data.len();
+                        out.alerts.push((a.severity, a.message, a.data));
+                    }
+                }
+            }
+            for a in emitted {
+                bytes += a.message.len() + a.data.len();
+                out.alerts.push((a.severity, a.message, a.data));
+            }
+            if bytes > MAX_RESULT_BYTES {
+                return Err(CallError::Guest {
+                    kind: "output_too_large",
+                    message: format!("the actions hold {bytes} bytes; at most {MAX_RESULT_BYTES}"),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Call `resolve` of the resolver module `name`. `a` and `b` are `(value, hlc, origin)`;
+    /// they are passed in canonical order (lower `(hlc, origin)` first) whatever order they
+    /// are given in. Blocking.
+    pub fn call_resolver(
+        &self,
+        name: &str,
+        property: &str,
+        a: (&Value, u64, &str),
+        b: (&Value, u64, &str),
+    ) -> Result<Value, CallError> {
+        let (a, b) = if (a.1, a.2) <= (b.1, b.2) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        let side = |s: (&Value, u64, &str)| types::Side {
+            value: s.0.to_string(),
+            hlc: s.1,
+            origin: s.2.to_owned(),
+        };
+        self.call(name, |store, pre| {
+            let Pre::Resolver(pre) = pre else {
+                return Err(wrong_world(name, "resolver"));
+            };
+            let bindings = pre.instantiate(&mut *store).map_err(guest_error)?;
+            let out = bindings
+                .call_resolve(&mut *store, property, &side(a), &side(b))
+                .map_err(guest_error)?;
+            json_result(out)
+        })
+    }
+
+    /// Run `f` on a fresh store for the active version of `name`, within its limits,
+    /// counting the call and its failure.
+    fn call<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut WasmStore<HostState>, &Pre) -> Result<R, CallError>,
+    ) -> Result<R, CallError> {
         let (active, counters) = {
             let modules = self.modules.read();
             let e = modules
@@ -382,7 +522,22 @@ impl Runtime {
             (e.active.clone(), e.counters.clone())
         };
         let started = Instant::now();
-        let result = self.call_active(name, &active, twins, parameters);
+        let limits = active.info.limits;
+        let mut store = WasmStore::new(
+            &self.engine,
+            HostState::new(name, self.registry.clone(), &limits),
+        );
+        store.limiter(|s| &mut s.limits);
+        let result = store
+            .set_fuel(limits.fuel)
+            .map_err(internal)
+            .and_then(|()| {
+                let ticks =
+                    Duration::from_millis(limits.timeout_ms).as_micros() / EPOCH_TICK.as_micros();
+                store.set_epoch_deadline((ticks as u64).max(1));
+                store.epoch_deadline_trap();
+                f(&mut store, &active.pre)
+            });
         counters.calls.fetch_add(1, Ordering::Relaxed);
         counters
             .micros
@@ -393,47 +548,6 @@ impl Runtime {
             tracing::warn!(module = name, version = active.info.version, error = %e, "guest call failed");
         }
         result
-    }
-
-    fn call_active(
-        &self,
-        name: &str,
-        active: &Active,
-        twins: &[Twin],
-        parameters: &Value,
-    ) -> Result<Value, CallError> {
-        let limits = active.info.limits;
-        let mut store = WasmStore::new(
-            &self.engine,
-            HostState::new(name, self.registry.clone(), &limits),
-        );
-        store.limiter(|s| &mut s.limits);
-        store.set_fuel(limits.fuel).map_err(internal)?;
-        let ticks = Duration::from_millis(limits.timeout_ms).as_micros() / EPOCH_TICK.as_micros();
-        store.set_epoch_deadline((ticks as u64).max(1));
-        store.epoch_deadline_trap();
-        let bindings = active.pre.instantiate(&mut store).map_err(guest_error)?;
-        let wit_twins: Vec<_> = twins.iter().map(to_wit).collect();
-        let out = bindings
-            .call_run(&mut store, &wit_twins, &parameters.to_string())
-            .map_err(guest_error)?;
-        let text = out.map_err(|m| CallError::Guest {
-            kind: "guest_error",
-            message: m.chars().take(4096).collect(),
-        })?;
-        if text.len() > MAX_RESULT_BYTES {
-            return Err(CallError::Guest {
-                kind: "output_too_large",
-                message: format!(
-                    "the result is {} bytes; at most {MAX_RESULT_BYTES}",
-                    text.len()
-                ),
-            });
-        }
-        serde_json::from_str(&text).map_err(|e| CallError::Guest {
-            kind: "bad_output",
-            message: format!("the result is not JSON: {e}"),
-        })
     }
 
     pub fn module_count(&self) -> usize {
@@ -452,18 +566,50 @@ fn module_info(name: &str, e: &Entry) -> ModuleInfo {
     }
 }
 
+fn wrong_world(name: &str, want: &str) -> CallError {
+    CallError::Invalid(format!(
+        "module {name:?} does not implement the {want} world"
+    ))
+}
+
+/// Check a guest's JSON text result.
+fn json_result(out: Result<String, String>) -> Result<Value, CallError> {
+    let text = out.map_err(|m| CallError::Guest {
+        kind: "guest_error",
+        message: m.chars().take(4096).collect(),
+    })?;
+    if text.len() > MAX_RESULT_BYTES {
+        return Err(CallError::Guest {
+            kind: "output_too_large",
+            message: format!(
+                "the result is {} bytes; at most {MAX_RESULT_BYTES}",
+                text.len()
+            ),
+        });
+    }
+    serde_json::from_str(&text).map_err(|e| CallError::Guest {
+        kind: "bad_output",
+        message: format!("the result is not JSON: {e}"),
+    })
+}
+
 /// Which of the host's worlds a component implements, from its exports.
-fn component_world(c: &Component, engine: &Engine) -> Result<String, CallError> {
+fn component_world(c: &Component, engine: &Engine) -> Result<&'static str, CallError> {
     let exports: Vec<String> = c
         .component_type()
         .exports(engine)
         .map(|(n, _)| n.to_owned())
         .collect();
-    if exports.iter().any(|n| n == "run") {
-        Ok("compute".into())
+    let has = |n: &str| exports.iter().any(|e| e == n);
+    if has("run") {
+        Ok("compute")
+    } else if has("on-event") {
+        Ok("behavior")
+    } else if has("resolve") {
+        Ok("resolver")
     } else {
         Err(CallError::Invalid(format!(
-            "the component exports [{}], which matches no world this host runs (compute exports `run`)",
+            "the component exports [{}], which matches no world this host runs (compute exports `run`, behavior `on-event`, resolver `resolve`)",
             exports.join(", ")
         )))
     }
@@ -547,7 +693,12 @@ pub mod measure {
                 store.limiter(|s| &mut s.limits);
                 store.set_fuel(active.info.limits.fuel).map_err(internal)?;
                 store.set_epoch_deadline(1000);
-                active.pre.instantiate(&mut store).map_err(guest_error)?;
+                match &active.pre {
+                    Pre::Compute(p) => p.instantiate(&mut store).map(drop),
+                    Pre::Behavior(p) => p.instantiate(&mut store).map(drop),
+                    Pre::Resolver(p) => p.instantiate(&mut store).map(drop),
+                }
+                .map_err(guest_error)?;
             }
             Ok(started.elapsed().as_micros() as f64 / n as f64)
         }
@@ -561,5 +712,22 @@ pub mod measure {
             }
             Ok(started.elapsed().as_secs_f64() * 1000.0)
         }
+    }
+}
+
+impl crate::events::rules::Invoker for Runtime {
+    fn world_of(&self, name: &str) -> Option<String> {
+        Runtime::world_of(self, name)
+    }
+
+    fn invoke(
+        &self,
+        name: &str,
+        twin: crate::types::TwinId,
+        parameters: &Value,
+    ) -> Result<Value, String> {
+        let t = self.registry.get(&twin).map_err(|e| e.to_string())?;
+        self.call_compute(name, std::slice::from_ref(&t), parameters)
+            .map_err(|e| e.to_string())
     }
 }

@@ -1,0 +1,591 @@
+//! The node's ordered event log: sequence numbers, the in-memory tail, the persisted tail and
+//! live fan-out.
+//!
+//! Committed changes arrive from the registry's change sink on the store's sync thread, in
+//! commit order; alerts arrive from rules and behaviors. Each gets the next sequence number,
+//! goes into a bounded in-memory ring (for resumption) and onto a bounded broadcast channel
+//! (live subscribers; one shared buffer, so a slow subscriber costs no extra memory and
+//! never slows the others — it is told it lagged). A persister thread writes the newest
+//! events to the store once a second as chunks and trims the persisted tail by count and age.
+//!
+//! Sequence numbers never repeat, even after `kill -9`: they are handed out only below a
+//! reservation that is flushed to the store first, and a restart continues above it (a crash
+//! therefore leaves a gap in the numbering, never a reuse).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::broadcast;
+use utoipa::ToSchema;
+
+use crate::registry::{Change, ChangeKind};
+use crate::store::{keys, Store, StoreError};
+use crate::types::{Cause, Lifecycle, Properties, TwinId};
+
+/// Events kept in memory for resumption (and the default persisted tail).
+pub const DEFAULT_TAIL: usize = 100_000;
+/// Default age limit of the persisted tail.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Events a live subscriber may fall behind before it is told it lagged.
+pub const SUBSCRIBER_BUFFER: usize = 8192;
+/// How often the persister writes the tail.
+pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// Sequence numbers reserved (flushed to the store) ahead of use.
+const RESERVE_BLOCK: u64 = 1 << 20;
+
+/// The type of an event (`type` in the envelope; also its CloudEvents type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub enum EventType {
+    #[serde(rename = "twin.created")]
+    TwinCreated,
+    #[serde(rename = "twin.updated")]
+    TwinUpdated,
+    #[serde(rename = "twin.deleted")]
+    TwinDeleted,
+    #[serde(rename = "twin.lifecycle")]
+    TwinLifecycle,
+    #[serde(rename = "alert")]
+    Alert,
+    #[serde(rename = "workflow.finished")]
+    WorkflowFinished,
+    #[serde(rename = "conflict.detected")]
+    ConflictDetected,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 7] = [
+        EventType::TwinCreated,
+        EventType::TwinUpdated,
+        EventType::TwinDeleted,
+        EventType::TwinLifecycle,
+        EventType::Alert,
+        EventType::WorkflowFinished,
+        EventType::ConflictDetected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::TwinCreated => "twin.created",
+            EventType::TwinUpdated => "twin.updated",
+            EventType::TwinDeleted => "twin.deleted",
+            EventType::TwinLifecycle => "twin.lifecycle",
+            EventType::Alert => "alert",
+            EventType::WorkflowFinished => "workflow.finished",
+            EventType::ConflictDetected => "conflict.detected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// A bit for filter masks.
+    pub fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl From<ChangeKind> for EventType {
+    fn from(k: ChangeKind) -> Self {
+        match k {
+            ChangeKind::Created => EventType::TwinCreated,
+            ChangeKind::Updated => EventType::TwinUpdated,
+            ChangeKind::Deleted => EventType::TwinDeleted,
+            ChangeKind::Lifecycle => EventType::TwinLifecycle,
+        }
+    }
+}
+
+/// One event: API.md's envelope plus the CloudEvents 1.0 attributes (`specversion`, `id`,
+/// `source`, `type`, `time`, `subject`) so CloudEvents tooling reads it as is.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    pub seq: u64,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twin_id: Option<TwinId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<TwinId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// The merge patch applied (every property for `twin.created`).
+    #[serde(default, skip_serializing_if = "Properties::is_empty")]
+    #[schema(value_type = Object)]
+    pub changed: Properties,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
+    /// Event time: the update's timestamp.
+    pub ts: DateTime<Utc>,
+    /// Details of an alert (rule, severity, message, values, window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// Set when a behavior or rule made the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+    /// The serialized envelope, made once and shared by every subscriber.
+    #[serde(skip)]
+    json: OnceLock<Box<str>>,
+}
+
+/// The envelope on the wire: the event's fields and the CloudEvents attributes.
+#[derive(Serialize)]
+struct Wire<'a> {
+    specversion: &'static str,
+    id: String,
+    source: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
+    time: &'a DateTime<Utc>,
+    datacontenttype: &'static str,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+impl Event {
+    /// An event not yet numbered (`seq` is set by [`EventLog::append`]).
+    pub fn new(kind: EventType, ts: DateTime<Utc>) -> Event {
+        Event {
+            seq: 0,
+            kind,
+            twin_id: None,
+            entity_type: None,
+            parent_id: None,
+            version: None,
+            changed: Properties::new(),
+            lifecycle: None,
+            ts,
+            data: None,
+            cause: None,
+            json: OnceLock::new(),
+        }
+    }
+
+    fn from_change(c: Change) -> Event {
+        Event {
+            seq: 0,
+            kind: c.kind.into(),
+            twin_id: Some(c.twin_id),
+            entity_type: Some(c.entity_type),
+            parent_id: c.parent_id,
+            version: Some(c.version),
+            changed: c.changed,
+            lifecycle: Some(c.lifecycle),
+            ts: c.ts,
+            data: None,
+            cause: c.cause.map(|a| (*a).clone()),
+            json: OnceLock::new(),
+        }
+    }
+
+    /// Event time in microseconds since the epoch.
+    pub fn ts_micros(&self) -> i64 {
+        self.ts.timestamp_micros()
+    }
+
+    /// The JSON envelope (serialized once).
+    pub fn json(&self, source: &str) -> &str {
+        self.json.get_or_init(|| {
+            serde_json::to_string(&Wire {
+                specversion: "1.0",
+                id: self.seq.to_string(),
+                source,
+                subject: self.twin_id.map(|t| t.to_string()),
+                time: &self.ts,
+                datacontenttype: "application/json",
+                event: self,
+            })
+            .expect("events serialize")
+            .into_boxed_str()
+        })
+    }
+}
+
+/// Sizes of the tails.
+#[derive(Clone, Copy, Debug)]
+pub struct LogConfig {
+    /// Events kept in memory and in the persisted tail.
+    pub tail: usize,
+    /// Persisted events older than this are dropped.
+    pub max_age: Duration,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            tail: DEFAULT_TAIL,
+            max_age: DEFAULT_MAX_AGE,
+        }
+    }
+}
+
+/// A persisted chunk: sequence range and the time of its newest event.
+#[derive(Clone, Copy, Debug)]
+struct ChunkMeta {
+    last: u64,
+    last_ts_ms: i64,
+}
+
+struct State {
+    next_seq: u64,
+    /// Sequence numbers below this are covered by a flushed reservation.
+    reserved: u64,
+    ring: VecDeque<Arc<Event>>,
+    /// Highest sequence number written to the persisted tail.
+    persisted: u64,
+    chunks: BTreeMap<u64, ChunkMeta>,
+    closing: bool,
+}
+
+struct Inner {
+    source: String,
+    store: Store,
+    cfg: LogConfig,
+    state: Mutex<State>,
+    wake: Condvar,
+    live: broadcast::Sender<Arc<Event>>,
+    subscribers: AtomicUsize,
+    appended: AtomicU64,
+    persister: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The event log. Cheap to clone.
+#[derive(Clone)]
+pub struct EventLog {
+    inner: Arc<Inner>,
+}
+
+/// What [`EventLog::read_after`] found.
+pub struct Read {
+    pub events: Vec<Arc<Event>>,
+    /// The oldest sequence number still held (in memory or persisted).
+    pub first_available: u64,
+    /// The next sequence number to be handed out.
+    pub next_seq: u64,
+}
+
+fn chunk_key(first: u64, meta: ChunkMeta) -> Vec<u8> {
+    let mut k = keys::events(first).to_vec();
+    k.extend_from_slice(&meta.last.to_be_bytes());
+    k.extend_from_slice(&meta.last_ts_ms.to_be_bytes());
+    k
+}
+
+fn parse_chunk_key(k: &[u8]) -> Option<(u64, ChunkMeta)> {
+    if k.len() != 25 {
+        return None;
+    }
+    let first = u64::from_be_bytes(k[1..9].try_into().ok()?);
+    let last = u64::from_be_bytes(k[9..17].try_into().ok()?);
+    let last_ts_ms = i64::from_be_bytes(k[17..25].try_into().ok()?);
+    Some((first, ChunkMeta { last, last_ts_ms }))
+}
+
+impl EventLog {
+    /// Open the log on `store`: load the persisted tail's index and continue the numbering
+    /// above every number handed out before. Starts the persister thread.
+    pub fn open(store: Store, node_id: &str, cfg: LogConfig) -> Result<EventLog, StoreError> {
+        let mut chunks = BTreeMap::new();
+        for kv in store.scan_prefix(&[keys::EVENTS]) {
+            let (k, _) = kv?;
+            match parse_chunk_key(&k) {
+                Some((first, meta)) => {
+                    chunks.insert(first, meta);
+                }
+                None => tracing::warn!(key = ?k, "ignoring a malformed event-log key"),
+            }
+        }
+        let persisted = chunks.values().map(|m| m.last).max().unwrap_or(0);
+        let reserved = match store.get(keys::META_EVENT_SEQ_RESERVED)? {
+            Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
+            None => 0,
+        };
+        let next_seq = reserved.max(persisted + 1).max(1);
+        let (live, _) = broadcast::channel(SUBSCRIBER_BUFFER);
+        let log = EventLog {
+            inner: Arc::new(Inner {
+                source: format!("/twinhost/{node_id}"),
+                store,
+                cfg,
+                state: Mutex::new(State {
+                    next_seq,
+                    reserved: next_seq,
+                    ring: VecDeque::with_capacity(cfg.tail.min(65_536)),
+                    persisted,
+                    chunks,
+                    closing: false,
+                }),
+                wake: Condvar::new(),
+                live,
+                subscribers: AtomicUsize::new(0),
+                appended: AtomicU64::new(0),
+                persister: Mutex::new(None),
+            }),
+        };
+        log.reserve_ahead()?;
+        let me = log.clone();
+        let handle = std::thread::Builder::new()
+            .name("twinhost-events".into())
+            .spawn(move || me.persist_loop())
+            .map_err(|e| StoreError::Corrupt {
+                key: "events".into(),
+                reason: e.to_string(),
+            })?;
+        *log.inner.persister.lock() = Some(handle);
+        tracing::info!(next_seq, persisted_events = persisted, "event log opened");
+        Ok(log)
+    }
+
+    /// The CloudEvents `source` of this node's events.
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    /// Number, keep and fan out committed changes (the registry's change sink).
+    pub fn append_changes(&self, changes: Vec<Change>) {
+        self.append(changes.into_iter().map(Event::from_change).collect());
+    }
+
+    /// Number, keep and fan out events (alerts). Returns the numbered events.
+    pub fn append(&self, events: Vec<Event>) -> Vec<Arc<Event>> {
+        if events.is_empty() {
+            return Vec::new();
+        }
+        let n = events.len() as u64;
+        let mut st = self.inner.state.lock();
+        if st.next_seq + n > st.reserved {
+            // The persister keeps a block reserved ahead; this only happens in a burst.
+            let want = st.next_seq + n + RESERVE_BLOCK;
+            if let Err(e) = self
+                .inner
+                .store
+                .put_durable(keys::META_EVENT_SEQ_RESERVED, &want.to_be_bytes())
+            {
+                tracing::error!(error = %e, "cannot reserve event sequence numbers");
+            }
+            st.reserved = want;
+        }
+        let mut out = Vec::with_capacity(events.len());
+        for mut e in events {
+            e.seq = st.next_seq;
+            st.next_seq += 1;
+            let e = Arc::new(e);
+            if st.ring.len() >= self.inner.cfg.tail {
+                st.ring.pop_front();
+            }
+            st.ring.push_back(e.clone());
+            // No receivers is fine: nobody is listening.
+            let _ = self.inner.live.send(e.clone());
+            out.push(e);
+        }
+        drop(st);
+        self.inner.appended.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!("twinhost_events_total").increment(n);
+        out
+    }
+
+    /// A receiver of live events from now on.
+    pub(super) fn live(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.inner.live.subscribe()
+    }
+
+    pub(super) fn subscribers(&self) -> &AtomicUsize {
+        &self.inner.subscribers
+    }
+
+    /// Connected subscribers (SSE and WebSocket).
+    pub fn subscriber_count(&self) -> usize {
+        self.inner.subscribers.load(Ordering::Relaxed)
+    }
+
+    /// Events appended since start.
+    pub fn appended(&self) -> u64 {
+        self.inner.appended.load(Ordering::Relaxed)
+    }
+
+    /// The next sequence number to be handed out.
+    pub fn next_seq(&self) -> u64 {
+        self.inner.state.lock().next_seq
+    }
+
+    /// Up to `max` events with sequence numbers above `after`, from memory or the persisted
+    /// tail.
+    pub fn read_after(&self, after: u64, max: usize) -> Result<Read, StoreError> {
+        let (mut events, ring_first, next_seq, persisted_first) = {
+            let st = self.inner.state.lock();
+            let ring_first = st.ring.front().map_or(st.next_seq, |e| e.seq);
+            let mut events = Vec::new();
+            if after + 1 >= ring_first {
+                let skip = (after + 1 - ring_first) as usize;
+                events.extend(st.ring.iter().skip(skip).take(max).cloned());
+            }
+            let persisted_first = st.chunks.keys().next().copied();
+            (events, ring_first, st.next_seq, persisted_first)
+        };
+        let first_available = persisted_first.map_or(ring_first, |p| p.min(ring_first));
+        if after + 1 < ring_first {
+            events = self.read_persisted(after, max, ring_first)?;
+            if events.len() < max {
+                // Continue into the ring (which may have moved on; readers check for gaps).
+                let st = self.inner.state.lock();
+                let from = events.last().map_or(after, |e| e.seq);
+                let room = max - events.len();
+                events.extend(st.ring.iter().filter(|e| e.seq > from).take(room).cloned());
+            }
+        }
+        Ok(Read {
+            events,
+            first_available,
+            next_seq,
+        })
+    }
+
+    fn read_persisted(
+        &self,
+        after: u64,
+        max: usize,
+        below: u64,
+    ) -> Result<Vec<Arc<Event>>, StoreError> {
+        let firsts: Vec<(u64, ChunkMeta)> = {
+            let st = self.inner.state.lock();
+            st.chunks
+                .iter()
+                .filter(|(_, m)| m.last > after)
+                .map(|(f, m)| (*f, *m))
+                .collect()
+        };
+        let mut out = Vec::new();
+        for (first, meta) in firsts {
+            let Some(bytes) = self.inner.store.get(&chunk_key(first, meta))? else {
+                continue; // trimmed meanwhile
+            };
+            let chunk: Vec<Event> =
+                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                    key: format!("events/{first}"),
+                    reason: e.to_string(),
+                })?;
+            for e in chunk {
+                if e.seq > after && e.seq < below {
+                    out.push(Arc::new(e));
+                    if out.len() >= max {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Write what is not yet persisted and stop the persister.
+    pub fn shutdown(&self) {
+        self.inner.state.lock().closing = true;
+        self.inner.wake.notify_all();
+        if let Some(h) = self.inner.persister.lock().take() {
+            let _ = h.join();
+        }
+    }
+
+    fn reserve_ahead(&self) -> Result<(), StoreError> {
+        let (next, reserved) = {
+            let st = self.inner.state.lock();
+            (st.next_seq, st.reserved)
+        };
+        if next + RESERVE_BLOCK / 2 > reserved {
+            let want = next + RESERVE_BLOCK;
+            // Flushed before use: a number is handed out only below a durable reservation.
+            self.inner
+                .store
+                .put_durable(keys::META_EVENT_SEQ_RESERVED, &want.to_be_bytes())?;
+            let mut st = self.inner.state.lock();
+            st.reserved = st.reserved.max(want);
+        }
+        Ok(())
+    }
+
+    fn persist_loop(&self) {
+        loop {
+            let closing = {
+                let mut st = self.inner.state.lock();
+                if !st.closing {
+                    self.inner.wake.wait_for(&mut st, PERSIST_EVERY);
+                }
+                st.closing
+            };
+            if let Err(e) = self.persist_once().and_then(|()| self.reserve_ahead()) {
+                tracing::error!(error = %e, "cannot persist the event-log tail");
+            }
+            if closing {
+                return;
+            }
+        }
+    }
+
+    /// Write the events appended since the last call (the newest `tail` of them) as one
+    /// chunk, and drop persisted chunks beyond the count or age limit.
+    fn persist_once(&self) -> Result<(), StoreError> {
+        let fresh: Vec<Arc<Event>> = {
+            let st = self.inner.state.lock();
+            let n = st
+                .ring
+                .iter()
+                .rev()
+                .take_while(|e| e.seq > st.persisted)
+                .count()
+                .min(self.inner.cfg.tail);
+            st.ring.iter().skip(st.ring.len() - n).cloned().collect()
+        };
+        let mut ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut new_chunk = None;
+        if let (Some(first), Some(last)) = (fresh.first(), fresh.last()) {
+            let mut body = String::with_capacity(fresh.len() * 256);
+            body.push('[');
+            for (i, e) in fresh.iter().enumerate() {
+                if i > 0 {
+                    body.push(',');
+                }
+                body.push_str(e.json(&self.inner.source));
+            }
+            body.push(']');
+            let meta = ChunkMeta {
+                last: last.seq,
+                last_ts_ms: last.ts.timestamp_millis(),
+            };
+            ops.push((chunk_key(first.seq, meta), Some(body.into_bytes())));
+            new_chunk = Some((first.seq, meta));
+        }
+        let mut st = self.inner.state.lock();
+        if let Some((first, meta)) = new_chunk {
+            st.chunks.insert(first, meta);
+            st.persisted = meta.last;
+        }
+        // Trim: keep at most `tail` events and nothing older than `max_age`.
+        let newest = st.persisted;
+        let oldest_ok_ms = (Utc::now()
+            - chrono::Duration::from_std(self.inner.cfg.max_age).unwrap_or(chrono::Duration::MAX))
+        .timestamp_millis();
+        let limit = self.inner.cfg.tail as u64;
+        let doomed: Vec<(u64, ChunkMeta)> = st
+            .chunks
+            .iter()
+            .filter(|(_, m)| newest.saturating_sub(m.last) >= limit || m.last_ts_ms < oldest_ok_ms)
+            .map(|(f, m)| (*f, *m))
+            .collect();
+        for (first, meta) in &doomed {
+            st.chunks.remove(first);
+            ops.push((chunk_key(*first, *meta), None));
+        }
+        drop(st);
+        if !ops.is_empty() {
+            self.inner.store.apply_direct(ops)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1291 @@
+//! Rules: declarative complex event processing over the event log.
+//!
+//! Four kinds, each a JSON document (`PUT /v1/rules/{name}`):
+//! - `threshold`: a property crosses a bound; fires on the rising edge, per twin, with
+//!   hysteresis (`clear`) and a `cooldown` against alert storms;
+//! - `window`: count/sum/avg/min/max of a property over tumbling or sliding event-time
+//!   windows, grouped by twin or parent, optionally with a condition on the aggregate;
+//! - `sequence`: "A then B within T", on one twin or across twins under the same parent;
+//! - `correlation`: at least `min_count` twins under one parent satisfy a condition within
+//!   a window.
+//!
+//! Event time is the update's timestamp. Windows close on a watermark (the newest event time
+//! seen minus `lateness`), so out-of-order updates within the lateness bound land in their
+//! own window; later ones are counted as `late` and dropped. Sequences match pairs in either
+//! arrival order. Every rule's state is bounded (`max_groups`, [`MAX_PENDING`]); what a bound
+//! turns away is counted, never silently lost.
+//!
+//! [`RuleSet::on_event`] is pure evaluation (events in, firings out) so tests feed synthetic
+//! streams with known answers; [`Rules`] runs it on the live log and carries out the actions.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+
+use super::log::{Event, EventLog, EventType};
+use super::subscribe::{Filter, Item};
+use crate::registry::{check_name, Registry, Update};
+use crate::store::{keys, Store, StoreError};
+use crate::types::{Cause, Properties, TwinId};
+
+/// Most rules one node holds.
+pub const MAX_RULES: usize = 1000;
+/// Default (and largest allowed) number of groups (twins or parents) one rule tracks.
+pub const DEFAULT_MAX_GROUPS: usize = 100_000;
+/// Most pending partial matches one sequence rule holds (each side).
+pub const MAX_PENDING: usize = 100_000;
+/// Most open windows per group (size / slide + lateness / slide).
+pub const MAX_WINDOWS_PER_GROUP: u64 = 1000;
+/// Longest window, sequence span or lateness.
+pub const MAX_SPAN: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest chain of automatic changes a rule still reacts to.
+pub const MAX_CHAIN_DEPTH: u8 = 8;
+
+// ---- the rule documents ---------------------------------------------------------------------
+
+/// A comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum Op {
+    #[serde(rename = ">")]
+    Gt,
+    #[serde(rename = ">=")]
+    Ge,
+    #[serde(rename = "<")]
+    Lt,
+    #[serde(rename = "<=")]
+    Le,
+    #[serde(rename = "==")]
+    Eq,
+    #[serde(rename = "!=")]
+    Ne,
+}
+
+impl Op {
+    pub fn test(self, a: f64, b: f64) -> bool {
+        match self {
+            Op::Gt => a > b,
+            Op::Ge => a >= b,
+            Op::Lt => a < b,
+            Op::Le => a <= b,
+            Op::Eq => a == b,
+            Op::Ne => a != b,
+        }
+    }
+}
+
+/// `property op value`, on a numeric property.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    pub property: String,
+    pub op: Op,
+    pub value: f64,
+}
+
+impl Condition {
+    /// `Some(result)` when the event sets the property to a number.
+    fn eval(&self, changed: &Properties) -> Option<bool> {
+        let v = changed.get(&self.property)?.as_f64()?;
+        Some(self.op.test(v, self.value))
+    }
+}
+
+/// What a rule does when it fires.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// Emit an `alert` event.
+    Alert {
+        #[serde(default = "default_severity")]
+        severity: String,
+        #[serde(default)]
+        message: Option<String>,
+    },
+    /// Merge-patch the twin that triggered the rule (`target: "twin"`, the default) or its
+    /// parent (`"parent"`), through the registry's write path.
+    Patch {
+        #[serde(default)]
+        target: Target,
+        #[schema(value_type = Object)]
+        properties: Properties,
+    },
+    /// Invoke a compute module on the twin (or its parent); the result is an `alert` event
+    /// of severity `info` carrying it.
+    Invoke {
+        module: String,
+        #[serde(default)]
+        target: Target,
+        #[serde(default)]
+        #[schema(value_type = Object)]
+        parameters: Value,
+    },
+    /// Start a workflow (not yet available on this node; refused at validation).
+    Workflow {
+        #[schema(value_type = Object)]
+        workflow: Value,
+    },
+}
+
+fn default_severity() -> String {
+    "warning".into()
+}
+
+/// Which twin an action applies to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    #[default]
+    Twin,
+    Parent,
+}
+
+/// How window aggregates are grouped, and sequences correlated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    #[default]
+    Twin,
+    Parent,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Agg {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+}
+
+/// A rule. `entity_type` / `twin_id` narrow the twins it watches (both optional).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RuleSpec {
+    Threshold(ThresholdRule),
+    Window(WindowRule),
+    Sequence(SequenceRule),
+    Correlation(CorrelationRule),
+}
+
+/// Fires when `property op value` becomes true for a twin. It fires again only after the
+/// value has gone back past `clear` (hysteresis; default: the bound itself) and `cooldown`
+/// has passed since the last firing for that twin.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdRule {
+    #[serde(default)]
+    pub entity_type: Option<String>,
+    #[serde(default)]
+    pub twin_id: Option<TwinId>,
+    pub property: String,
+    pub op: Op,
+    pub value: f64,
+    #[serde(default)]
+    pub clear: Option<f64>,
+    /// e.g. `30s`.
+    #[serde(default)]
+    pub cooldown: Option<String>,
+    pub actions: Vec<Action>,
+}
+
+/// Aggregates `property` over event-time windows of `size` (tumbling), or of `size` every
+/// `slide` (sliding). Fires when a window closes and its aggregate satisfies `op value`
+/// (every window when no condition is given).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WindowRule {
+    #[serde(default)]
+    pub entity_type: Option<String>,
+    #[serde(default)]
+    pub twin_id: Option<TwinId>,
+    pub property: String,
+    pub agg: Agg,
+    pub size: String,
+    #[serde(default)]
+    pub slide: Option<String>,
+    #[serde(default)]
+    pub group_by: GroupBy,
+    #[serde(default)]
+    pub op: Option<Op>,
+    #[serde(default)]
+    pub value: Option<f64>,
+    /// How late (in event time) an update may arrive and still count (default 0).
+    #[serde(default)]
+    pub lateness: Option<String>,
+    #[serde(default)]
+    pub max_groups: Option<usize>,
+    pub actions: Vec<Action>,
+}
+
+/// Fires when `first` holds and then `then` holds within `within`, on one twin
+/// (`correlate: "twin"`) or on twins under the same parent (`"parent"`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SequenceRule {
+    #[serde(default)]
+    pub entity_type: Option<String>,
+    #[serde(default)]
+    pub twin_id: Option<TwinId>,
+    pub first: Condition,
+    pub then: Condition,
+    pub within: String,
+    #[serde(default)]
+    pub correlate: GroupBy,
+    pub actions: Vec<Action>,
+}
+
+/// Fires when at least `min_count` twins under one parent have satisfied `condition` (their
+/// latest value) within the last `within`; again only after the count has dropped below.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CorrelationRule {
+    #[serde(default)]
+    pub entity_type: Option<String>,
+    pub condition: Condition,
+    pub min_count: usize,
+    pub within: String,
+    #[serde(default)]
+    pub max_groups: Option<usize>,
+    pub actions: Vec<Action>,
+}
+
+impl RuleSpec {
+    fn actions(&self) -> &[Action] {
+        match self {
+            RuleSpec::Threshold(r) => &r.actions,
+            RuleSpec::Window(r) => &r.actions,
+            RuleSpec::Sequence(r) => &r.actions,
+            RuleSpec::Correlation(r) => &r.actions,
+        }
+    }
+
+    fn scope(&self) -> (Option<&str>, Option<TwinId>) {
+        match self {
+            RuleSpec::Threshold(r) => (r.entity_type.as_deref(), r.twin_id),
+            RuleSpec::Window(r) => (r.entity_type.as_deref(), r.twin_id),
+            RuleSpec::Sequence(r) => (r.entity_type.as_deref(), r.twin_id),
+            RuleSpec::Correlation(r) => (r.entity_type.as_deref(), None),
+        }
+    }
+
+    /// Properties whose changes the rule looks at.
+    fn properties(&self) -> Vec<&str> {
+        match self {
+            RuleSpec::Threshold(r) => vec![&r.property],
+            RuleSpec::Window(r) => vec![&r.property],
+            RuleSpec::Sequence(r) => {
+                let mut v = vec![r.first.property.as_str()];
+                if r.then.property != r.first.property {
+                    v.push(&r.then.property);
+                }
+                v
+            }
+            RuleSpec::Correlation(r) => vec![&r.condition.property],
+        }
+    }
+
+    /// Compute modules the rule's actions invoke.
+    pub fn modules(&self) -> Vec<&str> {
+        self.actions()
+            .iter()
+            .filter_map(|a| match a {
+                Action::Invoke { module, .. } => Some(module.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+// ---- validation -----------------------------------------------------------------------------
+
+fn span(field: &str, s: &str, errors: &mut Vec<String>) -> u64 {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => {
+            errors.push(format!("{field}: must be more than zero"));
+            0
+        }
+        Ok(d) if d > MAX_SPAN => {
+            errors.push(format!(
+                "{field}: at most {}",
+                humantime::format_duration(MAX_SPAN)
+            ));
+            0
+        }
+        Ok(d) => d.as_micros() as u64,
+        Err(e) => {
+            errors.push(format!(
+                "{field}: {s:?} is not a duration like 30s or 5m ({e})"
+            ));
+            0
+        }
+    }
+}
+
+fn check_prop(field: &str, p: &str, errors: &mut Vec<String>) {
+    if let Err(e) = check_name(field, p) {
+        errors.push(e.to_string());
+    }
+}
+
+fn check_value(field: &str, v: f64, errors: &mut Vec<String>) {
+    if !v.is_finite() {
+        errors.push(format!("{field}: must be a finite number"));
+    }
+}
+
+/// A rule checked and compiled into what evaluation needs.
+struct Compiled {
+    spec: RuleSpec,
+    kind: Kind,
+}
+
+enum Kind {
+    Threshold {
+        cooldown_us: i64,
+    },
+    Window {
+        size_us: i64,
+        slide_us: i64,
+        lateness_us: i64,
+        max_groups: usize,
+    },
+    Sequence {
+        within_us: i64,
+    },
+    Correlation {
+        within_us: i64,
+        max_groups: usize,
+    },
+}
+
+/// Check a rule; every problem is listed (→ 422 with the list).
+pub fn validate(
+    spec: &RuleSpec,
+    modules: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), Vec<String>> {
+    compile(spec.clone(), modules).map(|_| ())
+}
+
+fn compile(
+    spec: RuleSpec,
+    modules: &dyn Fn(&str) -> Option<String>,
+) -> Result<Compiled, Vec<String>> {
+    let mut errors = Vec::new();
+    let (et, _) = spec.scope();
+    if let Some(et) = et {
+        if let Err(e) = check_name("entity_type", et) {
+            errors.push(e.to_string());
+        }
+    }
+    let kind = match &spec {
+        RuleSpec::Threshold(r) => {
+            check_prop("property", &r.property, &mut errors);
+            check_value("value", r.value, &mut errors);
+            if let Some(c) = r.clear {
+                check_value("clear", c, &mut errors);
+                let ok = match r.op {
+                    Op::Gt | Op::Ge => c <= r.value,
+                    Op::Lt | Op::Le => c >= r.value,
+                    Op::Eq | Op::Ne => false,
+                };
+                if !ok {
+                    errors.push(format!(
+                        "clear: for op {:?} the clear level must be on the other side of value {} (or use no clear with == and !=)",
+                        r.op, r.value
+                    ));
+                }
+            }
+            let cooldown_us =
+                r.cooldown
+                    .as_deref()
+                    .map_or(0, |c| span("cooldown", c, &mut errors)) as i64;
+            Kind::Threshold { cooldown_us }
+        }
+        RuleSpec::Window(r) => {
+            check_prop("property", &r.property, &mut errors);
+            let size = span("size", &r.size, &mut errors) as i64;
+            let slide =
+                r.slide
+                    .as_deref()
+                    .map_or(size as u64, |s| span("slide", s, &mut errors)) as i64;
+            let lateness = r
+                .lateness
+                .as_deref()
+                .map_or(0, |s| span("lateness", s, &mut errors)) as i64;
+            if size > 0 && slide > 0 {
+                if slide > size {
+                    errors.push("slide: must not be longer than size".into());
+                } else if size % slide != 0 {
+                    errors.push("slide: size must be a whole multiple of slide".into());
+                } else if (size + lateness) / slide > MAX_WINDOWS_PER_GROUP as i64 {
+                    errors.push(format!(
+                        "slide: (size + lateness) / slide must be at most {MAX_WINDOWS_PER_GROUP}"
+                    ));
+                }
+            }
+            match (r.op, r.value) {
+                (Some(_), Some(v)) => check_value("value", v, &mut errors),
+                (None, None) => {}
+                _ => errors.push("op and value: give both or neither".into()),
+            }
+            let max_groups = r.max_groups.unwrap_or(DEFAULT_MAX_GROUPS);
+            if max_groups == 0 || max_groups > DEFAULT_MAX_GROUPS {
+                errors.push(format!("max_groups: between 1 and {DEFAULT_MAX_GROUPS}"));
+            }
+            Kind::Window {
+                size_us: size,
+                slide_us: slide,
+                lateness_us: lateness,
+                max_groups,
+            }
+        }
+        RuleSpec::Sequence(r) => {
+            check_prop("first.property", &r.first.property, &mut errors);
+            check_prop("then.property", &r.then.property, &mut errors);
+            check_value("first.value", r.first.value, &mut errors);
+            check_value("then.value", r.then.value, &mut errors);
+            let within_us = span("within", &r.within, &mut errors) as i64;
+            Kind::Sequence { within_us }
+        }
+        RuleSpec::Correlation(r) => {
+            check_prop("condition.property", &r.condition.property, &mut errors);
+            check_value("condition.value", r.condition.value, &mut errors);
+            if r.min_count < 2 {
+                errors.push("min_count: at least 2 (use a threshold rule for one twin)".into());
+            }
+            let within_us = span("within", &r.within, &mut errors) as i64;
+            let max_groups = r.max_groups.unwrap_or(DEFAULT_MAX_GROUPS);
+            if max_groups == 0 || max_groups > DEFAULT_MAX_GROUPS {
+                errors.push(format!("max_groups: between 1 and {DEFAULT_MAX_GROUPS}"));
+            }
+            Kind::Correlation {
+                within_us,
+                max_groups,
+            }
+        }
+    };
+    if spec.actions().is_empty() {
+        errors.push("actions: give at least one action".into());
+    }
+    if spec.actions().len() > 16 {
+        errors.push("actions: at most 16".into());
+    }
+    for (i, a) in spec.actions().iter().enumerate() {
+        match a {
+            Action::Alert { severity, .. } => {
+                if !matches!(severity.as_str(), "info" | "warning" | "critical") {
+                    errors.push(format!(
+                        "actions[{i}].severity: one of info, warning, critical"
+                    ));
+                }
+            }
+            Action::Patch { properties, .. } => {
+                if properties.is_empty() {
+                    errors.push(format!("actions[{i}].properties: an empty patch"));
+                }
+            }
+            Action::Invoke { module, .. } => match modules(module) {
+                None => errors.push(format!("actions[{i}].module: {module:?} is not uploaded")),
+                Some(w) if w != "compute" => errors.push(format!(
+                    "actions[{i}].module: {module:?} implements the {w} world, not compute"
+                )),
+                Some(_) => {}
+            },
+            Action::Workflow { .. } => errors.push(format!(
+                "actions[{i}]: workflow actions are not available on this node yet"
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(Compiled { spec, kind })
+    } else {
+        Err(errors)
+    }
+}
+
+// ---- evaluation -----------------------------------------------------------------------------
+
+/// A rule fired: what for, and on which twin its actions act.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Firing {
+    pub rule: String,
+    /// The twin whose event fired the rule.
+    pub twin_id: TwinId,
+    pub entity_type: Option<String>,
+    pub parent_id: Option<TwinId>,
+    /// Event time of the firing.
+    pub ts: DateTime<Utc>,
+    /// The sequence number of the event that fired it.
+    pub trigger_seq: u64,
+    /// Details for the alert (value, window, twins, …).
+    pub details: Value,
+    pub depth: u8,
+}
+
+#[derive(Default)]
+struct Acc {
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Acc {
+    fn add(&mut self, v: f64) {
+        if self.count == 0 {
+            self.min = v;
+            self.max = v;
+        } else {
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    fn get(&self, agg: Agg) -> f64 {
+        match agg {
+            Agg::Count => self.count as f64,
+            Agg::Sum => self.sum,
+            Agg::Avg => self.sum / self.count.max(1) as f64,
+            Agg::Min => self.min,
+            Agg::Max => self.max,
+        }
+    }
+}
+
+/// Counters of one rule.
+#[derive(Default, Debug, Serialize, ToSchema, Clone)]
+pub struct RuleStats {
+    /// Times the rule fired.
+    pub fired: u64,
+    /// Updates that arrived after their window closed.
+    pub late: u64,
+    /// Groups or partial matches turned away or evicted by the rule's bounds.
+    pub overflow: u64,
+    /// Firings whose alert was held back by the cooldown.
+    pub suppressed: u64,
+}
+
+#[derive(Default)]
+struct State {
+    // threshold: twin → (armed-off?, last firing)
+    active: HashMap<TwinId, (bool, i64)>,
+    // window: group → window start → accumulator; open windows by end
+    windows: HashMap<TwinId, BTreeMap<i64, Acc>>,
+    open: BTreeSet<(i64, TwinId, i64)>,
+    group_twin: HashMap<TwinId, (TwinId, Option<String>, Option<TwinId>)>,
+    watermark: i64,
+    // sequence: key → pending firsts / seconds (ts, twin, seq)
+    firsts: HashMap<TwinId, VecDeque<(i64, TwinId, u64)>>,
+    seconds: HashMap<TwinId, VecDeque<(i64, TwinId, u64)>>,
+    pending: usize,
+    newest: i64,
+    // correlation: group → twin → last time the condition held; groups above min_count
+    holding: HashMap<TwinId, HashMap<TwinId, i64>>,
+    firing_groups: BTreeSet<TwinId>,
+}
+
+struct Rule {
+    name: String,
+    c: Compiled,
+    state: State,
+    stats: RuleStats,
+}
+
+/// A set of rules and their state: events in, firings out. Deterministic.
+#[derive(Default)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    /// property → indexes of the rules that look at it.
+    by_property: HashMap<String, Vec<usize>>,
+}
+
+fn ts_of(us: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(us).single().unwrap_or_default()
+}
+
+impl RuleSet {
+    /// Add or replace a rule (its state starts empty).
+    pub fn put(
+        &mut self,
+        name: &str,
+        spec: RuleSpec,
+        modules: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), Vec<String>> {
+        let c = compile(spec, modules)?;
+        self.rules.retain(|r| r.name != name);
+        self.rules.push(Rule {
+            name: name.to_owned(),
+            c,
+            state: State::default(),
+            stats: RuleStats::default(),
+        });
+        self.reindex();
+        Ok(())
+    }
+
+    pub fn remove(&mut self, name: &str) -> bool {
+        let before = self.rules.len();
+        self.rules.retain(|r| r.name != name);
+        self.reindex();
+        before != self.rules.len()
+    }
+
+    pub fn stats(&self, name: &str) -> Option<RuleStats> {
+        self.rules
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.stats.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    fn reindex(&mut self) {
+        self.by_property.clear();
+        for (i, r) in self.rules.iter().enumerate() {
+            for p in r.c.spec.properties() {
+                self.by_property.entry(p.to_owned()).or_default().push(i);
+            }
+        }
+    }
+
+    /// Evaluate one event; append what fired to `out`.
+    pub fn on_event(&mut self, e: &Event, out: &mut Vec<Firing>) {
+        if !matches!(e.kind, EventType::TwinUpdated | EventType::TwinCreated) {
+            return;
+        }
+        let Some(twin) = e.twin_id else { return };
+        let depth = e.cause.as_ref().map_or(0, |c| c.depth);
+        if depth >= MAX_CHAIN_DEPTH {
+            return;
+        }
+        let ts = e.ts_micros();
+        // Rules interested in any changed property; each rule once per event.
+        let mut seen: u128 = 0;
+        let mut extra: Vec<usize> = Vec::new();
+        for p in e.changed.keys() {
+            let Some(idx) = self.by_property.get(p) else {
+                continue;
+            };
+            for &i in idx {
+                if i < 128 {
+                    if seen & (1 << i) != 0 {
+                        continue;
+                    }
+                    seen |= 1 << i;
+                } else if extra.contains(&i) {
+                    continue;
+                } else {
+                    extra.push(i);
+                }
+                let rule = &mut self.rules[i];
+                if e.cause
+                    .as_ref()
+                    .is_some_and(|c| c.by.strip_prefix("rule:") == Some(&rule.name))
+                {
+                    continue;
+                }
+                let (et, tid) = rule.c.spec.scope();
+                if tid.is_some_and(|t| t != twin) {
+                    continue;
+                }
+                if let Some(et) = et {
+                    if e.entity_type.as_deref() != Some(et) {
+                        continue;
+                    }
+                }
+                let base = Firing {
+                    rule: rule.name.clone(),
+                    twin_id: twin,
+                    entity_type: e.entity_type.clone(),
+                    parent_id: e.parent_id,
+                    ts: e.ts,
+                    trigger_seq: e.seq,
+                    details: Value::Null,
+                    depth,
+                };
+                rule.eval(e, twin, ts, base, out);
+            }
+        }
+    }
+}
+
+impl Rule {
+    fn eval(&mut self, e: &Event, twin: TwinId, ts: i64, base: Firing, out: &mut Vec<Firing>) {
+        let st = &mut self.state;
+        match (&self.c.spec, &self.c.kind) {
+            (RuleSpec::Threshold(r), Kind::Threshold { cooldown_us }) => {
+                let Some(v) = e.changed.get(&r.property).and_then(Value::as_f64) else {
+                    return;
+                };
+                let cond = r.op.test(v, r.value);
+                if !st.active.contains_key(&twin) && st.active.len() >= DEFAULT_MAX_GROUPS {
+                    self.stats.overflow += 1;
+                    return;
+                }
+                let (active, last) = st.active.entry(twin).or_insert((false, i64::MIN));
+                if !*active && cond {
+                    *active = true;
+                    if *last != i64::MIN && ts - *last < *cooldown_us {
+                        self.stats.suppressed += 1;
+                        return;
+                    }
+                    *last = ts;
+                    self.stats.fired += 1;
+                    out.push(Firing {
+                        details: json!({"property": r.property, "value": v, "op": r.op, "threshold": r.value}),
+                        ..base
+                    });
+                } else if *active {
+                    let rearm = match r.clear {
+                        Some(c) => !r.op.test(v, c),
+                        None => !cond,
+                    };
+                    if rearm {
+                        *active = false;
+                    }
+                }
+            }
+            (
+                RuleSpec::Window(r),
+                Kind::Window {
+                    size_us,
+                    slide_us,
+                    lateness_us,
+                    max_groups,
+                },
+            ) => {
+                let Some(v) = e.changed.get(&r.property).and_then(Value::as_f64) else {
+                    return;
+                };
+                let group = match r.group_by {
+                    GroupBy::Twin => twin,
+                    GroupBy::Parent => match e.parent_id {
+                        Some(p) => p,
+                        None => return,
+                    },
+                };
+                // Windows containing ts: starts s = k*slide with s <= ts < s + size.
+                let last_start = ts.div_euclid(*slide_us) * slide_us;
+                let mut accepted = false;
+                let mut s = last_start;
+                while s > ts - size_us {
+                    let end = s + size_us;
+                    if end <= st.watermark {
+                        break; // this and older windows are closed
+                    }
+                    if !st.windows.contains_key(&group) && st.windows.len() >= *max_groups {
+                        self.stats.overflow += 1;
+                        return;
+                    }
+                    let wins = st.windows.entry(group).or_default();
+                    let acc = wins.entry(s).or_insert_with(|| {
+                        st.open.insert((end, group, s));
+                        Acc::default()
+                    });
+                    acc.add(v);
+                    accepted = true;
+                    s -= slide_us;
+                }
+                if !accepted {
+                    self.stats.late += 1;
+                    return;
+                }
+                st.group_twin
+                    .insert(group, (twin, e.entity_type.clone(), e.parent_id));
+                st.watermark = st.watermark.max(ts - lateness_us);
+                // Close every window that ended at or before the watermark.
+                while let Some(&(end, g, start)) = st.open.first() {
+                    if end > st.watermark {
+                        break;
+                    }
+                    st.open.pop_first();
+                    let Some(wins) = st.windows.get_mut(&g) else {
+                        continue;
+                    };
+                    let Some(acc) = wins.remove(&start) else {
+                        continue;
+                    };
+                    if wins.is_empty() {
+                        st.windows.remove(&g);
+                    }
+                    let value = acc.get(r.agg);
+                    let hit = match (r.op, r.value) {
+                        (Some(op), Some(b)) => op.test(value, b),
+                        _ => true,
+                    };
+                    let (gt, get, gparent) =
+                        st.group_twin.get(&g).cloned().unwrap_or((twin, None, None));
+                    if !st.windows.contains_key(&g) {
+                        st.group_twin.remove(&g);
+                    }
+                    if hit {
+                        self.stats.fired += 1;
+                        out.push(Firing {
+                            twin_id: if r.group_by == GroupBy::Twin { g } else { gt },
+                            entity_type: get,
+                            parent_id: gparent,
+                            ts: ts_of(end),
+                            details: json!({
+                                "property": r.property, "agg": r.agg, "value": value,
+                                "count": acc.count, "group_by": r.group_by, "group": g,
+                                "window": {"start": ts_of(start), "end": ts_of(end)},
+                            }),
+                            ..base.clone()
+                        });
+                    }
+                }
+            }
+            (RuleSpec::Sequence(r), Kind::Sequence { within_us }) => {
+                let key = match r.correlate {
+                    GroupBy::Twin => twin,
+                    GroupBy::Parent => match e.parent_id {
+                        Some(p) => p,
+                        None => return,
+                    },
+                };
+                st.newest = st.newest.max(ts);
+                let horizon = st.newest - within_us;
+                let is_first = r.first.eval(&e.changed) == Some(true);
+                let is_then = r.then.eval(&e.changed) == Some(true);
+                // A "then" matches the oldest earlier "first" within the span.
+                if is_then {
+                    if let Some(q) = st.firsts.get_mut(&key) {
+                        q.retain(|(t, _, _)| *t >= horizon);
+                        if let Some(pos) = q
+                            .iter()
+                            .position(|(t, _, _)| *t <= ts && ts - t <= *within_us)
+                        {
+                            let (t0, first_twin, first_seq) = q.remove(pos).expect("found");
+                            st.pending -= 1;
+                            self.stats.fired += 1;
+                            out.push(Firing {
+                                details: json!({
+                                    "first": {"twin_id": first_twin, "ts": ts_of(t0), "seq": first_seq},
+                                    "then": {"twin_id": twin, "ts": e.ts, "seq": e.seq},
+                                    "within": r.within, "correlate": r.correlate,
+                                }),
+                                ..base
+                            });
+                            return;
+                        }
+                    }
+                }
+                if is_first {
+                    // Out of order: a "then" that arrived earlier but happened later.
+                    if let Some(q) = st.seconds.get_mut(&key) {
+                        q.retain(|(t, _, _)| *t >= horizon);
+                        if let Some(pos) = q
+                            .iter()
+                            .position(|(t, _, _)| *t >= ts && t - ts <= *within_us)
+                        {
+                            let (t1, then_twin, then_seq) = q.remove(pos).expect("found");
+                            st.pending -= 1;
+                            self.stats.fired += 1;
+                            out.push(Firing {
+                                twin_id: then_twin,
+                                ts: ts_of(t1),
+                                details: json!({
+                                    "first": {"twin_id": twin, "ts": e.ts, "seq": e.seq},
+                                    "then": {"twin_id": then_twin, "ts": ts_of(t1), "seq": then_seq},
+                                    "within": r.within, "correlate": r.correlate,
+                                }),
+                                ..base
+                            });
+                            return;
+                        }
+                    }
+                    push_pending(st, true, key, (ts, twin, e.seq), &mut self.stats);
+                } else if is_then {
+                    push_pending(st, false, key, (ts, twin, e.seq), &mut self.stats);
+                }
+            }
+            (
+                RuleSpec::Correlation(r),
+                Kind::Correlation {
+                    within_us,
+                    max_groups,
+                },
+            ) => {
+                let Some(cond) = r.condition.eval(&e.changed) else {
+                    return;
+                };
+                let Some(group) = e.parent_id else { return };
+                if !st.holding.contains_key(&group) && st.holding.len() >= *max_groups {
+                    self.stats.overflow += 1;
+                    return;
+                }
+                let members = st.holding.entry(group).or_default();
+                if cond {
+                    let t = members.entry(twin).or_insert(ts);
+                    *t = (*t).max(ts);
+                } else {
+                    members.remove(&twin);
+                }
+                members.retain(|_, t| *t > ts - within_us);
+                let n = members.len();
+                if n >= r.min_count {
+                    if st.firing_groups.insert(group) {
+                        let twins: BTreeSet<TwinId> = members.keys().copied().collect();
+                        self.stats.fired += 1;
+                        out.push(Firing {
+                            details: json!({
+                                "parent_id": group, "count": n, "min_count": r.min_count,
+                                "twins": twins, "condition": r.condition, "within": r.within,
+                            }),
+                            ..base
+                        });
+                    }
+                } else {
+                    st.firing_groups.remove(&group);
+                    if members.is_empty() {
+                        st.holding.remove(&group);
+                    }
+                }
+            }
+            _ => unreachable!("a rule's kind matches its spec"),
+        }
+    }
+}
+
+fn push_pending(
+    st: &mut State,
+    first: bool,
+    key: TwinId,
+    item: (i64, TwinId, u64),
+    stats: &mut RuleStats,
+) {
+    let map = if first {
+        &mut st.firsts
+    } else {
+        &mut st.seconds
+    };
+    if st.pending >= MAX_PENDING {
+        // Evict the oldest entry of this key, if any; otherwise turn the new one away.
+        match map.get_mut(&key).and_then(|q| q.pop_front()) {
+            Some(_) => st.pending -= 1,
+            None => {
+                stats.overflow += 1;
+                return;
+            }
+        }
+        stats.overflow += 1;
+    }
+    map.entry(key).or_default().push_back(item);
+    st.pending += 1;
+}
+
+// ---- the live engine ------------------------------------------------------------------------
+
+/// Runs compute modules for `invoke` actions (installed by the WebAssembly layer).
+pub trait Invoker: Send + Sync {
+    /// The world of module `name`, if uploaded.
+    fn world_of(&self, name: &str) -> Option<String>;
+    /// Invoke compute module `name` on one twin. Blocking.
+    fn invoke(&self, name: &str, twin: TwinId, parameters: &Value) -> Result<Value, String>;
+}
+
+/// A stored rule as the API shows it.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct RuleInfo {
+    pub name: String,
+    pub spec: RuleSpec,
+    pub stats: RuleStats,
+}
+
+/// Why a rule could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("the rule is invalid: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error("rule {0:?} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct Inner {
+    store: Store,
+    registry: Registry,
+    log: EventLog,
+    set: Mutex<RuleSet>,
+    specs: RwLock<BTreeMap<String, RuleSpec>>,
+    invoker: OnceLock<Arc<dyn Invoker>>,
+    missed: AtomicU64,
+    actions_failed: AtomicU64,
+}
+
+/// The node's rules, evaluated on the live event log. Cheap to clone.
+#[derive(Clone)]
+pub struct Rules {
+    inner: Arc<Inner>,
+}
+
+impl Rules {
+    /// Load the stored rules and start evaluating (on the current tokio runtime).
+    pub fn open(store: Store, registry: Registry, log: EventLog) -> Result<Rules, StoreError> {
+        let mut specs = BTreeMap::new();
+        let mut set = RuleSet::default();
+        for kv in store.scan_prefix(&[keys::RULE]) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            match serde_json::from_slice::<RuleSpec>(&v) {
+                // Modules are checked at PUT; a module deleted since fails at run time.
+                Ok(spec) => match set.put(&name, spec.clone(), &|_| Some("compute".into())) {
+                    Ok(()) => {
+                        specs.insert(name, spec);
+                    }
+                    Err(e) => {
+                        tracing::error!(rule = %name, errors = ?e, "stored rule no longer valid; skipped")
+                    }
+                },
+                Err(e) => tracing::error!(rule = %name, error = %e, "unreadable rule; skipped"),
+            }
+        }
+        let rules = Rules {
+            inner: Arc::new(Inner {
+                store,
+                registry,
+                log,
+                set: Mutex::new(set),
+                specs: RwLock::new(specs),
+                invoker: OnceLock::new(),
+                missed: AtomicU64::new(0),
+                actions_failed: AtomicU64::new(0),
+            }),
+        };
+        let me = rules.clone();
+        tokio::spawn(async move { me.run().await });
+        Ok(rules)
+    }
+
+    /// Install what runs `invoke` actions.
+    pub fn set_invoker(&self, invoker: Arc<dyn Invoker>) {
+        let _ = self.inner.invoker.set(invoker);
+    }
+
+    fn module_world(&self, name: &str) -> Option<String> {
+        self.inner.invoker.get().and_then(|i| i.world_of(name))
+    }
+
+    /// Create or replace a rule (its state restarts). Returns true when it is new.
+    pub fn put(&self, name: &str, spec: RuleSpec) -> Result<bool, RuleError> {
+        check_name("rule name", name).map_err(|e| RuleError::Invalid(vec![e.to_string()]))?;
+        let fresh = !self.inner.specs.read().contains_key(name);
+        if fresh && self.inner.specs.read().len() >= MAX_RULES {
+            return Err(RuleError::Invalid(vec![format!(
+                "a node holds at most {MAX_RULES} rules"
+            )]));
+        }
+        validate(&spec, &|m| self.module_world(m)).map_err(RuleError::Invalid)?;
+        let bytes = serde_json::to_vec(&spec).expect("rules serialize");
+        self.inner.store.put_durable(&keys::rule(name), &bytes)?;
+        self.inner
+            .set
+            .lock()
+            .put(name, spec.clone(), &|m| self.module_world(m))
+            .map_err(RuleError::Invalid)?;
+        self.inner.specs.write().insert(name.to_owned(), spec);
+        Ok(fresh)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), RuleError> {
+        if self.inner.specs.write().remove(name).is_none() {
+            return Err(RuleError::NotFound(name.to_owned()));
+        }
+        self.inner.set.lock().remove(name);
+        self.inner
+            .store
+            .remove_keys([sled::IVec::from(keys::rule(name))])?;
+        self.inner.store.flush()?;
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Result<RuleInfo, RuleError> {
+        let spec = self
+            .inner
+            .specs
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RuleError::NotFound(name.to_owned()))?;
+        let stats = self.inner.set.lock().stats(name).unwrap_or_default();
+        Ok(RuleInfo {
+            name: name.to_owned(),
+            spec,
+            stats,
+        })
+    }
+
+    pub fn list(&self) -> Vec<RuleInfo> {
+        let names: Vec<String> = self.inner.specs.read().keys().cloned().collect();
+        names.iter().filter_map(|n| self.get(n).ok()).collect()
+    }
+
+    /// Names of the rules whose actions invoke `module`.
+    pub fn using_module(&self, module: &str) -> Vec<String> {
+        self.inner
+            .specs
+            .read()
+            .iter()
+            .filter(|(_, s)| s.modules().contains(&module))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Events the engine missed because it fell behind the log.
+    pub fn missed(&self) -> u64 {
+        self.inner.missed.load(Ordering::Relaxed)
+    }
+
+    async fn run(self) {
+        let filter = Filter {
+            types: EventType::TwinCreated.bit() | EventType::TwinUpdated.bit(),
+            ..Filter::default()
+        };
+        let mut sub = self
+            .inner
+            .log
+            .subscribe(self.inner.registry.clone(), filter, None);
+        let mut fired = Vec::new();
+        while let Some(item) = sub.next().await {
+            match item {
+                Item::Event(e) => {
+                    {
+                        let mut set = self.inner.set.lock();
+                        if set.is_empty() {
+                            continue;
+                        }
+                        set.on_event(&e, &mut fired);
+                    }
+                    for f in fired.drain(..) {
+                        self.act(f);
+                    }
+                }
+                Item::Lagged { from, to } => {
+                    self.inner
+                        .missed
+                        .fetch_add(to - from + 1, Ordering::Relaxed);
+                    tracing::warn!(
+                        from,
+                        to,
+                        "rules fell behind the event log; these events were not evaluated"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Carry out a firing's actions.
+    fn act(&self, f: Firing) {
+        let Some(spec) = self.inner.specs.read().get(&f.rule).cloned() else {
+            return;
+        };
+        let cause = Arc::new(Cause {
+            by: format!("rule:{}", f.rule),
+            depth: f.depth + 1,
+        });
+        for a in spec.actions() {
+            let target = |t: &Target| match t {
+                Target::Twin => Some(f.twin_id),
+                Target::Parent => f.parent_id,
+            };
+            match a {
+                Action::Alert { severity, message } => {
+                    let message = message
+                        .clone()
+                        .unwrap_or_else(|| format!("rule {} fired on twin {}", f.rule, f.twin_id));
+                    self.inner.log.append(vec![alert(
+                        &f,
+                        &cause,
+                        json!({"source": "rule", "rule": f.rule, "severity": severity,
+                               "message": message, "details": f.details, "trigger_seq": f.trigger_seq}),
+                    )]);
+                }
+                Action::Patch {
+                    target: t,
+                    properties,
+                } => {
+                    let Some(id) = target(t) else { continue };
+                    let update = Update {
+                        twin_id: id,
+                        patch: properties.clone(),
+                        ts: None,
+                        if_match: None,
+                        cause: Some(cause.clone()),
+                    };
+                    let me = self.clone();
+                    let rule = f.rule.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.inner.registry.patch(update).await {
+                            me.inner.actions_failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(rule, error = %e, "rule patch failed");
+                        }
+                    });
+                }
+                Action::Invoke {
+                    module,
+                    target: t,
+                    parameters,
+                } => {
+                    let (Some(id), Some(inv)) = (target(t), self.inner.invoker.get().cloned())
+                    else {
+                        continue;
+                    };
+                    let (me, module, params, f2, cause) = (
+                        self.clone(),
+                        module.clone(),
+                        parameters.clone(),
+                        f.clone(),
+                        cause.clone(),
+                    );
+                    tokio::task::spawn_blocking(move || {
+                        let params = if params.is_null() { json!({}) } else { params };
+                        let result = inv.invoke(&module, id, &params);
+                        if result.is_err() {
+                            me.inner.actions_failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let (key, value) = match result {
+                            Ok(v) => ("result", v),
+                            Err(e) => ("error", Value::String(e)),
+                        };
+                        me.inner.log.append(vec![alert(
+                            &f2,
+                            &cause,
+                            json!({"source": "rule", "rule": f2.rule, "severity": "info",
+                                   "message": format!("rule {} invoked {module}", f2.rule),
+                                   "module": module, "twin_id": id, key: value,
+                                   "trigger_seq": f2.trigger_seq}),
+                        )]);
+                    });
+                }
+                Action::Workflow { .. } => {}
+            }
+        }
+    }
+}
+
+fn alert(f: &Firing, cause: &Cause, data: Value) -> Event {
+    let mut a = Event::new(EventType::Alert, f.ts);
+    a.twin_id = Some(f.twin_id);
+    a.entity_type = f.entity_type.clone();
+    a.parent_id = f.parent_id;
+    a.cause = Some(cause.clone());
+    a.data = Some(data);
+    a
+}

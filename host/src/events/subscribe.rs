@@ -1,0 +1,210 @@
+//! Subscriptions: a filtered, resumable view of the event log.
+//!
+//! A subscription first replays the log after the given sequence number (memory, then the
+//! persisted tail), then follows live events. Its live buffer is the log's shared broadcast
+//! ring ([`SUBSCRIBER_BUFFER`](super::log::SUBSCRIBER_BUFFER) events): a subscriber that falls
+//! further behind is handed a [`Item::Lagged`] naming the exact range it missed, and goes on
+//! with the newest events; it can fetch the range from the log. Every number is delivered at
+//! most once and in order.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use super::log::{Event, EventLog, EventType};
+use crate::registry::Registry;
+use crate::types::TwinId;
+
+/// Most twin ids one filter may name.
+pub const MAX_FILTER_TWINS: usize = 1000;
+/// Events fetched from the log per step of a replay.
+const REPLAY_STEP: usize = 1024;
+
+/// Which events a subscriber wants. Empty fields match everything.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub twin_ids: Vec<TwinId>,
+    pub entity_type: Option<String>,
+    /// Bit mask of [`EventType::bit`]; 0 = every type.
+    pub types: u8,
+    pub parent_id: Option<TwinId>,
+    pub ancestor_id: Option<TwinId>,
+}
+
+impl Filter {
+    /// Parse a comma-separated list of event types.
+    pub fn parse_types(list: &str) -> Result<u8, String> {
+        let mut mask = 0;
+        for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let ty = EventType::parse(t).ok_or_else(|| {
+                format!(
+                    "unknown event type {t:?}; known: {}",
+                    EventType::ALL.map(EventType::as_str).join(", ")
+                )
+            })?;
+            mask |= ty.bit();
+        }
+        Ok(mask)
+    }
+
+    pub fn matches(&self, e: &Event, registry: &Registry) -> bool {
+        if self.types != 0 && self.types & e.kind.bit() == 0 {
+            return false;
+        }
+        if !self.twin_ids.is_empty() && !e.twin_id.is_some_and(|t| self.twin_ids.contains(&t)) {
+            return false;
+        }
+        if let Some(et) = &self.entity_type {
+            if e.entity_type.as_deref() != Some(et) {
+                return false;
+            }
+        }
+        if let Some(p) = self.parent_id {
+            if e.parent_id != Some(p) {
+                return false;
+            }
+        }
+        if let Some(a) = self.ancestor_id {
+            if !registry.is_under(e.parent_id, a) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// What a subscription yields.
+pub enum Item {
+    Event(Arc<Event>),
+    /// Events `from..=to` were not delivered: the subscriber fell behind the live buffer, or
+    /// the log no longer holds them. Fetch them with [`EventLog::read_after`] while the tail
+    /// still has them.
+    Lagged {
+        from: u64,
+        to: u64,
+    },
+}
+
+/// A live, filtered, resumable stream of events.
+pub struct Subscription {
+    log: EventLog,
+    registry: Registry,
+    filter: Filter,
+    rx: broadcast::Receiver<Arc<Event>>,
+    /// Highest sequence number delivered or passed over.
+    cursor: u64,
+    replay: std::collections::VecDeque<Arc<Event>>,
+    replaying: bool,
+    /// An event received live that follows a gap, to deliver after the `Lagged` notice.
+    held: Option<Arc<Event>>,
+}
+
+impl EventLog {
+    /// Subscribe from after `after` (`None`: only events from now on).
+    pub fn subscribe(
+        &self,
+        registry: Registry,
+        filter: Filter,
+        after: Option<u64>,
+    ) -> Subscription {
+        // Receive live events first, so nothing falls between the replay and the live feed.
+        let rx = self.live();
+        let cursor = after.unwrap_or_else(|| self.next_seq().saturating_sub(1));
+        self.subscribers().fetch_add(1, Ordering::Relaxed);
+        Subscription {
+            log: self.clone(),
+            registry,
+            filter,
+            rx,
+            cursor,
+            replay: Default::default(),
+            replaying: after.is_some(),
+            held: None,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.log.subscribers().fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Subscription {
+    /// The next matching event (or lag notice). `None` when the log is gone.
+    pub async fn next(&mut self) -> Option<Item> {
+        loop {
+            let e = match self.step().await? {
+                Step::Event(e) => e,
+                Step::Lagged(from, to) => return Some(Item::Lagged { from, to }),
+            };
+            if self.filter.matches(&e, &self.registry) {
+                return Some(Item::Event(e));
+            }
+        }
+    }
+
+    /// The highest sequence number delivered or passed over.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    async fn step(&mut self) -> Option<Step> {
+        if let Some(e) = self.held.take() {
+            self.cursor = e.seq;
+            return Some(Step::Event(e));
+        }
+        while self.replaying {
+            if let Some(e) = self.replay.pop_front() {
+                if e.seq <= self.cursor {
+                    continue;
+                }
+                return Some(self.accept(e));
+            }
+            match self.log.read_after(self.cursor, REPLAY_STEP) {
+                Ok(r) if r.events.is_empty() => {
+                    // Nothing more stored: a gap up to the next number means it was trimmed.
+                    self.replaying = false;
+                    if r.next_seq > self.cursor + 1 {
+                        let (from, to) = (self.cursor + 1, r.next_seq - 1);
+                        self.cursor = to;
+                        return Some(Step::Lagged(from, to));
+                    }
+                }
+                Ok(r) => self.replay.extend(r.events),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the event log; following live events");
+                    self.replaying = false;
+                }
+            }
+        }
+        loop {
+            match self.rx.recv().await {
+                Ok(e) if e.seq <= self.cursor => continue,
+                Ok(e) => return Some(self.accept(e)),
+                // The next receive says where the buffer resumes; `accept` reports the gap.
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// Deliver `e`, or first report the gap before it.
+    fn accept(&mut self, e: Arc<Event>) -> Step {
+        if e.seq > self.cursor + 1 {
+            let (from, to) = (self.cursor + 1, e.seq - 1);
+            self.cursor = to;
+            self.held = Some(e);
+            metrics::counter!("twinhost_subscriber_lagged_total").increment(1);
+            return Step::Lagged(from, to);
+        }
+        self.cursor = e.seq;
+        Step::Event(e)
+    }
+}
+
+enum Step {
+    Event(Arc<Event>),
+    Lagged(u64, u64),
+}

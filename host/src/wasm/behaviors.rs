@@ -1,0 +1,447 @@
+//! Behaviors: `behavior` modules bound to an entity type or one twin, run on each event of the
+//! twins they match.
+//!
+//! One dispatcher follows the event log. For each twin event it finds the matching bindings
+//! and runs each guest on a bounded pool of blocking threads (sized to the cores); when the
+//! pool is busy the dispatcher waits, and if it falls behind the log's live buffer it is told
+//! how many events it missed (counted per node, logged). A guest's patches go through the
+//! registry's one write path, tagged with a [`Cause`]; its alerts become `alert` events.
+//!
+//! Guard against endless loops: a change made by a behavior never triggers that same
+//! behavior, and a chain of behaviors (or rules) triggering each other stops at
+//! [`MAX_CHAIN_DEPTH`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use utoipa::ToSchema;
+
+use super::bindings::twinhost::platform::types as wit;
+use super::host::to_wit;
+use super::{CallError, Runtime};
+use crate::events::{Event, EventLog, EventType, Filter, Item};
+use crate::registry::{check_name, Registry, Update};
+use crate::store::{keys, Store};
+use crate::types::{Cause, Properties, TwinId};
+
+/// Longest chain of automatic changes (behavior or rule patches triggering more of them).
+pub const MAX_CHAIN_DEPTH: u8 = 8;
+/// Most behaviors one node runs.
+pub const MAX_BEHAVIORS: usize = 1000;
+
+/// What `PUT /v1/behaviors/{name}` takes: a behavior module and the twins it watches.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    /// Name of an uploaded module of the `behavior` world.
+    pub module: String,
+    /// Run on the events of every twin of this entity type …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_type: Option<String>,
+    /// … or of this one twin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twin_id: Option<TwinId>,
+    #[serde(default = "Utc::now")]
+    pub created_at: DateTime<Utc>,
+}
+
+impl Binding {
+    fn matches(&self, e: &Event) -> bool {
+        match (self.twin_id, &self.entity_type) {
+            (Some(t), _) => e.twin_id == Some(t),
+            (None, Some(et)) => e.entity_type.as_deref() == Some(et.as_str()),
+            (None, None) => false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    runs: AtomicU64,
+    errors: AtomicU64,
+    /// Events skipped by the self-trigger guard or the chain-depth limit.
+    guarded: AtomicU64,
+    patches: AtomicU64,
+    alerts: AtomicU64,
+    last_error: RwLock<Option<String>>,
+}
+
+struct Entry {
+    binding: Binding,
+    counters: Arc<Counters>,
+}
+
+/// What `GET /v1/behaviors` shows for each behavior.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BehaviorInfo {
+    pub name: String,
+    #[serde(flatten)]
+    pub binding: Binding,
+    pub runs: u64,
+    pub errors: u64,
+    pub guarded: u64,
+    pub patches: u64,
+    pub alerts: u64,
+    pub last_error: Option<String>,
+}
+
+/// Why a behavior could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum BehaviorError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("behavior {0:?} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+struct Inner {
+    store: Store,
+    registry: Registry,
+    runtime: Arc<Runtime>,
+    log: EventLog,
+    entries: RwLock<BTreeMap<String, Entry>>,
+    pool: Arc<Semaphore>,
+    /// Events the dispatcher could not look at because it fell behind.
+    missed: AtomicU64,
+}
+
+/// The behaviors of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct Behaviors {
+    inner: Arc<Inner>,
+}
+
+impl Behaviors {
+    /// Load the bindings and start the dispatcher (on the current tokio runtime).
+    pub fn open(
+        store: Store,
+        registry: Registry,
+        runtime: Arc<Runtime>,
+        log: EventLog,
+        pool_size: usize,
+    ) -> Result<Behaviors, BehaviorError> {
+        let mut entries = BTreeMap::new();
+        for kv in store.scan_prefix(&[keys::BEHAVIOR]) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            match serde_json::from_slice::<Binding>(&v) {
+                Ok(binding) => {
+                    entries.insert(
+                        name,
+                        Entry {
+                            binding,
+                            counters: Arc::default(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(behavior = %name, error = %e, "unreadable behavior; skipped")
+                }
+            }
+        }
+        let b = Behaviors {
+            inner: Arc::new(Inner {
+                store,
+                registry,
+                runtime,
+                log,
+                entries: RwLock::new(entries),
+                pool: Arc::new(Semaphore::new(pool_size.max(1))),
+                missed: AtomicU64::new(0),
+            }),
+        };
+        let me = b.clone();
+        tokio::spawn(async move { me.dispatch().await });
+        Ok(b)
+    }
+
+    /// Create or replace a behavior. Returns true when it is new.
+    pub fn put(&self, name: &str, binding: Binding) -> Result<bool, BehaviorError> {
+        check_name("behavior name", name).map_err(|e| BehaviorError::Invalid(e.to_string()))?;
+        match (&binding.entity_type, binding.twin_id) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(BehaviorError::Invalid(
+                    "give exactly one of entity_type and twin_id".into(),
+                ))
+            }
+            (Some(et), None) => {
+                check_name("entity type", et).map_err(|e| BehaviorError::Invalid(e.to_string()))?
+            }
+            (None, Some(_)) => {}
+        }
+        match self.inner.runtime.world_of(&binding.module) {
+            None => {
+                return Err(BehaviorError::Invalid(format!(
+                    "module {:?} is not uploaded",
+                    binding.module
+                )))
+            }
+            Some(w) if w != "behavior" => {
+                return Err(BehaviorError::Invalid(format!(
+                    "module {:?} implements the {w} world; a behavior needs the behavior world (export `on-event`)",
+                    binding.module
+                )))
+            }
+            Some(_) => {}
+        }
+        let mut entries = self.inner.entries.write();
+        if !entries.contains_key(name) && entries.len() >= MAX_BEHAVIORS {
+            return Err(BehaviorError::Invalid(format!(
+                "a node runs at most {MAX_BEHAVIORS} behaviors"
+            )));
+        }
+        let bytes = serde_json::to_vec(&binding).expect("bindings serialize");
+        self.inner
+            .store
+            .put_durable(&keys::behavior(name), &bytes)?;
+        let counters = entries
+            .get(name)
+            .map(|e| e.counters.clone())
+            .unwrap_or_default();
+        let fresh = entries
+            .insert(name.to_owned(), Entry { binding, counters })
+            .is_none();
+        Ok(fresh)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), BehaviorError> {
+        let mut entries = self.inner.entries.write();
+        if entries.remove(name).is_none() {
+            return Err(BehaviorError::NotFound(name.to_owned()));
+        }
+        self.inner
+            .store
+            .remove_keys([sled::IVec::from(keys::behavior(name))])?;
+        self.inner.store.flush()?;
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<BehaviorInfo> {
+        self.inner
+            .entries
+            .read()
+            .iter()
+            .map(|(n, e)| info(n, e))
+            .collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<BehaviorInfo, BehaviorError> {
+        let entries = self.inner.entries.read();
+        let e = entries
+            .get(name)
+            .ok_or_else(|| BehaviorError::NotFound(name.to_owned()))?;
+        Ok(info(name, e))
+    }
+
+    /// Names of the behaviors that run `module`.
+    pub fn using(&self, module: &str) -> Vec<String> {
+        self.inner
+            .entries
+            .read()
+            .iter()
+            .filter(|(_, e)| e.binding.module == module)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Events the dispatcher missed because it fell behind.
+    pub fn missed(&self) -> u64 {
+        self.inner.missed.load(Ordering::Relaxed)
+    }
+
+    async fn dispatch(self) {
+        let filter = Filter {
+            types: EventType::TwinCreated.bit()
+                | EventType::TwinUpdated.bit()
+                | EventType::TwinDeleted.bit()
+                | EventType::TwinLifecycle.bit(),
+            ..Filter::default()
+        };
+        let mut sub = self
+            .inner
+            .log
+            .subscribe(self.inner.registry.clone(), filter, None);
+        while let Some(item) = sub.next().await {
+            let e = match item {
+                Item::Event(e) => e,
+                Item::Lagged { from, to } => {
+                    self.inner
+                        .missed
+                        .fetch_add(to - from + 1, Ordering::Relaxed);
+                    tracing::warn!(
+                        from,
+                        to,
+                        "behaviors fell behind the event log; these events ran no behavior"
+                    );
+                    continue;
+                }
+            };
+            let matching: Vec<(String, String, Arc<Counters>)> = {
+                let entries = self.inner.entries.read();
+                entries
+                    .iter()
+                    .filter(|(_, en)| en.binding.matches(&e))
+                    .map(|(n, en)| (n.clone(), en.binding.module.clone(), en.counters.clone()))
+                    .collect()
+            };
+            for (name, module, counters) in matching {
+                let by = format!("behavior:{name}");
+                let depth = e.cause.as_ref().map_or(0, |c| c.depth);
+                if e.cause.as_ref().is_some_and(|c| c.by == by) || depth >= MAX_CHAIN_DEPTH {
+                    counters.guarded.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let Ok(permit) = self.inner.pool.clone().acquire_owned().await else {
+                    return;
+                };
+                let me = self.clone();
+                let e = e.clone();
+                tokio::spawn(async move {
+                    me.run_one(name, module, counters, e).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    async fn run_one(&self, name: String, module: String, counters: Arc<Counters>, e: Arc<Event>) {
+        let Some(twin_id) = e.twin_id else { return };
+        let event = self.wit_event(&e, twin_id);
+        let rt = self.inner.runtime.clone();
+        let out = tokio::task::spawn_blocking(move || rt.call_behavior(&module, &event)).await;
+        counters.runs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("twinhost_behavior_runs_total").increment(1);
+        let out = match out {
+            Ok(Ok(out)) => out,
+            Ok(Err(err)) => return self.failed(&name, &counters, err.to_string()),
+            Err(join) => return self.failed(&name, &counters, join.to_string()),
+        };
+        let cause = Arc::new(Cause {
+            by: format!("behavior:{name}"),
+            depth: e.cause.as_ref().map_or(0, |c| c.depth) + 1,
+        });
+        let mut alerts = Vec::new();
+        for (severity, message, data) in out.alerts {
+            let data: Value = serde_json::from_str(&data).unwrap_or(Value::String(data));
+            let mut a = Event::new(EventType::Alert, Utc::now());
+            a.twin_id = Some(twin_id);
+            a.entity_type = e.entity_type.clone();
+            a.parent_id = e.parent_id;
+            a.cause = Some((*cause).clone());
+            a.data = Some(json!({
+                "source": "behavior", "behavior": name, "severity": severity,
+                "message": message, "data": data, "trigger_seq": e.seq,
+            }));
+            alerts.push(a);
+        }
+        counters
+            .alerts
+            .fetch_add(alerts.len() as u64, Ordering::Relaxed);
+        self.inner.log.append(alerts);
+        let mut updates = Vec::new();
+        for (target, props) in out.patches {
+            let target = match target.as_deref().map(str::parse::<TwinId>) {
+                None => twin_id,
+                Some(Ok(t)) => t,
+                Some(Err(_)) => {
+                    return self.failed(
+                        &name,
+                        &counters,
+                        format!("patch names twin {target:?}, which is not a UUID"),
+                    );
+                }
+            };
+            let patch: Properties = match serde_json::from_str(&props) {
+                Ok(Value::Object(m)) => m,
+                _ => {
+                    return self.failed(
+                        &name,
+                        &counters,
+                        "a patch's properties must be a JSON object".into(),
+                    )
+                }
+            };
+            updates.push(Update {
+                twin_id: target,
+                patch,
+                ts: None,
+                if_match: None,
+                cause: Some(cause.clone()),
+            });
+        }
+        if updates.is_empty() {
+            return;
+        }
+        let n = updates.len() as u64;
+        match self.inner.registry.apply_batch(updates).await {
+            Ok(outcome) => {
+                counters
+                    .patches
+                    .fetch_add(outcome.applied as u64, Ordering::Relaxed);
+                if let Some((_, err)) = outcome.rejected.first() {
+                    self.failed(
+                        &name,
+                        &counters,
+                        format!("{} of {n} patches refused: {err}", outcome.rejected.len()),
+                    );
+                }
+            }
+            Err(err) => self.failed(&name, &counters, format!("patch failed: {err}")),
+        }
+    }
+
+    fn wit_event(&self, e: &Event, twin_id: TwinId) -> wit::Event {
+        let twin = match self.inner.registry.get(&twin_id) {
+            Ok(t) => to_wit(&t),
+            Err(_) => wit::Twin {
+                id: twin_id.to_string(),
+                entity_type: e.entity_type.clone().unwrap_or_default(),
+                properties: "{}".into(),
+                version: e.version.unwrap_or(0),
+                parent_id: e.parent_id.map(|p| p.to_string()),
+            },
+        };
+        wit::Event {
+            seq: e.seq,
+            kind: e.kind.as_str().to_owned(),
+            twin,
+            changed: Value::Object(e.changed.clone()).to_string(),
+            ts_ms: e.ts.timestamp_millis().max(0) as u64,
+        }
+    }
+
+    fn failed(&self, name: &str, counters: &Counters, message: String) {
+        counters.errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("twinhost_behavior_errors_total").increment(1);
+        tracing::warn!(behavior = name, error = %message, "behavior failed");
+        *counters.last_error.write() = Some(message);
+    }
+}
+
+fn info(name: &str, e: &Entry) -> BehaviorInfo {
+    let c = &e.counters;
+    BehaviorInfo {
+        name: name.to_owned(),
+        binding: e.binding.clone(),
+        runs: c.runs.load(Ordering::Relaxed),
+        errors: c.errors.load(Ordering::Relaxed),
+        guarded: c.guarded.load(Ordering::Relaxed),
+        patches: c.patches.load(Ordering::Relaxed),
+        alerts: c.alerts.load(Ordering::Relaxed),
+        last_error: c.last_error.read().clone(),
+    }
+}
+
+impl From<CallError> for BehaviorError {
+    fn from(e: CallError) -> Self {
+        BehaviorError::Invalid(e.to_string())
+    }
+}
