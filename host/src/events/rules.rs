@@ -1289,3 +1289,299 @@ fn alert(f: &Firing, cause: &Cause, data: Value) -> Event {
     a.data = Some(data);
     a
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u128) -> TwinId {
+        TwinId(uuid::Uuid::from_u128(n))
+    }
+
+    /// An update of `twin` (under `parent`) at `t` seconds setting `prop` to `v`.
+    fn ev(seq: u64, twin: u128, parent: Option<u128>, t: f64, prop: &str, v: f64) -> Event {
+        let mut e = Event::new(EventType::TwinUpdated, ts_of((t * 1e6) as i64));
+        e.seq = seq;
+        e.twin_id = Some(id(twin));
+        e.entity_type = Some("machine".into());
+        e.parent_id = parent.map(id);
+        e.changed.insert(prop.into(), json!(v));
+        e
+    }
+
+    fn rules(name: &str, spec: Value) -> RuleSet {
+        let mut set = RuleSet::default();
+        let spec: RuleSpec = serde_json::from_value(spec).expect("rule parses");
+        set.put(name, spec, &|_| Some("compute".into()))
+            .expect("rule is valid");
+        set
+    }
+
+    fn feed(set: &mut RuleSet, events: &[Event]) -> Vec<Firing> {
+        let mut out = Vec::new();
+        for e in events {
+            set.on_event(e, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn threshold_fires_on_rising_edges_with_hysteresis_and_cooldown() {
+        let mut set = rules(
+            "hot",
+            json!({"kind": "threshold", "entity_type": "machine", "property": "temperature",
+                   "op": ">", "value": 85, "clear": 80, "cooldown": "10s",
+                   "actions": [{"type": "alert"}]}),
+        );
+        let temps = [
+            (0.0, 70.0),
+            (1.0, 90.0), // fires
+            (2.0, 91.0),
+            (3.0, 82.0), // still above clear: stays armed-off
+            (4.0, 86.0),
+            (5.0, 79.0), // re-arms
+            (6.0, 88.0), // rising edge within the cooldown: suppressed
+            (7.0, 70.0),
+            (20.0, 95.0), // fires
+        ];
+        let events: Vec<Event> = temps
+            .iter()
+            .enumerate()
+            .map(|(i, (t, v))| ev(i as u64 + 1, 1, None, *t, "temperature", *v))
+            .collect();
+        let out = feed(&mut set, &events);
+        assert_eq!(out.iter().map(|f| f.trigger_seq).collect::<Vec<_>>(), [2, 9]);
+        assert!(out.iter().all(|f| f.twin_id == id(1)));
+        assert_eq!(out[0].details["value"], json!(90.0));
+        let stats = set.stats("hot").unwrap();
+        assert_eq!((stats.fired, stats.suppressed), (2, 1));
+        // Other entity types and other properties are ignored; each twin has its own state.
+        let mut other = ev(20, 2, None, 30.0, "temperature", 99.0);
+        other.entity_type = Some("sensor".into());
+        let out = feed(
+            &mut set,
+            &[other, ev(21, 3, None, 30.0, "pressure", 99.0), ev(22, 3, None, 31.0, "temperature", 99.0)],
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].twin_id, id(3));
+    }
+
+    #[test]
+    fn tumbling_window_averages_per_twin_and_handles_lateness() {
+        let mut set = rules(
+            "avg",
+            json!({"kind": "window", "property": "temperature", "agg": "avg", "size": "10s",
+                   "lateness": "5s", "op": ">", "value": 0, "actions": [{"type": "alert"}]}),
+        );
+        let out = feed(
+            &mut set,
+            &[
+                ev(1, 1, None, 1.0, "temperature", 10.0),
+                ev(2, 1, None, 12.0, "temperature", 30.0), // watermark 7: [0,10) stays open
+                ev(3, 1, None, 8.0, "temperature", 20.0),  // out of order, within lateness
+                ev(4, 2, None, 9.0, "temperature", 100.0), // another twin, same window
+            ],
+        );
+        assert!(out.is_empty(), "nothing closes before the watermark passes 10 s");
+        let out = feed(&mut set, &[ev(5, 1, None, 16.0, "temperature", 40.0)]);
+        // Watermark 11 closes [0,10) for both twins.
+        let mut got: Vec<(TwinId, f64, u64)> = out
+            .iter()
+            .map(|f| (f.twin_id, f.details["value"].as_f64().unwrap(), f.details["count"].as_u64().unwrap()))
+            .collect();
+        got.sort_by_key(|g| g.0);
+        assert_eq!(got, [(id(1), 15.0, 2), (id(2), 100.0, 1)]);
+        assert_eq!(out[0].details["window"]["start"], json!(ts_of(0)));
+        assert_eq!(out[0].details["window"]["end"], json!(ts_of(10_000_000)));
+        // An update for a closed window is late: counted, not added.
+        let out = feed(&mut set, &[ev(6, 1, None, 3.0, "temperature", 1000.0)]);
+        assert!(out.is_empty());
+        assert_eq!(set.stats("avg").unwrap().late, 1);
+        // [10,20) for twin 1 holds 30 and 40 (the late 1000 did not land anywhere).
+        let out = feed(&mut set, &[ev(7, 1, None, 26.0, "temperature", 0.0)]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].details["value"], json!(35.0));
+    }
+
+    #[test]
+    fn sliding_window_by_parent_with_condition() {
+        // Max over 10 s every 5 s, per parent, firing when the max passes 50.
+        let mut set = rules(
+            "peak",
+            json!({"kind": "window", "property": "load", "agg": "max", "size": "10s", "slide": "5s",
+                   "group_by": "parent", "op": ">", "value": 50, "actions": [{"type": "alert"}]}),
+        );
+        let out = feed(
+            &mut set,
+            &[
+                ev(1, 1, Some(100), 1.0, "load", 60.0),  // windows [-5,5) and [0,10)
+                ev(2, 2, Some(100), 6.0, "load", 40.0),  // [0,10) and [5,15); closes [-5,5)
+                ev(3, 3, Some(200), 7.0, "load", 70.0),  // other parent
+                ev(4, 1, Some(100), 21.0, "load", 10.0), // closes [0,10), [5,15) and [10,20)
+                ev(5, 9, None, 22.0, "load", 99.0),      // no parent: not grouped
+            ],
+        );
+        let got: Vec<(String, i64, f64)> = out
+            .iter()
+            .map(|f| {
+                (
+                    f.details["group"].as_str().unwrap().to_owned(),
+                    chrono::DateTime::parse_from_rfc3339(f.details["window"]["start"].as_str().unwrap())
+                        .unwrap()
+                        .timestamp(),
+                    f.details["value"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        let p100 = id(100).to_string();
+        let p200 = id(200).to_string();
+        // [-5,5) max 60 (p100); [0,10) max 60 (p100) and 70 (p200); [5,15) max 70 (p200);
+        // p100's [5,15) holds only 40 and does not fire.
+        assert_eq!(
+            got,
+            [
+                (p100.clone(), -5, 60.0),
+                (p100, 0, 60.0),
+                (p200.clone(), 0, 70.0),
+                (p200, 5, 70.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn sequence_matches_in_order_and_out_of_order_within_the_span() {
+        let mut set = rules(
+            "hot-then-shake",
+            json!({"kind": "sequence", "first": {"property": "temperature", "op": ">", "value": 85},
+                   "then": {"property": "vibration", "op": ">", "value": 5}, "within": "10s",
+                   "actions": [{"type": "alert"}]}),
+        );
+        let out = feed(
+            &mut set,
+            &[
+                ev(1, 1, None, 0.0, "temperature", 90.0),
+                ev(2, 1, None, 4.0, "vibration", 7.0), // fires (1 then 2)
+                ev(3, 1, None, 5.0, "vibration", 7.0), // no pending first
+                ev(4, 2, None, 10.0, "temperature", 90.0),
+                ev(5, 2, None, 21.0, "vibration", 9.0), // 11 s later: too late
+                ev(6, 3, None, 30.0, "vibration", 9.0), // arrives first …
+                ev(7, 3, None, 28.0, "temperature", 99.0), // … but happened 2 s later: fires
+                ev(8, 4, None, 40.0, "temperature", 99.0),
+                ev(9, 5, None, 41.0, "vibration", 99.0), // another twin: not correlated
+            ],
+        );
+        let pairs: Vec<(u64, u64)> = out
+            .iter()
+            .map(|f| (f.details["first"]["seq"].as_u64().unwrap(), f.details["then"]["seq"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(pairs, [(1, 2), (7, 6)]);
+    }
+
+    #[test]
+    fn sequence_correlates_twins_by_parent() {
+        let mut set = rules(
+            "door-then-motion",
+            json!({"kind": "sequence", "correlate": "parent",
+                   "first": {"property": "door_open", "op": "==", "value": 1},
+                   "then": {"property": "motion", "op": ">", "value": 0}, "within": "30s",
+                   "actions": [{"type": "alert"}]}),
+        );
+        let out = feed(
+            &mut set,
+            &[
+                ev(1, 1, Some(100), 0.0, "door_open", 1.0),
+                ev(2, 2, Some(200), 1.0, "motion", 1.0), // other room
+                ev(3, 3, Some(100), 2.0, "motion", 1.0), // same room, other twin: fires
+            ],
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].details["first"]["twin_id"], json!(id(1)));
+        assert_eq!(out[0].details["then"]["twin_id"], json!(id(3)));
+    }
+
+    #[test]
+    fn correlation_needs_k_twins_under_one_parent_within_the_window() {
+        let mut set = rules(
+            "line-overheat",
+            json!({"kind": "correlation", "condition": {"property": "temperature", "op": ">", "value": 85},
+                   "min_count": 2, "within": "60s", "actions": [{"type": "alert"}]}),
+        );
+        let p = Some(100);
+        let out = feed(
+            &mut set,
+            &[
+                ev(1, 1, p, 0.0, "temperature", 90.0),
+                ev(2, 9, Some(200), 1.0, "temperature", 90.0), // other line
+                ev(3, 2, p, 10.0, "temperature", 91.0),        // fires: twins 1 and 2
+                ev(4, 3, p, 11.0, "temperature", 92.0),        // still firing: no repeat
+                ev(5, 1, p, 12.0, "temperature", 70.0),
+                ev(6, 2, p, 13.0, "temperature", 70.0), // down to 1: re-arms
+                ev(7, 1, p, 100.0, "temperature", 95.0), // 3's reading is 89 s old: only 1
+                ev(8, 2, p, 101.0, "temperature", 96.0), // fires again
+            ],
+        );
+        assert_eq!(out.iter().map(|f| f.trigger_seq).collect::<Vec<_>>(), [3, 8]);
+        assert_eq!(out[0].details["twins"], json!([id(1), id(2)]));
+        assert_eq!(out[1].details["count"], json!(2));
+    }
+
+    #[test]
+    fn state_is_bounded_and_overflow_is_counted() {
+        let mut set = rules(
+            "tiny",
+            json!({"kind": "window", "property": "x", "agg": "count", "size": "1h",
+                   "max_groups": 2, "actions": [{"type": "alert"}]}),
+        );
+        let out = feed(
+            &mut set,
+            &(1..=5).map(|i| ev(i, i as u128, None, 1.0, "x", 1.0)).collect::<Vec<_>>(),
+        );
+        assert!(out.is_empty());
+        assert_eq!(set.stats("tiny").unwrap().overflow, 3);
+    }
+
+    #[test]
+    fn a_rule_ignores_its_own_changes_and_deep_chains() {
+        let mut set = rules(
+            "hot",
+            json!({"kind": "threshold", "property": "t", "op": ">", "value": 1,
+                   "actions": [{"type": "patch", "properties": {"t": 5}}]}),
+        );
+        let mut own = ev(1, 1, None, 0.0, "t", 5.0);
+        own.cause = Some(Cause { by: "rule:hot".into(), depth: 1 });
+        let mut deep = ev(2, 2, None, 0.0, "t", 5.0);
+        deep.cause = Some(Cause { by: "behavior:x".into(), depth: MAX_CHAIN_DEPTH });
+        let mut other = ev(3, 3, None, 0.0, "t", 5.0);
+        other.cause = Some(Cause { by: "behavior:x".into(), depth: 1 });
+        let out = feed(&mut set, &[own, deep, other]);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].trigger_seq, out[0].depth), (3, 1));
+    }
+
+    #[test]
+    fn malformed_rules_list_every_reason() {
+        let bad: RuleSpec = serde_json::from_value(json!({
+            "kind": "window", "property": "bad name!", "agg": "avg", "size": "soon",
+            "slide": "3s", "op": ">", "actions": [
+                {"type": "alert", "severity": "apocalyptic"},
+                {"type": "invoke", "module": "nope"},
+                {"type": "workflow", "workflow": {}}]
+        }))
+        .unwrap();
+        let errors = validate(&bad, &|_| None).unwrap_err();
+        for want in ["property", "size", "op and value", "severity", "\"nope\" is not uploaded", "workflow"] {
+            assert!(errors.iter().any(|e| e.contains(want)), "no error about {want}: {errors:?}");
+        }
+        let sliding: RuleSpec = serde_json::from_value(json!({
+            "kind": "window", "property": "x", "agg": "sum", "size": "10s", "slide": "3s",
+            "actions": [{"type": "alert"}]})).unwrap();
+        assert!(validate(&sliding, &|_| None).unwrap_err()[0].contains("whole multiple"));
+        let hysteresis: RuleSpec = serde_json::from_value(json!({
+            "kind": "threshold", "property": "x", "op": ">", "value": 10, "clear": 20,
+            "actions": [{"type": "alert"}]})).unwrap();
+        assert!(validate(&hysteresis, &|_| None).unwrap_err()[0].contains("clear"));
+        // Unknown fields and kinds are refused by the parser.
+        assert!(serde_json::from_value::<RuleSpec>(json!({"kind": "threshold", "property": "x", "op": ">", "value": 1, "actions": [], "bogus": 1})).is_err());
+        assert!(serde_json::from_value::<RuleSpec>(json!({"kind": "magic"})).is_err());
+    }
+}
