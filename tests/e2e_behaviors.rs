@@ -1,4 +1,382 @@
-//! placeholder replaced by the test author
+//! Behaviors, rules, resolvers and the second-language guest through the real server:
+//! the thermal-monitor behavior alerts on temperature > 85 and patches through the write path
+//! without re-triggering itself; a failing behavior is counted and does not stop others;
+//! rules fire alerts and patches and survive a restart; modules in use refuse deletion; the
+//! max resolver merges in canonical order; the Python thermal-analysis answers exactly as the
+//! Rust one.
+
 mod common;
-#[allow(unused_imports)]
-use common::*;
+
+use std::time::{Duration, Instant};
+
+use common::{Body, Server};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+fn file(rel: &str) -> Vec<u8> {
+    let path = format!("{}/../guests/target/{rel}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!("{path}: {e}; build the guests first with scripts/build-guests.sh (scripts/test.sh does)")
+    })
+}
+
+fn guest(name: &str) -> Vec<u8> {
+    file(&format!("wasm32-wasip2/release/{name}.wasm"))
+}
+
+async fn upload(s: &Server, name: &str, bytes: &[u8]) -> common::Resp {
+    s.call(
+        Method::PUT,
+        &format!("/v1/modules/{name}"),
+        Body::Raw(bytes, "application/wasm"),
+    )
+    .await
+}
+
+/// Poll the event log until `pred` holds for the alerts of `twin` (or fail after 10 s).
+async fn alerts_until(s: &Server, twin: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = s
+            .get(&format!("/v1/events/log?types=alert&twin_id={twin}"))
+            .await;
+        r.expect(200);
+        let alerts = r.body["events"].as_array().cloned().unwrap_or_default();
+        if pred(&alerts) {
+            return alerts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition never held; alerts: {alerts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn twin_until(s: &Server, twin: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = s.get(&format!("/v1/twins/{twin}")).await.body;
+        if pred(&t) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "twin never matched: {t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn thermal_monitor_alerts_patches_and_does_not_retrigger_itself() {
+    let s = Server::start();
+    let r = upload(&s, "thermal-monitor", &guest("thermal_monitor")).await;
+    r.expect(201);
+    assert_eq!(r.body["world"], "behavior");
+    s.put(
+        "/v1/behaviors/overheat",
+        &json!({"module": "thermal-monitor", "entity_type": "machine"}),
+    )
+    .await
+    .expect(201);
+    let hot = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 70}}))
+        .await;
+    let sensor = s
+        .create_twin_id(&json!({"entity_type": "sensor", "properties": {"temperature": 99}}))
+        .await;
+    s.patch(&format!("/v1/twins/{hot}"), &json!({"temperature": 91.5}))
+        .await
+        .expect(200);
+    let alerts = alerts_until(&s, &hot, |a| !a.is_empty()).await;
+    let a = &alerts[0];
+    assert_eq!(a["data"]["behavior"], "overheat");
+    assert_eq!(a["data"]["severity"], "critical");
+    assert_eq!(a["data"]["data"]["temperature"], 91.5);
+    assert_eq!(a["cause"]["by"], "behavior:overheat");
+    let t = twin_until(&s, &hot, |t| t["properties"]["overheated"] == true).await;
+    assert_eq!(t["version"], 3, "one patch by the behavior: {t}");
+    // Hotter again: a second alert, but no second patch (the mark is already set).
+    s.patch(&format!("/v1/twins/{hot}"), &json!({"temperature": 95}))
+        .await
+        .expect(200);
+    alerts_until(&s, &hot, |a| a.len() == 2).await;
+    // Cooled down: the mark is cleared.
+    s.patch(&format!("/v1/twins/{hot}"), &json!({"temperature": 60}))
+        .await
+        .expect(200);
+    let t = twin_until(&s, &hot, |t| t["properties"]["overheated"] == false).await;
+    // 1 create + 3 client patches + 2 behavior patches.
+    assert_eq!(t["version"], 6, "{t}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let b = loop {
+        let b = s.get("/v1/behaviors/overheat").await.body;
+        if b["guarded"] == 2 || Instant::now() > deadline {
+            break b;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The behavior's own two patches were guarded, never run.
+    assert_eq!(b["guarded"], 2, "{b}");
+    assert_eq!(b["runs"], 4, "{b}");
+    assert_eq!(b["alerts"], 2, "{b}");
+    assert_eq!(b["patches"], 2, "{b}");
+    assert_eq!(b["errors"], 0, "{b}");
+    // The sensor is not a machine: no alert, no mark.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = s.get(&format!("/v1/twins/{sensor}")).await.body;
+    assert!(t["properties"].get("overheated").is_none(), "{t}");
+    assert_eq!(
+        s.get(&format!("/v1/events/log?types=alert&twin_id={sensor}"))
+            .await
+            .body["events"],
+        json!([])
+    );
+    // Listed, and it survives a restart (the module loads from the artifact cache).
+    let list = s.get("/v1/behaviors").await.body;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let mut s = s;
+    s.stop().expect("clean stop");
+    s.restart();
+    s.patch(&format!("/v1/twins/{hot}"), &json!({"temperature": 99}))
+        .await
+        .expect(200);
+    alerts_until(&s, &hot, |a| a.len() == 3).await;
+}
+
+#[tokio::test]
+async fn behavior_validation_failures_and_module_deletion() {
+    let s = Server::start();
+    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+        .await
+        .expect(201);
+    upload(&s, "thermal-analysis", &guest("thermal_analysis"))
+        .await
+        .expect(201);
+    let cases = [
+        json!({"module": "thermal-analysis", "entity_type": "machine"}), // a compute module
+        json!({"module": "missing", "entity_type": "machine"}),
+        json!({"module": "thermal-monitor"}),
+        json!({"module": "thermal-monitor", "entity_type": "machine", "twin_id": "0192e5f0-0000-7000-8000-000000000000"}),
+    ];
+    for body in cases {
+        s.put("/v1/behaviors/b", &body)
+            .await
+            .expect_error(422, "validation_failed");
+    }
+    s.put("/v1/behaviors/b", &json!({"module": "thermal-monitor", "entity_type": "machine", "extra": 1}))
+        .await
+        .expect_error(400, "bad_request");
+    // A module in use is not deleted without force.
+    s.put(
+        "/v1/behaviors/b",
+        &json!({"module": "thermal-monitor", "entity_type": "machine"}),
+    )
+    .await
+    .expect(201);
+    let r = s.delete("/v1/modules/thermal-monitor").await;
+    r.expect_error(409, "conflict");
+    assert!(r.text.contains("behavior \\\"b\\\""), "{}", r.text);
+    // A second behavior keeps working while the first one's module is force-deleted.
+    upload(&s, "thermal-monitor-2", &guest("thermal_monitor"))
+        .await
+        .expect(201);
+    s.put(
+        "/v1/behaviors/good",
+        &json!({"module": "thermal-monitor-2", "entity_type": "machine"}),
+    )
+    .await
+    .expect(201);
+    s.delete("/v1/modules/thermal-monitor?force=true")
+        .await
+        .expect(204);
+    let m = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 20}}))
+        .await;
+    s.patch(&format!("/v1/twins/{m}"), &json!({"temperature": 90}))
+        .await
+        .expect(200);
+    let alerts = alerts_until(&s, &m, |a| !a.is_empty()).await;
+    assert_eq!(alerts[0]["data"]["behavior"], "good");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let b = s.get("/v1/behaviors/b").await.body;
+        if b["errors"].as_u64().unwrap_or(0) >= 2 {
+            assert!(
+                b["last_error"].as_str().unwrap_or("").contains("not found"),
+                "{b}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "failing behavior not counted: {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.delete("/v1/behaviors/b").await.expect(204);
+    s.delete("/v1/behaviors/b").await.expect(404);
+    assert!(s.get("/healthz").await.status == 200);
+}
+
+#[tokio::test]
+async fn rules_fire_alerts_and_patches_and_survive_restart() {
+    let mut s = Server::start();
+    let line = s
+        .create_twin_id(&json!({"entity_type": "line", "properties": {}}))
+        .await;
+    let m1 = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 70}, "parent_id": line}))
+        .await;
+    let m2 = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 70}, "parent_id": line}))
+        .await;
+    let r = s
+        .put(
+            "/v1/rules/overheat",
+            &json!({"kind": "threshold", "entity_type": "machine", "property": "temperature",
+                    "op": ">", "value": 85, "clear": 80,
+                    "actions": [{"type": "alert", "severity": "critical", "message": "too hot"},
+                                {"type": "patch", "properties": {"alarm": true}}]}),
+        )
+        .await;
+    r.expect(201);
+    s.put(
+        "/v1/rules/line-hot",
+        &json!({"kind": "correlation", "entity_type": "machine",
+                "condition": {"property": "temperature", "op": ">", "value": 85},
+                "min_count": 2, "within": "1m",
+                "actions": [{"type": "patch", "target": "parent", "properties": {"line_alarm": true}}]}),
+    )
+    .await
+    .expect(201);
+    // Malformed rules: 422 with every reason.
+    let r = s
+        .put(
+            "/v1/rules/bad",
+            &json!({"kind": "window", "property": "t", "agg": "avg", "size": "never",
+                    "actions": [{"type": "invoke", "module": "nope"}]}),
+        )
+        .await;
+    r.expect_error(422, "validation_failed");
+    assert_eq!(
+        r.body["error"]["details"]["reasons"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "{}",
+        r.body
+    );
+    let r = s.put("/v1/rules/bad", &json!({"kind": "nonsense"})).await;
+    r.expect_error(422, "validation_failed");
+    assert!(r.text.contains("unknown variant"), "{}", r.text);
+
+    for (t, temp) in [(&m1, 90), (&m1, 92), (&m1, 75), (&m1, 88)] {
+        s.patch(&format!("/v1/twins/{t}"), &json!({"temperature": temp}))
+            .await
+            .expect(200);
+    }
+    let alerts = alerts_until(&s, &m1, |a| a.len() >= 2).await;
+    assert_eq!(alerts.len(), 2, "rising edges at 90 and 88: {alerts:?}");
+    assert_eq!(alerts[0]["data"]["rule"], "overheat");
+    assert_eq!(alerts[0]["data"]["message"], "too hot");
+    assert_eq!(alerts[0]["data"]["details"]["value"], 90.0);
+    twin_until(&s, &m1, |t| t["properties"]["alarm"] == true).await;
+    // Correlation: a second hot machine under the same line flags the line.
+    s.patch(&format!("/v1/twins/{m2}"), &json!({"temperature": 99}))
+        .await
+        .expect(200);
+    twin_until(&s, &line, |t| t["properties"]["line_alarm"] == true).await;
+    let rule = s.get("/v1/rules/overheat").await.body;
+    assert_eq!(rule["stats"]["fired"], 3, "{rule}");
+    let names: Vec<Value> = s
+        .get("/v1/rules")
+        .await
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("line-hot"), json!("overheat")]);
+    s.restart();
+    assert_eq!(s.get("/v1/rules/overheat").await.body["spec"]["value"], 85.0);
+    s.delete("/v1/rules/line-hot").await.expect(204);
+    s.get("/v1/rules/line-hot").await.expect(404);
+}
+
+#[tokio::test]
+async fn max_resolver_merges_in_canonical_order() {
+    let s = Server::start();
+    let r = upload(&s, "max", &guest("max_resolver")).await;
+    r.expect(201);
+    assert_eq!(r.body["world"], "resolver");
+    let a = json!({"value": 7.5, "hlc": 100, "origin": "edge-1"});
+    let b = json!({"value": 3, "hlc": 200, "origin": "cloud"});
+    for (x, y) in [(&a, &b), (&b, &a)] {
+        let r = s
+            .post(
+                "/v1/modules/max/invoke",
+                &json!({"resolve": {"property": "temperature", "a": x, "b": y}}),
+            )
+            .await;
+        r.expect(200);
+        assert_eq!(r.body["result"], 7.5, "{}", r.body);
+    }
+    // Non-numbers: the later write (higher clock) wins, whichever order they are given in.
+    let a = json!({"value": "idle", "hlc": 100, "origin": "edge-1"});
+    let b = json!({"value": "running", "hlc": 200, "origin": "cloud"});
+    for (x, y) in [(&a, &b), (&b, &a)] {
+        let r = s
+            .post(
+                "/v1/modules/max/invoke",
+                &json!({"resolve": {"property": "mode", "a": x, "b": y}}),
+            )
+            .await;
+        assert_eq!(r.body["result"], "running", "{}", r.body);
+    }
+    // A resolver is not a compute function.
+    let t = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {}}))
+        .await;
+    let r = s
+        .post("/v1/modules/max/invoke", &json!({"twin_ids": [t]}))
+        .await;
+    r.expect(200);
+    assert_eq!(r.body["results"][&t]["error"]["code"], "validation_failed", "{}", r.body);
+}
+
+#[tokio::test]
+async fn python_thermal_analysis_answers_like_the_rust_one() {
+    let s = Server::start();
+    upload(&s, "ta-rs", &guest("thermal_analysis"))
+        .await
+        .expect(201);
+    let started = Instant::now();
+    let r = upload(&s, "ta-py", &file("python/thermal_analysis_py.wasm")).await;
+    r.expect(201);
+    assert_eq!(r.body["world"], "compute");
+    eprintln!("Python component ({} bytes) compiled in {:?}", r.body["size"], started.elapsed());
+    let twins = [
+        json!({"temperature": 90, "temperatures": [70, 71, 72]}),
+        json!({"temperature": 20.25, "temperatures": [20, 21, 19.5, 80, 20, 20.5, 21, 19]}),
+        json!({"temperatures": [1, "x", true, null, 1e3]}),
+        json!({"pressure": 1}),
+    ];
+    let mut ids = Vec::new();
+    for p in twins {
+        ids.push(
+            s.create_twin_id(&json!({"entity_type": "machine", "properties": p}))
+                .await,
+        );
+    }
+    for params in [json!({}), json!({"z": 1.5, "threshold": 60})] {
+        let body = json!({"twin_ids": ids, "parameters": params});
+        let rs = s.post("/v1/modules/ta-rs/invoke", &body).await;
+        let py = s.post("/v1/modules/ta-py/invoke", &body).await;
+        rs.expect(200);
+        py.expect(200);
+        assert_eq!(rs.body, py.body, "Rust and Python differ for {params}");
+        assert!(rs.body["results"][&ids[0]]["mean"].is_number(), "{}", rs.body);
+        assert_eq!(
+            rs.body["results"][&ids[3]]["error"]["code"], "guest_error",
+            "{}",
+            rs.body
+        );
+    }
+}

@@ -29,8 +29,11 @@ impl From<RuleError> for ApiError {
 pub async fn put(
     State(s): State<AppState>,
     Path(name): Path<String>,
-    Json(spec): Json<RuleSpec>,
+    Json(body): Json<serde_json::Value>,
 ) -> Result<(StatusCode, axum::Json<RuleInfo>), ApiError> {
+    // A body that is JSON but not a rule is a malformed rule: 422 with the reason.
+    let spec: RuleSpec =
+        serde_json::from_value(body).map_err(|e| RuleError::Invalid(vec![e.to_string()]))?;
     let created = s.rules.put(&name, spec)?;
     let status = if created {
         StatusCode::CREATED
