@@ -162,9 +162,12 @@ async fn behavior_validation_failures_and_module_deletion() {
             .await
             .expect_error(422, "validation_failed");
     }
-    s.put("/v1/behaviors/b", &json!({"module": "thermal-monitor", "entity_type": "machine", "extra": 1}))
-        .await
-        .expect_error(400, "bad_request");
+    s.put(
+        "/v1/behaviors/b",
+        &json!({"module": "thermal-monitor", "entity_type": "machine", "extra": 1}),
+    )
+    .await
+    .expect_error(400, "bad_request");
     // A module in use is not deleted without force.
     s.put(
         "/v1/behaviors/b",
@@ -206,7 +209,10 @@ async fn behavior_validation_failures_and_module_deletion() {
             );
             break;
         }
-        assert!(Instant::now() < deadline, "failing behavior not counted: {b}");
+        assert!(
+            Instant::now() < deadline,
+            "failing behavior not counted: {b}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     s.delete("/v1/behaviors/b").await.expect(204);
@@ -295,7 +301,10 @@ async fn rules_fire_alerts_and_patches_and_survive_restart() {
         .collect();
     assert_eq!(names, [json!("line-hot"), json!("overheat")]);
     s.restart();
-    assert_eq!(s.get("/v1/rules/overheat").await.body["spec"]["value"], 85.0);
+    assert_eq!(
+        s.get("/v1/rules/overheat").await.body["spec"]["value"],
+        85.0
+    );
     s.delete("/v1/rules/line-hot").await.expect(204);
     s.get("/v1/rules/line-hot").await.expect(404);
 }
@@ -338,7 +347,11 @@ async fn max_resolver_merges_in_canonical_order() {
         .post("/v1/modules/max/invoke", &json!({"twin_ids": [t]}))
         .await;
     r.expect(200);
-    assert_eq!(r.body["results"][&t]["error"]["code"], "validation_failed", "{}", r.body);
+    assert_eq!(
+        r.body["results"][&t]["error"]["code"], "validation_failed",
+        "{}",
+        r.body
+    );
 }
 
 #[tokio::test]
@@ -351,7 +364,11 @@ async fn python_thermal_analysis_answers_like_the_rust_one() {
     let r = upload(&s, "ta-py", &file("python/thermal_analysis_py.wasm")).await;
     r.expect(201);
     assert_eq!(r.body["world"], "compute");
-    eprintln!("Python component ({} bytes) compiled in {:?}", r.body["size"], started.elapsed());
+    eprintln!(
+        "Python component ({} bytes) compiled in {:?}",
+        r.body["size"],
+        started.elapsed()
+    );
     let twins = [
         json!({"temperature": 90, "temperatures": [70, 71, 72]}),
         json!({"temperature": 20.25, "temperatures": [20, 21, 19.5, 80, 20, 20.5, 21, 19]}),
@@ -372,11 +389,99 @@ async fn python_thermal_analysis_answers_like_the_rust_one() {
         rs.expect(200);
         py.expect(200);
         assert_eq!(rs.body, py.body, "Rust and Python differ for {params}");
-        assert!(rs.body["results"][&ids[0]]["mean"].is_number(), "{}", rs.body);
+        assert!(
+            rs.body["results"][&ids[0]]["mean"].is_number(),
+            "{}",
+            rs.body
+        );
         assert_eq!(
             rs.body["results"][&ids[3]]["error"]["code"], "guest_error",
             "{}",
             rs.body
         );
     }
+}
+
+#[tokio::test]
+async fn cli_behavior_rule_and_events_tail() {
+    let s = Server::start();
+    let wasm = format!(
+        "{}/../guests/target/wasm32-wasip2/release/thermal_monitor.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    common::cli_ok(&s.cli(&["module", "put", "thermal-monitor", &wasm]));
+    let b = common::cli_json(&s.cli(&[
+        "behavior",
+        "put",
+        "overheat",
+        "--module",
+        "thermal-monitor",
+        "--entity-type",
+        "machine",
+    ]));
+    assert_eq!(b["module"], "thermal-monitor");
+    let rule = s.tmp_dir().join("rule.json");
+    std::fs::write(
+        &rule,
+        json!({"kind": "threshold", "property": "temperature", "op": ">", "value": 85,
+               "actions": [{"type": "alert", "message": "from the rule"}]})
+        .to_string(),
+    )
+    .unwrap();
+    common::cli_ok(&s.cli(&["rule", "put", "hot", rule.to_str().unwrap()]));
+    let rules = common::cli_json(&s.cli(&["rule", "list"]));
+    assert_eq!(rules[0]["name"], "hot");
+    let bad = s.tmp_dir().join("bad.json");
+    std::fs::write(&bad, r#"{"kind": "threshold"}"#).unwrap();
+    let out = s.cli(&["rule", "put", "bad", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("422"));
+
+    // `events tail` prints alerts as they come: one from the rule, one from the behavior.
+    let mut tail = common::twinhost_command()
+        .args([
+            "events", "tail", "--type", "alert", "--count", "2", "--url", &s.url,
+        ])
+        .arg("--data-dir")
+        .arg(&s.data_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the subscription is open before changing anything.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.get("/v1/metrics").await.body["active_subscriptions"]
+        .as_u64()
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(Instant::now() < deadline, "events tail never subscribed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 99}}))
+        .await;
+    let out = tokio::task::spawn_blocking(move || tail.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines
+        .iter()
+        .all(|e| e["type"] == "alert" && e["twin_id"] == m.as_str()));
+    let mut sources: Vec<&str> = lines
+        .iter()
+        .map(|e| e["data"]["source"].as_str().unwrap())
+        .collect();
+    sources.sort();
+    assert_eq!(sources, ["behavior", "rule"]);
 }

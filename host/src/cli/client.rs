@@ -75,8 +75,68 @@ pub enum ModuleCmd {
     List,
     /// Make an earlier version active again.
     Rollback { name: String, version: u32 },
-    /// Delete a module.
+    /// Delete a module (refused while behaviors or rules use it, unless --force).
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BehaviorCmd {
+    /// Bind a behavior module to an entity type or one twin.
+    Put {
+        name: String,
+        /// The behavior module (uploaded with `module put`).
+        #[arg(long)]
+        module: String,
+        #[arg(long, required_unless_present = "twin_id", conflicts_with = "twin_id")]
+        entity_type: Option<String>,
+        #[arg(long)]
+        twin_id: Option<String>,
+    },
+    /// List behaviors with their run, error and guard counters.
+    List,
+    /// Delete a behavior.
     Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RuleCmd {
+    /// Create or replace a rule from a JSON file.
+    Put { name: String, file: PathBuf },
+    /// List rules with their counters.
+    List,
+    /// Show one rule.
+    Get { name: String },
+    /// Delete a rule.
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EventsCmd {
+    /// Print events as they happen, one JSON object per line (SSE under the hood).
+    Tail {
+        /// Event types, e.g. `--type alert --type twin.updated`.
+        #[arg(long = "type")]
+        types: Vec<String>,
+        /// Only events of these twins.
+        #[arg(long = "twin")]
+        twins: Vec<String>,
+        #[arg(long)]
+        entity_type: Option<String>,
+        #[arg(long)]
+        parent_id: Option<String>,
+        #[arg(long)]
+        ancestor_id: Option<String>,
+        /// Replay stored events after this sequence number first.
+        #[arg(long)]
+        since: Option<u64>,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 /// An HTTP client bound to one server and token.
@@ -308,8 +368,9 @@ pub async fn module(conn: Conn, cmd: ModuleCmd) -> anyhow::Result<()> {
             )
             .await?
         }
-        ModuleCmd::Delete { name } => {
-            c.call(Method::DELETE, &format!("/v1/modules/{name}"), None, "")
+        ModuleCmd::Delete { name, force } => {
+            let q = if force { "?force=true" } else { "" };
+            c.call(Method::DELETE, &format!("/v1/modules/{name}{q}"), None, "")
                 .await?;
             eprintln!("deleted module {name}");
             Value::Null
@@ -317,6 +378,129 @@ pub async fn module(conn: Conn, cmd: ModuleCmd) -> anyhow::Result<()> {
     };
     print(&v);
     Ok(())
+}
+
+pub async fn behavior(conn: Conn, cmd: BehaviorCmd) -> anyhow::Result<()> {
+    let c = Client::new(&conn);
+    let v = match cmd {
+        BehaviorCmd::Put {
+            name,
+            module,
+            entity_type,
+            twin_id,
+        } => {
+            let mut body = json!({ "module": module });
+            if let Some(et) = entity_type {
+                body["entity_type"] = json!(et);
+            }
+            if let Some(t) = twin_id {
+                body["twin_id"] = json!(t);
+            }
+            c.json(Method::PUT, &format!("/v1/behaviors/{name}"), &body)
+                .await?
+        }
+        BehaviorCmd::List => c.call(Method::GET, "/v1/behaviors", None, "").await?,
+        BehaviorCmd::Delete { name } => {
+            c.call(Method::DELETE, &format!("/v1/behaviors/{name}"), None, "")
+                .await?;
+            eprintln!("deleted behavior {name}");
+            Value::Null
+        }
+    };
+    print(&v);
+    Ok(())
+}
+
+pub async fn rule(conn: Conn, cmd: RuleCmd) -> anyhow::Result<()> {
+    let c = Client::new(&conn);
+    let v = match cmd {
+        RuleCmd::Put { name, file } => {
+            let body = json_arg(&format!("@{}", file.display()))?;
+            c.json(Method::PUT, &format!("/v1/rules/{name}"), &body)
+                .await?
+        }
+        RuleCmd::List => c.call(Method::GET, "/v1/rules", None, "").await?,
+        RuleCmd::Get { name } => {
+            c.call(Method::GET, &format!("/v1/rules/{name}"), None, "")
+                .await?
+        }
+        RuleCmd::Delete { name } => {
+            c.call(Method::DELETE, &format!("/v1/rules/{name}"), None, "")
+                .await?;
+            eprintln!("deleted rule {name}");
+            Value::Null
+        }
+    };
+    print(&v);
+    Ok(())
+}
+
+/// `events tail`: follow `GET /v1/events` and print each event's JSON on its own line.
+pub async fn events(conn: Conn, cmd: EventsCmd) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let EventsCmd::Tail {
+        types,
+        twins,
+        entity_type,
+        parent_id,
+        ancestor_id,
+        since,
+        count,
+    } = cmd;
+    let c = Client::new(&conn);
+    let mut q: Vec<(&str, String)> = Vec::new();
+    if !types.is_empty() {
+        q.push(("types", types.join(",")));
+    }
+    if !twins.is_empty() {
+        q.push(("twin_id", twins.join(",")));
+    }
+    for (k, v) in [
+        ("entity_type", entity_type),
+        ("parent_id", parent_id),
+        ("ancestor_id", ancestor_id),
+    ] {
+        if let Some(v) = v {
+            q.push((k, v));
+        }
+    }
+    if let Some(s) = since {
+        q.push(("since", s.to_string()));
+    }
+    let mut rb = c.http.get(format!("{}/v1/events", c.url)).query(&q);
+    if let Some(t) = &c.token {
+        rb = rb.bearer_auth(t);
+    }
+    let resp = rb
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {} (is `twinhost serve` running?)", c.url))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        bail!(
+            "{status}: {}",
+            v["error"]["message"].as_str().unwrap_or("no message")
+        );
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0u64;
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk?);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line);
+            if let Some(data) = line.trim_end().strip_prefix("data:") {
+                println!("{}", data.trim_start());
+                seen += 1;
+                if count.is_some_and(|n| seen >= n) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    bail!("the server closed the event stream")
 }
 
 pub async fn invoke(

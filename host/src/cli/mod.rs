@@ -62,6 +62,27 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Bind behavior modules to entity types or twins.
+    Behavior {
+        #[command(subcommand)]
+        cmd: client::BehaviorCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Manage event-processing rules.
+    Rule {
+        #[command(subcommand)]
+        cmd: client::RuleCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Follow the event stream.
+    Events {
+        #[command(subcommand)]
+        cmd: client::EventsCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Invoke a compute module on twins (by id, or all twins matching a query).
     Invoke {
         module: String,
@@ -142,6 +163,9 @@ pub fn main() -> anyhow::Result<()> {
         Command::Query { query, conn } => rt.block_on(client::query(conn, query)),
         Command::Model { cmd, conn } => rt.block_on(client::model(conn, cmd)),
         Command::Module { cmd, conn } => rt.block_on(client::module(conn, cmd)),
+        Command::Behavior { cmd, conn } => rt.block_on(client::behavior(conn, cmd)),
+        Command::Rule { cmd, conn } => rt.block_on(client::rule(conn, cmd)),
+        Command::Events { cmd, conn } => rt.block_on(client::events(conn, cmd)),
         Command::Invoke {
             module,
             twins,

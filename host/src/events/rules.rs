@@ -1350,7 +1350,10 @@ mod tests {
             .map(|(i, (t, v))| ev(i as u64 + 1, 1, None, *t, "temperature", *v))
             .collect();
         let out = feed(&mut set, &events);
-        assert_eq!(out.iter().map(|f| f.trigger_seq).collect::<Vec<_>>(), [2, 9]);
+        assert_eq!(
+            out.iter().map(|f| f.trigger_seq).collect::<Vec<_>>(),
+            [2, 9]
+        );
         assert!(out.iter().all(|f| f.twin_id == id(1)));
         assert_eq!(out[0].details["value"], json!(90.0));
         let stats = set.stats("hot").unwrap();
@@ -1360,7 +1363,11 @@ mod tests {
         other.entity_type = Some("sensor".into());
         let out = feed(
             &mut set,
-            &[other, ev(21, 3, None, 30.0, "pressure", 99.0), ev(22, 3, None, 31.0, "temperature", 99.0)],
+            &[
+                other,
+                ev(21, 3, None, 30.0, "pressure", 99.0),
+                ev(22, 3, None, 31.0, "temperature", 99.0),
+            ],
         );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].twin_id, id(3));
@@ -1382,12 +1389,21 @@ mod tests {
                 ev(4, 2, None, 9.0, "temperature", 100.0), // another twin, same window
             ],
         );
-        assert!(out.is_empty(), "nothing closes before the watermark passes 10 s");
+        assert!(
+            out.is_empty(),
+            "nothing closes before the watermark passes 10 s"
+        );
         let out = feed(&mut set, &[ev(5, 1, None, 16.0, "temperature", 40.0)]);
         // Watermark 11 closes [0,10) for both twins.
         let mut got: Vec<(TwinId, f64, u64)> = out
             .iter()
-            .map(|f| (f.twin_id, f.details["value"].as_f64().unwrap(), f.details["count"].as_u64().unwrap()))
+            .map(|f| {
+                (
+                    f.twin_id,
+                    f.details["value"].as_f64().unwrap(),
+                    f.details["count"].as_u64().unwrap(),
+                )
+            })
             .collect();
         got.sort_by_key(|g| g.0);
         assert_eq!(got, [(id(1), 15.0, 2), (id(2), 100.0, 1)]);
@@ -1414,11 +1430,11 @@ mod tests {
         let out = feed(
             &mut set,
             &[
-                ev(1, 1, Some(100), 1.0, "load", 60.0),  // windows [-5,5) and [0,10)
-                ev(2, 2, Some(100), 6.0, "load", 40.0),  // [0,10) and [5,15); closes [-5,5)
-                ev(3, 3, Some(200), 7.0, "load", 70.0),  // other parent
+                ev(1, 1, Some(100), 1.0, "load", 60.0), // windows [-5,5) and [0,10)
+                ev(2, 2, Some(100), 6.0, "load", 40.0), // [0,10) and [5,15); closes [-5,5)
+                ev(3, 3, Some(200), 7.0, "load", 70.0), // other parent
                 ev(4, 1, Some(100), 21.0, "load", 10.0), // closes [0,10), [5,15) and [10,20)
-                ev(5, 9, None, 22.0, "load", 99.0),      // no parent: not grouped
+                ev(5, 9, None, 22.0, "load", 99.0),     // no parent: not grouped
             ],
         );
         let got: Vec<(String, i64, f64)> = out
@@ -1426,9 +1442,11 @@ mod tests {
             .map(|f| {
                 (
                     f.details["group"].as_str().unwrap().to_owned(),
-                    chrono::DateTime::parse_from_rfc3339(f.details["window"]["start"].as_str().unwrap())
-                        .unwrap()
-                        .timestamp(),
+                    chrono::DateTime::parse_from_rfc3339(
+                        f.details["window"]["start"].as_str().unwrap(),
+                    )
+                    .unwrap()
+                    .timestamp(),
                     f.details["value"].as_f64().unwrap(),
                 )
             })
@@ -1472,7 +1490,12 @@ mod tests {
         );
         let pairs: Vec<(u64, u64)> = out
             .iter()
-            .map(|f| (f.details["first"]["seq"].as_u64().unwrap(), f.details["then"]["seq"].as_u64().unwrap()))
+            .map(|f| {
+                (
+                    f.details["first"]["seq"].as_u64().unwrap(),
+                    f.details["then"]["seq"].as_u64().unwrap(),
+                )
+            })
             .collect();
         assert_eq!(pairs, [(1, 2), (7, 6)]);
     }
@@ -1520,7 +1543,10 @@ mod tests {
                 ev(8, 2, p, 101.0, "temperature", 96.0), // fires again
             ],
         );
-        assert_eq!(out.iter().map(|f| f.trigger_seq).collect::<Vec<_>>(), [3, 8]);
+        assert_eq!(
+            out.iter().map(|f| f.trigger_seq).collect::<Vec<_>>(),
+            [3, 8]
+        );
         assert_eq!(out[0].details["twins"], json!([id(1), id(2)]));
         assert_eq!(out[1].details["count"], json!(2));
     }
@@ -1534,7 +1560,9 @@ mod tests {
         );
         let out = feed(
             &mut set,
-            &(1..=5).map(|i| ev(i, i as u128, None, 1.0, "x", 1.0)).collect::<Vec<_>>(),
+            &(1..=5)
+                .map(|i| ev(i, i as u128, None, 1.0, "x", 1.0))
+                .collect::<Vec<_>>(),
         );
         assert!(out.is_empty());
         assert_eq!(set.stats("tiny").unwrap().overflow, 3);
@@ -1548,11 +1576,20 @@ mod tests {
                    "actions": [{"type": "patch", "properties": {"t": 5}}]}),
         );
         let mut own = ev(1, 1, None, 0.0, "t", 5.0);
-        own.cause = Some(Cause { by: "rule:hot".into(), depth: 1 });
+        own.cause = Some(Cause {
+            by: "rule:hot".into(),
+            depth: 1,
+        });
         let mut deep = ev(2, 2, None, 0.0, "t", 5.0);
-        deep.cause = Some(Cause { by: "behavior:x".into(), depth: MAX_CHAIN_DEPTH });
+        deep.cause = Some(Cause {
+            by: "behavior:x".into(),
+            depth: MAX_CHAIN_DEPTH,
+        });
         let mut other = ev(3, 3, None, 0.0, "t", 5.0);
-        other.cause = Some(Cause { by: "behavior:x".into(), depth: 1 });
+        other.cause = Some(Cause {
+            by: "behavior:x".into(),
+            depth: 1,
+        });
         let out = feed(&mut set, &[own, deep, other]);
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].trigger_seq, out[0].depth), (3, 1));
@@ -1569,16 +1606,28 @@ mod tests {
         }))
         .unwrap();
         let errors = validate(&bad, &|_| None).unwrap_err();
-        for want in ["property", "size", "op and value", "severity", "\"nope\" is not uploaded", "workflow"] {
-            assert!(errors.iter().any(|e| e.contains(want)), "no error about {want}: {errors:?}");
+        for want in [
+            "property",
+            "size",
+            "op and value",
+            "severity",
+            "\"nope\" is not uploaded",
+            "workflow",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.contains(want)),
+                "no error about {want}: {errors:?}"
+            );
         }
         let sliding: RuleSpec = serde_json::from_value(json!({
             "kind": "window", "property": "x", "agg": "sum", "size": "10s", "slide": "3s",
-            "actions": [{"type": "alert"}]})).unwrap();
+            "actions": [{"type": "alert"}]}))
+        .unwrap();
         assert!(validate(&sliding, &|_| None).unwrap_err()[0].contains("whole multiple"));
         let hysteresis: RuleSpec = serde_json::from_value(json!({
             "kind": "threshold", "property": "x", "op": ">", "value": 10, "clear": 20,
-            "actions": [{"type": "alert"}]})).unwrap();
+            "actions": [{"type": "alert"}]}))
+        .unwrap();
         assert!(validate(&hysteresis, &|_| None).unwrap_err()[0].contains("clear"));
         // Unknown fields and kinds are refused by the parser.
         assert!(serde_json::from_value::<RuleSpec>(json!({"kind": "threshold", "property": "x", "op": ">", "value": 1, "actions": [], "bogus": 1})).is_err());
