@@ -143,8 +143,10 @@ pub async fn sse(
 pub async fn ws(
     State(s): State<AppState>,
     Query(p): Query<EventParams>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let upgrade = upgrade
+        .map_err(|e| ApiError::BadRequest(format!("this route speaks WebSocket only: {e}")))?;
     let sub = open(&s, &p, None)?;
     let source = s.events.clone();
     Ok(upgrade.on_upgrade(move |socket| pump(socket, sub, source)))

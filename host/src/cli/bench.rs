@@ -9,7 +9,11 @@
 //! 4. single PATCH latency p50/p99 at a fixed request rate;
 //! 5. queries over `--query-twins` twins;
 //! 6. the seed workload (10K twins, 100K updates, full-result queries) on both twinhost and
-//!    `seed_bench.py`, printed as ratios.
+//!    `seed_bench.py`, printed as ratios;
+//! 7. WebAssembly compute calls (`wasm`), behaviors (`behavior`), event delivery and
+//!    subscribers (`events`) and rule evaluation (`rules`): see [`events`].
+
+mod events;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,7 +60,7 @@ pub struct BenchArgs {
     /// Directory of the built guest components (for the wasm phase).
     #[arg(long, default_value = "guests/target/wasm32-wasip2/release")]
     pub guests: PathBuf,
-    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm).
+    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -713,6 +717,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let r = wasm_phase(&args).await?;
         eprintln!("  {r}");
         report.insert("wasm".into(), r);
+    }
+    if want("behavior") {
+        eprintln!("phase: behaviors (thermal-monitor)");
+        let r = events::behavior_phase(&args).await?;
+        eprintln!("  {r}");
+        report.insert("behavior".into(), r);
+    }
+    if want("rules") {
+        eprintln!("phase: rule evaluation (100 threshold + window rules, in process)");
+        let r = events::rules_phase(&args)?;
+        eprintln!("  {r}");
+        report.insert("rules".into(), r);
+    }
+    if want("events") {
+        eprintln!("phase: event delivery (in process, SSE) and 10K subscribers");
+        let r = events::events_phase(&args).await?;
+        report.insert("events".into(), r);
     }
     report.insert("peak_rss_mb".into(), json!(rss_mb("VmHWM:").round()));
     report.insert(

@@ -9,8 +9,10 @@
 //! events to the store once a second as chunks and trims the persisted tail by count and age.
 //!
 //! Sequence numbers never repeat, even after `kill -9`: they are handed out only below a
-//! reservation that is flushed to the store first, and a restart continues above it (a crash
-//! therefore leaves a gap in the numbering, never a reuse).
+//! reservation that is flushed to the store first, and a restart after a crash continues
+//! above it (a gap in the numbering, never a reuse). A clean shutdown records the exact next
+//! number, so a clean restart continues without a gap. A crash loses at most the events of
+//! the last second from the tail (twin state is never lost: it is in the write-ahead log).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -134,6 +136,9 @@ pub struct Event {
     /// The serialized envelope, made once and shared by every subscriber.
     #[serde(skip)]
     json: OnceLock<Box<str>>,
+    /// When the event entered the log (for delivery-latency measurements).
+    #[serde(skip)]
+    pub appended: Option<std::time::Instant>,
 }
 
 /// The envelope on the wire: the event's fields and the CloudEvents attributes.
@@ -166,6 +171,7 @@ impl Event {
             data: None,
             cause: None,
             json: OnceLock::new(),
+            appended: None,
         }
     }
 
@@ -183,6 +189,7 @@ impl Event {
             data: None,
             cause: c.cause.map(|a| (*a).clone()),
             json: OnceLock::new(),
+            appended: None,
         }
     }
 
@@ -227,7 +234,8 @@ impl Default for LogConfig {
     }
 }
 
-/// A persisted chunk: sequence range and the time of its newest event.
+/// A persisted chunk: its last sequence number (chunks hold contiguous numbers) and when
+/// it was written.
 #[derive(Clone, Copy, Debug)]
 struct ChunkMeta {
     last: u64,
@@ -374,8 +382,10 @@ impl EventLog {
             st.reserved = want;
         }
         let mut out = Vec::with_capacity(events.len());
+        let now = std::time::Instant::now();
         for mut e in events {
             e.seq = st.next_seq;
+            e.appended = Some(now);
             st.next_seq += 1;
             let e = Arc::new(e);
             if st.ring.len() >= self.inner.cfg.tail {
@@ -484,12 +494,24 @@ impl EventLog {
         Ok(out)
     }
 
-    /// Write what is not yet persisted and stop the persister.
+    /// Write what is not yet persisted, stop the persister, and record the next number so
+    /// a clean restart continues without a gap. Call after the registry has stopped.
     pub fn shutdown(&self) {
         self.inner.state.lock().closing = true;
         self.inner.wake.notify_all();
-        if let Some(h) = self.inner.persister.lock().take() {
-            let _ = h.join();
+        let Some(h) = self.inner.persister.lock().take() else {
+            return;
+        };
+        let _ = h.join();
+        let mut st = self.inner.state.lock();
+        match self
+            .inner
+            .store
+            .put_durable(keys::META_EVENT_SEQ_RESERVED, &st.next_seq.to_be_bytes())
+        {
+            // Later appends (there should be none) reserve again before numbering.
+            Ok(()) => st.reserved = st.next_seq,
+            Err(e) => tracing::error!(error = %e, "cannot record the next event number"),
         }
     }
 
@@ -554,9 +576,11 @@ impl EventLog {
                 body.push_str(e.json(&self.inner.source));
             }
             body.push(']');
+            // Age by when the chunk was written: event times come from clients and may be
+            // far in the past.
             let meta = ChunkMeta {
                 last: last.seq,
-                last_ts_ms: last.ts.timestamp_millis(),
+                last_ts_ms: Utc::now().timestamp_millis(),
             };
             ops.push((chunk_key(first.seq, meta), Some(body.into_bytes())));
             new_chunk = Some((first.seq, meta));
@@ -566,18 +590,21 @@ impl EventLog {
             st.chunks.insert(first, meta);
             st.persisted = meta.last;
         }
-        // Trim: keep at most `tail` events and nothing older than `max_age`.
-        let newest = st.persisted;
+        // Trim: keep at most `tail` events (chunks hold contiguous numbers) and no chunk
+        // written longer than `max_age` ago.
         let oldest_ok_ms = (Utc::now()
             - chrono::Duration::from_std(self.inner.cfg.max_age).unwrap_or(chrono::Duration::MAX))
         .timestamp_millis();
         let limit = self.inner.cfg.tail as u64;
-        let doomed: Vec<(u64, ChunkMeta)> = st
-            .chunks
-            .iter()
-            .filter(|(_, m)| newest.saturating_sub(m.last) >= limit || m.last_ts_ms < oldest_ok_ms)
-            .map(|(f, m)| (*f, *m))
-            .collect();
+        let mut held = 0u64;
+        let mut doomed: Vec<(u64, ChunkMeta)> = Vec::new();
+        for (first, m) in st.chunks.iter().rev() {
+            if held >= limit || m.last_ts_ms < oldest_ok_ms {
+                doomed.push((*first, *m));
+            } else {
+                held += m.last - first + 1;
+            }
+        }
         for (first, meta) in &doomed {
             st.chunks.remove(first);
             ops.push((chunk_key(*first, *meta), None));
@@ -585,6 +612,8 @@ impl EventLog {
         drop(st);
         if !ops.is_empty() {
             self.inner.store.apply_direct(ops)?;
+            // One flush a second bounds what a crash can take from the tail.
+            self.inner.store.flush()?;
         }
         Ok(())
     }

@@ -575,22 +575,25 @@ pub struct RuleStats {
     pub suppressed: u64,
 }
 
+type Map<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
+
 #[derive(Default)]
 struct State {
     // threshold: twin → (armed-off?, last firing)
-    active: HashMap<TwinId, (bool, i64)>,
+    active: Map<TwinId, (bool, i64)>,
     // window: group → window start → accumulator; open windows by end
-    windows: HashMap<TwinId, BTreeMap<i64, Acc>>,
-    open: BTreeSet<(i64, TwinId, i64)>,
-    group_twin: HashMap<TwinId, (TwinId, Option<String>, Option<TwinId>)>,
+    windows: Map<TwinId, BTreeMap<i64, Acc>>,
+    /// Open windows by end time: (group, start).
+    open: BTreeMap<i64, Vec<(TwinId, i64)>>,
+    group_twin: Map<TwinId, (TwinId, Option<String>, Option<TwinId>)>,
     watermark: i64,
     // sequence: key → pending firsts / seconds (ts, twin, seq)
-    firsts: HashMap<TwinId, VecDeque<(i64, TwinId, u64)>>,
-    seconds: HashMap<TwinId, VecDeque<(i64, TwinId, u64)>>,
+    firsts: Map<TwinId, VecDeque<(i64, TwinId, u64)>>,
+    seconds: Map<TwinId, VecDeque<(i64, TwinId, u64)>>,
     pending: usize,
     newest: i64,
     // correlation: group → twin → last time the condition held; groups above min_count
-    holding: HashMap<TwinId, HashMap<TwinId, i64>>,
+    holding: Map<TwinId, Map<TwinId, i64>>,
     firing_groups: BTreeSet<TwinId>,
 }
 
@@ -606,7 +609,7 @@ struct Rule {
 pub struct RuleSet {
     rules: Vec<Rule>,
     /// property → indexes of the rules that look at it.
-    by_property: HashMap<String, Vec<usize>>,
+    by_property: Map<String, Vec<usize>>,
 }
 
 fn ts_of(us: i64) -> DateTime<Utc> {
@@ -709,24 +712,26 @@ impl RuleSet {
                         continue;
                     }
                 }
-                let base = Firing {
-                    rule: rule.name.clone(),
-                    twin_id: twin,
-                    entity_type: e.entity_type.clone(),
-                    parent_id: e.parent_id,
-                    ts: e.ts,
-                    trigger_seq: e.seq,
-                    details: Value::Null,
-                    depth,
-                };
-                rule.eval(e, twin, ts, base, out);
+                rule.eval(e, twin, ts, depth, out);
             }
         }
     }
 }
 
 impl Rule {
-    fn eval(&mut self, e: &Event, twin: TwinId, ts: i64, base: Firing, out: &mut Vec<Firing>) {
+    fn eval(&mut self, e: &Event, twin: TwinId, ts: i64, depth: u8, out: &mut Vec<Firing>) {
+        // Built only when the rule fires.
+        let name = &self.name;
+        let base = || Firing {
+            rule: name.clone(),
+            twin_id: twin,
+            entity_type: e.entity_type.clone(),
+            parent_id: e.parent_id,
+            ts: e.ts,
+            trigger_seq: e.seq,
+            details: Value::Null,
+            depth,
+        };
         let st = &mut self.state;
         match (&self.c.spec, &self.c.kind) {
             (RuleSpec::Threshold(r), Kind::Threshold { cooldown_us }) => {
@@ -749,7 +754,7 @@ impl Rule {
                     self.stats.fired += 1;
                     out.push(Firing {
                         details: json!({"property": r.property, "value": v, "op": r.op, "threshold": r.value}),
-                        ..base
+                        ..base()
                     });
                 } else if *active {
                     let rearm = match r.clear {
@@ -795,7 +800,7 @@ impl Rule {
                     }
                     let wins = st.windows.entry(group).or_default();
                     let acc = wins.entry(s).or_insert_with(|| {
-                        st.open.insert((end, group, s));
+                        st.open.entry(end).or_default().push((group, s));
                         Acc::default()
                     });
                     acc.add(v);
@@ -806,15 +811,23 @@ impl Rule {
                     self.stats.late += 1;
                     return;
                 }
-                st.group_twin
-                    .insert(group, (twin, e.entity_type.clone(), e.parent_id));
+                if r.group_by == GroupBy::Parent || !st.group_twin.contains_key(&group) {
+                    st.group_twin
+                        .insert(group, (twin, e.entity_type.clone(), e.parent_id));
+                }
                 st.watermark = st.watermark.max(ts - lateness_us);
                 // Close every window that ended at or before the watermark.
-                while let Some(&(end, g, start)) = st.open.first() {
-                    if end > st.watermark {
+                let mut closing = Vec::new();
+                while let Some(entry) = st.open.first_entry() {
+                    if *entry.key() > st.watermark {
                         break;
                     }
-                    st.open.pop_first();
+                    let end = *entry.key();
+                    let mut ws = entry.remove();
+                    ws.sort_unstable(); // deterministic order within one end time
+                    closing.extend(ws.into_iter().map(|(g, start)| (end, g, start)));
+                }
+                for (end, g, start) in closing {
                     let Some(wins) = st.windows.get_mut(&g) else {
                         continue;
                     };
@@ -846,7 +859,7 @@ impl Rule {
                                 "count": acc.count, "group_by": r.group_by, "group": g,
                                 "window": {"start": ts_of(start), "end": ts_of(end)},
                             }),
-                            ..base.clone()
+                            ..base()
                         });
                     }
                 }
@@ -880,7 +893,7 @@ impl Rule {
                                     "then": {"twin_id": twin, "ts": e.ts, "seq": e.seq},
                                     "within": r.within, "correlate": r.correlate,
                                 }),
-                                ..base
+                                ..base()
                             });
                             return;
                         }
@@ -905,7 +918,7 @@ impl Rule {
                                     "then": {"twin_id": then_twin, "ts": ts_of(t1), "seq": then_seq},
                                     "within": r.within, "correlate": r.correlate,
                                 }),
-                                ..base
+                                ..base()
                             });
                             return;
                         }
@@ -948,7 +961,7 @@ impl Rule {
                                 "parent_id": group, "count": n, "min_count": r.min_count,
                                 "twins": twins, "condition": r.condition, "within": r.within,
                             }),
-                            ..base
+                            ..base()
                         });
                     }
                 } else {

@@ -110,7 +110,9 @@ impl EventLog {
     ) -> Subscription {
         // Receive live events first, so nothing falls between the replay and the live feed.
         let rx = self.live();
-        let cursor = after.unwrap_or_else(|| self.next_seq().saturating_sub(1));
+        // A number above any handed out cannot be a real position: follow from now.
+        let now = self.next_seq().saturating_sub(1);
+        let cursor = after.map_or(now, |a| a.min(now));
         self.subscribers().fetch_add(1, Ordering::Relaxed);
         Subscription {
             log: self.clone(),

@@ -674,7 +674,68 @@ pub mod measure {
         Ok(started.elapsed().as_micros() as f64 / n as f64)
     }
 
+    /// The WIT event a behavior gets for an update of `twin` setting `changed`.
+    fn bench_event(twin: &Twin, changed: &Value) -> types::Event {
+        types::Event {
+            seq: 1,
+            kind: "twin.updated".into(),
+            twin: to_wit(twin),
+            changed: changed.to_string(),
+            ts_ms: 0,
+        }
+    }
+
+    /// Microseconds per `on-event` call of a behavior component on a plain wasmtime setup
+    /// (as [`raw_call_micros`] for compute).
+    pub fn raw_behavior_micros(
+        bytes: &[u8],
+        registry: &Registry,
+        twin: &Twin,
+        changed: &Value,
+        n: u32,
+    ) -> Result<f64, CallError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(internal)?;
+        let component = Component::new(&engine, bytes).map_err(internal)?;
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(internal)?;
+        Compute::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+            .map_err(internal)?;
+        let pre = BehaviorPre::new(linker.instantiate_pre(&component).map_err(internal)?)
+            .map_err(internal)?;
+        let event = bench_event(twin, changed);
+        let started = Instant::now();
+        for _ in 0..n {
+            let mut store = WasmStore::new(
+                &engine,
+                HostState::new("raw", registry.clone(), &Limits::default()),
+            );
+            let b = pre.instantiate(&mut store).map_err(internal)?;
+            b.call_on_event(&mut store, &event)
+                .map_err(internal)?
+                .map_err(internal)?;
+        }
+        Ok(started.elapsed().as_micros() as f64 / n as f64)
+    }
+
     impl Runtime {
+        /// Microseconds per behavior call through the host (limits, counters, actions).
+        pub fn behavior_call_micros(
+            &self,
+            name: &str,
+            twin: &Twin,
+            changed: &Value,
+            n: u32,
+        ) -> Result<f64, CallError> {
+            let event = bench_event(twin, changed);
+            let started = Instant::now();
+            for _ in 0..n {
+                self.call_behavior(name, &event)?;
+            }
+            Ok(started.elapsed().as_micros() as f64 / n as f64)
+        }
+
         /// Microseconds to instantiate the active version of `name` from its `InstancePre`
         /// with the pooling allocator (no call).
         pub fn instantiate_micros(&self, name: &str, n: u32) -> Result<f64, CallError> {

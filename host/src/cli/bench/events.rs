@@ -1,0 +1,372 @@
+//! Bench phases for the event orchestrator and behaviors:
+//! - `events`: update → in-process subscriber latency and update → SSE client latency at a
+//!   paced rate, and many concurrent subscribers with their memory;
+//! - `rules`: rule evaluation throughput with 100 threshold + window rules, in process;
+//! - `behavior`: a behavior call through the host vs raw wasmtime, and events/s through
+//!   `thermal-monitor` on all cores.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use super::{bench_node, fleet, proc_sample, props_of, rss_mb, serve_in_process, BenchArgs};
+use crate::events::rules::{RuleSet, RuleSpec};
+use crate::events::{Event, EventType, Filter, Item};
+use crate::registry::{NewTwin, Registry, Update};
+use crate::types::{Properties, TwinId};
+
+fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    (h.value_at_quantile(q) as f64 / 10.0).round() / 100.0
+}
+
+/// Paced producer: `rate` updates/s in 1 ms ticks for `secs`, each update carrying its send
+/// time (`sent_us`). Returns how many were sent.
+async fn produce(
+    registry: Registry,
+    ids: Arc<Vec<TwinId>>,
+    rate: u64,
+    secs: f64,
+) -> anyhow::Result<u64> {
+    let per_tick = (rate / 1000).max(1) as usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut k = 0usize;
+    while Instant::now() < end {
+        tick.tick().await;
+        let sent = now_us();
+        let batch: Vec<Update> = (0..per_tick)
+            .map(|i| {
+                let mut p = Properties::new();
+                p.insert("temperature".into(), json!(70 + (k + i) % 20));
+                p.insert("sent_us".into(), json!(sent));
+                Update {
+                    twin_id: ids[(k + i) % ids.len()],
+                    patch: p,
+                    ts: None,
+                    if_match: None,
+                    cause: None,
+                }
+            })
+            .collect();
+        k += per_tick;
+        registry.apply_batch(batch).await?;
+    }
+    Ok(k as u64)
+}
+
+/// Update → subscriber latency in process and over SSE, and many subscribers.
+pub(super) async fn events_phase(args: &BenchArgs) -> anyhow::Result<Value> {
+    const RATE: u64 = 10_000;
+    let secs = args.seconds.min(5.0);
+    let f = fleet(args.twins.min(10_000)).await?;
+    let ids = Arc::new(f.ids.clone());
+    let reg = f.node.registry.clone();
+    let updated = Filter {
+        types: EventType::TwinUpdated.bit(),
+        ..Filter::default()
+    };
+
+    // In process: one subscriber, latency from submit and from the durable append.
+    let mut sub = f.node.events.subscribe(reg.clone(), updated.clone(), None);
+    let consumer = tokio::spawn(async move {
+        let mut from_submit = Histogram::<u64>::new(3).expect("histogram");
+        let mut from_append = Histogram::<u64>::new(3).expect("histogram");
+        let mut lagged = 0u64;
+        while let Some(item) = sub.next().await {
+            match item {
+                Item::Event(e) => {
+                    if let Some(sent) = e.changed.get("sent_us").and_then(Value::as_i64) {
+                        let _ = from_submit.record((now_us() - sent).max(0) as u64);
+                    }
+                    if let Some(a) = e.appended {
+                        let _ = from_append.record(a.elapsed().as_micros() as u64);
+                    }
+                    if e.changed.contains_key("stop") {
+                        break;
+                    }
+                }
+                Item::Lagged { from, to } => lagged += to - from + 1,
+            }
+        }
+        (from_submit, from_append, lagged)
+    });
+    let sent = produce(reg.clone(), ids.clone(), RATE, secs).await?;
+    stop(&reg, ids[0]).await?;
+    let (submit, append, lagged) = consumer.await?;
+    let inproc = json!({
+        "rate_per_s": RATE, "events": sent, "lagged": lagged,
+        "submit_to_subscriber_p50_ms": ms(&submit, 0.5), "submit_to_subscriber_p99_ms": ms(&submit, 0.99),
+        "durable_to_subscriber_p50_ms": ms(&append, 0.5), "durable_to_subscriber_p99_ms": ms(&append, 0.99),
+        "durable_to_subscriber_max_ms": (append.max() as f64 / 10.0).round() / 100.0,
+    });
+    eprintln!("  in process: {inproc}");
+
+    // Over SSE on loopback.
+    let url = serve_in_process(&f.node).await?;
+    let resp = reqwest::Client::new()
+        .get(format!("{url}/v1/events?types=twin.updated"))
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status().is_success(), "SSE: {}", resp.status());
+    let sse = tokio::spawn(async move {
+        let mut h = Histogram::<u64>::new(3).expect("histogram");
+        let mut stream = resp.bytes_stream();
+        let mut buf = Vec::new();
+        'outer: while let Some(Ok(chunk)) = stream.next().await {
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let Some(data) = line.strip_prefix(b"data: ") else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_slice::<Value>(data) else {
+                    continue;
+                };
+                if let Some(sent) = v["changed"]["sent_us"].as_i64() {
+                    let _ = h.record((now_us() - sent).max(0) as u64);
+                }
+                if v["changed"].get("stop").is_some() {
+                    break 'outer;
+                }
+            }
+        }
+        h
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    produce(reg.clone(), ids.clone(), RATE, secs).await?;
+    stop(&reg, ids[0]).await?;
+    let h = tokio::time::timeout(Duration::from_secs(30), sse)
+        .await
+        .context("the SSE client did not finish")??;
+    let sse = json!({"rate_per_s": RATE, "events": h.len(),
+        "submit_to_sse_client_p50_ms": ms(&h, 0.5), "submit_to_sse_client_p99_ms": ms(&h, 0.99)});
+    eprintln!("  SSE: {sse}");
+
+    // Many subscribers, each following one twin.
+    const SUBSCRIBERS: usize = 10_000;
+    let rss0 = rss_mb("VmRSS:");
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut subs = Vec::with_capacity(SUBSCRIBERS);
+    for i in 0..SUBSCRIBERS {
+        let filter = Filter {
+            twin_ids: vec![ids[i % ids.len()]],
+            ..updated.clone()
+        };
+        let mut sub = f.node.events.subscribe(reg.clone(), filter, None);
+        let d = delivered.clone();
+        subs.push(tokio::spawn(async move {
+            while let Some(item) = sub.next().await {
+                if let Item::Event(e) = item {
+                    if e.changed.contains_key("stop") {
+                        break;
+                    }
+                    d.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let rss_connected = rss_mb("VmRSS:");
+    let p0 = proc_sample();
+    let sent = produce(reg.clone(), ids.clone(), RATE / 10, secs.min(3.0)).await?;
+    let rss_after = rss_mb("VmRSS:");
+    let cpu = super::cpu_percent(p0, proc_sample());
+    for id in ids.iter().take(SUBSCRIBERS.min(ids.len())) {
+        stop(&reg, *id).await?;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(subs)).await;
+    let expected = sent * SUBSCRIBERS.div_ceil(ids.len()) as u64;
+    let many = json!({
+        "subscribers": SUBSCRIBERS, "rate_per_s": RATE / 10, "events": sent,
+        "delivered": delivered.load(Ordering::Relaxed), "expected_deliveries": expected,
+        "rss_before_mb": rss0.round(), "rss_with_subscribers_mb": rss_connected.round(),
+        "rss_after_run_mb": rss_after.round(),
+        "per_subscriber_kb": (((rss_connected - rss0) * 1024.0 / SUBSCRIBERS as f64) * 10.0).round() / 10.0,
+        "cpu_percent": cpu.round(),
+    });
+    eprintln!("  {SUBSCRIBERS} subscribers: {many}");
+    Ok(json!({"in_process": inproc, "sse": sse, "subscribers": many}))
+}
+
+/// An update that tells the consumers to stop.
+async fn stop(reg: &Registry, id: TwinId) -> anyhow::Result<()> {
+    let mut p = Properties::new();
+    p.insert("stop".into(), json!(true));
+    reg.patch(Update {
+        twin_id: id,
+        patch: p,
+        ts: None,
+        if_match: None,
+        cause: None,
+    })
+    .await?;
+    Ok(())
+}
+
+/// Rule evaluation throughput: 50 threshold and 50 tumbling-window rules over 10 properties.
+pub(super) fn rules_phase(args: &BenchArgs) -> anyhow::Result<Value> {
+    const PROPS: usize = 10;
+    const EVENTS: usize = 1_000_000;
+    let mut set = RuleSet::default();
+    for i in 0..50 {
+        let spec: RuleSpec = serde_json::from_value(json!({
+            "kind": "threshold", "entity_type": "machine", "property": format!("p{}", i % PROPS),
+            "op": ">", "value": 90 + i % 10, "clear": 80, "actions": [{"type": "alert"}]}))?;
+        set.put(&format!("t{i}"), spec, &|_| None)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let spec: RuleSpec = serde_json::from_value(json!({
+            "kind": "window", "entity_type": "machine", "property": format!("p{}", i % PROPS),
+            "agg": "avg", "size": "10s", "op": ">", "value": 95, "actions": [{"type": "alert"}]}))?;
+        set.put(&format!("w{i}"), spec, &|_| None)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    let twins: Vec<TwinId> = (0..args.twins.clamp(1, 10_000))
+        .map(|_| TwinId::new_v7())
+        .collect();
+    let props: Vec<String> = (0..PROPS).map(|i| format!("p{i}")).collect();
+    let t0 = chrono::Utc::now();
+    let events: Vec<Event> = (0..EVENTS)
+        .map(|k| {
+            let mut e = Event::new(
+                EventType::TwinUpdated,
+                t0 + chrono::Duration::microseconds(k as i64 * 100),
+            );
+            e.seq = k as u64 + 1;
+            e.twin_id = Some(twins[k % twins.len()]);
+            e.entity_type = Some("machine".into());
+            // Mostly normal readings (60-84), one in 50 over every threshold.
+            let v = if k % 50 == 0 { 100 } else { 60 + (k * 7) % 25 };
+            e.changed.insert(props[k % PROPS].clone(), json!(v));
+            e
+        })
+        .collect();
+    let mut out = Vec::new();
+    let started = Instant::now();
+    let mut fired = 0usize;
+    for e in &events {
+        set.on_event(e, &mut out);
+        fired += out.len();
+        out.clear();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(json!({
+        "rules": set.len(), "threshold_rules": 50, "window_rules": 50, "properties": PROPS,
+        "rules_per_event": 100 / PROPS, "twins": twins.len(), "events": EVENTS,
+        "events_per_s": (EVENTS as f64 / secs).round(), "firings": fired,
+    }))
+}
+
+/// A behavior call through the host vs raw wasmtime, and events/s through thermal-monitor.
+pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
+    const CALLS: u32 = 2000;
+    let path = args.guests.join("thermal_monitor.wasm");
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "{}: build the guests with scripts/build-guests.sh",
+            path.display()
+        )
+    })?;
+    let dir = tempfile::tempdir()?;
+    let node = bench_node(dir.path()).await?;
+    let rt = node.state.runtime.clone();
+    rt.upload("thermal-monitor", &bytes, crate::wasm::Limits::default())?;
+    let mut ids = Vec::new();
+    for _ in 0..1000 {
+        ids.push(
+            node.registry
+                .create(NewTwin {
+                    entity_type: "machine".into(),
+                    properties: props_of(json!({"temperature": 70})),
+                    ..Default::default()
+                })
+                .await?
+                .id,
+        );
+    }
+    let twin = node.registry.get(&ids[0])?;
+    let changed = json!({"temperature": 91});
+    let (rt2, t2, c2) = (rt.clone(), twin.clone(), changed.clone());
+    let host_us = tokio::task::spawn_blocking(move || {
+        rt2.behavior_call_micros("thermal-monitor", &t2, &c2, CALLS)
+    })
+    .await??;
+    let raw_us =
+        crate::wasm::measure::raw_behavior_micros(&bytes, &node.registry, &twin, &changed, CALLS)?;
+    node.state.behaviors.put(
+        "overheat",
+        crate::wasm::behaviors::Binding {
+            module: "thermal-monitor".into(),
+            entity_type: Some("machine".into()),
+            twin_id: None,
+            created_at: chrono::Utc::now(),
+        },
+    )?;
+    // Feed updates, keeping at most a few thousand events ahead of the behavior.
+    let runs = || {
+        node.state
+            .behaviors
+            .get("overheat")
+            .map(|b| b.runs)
+            .unwrap_or(0)
+    };
+    let secs = args.seconds.min(5.0);
+    let p0 = proc_sample();
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut sent = 0u64;
+    let mut k = 0usize;
+    while Instant::now() < end {
+        if sent.saturating_sub(runs()) > 4000 {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            continue;
+        }
+        let batch: Vec<Update> = (0..500)
+            .map(|i| {
+                let mut p = Properties::new();
+                // Every other reading is over 85: an alert, and the mark toggles.
+                p.insert(
+                    "temperature".into(),
+                    json!(if (k + i) % 2 == 0 { 80 } else { 90 }),
+                );
+                Update {
+                    twin_id: ids[(k + i) % ids.len()],
+                    patch: p,
+                    ts: None,
+                    if_match: None,
+                    cause: None,
+                }
+            })
+            .collect();
+        k += 500;
+        sent += 500;
+        node.registry.apply_batch(batch).await?;
+    }
+    let drain_end = Instant::now() + Duration::from_secs(10);
+    while runs() < sent && Instant::now() < drain_end {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let p1 = proc_sample();
+    let elapsed = p1.at.duration_since(p0.at).as_secs_f64();
+    let info = node.state.behaviors.get("overheat")?;
+    node.registry.shutdown();
+    node.events.shutdown();
+    Ok(json!({
+        "component_bytes": bytes.len(),
+        "host_behavior_call_us": (host_us * 10.0).round() / 10.0,
+        "raw_wasmtime_behavior_call_us": (raw_us * 10.0).round() / 10.0,
+        "host_over_raw": ((host_us / raw_us) * 100.0).round() / 100.0,
+        "updates": sent, "behavior_runs": info.runs, "alerts": info.alerts,
+        "patches": info.patches, "guarded": info.guarded, "errors": info.errors,
+        "missed": node.state.behaviors.missed(),
+        "events_per_s": (info.runs as f64 / elapsed).round(),
+        "cpu_percent": super::cpu_percent(p0, p1).round(),
+    }))
+}
