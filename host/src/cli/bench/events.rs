@@ -244,7 +244,11 @@ pub(super) fn rules_phase(args: &BenchArgs) -> anyhow::Result<Value> {
             e.twin_id = Some(twins[k % twins.len()]);
             e.entity_type = Some("machine".into());
             // Mostly normal readings (60-84), one in 50 over every threshold.
-            let v = if k % 50 == 0 { 100 } else { 60 + (k * 7) % 25 };
+            let v = if k.is_multiple_of(50) {
+                100
+            } else {
+                60 + (k * 7) % 25
+            };
             e.changed.insert(props[k % PROPS].clone(), json!(v));
             e
         })
@@ -334,7 +338,7 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
                 // Every other reading is over 85: an alert, and the mark toggles.
                 p.insert(
                     "temperature".into(),
-                    json!(if (k + i) % 2 == 0 { 80 } else { 90 }),
+                    json!(if (k + i).is_multiple_of(2) { 80 } else { 90 }),
                 );
                 Update {
                     twin_id: ids[(k + i) % ids.len()],
