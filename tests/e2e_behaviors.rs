@@ -438,7 +438,7 @@ async fn cli_behavior_rule_and_events_tail() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("422"));
 
     // `events tail` prints alerts as they come: one from the rule, one from the behavior.
-    let mut tail = common::twinhost_command()
+    let tail = common::twinhost_command()
         .args([
             "events", "tail", "--type", "alert", "--count", "2", "--url", &s.url,
         ])
