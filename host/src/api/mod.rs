@@ -77,6 +77,19 @@ pub struct AppStateInner {
 
 pub type AppState = Arc<AppStateInner>;
 
+/// The listener with `TCP_NODELAY` on every connection: events and small responses go out
+/// at once instead of waiting for Nagle's algorithm to batch them.
+pub fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    })
+}
+
 /// Assemble every route.
 pub fn router(state: AppState, limits: Limits) -> Router {
     let v1 = Router::new()

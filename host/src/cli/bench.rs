@@ -324,7 +324,7 @@ async fn serve_in_process(node: &super::serve::Node) -> anyhow::Result<String> {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(async move { axum::serve(api::nodelay(listener), app).await });
     Ok(format!("http://{addr}"))
 }
 

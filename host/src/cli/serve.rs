@@ -230,7 +230,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Printed on stdout so scripts and tests can wait for it.
     println!("twinhost listening on http://{addr}");
-    axum::serve(listener, app)
+    axum::serve(api::nodelay(listener), app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("draining writes");
