@@ -739,11 +739,21 @@ impl Rule {
                     return;
                 };
                 let cond = r.op.test(v, r.value);
-                if !st.active.contains_key(&twin) && st.active.len() >= DEFAULT_MAX_GROUPS {
-                    self.stats.overflow += 1;
-                    return;
-                }
-                let (active, last) = st.active.entry(twin).or_insert((false, i64::MIN));
+                let tracked = st.active.len();
+                let (active, last) = match st.active.entry(twin) {
+                    // A twin is tracked only from its first firing on.
+                    std::collections::hash_map::Entry::Vacant(_) if !cond => return,
+                    std::collections::hash_map::Entry::Vacant(_)
+                        if tracked >= DEFAULT_MAX_GROUPS =>
+                    {
+                        self.stats.overflow += 1;
+                        return;
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert((false, i64::MIN))
+                    }
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                };
                 if !*active && cond {
                     *active = true;
                     if *last != i64::MIN && ts - *last < *cooldown_us {
@@ -763,6 +773,10 @@ impl Rule {
                     };
                     if rearm {
                         *active = false;
+                        if *cooldown_us == 0 {
+                            // Nothing left to remember about this twin.
+                            st.active.remove(&twin);
+                        }
                     }
                 }
             }
@@ -787,6 +801,23 @@ impl Rule {
                 };
                 // Windows containing ts: starts s = k*slide with s <= ts < s + size.
                 let last_start = ts.div_euclid(*slide_us) * slide_us;
+                if last_start + size_us <= st.watermark {
+                    self.stats.late += 1;
+                    return;
+                }
+                let groups = st.windows.len();
+                let wins = match st.windows.entry(group) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(_) if groups >= *max_groups => {
+                        self.stats.overflow += 1;
+                        return;
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        st.group_twin
+                            .insert(group, (twin, e.entity_type.clone(), e.parent_id));
+                        slot.insert(BTreeMap::new())
+                    }
+                };
                 let mut accepted = false;
                 let mut s = last_start;
                 while s > ts - size_us {
@@ -794,11 +825,6 @@ impl Rule {
                     if end <= st.watermark {
                         break; // this and older windows are closed
                     }
-                    if !st.windows.contains_key(&group) && st.windows.len() >= *max_groups {
-                        self.stats.overflow += 1;
-                        return;
-                    }
-                    let wins = st.windows.entry(group).or_default();
                     let acc = wins.entry(s).or_insert_with(|| {
                         st.open.entry(end).or_default().push((group, s));
                         Acc::default()
@@ -811,9 +837,11 @@ impl Rule {
                     self.stats.late += 1;
                     return;
                 }
-                if r.group_by == GroupBy::Parent || !st.group_twin.contains_key(&group) {
-                    st.group_twin
-                        .insert(group, (twin, e.entity_type.clone(), e.parent_id));
+                if r.group_by == GroupBy::Parent {
+                    // Alerts of a parent group name the latest twin that reported.
+                    if let Some(g) = st.group_twin.get_mut(&group) {
+                        g.0 = twin;
+                    }
                 }
                 st.watermark = st.watermark.max(ts - lateness_us);
                 // Close every window that ended at or before the watermark.
@@ -1036,7 +1064,9 @@ struct Inner {
     store: Store,
     registry: Registry,
     log: EventLog,
-    set: Mutex<RuleSet>,
+    /// Rules are independent, so they are spread over shards evaluated in parallel (one per
+    /// core); every shard sees every event.
+    shards: Vec<Mutex<RuleSet>>,
     specs: RwLock<BTreeMap<String, RuleSpec>>,
     invoker: OnceLock<Arc<dyn Invoker>>,
     missed: AtomicU64,
@@ -1053,13 +1083,19 @@ impl Rules {
     /// Load the stored rules and start evaluating (on the current tokio runtime).
     pub fn open(store: Store, registry: Registry, log: EventLog) -> Result<Rules, StoreError> {
         let mut specs = BTreeMap::new();
-        let mut set = RuleSet::default();
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
+        let mut sets: Vec<RuleSet> = (0..n).map(|_| RuleSet::default()).collect();
         for kv in store.scan_prefix(&[keys::RULE]) {
             let (k, v) = kv?;
             let name = String::from_utf8_lossy(&k[1..]).into_owned();
             match serde_json::from_slice::<RuleSpec>(&v) {
                 // Modules are checked at PUT; a module deleted since fails at run time.
-                Ok(spec) => match set.put(&name, spec.clone(), &|_| Some("compute".into())) {
+                Ok(spec) => match sets[shard_of(&name, n)]
+                    .put(&name, spec.clone(), &|_| Some("compute".into()))
+                {
                     Ok(()) => {
                         specs.insert(name, spec);
                     }
@@ -1075,15 +1111,17 @@ impl Rules {
                 store,
                 registry,
                 log,
-                set: Mutex::new(set),
+                shards: sets.into_iter().map(Mutex::new).collect(),
                 specs: RwLock::new(specs),
                 invoker: OnceLock::new(),
                 missed: AtomicU64::new(0),
                 actions_failed: AtomicU64::new(0),
             }),
         };
-        let me = rules.clone();
-        tokio::spawn(async move { me.run().await });
+        for shard in 0..n {
+            let me = rules.clone();
+            tokio::spawn(async move { me.run(shard).await });
+        }
         Ok(rules)
     }
 
@@ -1108,8 +1146,7 @@ impl Rules {
         validate(&spec, &|m| self.module_world(m)).map_err(RuleError::Invalid)?;
         let bytes = serde_json::to_vec(&spec).expect("rules serialize");
         self.inner.store.put_durable(&keys::rule(name), &bytes)?;
-        self.inner
-            .set
+        self.shard(name)
             .lock()
             .put(name, spec.clone(), &|m| self.module_world(m))
             .map_err(RuleError::Invalid)?;
@@ -1121,7 +1158,7 @@ impl Rules {
         if self.inner.specs.write().remove(name).is_none() {
             return Err(RuleError::NotFound(name.to_owned()));
         }
-        self.inner.set.lock().remove(name);
+        self.shard(name).lock().remove(name);
         self.inner
             .store
             .remove_keys([sled::IVec::from(keys::rule(name))])?;
@@ -1137,7 +1174,7 @@ impl Rules {
             .get(name)
             .cloned()
             .ok_or_else(|| RuleError::NotFound(name.to_owned()))?;
-        let stats = self.inner.set.lock().stats(name).unwrap_or_default();
+        let stats = self.shard(name).lock().stats(name).unwrap_or_default();
         Ok(RuleInfo {
             name: name.to_owned(),
             spec,
@@ -1166,7 +1203,11 @@ impl Rules {
         self.inner.missed.load(Ordering::Relaxed)
     }
 
-    async fn run(self) {
+    fn shard(&self, name: &str) -> &Mutex<RuleSet> {
+        &self.inner.shards[shard_of(name, self.inner.shards.len())]
+    }
+
+    async fn run(self, shard: usize) {
         let filter = Filter {
             types: EventType::TwinCreated.bit() | EventType::TwinUpdated.bit(),
             ..Filter::default()
@@ -1180,7 +1221,7 @@ impl Rules {
             match item {
                 Item::Event(e) => {
                     {
-                        let mut set = self.inner.set.lock();
+                        let mut set = self.inner.shards[shard].lock();
                         if set.is_empty() {
                             continue;
                         }
@@ -1291,6 +1332,12 @@ impl Rules {
             }
         }
     }
+}
+
+/// The shard a rule lives in (stable for a name).
+pub fn shard_of(name: &str, shards: usize) -> usize {
+    use std::hash::BuildHasher;
+    (rustc_hash::FxBuildHasher.hash_one(name) % shards.max(1) as u64) as usize
 }
 
 fn alert(f: &Firing, cause: &Cause, data: Value) -> Event {

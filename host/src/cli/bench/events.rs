@@ -216,18 +216,32 @@ async fn stop(reg: &Registry, id: TwinId) -> anyhow::Result<()> {
 pub(super) fn rules_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     const PROPS: usize = 10;
     const EVENTS: usize = 1_000_000;
-    let mut set = RuleSet::default();
+    // As the live engine does: rules spread over one shard per core, each shard evaluating
+    // every event on its own thread.
+    let shards = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let mut sets: Vec<RuleSet> = (0..shards).map(|_| RuleSet::default()).collect();
+    let mut add = |name: String, spec: Value| -> anyhow::Result<()> {
+        let spec: RuleSpec = serde_json::from_value(spec)?;
+        sets[crate::events::rules::shard_of(&name, shards)]
+            .put(&name, spec, &|_| None)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
     for i in 0..50 {
-        let spec: RuleSpec = serde_json::from_value(json!({
+        add(
+            format!("t{i}"),
+            json!({
             "kind": "threshold", "entity_type": "machine", "property": format!("p{}", i % PROPS),
-            "op": ">", "value": 90 + i % 10, "clear": 80, "actions": [{"type": "alert"}]}))?;
-        set.put(&format!("t{i}"), spec, &|_| None)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let spec: RuleSpec = serde_json::from_value(json!({
+            "op": ">", "value": 90 + i % 10, "clear": 80, "actions": [{"type": "alert"}]}),
+        )?;
+        add(
+            format!("w{i}"),
+            json!({
             "kind": "window", "entity_type": "machine", "property": format!("p{}", i % PROPS),
-            "agg": "avg", "size": "10s", "op": ">", "value": 95, "actions": [{"type": "alert"}]}))?;
-        set.put(&format!("w{i}"), spec, &|_| None)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            "agg": "avg", "size": "10s", "op": ">", "value": 95, "actions": [{"type": "alert"}]}),
+        )?;
     }
     let twins: Vec<TwinId> = (0..args.twins.clamp(1, 10_000))
         .map(|_| TwinId::new_v7())
@@ -253,19 +267,65 @@ pub(super) fn rules_phase(args: &BenchArgs) -> anyhow::Result<Value> {
             e
         })
         .collect();
-    let mut out = Vec::new();
-    let started = Instant::now();
-    let mut fired = 0usize;
-    for e in &events {
-        set.on_event(e, &mut out);
-        fired += out.len();
-        out.clear();
+    let events = Arc::new(events);
+    let run = |set: &mut RuleSet, events: &[Event]| {
+        let mut out = Vec::new();
+        let mut fired = 0usize;
+        for e in events {
+            set.on_event(e, &mut out);
+            fired += out.len();
+            out.clear();
+        }
+        fired
+    };
+    // All rules on one thread, then the shards in parallel (fresh state each time).
+    let mut single = RuleSet::default();
+    for i in 0..50 {
+        for (name, spec) in [
+            (
+                format!("t{i}"),
+                json!({"kind": "threshold", "entity_type": "machine",
+                "property": format!("p{}", i % PROPS), "op": ">", "value": 90 + i % 10,
+                "clear": 80, "actions": [{"type": "alert"}]}),
+            ),
+            (
+                format!("w{i}"),
+                json!({"kind": "window", "entity_type": "machine",
+                "property": format!("p{}", i % PROPS), "agg": "avg", "size": "10s", "op": ">",
+                "value": 95, "actions": [{"type": "alert"}]}),
+            ),
+        ] {
+            single
+                .put(&name, serde_json::from_value(spec)?, &|_| None)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        }
     }
+    let started = Instant::now();
+    let fired_single = run(&mut single, &events);
+    let single_secs = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let fired: usize = std::thread::scope(|scope| {
+        let handles: Vec<_> = sets
+            .iter_mut()
+            .map(|set| {
+                let events = events.clone();
+                scope.spawn(move || run(set, &events))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
     let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        fired == fired_single,
+        "sharded and single evaluation disagree"
+    );
     Ok(json!({
-        "rules": set.len(), "threshold_rules": 50, "window_rules": 50, "properties": PROPS,
+        "rules": 100, "threshold_rules": 50, "window_rules": 50, "properties": PROPS,
         "rules_per_event": 100 / PROPS, "twins": twins.len(), "events": EVENTS,
-        "events_per_s": (EVENTS as f64 / secs).round(), "firings": fired,
+        "shards": shards,
+        "events_per_s": (EVENTS as f64 / secs).round(),
+        "events_per_s_one_thread": (EVENTS as f64 / single_secs).round(),
+        "firings": fired,
     }))
 }
 
