@@ -1,8 +1,10 @@
 //! The seed's factory floor, played against a running twinhost over HTTP.
 //!
 //! A building, 100 CNC machines under it (temperature, vibration, status), a model that
-//! validates them, a stream of sensor updates through bulk ingest and PATCH, a query for
-//! machines over 85 degrees, and the history of one machine.
+//! validates them, the `thermal-monitor` behavior (WebAssembly) and a correlation rule
+//! watching them, a live alert subscriber (Server-Sent Events), a stream of sensor updates
+//! through bulk ingest and PATCH, a query for machines over 85 degrees, the history of one
+//! machine, and the `thermal-analysis` compute module in Rust and in Python.
 //!
 //! Run by `scripts/demo.sh`, or by hand against a server:
 //! `cargo run --release --example factory_floor -- --url http://127.0.0.1:7878 --data-dir twinhost-data`
@@ -104,7 +106,8 @@ async fn main() -> anyhow::Result<()> {
             "properties": {
                 "temperature": {"type": "number", "unit": "degF", "min": -40, "max": 500},
                 "vibration_level": {"type": "number", "min": 0},
-                "status": {"type": "string", "enum": ["operational", "maintenance", "fault"]}
+                "status": {"type": "string", "enum": ["operational", "maintenance", "fault"]},
+                "overheated": {"type": "boolean"}
             },
             "required": ["status"]
         }),
@@ -155,6 +158,102 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| "unexpectedly accepted".into())
     );
 
+    let guests = arg("--guests", "guests/target/wasm32-wasip2/release");
+    let names: std::collections::HashMap<String, String> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.clone(), format!("Machine-{i:03}")))
+        .collect();
+    let monitor_path = format!("{guests}/thermal_monitor.wasm");
+    match std::fs::read(&monitor_path) {
+        Err(e) => {
+            println!("== (skipping the behavior: {monitor_path}: {e}; run scripts/build-guests.sh)")
+        }
+        Ok(wasm) => {
+            println!("== behavior: upload thermal-monitor (WebAssembly, behavior world) and bind it to every machine");
+            let m = api
+                .call(
+                    Method::PUT,
+                    "/v1/modules/thermal-monitor",
+                    Some(("application/wasm", wasm)),
+                )
+                .await?;
+            println!(
+                "   module {} version {} ({} bytes)",
+                m["name"], m["version"], m["size"]
+            );
+            api.json(
+                Method::PUT,
+                "/v1/behaviors/overheat",
+                json!({"module": "thermal-monitor", "entity_type": "machine"}),
+            )
+            .await?;
+            println!("   behavior overheat: thermal-monitor on entity type machine (alert and mark overheated above 85 degF)");
+        }
+    }
+    println!("== rule: 5 or more machines of one building over 85 degF within a minute → critical alert, flag the building");
+    api.json(Method::PUT, "/v1/rules/building-overheating", json!({
+        "kind": "correlation", "entity_type": "machine",
+        "condition": {"property": "temperature", "op": ">", "value": 85},
+        "min_count": 5, "within": "1m",
+        "actions": [
+            {"type": "alert", "severity": "critical", "message": "5 or more machines over 85 degF in one building"},
+            {"type": "patch", "target": "parent", "properties": {"heat_alarm": true}}
+        ]})).await?;
+
+    println!("== live alerts: subscribed to GET /v1/events?types=alert (Server-Sent Events)");
+    let resp = api
+        .http
+        .get(format!("{}/v1/events?types=alert", api.url))
+        .bearer_auth(&api.token)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("subscribing to events: {}", resp.status());
+    }
+    let alerts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let subscriber = {
+        let alerts = alerts.clone();
+        let names = names.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut stream = resp.bytes_stream();
+            let mut buf = Vec::new();
+            while let Some(Ok(chunk)) = stream.next().await {
+                buf.extend_from_slice(&chunk);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let Some(data) = line.strip_prefix(b"data: ") else {
+                        continue;
+                    };
+                    let Ok(e) = serde_json::from_slice::<Value>(data) else {
+                        continue;
+                    };
+                    let mut all = alerts.lock().expect("alerts");
+                    if all.len() < 8 {
+                        let who = e["twin_id"]
+                            .as_str()
+                            .and_then(|t| names.get(t))
+                            .cloned()
+                            .unwrap_or_else(|| e["twin_id"].as_str().unwrap_or("?").to_owned());
+                        let by = e["data"]["behavior"]
+                            .as_str()
+                            .map(|b| format!("behavior {b}"))
+                            .or_else(|| e["data"]["rule"].as_str().map(|r| format!("rule {r}")))
+                            .unwrap_or_default();
+                        println!(
+                            "   ALERT #{} [{by}] {} {who}: {}",
+                            e["seq"],
+                            e["data"]["severity"].as_str().unwrap_or(""),
+                            e["data"]["message"].as_str().unwrap_or("")
+                        );
+                    }
+                    all.push(e);
+                }
+            }
+        })
+    };
+
     println!("== sensor stream: {ROUNDS} rounds × {MACHINES} machines through /v1/ingest (NDJSON)");
     let started = Instant::now();
     // Readings are one second apart, starting now (device time; ingest takes a `ts`).
@@ -184,6 +283,46 @@ async fn main() -> anyhow::Result<()> {
         "   {applied} durable updates in {:.0} ms",
         started.elapsed().as_secs_f64() * 1000.0
     );
+
+    // Give the behaviors and rules a moment to finish the last round.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    subscriber.abort();
+    {
+        let all = alerts.lock().expect("alerts");
+        let from_behavior = all
+            .iter()
+            .filter(|e| e["data"]["source"] == "behavior")
+            .count();
+        let from_rule = all.iter().filter(|e| e["data"]["source"] == "rule").count();
+        let machines: std::collections::BTreeSet<&str> =
+            all.iter().filter_map(|e| e["twin_id"].as_str()).collect();
+        println!("   {} alerts received live ({from_behavior} from the thermal-monitor behavior, {from_rule} from the rule) on {} twins",
+            all.len(), machines.len());
+    }
+    let marked = api
+        .json(
+            Method::POST,
+            "/v1/query",
+            json!({"entity_type": "machine",
+        "properties": {"overheated": true}, "limit": 1000}),
+        )
+        .await?;
+    let b = api
+        .call(Method::GET, &format!("/v1/twins/{building_id}"), None)
+        .await?;
+    println!(
+        "   machines marked overheated by the behavior: {}; building heat_alarm: {}",
+        marked["items"].as_array().map_or(0, Vec::len),
+        b["properties"]["heat_alarm"]
+    );
+    let bh = api
+        .call(Method::GET, "/v1/behaviors/overheat", None)
+        .await
+        .unwrap_or(Value::Null);
+    if !bh.is_null() {
+        println!("   behavior overheat: {} runs, {} alerts, {} patches, {} own changes not re-run, {} errors",
+            bh["runs"], bh["alerts"], bh["patches"], bh["guarded"], bh["errors"]);
+    }
 
     println!("== one machine goes into maintenance (PATCH with If-Match)");
     let m5 = api
@@ -265,7 +404,6 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let guests = arg("--guests", "guests/target/wasm32-wasip2/release");
     let wasm_path = format!("{guests}/thermal_analysis.wasm");
     match std::fs::read(&wasm_path) {
         Err(e) => println!(
@@ -292,11 +430,34 @@ async fn main() -> anyhow::Result<()> {
                 "parameters": {"threshold": 85}})).await?;
             for (id, r) in out["results"].as_object().into_iter().flatten() {
                 println!(
-                    "   {id}: mean {:.1} max {:.1}, {} reading(s) over 85",
+                    "   {}: mean {:.1} max {:.1}, {} reading(s) over 85",
+                    names.get(id).unwrap_or(id),
                     r["mean"].as_f64().unwrap_or(0.0),
                     r["max"].as_f64().unwrap_or(0.0),
                     r["over_threshold"]
                 );
+            }
+            let py_path = format!("{guests}/../../python/thermal_analysis_py.wasm");
+            if let Ok(py) = std::fs::read(&py_path) {
+                println!(
+                    "== the same analysis written in Python (componentize-py, {} MB component)",
+                    py.len() >> 20
+                );
+                let started = Instant::now();
+                api.call(
+                    Method::PUT,
+                    "/v1/modules/thermal-analysis-py?timeout=1s",
+                    Some(("application/wasm", py)),
+                )
+                .await?;
+                println!(
+                    "   uploaded and compiled in {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                let py_out = api.json(Method::POST, "/v1/modules/thermal-analysis-py/invoke", json!({
+                    "query": {"entity_type": "machine", "where": [{"property": "temperature", "op": ">", "value": 85}], "limit": 5},
+                    "parameters": {"threshold": 85}})).await?;
+                println!("   Python and Rust results identical: {}", py_out == out);
             }
         }
     }
