@@ -52,7 +52,8 @@ impl Guest for Hostile {
                 Ok(recurse(0, &mut acc).to_string())
             }
             "panic" => panic!("this guest panics on purpose"),
-            "huge" => Ok(format!("\"{}\"", "x".repeat(64 << 20))),
+            // Over the host's 4 MiB result limit, well within the memory limit.
+            "huge" => Ok(format!("\"{}\"", "x".repeat(5 << 20))),
             "garbage" => Ok("this is not json {".into()),
             "spam" => {
                 let id = twins.first().map(|t| t.id.clone()).unwrap_or_default();

@@ -9,6 +9,18 @@ use super::{Limits, MAX_ACTIONS_PER_CALL, MAX_HOST_CALLS};
 use crate::registry::{Query, Registry};
 use crate::types::{Twin as RegTwin, TwinId};
 
+/// The trap raised when a guest passes [`MAX_HOST_CALLS`] in one call.
+#[derive(Debug)]
+pub struct HostCallLimit;
+
+impl std::fmt::Display for HostCallLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "more than {MAX_HOST_CALLS} host calls in one guest call")
+    }
+}
+
+impl std::error::Error for HostCallLimit {}
+
 /// Everything one guest call can reach.
 pub struct HostState {
     pub module: String,
@@ -46,7 +58,7 @@ impl HostState {
     fn charge(&mut self) -> wasmtime::Result<()> {
         self.host_calls += 1;
         if self.host_calls > MAX_HOST_CALLS {
-            wasmtime::bail!("more than {MAX_HOST_CALLS} host calls in one guest call");
+            return Err(HostCallLimit.into());
         }
         Ok(())
     }
@@ -75,10 +87,8 @@ pub fn to_wit(t: &RegTwin) -> types::Twin {
 impl types::Host for HostState {}
 
 impl host::Host for HostState {
-    fn log(&mut self, level: host::Level, message: String) {
-        if self.charge().is_err() {
-            return;
-        }
+    fn log(&mut self, level: host::Level, message: String) -> wasmtime::Result<()> {
+        self.charge()?;
         let message: String = message.chars().take(4096).collect();
         let module = self.module.as_str();
         match level {
@@ -87,34 +97,41 @@ impl host::Host for HostState {
             host::Level::Warn => tracing::warn!(module, "{message}"),
             host::Level::Error => tracing::error!(module, "{message}"),
         }
+        Ok(())
     }
 
-    fn get_twin(&mut self, id: String) -> Option<types::Twin> {
-        self.charge().ok()?;
-        let id: TwinId = id.parse().ok()?;
-        self.registry.get(&id).ok().map(|t| to_wit(&t))
+    fn get_twin(&mut self, id: String) -> wasmtime::Result<Option<types::Twin>> {
+        self.charge()?;
+        let Ok(id) = id.parse::<TwinId>() else {
+            return Ok(None);
+        };
+        Ok(self.registry.get(&id).ok().map(|t| to_wit(&t)))
     }
 
-    fn query_twins(&mut self, query: String) -> Result<Vec<types::Twin>, String> {
-        self.charge().map_err(|e| e.to_string())?;
-        let q: Query = serde_json::from_str(&query).map_err(|e| format!("query: {e}"))?;
-        let page = self.registry.query(&q).map_err(|e| e.to_string())?;
-        Ok(page.items.iter().map(|t| to_wit(&t.twin)).collect())
+    fn query_twins(&mut self, query: String) -> wasmtime::Result<Result<Vec<types::Twin>, String>> {
+        self.charge()?;
+        let q: Query = match serde_json::from_str(&query) {
+            Ok(q) => q,
+            Err(e) => return Ok(Err(format!("query: {e}"))),
+        };
+        Ok(match self.registry.query(&q) {
+            Ok(page) => Ok(page.items.iter().map(|t| to_wit(&t.twin)).collect()),
+            Err(e) => Err(e.to_string()),
+        })
     }
 
-    fn emit_alert(&mut self, alert: types::Alert) {
-        if self.charge().is_err() {
-            return;
-        }
+    fn emit_alert(&mut self, alert: types::Alert) -> wasmtime::Result<()> {
+        self.charge()?;
         if self.alerts.len() >= MAX_ACTIONS_PER_CALL {
             tracing::warn!(module = %self.module, "more than {MAX_ACTIONS_PER_CALL} alerts in one call; dropping the rest");
-            return;
+            return Ok(());
         }
         self.alerts.push(alert);
+        Ok(())
     }
 
-    fn now_ms(&mut self) -> u64 {
-        let _ = self.charge();
-        chrono::Utc::now().timestamp_millis().max(0) as u64
+    fn now_ms(&mut self) -> wasmtime::Result<u64> {
+        self.charge()?;
+        Ok(chrono::Utc::now().timestamp_millis().max(0) as u64)
     }
 }

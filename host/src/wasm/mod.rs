@@ -21,9 +21,12 @@ pub use modules::{measure, BehaviorOutput, CallError, ModuleInfo, Runtime, Versi
 /// `behavior` and `resolver` bindings reuse the `compute` bindings' `types` and `host`, so
 /// the host interface is implemented once.
 mod bindings {
+    // Host functions return `wasmtime::Result`, so a guest that passes the host-call limit
+    // is stopped with a trap instead of looping on refused calls until its deadline.
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "compute",
+        imports: { default: trappable },
     });
 
     pub mod behavior {

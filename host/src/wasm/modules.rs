@@ -628,7 +628,17 @@ fn guest_error(e: wasmtime::Error) -> CallError {
             "the guest overflowed its stack".to_owned(),
         ),
         Some(t) => ("trap", format!("the guest trapped: {t}")),
-        None if format!("{e:#}").contains("memory") => ("out_of_memory", format!("{e:#}")),
+        None if e.downcast_ref::<super::host::HostCallLimit>().is_some() => (
+            "host_call_limit",
+            e.downcast_ref::<super::host::HostCallLimit>()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        ),
+        // `StoreLimits` refuses growth past the module's memory limit with this trap.
+        None if format!("{e:#}").contains("memory") => (
+            "out_of_memory",
+            "the guest tried to grow its memory past the module's limit".to_owned(),
+        ),
         None => ("trap", format!("{e:#}")),
     };
     CallError::Guest { kind, message }
