@@ -300,6 +300,35 @@ async fn rules_fire_alerts_and_patches_and_survive_restart() {
         .map(|r| r["name"].clone())
         .collect();
     assert_eq!(names, [json!("line-hot"), json!("overheat")]);
+    // An invoke action runs a compute module on the twin; its result arrives as an alert.
+    upload(&s, "thermal-analysis", &guest("thermal_analysis"))
+        .await
+        .expect(201);
+    s.put(
+        "/v1/rules/analyze",
+        &json!({"kind": "threshold", "entity_type": "machine", "property": "vibration",
+                "op": ">", "value": 5,
+                "actions": [{"type": "invoke", "module": "thermal-analysis", "parameters": {"threshold": 80}}]}),
+    )
+    .await
+    .expect(201);
+    s.patch(&format!("/v1/twins/{m2}"), &json!({"vibration": 7}))
+        .await
+        .expect(200);
+    let alerts = alerts_until(&s, &m2, |a| {
+        a.iter().any(|e| e["data"]["rule"] == "analyze")
+    })
+    .await;
+    let inv = alerts
+        .iter()
+        .find(|e| e["data"]["rule"] == "analyze")
+        .unwrap();
+    assert_eq!(inv["data"]["module"], "thermal-analysis", "{inv}");
+    assert_eq!(inv["data"]["result"]["over_threshold"], 1, "{inv}");
+    // The module is in use by the rule.
+    s.delete("/v1/modules/thermal-analysis")
+        .await
+        .expect_error(409, "conflict");
     s.restart();
     assert_eq!(
         s.get("/v1/rules/overheat").await.body["spec"]["value"],
@@ -307,6 +336,7 @@ async fn rules_fire_alerts_and_patches_and_survive_restart() {
     );
     s.delete("/v1/rules/line-hot").await.expect(204);
     s.get("/v1/rules/line-hot").await.expect(404);
+    s.delete("/v1/rules/line-hot").await.expect(404);
 }
 
 #[tokio::test]

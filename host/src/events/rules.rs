@@ -45,6 +45,8 @@ pub const MAX_PENDING: usize = 100_000;
 pub const MAX_WINDOWS_PER_GROUP: u64 = 1000;
 /// Longest window, sequence span or lateness.
 pub const MAX_SPAN: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Most relationship targets one sequence match is kept for.
+pub const MAX_RELATED: usize = 64;
 /// Longest chain of automatic changes a rule still reacts to.
 pub const MAX_CHAIN_DEPTH: u8 = 8;
 
@@ -153,6 +155,8 @@ pub enum GroupBy {
     #[default]
     Twin,
     Parent,
+    /// Sequences only: the "then" happens on a target of the first twin's `relationship`.
+    Relationship,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -226,7 +230,8 @@ pub struct WindowRule {
 }
 
 /// Fires when `first` holds and then `then` holds within `within`, on one twin
-/// (`correlate: "twin"`) or on twins under the same parent (`"parent"`).
+/// (`correlate: "twin"`), on twins under the same parent (`"parent"`), or first on a twin and
+/// then on a target of its `relationship` (`"relationship"`, e.g. a pump that `feeds` a tank).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SequenceRule {
@@ -239,6 +244,9 @@ pub struct SequenceRule {
     pub within: String,
     #[serde(default)]
     pub correlate: GroupBy,
+    /// With `correlate: "relationship"`: the relationship's name.
+    #[serde(default)]
+    pub relationship: Option<String>,
     pub actions: Vec<Action>,
 }
 
@@ -440,6 +448,9 @@ fn compile(
             if max_groups == 0 || max_groups > DEFAULT_MAX_GROUPS {
                 errors.push(format!("max_groups: between 1 and {DEFAULT_MAX_GROUPS}"));
             }
+            if r.group_by == GroupBy::Relationship {
+                errors.push("group_by: twin or parent".into());
+            }
             Kind::Window {
                 size_us: size,
                 slide_us: slide,
@@ -453,6 +464,18 @@ fn compile(
             check_value("first.value", r.first.value, &mut errors);
             check_value("then.value", r.then.value, &mut errors);
             let within_us = span("within", &r.within, &mut errors) as i64;
+            match (r.correlate, &r.relationship) {
+                (GroupBy::Relationship, Some(name)) => {
+                    check_prop("relationship", name, &mut errors)
+                }
+                (GroupBy::Relationship, None) => {
+                    errors.push("relationship: name the relationship to correlate by".into())
+                }
+                (_, Some(_)) => {
+                    errors.push("relationship: only with correlate \"relationship\"".into())
+                }
+                _ => {}
+            }
             Kind::Sequence { within_us }
         }
         RuleSpec::Correlation(r) => {
@@ -604,12 +627,16 @@ struct Rule {
     stats: RuleStats,
 }
 
+/// Targets of a twin's relationships of a name (for sequences correlated by relationship).
+pub type Related = Arc<dyn Fn(TwinId, &str) -> Vec<TwinId> + Send + Sync>;
+
 /// A set of rules and their state: events in, firings out. Deterministic.
 #[derive(Default)]
 pub struct RuleSet {
     rules: Vec<Rule>,
     /// property → indexes of the rules that look at it.
     by_property: Map<String, Vec<usize>>,
+    related: Option<Related>,
 }
 
 fn ts_of(us: i64) -> DateTime<Utc> {
@@ -634,6 +661,11 @@ impl RuleSet {
         });
         self.reindex();
         Ok(())
+    }
+
+    /// Install the relationship lookup (the registry's, in the live engine).
+    pub fn set_related(&mut self, f: Related) {
+        self.related = Some(f);
     }
 
     pub fn remove(&mut self, name: &str) -> bool {
@@ -712,14 +744,26 @@ impl RuleSet {
                         continue;
                     }
                 }
-                rule.eval(e, twin, ts, depth, out);
+                let related = |src: TwinId, name: &str| match &self.related {
+                    Some(f) => f(src, name),
+                    None => Vec::new(),
+                };
+                rule.eval(e, twin, ts, depth, &related, out);
             }
         }
     }
 }
 
 impl Rule {
-    fn eval(&mut self, e: &Event, twin: TwinId, ts: i64, depth: u8, out: &mut Vec<Firing>) {
+    fn eval(
+        &mut self,
+        e: &Event,
+        twin: TwinId,
+        ts: i64,
+        depth: u8,
+        related: &dyn Fn(TwinId, &str) -> Vec<TwinId>,
+        out: &mut Vec<Firing>,
+    ) {
         // Built only when the rule fires.
         let name = &self.name;
         let base = || Firing {
@@ -793,7 +837,8 @@ impl Rule {
                     return;
                 };
                 let group = match r.group_by {
-                    GroupBy::Twin => twin,
+                    // (validation refuses `relationship` for windows)
+                    GroupBy::Twin | GroupBy::Relationship => twin,
                     GroupBy::Parent => match e.parent_id {
                         Some(p) => p,
                         None => return,
@@ -893,8 +938,11 @@ impl Rule {
                 }
             }
             (RuleSpec::Sequence(r), Kind::Sequence { within_us }) => {
-                let key = match r.correlate {
-                    GroupBy::Twin => twin,
+                // Pending matches are keyed so that a "then" finds its "first": by the twin,
+                // by the parent, or (relationship) under each target of the first twin's
+                // relationship, which is the twin the "then" happens on.
+                let own_key = match r.correlate {
+                    GroupBy::Twin | GroupBy::Relationship => twin,
                     GroupBy::Parent => match e.parent_id {
                         Some(p) => p,
                         None => return,
@@ -906,7 +954,7 @@ impl Rule {
                 let is_then = r.then.eval(&e.changed) == Some(true);
                 // A "then" matches the oldest earlier "first" within the span.
                 if is_then {
-                    if let Some(q) = st.firsts.get_mut(&key) {
+                    if let Some(q) = st.firsts.get_mut(&own_key) {
                         q.retain(|(t, _, _)| *t >= horizon);
                         if let Some(pos) = q
                             .iter()
@@ -928,8 +976,19 @@ impl Rule {
                     }
                 }
                 if is_first {
+                    let keys: Vec<TwinId> = match (r.correlate, &r.relationship) {
+                        (GroupBy::Relationship, Some(name)) => {
+                            let mut k = related(twin, name);
+                            k.truncate(MAX_RELATED);
+                            k
+                        }
+                        _ => vec![own_key],
+                    };
                     // Out of order: a "then" that arrived earlier but happened later.
-                    if let Some(q) = st.seconds.get_mut(&key) {
+                    for key in &keys {
+                        let Some(q) = st.seconds.get_mut(key) else {
+                            continue;
+                        };
                         q.retain(|(t, _, _)| *t >= horizon);
                         if let Some(pos) = q
                             .iter()
@@ -951,9 +1010,11 @@ impl Rule {
                             return;
                         }
                     }
-                    push_pending(st, true, key, (ts, twin, e.seq), &mut self.stats);
+                    for key in keys {
+                        push_pending(st, true, key, (ts, twin, e.seq), &mut self.stats);
+                    }
                 } else if is_then {
-                    push_pending(st, false, key, (ts, twin, e.seq), &mut self.stats);
+                    push_pending(st, false, own_key, (ts, twin, e.seq), &mut self.stats);
                 }
             }
             (
@@ -1087,7 +1148,27 @@ impl Rules {
             .map(|n| n.get())
             .unwrap_or(1)
             .clamp(1, 8);
-        let mut sets: Vec<RuleSet> = (0..n).map(|_| RuleSet::default()).collect();
+        let related: Related = {
+            let registry = registry.clone();
+            Arc::new(move |src: TwinId, name: &str| {
+                registry
+                    .relationships(&src)
+                    .map(|rels| {
+                        rels.into_iter()
+                            .filter(|r| r.name == name)
+                            .map(|r| r.target_id)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+        };
+        let mut sets: Vec<RuleSet> = (0..n)
+            .map(|_| {
+                let mut set = RuleSet::default();
+                set.set_related(related.clone());
+                set
+            })
+            .collect();
         for kv in store.scan_prefix(&[keys::RULE]) {
             let (k, v) = kv?;
             let name = String::from_utf8_lossy(&k[1..]).into_owned();
@@ -1580,6 +1661,50 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].details["first"]["twin_id"], json!(id(1)));
         assert_eq!(out[0].details["then"]["twin_id"], json!(id(3)));
+    }
+
+    #[test]
+    fn sequence_correlates_along_a_relationship() {
+        // Pump 1 feeds tank 10; pump 2 feeds tank 20.
+        let mut set = rules(
+            "pump-then-tank",
+            json!({"kind": "sequence", "correlate": "relationship", "relationship": "feeds",
+                   "first": {"property": "pressure", "op": ">", "value": 8},
+                   "then": {"property": "level", "op": ">", "value": 90}, "within": "1m",
+                   "actions": [{"type": "alert"}]}),
+        );
+        set.set_related(Arc::new(|src: TwinId, name: &str| {
+            assert_eq!(name, "feeds");
+            match src {
+                s if s == id(1) => vec![id(10)],
+                s if s == id(2) => vec![id(20)],
+                _ => vec![],
+            }
+        }));
+        let out = feed(
+            &mut set,
+            &[
+                ev(1, 1, None, 0.0, "pressure", 9.0),
+                ev(2, 20, None, 1.0, "level", 95.0), // tank 20 is not fed by pump 1
+                ev(3, 10, None, 2.0, "level", 95.0), // fires
+                ev(4, 20, None, 10.0, "level", 99.0), // arrives before …
+                ev(5, 2, None, 5.0, "pressure", 9.5), // … the pump event that preceded it: fires
+            ],
+        );
+        let pairs: Vec<(u64, u64)> = out
+            .iter()
+            .map(|f| {
+                (
+                    f.details["first"]["seq"].as_u64().unwrap(),
+                    f.details["then"]["seq"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(pairs, [(1, 3), (5, 4)]);
+        let bad: RuleSpec = serde_json::from_value(json!({"kind": "sequence", "correlate": "relationship",
+            "first": {"property": "a", "op": ">", "value": 1}, "then": {"property": "b", "op": ">", "value": 1},
+            "within": "1m", "actions": [{"type": "alert"}]})).unwrap();
+        assert!(validate(&bad, &|_| None).unwrap_err()[0].contains("relationship"));
     }
 
     #[test]

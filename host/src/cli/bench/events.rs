@@ -194,7 +194,96 @@ pub(super) async fn events_phase(args: &BenchArgs) -> anyhow::Result<Value> {
         "cpu_percent": cpu.round(),
     });
     eprintln!("  {SUBSCRIBERS} subscribers: {many}");
-    Ok(json!({"in_process": inproc, "sse": sse, "subscribers": many}))
+    let sse_many = sse_subscribers(&url, &reg, &ids, SUBSCRIBERS, secs.min(3.0)).await?;
+    eprintln!("  SSE subscribers: {sse_many}");
+    Ok(json!({"in_process": inproc, "sse": sse, "subscribers": many, "sse_subscribers": sse_many}))
+}
+
+/// Raise the open-file limit to its hard maximum; returns the new soft limit.
+fn raise_nofile() -> u64 {
+    // SAFETY: plain getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur
+    }
+}
+
+/// `want` SSE connections over loopback, each following one twin, with the process's RSS
+/// (client and server sides both live in this process).
+async fn sse_subscribers(
+    url: &str,
+    reg: &Registry,
+    ids: &Arc<Vec<TwinId>>,
+    want: usize,
+    secs: f64,
+) -> anyhow::Result<Value> {
+    // Two descriptors per connection (client and server ends) plus headroom.
+    let n = want.min((raise_nofile().saturating_sub(1024) / 2) as usize);
+    let rss0 = rss_mb("VmRSS:");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let req = http.get(format!(
+            "{url}/v1/events?types=twin.updated&twin_id={}",
+            ids[i % ids.len()]
+        ));
+        let (d, c) = (delivered.clone(), connected.clone());
+        tasks.push(tokio::spawn(async move {
+            let Ok(resp) = req.send().await else { return };
+            c.fetch_add(1, Ordering::Relaxed);
+            let mut stream = resp.bytes_stream();
+            while let Some(Ok(chunk)) = stream.next().await {
+                let text = String::from_utf8_lossy(&chunk);
+                if text.contains("\"stop\"") {
+                    return;
+                }
+                d.fetch_add(
+                    text.matches("\ndata: ").count() as u64 + u64::from(text.starts_with("data: ")),
+                    Ordering::Relaxed,
+                );
+            }
+        }));
+        if i % 500 == 499 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (connected.load(Ordering::Relaxed) as usize) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rss_connected = rss_mb("VmRSS:");
+    let p0 = proc_sample();
+    let sent = produce(reg.clone(), ids.clone(), 1000, secs).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu = super::cpu_percent(p0, proc_sample());
+    let rss_after = rss_mb("VmRSS:");
+    let got = delivered.load(Ordering::Relaxed);
+    for id in ids.iter().take(n.min(ids.len())) {
+        stop(reg, *id).await?;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks)).await;
+    let c = connected.load(Ordering::Relaxed);
+    Ok(json!({
+        "connections": c, "rate_per_s": 1000, "events": sent, "delivered": got,
+        "expected_deliveries": sent * (n as u64).div_ceil(ids.len() as u64),
+        "rss_before_mb": rss0.round(), "rss_connected_mb": rss_connected.round(),
+        "rss_after_run_mb": rss_after.round(),
+        "per_connection_kb": (((rss_connected - rss0) * 1024.0 / c.max(1) as f64) * 10.0).round() / 10.0,
+        "cpu_percent": cpu.round(),
+    }))
 }
 
 /// An update that tells the consumers to stop.
