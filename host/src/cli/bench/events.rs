@@ -227,7 +227,7 @@ async fn sse_subscribers(
     secs: f64,
 ) -> anyhow::Result<Value> {
     // Two descriptors per connection (client and server ends) plus headroom.
-    let n = want.min((raise_nofile().saturating_sub(1024) / 2) as usize);
+    let n = want.min((raise_nofile().saturating_sub(200) / 2) as usize);
     let rss0 = rss_mb("VmRSS:");
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
@@ -236,13 +236,24 @@ async fn sse_subscribers(
     let connected = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let req = http.get(format!(
+        let target = format!(
             "{url}/v1/events?types=twin.updated&twin_id={}",
             ids[i % ids.len()]
-        ));
-        let (d, c) = (delivered.clone(), connected.clone());
+        );
+        let (d, c, http) = (delivered.clone(), connected.clone(), http.clone());
         tasks.push(tokio::spawn(async move {
-            let Ok(resp) = req.send().await else { return };
+            // A burst of connects can overflow the listen backlog: retry a few times.
+            let mut resp = None;
+            for attempt in 0..5u64 {
+                match http.get(&target).send().await {
+                    Ok(r) => {
+                        resp = Some(r);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await,
+                }
+            }
+            let Some(resp) = resp else { return };
             c.fetch_add(1, Ordering::Relaxed);
             let mut stream = resp.bytes_stream();
             while let Some(Ok(chunk)) = stream.next().await {
