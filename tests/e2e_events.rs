@@ -1420,7 +1420,7 @@ async fn bad_params() {
 /// crash jumps ahead by the reservation, so the first tick after a restart deleted the
 /// whole pre-restart tail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_persisted_tail_survives_new_events_after_restart() {
+async fn persisted_tail_survives_new_events_after_restart() {
     let mut s = Server::start(); // default tail: 100 000 events
     let a = create(&s, "machine", None, json!({"n": 0})).await;
     for i in 1..=10 {
@@ -1446,7 +1446,7 @@ async fn bug_persisted_tail_survives_new_events_after_restart() {
 /// A subscriber that resumes across a *clean* restart missed nothing; it was once told it
 /// missed ~1 048 565 events (numbers that were never handed out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_resume_across_clean_restart_has_no_phantom_gap() {
+async fn resume_across_clean_restart_has_no_phantom_gap() {
     let mut s = Server::start();
     let a = create(&s, "machine", None, json!({"n": 0})).await;
     patch(&s, &a, json!({"n": 1})).await;
@@ -1468,7 +1468,7 @@ async fn bug_resume_across_clean_restart_has_no_phantom_gap() {
 /// `ts` (backfill). A chunk's age was once the `ts` of its last event — the client-supplied
 /// time — so a backdated update last in a chunk deleted the whole chunk at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_backdated_ingest_ts_does_not_drop_the_persisted_tail() {
+async fn backdated_ingest_ts_does_not_drop_the_persisted_tail() {
     let mut s = Server::start(); // default --event-max-age 24h
     let a = create(&s, "machine", None, json!({"n": 0})).await;
     let mut body = String::new();

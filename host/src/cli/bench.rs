@@ -585,7 +585,10 @@ async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let inst_us = rt.instantiate_micros("ta0", CALLS)?;
     let compile_ms = rt.compile_millis(&bytes, MODULES as u32)?;
     node.registry.shutdown();
+    node.events.shutdown();
     drop((rt, node));
+    // The rule and behavior tasks end once the event log is closed and release the store.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Restart: open the same data directory; every module loads from its cached artifact.
     let started = Instant::now();
     let node = bench_node(dir.path()).await?;
@@ -624,6 +627,7 @@ async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     }
     let (n, s, cpu) = finish(tasks, &done, p0).await?;
     node.registry.shutdown();
+    node.events.shutdown();
     Ok(json!({
         "component_bytes": bytes.len(),
         "host_call_us": (host_us * 10.0).round() / 10.0,

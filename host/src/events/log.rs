@@ -6,7 +6,8 @@
 //! goes into a bounded in-memory ring (for resumption) and onto a bounded broadcast channel
 //! (live subscribers; one shared buffer, so a slow subscriber costs no extra memory and
 //! never slows the others — it is told it lagged). A persister thread writes the newest
-//! events to the store once a second as chunks and trims the persisted tail by count and age.
+//! events once a second as a chunk file in `<data-dir>/events/` (written aside, synced,
+//! renamed into place) and trims the persisted tail by count and age.
 //!
 //! Sequence numbers never repeat, even after `kill -9`: they are handed out only below a
 //! reservation that is flushed to the store first, and a restart after a crash continues
@@ -15,6 +16,7 @@
 //! the last second from the tail (twin state is never lost: it is in the write-ahead log).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -38,6 +40,8 @@ pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 pub const SUBSCRIBER_BUFFER: usize = 8192;
 /// How often the persister writes the tail.
 pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// Most evicted events waiting for the persister to free them.
+const MAX_GRAVEYARD: usize = 4 << 20;
 /// Sequence numbers reserved (flushed to the store) ahead of use.
 const RESERVE_BLOCK: u64 = 1 << 20;
 
@@ -251,17 +255,24 @@ struct State {
     persisted: u64,
     chunks: BTreeMap<u64, ChunkMeta>,
     closing: bool,
+    /// Events evicted from the ring, waiting to be freed by the persister.
+    graveyard: Vec<Arc<Event>>,
+    /// Live fan-out; `None` once the log is shut down, which ends every subscription.
+    live: Option<broadcast::Sender<Arc<Event>>>,
 }
 
 struct Inner {
+    /// Where the persisted tail's chunk files live.
+    dir: PathBuf,
     source: String,
     store: Store,
     cfg: LogConfig,
     state: Mutex<State>,
     wake: Condvar,
-    live: broadcast::Sender<Arc<Event>>,
     subscribers: AtomicUsize,
     appended: AtomicU64,
+    /// Becomes true at shutdown.
+    closed: tokio::sync::watch::Sender<bool>,
     persister: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -280,35 +291,46 @@ pub struct Read {
     pub next_seq: u64,
 }
 
-fn chunk_key(first: u64, meta: ChunkMeta) -> Vec<u8> {
-    let mut k = keys::events(first).to_vec();
-    k.extend_from_slice(&meta.last.to_be_bytes());
-    k.extend_from_slice(&meta.last_ts_ms.to_be_bytes());
-    k
+/// A chunk file: `<first>-<last>-<written ms>.json`, a JSON array of events.
+fn chunk_path(dir: &Path, first: u64, meta: ChunkMeta) -> PathBuf {
+    dir.join(format!(
+        "{first:020}-{:020}-{:016}.json",
+        meta.last, meta.last_ts_ms
+    ))
 }
 
-fn parse_chunk_key(k: &[u8]) -> Option<(u64, ChunkMeta)> {
-    if k.len() != 25 {
-        return None;
-    }
-    let first = u64::from_be_bytes(k[1..9].try_into().ok()?);
-    let last = u64::from_be_bytes(k[9..17].try_into().ok()?);
-    let last_ts_ms = i64::from_be_bytes(k[17..25].try_into().ok()?);
+fn parse_chunk_name(name: &str) -> Option<(u64, ChunkMeta)> {
+    let mut parts = name.strip_suffix(".json")?.split('-');
+    let first = parts.next()?.parse().ok()?;
+    let last = parts.next()?.parse().ok()?;
+    let last_ts_ms = parts.next()?.parse().ok()?;
     Some((first, ChunkMeta { last, last_ts_ms }))
+}
+
+fn io(e: std::io::Error) -> StoreError {
+    StoreError::Io(e.to_string())
 }
 
 impl EventLog {
     /// Open the log on `store`: load the persisted tail's index and continue the numbering
     /// above every number handed out before. Starts the persister thread.
     pub fn open(store: Store, node_id: &str, cfg: LogConfig) -> Result<EventLog, StoreError> {
+        let dir = store.events_dir()?;
         let mut chunks = BTreeMap::new();
-        for kv in store.scan_prefix(&[keys::EVENTS]) {
-            let (k, _) = kv?;
-            match parse_chunk_key(&k) {
+        for entry in std::fs::read_dir(&dir).map_err(io)? {
+            let name = entry.map_err(io)?.file_name();
+            let name = name.to_string_lossy();
+            match parse_chunk_name(&name) {
                 Some((first, meta)) => {
                     chunks.insert(first, meta);
                 }
-                None => tracing::warn!(key = ?k, "ignoring a malformed event-log key"),
+                // Left by a crash mid-write: never renamed into place, so never announced.
+                None if name.ends_with(".tmp") => {
+                    let _ = std::fs::remove_file(dir.join(&*name));
+                }
+                None => {
+                    tracing::warn!(file = %name, "ignoring an unknown file in the event-log directory")
+                }
             }
         }
         let persisted = chunks.values().map(|m| m.last).max().unwrap_or(0);
@@ -320,6 +342,7 @@ impl EventLog {
         let (live, _) = broadcast::channel(SUBSCRIBER_BUFFER);
         let log = EventLog {
             inner: Arc::new(Inner {
+                dir,
                 source: format!("/twinhost/{node_id}"),
                 store,
                 cfg,
@@ -330,11 +353,13 @@ impl EventLog {
                     persisted,
                     chunks,
                     closing: false,
+                    graveyard: Vec::new(),
+                    live: Some(live),
                 }),
                 wake: Condvar::new(),
-                live,
                 subscribers: AtomicUsize::new(0),
                 appended: AtomicU64::new(0),
+                closed: tokio::sync::watch::channel(false).0,
                 persister: Mutex::new(None),
             }),
         };
@@ -389,11 +414,19 @@ impl EventLog {
             st.next_seq += 1;
             let e = Arc::new(e);
             if st.ring.len() >= self.inner.cfg.tail {
-                st.ring.pop_front();
+                if let Some(old) = st.ring.pop_front() {
+                    // Freed by the persister, off the commit path (bounded: it runs every
+                    // second; past this size, freed here).
+                    if st.graveyard.len() < MAX_GRAVEYARD {
+                        st.graveyard.push(old);
+                    }
+                }
             }
             st.ring.push_back(e.clone());
             // No receivers is fine: nobody is listening.
-            let _ = self.inner.live.send(e.clone());
+            if let Some(live) = &st.live {
+                let _ = live.send(e.clone());
+            }
             out.push(e);
         }
         drop(st);
@@ -404,11 +437,21 @@ impl EventLog {
 
     /// A receiver of live events from now on.
     pub(super) fn live(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.inner.live.subscribe()
+        match &self.inner.state.lock().live {
+            Some(live) => live.subscribe(),
+            // Shut down: a receiver that reports the end at once.
+            None => broadcast::channel(1).1,
+        }
     }
 
     pub(super) fn subscribers(&self) -> &AtomicUsize {
         &self.inner.subscribers
+    }
+
+    /// Resolves once the log is shut down.
+    pub async fn closed(&self) {
+        let mut rx = self.inner.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
     }
 
     /// Connected subscribers (SSE and WebSocket).
@@ -474,8 +517,10 @@ impl EventLog {
         };
         let mut out = Vec::new();
         for (first, meta) in firsts {
-            let Some(bytes) = self.inner.store.get(&chunk_key(first, meta))? else {
-                continue; // trimmed meanwhile
+            let bytes = match std::fs::read(chunk_path(&self.inner.dir, first, meta)) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // trimmed meanwhile
+                Err(e) => return Err(io(e)),
             };
             let chunk: Vec<Event> =
                 serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
@@ -504,6 +549,9 @@ impl EventLog {
         };
         let _ = h.join();
         let mut st = self.inner.state.lock();
+        // Subscriptions (clients, rules, behaviors) end once they have drained.
+        st.live = None;
+        self.inner.closed.send_replace(true);
         match self
             .inner
             .store
@@ -564,7 +612,6 @@ impl EventLog {
                 .min(self.inner.cfg.tail);
             st.ring.iter().skip(st.ring.len() - n).cloned().collect()
         };
-        let mut ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut new_chunk = None;
         if let (Some(first), Some(last)) = (fresh.first(), fresh.last()) {
             let mut body = String::with_capacity(fresh.len() * 256);
@@ -573,7 +620,8 @@ impl EventLog {
                 if i > 0 {
                     body.push(',');
                 }
-                body.push_str(e.json(&self.inner.source));
+                // The compact form (no CloudEvents attributes: they are derived on read).
+                body.push_str(&serde_json::to_string(&**e).expect("events serialize"));
             }
             body.push(']');
             // Age by when the chunk was written: event times come from clients and may be
@@ -582,7 +630,14 @@ impl EventLog {
                 last: last.seq,
                 last_ts_ms: Utc::now().timestamp_millis(),
             };
-            ops.push((chunk_key(first.seq, meta), Some(body.into_bytes())));
+            // Written aside and renamed into place: a chunk file is whole or absent.
+            let path = chunk_path(&self.inner.dir, first.seq, meta);
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            std::io::Write::write_all(&mut f, body.as_bytes()).map_err(io)?;
+            // Synced: a crash takes at most the last interval from the tail.
+            f.sync_data().map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
             new_chunk = Some((first.seq, meta));
         }
         let mut st = self.inner.state.lock();
@@ -605,15 +660,19 @@ impl EventLog {
                 held += m.last - first + 1;
             }
         }
-        for (first, meta) in &doomed {
+        for (first, _) in &doomed {
             st.chunks.remove(first);
-            ops.push((chunk_key(*first, *meta), None));
         }
+        // Events evicted from the ring are freed here, not on the commit path.
+        let dead = std::mem::take(&mut st.graveyard);
         drop(st);
-        if !ops.is_empty() {
-            self.inner.store.apply_direct(ops)?;
-            // One flush a second bounds what a crash can take from the tail.
-            self.inner.store.flush()?;
+        drop(dead);
+        for (first, meta) in doomed {
+            if let Err(e) = std::fs::remove_file(chunk_path(&self.inner.dir, first, meta)) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(io(e));
+                }
+            }
         }
         Ok(())
     }

@@ -1128,6 +1128,8 @@ struct Inner {
     /// Rules are independent, so they are spread over shards evaluated in parallel (one per
     /// core); every shard sees every event.
     shards: Vec<Mutex<RuleSet>>,
+    /// Wakes a shard's task when it gets a rule (an empty shard does not follow the log).
+    wake: Vec<tokio::sync::Notify>,
     specs: RwLock<BTreeMap<String, RuleSpec>>,
     invoker: OnceLock<Arc<dyn Invoker>>,
     missed: AtomicU64,
@@ -1192,6 +1194,9 @@ impl Rules {
                 store,
                 registry,
                 log,
+                wake: (0..sets.len())
+                    .map(|_| tokio::sync::Notify::new())
+                    .collect(),
                 shards: sets.into_iter().map(Mutex::new).collect(),
                 specs: RwLock::new(specs),
                 invoker: OnceLock::new(),
@@ -1231,6 +1236,7 @@ impl Rules {
             .lock()
             .put(name, spec.clone(), &|m| self.module_world(m))
             .map_err(RuleError::Invalid)?;
+        self.inner.wake[shard_of(name, self.inner.shards.len())].notify_one();
         self.inner.specs.write().insert(name.to_owned(), spec);
         Ok(fresh)
     }
@@ -1288,39 +1294,52 @@ impl Rules {
         &self.inner.shards[shard_of(name, self.inner.shards.len())]
     }
 
+    /// Follow the log while the shard has rules; an empty shard costs nothing per event.
     async fn run(self, shard: usize) {
         let filter = Filter {
             types: EventType::TwinCreated.bit() | EventType::TwinUpdated.bit(),
             ..Filter::default()
         };
-        let mut sub = self
-            .inner
-            .log
-            .subscribe(self.inner.registry.clone(), filter, None);
         let mut fired = Vec::new();
-        while let Some(item) = sub.next().await {
-            match item {
-                Item::Event(e) => {
-                    {
-                        let mut set = self.inner.shards[shard].lock();
-                        if set.is_empty() {
-                            continue;
-                        }
-                        set.on_event(&e, &mut fired);
-                    }
-                    for f in fired.drain(..) {
-                        self.act(f);
-                    }
+        loop {
+            while self.inner.shards[shard].lock().is_empty() {
+                tokio::select! {
+                    _ = self.inner.wake[shard].notified() => {}
+                    _ = self.inner.log.closed() => return,
                 }
-                Item::Lagged { from, to } => {
-                    self.inner
-                        .missed
-                        .fetch_add(to - from + 1, Ordering::Relaxed);
-                    tracing::warn!(
-                        from,
-                        to,
-                        "rules fell behind the event log; these events were not evaluated"
-                    );
+            }
+            let mut sub = self.inner.log.subscribe_internal(
+                self.inner.registry.clone(),
+                filter.clone(),
+                None,
+            );
+            loop {
+                let Some(item) = sub.next().await else {
+                    return; // the log is closed
+                };
+                match item {
+                    Item::Event(e) => {
+                        {
+                            let mut set = self.inner.shards[shard].lock();
+                            if set.is_empty() {
+                                break;
+                            }
+                            set.on_event(&e, &mut fired);
+                        }
+                        for f in fired.drain(..) {
+                            self.act(f);
+                        }
+                    }
+                    Item::Lagged { from, to } => {
+                        self.inner
+                            .missed
+                            .fetch_add(to - from + 1, Ordering::Relaxed);
+                        tracing::warn!(
+                            from,
+                            to,
+                            "rules fell behind the event log; these events were not evaluated"
+                        );
+                    }
                 }
             }
         }

@@ -98,11 +98,28 @@ pub struct Subscription {
     replaying: bool,
     /// An event received live that follows a gap, to deliver after the `Lagged` notice.
     held: Option<Arc<Event>>,
+    /// Counted as a client subscription.
+    counted: bool,
 }
 
 impl EventLog {
-    /// Subscribe from after `after` (`None`: only events from now on).
+    /// Subscribe from after `after` (`None`: only events from now on). Counted in
+    /// [`EventLog::subscriber_count`]; the node's own consumers (rules, behaviors) use
+    /// [`EventLog::subscribe_internal`].
     pub fn subscribe(
+        &self,
+        registry: Registry,
+        filter: Filter,
+        after: Option<u64>,
+    ) -> Subscription {
+        self.subscribers().fetch_add(1, Ordering::Relaxed);
+        let mut sub = self.subscribe_internal(registry, filter, after);
+        sub.counted = true;
+        sub
+    }
+
+    /// A subscription that is not counted as a client.
+    pub fn subscribe_internal(
         &self,
         registry: Registry,
         filter: Filter,
@@ -113,7 +130,6 @@ impl EventLog {
         // A number above any handed out cannot be a real position: follow from now.
         let now = self.next_seq().saturating_sub(1);
         let cursor = after.map_or(now, |a| a.min(now));
-        self.subscribers().fetch_add(1, Ordering::Relaxed);
         Subscription {
             log: self.clone(),
             registry,
@@ -123,13 +139,16 @@ impl EventLog {
             replay: Default::default(),
             replaying: after.is_some(),
             held: None,
+            counted: false,
         }
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.log.subscribers().fetch_sub(1, Ordering::Relaxed);
+        if self.counted {
+            self.log.subscribers().fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

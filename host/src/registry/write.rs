@@ -201,7 +201,10 @@ impl Registry {
     pub async fn patch(&self, update: Update) -> Result<Twin, RegistryError> {
         check_patch(&update.patch)?;
         let t = self
-            .write(move |this, b, changes| this.apply_one(&update, Utc::now(), b, changes, true))
+            .write(move |this, b, changes| {
+                let mut update = update;
+                this.apply_one(&mut update, Utc::now(), b, changes, true)
+            })
             .await??;
         Ok(self.with_children(t.expect("asked for the twin")))
     }
@@ -211,8 +214,9 @@ impl Registry {
         self.write(move |this, b, changes| {
             let now = Utc::now();
             let mut out = BatchOutcome::default();
-            for (i, u) in updates.iter().enumerate() {
-                match check_patch(&u.patch).and_then(|()| this.apply_one(u, now, b, changes, false))
+            for (i, mut u) in updates.into_iter().enumerate() {
+                match check_patch(&u.patch)
+                    .and_then(|()| this.apply_one(&mut u, now, b, changes, false))
                 {
                     Ok(_) => out.applied += 1,
                     Err(e) => out.rejected.push((i, e)),
@@ -227,7 +231,7 @@ impl Registry {
     /// Validate and apply one update in memory, logging it. Runs on the writer thread.
     fn apply_one(
         &self,
-        u: &Update,
+        u: &mut Update,
         now: DateTime<Utc>,
         b: &mut Batch,
         changes: &mut Vec<Change>,
@@ -275,8 +279,9 @@ impl Registry {
         b.update(u.twin_id, t.created_at, t.version, now, ts, &u.patch);
         points(b, u.twin_id, &u.patch, ts);
         if self.wants_changes() {
-            let mut c = change(ChangeKind::Updated, t, u.patch.clone(), ts);
-            c.cause = u.cause.clone();
+            // The patch is logged and applied: the change takes it rather than a copy.
+            let mut c = change(ChangeKind::Updated, t, std::mem::take(&mut u.patch), ts);
+            c.cause = u.cause.take();
             changes.push(c);
         }
         Ok(want_twin.then(|| t.clone()))

@@ -19,8 +19,6 @@ pub const MODULE: u8 = b'w';
 pub const MODULE_BYTES: u8 = b'b';
 /// Compiled modules: `c` + sha256 hex + `/` + engine hash → serialized artifact.
 pub const ARTIFACT: u8 = b'c';
-/// Event log tail: `e` + first sequence number (u64 big-endian) → JSON array of events.
-pub const EVENTS: u8 = b'e';
 /// Event rules: `u` + rule name → JSON rule.
 pub const RULE: u8 = b'u';
 /// Behavior bindings: `v` + behavior name → JSON binding.
@@ -37,13 +35,6 @@ pub const META_NODE_ID: &[u8] = b"xnode_id";
 pub const META_WAL_CHECKPOINT: &[u8] = b"xwal_checkpoint";
 /// Event sequence numbers below this may have been handed out; a restart continues here.
 pub const META_EVENT_SEQ_RESERVED: &[u8] = b"xevent_seq_reserved";
-
-pub fn events(first_seq: u64) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = EVENTS;
-    k[1..].copy_from_slice(&first_seq.to_be_bytes());
-    k
-}
 
 pub fn rule(name: &str) -> Vec<u8> {
     prefixed(RULE, name.as_bytes())

@@ -182,19 +182,14 @@ impl Store {
         Ok(())
     }
 
-    /// Put and remove keys directly, outside the commit queue, as one atomic sled batch
-    /// (flushed by sled within a second). Only for records that are not twin state: the
-    /// event-log tail.
-    pub fn apply_direct(&self, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError> {
-        let mut b = sled::Batch::default();
-        for (k, v) in ops {
-            match v {
-                Some(v) => b.insert(k, v),
-                None => b.remove(k),
-            }
-        }
-        self.db.apply_batch(b)?;
-        Ok(())
+    /// `<data-dir>/events`: the event log's persisted tail (files of its own, created here).
+    pub fn events_dir(&self) -> Result<PathBuf, StoreError> {
+        let dir = self
+            .wal_dir
+            .parent()
+            .map_or_else(|| PathBuf::from("events"), |p| p.join("events"));
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(dir)
     }
 
     /// Start the writer after [`Store::recover`]: `last_segment` is what `recover` returned,

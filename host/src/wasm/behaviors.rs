@@ -111,6 +111,9 @@ struct Inner {
     pool: Arc<Semaphore>,
     /// Events the dispatcher could not look at because it fell behind.
     missed: AtomicU64,
+    /// Wakes the dispatcher when the first behavior arrives (with none it does not follow
+    /// the log).
+    wake: tokio::sync::Notify,
 }
 
 /// The behaviors of a node. Cheap to clone.
@@ -156,6 +159,7 @@ impl Behaviors {
                 entries: RwLock::new(entries),
                 pool: Arc::new(Semaphore::new(pool_size.max(1))),
                 missed: AtomicU64::new(0),
+                wake: tokio::sync::Notify::new(),
             }),
         };
         let me = b.clone();
@@ -209,6 +213,7 @@ impl Behaviors {
         let fresh = entries
             .insert(name.to_owned(), Entry { binding, counters })
             .is_none();
+        self.inner.wake.notify_one();
         Ok(fresh)
     }
 
@@ -265,49 +270,64 @@ impl Behaviors {
                 | EventType::TwinLifecycle.bit(),
             ..Filter::default()
         };
-        let mut sub = self
-            .inner
-            .log
-            .subscribe(self.inner.registry.clone(), filter, None);
-        while let Some(item) = sub.next().await {
-            let e = match item {
-                Item::Event(e) => e,
-                Item::Lagged { from, to } => {
-                    self.inner
-                        .missed
-                        .fetch_add(to - from + 1, Ordering::Relaxed);
-                    tracing::warn!(
-                        from,
-                        to,
-                        "behaviors fell behind the event log; these events ran no behavior"
-                    );
-                    continue;
+        loop {
+            while self.inner.entries.read().is_empty() {
+                tokio::select! {
+                    _ = self.inner.wake.notified() => {}
+                    _ = self.inner.log.closed() => return,
                 }
-            };
-            let matching: Vec<(String, String, Arc<Counters>)> = {
-                let entries = self.inner.entries.read();
-                entries
-                    .iter()
-                    .filter(|(_, en)| en.binding.matches(&e))
-                    .map(|(n, en)| (n.clone(), en.binding.module.clone(), en.counters.clone()))
-                    .collect()
-            };
-            for (name, module, counters) in matching {
-                let by = format!("behavior:{name}");
-                let depth = e.cause.as_ref().map_or(0, |c| c.depth);
-                if e.cause.as_ref().is_some_and(|c| c.by == by) || depth >= MAX_CHAIN_DEPTH {
-                    counters.guarded.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                let Ok(permit) = self.inner.pool.clone().acquire_owned().await else {
-                    return;
+            }
+            let mut sub = self.inner.log.subscribe_internal(
+                self.inner.registry.clone(),
+                filter.clone(),
+                None,
+            );
+            loop {
+                let Some(item) = sub.next().await else {
+                    return; // the log is closed
                 };
-                let me = self.clone();
-                let e = e.clone();
-                tokio::spawn(async move {
-                    me.run_one(name, module, counters, e).await;
-                    drop(permit);
-                });
+                let e = match item {
+                    Item::Event(e) => e,
+                    Item::Lagged { from, to } => {
+                        self.inner
+                            .missed
+                            .fetch_add(to - from + 1, Ordering::Relaxed);
+                        tracing::warn!(
+                            from,
+                            to,
+                            "behaviors fell behind the event log; these events ran no behavior"
+                        );
+                        continue;
+                    }
+                };
+                let matching: Vec<(String, String, Arc<Counters>)> = {
+                    let entries = self.inner.entries.read();
+                    if entries.is_empty() {
+                        break;
+                    }
+                    entries
+                        .iter()
+                        .filter(|(_, en)| en.binding.matches(&e))
+                        .map(|(n, en)| (n.clone(), en.binding.module.clone(), en.counters.clone()))
+                        .collect()
+                };
+                for (name, module, counters) in matching {
+                    let by = format!("behavior:{name}");
+                    let depth = e.cause.as_ref().map_or(0, |c| c.depth);
+                    if e.cause.as_ref().is_some_and(|c| c.by == by) || depth >= MAX_CHAIN_DEPTH {
+                        counters.guarded.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let Ok(permit) = self.inner.pool.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let me = self.clone();
+                    let e = e.clone();
+                    tokio::spawn(async move {
+                        me.run_one(name, module, counters, e).await;
+                        drop(permit);
+                    });
+                }
             }
         }
     }
