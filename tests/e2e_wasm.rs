@@ -276,6 +276,14 @@ async fn hostile_guests_fail_alone_within_their_limits() {
             started.elapsed()
         );
     }
+    // WASI's clock gives a guest nothing: it stands still at the epoch (time is `now-ms`).
+    let r = s
+        .post(
+            "/v1/modules/hostile/invoke",
+            &json!({"twin_ids": [twin], "parameters": {"mode": "clock"}}),
+        )
+        .await;
+    assert_eq!(r.body["results"][&twin], 0, "{}", r.body);
     // An infinite loop with plenty of fuel is stopped by the wall-clock deadline.
     upload(
         &s,

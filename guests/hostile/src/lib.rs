@@ -2,7 +2,8 @@
 //! `parameters.mode` picks the misbehaviour: `loop` (spin forever), `sleep-loop` (spin on the
 //! host clock), `alloc` (grow memory without end), `recurse` (unbounded recursion), `panic`,
 //! `huge` (a result far over the limit), `garbage` (a result that is not JSON), `spam`
-//! (call the host without end); anything else answers `{"ok": true}`.
+//! (call the host without end), `clock` (read the WASI clock); anything else answers
+//! `{"ok": true}`.
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -55,6 +56,12 @@ impl Guest for Hostile {
             // Over the host's 4 MiB result limit, well within the memory limit.
             "huge" => Ok(format!("\"{}\"", "x".repeat(5 << 20))),
             "garbage" => Ok("this is not json {".into()),
+            // What the WASI clock says (the host freezes it at the epoch).
+            "clock" => Ok(std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(u128::MAX)
+                .to_string()),
             "spam" => {
                 let id = twins.first().map(|t| t.id.clone()).unwrap_or_default();
                 loop {

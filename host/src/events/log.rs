@@ -448,6 +448,22 @@ impl EventLog {
         &self.inner.subscribers
     }
 
+    /// For a consumer that follows the log only while it has work: wait until `ready()`
+    /// holds, re-checking whenever `wake` is notified. False once the log is shut down.
+    pub async fn wait_for_work(
+        &self,
+        wake: &tokio::sync::Notify,
+        ready: impl Fn() -> bool,
+    ) -> bool {
+        while !ready() {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = self.closed() => return false,
+            }
+        }
+        true
+    }
+
     /// Resolves once the log is shut down.
     pub async fn closed(&self) {
         let mut rx = self.inner.closed.subscribe();

@@ -1302,11 +1302,14 @@ impl Rules {
         };
         let mut fired = Vec::new();
         loop {
-            while self.inner.shards[shard].lock().is_empty() {
-                tokio::select! {
-                    _ = self.inner.wake[shard].notified() => {}
-                    _ = self.inner.log.closed() => return,
-                }
+            let has_rules = || !self.inner.shards[shard].lock().is_empty();
+            if !self
+                .inner
+                .log
+                .wait_for_work(&self.inner.wake[shard], has_rules)
+                .await
+            {
+                return;
             }
             let mut sub = self.inner.log.subscribe_internal(
                 self.inner.registry.clone(),
@@ -1377,11 +1380,8 @@ impl Rules {
                 } => {
                     let Some(id) = target(t) else { continue };
                     let update = Update {
-                        twin_id: id,
-                        patch: properties.clone(),
-                        ts: None,
-                        if_match: None,
                         cause: Some(cause.clone()),
+                        ..Update::new(id, properties.clone())
                     };
                     let me = self.clone();
                     let rule = f.rule.clone();

@@ -86,6 +86,19 @@ pub struct Update {
     pub cause: Option<Arc<Cause>>,
 }
 
+impl Update {
+    /// A plain merge patch of `twin_id`, timestamped now, unconditional.
+    pub fn new(twin_id: TwinId, patch: Properties) -> Update {
+        Update {
+            twin_id,
+            patch,
+            ts: None,
+            if_match: None,
+            cause: None,
+        }
+    }
+}
+
 /// A twin to create.
 #[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -526,14 +539,6 @@ impl Registry {
     /// Whether `a` is above `t` in the hierarchy. Takes no index lock and no guard is held
     /// on `t` (it is a copy), so it may be called while holding the index lock.
     fn has_ancestor(&self, t: &Twin, a: TwinId) -> bool {
-        let mut cur = t.parent_id;
-        for _ in 0..MAX_DEPTH {
-            match cur {
-                Some(p) if p == a => return true,
-                Some(p) => cur = self.inner.twins.0.get(&p).and_then(|x| x.parent_id),
-                None => return false,
-            }
-        }
-        false
+        self.is_under(t.parent_id, a)
     }
 }

@@ -271,11 +271,14 @@ impl Behaviors {
             ..Filter::default()
         };
         loop {
-            while self.inner.entries.read().is_empty() {
-                tokio::select! {
-                    _ = self.inner.wake.notified() => {}
-                    _ = self.inner.log.closed() => return,
-                }
+            let has_behaviors = || !self.inner.entries.read().is_empty();
+            if !self
+                .inner
+                .log
+                .wait_for_work(&self.inner.wake, has_behaviors)
+                .await
+            {
+                return;
             }
             let mut sub = self.inner.log.subscribe_internal(
                 self.inner.registry.clone(),
@@ -390,11 +393,8 @@ impl Behaviors {
                 }
             };
             updates.push(Update {
-                twin_id: target,
-                patch,
-                ts: None,
-                if_match: None,
                 cause: Some(cause.clone()),
+                ..Update::new(target, patch)
             });
         }
         if updates.is_empty() {

@@ -2,12 +2,38 @@
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{
+    Deterministic, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView,
+};
 
 use super::bindings::twinhost::platform::{host, types};
 use super::{Limits, MAX_ACTIONS_PER_CALL, MAX_HOST_CALLS};
 use crate::registry::{Query, Registry};
 use crate::types::{Twin as RegTwin, TwinId};
+
+/// The "random" bytes WASI hands a guest, cycled.
+const DETERMINISTIC_BYTES: [u8; 8] = [0x9e, 0x37, 0x79, 0xb9, 0x7f, 0x4a, 0x7c, 0x15];
+
+/// A WASI clock that always reads zero.
+struct FrozenClock;
+
+impl HostWallClock for FrozenClock {
+    fn resolution(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(1)
+    }
+    fn now(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
 
 /// The trap raised when a guest passes [`MAX_HOST_CALLS`] in one call.
 #[derive(Debug)]
@@ -46,8 +72,17 @@ impl HostState {
                 .trap_on_grow_failure(true)
                 .build(),
             // No preopened directories, no environment, no arguments, no network, no stdio:
-            // the WASI imports a standard library needs exist but reach nothing.
-            wasi: WasiCtx::builder().build(),
+            // the WASI imports a standard library needs exist but reach nothing. Clocks stand
+            // still at the Unix epoch and "random" bytes are a fixed cycle, so the only time
+            // a guest sees is the host interface's `now-ms`, and the same inputs give the
+            // same outputs (what a resolver needs to converge).
+            wasi: WasiCtx::builder()
+                .wall_clock(FrozenClock)
+                .monotonic_clock(FrozenClock)
+                .secure_random(Deterministic::new(DETERMINISTIC_BYTES.to_vec()))
+                .insecure_random(Deterministic::new(DETERMINISTIC_BYTES.to_vec()))
+                .insecure_random_seed(0)
+                .build(),
             table: ResourceTable::new(),
             host_calls: 0,
             alerts: Vec::new(),

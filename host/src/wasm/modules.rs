@@ -658,16 +658,8 @@ pub mod measure {
         params: &Value,
         n: u32,
     ) -> Result<f64, CallError> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        let engine = Engine::new(&config).map_err(internal)?;
-        let component = Component::new(&engine, bytes).map_err(internal)?;
-        let mut linker: Linker<HostState> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(internal)?;
-        Compute::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
-            .map_err(internal)?;
-        let pre = ComputePre::new(linker.instantiate_pre(&component).map_err(internal)?)
-            .map_err(internal)?;
+        let (engine, pre) = raw_pre(bytes)?;
+        let pre = ComputePre::new(pre).map_err(internal)?;
         let wit = vec![to_wit(twin)];
         let p = params.to_string();
         let started = Instant::now();
@@ -682,6 +674,23 @@ pub mod measure {
                 .map_err(internal)?;
         }
         Ok(started.elapsed().as_micros() as f64 / n as f64)
+    }
+
+    /// A plain wasmtime setup for the baselines: default engine (no fuel, no epoch deadline,
+    /// on-demand allocation) and the same imports.
+    fn raw_pre(
+        bytes: &[u8],
+    ) -> Result<(Engine, wasmtime::component::InstancePre<HostState>), CallError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(internal)?;
+        let component = Component::new(&engine, bytes).map_err(internal)?;
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(internal)?;
+        Compute::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+            .map_err(internal)?;
+        let pre = linker.instantiate_pre(&component).map_err(internal)?;
+        Ok((engine, pre))
     }
 
     /// The WIT event a behavior gets for an update of `twin` setting `changed`.
@@ -704,16 +713,8 @@ pub mod measure {
         changed: &Value,
         n: u32,
     ) -> Result<f64, CallError> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        let engine = Engine::new(&config).map_err(internal)?;
-        let component = Component::new(&engine, bytes).map_err(internal)?;
-        let mut linker: Linker<HostState> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(internal)?;
-        Compute::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
-            .map_err(internal)?;
-        let pre = BehaviorPre::new(linker.instantiate_pre(&component).map_err(internal)?)
-            .map_err(internal)?;
+        let (engine, pre) = raw_pre(bytes)?;
+        let pre = BehaviorPre::new(pre).map_err(internal)?;
         let event = bench_event(twin, changed);
         let started = Instant::now();
         for _ in 0..n {

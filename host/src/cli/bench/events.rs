@@ -49,13 +49,7 @@ async fn produce(
                 let mut p = Properties::new();
                 p.insert("temperature".into(), json!(70 + (k + i) % 20));
                 p.insert("sent_us".into(), json!(sent));
-                Update {
-                    twin_id: ids[(k + i) % ids.len()],
-                    patch: p,
-                    ts: None,
-                    if_match: None,
-                    cause: None,
-                }
+                Update::new(ids[(k + i) % ids.len()], p)
             })
             .collect();
         k += per_tick;
@@ -301,14 +295,7 @@ async fn sse_subscribers(
 async fn stop(reg: &Registry, id: TwinId) -> anyhow::Result<()> {
     let mut p = Properties::new();
     p.insert("stop".into(), json!(true));
-    reg.patch(Update {
-        twin_id: id,
-        patch: p,
-        ts: None,
-        if_match: None,
-        cause: None,
-    })
-    .await?;
+    reg.patch(Update::new(id, p)).await?;
     Ok(())
 }
 
@@ -500,13 +487,7 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
                     "temperature".into(),
                     json!(if (k + i).is_multiple_of(2) { 80 } else { 90 }),
                 );
-                Update {
-                    twin_id: ids[(k + i) % ids.len()],
-                    patch: p,
-                    ts: None,
-                    if_match: None,
-                    cause: None,
-                }
+                Update::new(ids[(k + i) % ids.len()], p)
             })
             .collect();
         k += 500;
