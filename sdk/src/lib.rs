@@ -42,6 +42,7 @@ pub mod bindings {
 
 /// Bindings of the `behavior` world (sharing the `compute` bindings' types and host).
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // generated lifting code
 pub mod behavior_bindings {
     wit_bindgen::generate!({
         path: "../wit",
