@@ -59,6 +59,7 @@ pub mod behavior_bindings {
 
 /// Bindings of the `resolver` world.
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)] // generated lifting code
 pub mod resolver_bindings {
     wit_bindgen::generate!({
         path: "../wit",
