@@ -220,6 +220,67 @@ async fn behavior_validation_failures_and_module_deletion() {
     assert!(s.get("/healthz").await.status == 200);
 }
 
+/// A behavior that hangs on every event backs up only its own queue: another behavior on the
+/// same twins keeps up, and the hanging one's failures are counted.
+#[tokio::test]
+async fn a_hanging_behavior_holds_up_no_other() {
+    let s = Server::start();
+    s.call(
+        Method::PUT,
+        "/v1/modules/stuck?fuel=100000000000&timeout=500ms",
+        Body::Raw(&guest("stuck_behavior"), "application/wasm"),
+    )
+    .await
+    .expect(201);
+    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+        .await
+        .expect(201);
+    for (name, module) in [("stuck", "stuck"), ("overheat", "thermal-monitor")] {
+        s.put(
+            &format!("/v1/behaviors/{name}"),
+            &json!({"module": module, "entity_type": "machine"}),
+        )
+        .await
+        .expect(201);
+    }
+    let m = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 20}}))
+        .await;
+    for t in 0..10 {
+        s.patch(&format!("/v1/twins/{m}"), &json!({"temperature": 90 + t}))
+            .await
+            .expect(200);
+    }
+    alerts_until(&s, &m, |a| a.len() == 10).await;
+    // Each stuck call takes 500 ms and it may run 2 at once: when thermal-monitor is done
+    // with all 10 hot readings, the stuck behavior is still working through its queue.
+    let stuck = s.get("/v1/behaviors/stuck").await.body;
+    assert!(
+        stuck["runs"].as_u64().unwrap() < 8,
+        "thermal-monitor waited for the stuck behavior: {stuck}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stuck = s.get("/v1/behaviors/stuck").await.body;
+        if stuck["errors"].as_u64().unwrap_or(0) >= 3 {
+            assert!(
+                stuck["last_error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("deadline_exceeded"),
+                "{stuck}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stuck calls not counted: {stuck}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.get("/v1/behaviors/overheat").await.body["errors"], 0);
+}
+
 #[tokio::test]
 async fn rules_fire_alerts_and_patches_and_survive_restart() {
     let mut s = Server::start();

@@ -2,8 +2,10 @@
 //! twins they match.
 //!
 //! One dispatcher follows the event log. For each twin event it finds the matching bindings
-//! and runs each guest on a bounded pool of blocking threads (sized to the cores); when the
-//! pool is busy the dispatcher waits, and if it falls behind the log's live buffer it is told
+//! and hands the event to each one's bounded queue. Every behavior has its own worker that
+//! runs at most one call per core at a time, so a slow or hanging guest backs up only its own
+//! queue (a full queue drops that behavior's events, counted as `dropped`), never another
+//! behavior. If the dispatcher falls behind the log's live buffer it is told
 //! how many events it missed (counted per node, logged). A guest's patches go through the
 //! registry's one write path, tagged with a [`Cause`]; its alerts become `alert` events.
 //!
@@ -19,7 +21,7 @@ use chrono::{DateTime, Utc};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use utoipa::ToSchema;
 
 use super::bindings::twinhost::platform::types as wit;
@@ -34,6 +36,8 @@ use crate::types::{Cause, Properties, TwinId};
 pub const MAX_CHAIN_DEPTH: u8 = 8;
 /// Most behaviors one node runs.
 pub const MAX_BEHAVIORS: usize = 1000;
+/// Events waiting for one behavior; more are dropped and counted.
+pub const QUEUE_PER_BEHAVIOR: usize = 4096;
 
 /// What `PUT /v1/behaviors/{name}` takes: a behavior module and the twins it watches.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -69,12 +73,16 @@ struct Counters {
     guarded: AtomicU64,
     patches: AtomicU64,
     alerts: AtomicU64,
+    /// Events dropped because the behavior's queue was full.
+    dropped: AtomicU64,
     last_error: RwLock<Option<String>>,
 }
 
 struct Entry {
     binding: Binding,
     counters: Arc<Counters>,
+    /// The behavior's worker; dropping it (delete, replace) ends the worker once drained.
+    queue: mpsc::Sender<Arc<Event>>,
 }
 
 /// What `GET /v1/behaviors` shows for each behavior.
@@ -88,6 +96,7 @@ pub struct BehaviorInfo {
     pub guarded: u64,
     pub patches: u64,
     pub alerts: u64,
+    pub dropped: u64,
     pub last_error: Option<String>,
 }
 
@@ -108,7 +117,8 @@ struct Inner {
     runtime: Arc<Runtime>,
     log: EventLog,
     entries: RwLock<BTreeMap<String, Entry>>,
-    pool: Arc<Semaphore>,
+    /// Calls one behavior may run at once.
+    per_behavior: usize,
     /// Events the dispatcher could not look at because it fell behind.
     missed: AtomicU64,
     /// Wakes the dispatcher when the first behavior arrives (with none it does not follow
@@ -131,20 +141,12 @@ impl Behaviors {
         log: EventLog,
         pool_size: usize,
     ) -> Result<Behaviors, BehaviorError> {
-        let mut entries = BTreeMap::new();
+        let mut stored = Vec::new();
         for kv in store.scan_prefix(&[keys::BEHAVIOR]) {
             let (k, v) = kv?;
             let name = String::from_utf8_lossy(&k[1..]).into_owned();
             match serde_json::from_slice::<Binding>(&v) {
-                Ok(binding) => {
-                    entries.insert(
-                        name,
-                        Entry {
-                            binding,
-                            counters: Arc::default(),
-                        },
-                    );
-                }
+                Ok(binding) => stored.push((name, binding)),
                 Err(e) => {
                     tracing::error!(behavior = %name, error = %e, "unreadable behavior; skipped")
                 }
@@ -156,15 +158,56 @@ impl Behaviors {
                 registry,
                 runtime,
                 log,
-                entries: RwLock::new(entries),
-                pool: Arc::new(Semaphore::new(pool_size.max(1))),
+                entries: RwLock::new(BTreeMap::new()),
+                per_behavior: pool_size.max(1),
                 missed: AtomicU64::new(0),
                 wake: tokio::sync::Notify::new(),
             }),
         };
+        {
+            let mut entries = b.inner.entries.write();
+            for (name, binding) in stored {
+                let counters = Arc::<Counters>::default();
+                let queue = b.start_worker(&name, &binding.module, counters.clone());
+                entries.insert(
+                    name,
+                    Entry {
+                        binding,
+                        counters,
+                        queue,
+                    },
+                );
+            }
+        }
         let me = b.clone();
         tokio::spawn(async move { me.dispatch().await });
         Ok(b)
+    }
+
+    /// The worker of one behavior: runs its queued events, at most `per_behavior` at once.
+    fn start_worker(
+        &self,
+        name: &str,
+        module: &str,
+        counters: Arc<Counters>,
+    ) -> mpsc::Sender<Arc<Event>> {
+        let (tx, mut rx) = mpsc::channel::<Arc<Event>>(QUEUE_PER_BEHAVIOR);
+        let (me, name, module) = (self.clone(), name.to_owned(), module.to_owned());
+        let slots = Arc::new(Semaphore::new(self.inner.per_behavior));
+        tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (me, name, module, counters) =
+                    (me.clone(), name.clone(), module.clone(), counters.clone());
+                tokio::spawn(async move {
+                    me.run_one(name, module, counters, e).await;
+                    drop(permit);
+                });
+            }
+        });
+        tx
     }
 
     /// Create or replace a behavior. Returns true when it is new.
@@ -210,8 +253,16 @@ impl Behaviors {
             .get(name)
             .map(|e| e.counters.clone())
             .unwrap_or_default();
+        let queue = self.start_worker(name, &binding.module, counters.clone());
         let fresh = entries
-            .insert(name.to_owned(), Entry { binding, counters })
+            .insert(
+                name.to_owned(),
+                Entry {
+                    binding,
+                    counters,
+                    queue,
+                },
+            )
             .is_none();
         self.inner.wake.notify_one();
         Ok(fresh)
@@ -303,7 +354,7 @@ impl Behaviors {
                         continue;
                     }
                 };
-                let matching: Vec<(String, String, Arc<Counters>)> = {
+                let matching: Vec<(String, mpsc::Sender<Arc<Event>>, Arc<Counters>)> = {
                     let entries = self.inner.entries.read();
                     if entries.is_empty() {
                         break;
@@ -311,25 +362,24 @@ impl Behaviors {
                     entries
                         .iter()
                         .filter(|(_, en)| en.binding.matches(&e))
-                        .map(|(n, en)| (n.clone(), en.binding.module.clone(), en.counters.clone()))
+                        .map(|(n, en)| (n.clone(), en.queue.clone(), en.counters.clone()))
                         .collect()
                 };
-                for (name, module, counters) in matching {
+                for (name, queue, counters) in matching {
                     let by = format!("behavior:{name}");
                     let depth = e.cause.as_ref().map_or(0, |c| c.depth);
                     if e.cause.as_ref().is_some_and(|c| c.by == by) || depth >= MAX_CHAIN_DEPTH {
                         counters.guarded.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    let Ok(permit) = self.inner.pool.clone().acquire_owned().await else {
-                        return;
-                    };
-                    let me = self.clone();
-                    let e = e.clone();
-                    tokio::spawn(async move {
-                        me.run_one(name, module, counters, e).await;
-                        drop(permit);
-                    });
+                    if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(e.clone()) {
+                        if counters.dropped.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                            tracing::warn!(
+                                behavior = %name,
+                                "the behavior cannot keep up; its queue of {QUEUE_PER_BEHAVIOR} events is full and events are dropped"
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -456,6 +506,7 @@ fn info(name: &str, e: &Entry) -> BehaviorInfo {
         guarded: c.guarded.load(Ordering::Relaxed),
         patches: c.patches.load(Ordering::Relaxed),
         alerts: c.alerts.load(Ordering::Relaxed),
+        dropped: c.dropped.load(Ordering::Relaxed),
         last_error: c.last_error.read().clone(),
     }
 }
