@@ -195,7 +195,15 @@ impl Behaviors {
         let (me, name, module) = (self.clone(), name.to_owned(), module.to_owned());
         let slots = Arc::new(Semaphore::new(self.inner.per_behavior));
         tokio::spawn(async move {
-            while let Some(e) = rx.recv().await {
+            loop {
+                // Ends when the behavior is deleted or replaced, or the log shuts down.
+                let e = tokio::select! {
+                    e = rx.recv() => match e {
+                        Some(e) => e,
+                        None => return,
+                    },
+                    _ = me.inner.log.closed() => return,
+                };
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     return;
                 };
