@@ -542,18 +542,23 @@ async fn seed_comparison(args: &BenchArgs) -> anyhow::Result<Value> {
     Ok(out)
 }
 
+/// A built guest component from `--guests`.
+fn read_guest(args: &BenchArgs, file: &str) -> anyhow::Result<Vec<u8>> {
+    let path = args.guests.join(file);
+    std::fs::read(&path).with_context(|| {
+        format!(
+            "{}: build the guests with scripts/build-guests.sh",
+            path.display()
+        )
+    })
+}
+
 /// Calls through the host vs a raw wasmtime call, instantiation from `InstancePre` with
 /// pooling, restart with 20 cached modules vs compiling them, and calls/s on all cores.
 async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     const MODULES: usize = 20;
     const CALLS: u32 = 2000;
-    let path = args.guests.join("thermal_analysis.wasm");
-    let bytes = std::fs::read(&path).with_context(|| {
-        format!(
-            "{}: build the guests with scripts/build-guests.sh",
-            path.display()
-        )
-    })?;
+    let bytes = read_guest(args, "thermal_analysis.wasm")?;
     let dir = tempfile::tempdir()?;
     let node = bench_node(dir.path()).await?;
     let twin = node

@@ -484,23 +484,41 @@ pub async fn events(conn: Conn, cmd: EventsCmd) -> anyhow::Result<()> {
         );
     }
     let mut stream = resp.bytes_stream();
-    let mut buf = Vec::new();
+    let mut lines = SseData::default();
     let mut seen = 0u64;
     while let Some(chunk) = stream.next().await {
-        buf.extend_from_slice(&chunk?);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line);
-            if let Some(data) = line.trim_end().strip_prefix("data:") {
-                println!("{}", data.trim_start());
-                seen += 1;
-                if count.is_some_and(|n| seen >= n) {
-                    return Ok(());
-                }
+        for data in lines.push(&chunk?) {
+            println!("{}", String::from_utf8_lossy(&data));
+            seen += 1;
+            if count.is_some_and(|n| seen >= n) {
+                return Ok(());
             }
         }
     }
     bail!("the server closed the event stream")
+}
+
+/// Splits a Server-Sent Events body, as it arrives in chunks, into the payloads of its
+/// `data:` lines.
+#[derive(Default)]
+pub struct SseData {
+    buf: Vec<u8>,
+}
+
+impl SseData {
+    /// Add a chunk; return the `data:` payloads it completed.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<Vec<u8>> {
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+            let line = line.trim_ascii_end();
+            if let Some(data) = line.strip_prefix(b"data:") {
+                out.push(data.trim_ascii_start().to_vec());
+            }
+        }
+        out
+    }
 }
 
 pub async fn invoke(

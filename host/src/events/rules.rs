@@ -1274,6 +1274,11 @@ impl Rules {
         names.iter().filter_map(|n| self.get(n).ok()).collect()
     }
 
+    /// How many rules the node holds.
+    pub fn count(&self) -> usize {
+        self.inner.specs.read().len()
+    }
+
     /// Names of the rules whose actions invoke `module`.
     pub fn using_module(&self, module: &str) -> Vec<String> {
         self.inner

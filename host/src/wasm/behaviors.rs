@@ -305,6 +305,11 @@ impl Behaviors {
         Ok(info(name, e))
     }
 
+    /// How many behaviors the node runs.
+    pub fn count(&self) -> usize {
+        self.inner.entries.read().len()
+    }
+
     /// Names of the behaviors that run `module`.
     pub fn using(&self, module: &str) -> Vec<String> {
         self.inner

@@ -662,16 +662,28 @@ pub mod measure {
         let pre = ComputePre::new(pre).map_err(internal)?;
         let wit = vec![to_wit(twin)];
         let p = params.to_string();
+        time_raw(&engine, registry, n, |store| {
+            let b = pre.instantiate(&mut *store)?;
+            b.call_run(&mut *store, &wit, &p)?
+                .map(drop)
+                .map_err(wasmtime::Error::msg)
+        })
+    }
+
+    /// Microseconds per call of `call` on a fresh store of a plain setup, over `n` calls.
+    fn time_raw(
+        engine: &Engine,
+        registry: &Registry,
+        n: u32,
+        mut call: impl FnMut(&mut WasmStore<HostState>) -> wasmtime::Result<()>,
+    ) -> Result<f64, CallError> {
         let started = Instant::now();
         for _ in 0..n {
             let mut store = WasmStore::new(
-                &engine,
+                engine,
                 HostState::new("raw", registry.clone(), &Limits::default()),
             );
-            let b = pre.instantiate(&mut store).map_err(internal)?;
-            b.call_run(&mut store, &wit, &p)
-                .map_err(internal)?
-                .map_err(internal)?;
+            call(&mut store).map_err(internal)?;
         }
         Ok(started.elapsed().as_micros() as f64 / n as f64)
     }
@@ -716,18 +728,12 @@ pub mod measure {
         let (engine, pre) = raw_pre(bytes)?;
         let pre = BehaviorPre::new(pre).map_err(internal)?;
         let event = bench_event(twin, changed);
-        let started = Instant::now();
-        for _ in 0..n {
-            let mut store = WasmStore::new(
-                &engine,
-                HostState::new("raw", registry.clone(), &Limits::default()),
-            );
-            let b = pre.instantiate(&mut store).map_err(internal)?;
-            b.call_on_event(&mut store, &event)
-                .map_err(internal)?
-                .map_err(internal)?;
-        }
-        Ok(started.elapsed().as_micros() as f64 / n as f64)
+        time_raw(&engine, registry, n, |store| {
+            let b = pre.instantiate(&mut *store)?;
+            b.call_on_event(&mut *store, &event)?
+                .map(drop)
+                .map_err(wasmtime::Error::msg)
+        })
     }
 
     impl Runtime {

@@ -115,15 +115,10 @@ pub(super) async fn events_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let sse = tokio::spawn(async move {
         let mut h = Histogram::<u64>::new(3).expect("histogram");
         let mut stream = resp.bytes_stream();
-        let mut buf = Vec::new();
+        let mut lines = crate::cli::client::SseData::default();
         'outer: while let Some(Ok(chunk)) = stream.next().await {
-            buf.extend_from_slice(&chunk);
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                let Some(data) = line.strip_prefix(b"data: ") else {
-                    continue;
-                };
-                let Ok(v) = serde_json::from_slice::<Value>(data) else {
+            for data in lines.push(&chunk) {
+                let Ok(v) = serde_json::from_slice::<Value>(&data) else {
                     continue;
                 };
                 if let Some(sent) = v["changed"]["sent_us"].as_i64() {
@@ -309,26 +304,33 @@ pub(super) fn rules_phase(args: &BenchArgs) -> anyhow::Result<Value> {
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, 8);
-    let mut sets: Vec<RuleSet> = (0..shards).map(|_| RuleSet::default()).collect();
-    let mut add = |name: String, spec: Value| -> anyhow::Result<()> {
-        let spec: RuleSpec = serde_json::from_value(spec)?;
-        sets[crate::events::rules::shard_of(&name, shards)]
-            .put(&name, spec, &|_| None)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))
-    };
+    let mut specs: Vec<(String, RuleSpec)> = Vec::new();
     for i in 0..50 {
-        add(
+        let property = format!("p{}", i % PROPS);
+        specs.push((
             format!("t{i}"),
-            json!({
-            "kind": "threshold", "entity_type": "machine", "property": format!("p{}", i % PROPS),
-            "op": ">", "value": 90 + i % 10, "clear": 80, "actions": [{"type": "alert"}]}),
-        )?;
-        add(
+            serde_json::from_value(json!({"kind": "threshold", "entity_type": "machine",
+                "property": property, "op": ">", "value": 90 + i % 10, "clear": 80,
+                "actions": [{"type": "alert"}]}))?,
+        ));
+        specs.push((
             format!("w{i}"),
-            json!({
-            "kind": "window", "entity_type": "machine", "property": format!("p{}", i % PROPS),
-            "agg": "avg", "size": "10s", "op": ">", "value": 95, "actions": [{"type": "alert"}]}),
-        )?;
+            serde_json::from_value(json!({"kind": "window", "entity_type": "machine",
+                "property": property, "agg": "avg", "size": "10s", "op": ">", "value": 95,
+                "actions": [{"type": "alert"}]}))?,
+        ));
+    }
+    // The same rules on one thread, and spread over the shards (each with fresh state).
+    let mut single = RuleSet::default();
+    let mut sets: Vec<RuleSet> = (0..shards).map(|_| RuleSet::default()).collect();
+    for (name, spec) in &specs {
+        for set in [
+            &mut single,
+            &mut sets[crate::events::rules::shard_of(name, shards)],
+        ] {
+            set.put(name, spec.clone(), &|_| None)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        }
     }
     let twins: Vec<TwinId> = (0..args.twins.clamp(1, 10_000))
         .map(|_| TwinId::new_v7())
@@ -365,28 +367,7 @@ pub(super) fn rules_phase(args: &BenchArgs) -> anyhow::Result<Value> {
         }
         fired
     };
-    // All rules on one thread, then the shards in parallel (fresh state each time).
-    let mut single = RuleSet::default();
-    for i in 0..50 {
-        for (name, spec) in [
-            (
-                format!("t{i}"),
-                json!({"kind": "threshold", "entity_type": "machine",
-                "property": format!("p{}", i % PROPS), "op": ">", "value": 90 + i % 10,
-                "clear": 80, "actions": [{"type": "alert"}]}),
-            ),
-            (
-                format!("w{i}"),
-                json!({"kind": "window", "entity_type": "machine",
-                "property": format!("p{}", i % PROPS), "agg": "avg", "size": "10s", "op": ">",
-                "value": 95, "actions": [{"type": "alert"}]}),
-            ),
-        ] {
-            single
-                .put(&name, serde_json::from_value(spec)?, &|_| None)
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        }
-    }
+    // All rules on one thread, then the shards in parallel.
     let started = Instant::now();
     let fired_single = run(&mut single, &events);
     let single_secs = started.elapsed().as_secs_f64();
@@ -407,7 +388,7 @@ pub(super) fn rules_phase(args: &BenchArgs) -> anyhow::Result<Value> {
         "sharded and single evaluation disagree"
     );
     Ok(json!({
-        "rules": 100, "threshold_rules": 50, "window_rules": 50, "properties": PROPS,
+        "rules": specs.len(), "threshold_rules": 50, "window_rules": 50, "properties": PROPS,
         "rules_per_event": 100 / PROPS, "twins": twins.len(), "events": EVENTS,
         "shards": shards,
         "events_per_s": (EVENTS as f64 / secs).round(),
@@ -419,13 +400,7 @@ pub(super) fn rules_phase(args: &BenchArgs) -> anyhow::Result<Value> {
 /// A behavior call through the host vs raw wasmtime, and events/s through thermal-monitor.
 pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     const CALLS: u32 = 2000;
-    let path = args.guests.join("thermal_monitor.wasm");
-    let bytes = std::fs::read(&path).with_context(|| {
-        format!(
-            "{}: build the guests with scripts/build-guests.sh",
-            path.display()
-        )
-    })?;
+    let bytes = super::read_guest(args, "thermal_monitor.wasm")?;
     let dir = tempfile::tempdir()?;
     let node = bench_node(dir.path()).await?;
     let rt = node.state.runtime.clone();
