@@ -543,6 +543,52 @@ fn rss_bytes(pid: u32) -> Option<u64> {
 
 // ---- 1. filters over SSE ---------------------------------------------------------------
 
+/// A write's event is in the log by the time the write is acknowledged: a client that reads
+/// the log right after its 2xx finds it (the event log is appended before the ack).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_write_is_already_in_the_log() {
+    let s = Server::start();
+    let id = create(&s, "machine", None, json!({"n": 0})).await;
+    let other = create(&s, "machine", None, json!({"n": 0})).await;
+    // Load in the same commits: big ingests whose thousands of events are published in the
+    // same commit as the patch (the race this guards against only shows under load).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (http, url, token, stop) =
+            (s.http.clone(), s.url.clone(), s.token.clone(), stop.clone());
+        tokio::spawn(async move {
+            let batch: Vec<Value> = (0..5000)
+                .map(|i| json!({"twin_id": other, "properties": {"n": i}}))
+                .collect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = http
+                    .post(format!("{url}/v1/ingest"))
+                    .bearer_auth(&token)
+                    .json(&batch)
+                    .send()
+                    .await
+                    .expect("ingest");
+                assert_eq!(r.status(), 200);
+            }
+        })
+    };
+    let mut after = last_seq(&s).await;
+    for i in 1..=100u64 {
+        patch(&s, &id, json!({"n": i})).await;
+        let page = log_page(&s, &format!("twin_id={id}&after={after}&limit=10")).await;
+        let evs = page["events"].as_array().unwrap();
+        assert_eq!(
+            evs.len(),
+            1,
+            "patch {i}: its event right after the 200: {page}"
+        );
+        assert_eq!(evs[0]["changed"], json!({"n": i}));
+        after = seq(&evs[0]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_filters() {
     let s = Server::start();

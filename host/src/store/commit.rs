@@ -186,11 +186,9 @@ impl Batch {
     }
 }
 
-/// Called once the commit holding a job is durable (or failed); acknowledges the job and
-/// may return work to run after every job of the commit is acknowledged.
-pub type Done = Box<dyn FnOnce(Result<u64, Arc<StoreError>>) -> Option<After> + Send>;
-/// Work run on the sync thread after a commit's acknowledgements, in commit order.
-pub type After = Box<dyn FnOnce() + Send>;
+/// Called once the commit holding a job is durable (or failed), on the sync thread in
+/// commit order: publishes the job's changes and acknowledges it.
+pub type Done = Box<dyn FnOnce(Result<u64, Arc<StoreError>>) + Send>;
 /// A unit of work for the writer: change memory, log it, return what to do once durable.
 pub type Job = Box<dyn FnOnce(&mut Batch) -> Done + Send>;
 
@@ -233,8 +231,9 @@ impl CommitHandle {
     }
 
     /// Like [`CommitHandle::run`], and once the job's changes are durable call `on_durable`
-    /// with the second half of its output — on the sync thread, in commit order, right after
-    /// the commit's acknowledgements. Keep it short: it delays the next commit.
+    /// with the second half of its output — on the sync thread, in commit order, before the
+    /// job is acknowledged (a caller that sees its write succeed also finds it in the event
+    /// log). Keep it short: it delays the next commit.
     pub async fn run_then<T: Send + 'static, P: Send + 'static>(
         &self,
         job: impl FnOnce(&mut Batch) -> (T, P) + Send + 'static,
@@ -244,9 +243,10 @@ impl CommitHandle {
         let boxed: Job = Box::new(move |b: &mut Batch| {
             let (out, publish) = job(b);
             Box::new(move |r: Result<u64, Arc<StoreError>>| {
-                let ok = r.is_ok();
+                if r.is_ok() {
+                    on_durable(publish);
+                }
                 let _ = tx.send(r.map(|_| out));
-                ok.then(|| Box::new(move || on_durable(publish)) as After)
             })
         });
         match tokio::time::timeout(ENQUEUE_TIMEOUT, self.tx.send(Msg::Job(boxed))).await {
@@ -503,9 +503,8 @@ fn syncer(
         dirty.extend(batch.dirty.drain(..));
         kv.append(&mut batch.kv);
         stats.jobs.fetch_add(dones.len() as u64, Ordering::Relaxed);
-        let afters: Vec<After> = dones.into_iter().filter_map(|d| d(Ok(seq))).collect();
-        for a in afters {
-            a();
+        for d in dones {
+            d(Ok(seq));
         }
         let due = checkpoint_now
             || last_checkpoint.elapsed() >= checkpoint_every
