@@ -142,6 +142,68 @@ async fn thermal_monitor_alerts_patches_and_does_not_retrigger_itself() {
     alerts_until(&s, &hot, |a| a.len() == 3).await;
 }
 
+/// A twin's events run through a behavior one at a time, in log order: a burst of
+/// alternating hot/cold readings on 20 machines gives exactly one mark/clear patch per
+/// reading and ends with every machine cleared. (Run concurrently, two calls of one twin see
+/// the same `overheated` and patches are lost or doubled.)
+#[tokio::test]
+async fn a_twins_events_run_in_log_order() {
+    let s = Server::start();
+    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+        .await
+        .expect(201);
+    s.put(
+        "/v1/behaviors/overheat",
+        &json!({"module": "thermal-monitor", "entity_type": "machine"}),
+    )
+    .await
+    .expect(201);
+    const TWINS: usize = 20;
+    const ROUNDS: usize = 40;
+    let mut ids = Vec::new();
+    for _ in 0..TWINS {
+        ids.push(
+            s.create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 70}}))
+                .await,
+        );
+    }
+    let mut batch = Vec::new();
+    // Each twin's readings back to back: concurrent calls would get the same twin.
+    for id in &ids {
+        for round in 0..ROUNDS {
+            let t = if round % 2 == 0 { 90 } else { 70 };
+            batch.push(json!({"twin_id": id, "properties": {"temperature": t}}));
+        }
+    }
+    let r = s.post("/v1/ingest", &json!(batch)).await;
+    r.expect(200);
+    assert_eq!(r.body["applied"], TWINS * ROUNDS, "{}", r.text);
+    let runs = (TWINS + TWINS * ROUNDS) as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let b = loop {
+        let b = s.get("/v1/behaviors/overheat").await.body;
+        let done =
+            b["runs"].as_u64() == Some(runs) && b["guarded"].as_u64() == b["patches"].as_u64();
+        if done || Instant::now() > deadline {
+            break b;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // One patch per reading: mark on every hot one, clear on every cold one.
+    let patches = (TWINS * ROUNDS) as u64;
+    assert_eq!(b["runs"], runs, "{b}");
+    assert_eq!(b["patches"], patches, "{b}");
+    assert_eq!(b["guarded"], patches, "{b}");
+    assert_eq!(b["alerts"], patches / 2, "{b}");
+    assert_eq!(b["errors"], 0, "{b}");
+    assert_eq!(b["dropped"], 0, "{b}");
+    for id in &ids {
+        let t = s.get(&format!("/v1/twins/{id}")).await.body;
+        assert_eq!(t["properties"]["temperature"], 70, "{t}");
+        assert_eq!(t["properties"]["overheated"], false, "{t}");
+    }
+}
+
 #[tokio::test]
 async fn behavior_validation_failures_and_module_deletion() {
     let s = Server::start();

@@ -2,9 +2,10 @@
 //! twins they match.
 //!
 //! One dispatcher follows the event log. For each twin event it finds the matching bindings
-//! and hands the event to each one's bounded queue. Every behavior has its own worker that
-//! runs at most one call per core at a time, so a slow or hanging guest backs up only its own
-//! queue (a full queue drops that behavior's events, counted as `dropped`), never another
+//! and hands the event to each one's bounded queue. Every behavior has its own worker with
+//! one lane per core; a twin's events always take the same lane and run one after another,
+//! in log order, so a guest sees its earlier patches. A slow or hanging guest backs up only
+//! its own queue (a full queue drops that behavior's events, counted as `dropped`), never another
 //! behavior. If the dispatcher falls behind the log's live buffer it is told
 //! how many events it missed (counted per node, logged). A guest's patches go through the
 //! registry's one write path, tagged with a [`Cause`]; its alerts become `alert` events.
@@ -21,7 +22,7 @@ use chrono::{DateTime, Utc};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use utoipa::ToSchema;
 
 use super::bindings::twinhost::platform::types as wit;
@@ -38,6 +39,15 @@ pub const MAX_CHAIN_DEPTH: u8 = 8;
 pub const MAX_BEHAVIORS: usize = 1000;
 /// Events waiting for one behavior; more are dropped and counted.
 pub const QUEUE_PER_BEHAVIOR: usize = 4096;
+/// Events waiting in each of a behavior's lanes (one lane per core).
+const QUEUE_PER_LANE: usize = 64;
+
+/// The lane of a twin: its events always run on the same one, in order.
+fn lane_of(twin: &TwinId, lanes: usize) -> usize {
+    let b = twin.as_bytes();
+    let low = u64::from_le_bytes(b[8..16].try_into().expect("a UUID has 16 bytes"));
+    (low % lanes as u64) as usize
+}
 
 /// What `PUT /v1/behaviors/{name}` takes: a behavior module and the twins it watches.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -184,7 +194,9 @@ impl Behaviors {
         Ok(b)
     }
 
-    /// The worker of one behavior: runs its queued events, at most `per_behavior` at once.
+    /// The worker of one behavior: `per_behavior` lanes, each running its events one after
+    /// another. A twin's events always go to the same lane, so they run in log order and
+    /// each call sees the patches of the calls before it; different twins run in parallel.
     fn start_worker(
         &self,
         name: &str,
@@ -192,11 +204,28 @@ impl Behaviors {
         counters: Arc<Counters>,
     ) -> mpsc::Sender<Arc<Event>> {
         let (tx, mut rx) = mpsc::channel::<Arc<Event>>(QUEUE_PER_BEHAVIOR);
-        let (me, name, module) = (self.clone(), name.to_owned(), module.to_owned());
-        let slots = Arc::new(Semaphore::new(self.inner.per_behavior));
+        let lanes: Vec<mpsc::Sender<Arc<Event>>> = (0..self.inner.per_behavior)
+            .map(|_| {
+                let (lane_tx, mut lane_rx) = mpsc::channel::<Arc<Event>>(QUEUE_PER_LANE);
+                let (me, name, module, counters) = (
+                    self.clone(),
+                    name.to_owned(),
+                    module.to_owned(),
+                    counters.clone(),
+                );
+                tokio::spawn(async move {
+                    while let Some(e) = lane_rx.recv().await {
+                        me.run_one(&name, &module, &counters, e).await;
+                    }
+                });
+                lane_tx
+            })
+            .collect();
+        let me = self.clone();
         tokio::spawn(async move {
             loop {
-                // Ends when the behavior is deleted or replaced, or the log shuts down.
+                // Ends when the behavior is deleted or replaced, or the log shuts down; the
+                // lanes end once they have run what they hold.
                 let e = tokio::select! {
                     e = rx.recv() => match e {
                         Some(e) => e,
@@ -204,15 +233,12 @@ impl Behaviors {
                     },
                     _ = me.inner.log.closed() => return,
                 };
-                let Ok(permit) = slots.clone().acquire_owned().await else {
+                let lane = e.twin_id.map_or(0, |t| lane_of(&t, lanes.len()));
+                // A full lane (one slow twin) holds the rest back here, and then the
+                // behavior's queue fills and drops: bounded either way.
+                if lanes[lane].send(e).await.is_err() {
                     return;
-                };
-                let (me, name, module, counters) =
-                    (me.clone(), name.clone(), module.clone(), counters.clone());
-                tokio::spawn(async move {
-                    me.run_one(name, module, counters, e).await;
-                    drop(permit);
-                });
+                }
             }
         });
         tx
@@ -398,10 +424,11 @@ impl Behaviors {
         }
     }
 
-    async fn run_one(&self, name: String, module: String, counters: Arc<Counters>, e: Arc<Event>) {
+    async fn run_one(&self, name: &str, module: &str, counters: &Counters, e: Arc<Event>) {
         let Some(twin_id) = e.twin_id else { return };
         let event = self.wit_event(&e, twin_id);
         let rt = self.inner.runtime.clone();
+        let module = module.to_owned();
         let out = tokio::task::spawn_blocking(move || rt.call_behavior(&module, &event)).await;
         counters.runs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("twinhost_behavior_runs_total").increment(1);
