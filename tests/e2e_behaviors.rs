@@ -204,6 +204,74 @@ async fn a_twins_events_run_in_log_order() {
     }
 }
 
+/// A bulk ingest publishes its events all at once, more than the live buffer holds: rules and
+/// behaviors catch up from the log and see every one of them.
+#[tokio::test]
+async fn a_bulk_ingest_reaches_every_rule_and_behavior() {
+    let s = Server::start();
+    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+        .await
+        .expect(201);
+    let valve = s
+        .create_twin_id(
+            &json!({"entity_type": "valve", "properties": {"hot": 0, "temperature": 50}}),
+        )
+        .await;
+    let other = s
+        .create_twin_id(&json!({"entity_type": "pump", "properties": {"n": 0}}))
+        .await;
+    s.put(
+        "/v1/rules/valve-hot",
+        &json!({"kind": "threshold", "entity_type": "valve", "property": "hot", "op": ">",
+                "value": 0.5, "actions": [{"type": "alert", "severity": "warning"}]}),
+    )
+    .await
+    .expect(201);
+    s.put(
+        "/v1/behaviors/valve-temp",
+        &json!({"module": "thermal-monitor", "twin_id": valve}),
+    )
+    .await
+    .expect(201);
+    // 20,000 updates; every 250th is the valve's, alternating cold and hot: 80 valve events,
+    // 40 of them rising edges / over 85 degrees.
+    const ITEMS: usize = 20_000;
+    const EVERY: usize = 250;
+    let batch: Vec<Value> = (0..ITEMS)
+        .map(|i| {
+            if i % EVERY == 0 {
+                let hot = (i / EVERY) % 2;
+                let t = if hot == 1 { 90 } else { 50 };
+                json!({"twin_id": valve, "properties": {"hot": hot, "temperature": t}})
+            } else {
+                json!({"twin_id": other, "properties": {"n": i}})
+            }
+        })
+        .collect();
+    let r = s.post("/v1/ingest", &json!(batch)).await;
+    r.expect(200);
+    assert_eq!(r.body["applied"], ITEMS, "{}", r.text);
+    let valve_events = (ITEMS / EVERY) as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (rule, behavior) = loop {
+        let rule = s.get("/v1/rules/valve-hot").await.body;
+        let behavior = s.get("/v1/behaviors/valve-temp").await.body;
+        let done = rule["stats"]["fired"].as_u64() >= Some(valve_events / 2)
+            && behavior["runs"].as_u64() >= Some(valve_events);
+        if done || Instant::now() > deadline {
+            break (rule, behavior);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rule["stats"]["fired"], valve_events / 2, "{rule}");
+    assert_eq!(behavior["runs"], valve_events, "{behavior}");
+    assert_eq!(behavior["alerts"], valve_events / 2, "{behavior}");
+    assert_eq!(behavior["dropped"], 0, "{behavior}");
+    let m = s.get("/v1/metrics").await.body;
+    assert_eq!(m["rules_events_missed"], 0, "{m}");
+    assert_eq!(m["behaviors_events_missed"], 0, "{m}");
+}
+
 #[tokio::test]
 async fn behavior_validation_failures_and_module_deletion() {
     let s = Server::start();

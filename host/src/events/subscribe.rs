@@ -6,6 +6,11 @@
 //! further behind is handed a [`Item::Lagged`] naming the exact range it missed, and goes on
 //! with the newest events; it can fetch the range from the log. Every number is delivered at
 //! most once and in order.
+//!
+//! The node's own consumers (rule shards, the behavior dispatcher) do that themselves: when
+//! they fall behind the live buffer — a 10K-item ingest publishes 10K events at once — they
+//! go back to reading the log from where they were, and only what the log no longer holds is
+//! reported as lagged.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -100,6 +105,8 @@ pub struct Subscription {
     held: Option<Arc<Event>>,
     /// Counted as a client subscription.
     counted: bool,
+    /// On falling behind the live buffer, read the log from the cursor instead of skipping.
+    catch_up: bool,
 }
 
 impl EventLog {
@@ -115,10 +122,13 @@ impl EventLog {
         self.subscribers().fetch_add(1, Ordering::Relaxed);
         let mut sub = self.subscribe_internal(registry, filter, after);
         sub.counted = true;
+        sub.catch_up = false;
         sub
     }
 
-    /// A subscription that is not counted as a client.
+    /// A subscription that is not counted as a client, and that catches up from the log when
+    /// it falls behind the live buffer (it reports [`Item::Lagged`] only for events the log
+    /// no longer holds).
     pub fn subscribe_internal(
         &self,
         registry: Registry,
@@ -140,6 +150,7 @@ impl EventLog {
             replaying: after.is_some(),
             held: None,
             counted: false,
+            catch_up: true,
         }
     }
 }
@@ -176,37 +187,48 @@ impl Subscription {
             self.cursor = e.seq;
             return Some(Step::Event(e));
         }
-        while self.replaying {
-            if let Some(e) = self.replay.pop_front() {
-                if e.seq <= self.cursor {
-                    continue;
+        loop {
+            while self.replaying {
+                if let Some(e) = self.replay.pop_front() {
+                    if e.seq <= self.cursor {
+                        continue;
+                    }
+                    return Some(self.accept(e));
                 }
-                return Some(self.accept(e));
-            }
-            match self.log.read_after(self.cursor, REPLAY_STEP) {
-                Ok(r) if r.events.is_empty() => {
-                    // Nothing more stored: a gap up to the next number means it was trimmed.
-                    self.replaying = false;
-                    if r.next_seq > self.cursor + 1 {
-                        let (from, to) = (self.cursor + 1, r.next_seq - 1);
-                        self.cursor = to;
-                        return Some(Step::Lagged(from, to));
+                match self.log.read_after(self.cursor, REPLAY_STEP) {
+                    Ok(r) if r.events.is_empty() => {
+                        // Nothing more stored: a gap up to the next number means it was trimmed.
+                        self.replaying = false;
+                        if r.next_seq > self.cursor + 1 {
+                            let (from, to) = (self.cursor + 1, r.next_seq - 1);
+                            self.cursor = to;
+                            return Some(Step::Lagged(from, to));
+                        }
+                    }
+                    Ok(r) => self.replay.extend(r.events),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the event log; following live events");
+                        self.replaying = false;
                     }
                 }
-                Ok(r) => self.replay.extend(r.events),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the event log; following live events");
-                    self.replaying = false;
-                }
             }
-        }
-        loop {
-            match self.rx.recv().await {
-                Ok(e) if e.seq <= self.cursor => continue,
-                Ok(e) => return Some(self.accept(e)),
-                // The next receive says where the buffer resumes; `accept` reports the gap.
-                Err(RecvError::Lagged(_)) => continue,
-                Err(RecvError::Closed) => return None,
+            loop {
+                match self.rx.recv().await {
+                    Ok(e) if e.seq <= self.cursor => continue,
+                    Ok(e) if self.catch_up && e.seq > self.cursor + 1 => {
+                        // Behind: the log still holds what the live buffer dropped.
+                        self.replaying = true;
+                        break;
+                    }
+                    Ok(e) => return Some(self.accept(e)),
+                    Err(RecvError::Lagged(_)) if self.catch_up => {
+                        self.replaying = true;
+                        break;
+                    }
+                    // The next receive says where the buffer resumes; `accept` reports the gap.
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                }
             }
         }
     }
