@@ -711,6 +711,68 @@ async fn twin_patch_merge_if_match_and_delete() {
     assert_eq!(s.twin_count().await, 0);
 }
 
+/// Values nested deeper than 32 levels are refused on every write path (the event log, history
+/// and every reader must parse them back); 32 levels are stored and read back from the log.
+#[tokio::test]
+async fn deeply_nested_values_are_refused_and_the_log_stays_readable() {
+    let s = Server::start();
+    fn nested(levels: usize) -> Value {
+        let mut v = json!(1);
+        for _ in 0..levels {
+            v = json!([v]);
+        }
+        v
+    }
+    let id = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"a": 1}}))
+        .await;
+    let r = s
+        .patch(&format!("/v1/twins/{id}"), &json!({"deep": nested(33)}))
+        .await;
+    r.expect_error(400, "bad_request");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("32 levels"),
+        "{}",
+        r.text
+    );
+    s.post(
+        "/v1/twins",
+        &json!({"entity_type": "machine", "properties": {"deep": nested(40)}}),
+    )
+    .await
+    .expect_error(400, "bad_request");
+    let r = s
+        .post(
+            "/v1/ingest",
+            &json!([{"twin_id": id, "properties": {"deep": nested(100)}},
+                                    {"twin_id": id, "properties": {"a": 2}}]),
+        )
+        .await;
+    r.expect(200);
+    assert_eq!(r.body["applied"], 1, "{}", r.text);
+    assert_eq!(r.body["rejected"][0]["index"], 0, "{}", r.text);
+    // The deepest allowed value is stored, evented and read back from the log.
+    s.patch(&format!("/v1/twins/{id}"), &json!({"deep": nested(32)}))
+        .await
+        .expect(200);
+    let t = s.get(&format!("/v1/twins/{id}")).await;
+    t.expect(200);
+    assert_eq!(t.body["properties"]["deep"], nested(32));
+    let log = s.get(&format!("/v1/events/log?twin_id={id}")).await;
+    log.expect(200);
+    let evs = log.body["events"].as_array().unwrap();
+    assert_eq!(
+        evs.last().unwrap()["changed"]["deep"],
+        nested(32),
+        "{}",
+        log.text
+    );
+    assert_eq!(evs.len(), 3, "created, a=2, deep: {}", log.text);
+}
+
 #[tokio::test]
 async fn hierarchy_children_ancestors_and_cascade_delete() {
     let s = Server::start();

@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use utoipa::IntoParams;
 
 use super::extract::Query;
@@ -179,7 +179,15 @@ async fn pump(mut socket: WebSocket, mut sub: Subscription, log: crate::events::
 pub async fn log(
     State(s): State<AppState>,
     Query(p): Query<EventParams>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
+    /// One page, with each event's stored JSON written out as it is (no re-parsing).
+    #[derive(serde::Serialize)]
+    struct Page {
+        events: Vec<Box<serde_json::value::RawValue>>,
+        next_after: u64,
+        first_available: Option<u64>,
+        next_seq: u64,
+    }
     let limit = p.limit.unwrap_or(1000).clamp(1, MAX_LOG_PAGE);
     let filter = p.filter()?;
     let events = s.events.clone();
@@ -203,19 +211,24 @@ pub async fn log(
                 }
                 after = e.seq;
                 if filter.matches(&e, &registry) {
-                    out.push(serde_json::from_str::<Value>(e.json(events.source()))?);
+                    out.push(serde_json::value::RawValue::from_string(
+                        e.json(events.source()).to_owned(),
+                    )?);
                 }
             }
             if out.len() >= limit || after < last {
                 break;
             }
         }
-        Ok::<_, anyhow::Error>(axum::Json(json!({
-            "events": out,
-            "next_after": after,
-            "first_available": first_available,
-            "next_seq": next_seq,
-        })))
+        Ok::<_, anyhow::Error>(
+            axum::Json(Page {
+                events: out,
+                next_after: after,
+                first_available,
+                next_seq,
+            })
+            .into_response(),
+        )
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?

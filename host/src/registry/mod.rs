@@ -40,6 +40,9 @@ use crate::types::{Cause, Lifecycle, Properties, Twin, TwinId};
 pub const MAX_NAME_LEN: usize = 128;
 /// Most properties one twin may hold.
 pub const MAX_PROPERTIES: usize = 4096;
+/// Deepest nesting of arrays and objects inside one property value. Events, history and
+/// the log embed values a few levels deeper, and every reader must be able to parse them back.
+pub const MAX_VALUE_DEPTH: usize = 32;
 /// Deepest hierarchy walked by ancestor queries (guards against corrupted parent chains).
 pub const MAX_DEPTH: usize = 10_000;
 

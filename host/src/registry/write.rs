@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::{
     check_name, BatchOutcome, Change, ChangeKind, Indexes, Model, NewTwin, Registry, RegistryError,
-    TwinMap, Update, MAX_PROPERTIES,
+    TwinMap, Update, MAX_PROPERTIES, MAX_VALUE_DEPTH,
 };
 use crate::store::{keys, wal::Entry, Batch};
 use crate::types::{Lifecycle, Properties, Twin, TwinId, VClock};
@@ -69,6 +69,25 @@ fn check_patch(patch: &Properties) -> Result<(), RegistryError> {
         return Err(RegistryError::BadRequest(format!(
             "a patch names at most {MAX_PROPERTIES} properties"
         )));
+    }
+    check_depth(patch)
+}
+
+/// Refuse values nested deeper than [`MAX_VALUE_DEPTH`].
+fn check_depth(props: &Properties) -> Result<(), RegistryError> {
+    fn depth(v: &Value) -> usize {
+        match v {
+            Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+            Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    for (name, v) in props {
+        if depth(v) > MAX_VALUE_DEPTH {
+            return Err(RegistryError::BadRequest(format!(
+                "property {name:?} nests arrays and objects more than {MAX_VALUE_DEPTH} levels deep"
+            )));
+        }
     }
     Ok(())
 }
@@ -153,6 +172,7 @@ impl Registry {
                             "a twin holds at most {MAX_PROPERTIES} properties"
                         )));
                     }
+                    check_depth(&n.properties)?;
                     if let Some(m) = this.model_for(&n.entity_type) {
                         m.validate_new(&n.properties)?;
                     }
