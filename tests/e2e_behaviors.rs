@@ -308,6 +308,47 @@ async fn behavior_validation_failures_and_module_deletion() {
     let r = s.delete("/v1/modules/thermal-monitor").await;
     r.expect_error(409, "conflict");
     assert!(r.text.contains("behavior \\\"b\\\""), "{}", r.text);
+    // Nor swapped for a component of another world, by upload or rollback, without force.
+    let r = upload(&s, "thermal-monitor", &guest("thermal_analysis")).await;
+    r.expect_error(409, "conflict");
+    assert!(r.text.contains("behavior module in use"), "{}", r.text);
+    let m = s.get("/v1/modules/thermal-monitor").await.body;
+    assert_eq!(m["active"], 1, "still the behavior version: {m}");
+    // The same world is a hot swap, in use or not.
+    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+        .await
+        .expect(201);
+    // Another world with force (version 3), then rollback to the behavior version is fine,
+    // and back to the compute one is refused.
+    let r = s
+        .call(
+            Method::PUT,
+            "/v1/modules/thermal-monitor?force=true",
+            Body::Raw(&guest("thermal_analysis"), "application/wasm"),
+        )
+        .await;
+    r.expect(201);
+    assert_eq!(r.body["world"], "compute");
+    s.post(
+        "/v1/modules/thermal-monitor/rollback",
+        &json!({"version": 2}),
+    )
+    .await
+    .expect(200);
+    s.post(
+        "/v1/modules/thermal-monitor/rollback",
+        &json!({"version": 3}),
+    )
+    .await
+    .expect_error(409, "conflict");
+    let r = s
+        .post(
+            "/v1/modules/thermal-monitor/rollback",
+            &json!({"version": 9}),
+        )
+        .await;
+    r.expect_error(404, "not_found");
+    assert!(r.text.contains("has no version 9"), "{}", r.text);
     // A second behavior keeps working while the first one's module is force-deleted.
     upload(&s, "thermal-monitor-2", &guest("thermal_monitor"))
         .await

@@ -27,7 +27,8 @@ impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
         match e {
             CallError::Invalid(m) => ApiError::Validation(m.clone(), json!({"module": m})),
-            CallError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            CallError::NotFound(_) | CallError::NoVersion(..) => ApiError::NotFound(e.to_string()),
+            CallError::InUse(m) => ApiError::Conflict(m),
             CallError::Guest { .. } => ApiError::Validation(e.to_string(), json!({})),
             CallError::Store(s) => s.into(),
             CallError::Internal(m) => ApiError::Internal(m),
@@ -43,12 +44,56 @@ pub struct LimitParams {
     memory_mb: Option<u64>,
     /// Wall-clock deadline per call, e.g. `500ms`, `2s` (default 2s).
     timeout: Option<String>,
+    /// Accept a component of another world even while behaviors or rules use the module.
+    #[serde(default)]
+    force: bool,
+}
+
+/// The behaviors and rules that use module `name`, named for an error message.
+fn users_of(s: &AppState, name: &str) -> Vec<String> {
+    let mut users: Vec<String> = s
+        .behaviors
+        .using(name)
+        .into_iter()
+        .map(|b| format!("behavior {b:?}"))
+        .collect();
+    users.extend(
+        s.rules
+            .using_module(name)
+            .into_iter()
+            .map(|r| format!("rule {r:?}")),
+    );
+    users
+}
+
+/// The world a new version of `name` must have while something uses it: behaviors need the
+/// behavior world, rules (their `invoke` action) the compute world.
+fn world_to_keep(s: &AppState, name: &str, force: bool) -> Option<String> {
+    if force {
+        return None;
+    }
+    let behaviors = !s.behaviors.using(name).is_empty();
+    let rules = !s.rules.using_module(name).is_empty();
+    match (behaviors, rules) {
+        (false, false) => None,
+        (true, false) => Some("behavior".into()),
+        (false, true) => Some("compute".into()),
+        // Both (one of them already broken): keep what is active.
+        (true, true) => {
+            let info = s.runtime.info(name).ok()?;
+            info.versions
+                .into_iter()
+                .find(|v| v.version == info.active)
+                .map(|v| v.world)
+        }
+    }
 }
 
 /// Upload a component and make it the active version.
 #[utoipa::path(put, path = "/v1/modules/{name}", tag = "modules", params(("name" = String, Path), LimitParams),
     request_body(content = Vec<u8>, content_type = "application/wasm"),
-    responses((status = 201, body = VersionInfo), (status = 422, description = "not a component, unknown world, missing exports, bad limits", body = ErrorBody)))]
+    responses((status = 201, body = VersionInfo), (status = 409, description = "another world while behaviors or rules use the module", body = ErrorBody),
+        (status = 422, description = "not a component, unknown world, missing exports, bad limits", body = ErrorBody)))]
 pub async fn put(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -71,10 +116,13 @@ pub async fn put(
         timeout_ms,
     };
     let rt = s.runtime.clone();
-    let info =
-        tokio::task::spawn_blocking(move || rt.upload(&name, &body, limits).map(|i| (name, i)))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let keep = world_to_keep(&s, &name, p.force);
+    let info = tokio::task::spawn_blocking(move || {
+        rt.upload(&name, &body, limits, keep.as_deref())
+            .map(|i| (name, i))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     let (name, info) = info;
     Ok((
         StatusCode::CREATED,
@@ -105,48 +153,40 @@ pub struct RollbackBody {
     version: u32,
 }
 
-#[utoipa::path(post, path = "/v1/modules/{name}/rollback", tag = "modules", params(("name" = String, Path)), request_body = RollbackBody,
-    responses((status = 200, body = VersionInfo), (status = 404, body = ErrorBody)))]
+#[derive(Deserialize, IntoParams)]
+pub struct ForceParams {
+    /// Go ahead even while behaviors or rules use the module.
+    #[serde(default)]
+    force: bool,
+}
+
+#[utoipa::path(post, path = "/v1/modules/{name}/rollback", tag = "modules", params(("name" = String, Path), ForceParams), request_body = RollbackBody,
+    responses((status = 200, body = VersionInfo), (status = 404, body = ErrorBody),
+        (status = 409, description = "a version of another world while behaviors or rules use the module", body = ErrorBody)))]
 pub async fn rollback(
     State(s): State<AppState>,
     Path(name): Path<String>,
+    Query(p): Query<ForceParams>,
     Json(b): Json<RollbackBody>,
 ) -> Result<axum::Json<VersionInfo>, ApiError> {
     let rt = s.runtime.clone();
-    let info = tokio::task::spawn_blocking(move || rt.rollback(&name, b.version))
+    let keep = world_to_keep(&s, &name, p.force);
+    let info = tokio::task::spawn_blocking(move || rt.rollback(&name, b.version, keep.as_deref()))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(axum::Json(info))
 }
 
-#[derive(Deserialize, IntoParams)]
-pub struct DeleteParams {
-    /// Delete even while behaviors or rules use the module (they then fail until it returns).
-    #[serde(default)]
-    force: bool,
-}
-
 /// Delete a module. Refused with 409 while a behavior or rule uses it, unless `force=true`.
-#[utoipa::path(delete, path = "/v1/modules/{name}", tag = "modules", params(("name" = String, Path), DeleteParams),
+#[utoipa::path(delete, path = "/v1/modules/{name}", tag = "modules", params(("name" = String, Path), ForceParams),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn delete(
     State(s): State<AppState>,
     Path(name): Path<String>,
-    Query(p): Query<DeleteParams>,
+    Query(p): Query<ForceParams>,
 ) -> Result<StatusCode, ApiError> {
     s.runtime.info(&name)?;
-    let mut users: Vec<String> = s
-        .behaviors
-        .using(&name)
-        .into_iter()
-        .map(|b| format!("behavior {b:?}"))
-        .collect();
-    users.extend(
-        s.rules
-            .using_module(&name)
-            .into_iter()
-            .map(|r| format!("rule {r:?}")),
-    );
+    let users = users_of(&s, &name);
     if !users.is_empty() && !p.force {
         return Err(ApiError::Conflict(format!(
             "module {name:?} is used by {}; delete or rebind them first, or pass ?force=true",

@@ -573,7 +573,12 @@ async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {
         .await?;
     let rt = node.state.runtime.clone();
     for i in 0..MODULES {
-        rt.upload(&format!("ta{i}"), &bytes, crate::wasm::Limits::default())?;
+        rt.upload(
+            &format!("ta{i}"),
+            &bytes,
+            crate::wasm::Limits::default(),
+            None,
+        )?;
     }
     let params = json!({"threshold": 85});
     let (rt2, t2, p2) = (rt.clone(), twin.clone(), params.clone());

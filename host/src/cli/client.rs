@@ -70,11 +70,20 @@ pub enum ModuleCmd {
         /// Wall-clock deadline per call, e.g. 500ms or 2s.
         #[arg(long)]
         timeout: Option<String>,
+        /// Accept a component of another world while behaviors or rules use NAME.
+        #[arg(long)]
+        force: bool,
     },
     /// List modules with their versions and call counts.
     List,
     /// Make an earlier version active again.
-    Rollback { name: String, version: u32 },
+    Rollback {
+        name: String,
+        version: u32,
+        /// Accept a version of another world while behaviors or rules use NAME.
+        #[arg(long)]
+        force: bool,
+    },
     /// Delete a module (refused while behaviors or rules use it, unless --force).
     Delete {
         name: String,
@@ -333,6 +342,7 @@ pub async fn module(conn: Conn, cmd: ModuleCmd) -> anyhow::Result<()> {
             fuel,
             memory,
             timeout,
+            force,
         } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -345,6 +355,9 @@ pub async fn module(conn: Conn, cmd: ModuleCmd) -> anyhow::Result<()> {
             }
             if let Some(t) = timeout {
                 q.push(format!("timeout={t}"));
+            }
+            if force {
+                q.push("force=true".into());
             }
             let query = if q.is_empty() {
                 String::new()
@@ -360,10 +373,15 @@ pub async fn module(conn: Conn, cmd: ModuleCmd) -> anyhow::Result<()> {
             .await?
         }
         ModuleCmd::List => c.call(Method::GET, "/v1/modules", None, "").await?,
-        ModuleCmd::Rollback { name, version } => {
+        ModuleCmd::Rollback {
+            name,
+            version,
+            force,
+        } => {
+            let q = if force { "?force=true" } else { "" };
             c.json(
                 Method::POST,
-                &format!("/v1/modules/{name}/rollback"),
+                &format!("/v1/modules/{name}/rollback{q}"),
                 &json!({"version": version}),
             )
             .await?

@@ -38,6 +38,11 @@ pub enum CallError {
     Invalid(String),
     #[error("module {0:?} not found")]
     NotFound(String),
+    #[error("module {0:?} has no version {1}")]
+    NoVersion(String, u32),
+    /// The change would break the module's users (409).
+    #[error("{0}")]
+    InUse(String),
     /// The guest failed: trap, fuel, memory, deadline, bad output. Only this call fails.
     #[error("{kind}: {message}")]
     Guest { kind: &'static str, message: String },
@@ -126,6 +131,17 @@ pub struct Runtime {
     registry: Registry,
     modules: RwLock<HashMap<String, Entry>>,
     pub stats: Arc<RuntimeStats>,
+}
+
+/// Refuse a version of another world than the one the module's users need.
+fn check_world(name: &str, keep_world: Option<&str>, world: &str) -> Result<(), CallError> {
+    match keep_world {
+        Some(keep) if keep != world => Err(CallError::InUse(format!(
+            "module {name:?} is a {keep} module in use, and this version is a {world} module; \
+             unbind its users first, or pass ?force=true"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> CallError {
@@ -271,11 +287,14 @@ impl Runtime {
     }
 
     /// Validate, compile and activate a new version of `name`.
+    /// Compile, store and activate a new version. With `keep_world`, a component of another
+    /// world is refused with [`CallError::InUse`] (its users need that world).
     pub fn upload(
         &self,
         name: &str,
         bytes: &[u8],
         limits: Limits,
+        keep_world: Option<&str>,
     ) -> Result<VersionInfo, CallError> {
         check_name("module name", name).map_err(|e| CallError::Invalid(e.to_string()))?;
         limits.check().map_err(CallError::Invalid)?;
@@ -291,6 +310,7 @@ impl Runtime {
         }
         let component = self.compile(bytes)?;
         let world = component_world(&component, &self.engine)?.to_owned();
+        check_world(name, keep_world, &world)?;
         let pre = self.instantiate_pre(&component)?;
         let sha = hex::encode(Sha256::digest(bytes));
         self.store.put_durable(&keys::module_bytes(&sha), bytes)?;
@@ -337,7 +357,13 @@ impl Runtime {
     }
 
     /// Make an earlier version active again.
-    pub fn rollback(&self, name: &str, version: u32) -> Result<VersionInfo, CallError> {
+    /// Make an earlier version active again (`keep_world` as in [`Runtime::upload`]).
+    pub fn rollback(
+        &self,
+        name: &str,
+        version: u32,
+        keep_world: Option<&str>,
+    ) -> Result<VersionInfo, CallError> {
         let info = {
             let modules = self.modules.read();
             let e = modules
@@ -348,8 +374,9 @@ impl Runtime {
                 .iter()
                 .find(|v| v.version == version)
                 .cloned()
-                .ok_or_else(|| CallError::NotFound(format!("{name} version {version}")))?
+                .ok_or_else(|| CallError::NoVersion(name.to_owned(), version))?
         };
+        check_world(name, keep_world, &info.world)?;
         let active = Arc::new(self.prepare(&info)?);
         let mut modules = self.modules.write();
         let e = modules

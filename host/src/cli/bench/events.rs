@@ -404,7 +404,12 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
     let node = bench_node(dir.path()).await?;
     let rt = node.state.runtime.clone();
-    rt.upload("thermal-monitor", &bytes, crate::wasm::Limits::default())?;
+    rt.upload(
+        "thermal-monitor",
+        &bytes,
+        crate::wasm::Limits::default(),
+        None,
+    )?;
     let mut ids = Vec::new();
     for _ in 0..1000 {
         ids.push(
