@@ -276,6 +276,48 @@ async fn token_roles_are_enforced() {
     )
     .await
     .expect_error(403, "forbidden");
+    // write manages rules (API.md) and may invoke compute modules, but not upload them.
+    let rule = json!({"kind": "threshold", "property": "t", "op": ">", "value": 1,
+                      "actions": [{"type": "alert"}]});
+    s.send(
+        Method::PUT,
+        "/v1/rules/r",
+        Some(&write),
+        Body::Json(&rule),
+        &[],
+    )
+    .await
+    .expect(201);
+    s.send(
+        Method::PUT,
+        "/v1/rules/r2",
+        Some(&read),
+        Body::Json(&rule),
+        &[],
+    )
+    .await
+    .expect_error(403, "forbidden");
+    s.send(Method::DELETE, "/v1/rules/r", Some(&write), Body::None, &[])
+        .await
+        .expect(204);
+    s.send(
+        Method::POST,
+        "/v1/modules/none/invoke",
+        Some(&write),
+        Body::Json(&json!({"twin_ids": []})),
+        &[],
+    )
+    .await
+    .expect_error(404, "not_found");
+    s.send(
+        Method::PUT,
+        "/v1/modules/none",
+        Some(&write),
+        Body::Raw(b"\0asm", "application/wasm"),
+        &[],
+    )
+    .await
+    .expect_error(403, "forbidden");
     // A read token may read models.
     s.send(Method::GET, "/v1/models", Some(&read), Body::None, &[])
         .await

@@ -140,16 +140,19 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     if matches!(path, "/healthz" | "/metrics" | "/v1/openapi.json") {
         return None;
     }
-    let admin_area = [
-        "/v1/models",
-        "/v1/modules",
-        "/v1/peers",
-        "/v1/tokens",
-        "/v1/behaviors",
-        "/v1/rules",
-    ]
-    .iter()
-    .any(|p| path == *p || path.starts_with(&format!("{p}/")));
+    // API.md: `write` covers twins, ingest, workflows and rules; running a compute module is
+    // a computation like a workflow step; uploading code and binding it is `admin`.
+    let invoke = path.starts_with("/v1/modules/") && path.ends_with("/invoke");
+    let admin_area = !invoke
+        && [
+            "/v1/models",
+            "/v1/modules",
+            "/v1/peers",
+            "/v1/tokens",
+            "/v1/behaviors",
+        ]
+        .iter()
+        .any(|p| path == *p || path.starts_with(&format!("{p}/")));
     let reading = matches!(*method, Method::GET | Method::HEAD) || path == "/v1/query";
     Some(match (reading, admin_area) {
         (true, _) if path.starts_with("/v1/tokens") => Role::Admin,
@@ -187,6 +190,22 @@ mod tests {
     #[test]
     fn roles_follow_api_md() {
         assert_eq!(required_role(&Method::GET, "/healthz"), None);
+        assert_eq!(
+            required_role(&Method::PUT, "/v1/rules/r"),
+            Some(Role::Write)
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/v1/modules/m/invoke"),
+            Some(Role::Write)
+        );
+        assert_eq!(
+            required_role(&Method::PUT, "/v1/modules/m"),
+            Some(Role::Admin)
+        );
+        assert_eq!(
+            required_role(&Method::PUT, "/v1/behaviors/b"),
+            Some(Role::Admin)
+        );
         assert_eq!(required_role(&Method::GET, "/v1/twins"), Some(Role::Read));
         assert_eq!(required_role(&Method::POST, "/v1/query"), Some(Role::Read));
         assert_eq!(required_role(&Method::POST, "/v1/twins"), Some(Role::Write));
