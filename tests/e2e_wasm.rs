@@ -171,6 +171,9 @@ async fn bad_uploads_are_422_with_the_reason() {
         .as_str()
         .unwrap()
         .contains("not a valid component"));
+    // Over the 32 MiB upload limit: a JSON 413 like every other error.
+    let r = upload(&s, "x", &vec![0u8; (32 << 20) + 1], "").await;
+    r.expect_error(413, "payload_too_large");
     // A valid component, but of a world this host does not run.
     let r = upload(&s, "x", &guest("other_world"), "").await;
     r.expect_error(422, "validation_failed");

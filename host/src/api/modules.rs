@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
@@ -12,7 +11,7 @@ use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::ErrorBody;
-use super::extract::{Json, Path, Query};
+use super::extract::{Json, Path, Query, RawBody};
 use super::{ApiError, AppState};
 use crate::registry::Query as TwinQuery;
 use crate::types::TwinId;
@@ -98,7 +97,7 @@ pub async fn put(
     State(s): State<AppState>,
     Path(name): Path<String>,
     Query(p): Query<LimitParams>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
     let d = Limits::default();
     let timeout_ms = match p.timeout.as_deref() {
