@@ -194,6 +194,22 @@ async fn bad_uploads_are_422_with_the_reason() {
     s.post("/v1/modules/x/invoke", &json!({"twin_ids": []}))
         .await
         .expect_error(404, "not_found");
+    // Invoking a module of another world is the request's error, not each twin's.
+    upload(&s, "mon", &guest("thermal_monitor"), "")
+        .await
+        .expect(201);
+    let r = s
+        .post("/v1/modules/mon/invoke", &json!({"twin_ids": []}))
+        .await;
+    r.expect_error(422, "validation_failed");
+    assert!(r.text.contains("is a behavior module"), "{}", r.text);
+    let side = json!({"value": 1, "hlc": 1, "origin": "a"});
+    s.post(
+        "/v1/modules/mon/invoke",
+        &json!({"resolve": {"property": "p", "a": side, "b": side}}),
+    )
+    .await
+    .expect_error(422, "validation_failed");
     // Modules need the admin role.
     let write = s.create_token("write").await;
     let r = s
@@ -312,6 +328,34 @@ async fn hostile_guests_fail_alone_within_their_limits() {
         started.elapsed() < Duration::from_secs(2),
         "deadline took {:?}",
         started.elapsed()
+    );
+
+    // A client that gives up stops the rest of its request: 10 twins of 300 ms each, the
+    // client leaves after 700 ms, and the calls stop within one more.
+    let mut many = Vec::new();
+    for _ in 0..10 {
+        many.push(
+            s.create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 1}}))
+                .await,
+        );
+    }
+    let calls = |v: &Value| v["calls"].as_u64().unwrap();
+    let before = calls(&s.get("/v1/modules/spinner").await.body);
+    let r = s
+        .http
+        .post(format!("{}/v1/modules/spinner/invoke", s.url))
+        .bearer_auth(&s.token)
+        .timeout(Duration::from_millis(700))
+        .json(&json!({"twin_ids": many, "parameters": {"mode": "loop"}}))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client timed out");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let after = calls(&s.get("/v1/modules/spinner").await.body);
+    assert!(
+        after - before <= 4,
+        "{} calls after the client left at 700 ms (10 without the stop)",
+        after - before
     );
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

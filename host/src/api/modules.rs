@@ -1,8 +1,9 @@
 //! `/v1/modules`: upload, list, rollback, delete and invoke WebAssembly components.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -19,6 +20,9 @@ use crate::wasm::{CallError, Limits, ModuleInfo, VersionInfo};
 
 /// Most twins one invocation may name.
 pub const MAX_INVOKE_TWINS: usize = 10_000;
+/// Wall-clock budget of one invoke request over all its twins; twins it leaves get the error
+/// `request_deadline`.
+pub const INVOKE_BUDGET: Duration = Duration::from_secs(60);
 /// How long an invocation waits for a free compute slot before answering 429.
 const COMPUTE_SLOT_WAIT: Duration = Duration::from_secs(2);
 
@@ -78,14 +82,17 @@ fn world_to_keep(s: &AppState, name: &str, force: bool) -> Option<String> {
         (true, false) => Some("behavior".into()),
         (false, true) => Some("compute".into()),
         // Both (one of them already broken): keep what is active.
-        (true, true) => {
-            let info = s.runtime.info(name).ok()?;
-            info.versions
-                .into_iter()
-                .find(|v| v.version == info.active)
-                .map(|v| v.world)
-        }
+        (true, true) => active_world(s, name),
     }
+}
+
+/// The world of the active version of `name`.
+fn active_world(s: &AppState, name: &str) -> Option<String> {
+    let info = s.runtime.info(name).ok()?;
+    info.versions
+        .into_iter()
+        .find(|v| v.version == info.active)
+        .map(|v| v.world)
 }
 
 /// Upload a component and make it the active version.
@@ -243,6 +250,25 @@ pub async fn invoke(
     Json(b): Json<InvokeBody>,
 ) -> Result<axum::Json<Value>, ApiError> {
     s.runtime.info(&name)?;
+    let world = active_world(&s, &name).unwrap_or_default();
+    let wanted = if b.resolve.is_some() {
+        "resolver"
+    } else {
+        "compute"
+    };
+    if world != wanted {
+        return Err(ApiError::Validation(
+            format!(
+                "module {name:?} is a {world} module; {} calls a {wanted} module",
+                if b.resolve.is_some() {
+                    "{\"resolve\": …}"
+                } else {
+                    "invoke with twins"
+                }
+            ),
+            json!({"module": name, "world": world}),
+        ));
+    }
     if let Some(r) = b.resolve {
         let permit = compute_slot(&s).await?;
         let rt = s.runtime.clone();
@@ -296,24 +322,49 @@ pub async fn invoke(
     };
     let permit = compute_slot(&s).await?;
     let rt: Arc<crate::wasm::Runtime> = s.runtime.clone();
+    // Set when the client goes away (this future is dropped): the remaining twins are skipped.
+    let gone = Arc::new(AtomicBool::new(false));
+    let _on_drop = SetOnDrop(gone.clone());
     let results = tokio::task::spawn_blocking(move || {
         let _permit = permit;
+        let budget_ends = Instant::now() + INVOKE_BUDGET;
         let mut out = BTreeMap::new();
         for t in twins {
-            let r = match rt.call_compute(&name, std::slice::from_ref(&t), &parameters) {
-                Ok(v) => v,
-                Err(CallError::Guest { kind, message }) => {
-                    json!({"error": {"code": kind, "message": message}})
+            if gone.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let r = if Instant::now() >= budget_ends {
+                json!({"error": {"code": "request_deadline", "message": format!(
+                    "not run: the request's {} s budget was spent on the twins before",
+                    INVOKE_BUDGET.as_secs())}})
+            } else {
+                match rt.call_compute(&name, std::slice::from_ref(&t), &parameters) {
+                    Ok(v) => v,
+                    Err(CallError::Guest { kind, message }) => {
+                        json!({"error": {"code": kind, "message": message}})
+                    }
+                    // Not this twin's failure (wrong world, module gone): the request's.
+                    Err(e) => return Err(e),
                 }
-                Err(e) => ApiError::from(e).body(),
             };
             out.insert(t.id.to_string(), r);
         }
-        out
+        Ok(Some(out))
     })
     .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    // `None` only when the client is gone: nobody reads this answer.
+    let results = results.unwrap_or_default();
     Ok(axum::Json(json!({ "results": results })))
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A slot of the compute pool, or 429 when none frees up in time.
