@@ -1479,7 +1479,13 @@ async fn cli_ingest_file_prints_applied_count() {
     std::fs::write(&file, text).unwrap();
 
     let out = s.cli(&["ingest", file.to_str().unwrap(), "--batch", "10"]);
-    let v = cli_json(&out);
+    // A rejected item makes the exit status 1 (the rest is applied), with the summary printed.
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 of 26 items were rejected"),
+        "{out:?}"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("the summary on stdout");
     assert_eq!(v["applied"], 25, "{v}");
     assert_eq!(v["rejected"], 1, "{v}");
     assert_eq!(
@@ -1492,6 +1498,41 @@ async fn cli_ingest_file_prints_applied_count() {
     );
     let r = s.get(&format!("/v1/twins/{a}/history/temperature")).await;
     assert_eq!(r.body["points"].as_array().unwrap().len(), 13);
+}
+
+/// A client command whose output pipe closes early ends quietly (no panic message).
+#[tokio::test]
+async fn cli_output_into_a_closed_pipe_ends_quietly() {
+    let s = Server::start();
+    for _ in 0..50 {
+        s.create_twin_id(
+            &json!({"entity_type": "machine", "properties": {"pad": "x".repeat(2000)}}),
+        )
+        .await;
+    }
+    let mut child = std::process::Command::new(common::BIN)
+        .args([
+            "query",
+            r#"{"entity_type": "machine", "limit": 100}"#,
+            "--url",
+            &s.url,
+        ])
+        .arg("--data-dir")
+        .arg(&s.data_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one byte, then close the pipe.
+    {
+        use std::io::Read;
+        let mut out = child.stdout.take().unwrap();
+        let mut one = [0u8; 1];
+        out.read_exact(&mut one).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 /// A deleted twin's history must not survive the delete: writes to a twin that race with its

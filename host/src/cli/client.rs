@@ -677,5 +677,13 @@ pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<(
         json!({"applied": applied, "rejected": rejected.len(), "seconds": (secs * 1000.0).round() / 1000.0,
                "updates_per_s": (applied as f64 / secs).round()})
     );
+    if !rejected.is_empty() {
+        // The rest is applied and durable; the exit status still tells a script.
+        bail!(
+            "{} of {} items were rejected",
+            rejected.len(),
+            rejected.len() as u64 + applied
+        );
+    }
     Ok(())
 }

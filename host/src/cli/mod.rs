@@ -150,6 +150,15 @@ pub struct Conn {
 /// Parse the command line and run it.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // A client command piped into `head` ends quietly when the pipe closes, like any Unix
+        // tool, instead of panicking in println!. (The server keeps Rust's ignored SIGPIPE:
+        // a closed socket is an error to handle, not a reason to die.)
+        // SAFETY: setting a signal's disposition to the default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
