@@ -1295,6 +1295,7 @@ async fn ingest_rejects_bad_items_by_index_and_applies_the_rest() {
             r#"{{"twin_id":"{a}","properties":{{"rpm":1500}},"ts":"{}"}}"#,
             rfc3339(Utc::now())
         ), // 7 good
+        format!(r#"{{"twin_id":"{a}","properties":{{"rpm":1}},"ts":"yesterday"}}"#), // 8 bad ts
     ];
     let body = lines.join("\n");
     let r = s
@@ -1307,7 +1308,7 @@ async fn ingest_rejects_bad_items_by_index_and_applies_the_rest() {
         .iter()
         .map(|x| x["index"].as_u64().unwrap())
         .collect();
-    assert_eq!(idx, vec![1, 2, 3, 5, 6], "{}", r.body);
+    assert_eq!(idx, vec![1, 2, 3, 5, 6, 8], "{}", r.body);
     let codes: Vec<&str> = rejected
         .iter()
         .map(|x| x["error"]["code"].as_str().unwrap())
@@ -1319,8 +1320,17 @@ async fn ingest_rejects_bad_items_by_index_and_applies_the_rest() {
             "not_found",
             "validation_failed",
             "bad_request",
-            "validation_failed"
+            "validation_failed",
+            "bad_request"
         ]
+    );
+    assert!(
+        rejected[5]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(r#"ts "yesterday" is not an RFC 3339 time"#),
+        "{}",
+        r.body
     );
     for x in rejected {
         assert!(

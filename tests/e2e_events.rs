@@ -1434,6 +1434,11 @@ async fn bad_params() {
         "the message names the bad type: {}",
         r.text
     );
+    for q in ["limit=0", "limit=10001"] {
+        let r = s.get(&format!("/v1/events/log?{q}")).await;
+        r.expect_error(400, "bad_request");
+        assert!(r.text.contains("between 1 and 10000"), "{}", r.text);
+    }
     for bad in ["abc", "-1", "1.5", "12abc"] {
         let r = s
             .send(

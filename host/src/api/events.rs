@@ -188,7 +188,12 @@ pub async fn log(
         first_available: Option<u64>,
         next_seq: u64,
     }
-    let limit = p.limit.unwrap_or(1000).clamp(1, MAX_LOG_PAGE);
+    let limit = p.limit.unwrap_or(1000);
+    if !(1..=MAX_LOG_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_LOG_PAGE}"
+        )));
+    }
     let filter = p.filter()?;
     let events = s.events.clone();
     let registry = s.registry.clone();

@@ -23,8 +23,23 @@ pub struct IngestItem {
     pub twin_id: TwinId,
     #[schema(value_type = Object)]
     pub properties: Properties,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rfc3339")]
     pub ts: Option<DateTime<Utc>>,
+}
+
+/// `ts` as an RFC 3339 time, with an error that names the field and the expected form.
+fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    let text = Option::<String>::deserialize(d)?;
+    text.map(|t| {
+        DateTime::parse_from_rfc3339(&t)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "ts {t:?} is not an RFC 3339 time like 2026-11-25T12:00:00Z ({e})"
+                ))
+            })
+    })
+    .transpose()
 }
 
 #[derive(Serialize, ToSchema)]

@@ -63,13 +63,26 @@ pub enum Op {
     Lt,
     #[serde(rename = "<=")]
     Le,
-    #[serde(rename = "==")]
+    /// `==`, or `=` as in queries.
+    #[serde(rename = "==", alias = "=")]
     Eq,
     #[serde(rename = "!=")]
     Ne,
 }
 
 impl Op {
+    /// The operator as written in a rule.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Op::Gt => ">",
+            Op::Ge => ">=",
+            Op::Lt => "<",
+            Op::Le => "<=",
+            Op::Eq => "==",
+            Op::Ne => "!=",
+        }
+    }
+
     pub fn test(self, a: f64, b: f64) -> bool {
         match self {
             Op::Gt => a > b,
@@ -406,8 +419,8 @@ fn compile(
                 };
                 if !ok {
                     errors.push(format!(
-                        "clear: for op {:?} the clear level must be on the other side of value {} (or use no clear with == and !=)",
-                        r.op, r.value
+                        "clear: for op {} the clear level must be on the other side of value {} (or use no clear with == and !=)",
+                        r.op.symbol(), r.value
                     ));
                 }
             }
@@ -1837,7 +1850,14 @@ mod tests {
             "kind": "threshold", "property": "x", "op": ">", "value": 10, "clear": 20,
             "actions": [{"type": "alert"}]}))
         .unwrap();
-        assert!(validate(&hysteresis, &|_| None).unwrap_err()[0].contains("clear"));
+        let errors = validate(&hysteresis, &|_| None).unwrap_err();
+        assert!(errors[0].contains("clear: for op > "), "{errors:?}");
+        // `=` (as in queries) is `==`.
+        let eq: RuleSpec = serde_json::from_value(json!({
+            "kind": "threshold", "property": "x", "op": "=", "value": 1,
+            "actions": [{"type": "alert"}]}))
+        .unwrap();
+        assert!(matches!(eq, RuleSpec::Threshold(ref t) if t.op == Op::Eq));
         // Unknown fields and kinds are refused by the parser.
         assert!(serde_json::from_value::<RuleSpec>(json!({"kind": "threshold", "property": "x", "op": ">", "value": 1, "actions": [], "bogus": 1})).is_err());
         assert!(serde_json::from_value::<RuleSpec>(json!({"kind": "magic"})).is_err());
