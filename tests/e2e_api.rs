@@ -796,6 +796,13 @@ async fn deeply_nested_values_are_refused_and_the_log_stays_readable() {
     r.expect(200);
     assert_eq!(r.body["applied"], 1, "{}", r.text);
     assert_eq!(r.body["rejected"][0]["index"], 0, "{}", r.text);
+    let other = s.create_twin_id(&json!({"entity_type": "machine"})).await;
+    s.put(
+        &format!("/v1/twins/{id}/relationships/feeds/{other}"),
+        &json!({"deep": nested(40)}),
+    )
+    .await
+    .expect_error(400, "bad_request");
     // The deepest allowed value is stored, evented and read back from the log.
     s.patch(&format!("/v1/twins/{id}"), &json!({"deep": nested(32)}))
         .await
@@ -939,7 +946,28 @@ async fn lifecycle_retired_is_final() {
     assert_eq!(r.body["lifecycle"], "retired");
     assert_eq!(r.body["version"], version);
     assert_eq!(r.body["properties"]["temperature"], 61);
-    // A retired twin can still be deleted.
+    // It takes no new children and no new relationships of its own; others may still point
+    // at it.
+    s.post(
+        "/v1/twins",
+        &json!({"entity_type": "machine", "parent_id": id}),
+    )
+    .await
+    .expect_error(409, "conflict");
+    let other = s.create_twin_id(&json!({"entity_type": "machine"})).await;
+    s.put(
+        &format!("/v1/twins/{id}/relationships/feeds/{other}"),
+        &json!({}),
+    )
+    .await
+    .expect_error(409, "conflict");
+    s.put(
+        &format!("/v1/twins/{other}/relationships/replaces/{id}"),
+        &json!({}),
+    )
+    .await
+    .expect(201);
+    // A retired twin can still be deleted (its relationships go with it).
     s.delete(&format!("/v1/twins/{id}")).await.expect(204);
 }
 

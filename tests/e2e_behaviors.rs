@@ -286,6 +286,7 @@ async fn behavior_validation_failures_and_module_deletion() {
         json!({"module": "missing", "entity_type": "machine"}),
         json!({"module": "thermal-monitor"}),
         json!({"module": "thermal-monitor", "entity_type": "machine", "twin_id": "0192e5f0-0000-7000-8000-000000000000"}),
+        json!({"module": "thermal-monitor", "twin_id": "0192e5f0-0000-7000-8000-000000000000"}), // no such twin
     ];
     for body in cases {
         s.put("/v1/behaviors/b", &body)

@@ -82,17 +82,8 @@ fn world_to_keep(s: &AppState, name: &str, force: bool) -> Option<String> {
         (true, false) => Some("behavior".into()),
         (false, true) => Some("compute".into()),
         // Both (one of them already broken): keep what is active.
-        (true, true) => active_world(s, name),
+        (true, true) => s.runtime.world_of(name),
     }
-}
-
-/// The world of the active version of `name`.
-fn active_world(s: &AppState, name: &str) -> Option<String> {
-    let info = s.runtime.info(name).ok()?;
-    info.versions
-        .into_iter()
-        .find(|v| v.version == info.active)
-        .map(|v| v.world)
 }
 
 /// Upload a component and make it the active version.
@@ -250,7 +241,7 @@ pub async fn invoke(
     Json(b): Json<InvokeBody>,
 ) -> Result<axum::Json<Value>, ApiError> {
     s.runtime.info(&name)?;
-    let world = active_world(&s, &name).unwrap_or_default();
+    let world = s.runtime.world_of(&name).unwrap_or_default();
     let wanted = if b.resolve.is_some() {
         "resolver"
     } else {

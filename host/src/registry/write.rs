@@ -64,6 +64,16 @@ fn change(kind: ChangeKind, t: &Twin, changed: Properties, ts: DateTime<Utc>) ->
     }
 }
 
+impl Registry {
+    fn is_retired(&self, id: &TwinId) -> bool {
+        self.inner
+            .twins
+            .0
+            .get(id)
+            .is_some_and(|t| t.lifecycle == Lifecycle::Retired)
+    }
+}
+
 fn check_patch(patch: &Properties) -> Result<(), RegistryError> {
     if patch.len() > MAX_PROPERTIES {
         return Err(RegistryError::BadRequest(format!(
@@ -184,6 +194,11 @@ impl Registry {
                     if let Some(p) = n.parent_id {
                         if !idx.all.contains(&p) {
                             return Err(RegistryError::NotFound(format!("parent twin {p}")));
+                        }
+                        if this.is_retired(&p) {
+                            return Err(RegistryError::Conflict(format!(
+                                "parent twin {p} is retired and takes no new children"
+                            )));
                         }
                     }
                     let twin = Twin {
@@ -399,15 +414,17 @@ impl Registry {
         props: Value,
     ) -> Result<bool, RegistryError> {
         check_name("relationship name", name)?;
-        if !(props.is_object() || props.is_null()) {
-            return Err(RegistryError::BadRequest(
-                "relationship properties must be a JSON object".into(),
-            ));
-        }
-        let props = if props.is_null() {
-            Value::Object(Default::default())
-        } else {
-            props
+        let props = match props {
+            Value::Null => Value::Object(Default::default()),
+            Value::Object(m) => {
+                check_patch(&m)?;
+                Value::Object(m)
+            }
+            _ => {
+                return Err(RegistryError::BadRequest(
+                    "relationship properties must be a JSON object".into(),
+                ))
+            }
         };
         let bytes = serde_json::to_vec(&props).expect("json serializes");
         let name = name.to_owned();
@@ -417,6 +434,11 @@ impl Registry {
                 if !idx.all.contains(&end) {
                     return Err(RegistryError::twin_not_found(end));
                 }
+            }
+            if this.is_retired(&src) {
+                return Err(RegistryError::Conflict(format!(
+                    "twin {src} is retired and refuses updates"
+                )));
             }
             b.put(keys::rel(&src, &target, &name), bytes);
             let mut rels = this.inner.rels.write();

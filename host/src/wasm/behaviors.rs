@@ -256,7 +256,11 @@ impl Behaviors {
             (Some(et), None) => {
                 check_name("entity type", et).map_err(|e| BehaviorError::Invalid(e.to_string()))?
             }
-            (None, Some(_)) => {}
+            (None, Some(t)) => {
+                if self.inner.registry.get(&t).is_err() {
+                    return Err(BehaviorError::Invalid(format!("twin {t} does not exist")));
+                }
+            }
         }
         match self.inner.runtime.world_of(&binding.module) {
             None => {
