@@ -699,6 +699,17 @@ async fn twin_patch_merge_if_match_and_delete() {
     let g = s.get(&path).await;
     assert_eq!(g.body["properties"], r.body["properties"]);
     assert_eq!(g.header("etag").as_deref(), Some("\"2\""));
+    // An empty patch changes nothing: same version, no event.
+    let r = s.patch(&path, &json!({})).await;
+    r.expect(200);
+    assert_eq!(r.body["version"], 2);
+    let log = s.get(&format!("/v1/events/log?twin_id={id}")).await;
+    assert_eq!(
+        log.body["events"].as_array().unwrap().len(),
+        2,
+        "{}",
+        log.text
+    );
 
     // If-Match that does not name the current version → 412, no change.
     let r = s

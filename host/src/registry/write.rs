@@ -293,6 +293,10 @@ impl Registry {
                 });
             }
         }
+        if u.patch.is_empty() {
+            // `{}` changes nothing: no new version, no event.
+            return Ok(want_twin.then(|| t.clone()));
+        }
         if let Some(m) = self.model_for(&t.entity_type) {
             m.validate_patch(&u.patch)?;
         }
