@@ -108,7 +108,7 @@ impl Limits {
         }
         if self.memory_bytes < 64 * 1024 || self.memory_bytes > MAX_MEMORY_BYTES {
             return Err(format!(
-                "memory must be between 64 KiB and {} MiB",
+                "memory_mb must be between 1 and {}",
                 MAX_MEMORY_BYTES >> 20
             ));
         }
