@@ -438,8 +438,8 @@ impl Behaviors {
         metrics::counter!("twinhost_behavior_runs_total").increment(1);
         let out = match out {
             Ok(Ok(out)) => out,
-            Ok(Err(err)) => return self.failed(&name, &counters, err.to_string()),
-            Err(join) => return self.failed(&name, &counters, join.to_string()),
+            Ok(Err(err)) => return self.failed(name, counters, err.to_string()),
+            Err(join) => return self.failed(name, counters, join.to_string()),
         };
         let cause = Arc::new(Cause {
             by: format!("behavior:{name}"),
@@ -470,8 +470,8 @@ impl Behaviors {
                 Some(Ok(t)) => t,
                 Some(Err(_)) => {
                     return self.failed(
-                        &name,
-                        &counters,
+                        name,
+                        counters,
                         format!("patch names twin {target:?}, which is not a UUID"),
                     );
                 }
@@ -480,8 +480,8 @@ impl Behaviors {
                 Ok(Value::Object(m)) => m,
                 _ => {
                     return self.failed(
-                        &name,
-                        &counters,
+                        name,
+                        counters,
                         "a patch's properties must be a JSON object".into(),
                     )
                 }
@@ -502,13 +502,13 @@ impl Behaviors {
                     .fetch_add(outcome.applied as u64, Ordering::Relaxed);
                 if let Some((_, err)) = outcome.rejected.first() {
                     self.failed(
-                        &name,
-                        &counters,
+                        name,
+                        counters,
                         format!("{} of {n} patches refused: {err}", outcome.rejected.len()),
                     );
                 }
             }
-            Err(err) => self.failed(&name, &counters, format!("patch failed: {err}")),
+            Err(err) => self.failed(name, counters, format!("patch failed: {err}")),
         }
     }
 
