@@ -351,6 +351,24 @@ impl Ws {
         Some((fin, opcode, payload))
     }
 
+    /// Skip messages until a close frame; its payload (status code and reason), or `None`
+    /// if none arrives within `timeout`.
+    async fn close_frame(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Some((_, opcode, payload)) = self.parse_frame() {
+                if opcode == 0x8 {
+                    return Some(payload);
+                }
+            }
+            let mut chunk = vec![0u8; 65536];
+            match tokio::time::timeout_at(deadline.into(), self.tcp.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
+        }
+    }
+
     /// The next text message; `None` if none arrives within `timeout`. Panics on close.
     async fn next(&mut self, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
@@ -1397,6 +1415,44 @@ async fn event_tail_and_max_age_limits() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// SIGTERM with subscribers connected: their streams end (WebSocket with a 1001 close frame),
+/// and the server drains and exits at once instead of waiting for the clients to leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_streams_and_exits() {
+    let s = Server::start();
+    let id = create(&s, "machine", None, json!({"n": 0})).await;
+    let mut sse = Sse::open(&s, "types=twin.updated", &[]).await;
+    let mut ws = Ws::open(&s, "types=twin.updated").await;
+    patch(&s, &id, json!({"n": 1})).await;
+    sse.take(1, "the live update over SSE").await;
+    ws.take(1, "the live update over WebSocket").await;
+    let stopper = tokio::task::spawn_blocking(move || {
+        let mut s = s;
+        let started = Instant::now();
+        let r = s.stop_within(Duration::from_secs(5));
+        (s, r, started.elapsed())
+    });
+    let close = ws.close_frame(Duration::from_secs(5)).await;
+    let (_s, r, took) = stopper.await.unwrap();
+    let status = r.expect("the server exits within 5 s of SIGTERM with streams open");
+    assert!(status.success(), "exit status {status}");
+    eprintln!("stopped in {took:?} with an SSE and a WebSocket subscriber connected");
+    let close = close.expect("a close frame on the WebSocket");
+    assert_eq!(close[..2], 1001u16.to_be_bytes(), "going away: {close:?}");
+    // The SSE stream has ended too.
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(2), sse.resp.chunk()).await {
+            Ok(Ok(Some(_))) => continue, // what was already in flight
+            Ok(Ok(None)) | Ok(Err(_)) => break true,
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        ended,
+        "the SSE stream is still open after the server stopped"
+    );
 }
 
 // ---- 6. bad parameters -----------------------------------------------------------------

@@ -413,6 +413,53 @@ async fn cli_module_put_list_rollback_and_invoke() {
     assert!(!out.status.success(), "invoke without twins must fail");
 }
 
+/// A request still running 10 s after SIGTERM does not hold the server up: its connection is
+/// dropped, queued writes drain, and the server exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_a_long_request_past_the_drain_timeout() {
+    let s = Server::start();
+    upload(
+        &s,
+        "spin",
+        &guest("hostile"),
+        "?fuel=100000000000&timeout=30s",
+    )
+    .await
+    .expect(201);
+    // Each call spins until its fuel (the maximum, 1e11) runs out, about 7 s here: ten
+    // twins keep the request busy far past the 10 s drain timeout.
+    let mut twins = Vec::new();
+    for _ in 0..10 {
+        twins.push(
+            s.create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 1}}))
+                .await,
+        );
+    }
+    let call = s
+        .http
+        .post(format!("{}/v1/modules/spin/invoke", s.url))
+        .bearer_auth(&s.token)
+        .json(&json!({"twin_ids": twins, "parameters": {"mode": "loop"}}))
+        .send();
+    let call = tokio::spawn(call);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (r, took) = tokio::task::spawn_blocking(move || {
+        let mut s = s;
+        let started = Instant::now();
+        let r = s.stop_within(Duration::from_secs(25));
+        (r, started.elapsed())
+    })
+    .await
+    .unwrap();
+    let status = r.expect("exits well before the 30 s guest deadline");
+    assert!(status.success(), "{status}");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(15),
+        "stopped after {took:?}; the drain timeout is 10 s"
+    );
+    assert!(call.await.unwrap().is_err(), "the long request was cut off");
+}
+
 /// Hot swap under load: a client invokes continuously while the module is replaced 20 times;
 /// no call fails and results of both versions are observed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -132,6 +132,10 @@ pub async fn sse(
             Some((Ok::<_, Infallible>(ev), sub))
         }
     });
+    // The stream ends when the server stops, so the connection can drain.
+    let stopping = s.clone();
+    let stream =
+        futures::StreamExt::take_until(stream, Box::pin(async move { stopping.stopping().await }));
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())
@@ -148,13 +152,24 @@ pub async fn ws(
     let upgrade = upgrade
         .map_err(|e| ApiError::BadRequest(format!("this route speaks WebSocket only: {e}")))?;
     let sub = open(&s, &p, None)?;
-    let source = s.events.clone();
-    Ok(upgrade.on_upgrade(move |socket| pump(socket, sub, source)))
+    Ok(upgrade.on_upgrade(move |socket| pump(socket, sub, s)))
 }
 
-async fn pump(mut socket: WebSocket, mut sub: Subscription, log: crate::events::EventLog) {
+async fn pump(mut socket: WebSocket, mut sub: Subscription, s: AppState) {
+    let log = s.events.clone();
     loop {
         tokio::select! {
+            _ = s.stopping() => {
+                // A close frame ("going away"), so the client knows to reconnect elsewhere
+                // or later, resuming with `since`.
+                let _ = socket
+                    .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                        code: 1001,
+                        reason: "server stopping".into(),
+                    })))
+                    .await;
+                break;
+            }
             item = sub.next() => {
                 let text = match item {
                     Some(Item::Event(e)) => e.json(log.source()).to_owned(),

@@ -73,6 +73,16 @@ pub struct AppStateInner {
     pub behaviors: crate::wasm::behaviors::Behaviors,
     /// Guest calls running at once (sized to the cores); a full pool answers 429.
     pub compute_slots: Arc<tokio::sync::Semaphore>,
+    /// Set when the server begins to stop: event streams end so connections can drain.
+    pub stopping: tokio::sync::watch::Sender<bool>,
+}
+
+impl AppStateInner {
+    /// Resolves once the server begins to stop.
+    pub async fn stopping(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
 }
 
 pub type AppState = Arc<AppStateInner>;

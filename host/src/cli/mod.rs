@@ -165,7 +165,11 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             init_tracing();
-            rt.block_on(serve::run(args))
+            let r = rt.block_on(serve::run(args));
+            // Writes are drained and flushed by now; a guest call still running on a
+            // blocking thread (past the drain timeout) is not waited for.
+            rt.shutdown_timeout(std::time::Duration::from_millis(500));
+            r
         }
         Command::Bench(args) => rt.block_on(bench::run(args)),
         Command::Twin { cmd, conn } => rt.block_on(client::twin(conn, cmd)),

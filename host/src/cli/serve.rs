@@ -1,6 +1,7 @@
 //! `twinhost serve`: open the store, load the registry, serve HTTP until SIGINT/SIGTERM,
 //! then drain requests, flush and exit 0.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -142,6 +143,7 @@ pub async fn open_node(
         rules,
         behaviors,
         compute_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
+        stopping: tokio::sync::watch::channel(false).0,
     });
     Ok(Node {
         store,
@@ -230,9 +232,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Printed on stdout so scripts and tests can wait for it.
     println!("twinhost listening on http://{addr}");
-    axum::serve(api::nodelay(listener), app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let state = node.state.clone();
+    let mut stopping = node.state.stopping.subscribe();
+    let server = axum::serve(api::nodelay(listener), app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // End SSE and WebSocket streams, or their connections would hold the drain open
+            // for as long as the clients stay.
+            state.stopping.send_replace(true);
+        })
+        .into_future();
+
+    // Requests in flight get DRAIN_TIMEOUT to finish; then their connections are dropped
+    // (an invoke stops between twins) and the writes already queued are drained below.
+    let drain_deadline = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    tokio::select! {
+        r = server => r?,
+        _ = drain_deadline => {
+            tracing::warn!("requests still open {DRAIN_TIMEOUT:?} after the stop signal; closing them");
+        }
+    }
     tracing::info!("draining writes");
     node.registry.shutdown();
     node.events.shutdown();
@@ -240,6 +262,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("stopped cleanly");
     Ok(())
 }
+
+/// How long requests in flight may take to finish once the server is asked to stop.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
