@@ -572,6 +572,88 @@ async fn rules_fire_alerts_and_patches_and_survive_restart() {
     s.delete("/v1/rules/line-hot").await.expect(404);
 }
 
+/// A rule action that fails is counted on the rule (`errors`, `last_error`), not only logged:
+/// a patch the model refuses, a `parent` target on a twin without a parent. A patch that
+/// could never pass the write path's limits is refused when the rule is stored.
+#[tokio::test]
+async fn rule_action_failures_are_counted_on_the_rule() {
+    let s = Server::start();
+    s.put(
+        "/v1/models/pm",
+        &json!({"properties": {"flag": {"type": "boolean"}, "v": {"type": "number"}}}),
+    )
+    .await
+    .expect(201);
+    s.put(
+        "/v1/rules/bad-patch",
+        &json!({"kind": "threshold", "entity_type": "pm", "property": "v", "op": ">", "value": 1,
+                "actions": [{"type": "patch", "properties": {"flag": "yes"}}]}),
+    )
+    .await
+    .expect(201);
+    s.put(
+        "/v1/rules/orphan",
+        &json!({"kind": "threshold", "entity_type": "pm", "property": "v", "op": ">", "value": 1,
+                "actions": [{"type": "patch", "target": "parent", "properties": {"hot": true}}]}),
+    )
+    .await
+    .expect(201);
+    let mut deep = json!(1);
+    for _ in 0..40 {
+        deep = json!([deep]);
+    }
+    let r = s
+        .put(
+            "/v1/rules/deep",
+            &json!({"kind": "threshold", "property": "v", "op": ">", "value": 1,
+                    "actions": [{"type": "patch", "properties": {"d": deep}}]}),
+        )
+        .await;
+    r.expect_error(422, "validation_failed");
+    assert!(r.text.contains("32 levels"), "{}", r.text);
+    let t = s
+        .create_twin_id(&json!({"entity_type": "pm", "properties": {"v": 0}}))
+        .await;
+    s.patch(&format!("/v1/twins/{t}"), &json!({"v": 5}))
+        .await
+        .expect(200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (bad, orphan) = loop {
+        let bad = s.get("/v1/rules/bad-patch").await.body;
+        let orphan = s.get("/v1/rules/orphan").await.body;
+        let done = bad["stats"]["errors"] == 1 && orphan["stats"]["errors"] == 1;
+        if done || Instant::now() > deadline {
+            break (bad, orphan);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(bad["stats"]["fired"], 1, "{bad}");
+    assert_eq!(bad["stats"]["errors"], 1, "{bad}");
+    let last = bad["stats"]["last_error"].as_str().unwrap_or_default();
+    assert!(last.contains("flag"), "{bad}");
+    assert_eq!(orphan["stats"]["errors"], 1, "{orphan}");
+    assert!(
+        orphan["stats"]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("has no parent"),
+        "{orphan}"
+    );
+    let twin = s.get(&format!("/v1/twins/{t}")).await.body;
+    assert!(twin["properties"].get("flag").is_none(), "{twin}");
+    // Replacing a rule starts its counters over.
+    s.put(
+        "/v1/rules/bad-patch",
+        &json!({"kind": "threshold", "entity_type": "pm", "property": "v", "op": ">", "value": 1,
+                "actions": [{"type": "patch", "properties": {"flag": true}}]}),
+    )
+    .await
+    .expect(200);
+    let bad = s.get("/v1/rules/bad-patch").await.body;
+    assert_eq!(bad["stats"]["errors"], 0, "{bad}");
+    assert!(bad["stats"]["last_error"].is_null(), "{bad}");
+}
+
 #[tokio::test]
 async fn max_resolver_merges_in_canonical_order() {
     let s = Server::start();

@@ -527,6 +527,9 @@ fn compile(
                 if properties.is_empty() {
                     errors.push(format!("actions[{i}].properties: an empty patch"));
                 }
+                if let Err(e) = crate::registry::check_patch(properties) {
+                    errors.push(format!("actions[{i}].properties: {e}"));
+                }
             }
             Action::Invoke { module, .. } => match modules(module) {
                 None => errors.push(format!("actions[{i}].module: {module:?} is not uploaded")),
@@ -609,6 +612,11 @@ pub struct RuleStats {
     pub overflow: u64,
     /// Firings whose alert was held back by the cooldown.
     pub suppressed: u64,
+    /// Actions that failed: a patch the write path refused, a `parent` target on a twin
+    /// without one, an invoke that failed.
+    pub errors: u64,
+    /// The newest of those failures.
+    pub last_error: Option<String>,
 }
 
 type Map<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
@@ -1146,7 +1154,8 @@ struct Inner {
     specs: RwLock<BTreeMap<String, RuleSpec>>,
     invoker: OnceLock<Arc<dyn Invoker>>,
     missed: AtomicU64,
-    actions_failed: AtomicU64,
+    /// Failed actions per rule: count and newest message (cleared when the rule is replaced).
+    failures: Mutex<HashMap<String, (u64, String)>>,
 }
 
 /// The node's rules, evaluated on the live event log. Cheap to clone.
@@ -1214,7 +1223,7 @@ impl Rules {
                 specs: RwLock::new(specs),
                 invoker: OnceLock::new(),
                 missed: AtomicU64::new(0),
-                actions_failed: AtomicU64::new(0),
+                failures: Mutex::new(HashMap::new()),
             }),
         };
         for shard in 0..n {
@@ -1250,6 +1259,7 @@ impl Rules {
             .put(name, spec.clone(), &|m| self.module_world(m))
             .map_err(RuleError::Invalid)?;
         self.inner.wake[shard_of(name, self.inner.shards.len())].notify_one();
+        self.inner.failures.lock().remove(name);
         self.inner.specs.write().insert(name.to_owned(), spec);
         Ok(fresh)
     }
@@ -1259,6 +1269,7 @@ impl Rules {
             return Err(RuleError::NotFound(name.to_owned()));
         }
         self.shard(name).lock().remove(name);
+        self.inner.failures.lock().remove(name);
         self.inner
             .store
             .remove_keys([sled::IVec::from(keys::rule(name))])?;
@@ -1274,7 +1285,7 @@ impl Rules {
             .get(name)
             .cloned()
             .ok_or_else(|| RuleError::NotFound(name.to_owned()))?;
-        let stats = self.shard(name).lock().stats(name).unwrap_or_default();
+        let stats = self.stats_of(name);
         Ok(RuleInfo {
             name: name.to_owned(),
             spec,
@@ -1366,6 +1377,24 @@ impl Rules {
         }
     }
 
+    /// Count a failed action of `rule`.
+    fn failed(&self, rule: &str, message: String) {
+        let mut failures = self.inner.failures.lock();
+        let e = failures.entry(rule.to_owned()).or_default();
+        e.0 += 1;
+        e.1 = message;
+    }
+
+    /// A rule's counters, with its failed actions.
+    fn stats_of(&self, name: &str) -> RuleStats {
+        let mut stats = self.shard(name).lock().stats(name).unwrap_or_default();
+        if let Some((n, last)) = self.inner.failures.lock().get(name) {
+            stats.errors = *n;
+            stats.last_error = Some(last.clone());
+        }
+        stats
+    }
+
     /// Carry out a firing's actions.
     fn act(&self, f: Firing) {
         let Some(spec) = self.inner.specs.read().get(&f.rule).cloned() else {
@@ -1378,7 +1407,15 @@ impl Rules {
         for a in spec.actions() {
             let target = |t: &Target| match t {
                 Target::Twin => Some(f.twin_id),
-                Target::Parent => f.parent_id,
+                Target::Parent => {
+                    if f.parent_id.is_none() {
+                        self.failed(
+                            &f.rule,
+                            format!("twin {} has no parent to act on", f.twin_id),
+                        );
+                    }
+                    f.parent_id
+                }
             };
             match a {
                 Action::Alert { severity, message } => {
@@ -1405,8 +1442,8 @@ impl Rules {
                     let rule = f.rule.clone();
                     tokio::spawn(async move {
                         if let Err(e) = me.inner.registry.patch(update).await {
-                            me.inner.actions_failed.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(rule, error = %e, "rule patch failed");
+                            me.failed(&rule, format!("patch of twin {id} failed: {e}"));
                         }
                     });
                 }
@@ -1429,17 +1466,17 @@ impl Rules {
                     tokio::task::spawn_blocking(move || {
                         let params = if params.is_null() { json!({}) } else { params };
                         let result = inv.invoke(&module, id, &params);
-                        if result.is_err() {
-                            me.inner.actions_failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let (key, value) = match result {
-                            Ok(v) => ("result", v),
-                            Err(e) => ("error", Value::String(e)),
+                        let (key, value, severity) = match result {
+                            Ok(v) => ("result", v, "info"),
+                            Err(e) => {
+                                me.failed(&f2.rule, format!("invoke of {module} failed: {e}"));
+                                ("error", Value::String(e), "warning")
+                            }
                         };
                         me.inner.log.append(vec![alert(
                             &f2,
                             &cause,
-                            json!({"source": "rule", "rule": f2.rule, "severity": "info",
+                            json!({"source": "rule", "rule": f2.rule, "severity": severity,
                                    "message": format!("rule {} invoked {module}", f2.rule),
                                    "module": module, "twin_id": id, key: value,
                                    "trigger_seq": f2.trigger_seq}),

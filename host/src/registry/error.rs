@@ -18,7 +18,8 @@ pub enum RegistryError {
     )]
     VersionMismatch { expected: u64, current: u64 },
     /// 422: properties violate the entity type's model; one reason per property.
-    #[error("{} propert{} failed validation", .0.len(), if .0.len() == 1 { "y" } else { "ies" })]
+    #[error("{} propert{} failed validation: {}", .0.len(), if .0.len() == 1 { "y" } else { "ies" },
+        .0.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; "))]
     Validation(BTreeMap<String, String>),
     /// 400: a request that cannot mean anything (bad names, bad query shape).
     #[error("{0}")]

@@ -31,6 +31,7 @@ use utoipa::ToSchema;
 pub use error::RegistryError;
 pub use model::Model;
 pub use query::{Page, Query, TwinRef};
+pub use write::check_patch;
 
 use crate::store::wal::from_slice_unbounded;
 use crate::store::{keys, CommitHandle, StateSource, Store, StoreError};

@@ -74,7 +74,8 @@ impl Registry {
     }
 }
 
-fn check_patch(patch: &Properties) -> Result<(), RegistryError> {
+/// The limits every patch meets: property count and value nesting depth.
+pub fn check_patch(patch: &Properties) -> Result<(), RegistryError> {
     if patch.len() > MAX_PROPERTIES {
         return Err(RegistryError::BadRequest(format!(
             "a patch names at most {MAX_PROPERTIES} properties"
