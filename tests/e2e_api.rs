@@ -1335,6 +1335,7 @@ async fn ingest_rejects_bad_items_by_index_and_applies_the_rest() {
             rfc3339(Utc::now())
         ), // 7 good
         format!(r#"{{"twin_id":"{a}","properties":{{"rpm":1}},"ts":"yesterday"}}"#), // 8 bad ts
+        format!(r#"{{"twin_id":"{a}","properties":{{"rpm":1}},"ts":"2100-01-01T00:00:00Z"}}"#), // 9 future
     ];
     let body = lines.join("\n");
     let r = s
@@ -1347,7 +1348,7 @@ async fn ingest_rejects_bad_items_by_index_and_applies_the_rest() {
         .iter()
         .map(|x| x["index"].as_u64().unwrap())
         .collect();
-    assert_eq!(idx, vec![1, 2, 3, 5, 6, 8], "{}", r.body);
+    assert_eq!(idx, vec![1, 2, 3, 5, 6, 8, 9], "{}", r.body);
     let codes: Vec<&str> = rejected
         .iter()
         .map(|x| x["error"]["code"].as_str().unwrap())
@@ -1360,8 +1361,17 @@ async fn ingest_rejects_bad_items_by_index_and_applies_the_rest() {
             "validation_failed",
             "bad_request",
             "validation_failed",
+            "bad_request",
             "bad_request"
         ]
+    );
+    assert!(
+        rejected[6]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than 5 minutes ahead"),
+        "{}",
+        r.body
     );
     assert!(
         rejected[5]["error"]["message"]

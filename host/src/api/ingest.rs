@@ -27,19 +27,31 @@ pub struct IngestItem {
     pub ts: Option<DateTime<Utc>>,
 }
 
-/// `ts` as an RFC 3339 time, with an error that names the field and the expected form.
+/// How far an item's `ts` may be ahead of this server's clock. Event time drives history and
+/// the rules' windows: one reading dated next year would close every window until then.
+pub const MAX_TS_AHEAD: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// `ts` as an RFC 3339 time no more than [`MAX_TS_AHEAD`] in the future, with an error that
+/// names the field and the expected form.
 fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
-    let text = Option::<String>::deserialize(d)?;
-    text.map(|t| {
-        DateTime::parse_from_rfc3339(&t)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "ts {t:?} is not an RFC 3339 time like 2026-11-25T12:00:00Z ({e})"
-                ))
-            })
-    })
-    .transpose()
+    use serde::de::Error;
+    let Some(text) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let ts = DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            D::Error::custom(format!(
+                "ts {text:?} is not an RFC 3339 time like 2026-11-25T12:00:00Z ({e})"
+            ))
+        })?;
+    if ts > Utc::now() + MAX_TS_AHEAD {
+        return Err(D::Error::custom(format!(
+            "ts {text:?} is more than {} minutes ahead of this server's clock",
+            MAX_TS_AHEAD.num_minutes()
+        )));
+    }
+    Ok(Some(ts))
 }
 
 #[derive(Serialize, ToSchema)]
