@@ -1516,6 +1516,26 @@ async fn bad_params() {
     }
     // A valid request still works afterwards.
     let _ok = Sse::open(&s, "types=twin.updated,alert", &[("Last-Event-ID", "0")]).await;
+    // Browsers cannot set headers on EventSource / WebSocket: the streams take
+    // `?access_token=` instead (a read token is enough); no other route does.
+    let read = s.create_token("read").await;
+    let get = |path: String| {
+        let http = s.http.clone();
+        async move { http.get(path).send().await.expect("GET") }
+    };
+    let r = get(format!(
+        "{}/v1/events?types=alert&access_token={read}",
+        s.url
+    ))
+    .await;
+    assert_eq!(r.status(), 200);
+    drop(r);
+    let r = get(format!("{}/v1/events?access_token=th_wrong", s.url)).await;
+    assert_eq!(r.status(), 401);
+    let r = get(format!("{}/v1/events/log?access_token={read}", s.url)).await;
+    assert_eq!(r.status(), 401, "only the streams take a token in the URL");
+    let r = get(format!("{}/v1/twins?access_token={}", s.url, s.token)).await;
+    assert_eq!(r.status(), 401);
 }
 
 // ---- regressions: bugs found by these tests, fixed ----------------------------------

@@ -162,6 +162,17 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     })
 }
 
+/// `?access_token=` on the event streams: browsers cannot set headers on `EventSource` or
+/// `WebSocket`. Only there, since a URL ends up in logs and histories more easily.
+fn stream_token(uri: &axum::http::Uri) -> Option<&str> {
+    if !matches!(uri.path(), "/v1/events" | "/v1/events/ws") {
+        return None;
+    }
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("access_token="))
+}
+
 /// Middleware: check the bearer token against the route's role.
 pub async fn require(
     State(state): State<AppState>,
@@ -172,8 +183,10 @@ pub async fn require(
         let header = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let role = state.auth.role_of(header)?;
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| stream_token(req.uri()).map(|t| format!("Bearer {t}")));
+        let role = state.auth.role_of(header.as_deref())?;
         if role < need {
             return Err(ApiError::Forbidden(format!(
                 "this call needs the {need} role; the token has {role}"

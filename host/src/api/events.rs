@@ -41,6 +41,10 @@ pub struct EventParams {
     after: Option<u64>,
     /// `/v1/events/log` only: at most this many events (default 1000, at most 10000).
     limit: Option<usize>,
+    /// The event streams only: the token, for clients that cannot set `Authorization`
+    /// (a browser's `EventSource` or `WebSocket`). Checked by the auth layer.
+    #[allow(dead_code)]
+    access_token: Option<String>,
 }
 
 impl EventParams {
