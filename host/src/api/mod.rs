@@ -179,7 +179,12 @@ pub fn router(state: AppState, limits: Limits) -> Router {
             auth::require,
         ))
         .layer(axum::middleware::from_fn(ops::count_requests))
-        .layer(TraceLayer::new_for_http())
+        // Spans name the path, not the query: `?access_token=` must not reach the logs.
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                tracing::debug_span!("request", method = %req.method(), path = req.uri().path())
+            }),
+        )
         .with_state(state)
 }
 
