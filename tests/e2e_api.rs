@@ -1569,19 +1569,7 @@ async fn cli_output_into_a_closed_pipe_ends_quietly() {
         )
         .await;
     }
-    let mut child = std::process::Command::new(common::BIN)
-        .args([
-            "query",
-            r#"{"entity_type": "machine", "limit": 100}"#,
-            "--url",
-            &s.url,
-        ])
-        .arg("--data-dir")
-        .arg(&s.data_dir)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = s.cli_spawn(&["query", r#"{"entity_type": "machine", "limit": 100}"#]);
     // Read one byte, then close the pipe.
     {
         use std::io::Read;

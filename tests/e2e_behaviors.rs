@@ -779,16 +779,7 @@ async fn cli_behavior_rule_and_events_tail() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("422"));
 
     // `events tail` prints alerts as they come: one from the rule, one from the behavior.
-    let tail = common::twinhost_command()
-        .args([
-            "events", "tail", "--type", "alert", "--count", "2", "--url", &s.url,
-        ])
-        .arg("--data-dir")
-        .arg(&s.data_dir)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let tail = s.cli_spawn(&["events", "tail", "--type", "alert", "--count", "2"]);
     // Wait until the subscription is open before changing anything.
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.get("/v1/metrics").await.body["active_subscriptions"]

@@ -487,18 +487,31 @@ impl Server {
         r.body["active_twins"].as_u64().expect("active_twins")
     }
 
-    /// Run a client subcommand of the binary against this server (`--url`, `--data-dir`
+    /// A client subcommand of the binary against this server (`--url`, `--data-dir`
     /// appended).
-    pub fn cli(&self, args: &[&str]) -> Output {
-        twinhost_command()
-            .args(args)
+    fn cli_command(&self, args: &[&str]) -> Command {
+        let mut c = twinhost_command();
+        c.args(args)
             .arg("--url")
             .arg(&self.url)
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running the CLI")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Run a client subcommand to completion.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_command(args).output().expect("running the CLI")
+    }
+
+    /// Start a client subcommand with stdout and stderr piped, for reading as it runs.
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        self.cli_command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the CLI")
     }
 
     pub fn data_path(&self, name: &str) -> PathBuf {
