@@ -159,3 +159,13 @@ impl fmt::Display for Role {
         })
     }
 }
+
+/// Sets its flag when dropped: tells work on other threads that its owner is gone (a client
+/// that disconnected, a behavior that was deleted).
+pub struct SetOnDrop(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -15,7 +15,7 @@ use super::error::ErrorBody;
 use super::extract::{Json, Path, Query, RawBody};
 use super::{ApiError, AppState};
 use crate::registry::Query as TwinQuery;
-use crate::types::TwinId;
+use crate::types::{SetOnDrop, TwinId};
 use crate::wasm::{CallError, Limits, ModuleInfo, VersionInfo};
 
 /// Most twins one invocation may name.
@@ -347,15 +347,6 @@ pub async fn invoke(
     // `None` only when the client is gone: nobody reads this answer.
     let results = results.unwrap_or_default();
     Ok(axum::Json(json!({ "results": results })))
-}
-
-/// Sets its flag when dropped.
-struct SetOnDrop(Arc<AtomicBool>);
-
-impl Drop for SetOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
 }
 
 /// A slot of the compute pool, or 429 when none frees up in time.

@@ -15,7 +15,7 @@
 //! [`MAX_CHAIN_DEPTH`].
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -31,7 +31,7 @@ use super::{CallError, Runtime};
 use crate::events::{Event, EventLog, EventType, Filter, Item};
 use crate::registry::{check_name, Registry, Update};
 use crate::store::{keys, Store};
-use crate::types::{Cause, Properties, TwinId};
+use crate::types::{Cause, Properties, SetOnDrop, TwinId};
 
 /// Longest chain of automatic changes (behavior or rule patches triggering more of them).
 pub const MAX_CHAIN_DEPTH: u8 = 8;
@@ -204,17 +204,24 @@ impl Behaviors {
         counters: Arc<Counters>,
     ) -> mpsc::Sender<Arc<Event>> {
         let (tx, mut rx) = mpsc::channel::<Arc<Event>>(QUEUE_PER_BEHAVIOR);
+        // Set when the router ends (the behavior was deleted or replaced, or the log shut
+        // down): the lanes then drop what they still hold instead of running it.
+        let ended = Arc::new(AtomicBool::new(false));
         let lanes: Vec<mpsc::Sender<Arc<Event>>> = (0..self.inner.per_behavior)
             .map(|_| {
                 let (lane_tx, mut lane_rx) = mpsc::channel::<Arc<Event>>(QUEUE_PER_LANE);
-                let (me, name, module, counters) = (
+                let (me, name, module, counters, ended) = (
                     self.clone(),
                     name.to_owned(),
                     module.to_owned(),
                     counters.clone(),
+                    ended.clone(),
                 );
                 tokio::spawn(async move {
                     while let Some(e) = lane_rx.recv().await {
+                        if ended.load(Ordering::Relaxed) {
+                            return;
+                        }
                         me.run_one(&name, &module, &counters, e).await;
                     }
                 });
@@ -223,9 +230,9 @@ impl Behaviors {
             .collect();
         let me = self.clone();
         tokio::spawn(async move {
+            let _ended = SetOnDrop(ended);
             loop {
-                // Ends when the behavior is deleted or replaced, or the log shuts down; the
-                // lanes end once they have run what they hold.
+                // Ends when the behavior is deleted or replaced, or the log shuts down.
                 let e = tokio::select! {
                     e = rx.recv() => match e {
                         Some(e) => e,
