@@ -240,23 +240,18 @@ pub async fn invoke(
     Path(name): Path<String>,
     Json(b): Json<InvokeBody>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    s.runtime.info(&name)?;
-    let world = s.runtime.world_of(&name).unwrap_or_default();
-    let wanted = if b.resolve.is_some() {
-        "resolver"
+    let world = s
+        .runtime
+        .world_of(&name)
+        .ok_or_else(|| CallError::NotFound(name.clone()))?;
+    let (wanted, call) = if b.resolve.is_some() {
+        ("resolver", "{\"resolve\": …}")
     } else {
-        "compute"
+        ("compute", "invoke with twins")
     };
     if world != wanted {
         return Err(ApiError::Validation(
-            format!(
-                "module {name:?} is a {world} module; {} calls a {wanted} module",
-                if b.resolve.is_some() {
-                    "{\"resolve\": …}"
-                } else {
-                    "invoke with twins"
-                }
-            ),
+            format!("module {name:?} is a {world} module; {call} calls a {wanted} module"),
             json!({"module": name, "world": world}),
         ));
     }

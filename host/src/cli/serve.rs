@@ -233,7 +233,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Printed on stdout so scripts and tests can wait for it.
     println!("twinhost listening on http://{addr}");
     let state = node.state.clone();
-    let mut stopping = node.state.stopping.subscribe();
+    let stopping = node.state.clone();
     let server = axum::serve(api::nodelay(listener), app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
@@ -246,7 +246,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Requests in flight get DRAIN_TIMEOUT to finish; then their connections are dropped
     // (an invoke stops between twins) and the writes already queued are drained below.
     let drain_deadline = async move {
-        let _ = stopping.wait_for(|s| *s).await;
+        stopping.stopping().await;
         tokio::time::sleep(DRAIN_TIMEOUT).await;
     };
     tokio::select! {

@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use utoipa::ToSchema;
 
 use super::log::{Event, EventLog, EventType};
-use super::subscribe::{Filter, Item};
+use super::subscribe::{Filter, Follower};
 use crate::registry::{check_name, Registry, Update};
 use crate::store::{keys, Store, StoreError};
 use crate::types::{Cause, Properties, TwinId};
@@ -1330,51 +1330,34 @@ impl Rules {
             ..Filter::default()
         };
         let mut fired = Vec::new();
-        loop {
-            let has_rules = || !self.inner.shards[shard].lock().is_empty();
-            if !self
-                .inner
-                .log
-                .wait_for_work(&self.inner.wake[shard], has_rules)
-                .await
-            {
-                return;
-            }
-            let mut sub = self.inner.log.subscribe_internal(
-                self.inner.registry.clone(),
-                filter.clone(),
-                None,
-            );
-            loop {
-                let Some(item) = sub.next().await else {
-                    return; // the log is closed
-                };
-                match item {
-                    Item::Event(e) => {
-                        {
-                            let mut set = self.inner.shards[shard].lock();
-                            if set.is_empty() {
-                                break;
-                            }
-                            set.on_event(&e, &mut fired);
+        let inner = &self.inner;
+        let has_rules = || !inner.shards[shard].lock().is_empty();
+        inner
+            .log
+            .follow(
+                &inner.registry,
+                &filter,
+                Follower {
+                    name: "rules",
+                    wake: &inner.wake[shard],
+                    missed: &inner.missed,
+                },
+                has_rules,
+                |e| {
+                    {
+                        let mut set = inner.shards[shard].lock();
+                        if set.is_empty() {
+                            return false;
                         }
-                        for f in fired.drain(..) {
-                            self.act(f);
-                        }
+                        set.on_event(&e, &mut fired);
                     }
-                    Item::Lagged { from, to } => {
-                        self.inner
-                            .missed
-                            .fetch_add(to - from + 1, Ordering::Relaxed);
-                        tracing::warn!(
-                            from,
-                            to,
-                            "rules fell behind the event log; these events were not evaluated"
-                        );
+                    for f in fired.drain(..) {
+                        self.act(f);
                     }
-                }
-            }
-        }
+                    true
+                },
+            )
+            .await;
     }
 
     /// Count a failed action of `rule`.
@@ -1703,16 +1686,20 @@ mod tests {
                 ev(9, 5, None, 41.0, "vibration", 99.0), // another twin: not correlated
             ],
         );
-        let pairs: Vec<(u64, u64)> = out
-            .iter()
+        let pairs = seq_pairs(&out);
+        assert_eq!(pairs, [(1, 2), (7, 6)]);
+    }
+
+    /// (first, then) sequence numbers of sequence-rule firings.
+    fn seq_pairs(out: &[Firing]) -> Vec<(u64, u64)> {
+        out.iter()
             .map(|f| {
                 (
                     f.details["first"]["seq"].as_u64().unwrap(),
                     f.details["then"]["seq"].as_u64().unwrap(),
                 )
             })
-            .collect();
-        assert_eq!(pairs, [(1, 2), (7, 6)]);
+            .collect()
     }
 
     #[test]
@@ -1765,15 +1752,7 @@ mod tests {
                 ev(5, 2, None, 5.0, "pressure", 9.5), // … the pump event that preceded it: fires
             ],
         );
-        let pairs: Vec<(u64, u64)> = out
-            .iter()
-            .map(|f| {
-                (
-                    f.details["first"]["seq"].as_u64().unwrap(),
-                    f.details["then"]["seq"].as_u64().unwrap(),
-                )
-            })
-            .collect();
+        let pairs = seq_pairs(&out);
         assert_eq!(pairs, [(1, 3), (5, 4)]);
         let bad: RuleSpec = serde_json::from_value(json!({"kind": "sequence", "correlate": "relationship",
             "first": {"property": "a", "op": ">", "value": 1}, "then": {"property": "b", "op": ">", "value": 1},

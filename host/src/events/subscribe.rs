@@ -155,6 +155,60 @@ impl EventLog {
     }
 }
 
+/// One of the node's own consumers of the log (a rule shard, the behavior dispatcher).
+pub struct Follower<'a> {
+    /// Named in the warning when it falls behind what the log holds.
+    pub name: &'a str,
+    /// Notified when the consumer may have work again.
+    pub wake: &'a tokio::sync::Notify,
+    /// Events the log no longer held when the consumer came to them.
+    pub missed: &'a std::sync::atomic::AtomicU64,
+}
+
+impl EventLog {
+    /// Follow the log as `who`, only while it has work: wait until `ready()` holds
+    /// (re-checked when `who.wake` is notified), then hand every event matching `filter` to
+    /// `on_event`, which answers whether the consumer still has work (false: stop following
+    /// until woken). Events the log no longer holds are added to `who.missed` and logged.
+    /// Returns when the log shuts down.
+    pub async fn follow(
+        &self,
+        registry: &Registry,
+        filter: &Filter,
+        who: Follower<'_>,
+        ready: impl Fn() -> bool,
+        mut on_event: impl FnMut(Arc<Event>) -> bool,
+    ) {
+        let consumer = who.name;
+        loop {
+            if !self.wait_for_work(who.wake, &ready).await {
+                return;
+            }
+            let mut sub = self.subscribe_internal(registry.clone(), filter.clone(), None);
+            loop {
+                let Some(item) = sub.next().await else {
+                    return; // the log is closed
+                };
+                match item {
+                    Item::Event(e) => {
+                        if !on_event(e) {
+                            break;
+                        }
+                    }
+                    Item::Lagged { from, to } => {
+                        who.missed.fetch_add(to - from + 1, Ordering::Relaxed);
+                        tracing::warn!(
+                            from,
+                            to,
+                            "{consumer} fell behind the event log; these events were not seen"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
         if self.counted {

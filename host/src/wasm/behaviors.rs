@@ -28,7 +28,7 @@ use utoipa::ToSchema;
 use super::bindings::twinhost::platform::types as wit;
 use super::host::to_wit;
 use super::{CallError, Runtime};
-use crate::events::{Event, EventLog, EventType, Filter, Item};
+use crate::events::{Event, EventLog, EventType, Filter, Follower};
 use crate::registry::{check_name, Registry, Update};
 use crate::store::{keys, Store};
 use crate::types::{Cause, Properties, SetOnDrop, TwinId};
@@ -371,68 +371,52 @@ impl Behaviors {
                 | EventType::TwinLifecycle.bit(),
             ..Filter::default()
         };
-        loop {
-            let has_behaviors = || !self.inner.entries.read().is_empty();
-            if !self
-                .inner
-                .log
-                .wait_for_work(&self.inner.wake, has_behaviors)
-                .await
-            {
-                return;
-            }
-            let mut sub = self.inner.log.subscribe_internal(
-                self.inner.registry.clone(),
-                filter.clone(),
-                None,
-            );
-            loop {
-                let Some(item) = sub.next().await else {
-                    return; // the log is closed
-                };
-                let e = match item {
-                    Item::Event(e) => e,
-                    Item::Lagged { from, to } => {
-                        self.inner
-                            .missed
-                            .fetch_add(to - from + 1, Ordering::Relaxed);
-                        tracing::warn!(
-                            from,
-                            to,
-                            "behaviors fell behind the event log; these events ran no behavior"
-                        );
-                        continue;
-                    }
-                };
-                let matching: Vec<(String, mpsc::Sender<Arc<Event>>, Arc<Counters>)> = {
-                    let entries = self.inner.entries.read();
-                    if entries.is_empty() {
-                        break;
-                    }
-                    entries
-                        .iter()
-                        .filter(|(_, en)| en.binding.matches(&e))
-                        .map(|(n, en)| (n.clone(), en.queue.clone(), en.counters.clone()))
-                        .collect()
-                };
-                for (name, queue, counters) in matching {
-                    let by = format!("behavior:{name}");
-                    let depth = e.cause.as_ref().map_or(0, |c| c.depth);
-                    if e.cause.as_ref().is_some_and(|c| c.by == by) || depth >= MAX_CHAIN_DEPTH {
-                        counters.guarded.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(e.clone()) {
-                        if counters.dropped.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
-                            tracing::warn!(
-                                behavior = %name,
-                                "the behavior cannot keep up; its queue of {QUEUE_PER_BEHAVIOR} events is full and events are dropped"
-                            );
+        let inner = &self.inner;
+        let has_behaviors = || !inner.entries.read().is_empty();
+        inner
+            .log
+            .follow(
+                &inner.registry,
+                &filter,
+                Follower {
+                    name: "behaviors",
+                    wake: &inner.wake,
+                    missed: &inner.missed,
+                },
+                has_behaviors,
+                |e| {
+                    let matching: Vec<(String, mpsc::Sender<Arc<Event>>, Arc<Counters>)> = {
+                        let entries = inner.entries.read();
+                        if entries.is_empty() {
+                            return false;
+                        }
+                        entries
+                            .iter()
+                            .filter(|(_, en)| en.binding.matches(&e))
+                            .map(|(n, en)| (n.clone(), en.queue.clone(), en.counters.clone()))
+                            .collect()
+                    };
+                    for (name, queue, counters) in matching {
+                        let by = format!("behavior:{name}");
+                        let depth = e.cause.as_ref().map_or(0, |c| c.depth);
+                        if e.cause.as_ref().is_some_and(|c| c.by == by) || depth >= MAX_CHAIN_DEPTH
+                        {
+                            counters.guarded.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(e.clone()) {
+                            if counters.dropped.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                                tracing::warn!(
+                                    behavior = %name,
+                                    "the behavior cannot keep up; its queue of {QUEUE_PER_BEHAVIOR} events is full and events are dropped"
+                                );
+                            }
                         }
                     }
-                }
-            }
-        }
+                    true
+                },
+            )
+            .await;
     }
 
     async fn run_one(&self, name: &str, module: &str, counters: &Counters, e: Arc<Event>) {
