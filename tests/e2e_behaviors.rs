@@ -572,6 +572,44 @@ async fn rules_fire_alerts_and_patches_and_survive_restart() {
     s.delete("/v1/rules/line-hot").await.expect(404);
 }
 
+/// A rule sees the events right after its PUT is acknowledged, even when its shard was idle
+/// and its task has not started following the log yet (once, under CI load, a rule PUT just
+/// before a patch fired 0 times). Thirty rounds of PUT, patch at once, check, DELETE. The
+/// race needs a loaded machine to show: on an idle one the old code passes this too.
+#[tokio::test]
+async fn a_new_rule_sees_the_events_right_after_its_put() {
+    let s = Server::start();
+    let t = s
+        .create_twin_id(&json!({"entity_type": "probe", "properties": {"v": 0}}))
+        .await;
+    for round in 0..30 {
+        let name = format!("r{round}");
+        s.put(
+            &format!("/v1/rules/{name}"),
+            &json!({"kind": "threshold", "entity_type": "probe", "property": "v", "op": ">",
+                    "value": 0.5, "actions": [{"type": "alert"}]}),
+        )
+        .await
+        .expect(201);
+        s.patch(&format!("/v1/twins/{t}"), &json!({"v": 1}))
+            .await
+            .expect(200);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let rule = loop {
+            let rule = s.get(&format!("/v1/rules/{name}")).await.body;
+            if rule["stats"]["fired"] == 1 || Instant::now() > deadline {
+                break rule;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(rule["stats"]["fired"], 1, "round {round}: {rule}");
+        s.delete(&format!("/v1/rules/{name}")).await.expect(204);
+        s.patch(&format!("/v1/twins/{t}"), &json!({"v": 0}))
+            .await
+            .expect(200);
+    }
+}
+
 /// A rule action that fails is counted on the rule (`errors`, `last_error`), not only logged:
 /// a patch the model refuses, a `parent` target on a twin without a parent. A patch that
 /// could never pass the write path's limits is refused when the rule is stored.

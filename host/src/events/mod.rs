@@ -14,4 +14,4 @@ pub mod subscribe;
 
 pub use log::{Event, EventLog, EventType, LogConfig};
 pub use rules::Rules;
-pub use subscribe::{Filter, Follower, Item, Subscription};
+pub use subscribe::{Filter, Follower, Item, Subscription, Wake};

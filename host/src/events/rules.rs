@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use utoipa::ToSchema;
 
 use super::log::{Event, EventLog, EventType};
-use super::subscribe::{Filter, Follower};
+use super::subscribe::{Filter, Follower, Wake};
 use crate::registry::{check_name, Registry, Update};
 use crate::store::{keys, Store, StoreError};
 use crate::types::{Cause, Properties, TwinId};
@@ -1150,7 +1150,7 @@ struct Inner {
     /// core); every shard sees every event.
     shards: Vec<Mutex<RuleSet>>,
     /// Wakes a shard's task when it gets a rule (an empty shard does not follow the log).
-    wake: Vec<tokio::sync::Notify>,
+    wake: Vec<Wake>,
     specs: RwLock<BTreeMap<String, RuleSpec>>,
     invoker: OnceLock<Arc<dyn Invoker>>,
     missed: AtomicU64,
@@ -1216,9 +1216,7 @@ impl Rules {
                 store,
                 registry,
                 log,
-                wake: (0..sets.len())
-                    .map(|_| tokio::sync::Notify::new())
-                    .collect(),
+                wake: (0..sets.len()).map(|_| Wake::default()).collect(),
                 shards: sets.into_iter().map(Mutex::new).collect(),
                 specs: RwLock::new(specs),
                 invoker: OnceLock::new(),
@@ -1258,7 +1256,7 @@ impl Rules {
             .lock()
             .put(name, spec.clone(), &|m| self.module_world(m))
             .map_err(RuleError::Invalid)?;
-        self.inner.wake[shard_of(name, self.inner.shards.len())].notify_one();
+        self.inner.wake[shard_of(name, self.inner.shards.len())].wake(&self.inner.log);
         self.inner.failures.lock().remove(name);
         self.inner.specs.write().insert(name.to_owned(), spec);
         Ok(fresh)

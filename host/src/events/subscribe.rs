@@ -155,19 +155,54 @@ impl EventLog {
     }
 }
 
+/// Wakes an idle follower of the log and tells it where to start: the log's position when
+/// it was given work, so the events right after (a new rule's first ones) are not missed
+/// while its task gets going.
+pub struct Wake {
+    notify: tokio::sync::Notify,
+    /// The lowest position recorded since the follower last started (`u64::MAX`: none).
+    after: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Wake {
+    fn default() -> Self {
+        Wake {
+            notify: tokio::sync::Notify::new(),
+            after: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl Wake {
+    /// The follower has work from now on.
+    pub fn wake(&self, log: &EventLog) {
+        self.after
+            .fetch_min(log.next_seq().saturating_sub(1), Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    /// Where to start following: after the position recorded by the first `wake` since the
+    /// last start, or from now.
+    fn take_start(&self) -> Option<u64> {
+        let after = self.after.swap(u64::MAX, Ordering::SeqCst);
+        (after != u64::MAX).then_some(after)
+    }
+}
+
 /// One of the node's own consumers of the log (a rule shard, the behavior dispatcher).
 pub struct Follower<'a> {
     /// Named in the warning when it falls behind what the log holds.
     pub name: &'a str,
-    /// Notified when the consumer may have work again.
-    pub wake: &'a tokio::sync::Notify,
+    /// Woken when the consumer may have work again.
+    pub wake: &'a Wake,
     /// Events the log no longer held when the consumer came to them.
     pub missed: &'a std::sync::atomic::AtomicU64,
 }
 
 impl EventLog {
     /// Follow the log as `who`, only while it has work: wait until `ready()` holds
-    /// (re-checked when `who.wake` is notified), then hand every event matching `filter` to
+    /// (re-checked when `who.wake` is woken), then — from where the wake said, or from now —
+    /// hand every event matching `filter` to
     /// `on_event`, which answers whether the consumer still has work (false: stop following
     /// until woken). Events the log no longer holds are added to `who.missed` and logged.
     /// Returns when the log shuts down.
@@ -181,10 +216,11 @@ impl EventLog {
     ) {
         let consumer = who.name;
         loop {
-            if !self.wait_for_work(who.wake, &ready).await {
+            if !self.wait_for_work(&who.wake.notify, &ready).await {
                 return;
             }
-            let mut sub = self.subscribe_internal(registry.clone(), filter.clone(), None);
+            let after = who.wake.take_start();
+            let mut sub = self.subscribe_internal(registry.clone(), filter.clone(), after);
             loop {
                 let Some(item) = sub.next().await else {
                     return; // the log is closed
@@ -192,7 +228,12 @@ impl EventLog {
                 match item {
                     Item::Event(e) => {
                         if !on_event(e) {
-                            break;
+                            // Going idle: forget the wakes seen while following, then look
+                            // once more, so work given in between goes on from here.
+                            who.wake.after.store(u64::MAX, Ordering::SeqCst);
+                            if !ready() {
+                                break;
+                            }
                         }
                     }
                     Item::Lagged { from, to } => {

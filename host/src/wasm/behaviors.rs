@@ -28,7 +28,7 @@ use utoipa::ToSchema;
 use super::bindings::twinhost::platform::types as wit;
 use super::host::to_wit;
 use super::{CallError, Runtime};
-use crate::events::{Event, EventLog, EventType, Filter, Follower};
+use crate::events::{Event, EventLog, EventType, Filter, Follower, Wake};
 use crate::registry::{check_name, Registry, Update};
 use crate::store::{keys, Store};
 use crate::types::{Cause, Properties, SetOnDrop, TwinId};
@@ -133,7 +133,7 @@ struct Inner {
     missed: AtomicU64,
     /// Wakes the dispatcher when the first behavior arrives (with none it does not follow
     /// the log).
-    wake: tokio::sync::Notify,
+    wake: Wake,
 }
 
 /// The behaviors of a node. Cheap to clone.
@@ -171,7 +171,7 @@ impl Behaviors {
                 entries: RwLock::new(BTreeMap::new()),
                 per_behavior: pool_size.max(1),
                 missed: AtomicU64::new(0),
-                wake: tokio::sync::Notify::new(),
+                wake: Wake::default(),
             }),
         };
         {
@@ -309,7 +309,7 @@ impl Behaviors {
                 },
             )
             .is_none();
-        self.inner.wake.notify_one();
+        self.inner.wake.wake(&self.inner.log);
         Ok(fresh)
     }
 
