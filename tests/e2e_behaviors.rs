@@ -9,20 +9,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Body, Server};
+use common::{guest, guest_file as file, Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
-
-fn file(rel: &str) -> Vec<u8> {
-    let path = format!("{}/../guests/target/{rel}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!("{path}: {e}; build the guests first with scripts/build-guests.sh (scripts/test.sh does)")
-    })
-}
-
-fn guest(name: &str) -> Vec<u8> {
-    file(&format!("wasm32-wasip2/release/{name}.wasm"))
-}
 
 async fn upload(s: &Server, name: &str, bytes: &[u8]) -> common::Resp {
     s.call(

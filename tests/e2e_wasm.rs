@@ -6,18 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Body, Server};
+use common::{guest, Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
-
-fn guest(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../guests/target/wasm32-wasip2/release/{name}.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{path}: {e}; build the guests first with scripts/build-guests.sh (scripts/test.sh does)"))
-}
 
 async fn upload(s: &Server, name: &str, bytes: &[u8], query: &str) -> common::Resp {
     s.call(
@@ -414,32 +405,28 @@ async fn cli_module_put_list_rollback_and_invoke() {
 }
 
 /// A request still running 10 s after SIGTERM does not hold the server up: its connection is
-/// dropped, queued writes drain, and the server exits 0.
+/// dropped, queued writes drain, and the server exits 0. (Guest calls in flight are cancelled
+/// at once, see e2e_sandbox; this request is slow on the client's side: its body trickles.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_does_not_wait_for_a_long_request_past_the_drain_timeout() {
     let s = Server::start();
-    upload(
-        &s,
-        "spin",
-        &guest("hostile"),
-        "?fuel=100000000000&timeout=30s",
-    )
-    .await
-    .expect(201);
-    // Each call spins until its fuel (the maximum, 1e11) runs out, about 7 s here: ten
-    // twins keep the request busy far past the 10 s drain timeout.
-    let mut twins = Vec::new();
-    for _ in 0..10 {
-        twins.push(
-            s.create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 1}}))
-                .await,
-        );
-    }
+    // One byte a second of a 60-byte body: the request is in flight for a minute.
+    let body = futures::stream::unfold(0u32, |n| async move {
+        if n == 60 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Some((
+            Ok::<_, std::io::Error>(bytes::Bytes::from_static(b" ")),
+            n + 1,
+        ))
+    });
     let call = s
         .http
-        .post(format!("{}/v1/modules/spin/invoke", s.url))
+        .post(format!("{}/v1/ingest", s.url))
         .bearer_auth(&s.token)
-        .json(&json!({"twin_ids": twins, "parameters": {"mode": "loop"}}))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(body))
         .send();
     let call = tokio::spawn(call);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -451,7 +438,7 @@ async fn sigterm_does_not_wait_for_a_long_request_past_the_drain_timeout() {
     })
     .await
     .unwrap();
-    let status = r.expect("exits well before the 30 s guest deadline");
+    let status = r.expect("exits well before the body ends");
     assert!(status.success(), "{status}");
     assert!(
         took >= Duration::from_secs(9) && took < Duration::from_secs(15),

@@ -555,3 +555,17 @@ pub fn cli_json(out: &Output) -> Value {
     let s = cli_ok(out);
     serde_json::from_str(&s).unwrap_or_else(|e| panic!("CLI stdout is not JSON ({e}): {s}"))
 }
+
+/// A built guest component, by its path under `guests/target/` (e.g.
+/// `python/thermal_analysis_py.wasm`).
+pub fn guest_file(rel: &str) -> Vec<u8> {
+    let path = format!("{}/../guests/target/{rel}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!("{path}: {e}; build the guests first with scripts/build-guests.sh (scripts/test.sh does)")
+    })
+}
+
+/// A Rust guest component by crate name (`thermal_analysis`).
+pub fn guest(name: &str) -> Vec<u8> {
+    guest_file(&format!("wasm32-wasip2/release/{name}.wasm"))
+}

@@ -1,7 +1,6 @@
 //! `/v1/modules`: upload, list, rollback, delete and invoke WebAssembly components.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use super::error::ErrorBody;
 use super::extract::{Json, Path, Query, RawBody};
 use super::{ApiError, AppState};
 use crate::registry::Query as TwinQuery;
-use crate::types::{SetOnDrop, TwinId};
+use crate::types::TwinId;
 use crate::wasm::{CallError, Limits, ModuleInfo, VersionInfo};
 
 /// Most twins one invocation may name.
@@ -308,15 +307,16 @@ pub async fn invoke(
     };
     let permit = compute_slot(&s).await?;
     let rt: Arc<crate::wasm::Runtime> = s.runtime.clone();
-    // Set when the client goes away (this future is dropped): the remaining twins are skipped.
-    let gone = Arc::new(AtomicBool::new(false));
-    let _on_drop = SetOnDrop(gone.clone());
+    // Cancelled when the client goes away (this future is dropped): the guest call in flight
+    // stops and the remaining twins are skipped.
+    let gone = tokio_util::sync::CancellationToken::new();
+    let _on_drop = gone.clone().drop_guard();
     let results = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let budget_ends = Instant::now() + INVOKE_BUDGET;
         let mut out = BTreeMap::new();
         for t in twins {
-            if gone.load(Ordering::Relaxed) {
+            if gone.is_cancelled() {
                 return Ok(None);
             }
             let r = if Instant::now() >= budget_ends {
@@ -324,7 +324,12 @@ pub async fn invoke(
                     "not run: the request's {} s budget was spent on the twins before",
                     INVOKE_BUDGET.as_secs())}})
             } else {
-                match rt.call_compute(&name, std::slice::from_ref(&t), &parameters) {
+                match rt.call_compute(
+                    &name,
+                    std::slice::from_ref(&t),
+                    &parameters,
+                    Some(gone.clone()),
+                ) {
                     Ok(v) => v,
                     Err(CallError::Guest { kind, message }) => {
                         json!({"error": {"code": kind, "message": message}})

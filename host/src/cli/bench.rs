@@ -585,7 +585,7 @@ async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let host_us = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
         let started = Instant::now();
         for _ in 0..CALLS {
-            rt2.call_compute("ta0", std::slice::from_ref(&t2), &p2)?;
+            rt2.call_compute("ta0", std::slice::from_ref(&t2), &p2, None)?;
         }
         Ok(started.elapsed().as_micros() as f64 / CALLS as f64)
     })
@@ -628,7 +628,12 @@ async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {
         tasks.push(tokio::task::spawn_blocking(
             move || -> anyhow::Result<()> {
                 while Instant::now() < deadline {
-                    rt.call_compute(&format!("ta{}", c % MODULES), std::slice::from_ref(&t), &p)?;
+                    rt.call_compute(
+                        &format!("ta{}", c % MODULES),
+                        std::slice::from_ref(&t),
+                        &p,
+                        None,
+                    )?;
                     done.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(())

@@ -240,6 +240,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             // End SSE and WebSocket streams, or their connections would hold the drain open
             // for as long as the clients stay.
             state.stopping.send_replace(true);
+            // Guest calls in flight end now (`cancelled`), even one waiting in WASI.
+            state.runtime.stop();
         })
         .into_future();
 

@@ -1,10 +1,18 @@
 //! The host side of a guest call: the store's data, and the `host` interface guests import.
 
-use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use wasmtime::component::{HasData, Resource, ResourceTable};
+use wasmtime::{StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::p2::bindings::sync::io::poll as sync_poll;
 use wasmtime_wasi::{
     Deterministic, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView,
 };
+use wasmtime_wasi_io::bindings::wasi::io::poll as async_poll;
+use wasmtime_wasi_io::poll::DynPollable;
 
 use super::bindings::twinhost::platform::{host, types};
 use super::{Limits, MAX_ACTIONS_PER_CALL, MAX_HOST_CALLS};
@@ -47,9 +55,142 @@ impl std::fmt::Display for HostCallLimit {
 
 impl std::error::Error for HostCallLimit {}
 
+/// Why a guest call was stopped before its deadline.
+#[derive(Debug)]
+pub struct Cancelled(pub &'static str);
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the call was cancelled: {}", self.0)
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+/// What ends a guest call early, wherever the guest is: running its own code (checked on every
+/// epoch tick) or waiting inside a WASI call (every wait goes through [`Interrupt::wait`]).
+#[derive(Clone, Debug)]
+pub struct Interrupt {
+    /// The call's wall-clock deadline: past it the call fails with `deadline_exceeded`.
+    pub deadline: Instant,
+    /// Cancelled when the server stops: no guest call outlives it.
+    pub stop: CancellationToken,
+    /// Cancelled when whoever asked for the call no longer wants it (an HTTP client that
+    /// disconnected).
+    pub caller: Option<CancellationToken>,
+}
+
+impl Interrupt {
+    /// Stop the guest if its time is up or nobody wants its answer any more.
+    pub fn check(&self) -> wasmtime::Result<()> {
+        if self.stop.is_cancelled() {
+            return Err(Cancelled("the server is stopping").into());
+        }
+        if self.caller.as_ref().is_some_and(|c| c.is_cancelled()) {
+            return Err(Cancelled("the caller went away").into());
+        }
+        if Instant::now() >= self.deadline {
+            return Err(Trap::Interrupt.into());
+        }
+        Ok(())
+    }
+
+    /// Wait for `fut` (a WASI wait: a clock subscription, stream readiness) at most until the
+    /// call is interrupted. The wait runs on [`guest_io`], never on the server's runtime, so
+    /// it neither blocks the server's workers nor touches a runtime that is shutting down.
+    pub fn wait<R>(&self, fut: impl Future<Output = wasmtime::Result<R>>) -> wasmtime::Result<R> {
+        self.check()?;
+        guest_io().block_on(async {
+            let caller = async {
+                match &self.caller {
+                    Some(c) => c.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => Err(Cancelled("the server is stopping").into()),
+                _ = caller => Err(Cancelled("the caller went away").into()),
+                _ = tokio::time::sleep_until(self.deadline.into()) => Err(Trap::Interrupt.into()),
+                r = fut => r,
+            }
+        })
+    }
+}
+
+/// The runtime that drives guests' WASI waits (timers). Its own, so that a guest waiting
+/// during shutdown never polls a timer of the server's runtime while it is torn down, and
+/// never started from a server worker (guest calls run on blocking threads).
+fn guest_io() -> &'static tokio::runtime::Runtime {
+    static RT: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("twinhost-guest-io")
+            .enable_all()
+            .build()
+            .expect("starting the guest I/O runtime")
+    });
+    &RT
+}
+
+/// `wasi:io/poll` bounded by the call's [`Interrupt`]: every way a guest can wait in WASI
+/// ends in `poll`, `pollable.block` or `pollable.ready` (a sleep is a clock subscription and
+/// a `poll`; blocking stream calls on the streams a guest has — closed stdin, discarding
+/// stdout and stderr — return at once). Linked over wasmtime-wasi's own `poll`, which would
+/// wait on the server's runtime with no deadline.
+pub struct BoundedPoll<'a> {
+    table: &'a mut ResourceTable,
+    interrupt: &'a Interrupt,
+}
+
+impl sync_poll::Host for BoundedPoll<'_> {
+    fn poll(&mut self, pollables: Vec<Resource<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
+        let table = &mut *self.table;
+        self.interrupt
+            .wait(async_poll::Host::poll(table, pollables))
+    }
+}
+
+impl sync_poll::HostPollable for BoundedPoll<'_> {
+    fn ready(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<bool> {
+        let table = &mut *self.table;
+        self.interrupt
+            .wait(async_poll::HostPollable::ready(table, pollable))
+    }
+    fn block(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+        let table = &mut *self.table;
+        self.interrupt
+            .wait(async_poll::HostPollable::block(table, pollable))
+    }
+    fn drop(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
+        async_poll::HostPollable::drop(self.table, pollable)
+    }
+}
+
+/// [`HasData`] for linking [`BoundedPoll`].
+pub struct WasiPoll;
+
+impl HasData for WasiPoll {
+    type Data<'a> = BoundedPoll<'a>;
+}
+
+/// Link WASI (without capabilities) and the bounded `wasi:io/poll` over it.
+pub fn add_wasi(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    linker.allow_shadowing(true);
+    sync_poll::add_to_linker::<HostState, WasiPoll>(linker, |s| BoundedPoll {
+        table: &mut s.table,
+        interrupt: &s.interrupt,
+    })?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
 /// Everything one guest call can reach.
 pub struct HostState {
     pub module: String,
+    /// When the call must stop.
+    pub interrupt: Interrupt,
     pub registry: Registry,
     pub limits: StoreLimits,
     wasi: WasiCtx,
@@ -60,9 +201,10 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub fn new(module: &str, registry: Registry, limits: &Limits) -> Self {
+    pub fn new(module: &str, registry: Registry, limits: &Limits, interrupt: Interrupt) -> Self {
         HostState {
             module: module.to_owned(),
+            interrupt,
             registry,
             limits: StoreLimitsBuilder::new()
                 .memory_size(limits.memory_bytes as usize)

@@ -3,7 +3,11 @@
 //! Owns: the wasmtime engine (Cranelift, fuel, epoch interruption, pooling allocator), the
 //! module registry (upload → validate against the WIT worlds → compile → version; compiled
 //! artifacts cached in the store by content hash and engine so a restart does not recompile),
-//! and calls into guests with per-call fuel, memory and wall-clock limits.
+//! and calls into guests with per-call fuel, memory and wall-clock limits. A call ends at its
+//! deadline, when its caller goes away, or when the server stops — whether the guest is running
+//! its own code (checked every epoch tick) or waiting inside WASI (every WASI wait goes through
+//! the call's interrupt). Uploads are checked against the WIT contract on their types before
+//! they are compiled.
 //! Exposes: [`Runtime`]. Must never: give a guest a capability beyond the `host` interface
 //! (no preopened directories, environment, network or inherited stdio), or let a guest's
 //! failure escape its own call.
@@ -12,6 +16,7 @@
 //! events of the twins it is bound to) and `resolver` (merges conflicting writes for sync).
 
 pub mod behaviors;
+mod contract;
 mod host;
 mod modules;
 

@@ -11,17 +11,19 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store as WasmStore, Trap,
+    UpdateDeadline,
 };
 
 use super::bindings::behavior::BehaviorPre;
 use super::bindings::resolver::ResolverPre;
 use super::bindings::twinhost::platform::types;
 use super::bindings::{Compute, ComputePre};
-use super::host::{to_wit, HostState};
+use super::host::{to_wit, Cancelled, HostState, Interrupt};
 use super::{Limits, EPOCH_TICK, MAX_MEMORY_BYTES, MAX_RESULT_BYTES};
 use crate::registry::{check_name, Registry};
 use crate::store::{keys, Store, StoreError};
@@ -131,6 +133,10 @@ pub struct Runtime {
     registry: Registry,
     modules: RwLock<HashMap<String, Entry>>,
     pub stats: Arc<RuntimeStats>,
+    /// Cancelled by [`Runtime::stop`]: every call in flight ends, and no new one starts.
+    stop: CancellationToken,
+    /// The WIT contract uploads are checked against before they are compiled.
+    contract: super::contract::Contract,
 }
 
 /// Refuse a version of another world than the one the module's users need.
@@ -167,7 +173,7 @@ impl Runtime {
         engine.precompile_compatibility_hash().hash(&mut h);
         let engine_hash = format!("{:016x}", h.finish());
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(internal)?;
+        super::host::add_wasi(&mut linker).map_err(internal)?;
         Compute::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
             .map_err(internal)?;
         // Deadlines: a ticker advances the engine's epoch; each call's deadline is counted in
@@ -191,6 +197,8 @@ impl Runtime {
             registry,
             modules: RwLock::new(HashMap::new()),
             stats: Arc::default(),
+            stop: CancellationToken::new(),
+            contract: super::contract::Contract::load().map_err(internal)?,
         };
         rt.load_all()?;
         Ok(Arc::new(rt))
@@ -308,9 +316,19 @@ impl Runtime {
                 "this is a core WebAssembly module, not a component; build for wasm32-wasip2 or wrap it with `wasm-tools component new`".into(),
             ));
         }
+        // The world, exports and imports are checked on the component's types first: a
+        // refusal costs milliseconds, not a Cranelift compile of the guest's code.
+        let started = Instant::now();
+        let world = self.contract.check(bytes)?;
+        tracing::debug!(
+            module = name,
+            size = bytes.len(),
+            ms = started.elapsed().as_millis() as u64,
+            world,
+            "component types checked"
+        );
+        check_world(name, keep_world, world)?;
         let component = self.compile(bytes)?;
-        let world = component_world(&component, &self.engine)?.to_owned();
-        check_world(name, keep_world, &world)?;
         let pre = self.instantiate_pre(&component)?;
         let sha = hex::encode(Sha256::digest(bytes));
         self.store.put_durable(&keys::module_bytes(&sha), bytes)?;
@@ -324,7 +342,7 @@ impl Runtime {
             .unwrap_or_default();
         let info = VersionInfo {
             version: meta.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1,
-            world,
+            world: world.to_owned(),
             sha256: sha,
             size: bytes.len() as u64,
             limits,
@@ -425,14 +443,16 @@ impl Runtime {
     }
 
     /// Call `run` of the active version of `name` with `twins` and `parameters`, within the
-    /// module's limits. Blocking: run it on a blocking thread.
+    /// module's limits; cancelling `caller` stops the call. Blocking: run it on a blocking
+    /// thread.
     pub fn call_compute(
         &self,
         name: &str,
         twins: &[Twin],
         parameters: &Value,
+        caller: Option<CancellationToken>,
     ) -> Result<Value, CallError> {
-        self.call(name, |store, pre| {
+        self.call(name, caller, |store, pre| {
             let Pre::Compute(pre) = pre else {
                 return Err(wrong_world(name, "compute"));
             };
@@ -451,7 +471,7 @@ impl Runtime {
         name: &str,
         event: &types::Event,
     ) -> Result<BehaviorOutput, CallError> {
-        self.call(name, |store, pre| {
+        self.call(name, None, |store, pre| {
             let Pre::Behavior(pre) = pre else {
                 return Err(wrong_world(name, "behavior"));
             };
@@ -522,7 +542,7 @@ impl Runtime {
             hlc: s.1,
             origin: s.2.to_owned(),
         };
-        self.call(name, |store, pre| {
+        self.call(name, None, |store, pre| {
             let Pre::Resolver(pre) = pre else {
                 return Err(wrong_world(name, "resolver"));
             };
@@ -534,11 +554,20 @@ impl Runtime {
         })
     }
 
+    /// Stop every guest call in flight (they fail with `cancelled`) and refuse new ones: the
+    /// server is stopping.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
     /// Run `f` on a fresh store for the active version of `name`, within its limits,
-    /// counting the call and its failure.
+    /// counting the call and its failure. The call ends at its deadline, when the runtime
+    /// stops, or when `caller` is cancelled, whether the guest is running its own code or
+    /// waiting in WASI.
     fn call<R>(
         &self,
         name: &str,
+        caller: Option<CancellationToken>,
         f: impl FnOnce(&mut WasmStore<HostState>, &Pre) -> Result<R, CallError>,
     ) -> Result<R, CallError> {
         let (active, counters) = {
@@ -550,21 +579,30 @@ impl Runtime {
         };
         let started = Instant::now();
         let limits = active.info.limits;
+        let interrupt = Interrupt {
+            deadline: started + Duration::from_millis(limits.timeout_ms),
+            stop: self.stop.clone(),
+            caller,
+        };
         let mut store = WasmStore::new(
             &self.engine,
-            HostState::new(name, self.registry.clone(), &limits),
+            HostState::new(name, self.registry.clone(), &limits, interrupt),
         );
         store.limiter(|s| &mut s.limits);
-        let result = store
-            .set_fuel(limits.fuel)
-            .map_err(internal)
-            .and_then(|()| {
-                let ticks =
-                    Duration::from_millis(limits.timeout_ms).as_micros() / EPOCH_TICK.as_micros();
-                store.set_epoch_deadline((ticks as u64).max(1));
-                store.epoch_deadline_trap();
-                f(&mut store, &active.pre)
-            });
+        // Every epoch tick while the guest runs its own code: stop it at its deadline or
+        // when it is cancelled (waits inside WASI are bounded by the same `Interrupt`).
+        store.epoch_deadline_callback(|ctx| {
+            ctx.data().interrupt.check()?;
+            Ok(UpdateDeadline::Continue(1))
+        });
+        store.set_epoch_deadline(1);
+        let result = match store.data().interrupt.check() {
+            Err(e) => Err(guest_error(e)),
+            Ok(()) => store
+                .set_fuel(limits.fuel)
+                .map_err(internal)
+                .and_then(|()| f(&mut store, &active.pre)),
+        };
         counters.calls.fetch_add(1, Ordering::Relaxed);
         counters
             .micros
@@ -655,6 +693,12 @@ fn guest_error(e: wasmtime::Error) -> CallError {
             "the guest overflowed its stack".to_owned(),
         ),
         Some(t) => ("trap", format!("the guest trapped: {t}")),
+        None if e.downcast_ref::<Cancelled>().is_some() => (
+            "cancelled",
+            e.downcast_ref::<Cancelled>()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        ),
         None if e.downcast_ref::<super::host::HostCallLimit>().is_some() => (
             "host_call_limit",
             e.downcast_ref::<super::host::HostCallLimit>()
@@ -697,6 +741,15 @@ pub mod measure {
         })
     }
 
+    /// An interrupt that never fires (for measurements outside the server).
+    fn unbounded() -> Interrupt {
+        Interrupt {
+            deadline: Instant::now() + Duration::from_secs(3600),
+            stop: CancellationToken::new(),
+            caller: None,
+        }
+    }
+
     /// Microseconds per call of `call` on a fresh store of a plain setup, over `n` calls.
     fn time_raw(
         engine: &Engine,
@@ -708,7 +761,7 @@ pub mod measure {
         for _ in 0..n {
             let mut store = WasmStore::new(
                 engine,
-                HostState::new("raw", registry.clone(), &Limits::default()),
+                HostState::new("raw", registry.clone(), &Limits::default(), unbounded()),
             );
             call(&mut store).map_err(internal)?;
         }
@@ -793,7 +846,12 @@ pub mod measure {
             for _ in 0..n {
                 let mut store = WasmStore::new(
                     &self.engine,
-                    HostState::new(name, self.registry.clone(), &active.info.limits),
+                    HostState::new(
+                        name,
+                        self.registry.clone(),
+                        &active.info.limits,
+                        unbounded(),
+                    ),
                 );
                 store.limiter(|s| &mut s.limits);
                 store.set_fuel(active.info.limits.fuel).map_err(internal)?;
@@ -832,7 +890,7 @@ impl crate::events::rules::Invoker for Runtime {
         parameters: &Value,
     ) -> Result<Value, String> {
         let t = self.registry.get(&twin).map_err(|e| e.to_string())?;
-        self.call_compute(name, std::slice::from_ref(&t), parameters)
+        self.call_compute(name, std::slice::from_ref(&t), parameters, None)
             .map_err(|e| e.to_string())
     }
 }
