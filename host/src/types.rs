@@ -76,6 +76,59 @@ pub enum Lifecycle {
 /// A version vector: node id → number of changes that node made to the twin.
 pub type VClock = BTreeMap<String, u64>;
 
+/// Bits of a hybrid logical clock below the physical milliseconds (the WIT's encoding:
+/// `physical ms << 16 | counter`).
+pub const HLC_COUNTER_BITS: u32 = 16;
+
+/// A hybrid logical clock value for a physical time (counter 0).
+pub fn hlc_at(t: DateTime<Utc>) -> u64 {
+    (t.timestamp_millis().max(0) as u64) << HLC_COUNTER_BITS
+}
+
+/// A node's hybrid logical clock: every tick is above every earlier tick and every clock it
+/// has seen, and follows the physical clock when that is ahead. A physical clock that jumps
+/// back is ridden out on the counter (ticks stay monotonic; they catch up with real time
+/// once it passes them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hlc {
+    last: u64,
+}
+
+impl Hlc {
+    /// A clock that ticks above `floor` (the highest clock stored).
+    pub fn above(floor: u64) -> Hlc {
+        Hlc { last: floor }
+    }
+
+    /// The next clock value for a local change at physical time `now_ms`.
+    pub fn tick(&mut self, now_ms: i64) -> u64 {
+        let physical = (now_ms.max(0) as u64) << HLC_COUNTER_BITS;
+        self.last = physical.max(self.last + 1);
+        self.last
+    }
+
+    /// Take in a clock seen elsewhere (a remote change): later ticks are above it.
+    pub fn observe(&mut self, seen: u64) {
+        self.last = self.last.max(seen);
+    }
+
+    /// The highest value handed out or observed.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+}
+
+/// The clock of the last write of one property: its HLC and the node it was made on. Kept for
+/// removed properties too (a removal is a write that a replica must be able to order).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PropClock {
+    pub hlc: u64,
+    pub origin: std::sync::Arc<str>,
+}
+
+/// Per-property clocks of a twin.
+pub type Clocks = BTreeMap<String, PropClock>;
+
 /// A twin as stored and served.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Twin {
@@ -95,9 +148,19 @@ pub struct Twin {
     pub lifecycle: Lifecycle,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// HLC of the twin's last change (stored, not served: `?meta=true` shows it).
+    #[serde(default, skip_serializing)]
+    pub hlc: u64,
+    /// The node's change number of the twin's last change.
+    #[serde(default, skip_serializing)]
+    pub lseq: u64,
+    /// Clock and origin of the last write of each property (removed ones included).
+    #[serde(default, skip_serializing)]
+    pub clocks: Clocks,
 }
 
-/// The on-disk form of a twin: the served form without the derived `children_ids`.
+/// The on-disk form of a twin: the served form without the derived `children_ids`, with
+/// the clocks.
 #[derive(Serialize)]
 pub(crate) struct TwinRecord<'a> {
     pub id: TwinId,
@@ -109,6 +172,9 @@ pub(crate) struct TwinRecord<'a> {
     pub lifecycle: Lifecycle,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub hlc: u64,
+    pub lseq: u64,
+    pub clocks: &'a Clocks,
 }
 
 impl Twin {
@@ -124,8 +190,41 @@ impl Twin {
             lifecycle: self.lifecycle,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            hlc: self.hlc,
+            lseq: self.lseq,
+            clocks: &self.clocks,
         };
         serde_json::to_vec(&rec).expect("a twin always serializes: keys are strings")
+    }
+}
+
+impl Twin {
+    /// Record a write of `names` at `hlc` from `origin`.
+    pub fn stamp_properties<'a>(
+        &mut self,
+        names: impl IntoIterator<Item = &'a String>,
+        hlc: u64,
+        origin: &std::sync::Arc<str>,
+    ) {
+        for n in names {
+            match self.clocks.get_mut(n) {
+                Some(c) => {
+                    c.hlc = hlc;
+                    if c.origin != *origin {
+                        c.origin = origin.clone();
+                    }
+                }
+                None => {
+                    self.clocks.insert(
+                        n.clone(),
+                        PropClock {
+                            hlc,
+                            origin: origin.clone(),
+                        },
+                    );
+                }
+            }
+        }
     }
 }
 

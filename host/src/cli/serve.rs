@@ -103,7 +103,7 @@ pub async fn open_node(
         .with_checkpoint_every(checkpoint_every);
     let node_id = resolve_node_id(&store, node_id)?;
     let registry = Registry::open(&store, &node_id)?;
-    let events = crate::events::EventLog::open(store.clone(), &node_id, event_log)?;
+    let events = crate::events::EventLog::open(store.clone(), &registry, &node_id, event_log)?;
     {
         let events = events.clone();
         registry.set_change_sink(Arc::new(move |changes| events.append_changes(changes)));
@@ -159,10 +159,12 @@ fn resolve_node_id(store: &Store, given: Option<&str>) -> anyhow::Result<String>
         .get(keys::META_NODE_ID)?
         .map(|v| String::from_utf8_lossy(&v).into_owned());
     let id = match (given, stored) {
-        (Some(g), Some(s)) if g != s => {
-            tracing::warn!(stored = %s, given = %g, "node id differs from the one this data directory was created with; using the given one");
-            g.to_owned()
-        }
+        // Every change this node made carries its id (clocks, origins, version vectors):
+        // another id would make them someone else's.
+        (Some(g), Some(s)) if g != s => bail!(
+            "--node-id {g:?} differs from {s:?}, the node id this data directory was created with; \
+             omit --node-id to use the stored one, or use another --data-dir for a new node"
+        ),
         (Some(g), _) => g.to_owned(),
         (None, Some(s)) => return Ok(s),
         (None, None) => format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),

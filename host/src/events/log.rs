@@ -1,19 +1,20 @@
 //! The node's ordered event log: sequence numbers, the in-memory tail, the persisted tail and
 //! live fan-out.
 //!
-//! Committed changes arrive from the registry's change sink on the store's sync thread, in
-//! commit order; alerts arrive from rules and behaviors. Each gets the next sequence number,
+//! An event's sequence number is its change's number: the store's writer numbers every
+//! committed change (and every alert, which rules and behaviors raise through the registry)
+//! inside the write-ahead-log frame that makes it durable. Changes arrive from the registry's
+//! change sink on the store's sync thread, in that order, right after they are durable; each
 //! goes into a bounded in-memory ring (for resumption) and onto a bounded broadcast channel
 //! (live subscribers; one shared buffer, so a slow subscriber costs no extra memory and
 //! never slows the others — it is told it lagged). A persister thread writes the newest
 //! events once a second as a chunk file in `<data-dir>/events/` (written aside, synced,
-//! renamed into place) and trims the persisted tail by count and age.
+//! renamed into place) and trims the persisted tail by count and age; a checkpoint persists
+//! the tail before it lets the log segments it covers go.
 //!
-//! Sequence numbers never repeat, even after `kill -9`: they are handed out only below a
-//! reservation that is flushed to the store first, and a restart after a crash continues
-//! above it (a gap in the numbering, never a reuse). A clean shutdown records the exact next
-//! number, so a clean restart continues without a gap. A crash loses at most the events of
-//! the last second from the tail (twin state is never lost: it is in the write-ahead log).
+//! So numbers never repeat and committed changes leave no hole, even after `kill -9`: an event
+//! is either in the persisted tail or its change is still in the write-ahead log, and a
+//! restart re-creates it from there with its number.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -28,8 +29,8 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
-use crate::registry::{Change, ChangeKind};
-use crate::store::{keys, Store, StoreError};
+use crate::registry::{Change, ChangeKind, Registry};
+use crate::store::{Store, StoreError};
 use crate::types::{Cause, Lifecycle, Properties, TwinId};
 
 /// Events kept in memory for resumption (and the default persisted tail).
@@ -42,8 +43,8 @@ pub const SUBSCRIBER_BUFFER: usize = 8192;
 pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// Most evicted events waiting for the persister to free them.
 const MAX_GRAVEYARD: usize = 4 << 20;
-/// Sequence numbers reserved (flushed to the store) ahead of use.
-const RESERVE_BLOCK: u64 = 1 << 20;
+/// Batches of alerts waiting to be numbered by the writer; more are dropped (and counted).
+const ALERT_QUEUE: usize = 4096;
 
 /// The type of an event (`type` in the envelope; also its CloudEvents type).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -104,6 +105,7 @@ impl From<ChangeKind> for EventType {
             ChangeKind::Updated => EventType::TwinUpdated,
             ChangeKind::Deleted => EventType::TwinDeleted,
             ChangeKind::Lifecycle => EventType::TwinLifecycle,
+            ChangeKind::Alert => EventType::Alert,
         }
     }
 }
@@ -180,21 +182,34 @@ impl Event {
     }
 
     fn from_change(c: Change) -> Event {
+        let twin_change = c.kind != ChangeKind::Alert;
         Event {
-            seq: 0,
+            seq: c.seq,
             kind: c.kind.into(),
             twin_id: Some(c.twin_id),
-            entity_type: Some(c.entity_type),
+            entity_type: (!c.entity_type.is_empty()).then_some(c.entity_type),
             parent_id: c.parent_id,
-            version: Some(c.version),
+            version: twin_change.then_some(c.version),
             changed: c.changed,
-            lifecycle: Some(c.lifecycle),
+            lifecycle: twin_change.then_some(c.lifecycle),
             ts: c.ts,
-            data: None,
+            data: c.data,
             cause: c.cause.map(|a| (*a).clone()),
             json: OnceLock::new(),
             appended: None,
         }
+    }
+
+    /// The alert this event stands for, for the registry to number (alerts only).
+    fn into_alert(self) -> Option<Change> {
+        Some(Change::alert(
+            self.twin_id?,
+            self.entity_type.unwrap_or_default(),
+            self.parent_id,
+            self.ts,
+            self.data.unwrap_or(Value::Null),
+            self.cause.map(Arc::new),
+        ))
     }
 
     /// Event time in microseconds since the epoch.
@@ -247,9 +262,8 @@ struct ChunkMeta {
 }
 
 struct State {
+    /// One above the last number appended.
     next_seq: u64,
-    /// Sequence numbers below this are covered by a flushed reservation.
-    reserved: u64,
     ring: VecDeque<Arc<Event>>,
     /// Highest sequence number written to the persisted tail.
     persisted: u64,
@@ -265,7 +279,6 @@ struct Inner {
     /// Where the persisted tail's chunk files live.
     dir: PathBuf,
     source: String,
-    store: Store,
     cfg: LogConfig,
     state: Mutex<State>,
     wake: Condvar,
@@ -274,6 +287,11 @@ struct Inner {
     /// Becomes true at shutdown.
     closed: tokio::sync::watch::Sender<bool>,
     persister: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Held while writing the persisted tail (the persister and checkpoints both do).
+    persisting: Mutex<()>,
+    /// Alerts on their way to the registry, which numbers and logs them.
+    alerts: tokio::sync::mpsc::Sender<Vec<Event>>,
+    alerts_dropped: AtomicU64,
 }
 
 /// The event log. Cheap to clone.
@@ -312,9 +330,16 @@ fn io(e: std::io::Error) -> StoreError {
 }
 
 impl EventLog {
-    /// Open the log on `store`: load the persisted tail's index and continue the numbering
-    /// above every number handed out before. Starts the persister thread.
-    pub fn open(store: Store, node_id: &str, cfg: LogConfig) -> Result<EventLog, StoreError> {
+    /// Open the log on `store`, numbered by `registry`: load the persisted tail's index, take
+    /// back the events a crash kept from it (re-created from the write-ahead log by the
+    /// registry's replay), and start the persister and the alert path. Must run inside the
+    /// async runtime.
+    pub fn open(
+        store: Store,
+        registry: &Registry,
+        node_id: &str,
+        cfg: LogConfig,
+    ) -> Result<EventLog, StoreError> {
         let dir = store.events_dir()?;
         let mut chunks = BTreeMap::new();
         for entry in std::fs::read_dir(&dir).map_err(io)? {
@@ -334,21 +359,16 @@ impl EventLog {
             }
         }
         let persisted = chunks.values().map(|m| m.last).max().unwrap_or(0);
-        let reserved = match store.get(keys::META_EVENT_SEQ_RESERVED)? {
-            Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
-            None => 0,
-        };
-        let next_seq = reserved.max(persisted + 1).max(1);
+        let next_seq = registry.first_lseq().max(persisted + 1);
         let (live, _) = broadcast::channel(SUBSCRIBER_BUFFER);
+        let (alerts, alerts_rx) = tokio::sync::mpsc::channel(ALERT_QUEUE);
         let log = EventLog {
             inner: Arc::new(Inner {
                 dir,
                 source: format!("/twinhost/{node_id}"),
-                store,
                 cfg,
                 state: Mutex::new(State {
-                    next_seq,
-                    reserved: next_seq,
+                    next_seq: persisted + 1,
                     ring: VecDeque::with_capacity(cfg.tail.min(65_536)),
                     persisted,
                     chunks,
@@ -361,9 +381,36 @@ impl EventLog {
                 appended: AtomicU64::new(0),
                 closed: tokio::sync::watch::channel(false).0,
                 persister: Mutex::new(None),
+                persisting: Mutex::new(()),
+                alerts,
+                alerts_dropped: AtomicU64::new(0),
             }),
         };
-        log.reserve_ahead()?;
+        // What the persisted tail lacks of the log's tail: the events of the changes a crash
+        // caught between a commit and the next persist.
+        let recovered: Vec<Event> = registry
+            .take_recovered()
+            .into_iter()
+            .filter(|c| c.seq > persisted)
+            .map(Event::from_change)
+            .collect();
+        let n = recovered.len();
+        log.publish(recovered);
+        {
+            let mut st = log.inner.state.lock();
+            st.next_seq = st.next_seq.max(next_seq);
+        }
+        if n > 0 {
+            log.persist_now()?;
+            tracing::info!(events = n, "re-created events from the write-ahead log");
+        }
+        // A checkpoint persists the tail before deleting the log segments it covers.
+        let weak = Arc::downgrade(&log.inner);
+        store.set_before_checkpoint(Arc::new(move || match weak.upgrade() {
+            Some(inner) => EventLog { inner }.persist_now().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }));
+        tokio::spawn(record_alerts(registry.clone(), alerts_rx));
         let me = log.clone();
         let handle = std::thread::Builder::new()
             .name("twinhost-events".into())
@@ -382,36 +429,54 @@ impl EventLog {
         &self.inner.source
     }
 
-    /// Number, keep and fan out committed changes (the registry's change sink).
+    /// Keep and fan out committed changes (the registry's change sink), numbered already.
     pub fn append_changes(&self, changes: Vec<Change>) {
-        self.append(changes.into_iter().map(Event::from_change).collect());
+        self.publish(changes.into_iter().map(Event::from_change).collect());
     }
 
-    /// Number, keep and fan out events (alerts). Returns the numbered events.
-    pub fn append(&self, events: Vec<Event>) -> Vec<Arc<Event>> {
+    /// Raise alerts (`Event::new(EventType::Alert, …)` with a twin): the registry numbers
+    /// and logs them like changes, and they arrive here through the change sink. When the
+    /// queue to the registry is full they are dropped, counted and logged.
+    pub fn raise(&self, alerts: Vec<Event>) {
+        if alerts.is_empty() {
+            return;
+        }
+        let n = alerts.len() as u64;
+        if self.inner.alerts.try_send(alerts).is_err()
+            && self
+                .inner
+                .alerts_dropped
+                .fetch_add(n, Ordering::Relaxed)
+                .is_multiple_of(1000)
+        {
+            tracing::warn!("alerts arrive faster than the write path takes them; dropping some");
+        }
+    }
+
+    /// Alerts dropped because their queue was full.
+    pub fn alerts_dropped(&self) -> u64 {
+        self.inner.alerts_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Keep and fan out numbered events, in increasing order.
+    fn publish(&self, events: Vec<Event>) {
         if events.is_empty() {
-            return Vec::new();
+            return;
         }
         let n = events.len() as u64;
         let mut st = self.inner.state.lock();
-        if st.next_seq + n > st.reserved {
-            // The persister keeps a block reserved ahead; this only happens in a burst.
-            let want = st.next_seq + n + RESERVE_BLOCK;
-            if let Err(e) = self
-                .inner
-                .store
-                .put_durable(keys::META_EVENT_SEQ_RESERVED, &want.to_be_bytes())
-            {
-                tracing::error!(error = %e, "cannot reserve event sequence numbers");
-            }
-            st.reserved = want;
-        }
-        let mut out = Vec::with_capacity(events.len());
         let now = std::time::Instant::now();
         for mut e in events {
-            e.seq = st.next_seq;
+            if e.seq < st.next_seq {
+                tracing::error!(
+                    seq = e.seq,
+                    next = st.next_seq,
+                    "an event number out of order; dropped"
+                );
+                continue;
+            }
             e.appended = Some(now);
-            st.next_seq += 1;
+            st.next_seq = e.seq + 1;
             let e = Arc::new(e);
             if st.ring.len() >= self.inner.cfg.tail {
                 if let Some(old) = st.ring.pop_front() {
@@ -425,14 +490,12 @@ impl EventLog {
             st.ring.push_back(e.clone());
             // No receivers is fine: nobody is listening.
             if let Some(live) = &st.live {
-                let _ = live.send(e.clone());
+                let _ = live.send(e);
             }
-            out.push(e);
         }
         drop(st);
         self.inner.appended.fetch_add(n, Ordering::Relaxed);
         metrics::counter!("twinhost_events_total").increment(n);
-        out
     }
 
     /// A receiver of live events from now on.
@@ -555,8 +618,8 @@ impl EventLog {
         Ok(out)
     }
 
-    /// Write what is not yet persisted, stop the persister, and record the next number so
-    /// a clean restart continues without a gap. Call after the registry has stopped.
+    /// Write what is not yet persisted and stop the persister. Call after the registry has
+    /// stopped.
     pub fn shutdown(&self) {
         self.inner.state.lock().closing = true;
         self.inner.wake.notify_all();
@@ -568,32 +631,12 @@ impl EventLog {
         // Subscriptions (clients, rules, behaviors) end once they have drained.
         st.live = None;
         self.inner.closed.send_replace(true);
-        match self
-            .inner
-            .store
-            .put_durable(keys::META_EVENT_SEQ_RESERVED, &st.next_seq.to_be_bytes())
-        {
-            // Later appends (there should be none) reserve again before numbering.
-            Ok(()) => st.reserved = st.next_seq,
-            Err(e) => tracing::error!(error = %e, "cannot record the next event number"),
-        }
     }
 
-    fn reserve_ahead(&self) -> Result<(), StoreError> {
-        let (next, reserved) = {
-            let st = self.inner.state.lock();
-            (st.next_seq, st.reserved)
-        };
-        if next + RESERVE_BLOCK / 2 > reserved {
-            let want = next + RESERVE_BLOCK;
-            // Flushed before use: a number is handed out only below a durable reservation.
-            self.inner
-                .store
-                .put_durable(keys::META_EVENT_SEQ_RESERVED, &want.to_be_bytes())?;
-            let mut st = self.inner.state.lock();
-            st.reserved = st.reserved.max(want);
-        }
-        Ok(())
+    /// Persist what is not yet in the persisted tail, now (the persister's work, done early
+    /// for a checkpoint).
+    pub fn persist_now(&self) -> Result<(), StoreError> {
+        self.persist_once()
     }
 
     fn persist_loop(&self) {
@@ -605,7 +648,7 @@ impl EventLog {
                 }
                 st.closing
             };
-            if let Err(e) = self.persist_once().and_then(|()| self.reserve_ahead()) {
+            if let Err(e) = self.persist_once() {
                 tracing::error!(error = %e, "cannot persist the event-log tail");
             }
             if closing {
@@ -617,6 +660,7 @@ impl EventLog {
     /// Write the events appended since the last call (the newest `tail` of them) as one
     /// chunk, and drop persisted chunks beyond the count or age limit.
     fn persist_once(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.inner.persisting.lock();
         let fresh: Vec<Arc<Event>> = {
             let st = self.inner.state.lock();
             let n = st
@@ -666,15 +710,22 @@ impl EventLog {
         let oldest_ok_ms = (Utc::now()
             - chrono::Duration::from_std(self.inner.cfg.max_age).unwrap_or(chrono::Duration::MAX))
         .timestamp_millis();
+        // The tail stays contiguous: a chunk that does not end right below the next one
+        // (events evicted from memory before a persist could write them) goes, with every
+        // older one.
         let limit = self.inner.cfg.tail as u64;
         let mut held = 0u64;
         let mut doomed: Vec<(u64, ChunkMeta)> = Vec::new();
+        let mut next_first: Option<u64> = None;
+        let mut broken = false;
         for (first, m) in st.chunks.iter().rev() {
-            if held >= limit || m.last_ts_ms < oldest_ok_ms {
+            broken |= next_first.is_some_and(|n| m.last + 1 != n);
+            if broken || held >= limit || m.last_ts_ms < oldest_ok_ms {
                 doomed.push((*first, *m));
             } else {
                 held += m.last - first + 1;
             }
+            next_first = Some(*first);
         }
         for (first, _) in &doomed {
             st.chunks.remove(first);
@@ -691,5 +742,23 @@ impl EventLog {
             }
         }
         Ok(())
+    }
+}
+
+/// Hand raised alerts to the registry, in the order they were raised, many per commit.
+async fn record_alerts(registry: Registry, mut rx: tokio::sync::mpsc::Receiver<Vec<Event>>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch: Vec<Change> = first.into_iter().filter_map(Event::into_alert).collect();
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(more) => batch.extend(more.into_iter().filter_map(Event::into_alert)),
+                Err(_) => break,
+            }
+        }
+        match registry.record_alerts(batch).await {
+            Ok(()) => {}
+            Err(crate::registry::RegistryError::Store(StoreError::Closed)) => return,
+            Err(e) => tracing::error!(error = %e, "alerts could not be logged; dropped"),
+        }
     }
 }

@@ -1403,7 +1403,7 @@ impl Rules {
                     let message = message
                         .clone()
                         .unwrap_or_else(|| format!("rule {} fired on twin {}", f.rule, f.twin_id));
-                    self.inner.log.append(vec![alert(
+                    self.inner.log.raise(vec![alert(
                         &f,
                         &cause,
                         json!({"source": "rule", "rule": f.rule, "severity": severity,
@@ -1454,7 +1454,7 @@ impl Rules {
                                 ("error", Value::String(e), "warning")
                             }
                         };
-                        me.inner.log.append(vec![alert(
+                        me.inner.log.raise(vec![alert(
                             &f2,
                             &cause,
                             json!({"source": "rule", "rule": f2.rule, "severity": severity,

@@ -34,8 +34,8 @@ pub use query::{Page, Query, TwinRef};
 pub use write::check_patch;
 
 use crate::store::wal::from_slice_unbounded;
-use crate::store::{keys, CommitHandle, StateSource, Store, StoreError};
-use crate::types::{Cause, Lifecycle, Properties, Twin, TwinId};
+use crate::store::{keys, CommitHandle, Numbering, StateSource, Store, StoreError, Upgrade};
+use crate::types::{hlc_at, Cause, Hlc, Lifecycle, Properties, Twin, TwinId};
 
 /// Longest entity type, relationship or property name.
 pub const MAX_NAME_LEN: usize = 128;
@@ -55,11 +55,17 @@ pub enum ChangeKind {
     Updated,
     Deleted,
     Lifecycle,
+    /// An alert raised by a rule or behavior: numbered and logged like a change.
+    Alert,
 }
 
 /// A committed change, handed to the change sink after it is durable.
 #[derive(Clone, Debug)]
 pub struct Change {
+    /// The node's change number: its place in the node's order (and its event's `seq`).
+    pub seq: u64,
+    /// The HLC the change was stamped with.
+    pub hlc: u64,
     pub kind: ChangeKind,
     pub twin_id: TwinId,
     pub entity_type: String,
@@ -71,6 +77,45 @@ pub struct Change {
     pub ts: DateTime<Utc>,
     /// Who made the change when it was a behavior or a rule (the self-trigger guard).
     pub cause: Option<Arc<Cause>>,
+    /// An alert's details (`None` for twin changes).
+    pub data: Option<Value>,
+}
+
+/// An alert as the write-ahead log keeps it.
+#[derive(Serialize, Deserialize)]
+struct AlertRecord {
+    twin_id: TwinId,
+    entity_type: String,
+    parent_id: Option<TwinId>,
+    ts: DateTime<Utc>,
+    data: Value,
+}
+
+impl Change {
+    /// An alert about `twin_id`, to be numbered by [`Registry::record_alerts`].
+    pub fn alert(
+        twin_id: TwinId,
+        entity_type: String,
+        parent_id: Option<TwinId>,
+        ts: DateTime<Utc>,
+        data: Value,
+        cause: Option<Arc<Cause>>,
+    ) -> Change {
+        Change {
+            seq: 0,
+            hlc: 0,
+            kind: ChangeKind::Alert,
+            twin_id,
+            entity_type,
+            parent_id,
+            version: 0,
+            changed: Properties::new(),
+            lifecycle: Lifecycle::Active,
+            ts,
+            cause,
+            data: Some(data),
+        }
+    }
 }
 
 /// Receives every committed change, in commit order, on the store's sync thread right after
@@ -203,6 +248,12 @@ type RelMap = BTreeMap<TwinId, BTreeMap<(String, TwinId), Value>>;
 
 struct Inner {
     node_id: String,
+    /// The node id as the origin of local writes (shared by every property clock).
+    origin: Arc<str>,
+    /// The first change number of this run.
+    first_lseq: u64,
+    /// Stamped changes replayed from the log at open, for the event log to take.
+    recovered: parking_lot::Mutex<Vec<Change>>,
     twins: Arc<TwinMap>,
     index: RwLock<Indexes>,
     models: RwLock<HashMap<String, Arc<Model>>>,
@@ -247,13 +298,52 @@ impl Registry {
         // Raw key/value entries of the log tail land in sled first, so models and
         // relationships load complete; twin entries are replayed into memory below.
         let (entries, last_segment) = store.recover()?;
+        let origin: Arc<str> = Arc::from(node_id);
         let twins = Arc::new(TwinMap(DashMap::with_hasher(rustc_hash::FxBuildHasher)));
         let mut index = Indexes::default();
+        let upgrading = store.needs_upgrade();
+        let mut upgraded = Vec::new();
+        let (mut lseq_floor, mut hlc_floor) = (
+            store.get_u64(keys::META_LSEQ)?,
+            store.get_u64(keys::META_HLC)?,
+        );
         for kv in store.scan_prefix(&[keys::TWIN]) {
             let (k, v) = kv?;
-            let t: Twin = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
+            let mut t: Twin = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
+            if upgrading {
+                // Format 1 kept no clocks: every property was last written at the twin's
+                // last update, on this node.
+                t.hlc = hlc_at(t.updated_at);
+                let names: Vec<String> = t.properties.keys().cloned().collect();
+                t.stamp_properties(&names, t.hlc, &origin);
+                upgraded.push((k.to_vec(), t.to_record_bytes()));
+            }
+            // One shared origin string for this node's writes instead of one per property.
+            for c in t.clocks.values_mut() {
+                if *c.origin == *origin {
+                    c.origin = origin.clone();
+                }
+            }
+            lseq_floor = lseq_floor.max(t.lseq);
+            hlc_floor = hlc_floor.max(t.hlc);
             index.insert(&t);
             twins.0.insert(t.id, Arc::new(t));
+        }
+        if upgrading {
+            // Format 1 handed out event numbers below a reservation: continue above it.
+            let reserved = store.get_u64(keys::META_EVENT_SEQ_RESERVED)?;
+            lseq_floor = lseq_floor.max(reserved.saturating_sub(1));
+            tracing::info!(
+                twins = upgraded.len(),
+                next_change = lseq_floor + 1,
+                "upgrading the data directory from format 1 to {}",
+                keys::FORMAT_VERSION
+            );
+            store.finish_upgrade(Upgrade {
+                twins: upgraded,
+                lseq: lseq_floor,
+                hlc: hlc_floor,
+            })?;
         }
         let mut models = HashMap::new();
         for kv in store.scan_prefix(&[keys::MODEL]) {
@@ -268,15 +358,32 @@ impl Registry {
             let props: Value = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
             rels.entry(src).or_default().insert((name, dst), props);
         }
+        let mut recovered = Vec::new();
         let replayed = (!entries.is_empty()).then(|| {
             let mut batch = crate::store::Batch::new();
-            write::replay(&twins, &mut index, node_id, entries, &mut batch);
+            let (l, h) = write::replay(
+                &twins,
+                &mut index,
+                &origin,
+                entries,
+                &mut batch,
+                &mut recovered,
+            );
+            lseq_floor = lseq_floor.max(l);
+            hlc_floor = hlc_floor.max(h);
             batch
         });
-        let commit = store.start_committer(twins.clone(), last_segment, replayed)?;
+        let numbering = Numbering {
+            next_lseq: lseq_floor + 1,
+            hlc: Hlc::above(hlc_floor),
+        };
+        let commit = store.start_committer(twins.clone(), last_segment, replayed, numbering)?;
         let reg = Registry {
             inner: Arc::new(Inner {
                 node_id: node_id.to_owned(),
+                origin,
+                first_lseq: lseq_floor + 1,
+                recovered: parking_lot::Mutex::new(recovered),
                 twins,
                 index: RwLock::new(index),
                 models: RwLock::new(models),
@@ -332,6 +439,18 @@ impl Registry {
 
     pub fn node_id(&self) -> &str {
         &self.inner.node_id
+    }
+
+    /// The first change number this run hands out (every earlier one is in the log or was
+    /// never acknowledged).
+    pub fn first_lseq(&self) -> u64 {
+        self.inner.first_lseq
+    }
+
+    /// The stamped changes the log replay found at open (once; empty afterwards): the event
+    /// log re-creates the events a crash kept from its persisted tail.
+    pub fn take_recovered(&self) -> Vec<Change> {
+        std::mem::take(&mut *self.inner.recovered.lock())
     }
 
     pub fn twin_count(&self) -> usize {

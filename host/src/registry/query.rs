@@ -241,6 +241,9 @@ mod tests {
             lifecycle: Default::default(),
             created_at: Default::default(),
             updated_at: Default::default(),
+            hlc: 0,
+            lseq: 0,
+            clocks: Default::default(),
         }
     }
 

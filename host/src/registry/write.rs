@@ -10,11 +10,12 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::{
-    check_name, BatchOutcome, Change, ChangeKind, Indexes, Model, NewTwin, Registry, RegistryError,
-    TwinMap, Update, MAX_PROPERTIES, MAX_VALUE_DEPTH,
+    check_name, AlertRecord, BatchOutcome, Change, ChangeKind, Indexes, Model, NewTwin, Registry,
+    RegistryError, TwinMap, Update, MAX_PROPERTIES, MAX_VALUE_DEPTH,
 };
-use crate::store::{keys, wal::Entry, Batch};
-use crate::types::{Lifecycle, Properties, Twin, TwinId, VClock};
+use crate::store::wal::{Entry, Stamp};
+use crate::store::{keys, Batch};
+use crate::types::{hlc_at, Lifecycle, Properties, Twin, TwinId, VClock};
 
 /// Record a history sample for each numeric property of `props`.
 fn points(batch: &mut Batch, id: TwinId, props: &Properties, ts: DateTime<Utc>) {
@@ -50,8 +51,16 @@ fn merge(props: &mut Properties, patch: &Properties) {
     }
 }
 
-fn change(kind: ChangeKind, t: &Twin, changed: Properties, ts: DateTime<Utc>) -> Change {
+fn change(
+    kind: ChangeKind,
+    t: &Twin,
+    changed: Properties,
+    ts: DateTime<Utc>,
+    stamp: &Stamp,
+) -> Change {
     Change {
+        seq: stamp.lseq,
+        hlc: stamp.hlc,
         kind,
         twin_id: t.id,
         entity_type: t.entity_type.clone(),
@@ -60,7 +69,8 @@ fn change(kind: ChangeKind, t: &Twin, changed: Properties, ts: DateTime<Utc>) ->
         changed,
         lifecycle: t.lifecycle,
         ts,
-        cause: None,
+        cause: stamp.cause.clone().map(Arc::new),
+        data: None,
     }
 }
 
@@ -202,7 +212,8 @@ impl Registry {
                             )));
                         }
                     }
-                    let twin = Twin {
+                    let stamp = b.stamp(None);
+                    let mut twin = Twin {
                         id,
                         entity_type: n.entity_type,
                         properties: n.properties,
@@ -213,7 +224,12 @@ impl Registry {
                         lifecycle: Lifecycle::Active,
                         created_at: now,
                         updated_at: now,
+                        hlc: stamp.hlc,
+                        lseq: stamp.lseq,
+                        clocks: Default::default(),
                     };
+                    let names: Vec<String> = twin.properties.keys().cloned().collect();
+                    twin.stamp_properties(&names, stamp.hlc, &this.inner.origin);
                     idx.insert(&twin);
                     b.create(&twin);
                     points(b, id, &twin.properties, now);
@@ -223,6 +239,7 @@ impl Registry {
                             &twin,
                             twin.properties.clone(),
                             now,
+                            &stamp,
                         ));
                     }
                     this.inner.twins.0.insert(id, Arc::new(twin.clone()));
@@ -311,16 +328,26 @@ impl Registry {
                 "a twin holds at most {MAX_PROPERTIES} properties"
             )));
         }
+        let stamp = b.stamp(u.cause.as_deref());
         merge(&mut t.properties, &u.patch);
+        t.stamp_properties(u.patch.keys(), stamp.hlc, &self.inner.origin);
         t.version += 1;
         bump(&mut t.vclock, &self.inner.node_id);
         t.updated_at = now;
+        t.hlc = stamp.hlc;
+        t.lseq = stamp.lseq;
         let ts = u.ts.unwrap_or(now);
         b.update(u.twin_id, t.created_at, t.version, now, ts, &u.patch);
         points(b, u.twin_id, &u.patch, ts);
         if self.wants_changes() {
             // The patch is logged and applied: the change takes it rather than a copy.
-            let mut c = change(ChangeKind::Updated, t, std::mem::take(&mut u.patch), ts);
+            let mut c = change(
+                ChangeKind::Updated,
+                t,
+                std::mem::take(&mut u.patch),
+                ts,
+                &stamp,
+            );
             c.cause = u.cause.take();
             changes.push(c);
         }
@@ -344,10 +371,17 @@ impl Registry {
             }
             let doomed: BTreeSet<TwinId> = below.into_iter().chain([id]).collect();
             for d in &doomed {
+                let stamp = b.stamp(None);
                 if let Some((_, t)) = this.inner.twins.0.remove(d) {
                     idx.remove(&t);
                     if this.wants_changes() {
-                        changes.push(change(ChangeKind::Deleted, &t, Properties::new(), now));
+                        changes.push(change(
+                            ChangeKind::Deleted,
+                            &t,
+                            Properties::new(),
+                            now,
+                            &stamp,
+                        ));
                     }
                 }
                 b.delete(*d);
@@ -394,18 +428,50 @@ impl Registry {
                     )));
                 }
                 let now = Utc::now();
+                let stamp = b.stamp(None);
                 t.lifecycle = state;
                 t.version += 1;
                 bump(&mut t.vclock, &this.inner.node_id);
                 t.updated_at = now;
+                t.hlc = stamp.hlc;
+                t.lseq = stamp.lseq;
                 b.lifecycle(id, t.created_at, t.version, now, state);
                 if this.wants_changes() {
-                    changes.push(change(ChangeKind::Lifecycle, t, Properties::new(), now));
+                    changes.push(change(
+                        ChangeKind::Lifecycle,
+                        t,
+                        Properties::new(),
+                        now,
+                        &stamp,
+                    ));
                 }
                 Ok(t.clone())
             })
             .await??;
         Ok(self.with_children(t))
+    }
+
+    // ---- alerts -------------------------------------------------------------------------
+
+    /// Number and log alerts (built with [`Change::alert`]) like changes: once durable they
+    /// reach the change sink in order with every other change, and a restart after a crash
+    /// re-creates them from the log.
+    pub async fn record_alerts(&self, alerts: Vec<Change>) -> Result<(), RegistryError> {
+        self.write(move |_, b, changes| {
+            for mut a in alerts {
+                let record = AlertRecord {
+                    twin_id: a.twin_id,
+                    entity_type: std::mem::take(&mut a.entity_type),
+                    parent_id: a.parent_id,
+                    ts: a.ts,
+                    data: a.data.take().unwrap_or(Value::Null),
+                };
+                let bytes = serde_json::to_vec(&record).expect("alerts serialize");
+                let stamp = b.alert(a.cause.as_deref(), &bytes);
+                changes.push(alert_change(record, &stamp));
+            }
+        })
+        .await
     }
 
     // ---- relationships ------------------------------------------------------------------
@@ -481,21 +547,61 @@ impl Registry {
     }
 }
 
+/// The change an alert record stands for.
+fn alert_change(r: AlertRecord, stamp: &Stamp) -> Change {
+    let mut c = Change::alert(
+        r.twin_id,
+        r.entity_type,
+        r.parent_id,
+        r.ts,
+        r.data,
+        stamp.cause.clone().map(Arc::new),
+    );
+    c.seq = stamp.lseq;
+    c.hlc = stamp.hlc;
+    c
+}
+
 /// Re-apply a log tail on top of the checkpointed state. Sled may hold a state newer than the
 /// checkpoint marker (a checkpoint reads live twins), so updates and lifecycle changes apply
 /// only to the same twin (`born` matches its `created_at`; an id can be deleted and created
 /// again) and only when newer than its version; creates only when the twin is absent.
 /// History samples are re-derived from every entry of the tail (no checkpoint wrote them),
 /// except those of twins the tail later deletes.
+///
+/// Every stamped entry (format 2) also becomes a [`Change`] in `recovered`, numbered as it
+/// was, whether or not sled already held its effect: the event log takes the ones its
+/// persisted tail lacks. Returns the highest change number and HLC seen.
 pub(super) fn replay(
     twins: &TwinMap,
     index: &mut Indexes,
-    node_id: &str,
+    origin: &Arc<str>,
     entries: Vec<Entry>,
     b: &mut Batch,
-) {
+    recovered: &mut Vec<Change>,
+) -> (u64, u64) {
+    let (mut max_lseq, mut max_hlc) = (0, 0);
+    let mut stamp: Option<Stamp> = None;
+    let mut seen = |s: &Stamp, b: &mut Batch| {
+        max_lseq = max_lseq.max(s.lseq);
+        max_hlc = max_hlc.max(s.hlc);
+        b.note_replayed(s.lseq, s.hlc);
+    };
     for e in entries {
         match e {
+            Entry::Stamp(s) => {
+                seen(&s, b);
+                stamp = Some(s);
+            }
+            Entry::Alert { stamp: s, record } => {
+                seen(&s, b);
+                match serde_json::from_slice::<AlertRecord>(&record) {
+                    Ok(r) => recovered.push(alert_change(r, &s)),
+                    Err(e) => {
+                        tracing::warn!(lseq = s.lseq, error = %e, "skipping an unreadable alert in the log")
+                    }
+                }
+            }
             Entry::Update {
                 id,
                 born,
@@ -504,23 +610,68 @@ pub(super) fn replay(
                 ts,
                 patch,
             } => {
-                if replay_change(twins, id, born, version, now, node_id, |t| {
-                    merge(&mut t.properties, &patch)
-                }) {
+                let st = stamp.take();
+                // Format 1 logged no clock: the write's own time stands in.
+                let hlc = st.as_ref().map_or_else(|| hlc_at(now), |s| s.hlc);
+                let lseq = st.as_ref().map_or(0, |s| s.lseq);
+                let applied = replay_change(twins, id, born, version, now, origin, |t| {
+                    merge(&mut t.properties, &patch);
+                    t.stamp_properties(patch.keys(), hlc, origin);
+                    t.hlc = hlc;
+                    t.lseq = t.lseq.max(lseq);
+                });
+                if applied {
                     points(b, id, &patch, ts);
                     b.mark_dirty(id);
                 }
+                if let Some(s) = st {
+                    let c = twins.0.get(&id).map(|t| {
+                        let mut c = change(ChangeKind::Updated, &t, patch, ts, &s);
+                        c.version = version;
+                        c
+                    });
+                    recovered.extend(c);
+                }
             }
             Entry::Create(t) => {
+                let st = stamp.take();
                 points(b, t.id, &t.properties, t.created_at);
                 b.mark_dirty(t.id);
+                if let Some(s) = &st {
+                    let mut c = change(
+                        ChangeKind::Created,
+                        &t,
+                        t.properties.clone(),
+                        t.created_at,
+                        s,
+                    );
+                    c.version = 1;
+                    recovered.push(c);
+                }
                 if !twins.0.contains_key(&t.id) {
+                    let mut t = *t;
+                    if t.hlc == 0 {
+                        t.hlc = hlc_at(t.created_at);
+                        let names: Vec<String> = t.properties.keys().cloned().collect();
+                        t.stamp_properties(&names, t.hlc, origin);
+                    }
                     index.insert(&t);
-                    twins.0.insert(t.id, Arc::new(*t));
+                    twins.0.insert(t.id, Arc::new(t));
                 }
             }
             Entry::Delete(id) => {
-                if let Some((_, t)) = twins.0.remove(&id) {
+                let st = stamp.take();
+                let gone = twins.0.remove(&id);
+                if let (Some(s), Some((_, t))) = (&st, &gone) {
+                    recovered.push(change(
+                        ChangeKind::Deleted,
+                        t,
+                        Properties::new(),
+                        t.updated_at,
+                        s,
+                    ));
+                }
+                if let Some((_, t)) = gone {
                     index.remove(&t);
                 }
                 b.forget_points(id);
@@ -533,15 +684,30 @@ pub(super) fn replay(
                 now,
                 state,
             } => {
-                if replay_change(twins, id, born, version, now, node_id, |t| {
-                    t.lifecycle = state
+                let st = stamp.take();
+                let hlc = st.as_ref().map_or_else(|| hlc_at(now), |s| s.hlc);
+                let lseq = st.as_ref().map_or(0, |s| s.lseq);
+                if replay_change(twins, id, born, version, now, origin, |t| {
+                    t.lifecycle = state;
+                    t.hlc = hlc;
+                    t.lseq = t.lseq.max(lseq);
                 }) {
                     b.mark_dirty(id);
+                }
+                if let Some(s) = st {
+                    let c = twins.0.get(&id).map(|t| {
+                        let mut c = change(ChangeKind::Lifecycle, &t, Properties::new(), now, &s);
+                        c.version = version;
+                        c.lifecycle = state;
+                        c
+                    });
+                    recovered.extend(c);
                 }
             }
             Entry::Put(..) | Entry::DeleteKey(_) | Entry::DeletePrefix(_) => {}
         }
     }
+    (max_lseq, max_hlc)
 }
 
 /// Replay one change to the twin `id` born at `born`: apply `f` and the version bookkeeping
@@ -553,7 +719,7 @@ fn replay_change(
     born: DateTime<Utc>,
     version: u64,
     now: DateTime<Utc>,
-    node_id: &str,
+    origin: &str,
     f: impl FnOnce(&mut Twin),
 ) -> bool {
     let Some(mut entry) = twins.0.get_mut(&id) else {
@@ -566,7 +732,7 @@ fn replay_change(
     if t.version < version {
         f(t);
         t.version = version;
-        bump(&mut t.vclock, node_id);
+        bump(&mut t.vclock, origin);
         t.updated_at = now;
     }
     true

@@ -24,9 +24,9 @@ use chrono::{DateTime, Utc};
 use rustc_hash::FxBuildHasher;
 use tokio::sync::{mpsc, oneshot};
 
-use super::wal::{self, encode, Segment};
+use super::wal::{self, encode, Segment, Stamp};
 use super::{keys, StoreError};
-use crate::types::{Lifecycle, Properties, Twin, TwinId};
+use crate::types::{Cause, Hlc, Lifecycle, Properties, Twin, TwinId};
 
 /// Jobs that may wait for the writer. Each job is one API call or one ingest batch, so this
 /// bounds memory held by pending writes; when it is full producers wait up to
@@ -91,9 +91,26 @@ impl PendingHistory {
     }
 }
 
+/// The writer's numbering: the node's next change number and its hybrid logical clock. Only
+/// the writer thread ticks them, so change numbers follow the commit order exactly.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Numbering {
+    pub next_lseq: u64,
+    pub hlc: Hlc,
+}
+
+/// Runs before a checkpoint lets the log segments it covers be deleted (the event log
+/// persists its tail, so no event exists only in a deleted segment). An error postpones the
+/// checkpoint.
+pub type CheckpointHook = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// What one commit's jobs write. Handed to each job by the writer thread.
 #[derive(Default)]
 pub struct Batch {
+    numbering: Numbering,
+    /// Highest change number and HLC stamped in (or replayed into) this batch.
+    max_lseq: u64,
+    max_hlc: u64,
     frame: Vec<u8>,
     dirty: Vec<TwinId>,
     kv: Vec<KvOp>,
@@ -105,6 +122,40 @@ pub struct Batch {
 impl Batch {
     pub fn new() -> Self {
         Batch::default()
+    }
+
+    /// Number the change whose entries follow: the node's next change number and a tick of
+    /// its clock, logged in this frame (so the number is as durable as the change).
+    pub fn stamp(&mut self, cause: Option<&Cause>) -> Stamp {
+        let s = self.next_stamp(cause);
+        encode::stamp(&mut self.frame, &s);
+        s
+    }
+
+    /// Number and log an alert (`record` is the registry's serialized alert).
+    pub fn alert(&mut self, cause: Option<&Cause>, record: &[u8]) -> Stamp {
+        let s = self.next_stamp(cause);
+        encode::alert(&mut self.frame, &s, record);
+        s
+    }
+
+    fn next_stamp(&mut self, cause: Option<&Cause>) -> Stamp {
+        let lseq = self.numbering.next_lseq;
+        self.numbering.next_lseq += 1;
+        let hlc = self.numbering.hlc.tick(Utc::now().timestamp_millis());
+        self.max_lseq = lseq;
+        self.max_hlc = hlc;
+        Stamp {
+            lseq,
+            hlc,
+            cause: cause.cloned(),
+        }
+    }
+
+    /// A change number and clock met during replay: the first checkpoint records them.
+    pub fn note_replayed(&mut self, lseq: u64, hlc: u64) {
+        self.max_lseq = self.max_lseq.max(lseq);
+        self.max_hlc = self.max_hlc.max(hlc);
     }
 
     /// A merge patch applied to the twin created at `born`, producing `version`.
@@ -299,10 +350,16 @@ pub(super) struct Start {
     /// Changes replayed from the log that the first checkpoint must persist.
     pub replayed: Option<Batch>,
     pub checkpoint_every: Duration,
+    /// Where numbering starts (above everything stored).
+    pub numbering: Numbering,
+    pub before_checkpoint: Arc<std::sync::OnceLock<CheckpointHook>>,
 }
 
 struct Checkpoint {
     upto: u64,
+    /// Highest change number and HLC in the covered segments.
+    lseq: u64,
+    hlc: u64,
     dirty: HashSet<TwinId, FxBuildHasher>,
     kv: Vec<KvOp>,
     points: Vec<Arc<SeriesMap>>,
@@ -312,6 +369,8 @@ impl Checkpoint {
     /// Fold a failed earlier checkpoint into this one: its changes come first, and this one's
     /// marker covers both.
     fn absorb(&mut self, earlier: Checkpoint) {
+        self.lseq = self.lseq.max(earlier.lseq);
+        self.hlc = self.hlc.max(earlier.hlc);
         self.dirty.extend(earlier.dirty);
         let mut kv = earlier.kv;
         kv.append(&mut self.kv);
@@ -332,17 +391,16 @@ pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
     let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<Commit>(2);
     let busy = Arc::new(AtomicBool::new(false));
     let ckpt = {
-        let (db, dir, source, pending, busy, stats) = (
-            s.db.clone(),
-            s.wal_dir.clone(),
-            s.source.clone(),
-            s.pending.clone(),
-            busy.clone(),
-            stats.clone(),
-        );
-        spawn("twinhost-checkpoint", move || {
-            checkpointer(db, dir, source, pending, ck_rx, busy, stats)
-        })
+        let c = Checkpointer {
+            db: s.db.clone(),
+            wal_dir: s.wal_dir.clone(),
+            source: s.source.clone(),
+            pending: s.pending.clone(),
+            busy: busy.clone(),
+            stats: stats.clone(),
+            hook: s.before_checkpoint.clone(),
+        };
+        spawn("twinhost-checkpoint", move || checkpointer(c, ck_rx))
     };
     // Wakes the writer so time-based checkpoints happen on an idle node too.
     let _ticker = {
@@ -364,9 +422,9 @@ pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
         })
     };
     let writer = {
-        let (replayed, pending) = (s.replayed, s.pending.clone());
+        let (replayed, pending, numbering) = (s.replayed, s.pending.clone(), s.numbering);
         spawn("twinhost-commit", move || {
-            writer(rx, sync_tx, replayed, pending)
+            writer(rx, sync_tx, replayed, pending, numbering)
         })
     };
     Ok(CommitHandle {
@@ -405,6 +463,7 @@ fn writer(
     sync_tx: std::sync::mpsc::SyncSender<Commit>,
     replayed: Option<Batch>,
     pending: Arc<parking_lot::Mutex<PendingHistory>>,
+    mut numbering: Numbering,
 ) {
     if let Some(batch) = replayed {
         let _ = sync_tx.send(Commit {
@@ -430,7 +489,10 @@ fn writer(
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let mut batch = Batch::new();
+        let mut batch = Batch {
+            numbering,
+            ..Batch::default()
+        };
         let mut dones: Vec<Done> = Vec::new();
         match rx.blocking_recv() {
             Some(Msg::Job(job)) => dones.push(job(&mut batch)),
@@ -445,6 +507,7 @@ fn writer(
                 Err(_) => break,
             }
         }
+        numbering = batch.numbering;
         let commit = Commit {
             batch,
             dones,
@@ -473,6 +536,7 @@ fn syncer(
     let mut last_checkpoint = Instant::now();
     let mut dirty: HashSet<TwinId, FxBuildHasher> = HashSet::default();
     let mut kv: Vec<KvOp> = Vec::new();
+    let (mut lseq, mut hlc) = (0u64, 0u64);
     for Commit {
         mut batch,
         dones,
@@ -500,6 +564,8 @@ fn syncer(
             metrics::histogram!("twinhost_commit_seconds").record(started.elapsed().as_secs_f64());
         }
         publish_points(&pending, &mut batch);
+        lseq = lseq.max(batch.max_lseq);
+        hlc = hlc.max(batch.max_hlc);
         dirty.extend(batch.dirty.drain(..));
         kv.append(&mut batch.kv);
         stats.jobs.fetch_add(dones.len() as u64, Ordering::Relaxed);
@@ -509,7 +575,8 @@ fn syncer(
         let due = checkpoint_now
             || last_checkpoint.elapsed() >= checkpoint_every
             || segment.bytes >= MAX_SEGMENT_BYTES;
-        let something = !dirty.is_empty() || !kv.is_empty() || !pending.lock().current.is_empty();
+        let something =
+            !dirty.is_empty() || !kv.is_empty() || !pending.lock().current.is_empty() || lseq > 0;
         if due && something && (closing || !busy.load(Ordering::Acquire)) {
             if let Err(e) = segment.rotate() {
                 tracing::error!(error = %e, "cannot start a new log segment; checkpoint postponed");
@@ -524,6 +591,8 @@ fn syncer(
                 };
                 let ck = Checkpoint {
                     upto: segment.number - 1,
+                    lseq: std::mem::take(&mut lseq),
+                    hlc: std::mem::take(&mut hlc),
                     dirty: std::mem::take(&mut dirty),
                     kv: std::mem::take(&mut kv),
                     points: vec![points],
@@ -555,15 +624,27 @@ fn publish_points(pending: &parking_lot::Mutex<PendingHistory>, batch: &mut Batc
     }
 }
 
-fn checkpointer(
+/// What the checkpoint thread works with.
+struct Checkpointer {
     db: sled::Db,
     wal_dir: PathBuf,
     source: Arc<dyn StateSource>,
     pending: Arc<parking_lot::Mutex<PendingHistory>>,
-    rx: std::sync::mpsc::Receiver<Checkpoint>,
     busy: Arc<AtomicBool>,
     stats: Arc<CommitStats>,
-) {
+    hook: Arc<std::sync::OnceLock<CheckpointHook>>,
+}
+
+fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkpoint>) {
+    let Checkpointer {
+        db,
+        wal_dir,
+        source,
+        pending,
+        busy,
+        stats,
+        hook,
+    } = c;
     lower_priority();
     // A failed checkpoint's changes exist only in the log segments it covers; they are
     // carried into the next checkpoint, and no segment is deleted until one succeeds.
@@ -573,7 +654,13 @@ fn checkpointer(
         if let Some(earlier) = carry.take() {
             ck.absorb(earlier);
         }
-        match write_checkpoint(&db, source.as_ref(), &ck) {
+        // Everything of the covered segments was published before they were handed over:
+        // the hook persists it before the marker lets replay skip those segments.
+        let hooked = match hook.get() {
+            Some(h) => h().map_err(StoreError::Io),
+            None => Ok(()),
+        };
+        match hooked.and_then(|()| write_checkpoint(&db, source.as_ref(), &ck)) {
             Ok(()) => {
                 pending.lock().checkpointing.clear();
                 if let Err(e) = wal::remove_upto(&wal_dir, ck.upto) {
@@ -696,6 +783,10 @@ fn write_checkpoint(
             }
             b.insert(key, val);
         }
+    }
+    if ck.lseq > 0 {
+        b.insert(keys::META_LSEQ, &ck.lseq.to_be_bytes());
+        b.insert(keys::META_HLC, &ck.hlc.to_be_bytes());
     }
     b.insert(keys::META_WAL_CHECKPOINT, &ck.upto.to_be_bytes());
     db.apply_batch(b)?;

@@ -28,13 +28,23 @@ pub const META: u8 = b'x';
 
 /// The format version of the data directory; bumped when the layout changes so a newer
 /// release can migrate and an older one refuses instead of misreading.
-pub const FORMAT_VERSION: u64 = 1;
+///
+/// 2: twin records carry their HLC, change number and per-property clocks; every committed
+/// change has a change number in the write-ahead log (which numbers the events); the
+/// checkpoint records the highest change number and HLC it covers. Format 1 (no clocks, event
+/// numbers from a reservation) is upgraded in place on open.
+pub const FORMAT_VERSION: u64 = 2;
 pub const META_FORMAT_VERSION: &[u8] = b"xformat_version";
 pub const META_NODE_ID: &[u8] = b"xnode_id";
 /// Number of the last write-ahead-log segment whose changes are all in sled.
 pub const META_WAL_CHECKPOINT: &[u8] = b"xwal_checkpoint";
-/// Event sequence numbers below this may have been handed out; a restart continues here.
+/// Format 1 only: event sequence numbers below this may have been handed out. The upgrade to
+/// format 2 continues the change numbers above it.
 pub const META_EVENT_SEQ_RESERVED: &[u8] = b"xevent_seq_reserved";
+/// The highest change number the last checkpoint covers (8 bytes BE).
+pub const META_LSEQ: &[u8] = b"xlseq";
+/// The highest HLC the last checkpoint covers (8 bytes BE).
+pub const META_HLC: &[u8] = b"xhlc";
 
 pub fn rule(name: &str) -> Vec<u8> {
     prefixed(RULE, name.as_bytes())

@@ -15,7 +15,9 @@ pub mod wal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use commit::{Batch, CommitHandle, CommitStats, KvOp, PendingHistory, StateSource};
+pub use commit::{
+    Batch, CheckpointHook, CommitHandle, CommitStats, KvOp, Numbering, PendingHistory, StateSource,
+};
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +27,8 @@ pub enum StoreError {
     #[error("corrupt record under key {key}: {reason}")]
     Corrupt { key: String, reason: String },
     #[error(
-        "the data directory has format version {found}, this build reads version {expected}; \
-         use a matching twinhost release or a new --data-dir"
+        "the data directory has format version {found}, this build reads versions 1 to {expected} \
+         (and upgrades 1 in place); use a newer twinhost release or a new --data-dir"
     )]
     FormatVersion { found: u64, expected: u64 },
     #[error("write-ahead log: {0}")]
@@ -44,10 +46,27 @@ pub struct Store {
     wal_dir: PathBuf,
     pending: Arc<parking_lot::Mutex<PendingHistory>>,
     checkpoint_every: std::time::Duration,
+    /// The format version found on open (1 until the registry's upgrade finishes).
+    format: Arc<std::sync::atomic::AtomicU64>,
+    before_checkpoint: Arc<std::sync::OnceLock<CheckpointHook>>,
+}
+
+/// Where a format-1 directory's numbering continues, and what the upgrade writes.
+pub struct Upgrade {
+    /// Twin records rewritten in the current format: `(key, bytes)`.
+    pub twins: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Highest change number that may have been handed out (the old event reservation).
+    pub lseq: u64,
+    /// Highest HLC derived for the upgraded twins.
+    pub hlc: u64,
 }
 
 impl Store {
-    /// Open (or create) the database under `dir`, checking the format version.
+    /// Open (or create) the database under `dir`, checking the format version. A format-1
+    /// directory opens for the registry to upgrade ([`Store::needs_upgrade`]).
+    ///
+    /// # Errors
+    /// [`StoreError::FormatVersion`] for a format this build cannot read; sled and I/O errors.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir.join("db"))
@@ -55,7 +74,7 @@ impl Store {
             .flush_every_ms(Some(1000))
             .cache_capacity(512 * 1024 * 1024)
             .open()?;
-        match db.get(keys::META_FORMAT_VERSION)? {
+        let format = match db.get(keys::META_FORMAT_VERSION)? {
             Some(v) => {
                 let found = v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
                     StoreError::Corrupt {
@@ -63,12 +82,13 @@ impl Store {
                         reason: "not 8 bytes".into(),
                     }
                 })?;
-                if found != keys::FORMAT_VERSION {
+                if found != keys::FORMAT_VERSION && found != 1 {
                     return Err(StoreError::FormatVersion {
                         found,
                         expected: keys::FORMAT_VERSION,
                     });
                 }
+                found
             }
             None => {
                 db.insert(
@@ -76,8 +96,9 @@ impl Store {
                     &keys::FORMAT_VERSION.to_be_bytes(),
                 )?;
                 db.flush()?;
+                keys::FORMAT_VERSION
             }
-        }
+        };
         let wal_dir = dir.join("wal");
         std::fs::create_dir_all(&wal_dir).map_err(|e| StoreError::Io(e.to_string()))?;
         Ok(Store {
@@ -85,7 +106,50 @@ impl Store {
             wal_dir,
             pending: Arc::default(),
             checkpoint_every: commit::CHECKPOINT_EVERY,
+            format: Arc::new(format.into()),
+            before_checkpoint: Arc::default(),
         })
+    }
+
+    /// Whether this is a format-1 directory the registry must upgrade before writing.
+    pub fn needs_upgrade(&self) -> bool {
+        self.format.load(std::sync::atomic::Ordering::Relaxed) == 1
+    }
+
+    /// Finish the upgrade from format 1: the rewritten twins, the numbering floor and the new
+    /// format version, as one atomic sled batch (a crash before it leaves format 1, and the
+    /// upgrade runs again).
+    pub fn finish_upgrade(&self, up: Upgrade) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for (k, v) in up.twins {
+            b.insert(k, v);
+        }
+        b.insert(keys::META_LSEQ, &up.lseq.to_be_bytes());
+        b.insert(keys::META_HLC, &up.hlc.to_be_bytes());
+        b.remove(keys::META_EVENT_SEQ_RESERVED);
+        b.insert(
+            keys::META_FORMAT_VERSION,
+            &keys::FORMAT_VERSION.to_be_bytes(),
+        );
+        self.db.apply_batch(b)?;
+        self.db.flush()?;
+        self.format
+            .store(keys::FORMAT_VERSION, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Read an 8-byte big-endian counter (0 when absent).
+    pub fn get_u64(&self, key: &[u8]) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .get(key)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
+    /// Install the hook that runs before each checkpoint (once; later calls are ignored).
+    pub fn set_before_checkpoint(&self, hook: CheckpointHook) {
+        let _ = self.before_checkpoint.set(hook);
     }
 
     /// How often the log is folded into sled (bounds replay after a crash). Set before the
@@ -97,11 +161,7 @@ impl Store {
 
     /// The last checkpointed log segment (0 before the first checkpoint).
     fn checkpoint_marker(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .db
-            .get(keys::META_WAL_CHECKPOINT)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0))
+        self.get_u64(keys::META_WAL_CHECKPOINT)
     }
 
     /// Entries logged after the last checkpoint, in order, with the last segment number. Raw
@@ -193,13 +253,15 @@ impl Store {
     }
 
     /// Start the writer after [`Store::recover`]: `last_segment` is what `recover` returned,
-    /// `replayed` the changes its replay made (persisted by the first checkpoint), and
-    /// `source` supplies the current bytes of dirty twins.
+    /// `replayed` the changes its replay made (persisted by the first checkpoint), `source`
+    /// supplies the current bytes of dirty twins, and `numbering` continues above everything
+    /// stored.
     pub fn start_committer(
         &self,
         source: Arc<dyn StateSource>,
         last_segment: u64,
         replayed: Option<Batch>,
+        numbering: Numbering,
     ) -> Result<CommitHandle, StoreError> {
         commit::start(commit::Start {
             db: self.db.clone(),
@@ -209,6 +271,8 @@ impl Store {
             pending: self.pending.clone(),
             replayed,
             checkpoint_every: self.checkpoint_every,
+            numbering,
+            before_checkpoint: self.before_checkpoint.clone(),
         })
     }
 

@@ -13,7 +13,16 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, TimeZone, Utc};
 
-use crate::types::{Lifecycle, Properties, Twin, TwinId};
+use crate::types::{Cause, Lifecycle, Properties, Twin, TwinId};
+
+/// The place of a committed change in the node's order: its change number, its HLC, and who
+/// made it when it was a behavior or a rule. Logged right before the entry it numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stamp {
+    pub lseq: u64,
+    pub hlc: u64,
+    pub cause: Option<Cause>,
+}
 
 /// One logged operation, replayed in order on restart.
 #[derive(Debug)]
@@ -42,6 +51,14 @@ pub enum Entry {
     Put(Vec<u8>, Vec<u8>),
     DeleteKey(Vec<u8>),
     DeletePrefix(Vec<u8>),
+    /// The stamp of the entry that follows (format 2).
+    Stamp(Stamp),
+    /// An alert raised by a rule or behavior, numbered like a change: the registry's
+    /// serialized record (format 2).
+    Alert {
+        stamp: Stamp,
+        record: Vec<u8>,
+    },
 }
 
 const T_UPDATE: u8 = b'U';
@@ -51,6 +68,8 @@ const T_LIFECYCLE: u8 = b'L';
 const T_PUT: u8 = b'P';
 const T_DELETE_KEY: u8 = b'X';
 const T_DELETE_PREFIX: u8 = b'Z';
+const T_STAMP: u8 = b'S';
+const T_ALERT: u8 = b'A';
 
 fn micros(t: DateTime<Utc>) -> [u8; 8] {
     t.timestamp_micros().to_le_bytes()
@@ -142,6 +161,32 @@ pub mod encode {
         buf.push(T_DELETE_PREFIX);
         bytes(buf, p);
     }
+
+    fn stamp_fields(buf: &mut Vec<u8>, s: &Stamp) {
+        buf.extend_from_slice(&s.lseq.to_le_bytes());
+        buf.extend_from_slice(&s.hlc.to_le_bytes());
+        match &s.cause {
+            Some(c) => {
+                buf.push(c.depth);
+                bytes(buf, c.by.as_bytes());
+            }
+            None => {
+                buf.push(0);
+                bytes(buf, b"");
+            }
+        }
+    }
+
+    pub fn stamp(buf: &mut Vec<u8>, s: &Stamp) {
+        buf.push(T_STAMP);
+        stamp_fields(buf, s);
+    }
+
+    pub fn alert(buf: &mut Vec<u8>, s: &Stamp, record: &[u8]) {
+        buf.push(T_ALERT);
+        stamp_fields(buf, s);
+        bytes(buf, record);
+    }
 }
 
 /// A cursor over one frame's payload.
@@ -177,6 +222,17 @@ impl<'a> Cur<'a> {
         let n = u32::from_le_bytes(self.take(4)?.try_into().ok()?) as usize;
         self.take(n)
     }
+    fn stamp(&mut self) -> Option<Stamp> {
+        let lseq = self.u64()?;
+        let hlc = self.u64()?;
+        let depth = self.u8()?;
+        let by = std::str::from_utf8(self.bytes()?).ok()?;
+        let cause = (!by.is_empty()).then(|| Cause {
+            by: by.to_owned(),
+            depth,
+        });
+        Some(Stamp { lseq, hlc, cause })
+    }
 }
 
 /// Decode a frame's entries; `None` if the payload is malformed.
@@ -209,6 +265,11 @@ fn decode(payload: &[u8], out: &mut Vec<Entry>) -> Option<()> {
             T_PUT => Entry::Put(c.bytes()?.to_vec(), c.bytes()?.to_vec()),
             T_DELETE_KEY => Entry::DeleteKey(c.bytes()?.to_vec()),
             T_DELETE_PREFIX => Entry::DeletePrefix(c.bytes()?.to_vec()),
+            T_STAMP => Entry::Stamp(c.stamp()?),
+            T_ALERT => Entry::Alert {
+                stamp: c.stamp()?,
+                record: c.bytes()?.to_vec(),
+            },
             _ => return None,
         };
         out.push(e);
@@ -417,6 +478,39 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), seg.bytes);
         // Segments at or below a checkpoint are skipped.
         assert!(read_after(dir.path(), 1).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn stamps_and_alerts_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::create(dir.path(), 1).unwrap();
+        let plain = Stamp {
+            lseq: 7,
+            hlc: 42 << 16 | 3,
+            cause: None,
+        };
+        let caused = Stamp {
+            lseq: 8,
+            hlc: 43 << 16,
+            cause: Some(Cause {
+                by: "rule:hot".into(),
+                depth: 2,
+            }),
+        };
+        let mut buf = Vec::new();
+        encode::stamp(&mut buf, &plain);
+        encode::delete(&mut buf, &TwinId::new_v7());
+        encode::alert(&mut buf, &caused, b"{\"a\":1}");
+        seg.append(&buf).unwrap();
+        let (entries, _) = read_after(dir.path(), 0).unwrap();
+        assert!(matches!(&entries[0], Entry::Stamp(s) if *s == plain));
+        assert!(matches!(&entries[1], Entry::Delete(_)));
+        match &entries[2] {
+            Entry::Alert { stamp, record } => {
+                assert_eq!((stamp, record.as_slice()), (&caused, &b"{\"a\":1}"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -453,7 +453,7 @@ impl Behaviors {
         counters
             .alerts
             .fetch_add(alerts.len() as u64, Ordering::Relaxed);
-        self.inner.log.append(alerts);
+        self.inner.log.raise(alerts);
         let mut updates = Vec::new();
         for (target, props) in out.patches {
             let target = match target.as_deref().map(str::parse::<TwinId>) {
