@@ -168,6 +168,8 @@ pub struct Server {
     pub data_dir: PathBuf,
     /// Extra `serve` arguments, reused on restart.
     pub extra_args: Vec<String>,
+    /// `--node-id`, when given.
+    pub node_id: Option<String>,
     /// Stdout and stderr of the server (appended across restarts).
     pub log_path: PathBuf,
     pub http: reqwest::Client,
@@ -184,11 +186,23 @@ impl Server {
 
     /// Start a server with extra `serve` arguments (e.g. `["--max-ingest-bytes", "1000"]`).
     pub fn start_with(extra: &[&str]) -> Server {
+        Server::start_from(|_| {}, Some(NODE_ID), extra)
+    }
+
+    /// Start a server on a data directory that `prepare` fills first (e.g. from a fixture),
+    /// with `--node-id` when given.
+    pub fn start_from(
+        prepare: impl FnOnce(&Path),
+        node_id: Option<&str>,
+        extra: &[&str],
+    ) -> Server {
         let tmp = tempfile::Builder::new()
             .prefix("twinhost-e2e-")
             .tempdir()
             .expect("creating a temp dir");
         let data_dir = tmp.path().join("data");
+        std::fs::create_dir_all(&data_dir).expect("creating the data dir");
+        prepare(&data_dir);
         let log_path = tmp.path().join("server.log");
         let mut srv = Server {
             url: String::new(),
@@ -196,6 +210,7 @@ impl Server {
             token: String::new(),
             data_dir,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            node_id: node_id.map(str::to_owned),
             log_path,
             http: http_client(),
             child: None,
@@ -226,8 +241,7 @@ impl Server {
             .arg(&self.data_dir)
             .arg("--listen")
             .arg(&listen)
-            .arg("--node-id")
-            .arg(NODE_ID)
+            .args(self.node_id.iter().flat_map(|n| ["--node-id", n.as_str()]))
             .args(&self.extra_args)
             .env("RUST_LOG", "info,sled=warn")
             .env("NO_COLOR", "1")

@@ -41,13 +41,44 @@ pub async fn create(
     Ok(r)
 }
 
-#[utoipa::path(get, path = "/v1/twins/{id}", tag = "twins", params(("id" = uuid::Uuid, Path)),
+/// `?meta=true` on `GET /v1/twins/{id}`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct GetParams {
+    /// Add `meta`: the change number and HLC of the twin's last change, and per property
+    /// the HLC and origin node of its last write (removed properties included).
+    #[serde(default)]
+    pub meta: bool,
+}
+
+/// The twin's clocks, as `?meta=true` shows them.
+fn meta_json(t: &Twin) -> Value {
+    let props: serde_json::Map<String, Value> = t
+        .clocks
+        .iter()
+        .map(|(k, c)| (k.clone(), json!({"hlc": c.hlc, "origin": &*c.origin})))
+        .collect();
+    json!({"lseq": t.lseq, "hlc": t.hlc, "vclock": t.vclock, "properties": props})
+}
+
+#[utoipa::path(get, path = "/v1/twins/{id}", tag = "twins", params(("id" = uuid::Uuid, Path), GetParams),
     responses((status = 200, body = Twin, headers(("ETag" = String))), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_one(
     State(s): State<AppState>,
     Path(id): Path<TwinId>,
+    Query(p): Query<GetParams>,
 ) -> Result<Response, ApiError> {
-    Ok(with_etag(StatusCode::OK, s.registry.get(&id)?))
+    let t = s.registry.get(&id)?;
+    if !p.meta {
+        return Ok(with_etag(StatusCode::OK, t));
+    }
+    let etag = HeaderValue::from_str(&format!("\"{}\"", t.version)).expect("digits are valid");
+    let meta = meta_json(&t);
+    let mut body = serde_json::to_value(&t).map_err(|e| ApiError::Internal(e.to_string()))?;
+    body["meta"] = meta;
+    let mut r = (StatusCode::OK, axum::Json(body)).into_response();
+    r.headers_mut().insert(header::ETAG, etag);
+    Ok(r)
 }
 
 /// Parse `If-Match`: `"3"`, `W/"3"`, `3`, or `*` (any version).

@@ -1,0 +1,214 @@
+//! The replication-ready write path through the real server: per-property clocks shown with
+//! `?meta=true`, the upgrade of a format-1 data directory made by the previous release, and
+//! the node id a data directory keeps.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::Server;
+use serde_json::{json, Value};
+
+const FIXTURE_NODE: &str = "edge-1";
+const B: &str = "01900000-0000-7000-8000-00000000000b";
+const M1: &str = "01900000-0000-7000-8000-000000000001";
+const M2: &str = "01900000-0000-7000-8000-000000000002";
+const M3: &str = "01900000-0000-7000-8000-000000000003";
+const M4: &str = "01900000-0000-7000-8000-000000000004";
+const D: &str = "01900000-0000-7000-8000-00000000000d";
+
+/// Unpack `tests/fixtures/v1-data.tar.gz` (see `make-v1-data.sh`) into `dir`.
+fn unpack_v1(dir: &Path) {
+    let fixture = format!(
+        "{}/../tests/fixtures/v1-data.tar.gz",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let st = Command::new("tar")
+        .args(["xzf", &fixture, "-C"])
+        .arg(dir)
+        .status()
+        .expect("running tar");
+    assert!(st.success(), "tar xzf {fixture}");
+}
+
+fn seqs(page: &Value) -> Vec<u64> {
+    page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// What the fixture holds, as the previous release served it.
+async fn check_fixture_twins(s: &Server) {
+    let m1 = s.get(&format!("/v1/twins/{M1}")).await;
+    m1.expect(200);
+    assert_eq!(m1.body["properties"]["temperature"], 74, "{}", m1.text);
+    assert_eq!(m1.body["version"], 5);
+    assert_eq!(m1.body["vclock"], json!({FIXTURE_NODE: 5}));
+    // Only the write-ahead log held these (the old server was killed with -9).
+    let m2 = s.get(&format!("/v1/twins/{M2}")).await.body;
+    assert_eq!(m2["properties"]["temperature"], 99, "{m2}");
+    s.get(&format!("/v1/twins/{M4}")).await.expect(200);
+    let m3 = s.get(&format!("/v1/twins/{M3}")).await.body;
+    assert_eq!(m3["lifecycle"], "suspended");
+    s.get(&format!("/v1/twins/{D}"))
+        .await
+        .expect_error(404, "not_found");
+    let b = s.get(&format!("/v1/twins/{B}")).await.body;
+    assert_eq!(b["children_ids"].as_array().unwrap().len(), 4, "{b}");
+    let rels = s.get(&format!("/v1/twins/{M1}/relationships")).await;
+    assert_eq!(rels.body[0]["name"], "feeds", "{}", rels.text);
+    assert_eq!(rels.body[0]["properties"], json!({"belt": "A"}));
+    s.get("/v1/models/machine").await.expect(200);
+    let h = s
+        .get(&format!("/v1/twins/{M1}/history/temperature"))
+        .await
+        .body;
+    let points: Vec<f64> = h["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(points, vec![70.0, 71.0, 72.0, 73.0, 74.0]);
+    let rule = s.get("/v1/rules/hot").await;
+    rule.expect(200);
+}
+
+/// A data directory written by the previous release (format 1) is upgraded in place and
+/// serves the same twins, history, relationships, models, rules and tokens; every twin gets
+/// clocks from its stored data; the old event tail keeps its numbers and new changes are
+/// numbered above every number the old release may have handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_directory_is_upgraded_in_place() {
+    let mut s = Server::start_from(unpack_v1, Some(FIXTURE_NODE), &[]);
+    assert!(
+        s.log()
+            .contains("upgrading the data directory from format 1 to 2"),
+        "{}",
+        common::tail(&s.log(), 20)
+    );
+    check_fixture_twins(&s).await;
+    // The fixture's read token still works.
+    let read = std::fs::read_to_string(s.data_dir.join("read.token")).unwrap();
+    let r = s
+        .http
+        .get(format!("{}/v1/twins/{M1}", s.url))
+        .bearer_auth(read.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Clocks derived from the stored data: every property last written at the twin's last
+    // update, on the node that wrote it.
+    let m1 = s.get(&format!("/v1/twins/{M1}?meta=true")).await.body;
+    let meta = &m1["meta"];
+    let updated = chrono::DateTime::parse_from_rfc3339(m1["updated_at"].as_str().unwrap())
+        .unwrap()
+        .timestamp_millis() as u64;
+    assert_eq!(meta["hlc"], updated << 16, "{m1}");
+    for p in ["temperature", "status"] {
+        assert_eq!(meta["properties"][p]["origin"], FIXTURE_NODE, "{m1}");
+        assert_eq!(meta["properties"][p]["hlc"], updated << 16, "{m1}");
+    }
+    // The old tail (events 1..=11, persisted by the old release) keeps its numbers.
+    let old = s.get("/v1/events/log?after=0&limit=100").await.body;
+    let old_seqs = seqs(&old);
+    assert_eq!(old_seqs[..11], (1..=11).collect::<Vec<_>>()[..], "{old}");
+    assert_eq!(old["events"][0]["type"], "twin.created");
+    assert_eq!(old["events"][0]["twin_id"], B);
+    // New changes are numbered above the old release's reservation, without reuse.
+    let r = s
+        .patch(&format!("/v1/twins/{M1}"), &json!({"temperature": 80}))
+        .await;
+    r.expect(200);
+    let page = s.get("/v1/events/log?after=11&limit=100").await.body;
+    let new = seqs(&page);
+    assert_eq!(new.len(), 1, "{page}");
+    assert!(new[0] > 11, "{page}");
+    let m1 = s.get(&format!("/v1/twins/{M1}?meta=true")).await.body;
+    assert_eq!(m1["meta"]["lseq"], new[0], "{m1}");
+    assert!(m1["meta"]["properties"]["temperature"]["hlc"].as_u64() > Some(updated << 16));
+    assert_eq!(
+        m1["meta"]["properties"]["status"]["hlc"],
+        updated << 16,
+        "an untouched property keeps its clock: {m1}"
+    );
+
+    // A clean restart reads format 2 as it is: no second upgrade, the same twins.
+    s.stop().expect("clean stop");
+    s.restart();
+    let upgrades = s
+        .log()
+        .matches("upgrading the data directory from format 1")
+        .count();
+    assert_eq!(upgrades, 1, "{}", common::tail(&s.log(), 20));
+    let m1 = s.get(&format!("/v1/twins/{M1}?meta=true")).await.body;
+    assert_eq!(m1["properties"]["temperature"], 80);
+    assert_eq!(m1["meta"]["lseq"], new[0]);
+}
+
+/// A data directory keeps the node id it was created with: another `--node-id` is refused
+/// with a clear message, and leaving it out uses the stored one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_id_is_refused() {
+    let mut s = Server::start();
+    s.stop().expect("clean stop");
+    let out = common::twinhost_command()
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&s.data_dir)
+        .args(["--listen", "127.0.0.1:0", "--node-id", "someone-else"])
+        .output()
+        .expect("running serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("differs from") && err.contains(common::NODE_ID),
+        "{err}"
+    );
+    s.node_id = None;
+    s.restart();
+    let m = s.get("/v1/metrics").await.body;
+    assert_eq!(m["node_id"], common::NODE_ID);
+}
+
+/// `?meta=true` shows the change number, the twin's HLC and version vector, and each
+/// property's clock and origin, removed properties included; the plain twin shows none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_shows_clocks_per_property() {
+    let s = Server::start();
+    let id = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"a": 1, "b": 2}}))
+        .await;
+    let t0 = s.get(&format!("/v1/twins/{id}?meta=true")).await.body;
+    let m0 = &t0["meta"];
+    assert_eq!(m0["properties"]["a"], m0["properties"]["b"]);
+    assert_eq!(m0["properties"]["a"]["origin"], common::NODE_ID);
+    assert_eq!(m0["properties"]["a"]["hlc"], m0["hlc"]);
+    s.patch(&format!("/v1/twins/{id}"), &json!({"a": 5, "b": null}))
+        .await
+        .expect(200);
+    let t1 = s.get(&format!("/v1/twins/{id}?meta=true")).await;
+    t1.expect(200);
+    assert_eq!(t1.header("etag").as_deref(), Some("\"2\""));
+    let m1 = &t1.body["meta"];
+    assert!(m1["hlc"].as_u64() > m0["hlc"].as_u64(), "{m1}");
+    assert!(m1["lseq"].as_u64() > m0["lseq"].as_u64(), "{m1}");
+    assert_eq!(m1["properties"]["a"]["hlc"], m1["hlc"]);
+    // The removal of b is a write with its own clock.
+    assert_eq!(m1["properties"]["b"]["hlc"], m1["hlc"]);
+    assert_eq!(m1["vclock"], json!({common::NODE_ID: 2}));
+    assert_eq!(t1.body["properties"], json!({"a": 5}));
+    let plain = s.get(&format!("/v1/twins/{id}")).await.body;
+    assert!(
+        plain.get("meta").is_none() && plain.get("clocks").is_none(),
+        "{plain}"
+    );
+    s.get(&format!("/v1/twins/{id}?meta=yes"))
+        .await
+        .expect_error(400, "bad_request");
+}
