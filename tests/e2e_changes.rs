@@ -120,6 +120,14 @@ async fn a_format_1_directory_is_upgraded_in_place() {
     assert_eq!(old_seqs[..11], (1..=11).collect::<Vec<_>>()[..], "{old}");
     assert_eq!(old["events"][0]["type"], "twin.created");
     assert_eq!(old["events"][0]["twin_id"], B);
+    // The change feed pages through every upgraded twin: each got a number of its own.
+    let feed = s.get("/v1/changes?after=0").await.body;
+    let items = feed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5, "{feed}");
+    for w in items.windows(2) {
+        assert!(w[0]["lseq"].as_u64() < w[1]["lseq"].as_u64(), "{feed}");
+    }
+    assert!(items[0]["lseq"].as_u64().unwrap() > 11, "{feed}");
     // New changes are numbered above the old release's reservation, without reuse.
     let r = s
         .patch(&format!("/v1/twins/{M1}"), &json!({"temperature": 80}))
@@ -209,6 +217,116 @@ async fn meta_shows_clocks_per_property() {
         "{plain}"
     );
     s.get(&format!("/v1/twins/{id}?meta=yes"))
+        .await
+        .expect_error(400, "bad_request");
+}
+
+async fn changes(s: &Server, query: &str) -> Value {
+    let r = s.get(&format!("/v1/changes?{query}")).await;
+    r.expect(200);
+    r.body
+}
+
+fn feed_ids(page: &Value) -> Vec<(String, bool)> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["twin_id"].as_str().unwrap().to_owned(),
+                i["deleted"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A delete leaves a tombstone: the twin stays 404, the change feed shows the tombstone
+/// (with its clock, version vector and change number), its id is refused until it expires
+/// and free again afterwards — across a crash too. The feed pages in change-number order with
+/// one entry per twin, and only admin and peer tokens read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_and_the_change_feed() {
+    let mut s = Server::start_with(&["--tombstone-retention", "3s"]);
+    let x = "01900000-0000-7000-8000-0000000000aa";
+    s.create_twin(&json!({"id": x, "entity_type": "machine", "properties": {"t": 1}}))
+        .await;
+    let y = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"t": 2}}))
+        .await;
+    for t in 3..6 {
+        s.patch(&format!("/v1/twins/{y}"), &json!({"t": t}))
+            .await
+            .expect(200);
+    }
+    s.delete(&format!("/v1/twins/{x}")).await.expect(204);
+    s.get(&format!("/v1/twins/{x}"))
+        .await
+        .expect_error(404, "not_found");
+
+    // One entry per twin, in change-number order: y (last patched), then x's tombstone.
+    let all = changes(&s, "after=0").await;
+    assert_eq!(
+        feed_ids(&all),
+        vec![(y.clone(), false), (x.to_owned(), true)],
+        "{all}"
+    );
+    let (ey, ex) = (&all["items"][0], &all["items"][1]);
+    assert_eq!(ey["properties"], json!({"t": 5}));
+    assert_eq!(ey["version"], 4);
+    assert_eq!(ey["clocks"]["t"]["origin"], common::NODE_ID);
+    assert_eq!(ey["clocks"]["t"]["hlc"], ey["hlc"]);
+    assert_eq!(ex["entity_type"], "machine");
+    assert_eq!(ex["vclock"], json!({common::NODE_ID: 2}));
+    assert!(ex["hlc"].as_u64() > ey["hlc"].as_u64(), "{all}");
+    assert!(ex["lseq"].as_u64() > ey["lseq"].as_u64(), "{all}");
+    assert_eq!(all["next"], ex["lseq"]);
+    // Paging.
+    let p1 = changes(&s, "after=0&limit=1").await;
+    assert_eq!(feed_ids(&p1), vec![(y.clone(), false)]);
+    let p2 = changes(&s, &format!("after={}&limit=1", p1["next"])).await;
+    assert_eq!(feed_ids(&p2), vec![(x.to_owned(), true)]);
+    let p3 = changes(&s, &format!("after={}", p2["next"])).await;
+    assert_eq!(feed_ids(&p3), vec![]);
+    assert_eq!(p3["next"], p2["next"], "an empty page keeps the cursor");
+
+    // The id is refused while the tombstone lasts, across a crash too.
+    let r = s
+        .post("/v1/twins", &json!({"id": x, "entity_type": "machine"}))
+        .await;
+    r.expect_error(409, "conflict");
+    assert!(r.text.contains("tombstone"), "{}", r.text);
+    s.kill9();
+    s.restart();
+    assert_eq!(
+        feed_ids(&changes(&s, "after=0").await),
+        vec![(y.clone(), false), (x.to_owned(), true)]
+    );
+    s.post("/v1/twins", &json!({"id": x, "entity_type": "machine"}))
+        .await
+        .expect_error(409, "conflict");
+    // Expired: the id is free, the tombstone leaves the feed and the twin takes its place.
+    tokio::time::sleep(std::time::Duration::from_millis(3200)).await;
+    s.post("/v1/twins", &json!({"id": x, "entity_type": "machine"}))
+        .await
+        .expect(201);
+    assert_eq!(
+        feed_ids(&changes(&s, "after=0").await),
+        vec![(y.clone(), false), (x.to_owned(), false)]
+    );
+
+    // Who may read it.
+    let peer = s.create_token("peer").await;
+    let read = s.create_token("read").await;
+    let as_token =
+        |t: &str, path: &str| s.http.get(format!("{}{path}", s.url)).bearer_auth(t).send();
+    assert_eq!(as_token(&peer, "/v1/changes").await.unwrap().status(), 200);
+    assert_eq!(as_token(&peer, "/v1/twins").await.unwrap().status(), 403);
+    assert_eq!(as_token(&read, "/v1/changes").await.unwrap().status(), 403);
+    s.get("/v1/changes?limit=0")
+        .await
+        .expect_error(400, "bad_request");
+    s.get("/v1/changes?after=x")
         .await
         .expect_error(400, "bad_request");
 }

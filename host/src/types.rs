@@ -228,7 +228,8 @@ impl Twin {
     }
 }
 
-/// Role carried by an API token; each role includes the ones below it.
+/// Role carried by an API token. `read` < `write` < `admin`, each including the ones below;
+/// `peer` stands apart: it may only sync (the change feed), and `admin` may do that too.
 #[derive(
     Clone,
     Copy,
@@ -247,6 +248,19 @@ pub enum Role {
     Read,
     Write,
     Admin,
+    Peer,
+}
+
+impl Role {
+    /// Whether a token of this role may make a call that needs `need`.
+    pub fn allows(self, need: Role) -> bool {
+        match (self, need) {
+            (Role::Peer, need) => need == Role::Peer,
+            (Role::Admin, _) => true,
+            (_, Role::Peer) => false,
+            (have, need) => have >= need,
+        }
+    }
 }
 
 impl fmt::Display for Role {
@@ -255,6 +269,7 @@ impl fmt::Display for Role {
             Role::Read => "read",
             Role::Write => "write",
             Role::Admin => "admin",
+            Role::Peer => "peer",
         })
     }
 }

@@ -142,6 +142,9 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     }
     // API.md: `write` covers twins, ingest, workflows and rules; running a compute module is
     // a computation like a workflow step; uploading code and binding it is `admin`.
+    if path == "/v1/changes" || path.starts_with("/v1/sync/") {
+        return Some(Role::Peer);
+    }
     let invoke = path.starts_with("/v1/modules/") && path.ends_with("/invoke");
     let admin_area = !invoke
         && [
@@ -187,7 +190,7 @@ pub async fn require(
             .map(str::to_owned)
             .or_else(|| stream_token(req.uri()).map(|t| format!("Bearer {t}")));
         let role = state.auth.role_of(header.as_deref())?;
-        if role < need {
+        if !role.allows(need) {
             return Err(ApiError::Forbidden(format!(
                 "this call needs the {need} role; the token has {role}"
             )));

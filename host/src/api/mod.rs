@@ -6,6 +6,7 @@
 
 pub mod auth;
 mod behaviors;
+mod changes;
 pub mod error;
 mod events;
 pub mod extract;
@@ -140,6 +141,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/events", get(events::sse))
         .route("/events/ws", get(events::ws))
         .route("/events/log", get(events::log))
+        .route("/changes", get(changes::changes))
         .route("/tokens", post(ops::create_token))
         .route("/metrics", get(ops::metrics_json))
         .route("/openapi.json", get(ops::openapi))

@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// Drop persisted events older than this.
     #[arg(long, env = "TWINHOST_EVENT_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub event_max_age: Duration,
+    /// How long a deleted twin's tombstone lasts (in the change feed, and refusing its id).
+    #[arg(long, env = "TWINHOST_TOMBSTONE_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub tombstone_retention: Duration,
 }
 
 /// The process-wide Prometheus recorder (installed once).
@@ -198,6 +201,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
+    node.registry
+        .set_tombstone_retention(args.tombstone_retention);
+    let registry = node.registry.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RETENTION_SWEEP_EVERY);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match registry.sweep_tombstones().await {
+                Ok(n) if n > 0 => tracing::info!(tombstones = n, "expired tombstones removed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "tombstone sweep failed"),
+            }
+        }
+    });
     let history = node.state.history.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RETENTION_SWEEP_EVERY);

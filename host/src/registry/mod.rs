@@ -13,6 +13,7 @@
 //! twin guard (clone the twin, drop the guard, then fill `children_ids`).
 
 mod error;
+pub mod feed;
 pub mod model;
 pub mod query;
 mod write;
@@ -29,6 +30,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 pub use error::RegistryError;
+pub use feed::{FeedItem, Tombstone, DEFAULT_TOMBSTONE_RETENTION};
 pub use model::Model;
 pub use query::{Page, Query, TwinRef};
 pub use write::check_patch;
@@ -254,6 +256,12 @@ struct Inner {
     first_lseq: u64,
     /// Stamped changes replayed from the log at open, for the event log to take.
     recovered: parking_lot::Mutex<Vec<Change>>,
+    /// Deleted twins' tombstones, while they last.
+    tombstones: RwLock<feed::Tombstones>,
+    /// How long a tombstone lasts, in milliseconds.
+    tombstone_retention_ms: std::sync::atomic::AtomicU64,
+    /// The change feed's index.
+    feed: parking_lot::Mutex<feed::Feed>,
     twins: Arc<TwinMap>,
     index: RwLock<Indexes>,
     models: RwLock<HashMap<String, Arc<Model>>>,
@@ -307,15 +315,27 @@ impl Registry {
             store.get_u64(keys::META_LSEQ)?,
             store.get_u64(keys::META_HLC)?,
         );
+        if upgrading {
+            // Format 1 handed out event numbers below a reservation: continue above it.
+            lseq_floor = lseq_floor.max(
+                store
+                    .get_u64(keys::META_EVENT_SEQ_RESERVED)?
+                    .saturating_sub(1),
+            );
+        }
         for kv in store.scan_prefix(&[keys::TWIN]) {
             let (k, v) = kv?;
             let mut t: Twin = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
             if upgrading {
                 // Format 1 kept no clocks: every property was last written at the twin's
-                // last update, on this node.
+                // last update, on this node. Each twin gets a change number of its own
+                // (above every number format 1 handed out), so the change feed can page
+                // through them.
                 t.hlc = hlc_at(t.updated_at);
                 let names: Vec<String> = t.properties.keys().cloned().collect();
                 t.stamp_properties(&names, t.hlc, &origin);
+                lseq_floor += 1;
+                t.lseq = lseq_floor;
                 upgraded.push((k.to_vec(), t.to_record_bytes()));
             }
             // One shared origin string for this node's writes instead of one per property.
@@ -330,9 +350,6 @@ impl Registry {
             twins.0.insert(t.id, Arc::new(t));
         }
         if upgrading {
-            // Format 1 handed out event numbers below a reservation: continue above it.
-            let reserved = store.get_u64(keys::META_EVENT_SEQ_RESERVED)?;
-            lseq_floor = lseq_floor.max(reserved.saturating_sub(1));
             tracing::info!(
                 twins = upgraded.len(),
                 next_change = lseq_floor + 1,
@@ -358,6 +375,14 @@ impl Registry {
             let props: Value = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
             rels.entry(src).or_default().insert((name, dst), props);
         }
+        let mut tombstones = feed::Tombstones::default();
+        for kv in store.scan_prefix(&[keys::TOMBSTONE]) {
+            let (k, v) = kv?;
+            let d: Tombstone = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
+            lseq_floor = lseq_floor.max(d.lseq);
+            hlc_floor = hlc_floor.max(d.hlc);
+            tombstones.insert(d.id, Arc::new(d));
+        }
         let mut recovered = Vec::new();
         let replayed = (!entries.is_empty()).then(|| {
             let mut batch = crate::store::Batch::new();
@@ -377,6 +402,14 @@ impl Registry {
             next_lseq: lseq_floor + 1,
             hlc: Hlc::above(hlc_floor),
         };
+        let feed = feed::Feed::build(
+            twins
+                .0
+                .iter()
+                .map(|t| (t.lseq, t.id))
+                .chain(tombstones.values().map(|d| (d.lseq, d.id)))
+                .collect(),
+        );
         let commit = store.start_committer(twins.clone(), last_segment, replayed, numbering)?;
         let reg = Registry {
             inner: Arc::new(Inner {
@@ -384,6 +417,9 @@ impl Registry {
                 origin,
                 first_lseq: lseq_floor + 1,
                 recovered: parking_lot::Mutex::new(recovered),
+                tombstones: RwLock::new(tombstones),
+                tombstone_retention_ms: (DEFAULT_TOMBSTONE_RETENTION.as_millis() as u64).into(),
+                feed: parking_lot::Mutex::new(feed),
                 twins,
                 index: RwLock::new(index),
                 models: RwLock::new(models),
@@ -445,6 +481,63 @@ impl Registry {
     /// never acknowledged).
     pub fn first_lseq(&self) -> u64 {
         self.inner.first_lseq
+    }
+
+    /// How long a delete's tombstone keeps the twin's id (`serve --tombstone-retention`).
+    pub fn set_tombstone_retention(&self, retention: std::time::Duration) {
+        self.inner.tombstone_retention_ms.store(
+            retention.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn tombstone_retention(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.inner
+                .tombstone_retention_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// The tombstone of a deleted twin, while it lasts.
+    pub fn tombstone(&self, id: &TwinId) -> Option<Arc<Tombstone>> {
+        let retention = self.tombstone_retention();
+        self.inner
+            .tombstones
+            .read()
+            .get(id)
+            .filter(|d| !d.expired(retention, Utc::now()))
+            .cloned()
+    }
+
+    /// The change feed after change number `after`: up to `limit` entries, one per twin that
+    /// changed (its current state) or tombstone, in change-number order; and the number to
+    /// ask after next (the last entry's, or `after` when there is none).
+    pub fn changes(&self, after: u64, limit: usize) -> (Vec<FeedItem>, u64) {
+        let limit = limit.clamp(1, feed::MAX_FEED_PAGE);
+        let mut out = Vec::with_capacity(limit.min(1024));
+        let mut from = after;
+        while out.len() < limit {
+            // Candidates are copied out of the index: no twin is looked at under its lock,
+            // since the writer takes that lock while holding a twin.
+            let batch = self.inner.feed.lock().candidates(from, limit.max(256));
+            let Some(&(last, _)) = batch.last() else {
+                break;
+            };
+            for (lseq, id) in batch {
+                if out.len() == limit {
+                    break;
+                }
+                if let Some(t) = self.inner.twins.0.get(&id).filter(|t| t.lseq == lseq) {
+                    out.push(FeedItem::Twin(Arc::clone(&t)));
+                } else if let Some(d) = self.tombstone(&id).filter(|d| d.lseq == lseq) {
+                    out.push(FeedItem::Tombstone(d));
+                }
+            }
+            from = last;
+        }
+        let next = out.last().map_or(after, FeedItem::lseq);
+        (out, next)
     }
 
     /// The stamped changes the log replay found at open (once; empty afterwards): the event

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::{
     check_name, AlertRecord, BatchOutcome, Change, ChangeKind, Indexes, Model, NewTwin, Registry,
-    RegistryError, TwinMap, Update, MAX_PROPERTIES, MAX_VALUE_DEPTH,
+    RegistryError, Tombstone, TwinMap, Update, MAX_PROPERTIES, MAX_VALUE_DEPTH,
 };
 use crate::store::wal::{Entry, Stamp};
 use crate::store::{keys, Batch};
@@ -128,6 +128,7 @@ impl Registry {
                 move |b| {
                     let mut changes = Vec::new();
                     let out = f(&this, b, &mut changes);
+                    this.compact_feed();
                     (out, changes)
                 },
                 move |changes| {
@@ -138,6 +139,40 @@ impl Registry {
             )
             .await?;
         Ok(out)
+    }
+
+    /// Drop the feed's stale entries once they outnumber the live ones. On the writer
+    /// thread, between jobs (no twin is held).
+    fn compact_feed(&self) {
+        let live = self.inner.twins.0.len() + self.inner.tombstones.read().len();
+        let mut feed = self.inner.feed.lock();
+        if !feed.wants_compaction(live) {
+            return;
+        }
+        let tombstones = self.inner.tombstones.read();
+        feed.compact(|lseq, id| {
+            self.inner.twins.0.get(&id).is_some_and(|t| t.lseq == lseq)
+                || tombstones.get(&id).is_some_and(|d| d.lseq == lseq)
+        });
+    }
+
+    /// Drop expired tombstones (their ids may be used again). Returns how many went.
+    pub async fn sweep_tombstones(&self) -> Result<usize, RegistryError> {
+        let retention = self.tombstone_retention();
+        self.write(move |this, b, _| {
+            let now = Utc::now();
+            let mut tombstones = this.inner.tombstones.write();
+            let before = tombstones.len();
+            tombstones.retain(|id, d| {
+                let keep = !d.expired(retention, now);
+                if !keep {
+                    b.delete_key(keys::tombstone(id).to_vec());
+                }
+                keep
+            });
+            before - tombstones.len()
+        })
+        .await
     }
 
     // ---- models -------------------------------------------------------------------------
@@ -202,6 +237,20 @@ impl Registry {
                     if idx.all.contains(&id) {
                         return Err(RegistryError::Conflict(format!("twin {id} already exists")));
                     }
+                    if let Some(d) = this.tombstone(&id) {
+                        return Err(RegistryError::Conflict(format!(
+                            "twin {id} was deleted at {}; its tombstone keeps the id until {}",
+                            d.deleted_at.to_rfc3339(),
+                            (d.deleted_at
+                                + chrono::Duration::from_std(this.tombstone_retention())
+                                    .unwrap_or(chrono::Duration::MAX))
+                            .to_rfc3339()
+                        )));
+                    }
+                    if this.inner.tombstones.write().remove(&id).is_some() {
+                        // An expired tombstone not swept yet: the id is free again.
+                        b.delete_key(keys::tombstone(&id).to_vec());
+                    }
                     if let Some(p) = n.parent_id {
                         if !idx.all.contains(&p) {
                             return Err(RegistryError::NotFound(format!("parent twin {p}")));
@@ -231,6 +280,7 @@ impl Registry {
                     let names: Vec<String> = twin.properties.keys().cloned().collect();
                     twin.stamp_properties(&names, stamp.hlc, &this.inner.origin);
                     idx.insert(&twin);
+                    this.inner.feed.lock().push(stamp.lseq, id);
                     b.create(&twin);
                     points(b, id, &twin.properties, now);
                     if wants {
@@ -336,6 +386,7 @@ impl Registry {
         t.updated_at = now;
         t.hlc = stamp.hlc;
         t.lseq = stamp.lseq;
+        self.inner.feed.lock().push(stamp.lseq, u.twin_id);
         let ts = u.ts.unwrap_or(now);
         b.update(u.twin_id, t.created_at, t.version, now, ts, &u.patch);
         points(b, u.twin_id, &u.patch, ts);
@@ -374,6 +425,22 @@ impl Registry {
                 let stamp = b.stamp(None);
                 if let Some((_, t)) = this.inner.twins.0.remove(d) {
                     idx.remove(&t);
+                    let mut vclock = t.vclock.clone();
+                    bump(&mut vclock, &this.inner.node_id);
+                    let tomb = Tombstone {
+                        id: *d,
+                        entity_type: t.entity_type.clone(),
+                        hlc: stamp.hlc,
+                        vclock,
+                        deleted_at: now,
+                        lseq: stamp.lseq,
+                    };
+                    b.put(
+                        keys::tombstone(d).to_vec(),
+                        serde_json::to_vec(&tomb).expect("tombstones serialize"),
+                    );
+                    this.inner.tombstones.write().insert(*d, Arc::new(tomb));
+                    this.inner.feed.lock().push(stamp.lseq, *d);
                     if this.wants_changes() {
                         changes.push(change(
                             ChangeKind::Deleted,
@@ -435,6 +502,7 @@ impl Registry {
                 t.updated_at = now;
                 t.hlc = stamp.hlc;
                 t.lseq = stamp.lseq;
+                this.inner.feed.lock().push(stamp.lseq, id);
                 b.lifecycle(id, t.created_at, t.version, now, state);
                 if this.wants_changes() {
                     changes.push(change(

@@ -25,6 +25,8 @@ pub const RULE: u8 = b'u';
 pub const BEHAVIOR: u8 = b'v';
 /// Metadata: `x` + name.
 pub const META: u8 = b'x';
+/// Tombstones of deleted twins: `d` + 16-byte id → JSON tombstone (format 2).
+pub const TOMBSTONE: u8 = b'd';
 
 /// The format version of the data directory; bumped when the layout changes so a newer
 /// release can migrate and an older one refuses instead of misreading.
@@ -57,6 +59,13 @@ pub fn behavior(name: &str) -> Vec<u8> {
 pub fn twin(id: &TwinId) -> [u8; 17] {
     let mut k = [0u8; 17];
     k[0] = TWIN;
+    k[1..].copy_from_slice(id.as_bytes());
+    k
+}
+
+pub fn tombstone(id: &TwinId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = TOMBSTONE;
     k[1..].copy_from_slice(id.as_bytes());
     k
 }

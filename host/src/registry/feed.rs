@@ -1,0 +1,130 @@
+//! The durable change feed: "what changed after change number N", one entry per changed twin
+//! (its current state with clocks) or tombstone, in change-number order — what a peer catches
+//! up from, so nothing per peer grows while it is away.
+//!
+//! The feed is an append-only list of `(change number, twin id)` pairs, appended on the writer
+//! thread whenever a twin gets a new number. An entry whose twin has moved on to a later
+//! number is stale and skipped by readers; when stale entries outnumber live ones the list is
+//! compacted, so it holds at most about two entries per twin or tombstone. It is rebuilt from
+//! the twins' and tombstones' stored numbers at open: the twins and tombstones are the durable
+//! state, the list only an index over them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::types::{Twin, TwinId, VClock};
+
+/// Default for how long a tombstone keeps a deleted twin's id (`serve --tombstone-retention`).
+pub const DEFAULT_TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Most entries one page of the feed returns.
+pub const MAX_FEED_PAGE: usize = 10_000;
+/// Entries of one page when the caller does not say.
+pub const DEFAULT_FEED_PAGE: usize = 1000;
+
+/// What a delete leaves: enough for a replica to tell "deleted here" from "never seen here",
+/// and to order the delete against concurrent writes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub id: TwinId,
+    pub entity_type: String,
+    /// HLC of the delete.
+    pub hlc: u64,
+    /// The twin's version vector with the delete counted.
+    pub vclock: VClock,
+    pub deleted_at: DateTime<Utc>,
+    /// The delete's change number.
+    pub lseq: u64,
+}
+
+impl Tombstone {
+    /// Whether the tombstone has outlived `retention` at `now`.
+    pub fn expired(&self, retention: Duration, now: DateTime<Utc>) -> bool {
+        chrono::Duration::from_std(retention).is_ok_and(|r| self.deleted_at + r <= now)
+    }
+}
+
+/// Tombstones by twin id.
+pub(super) type Tombstones = HashMap<TwinId, Arc<Tombstone>, rustc_hash::FxBuildHasher>;
+
+/// The index of the feed: `(change number, twin id)` in increasing number order, stale
+/// entries included until the next compaction.
+#[derive(Default)]
+pub(super) struct Feed {
+    entries: Vec<(u64, TwinId)>,
+}
+
+impl Feed {
+    /// Build from the current numbers of every twin and tombstone.
+    pub fn build(mut entries: Vec<(u64, TwinId)>) -> Feed {
+        entries.sort_unstable();
+        Feed { entries }
+    }
+
+    /// A twin got change number `lseq` (always above every earlier one).
+    pub fn push(&mut self, lseq: u64, id: TwinId) {
+        self.entries.push((lseq, id));
+    }
+
+    /// Whether stale entries outnumber `live` ones enough to compact.
+    pub fn wants_compaction(&self, live: usize) -> bool {
+        self.entries.len() > 2 * live.max(4096)
+    }
+
+    /// Keep only the entries `current` says are the twin's latest.
+    pub fn compact(&mut self, current: impl Fn(u64, TwinId) -> bool) {
+        self.entries.retain(|(l, id)| current(*l, *id));
+    }
+
+    /// Up to `max` entries numbered above `after`, stale ones included.
+    pub fn candidates(&self, after: u64, max: usize) -> Vec<(u64, TwinId)> {
+        let start = self.entries.partition_point(|(l, _)| *l <= after);
+        self.entries[start..].iter().take(max).copied().collect()
+    }
+}
+
+/// One entry of `GET /v1/changes`.
+pub enum FeedItem {
+    /// A twin's current state (it changed after the asked number).
+    Twin(Arc<Twin>),
+    /// A delete, while its tombstone lasts.
+    Tombstone(Arc<Tombstone>),
+}
+
+impl FeedItem {
+    pub fn lseq(&self) -> u64 {
+        match self {
+            FeedItem::Twin(t) => t.lseq,
+            FeedItem::Tombstone(t) => t.lseq,
+        }
+    }
+
+    /// The JSON of the entry: the state with every clock a replica needs.
+    pub fn to_json(&self) -> Value {
+        match self {
+            FeedItem::Twin(t) => {
+                let clocks: serde_json::Map<String, Value> = t
+                    .clocks
+                    .iter()
+                    .map(|(k, c)| (k.clone(), json!({"hlc": c.hlc, "origin": &*c.origin})))
+                    .collect();
+                json!({
+                    "lseq": t.lseq, "twin_id": t.id, "deleted": false,
+                    "entity_type": t.entity_type, "parent_id": t.parent_id,
+                    "version": t.version, "vclock": t.vclock, "hlc": t.hlc,
+                    "lifecycle": t.lifecycle, "properties": t.properties, "clocks": clocks,
+                    "created_at": t.created_at, "updated_at": t.updated_at,
+                })
+            }
+            FeedItem::Tombstone(d) => json!({
+                "lseq": d.lseq, "twin_id": d.id, "deleted": true,
+                "entity_type": d.entity_type, "vclock": d.vclock, "hlc": d.hlc,
+                "deleted_at": d.deleted_at,
+            }),
+        }
+    }
+}
