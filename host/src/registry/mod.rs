@@ -398,6 +398,16 @@ impl Registry {
             hlc_floor = hlc_floor.max(h);
             batch
         });
+        if upgrading {
+            // Twins the format-1 log tail created carry no number yet (the first checkpoint
+            // writes them, dirty from the replay).
+            for mut t in twins.0.iter_mut() {
+                if t.lseq == 0 {
+                    lseq_floor += 1;
+                    Arc::make_mut(&mut *t).lseq = lseq_floor;
+                }
+            }
+        }
         let numbering = Numbering {
             next_lseq: lseq_floor + 1,
             hlc: Hlc::above(hlc_floor),
