@@ -16,6 +16,7 @@ mod error;
 pub mod feed;
 pub mod model;
 pub mod query;
+pub mod remote;
 mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -33,6 +34,7 @@ pub use error::RegistryError;
 pub use feed::{FeedItem, Tombstone, DEFAULT_TOMBSTONE_RETENTION};
 pub use model::Model;
 pub use query::{Page, Query, TwinRef};
+pub use remote::{RemoteChange, RemoteOutcome};
 pub use write::check_patch;
 
 use crate::store::wal::from_slice_unbounded;
@@ -262,6 +264,8 @@ struct Inner {
     tombstone_retention_ms: std::sync::atomic::AtomicU64,
     /// The change feed's index.
     feed: parking_lot::Mutex<feed::Feed>,
+    /// Remote changes applied although the local model would refuse them.
+    remote_model_mismatches: std::sync::atomic::AtomicU64,
     twins: Arc<TwinMap>,
     index: RwLock<Indexes>,
     models: RwLock<HashMap<String, Arc<Model>>>,
@@ -430,6 +434,7 @@ impl Registry {
                 tombstones: RwLock::new(tombstones),
                 tombstone_retention_ms: (DEFAULT_TOMBSTONE_RETENTION.as_millis() as u64).into(),
                 feed: parking_lot::Mutex::new(feed),
+                remote_model_mismatches: Default::default(),
                 twins,
                 index: RwLock::new(index),
                 models: RwLock::new(models),

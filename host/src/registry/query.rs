@@ -244,6 +244,7 @@ mod tests {
             hlc: 0,
             lseq: 0,
             clocks: Default::default(),
+            deleted_hlc: 0,
         }
     }
 

@@ -27,7 +27,7 @@ fn points(batch: &mut Batch, id: TwinId, props: &Properties, ts: DateTime<Utc>) 
     }
 }
 
-fn bump(vclock: &mut VClock, node: &str) {
+pub(super) fn bump(vclock: &mut VClock, node: &str) {
     match vclock.get_mut(node) {
         Some(n) => *n += 1,
         None => {
@@ -37,7 +37,7 @@ fn bump(vclock: &mut VClock, node: &str) {
 }
 
 /// Merge-patch `props` (RFC 7396 per property; `null` removes).
-fn merge(props: &mut Properties, patch: &Properties) {
+pub(super) fn merge(props: &mut Properties, patch: &Properties) {
     for (k, v) in patch {
         if v.is_null() {
             props.remove(k);
@@ -51,7 +51,7 @@ fn merge(props: &mut Properties, patch: &Properties) {
     }
 }
 
-fn change(
+pub(super) fn change(
     kind: ChangeKind,
     t: &Twin,
     changed: Properties,
@@ -115,7 +115,7 @@ fn check_depth(props: &Properties) -> Result<(), RegistryError> {
 
 impl Registry {
     /// Run `f` on the writer thread; wait until what it logged is durable; publish its changes.
-    async fn write<T: Send + 'static>(
+    pub(super) async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Registry, &mut Batch, &mut Vec<Change>) -> T + Send + 'static,
     ) -> Result<T, RegistryError> {
@@ -276,6 +276,7 @@ impl Registry {
                         hlc: stamp.hlc,
                         lseq: stamp.lseq,
                         clocks: Default::default(),
+                        deleted_hlc: 0,
                     };
                     let names: Vec<String> = twin.properties.keys().cloned().collect();
                     twin.stamp_properties(&names, stamp.hlc, &this.inner.origin);
@@ -770,6 +771,29 @@ pub(super) fn replay(
                         c
                     });
                     recovered.extend(c);
+                }
+            }
+            Entry::State(t) => {
+                // A merged remote change: the whole state, newer than what sled holds
+                // unless a checkpoint already wrote a later one.
+                let st = stamp.take();
+                if let Some(s) = &st {
+                    let kind = if t.version == 1 {
+                        ChangeKind::Created
+                    } else {
+                        ChangeKind::Updated
+                    };
+                    let mut c = change(kind, &t, t.properties.clone(), t.updated_at, s);
+                    c.version = t.version;
+                    recovered.push(c);
+                }
+                let newer = twins.0.get(&t.id).is_none_or(|cur| cur.lseq < t.lseq);
+                if newer {
+                    b.mark_dirty(t.id);
+                    if !twins.0.contains_key(&t.id) {
+                        index.insert(&t);
+                    }
+                    twins.0.insert(t.id, Arc::new(*t));
                 }
             }
             Entry::Put(..) | Entry::DeleteKey(_) | Entry::DeletePrefix(_) => {}

@@ -178,6 +178,17 @@ impl Batch {
         self.dirty.push(twin.id);
     }
 
+    /// A twin's whole state after merging a change made elsewhere.
+    pub fn state(&mut self, twin: &Twin) {
+        encode::state(&mut self.frame, twin);
+        self.dirty.push(twin.id);
+    }
+
+    /// A clock seen on a change made elsewhere: later stamps are above it.
+    pub fn observe(&mut self, hlc: u64) {
+        self.numbering.hlc.observe(hlc);
+    }
+
     /// A twin removed; its pending history is dropped with it.
     pub fn delete(&mut self, id: TwinId) {
         encode::delete(&mut self.frame, &id);

@@ -59,6 +59,8 @@ pub enum Entry {
         stamp: Stamp,
         record: Vec<u8>,
     },
+    /// A twin's whole state after a change made elsewhere was merged in (format 2).
+    State(Box<Twin>),
 }
 
 const T_UPDATE: u8 = b'U';
@@ -70,6 +72,7 @@ const T_DELETE_KEY: u8 = b'X';
 const T_DELETE_PREFIX: u8 = b'Z';
 const T_STAMP: u8 = b'S';
 const T_ALERT: u8 = b'A';
+const T_STATE: u8 = b'T';
 
 fn micros(t: DateTime<Utc>) -> [u8; 8] {
     t.timestamp_micros().to_le_bytes()
@@ -122,6 +125,11 @@ pub mod encode {
 
     pub fn create(buf: &mut Vec<u8>, twin: &Twin) {
         buf.push(T_CREATE);
+        bytes(buf, &twin.to_record_bytes());
+    }
+
+    pub fn state(buf: &mut Vec<u8>, twin: &Twin) {
+        buf.push(T_STATE);
         bytes(buf, &twin.to_record_bytes());
     }
 
@@ -249,6 +257,7 @@ fn decode(payload: &[u8], out: &mut Vec<Entry>) -> Option<()> {
                 patch: from_slice_unbounded(c.bytes()?).ok()?,
             },
             T_CREATE => Entry::Create(Box::new(from_slice_unbounded(c.bytes()?).ok()?)),
+            T_STATE => Entry::State(Box::new(from_slice_unbounded(c.bytes()?).ok()?)),
             T_DELETE => Entry::Delete(c.id()?),
             T_LIFECYCLE => Entry::Lifecycle {
                 id: c.id()?,

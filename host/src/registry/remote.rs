@@ -1,0 +1,582 @@
+//! The remote-apply seam: changes stamped on another node (a peer's change feed), merged
+//! here on the writer thread without re-stamping them.
+//!
+//! The merge is last-writer-wins per property by `(HLC, origin)`: each property keeps the
+//! value of the write with the higher clock, wherever it was made, so every node that has seen
+//! the same writes holds the same values whatever order they arrived in. A delete is a write
+//! of every property at the delete's clock: a twin survives it only with the properties
+//! written after it (and then loses its tombstone). Version vectors merge pointwise.
+//! Local models are not enforced on remote changes (the origin validated them); a change the
+//! local model would refuse is applied and counted.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::write::change;
+use super::{Change, ChangeKind, Registry, RegistryError, Tombstone};
+use crate::store::{keys, Batch};
+use crate::types::{Clocks, Lifecycle, PropClock, Properties, Twin, TwinId, VClock};
+
+/// A change made on another node, as its change feed shows it (`GET /v1/changes` items
+/// deserialize into this).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RemoteChange {
+    pub twin_id: TwinId,
+    pub entity_type: String,
+    #[serde(default)]
+    pub parent_id: Option<TwinId>,
+    /// A delete (a tombstone on the other node).
+    #[serde(default)]
+    pub deleted: bool,
+    pub vclock: VClock,
+    /// HLC of the twin's last change there (of the delete, for a tombstone).
+    pub hlc: u64,
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+    /// Current values (a removed property is absent, its clock still in `clocks`).
+    #[serde(default)]
+    pub properties: Properties,
+    /// Clock and origin of the last write of each property.
+    #[serde(default)]
+    pub clocks: Clocks,
+    #[serde(default)]
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// What [`Registry::apply_remote`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RemoteOutcome {
+    /// Changes that changed something here.
+    pub applied: usize,
+    /// Changes already seen or outdated.
+    pub unchanged: usize,
+    /// Applied changes the local model would have refused.
+    pub model_mismatches: usize,
+}
+
+fn newer(a: &PropClock, b: Option<&PropClock>) -> bool {
+    b.is_none_or(|b| (a.hlc, &*a.origin) > (b.hlc, &*b.origin))
+}
+
+fn merge_vclock(into: &mut VClock, from: &VClock) {
+    for (node, n) in from {
+        let e = into.entry(node.clone()).or_insert(0);
+        *e = (*e).max(*n);
+    }
+}
+
+impl Registry {
+    /// Merge changes made elsewhere (see the module doc). Each that changes something gets a
+    /// change number here, is logged as the twin's whole state (or a delete) and becomes an
+    /// event; clocks and origins are kept as they came.
+    ///
+    /// # Errors
+    /// Only the store's: overload or shutdown.
+    pub async fn apply_remote(
+        &self,
+        changes: Vec<RemoteChange>,
+    ) -> Result<RemoteOutcome, RegistryError> {
+        self.write(move |this, b, out| {
+            let mut outcome = RemoteOutcome::default();
+            for rc in changes {
+                b.observe(rc.hlc);
+                for c in rc.clocks.values() {
+                    b.observe(c.hlc);
+                }
+                let changed = if rc.deleted {
+                    this.remote_delete(&rc, b, out)
+                } else {
+                    this.remote_write(rc, b, out, &mut outcome)
+                };
+                if changed {
+                    outcome.applied += 1;
+                } else {
+                    outcome.unchanged += 1;
+                }
+            }
+            if outcome.model_mismatches > 0 {
+                this.inner
+                    .remote_model_mismatches
+                    .fetch_add(outcome.model_mismatches as u64, Ordering::Relaxed);
+                tracing::warn!(
+                    count = outcome.model_mismatches,
+                    "applied remote changes that the local model would refuse"
+                );
+            }
+            outcome
+        })
+        .await
+    }
+
+    /// Remote changes applied although the local model would refuse them, since start.
+    pub fn remote_model_mismatches(&self) -> u64 {
+        self.inner.remote_model_mismatches.load(Ordering::Relaxed)
+    }
+
+    /// A remote delete. Returns whether anything changed here.
+    fn remote_delete(&self, rc: &RemoteChange, b: &mut Batch, out: &mut Vec<Change>) -> bool {
+        let id = rc.twin_id;
+        let mut tombstones = self.inner.tombstones.write();
+        if let Some(d) = tombstones.get(&id) {
+            // Deleted here too: keep the later delete's clock, merge what both saw.
+            let mut vclock = d.vclock.clone();
+            merge_vclock(&mut vclock, &rc.vclock);
+            if vclock == d.vclock && rc.hlc <= d.hlc {
+                return false;
+            }
+            let stamp = b.stamp(None);
+            let tomb = Tombstone {
+                hlc: d.hlc.max(rc.hlc),
+                vclock,
+                lseq: stamp.lseq,
+                ..(**d).clone()
+            };
+            self.put_tombstone(b, &mut tombstones, tomb);
+            return true;
+        }
+        let mut idx = self.inner.index.write();
+        let Some(t) = self.inner.twins.0.get(&id).map(|t| Arc::clone(&t)) else {
+            // Never seen here: remember the delete, so an older write arriving later does
+            // not bring the twin back.
+            let stamp = b.stamp(None);
+            let tomb = Tombstone {
+                id,
+                entity_type: rc.entity_type.clone(),
+                hlc: rc.hlc,
+                vclock: rc.vclock.clone(),
+                deleted_at: Utc::now(),
+                lseq: stamp.lseq,
+            };
+            self.put_tombstone(b, &mut tombstones, tomb);
+            return true;
+        };
+        // Properties written after the delete survive it.
+        let survivors: Vec<String> = t
+            .clocks
+            .iter()
+            .filter(|(_, c)| c.hlc > rc.hlc)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut vclock = t.vclock.clone();
+        merge_vclock(&mut vclock, &rc.vclock);
+        if rc.hlc <= t.deleted_hlc && vclock == t.vclock {
+            // A delete this twin has outlived already.
+            return false;
+        }
+        let stamp = b.stamp(None);
+        if survivors.is_empty() {
+            self.inner.twins.0.remove(&id);
+            idx.remove(&t);
+            let tomb = Tombstone {
+                id,
+                entity_type: t.entity_type.clone(),
+                hlc: rc.hlc,
+                vclock,
+                deleted_at: Utc::now(),
+                lseq: stamp.lseq,
+            };
+            self.put_tombstone(b, &mut tombstones, tomb);
+            b.delete(id);
+            b.delete_prefix(keys::history_twin_prefix(&id));
+            b.delete_prefix(keys::rel_prefix(&id));
+            if self.wants_changes() {
+                out.push(change(
+                    ChangeKind::Deleted,
+                    &t,
+                    Properties::new(),
+                    Utc::now(),
+                    &stamp,
+                ));
+            }
+            return true;
+        }
+        // Everything written before the delete goes, clocks too: a node that saw the delete
+        // first and this twin's later writes after it holds exactly the same.
+        let mut nt = (*t).clone();
+        let mut patch = Properties::new();
+        let gone: Vec<String> = nt
+            .clocks
+            .keys()
+            .filter(|k| !survivors.contains(k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if nt.properties.remove(&k).is_some() {
+                patch.insert(k.clone(), Value::Null);
+            }
+            nt.clocks.remove(&k);
+        }
+        nt.deleted_hlc = nt.deleted_hlc.max(rc.hlc);
+        nt.vclock = vclock;
+        self.finish_remote(nt, patch, b, out, &stamp);
+        true
+    }
+
+    /// A remote write: per-property last-writer-wins. Returns whether anything changed.
+    fn remote_write(
+        &self,
+        rc: RemoteChange,
+        b: &mut Batch,
+        out: &mut Vec<Change>,
+        outcome: &mut RemoteOutcome,
+    ) -> bool {
+        let id = rc.twin_id;
+        let mut tombstones = self.inner.tombstones.write();
+        let tomb = tombstones.get(&id).cloned();
+        let tomb_hlc = tomb.as_ref().map(|d| d.hlc);
+        let current = self.inner.twins.0.get(&id).map(|t| Arc::clone(&t));
+        // Only writes after every delete seen here count: against a tombstone, or a twin
+        // that outlived a delete.
+        let floor = tomb_hlc
+            .unwrap_or(0)
+            .max(current.as_ref().map_or(0, |t| t.deleted_hlc));
+        let after_delete = |c: &PropClock| c.hlc > floor;
+        let mut nt = match &current {
+            Some(t) => (**t).clone(),
+            None => {
+                if let Some(d) = tomb
+                    .as_ref()
+                    .filter(|_| !rc.clocks.values().any(after_delete))
+                {
+                    // Written before the delete: nothing comes back, but the tombstone
+                    // learns what the write saw.
+                    let mut vclock = d.vclock.clone();
+                    merge_vclock(&mut vclock, &rc.vclock);
+                    if vclock == d.vclock {
+                        return false;
+                    }
+                    let stamp = b.stamp(None);
+                    let merged = Tombstone {
+                        vclock,
+                        lseq: stamp.lseq,
+                        ..(**d).clone()
+                    };
+                    self.put_tombstone(b, &mut tombstones, merged);
+                    return true;
+                }
+                Twin {
+                    id,
+                    entity_type: rc.entity_type.clone(),
+                    properties: Properties::new(),
+                    version: 0,
+                    // A twin back from a delete keeps what the delete saw.
+                    vclock: tomb.as_ref().map(|d| d.vclock.clone()).unwrap_or_default(),
+                    parent_id: rc.parent_id,
+                    children_ids: BTreeSet::new(),
+                    lifecycle: rc.lifecycle,
+                    created_at: rc.created_at.unwrap_or_else(Utc::now),
+                    updated_at: Utc::now(),
+                    hlc: 0,
+                    lseq: 0,
+                    clocks: Clocks::new(),
+                    deleted_hlc: tomb_hlc.unwrap_or(0),
+                }
+            }
+        };
+        let mut patch = Properties::new();
+        for (k, c) in &rc.clocks {
+            if !after_delete(c) || !newer(c, nt.clocks.get(k)) {
+                continue;
+            }
+            match rc.properties.get(k) {
+                Some(v) => {
+                    if nt.properties.get(k) != Some(v) {
+                        patch.insert(k.clone(), v.clone());
+                    }
+                    nt.properties.insert(k.clone(), v.clone());
+                }
+                None => {
+                    if nt.properties.remove(k).is_some() {
+                        patch.insert(k.clone(), Value::Null);
+                    }
+                }
+            }
+            nt.clocks.insert(k.clone(), c.clone());
+        }
+        let mut vclock = nt.vclock.clone();
+        merge_vclock(&mut vclock, &rc.vclock);
+        let lifecycle_changed = rc.hlc > nt.hlc && rc.lifecycle != nt.lifecycle;
+        if lifecycle_changed {
+            nt.lifecycle = rc.lifecycle;
+        }
+        let clocks_changed = current.as_ref().is_none_or(|t| t.clocks != nt.clocks);
+        if !clocks_changed && !lifecycle_changed && vclock == nt.vclock {
+            return false;
+        }
+        nt.vclock = vclock;
+        nt.hlc = nt.hlc.max(rc.hlc);
+        if let Some(m) = self.model_for(&nt.entity_type) {
+            if m.validate_new(&nt.properties).is_err() {
+                outcome.model_mismatches += 1;
+            }
+        }
+        if tombstones.remove(&id).is_some() {
+            b.delete_key(keys::tombstone(&id).to_vec());
+        }
+        drop(tombstones);
+        let stamp = b.stamp(None);
+        if current.is_none() {
+            self.inner.index.write().insert(&nt);
+        }
+        self.finish_remote(nt, patch, b, out, &stamp);
+        true
+    }
+
+    /// Store a merged twin: new version and change number, logged whole, evented.
+    fn finish_remote(
+        &self,
+        mut nt: Twin,
+        patch: Properties,
+        b: &mut Batch,
+        out: &mut Vec<Change>,
+        stamp: &crate::store::wal::Stamp,
+    ) {
+        let created = nt.version == 0;
+        nt.version += 1;
+        nt.lseq = stamp.lseq;
+        nt.updated_at = Utc::now();
+        b.state(&nt);
+        self.inner.feed.lock().push(stamp.lseq, nt.id);
+        if self.wants_changes() {
+            let (kind, changed) = if created {
+                (ChangeKind::Created, nt.properties.clone())
+            } else {
+                (ChangeKind::Updated, patch)
+            };
+            out.push(change(kind, &nt, changed, nt.updated_at, stamp));
+        }
+        self.inner.twins.0.insert(nt.id, Arc::new(nt));
+    }
+
+    fn put_tombstone(
+        &self,
+        b: &mut Batch,
+        tombstones: &mut super::feed::Tombstones,
+        tomb: Tombstone,
+    ) {
+        b.put(
+            keys::tombstone(&tomb.id).to_vec(),
+            serde_json::to_vec(&tomb).expect("tombstones serialize"),
+        );
+        self.inner.feed.lock().push(tomb.lseq, tomb.id);
+        tombstones.insert(tomb.id, Arc::new(tomb));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const ORIGINS: [&str; 3] = ["a", "b", "c"];
+    const IDS: [&str; 2] = [
+        "01900000-0000-7000-8000-000000000001",
+        "01900000-0000-7000-8000-000000000002",
+    ];
+
+    /// A registry on a fresh data directory.
+    fn open(node: &str) -> (Registry, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (Registry::open(&store, node).unwrap(), dir)
+    }
+
+    /// A remote change: a write of some properties or a delete of one of two twins. A
+    /// property's value (or its removal) follows from its clock, as it does in a real
+    /// system where `(hlc, origin)` names one write.
+    fn remote_change() -> impl Strategy<Value = RemoteChange> {
+        (
+            0..IDS.len(),
+            prop::bool::weighted(0.25),
+            1u64..30,
+            0..ORIGINS.len(),
+            prop::collection::btree_map(0..3usize, (1u64..30, 0..ORIGINS.len()), 0..3),
+        )
+            .prop_map(|(t, deleted, hlc, o, props)| {
+                let mut rc = RemoteChange {
+                    twin_id: IDS[t].parse().unwrap(),
+                    entity_type: "machine".into(),
+                    parent_id: None,
+                    deleted,
+                    vclock: VClock::from([(ORIGINS[o].to_owned(), hlc)]),
+                    hlc,
+                    lifecycle: Lifecycle::Active,
+                    properties: Properties::new(),
+                    clocks: Clocks::new(),
+                    created_at: None,
+                };
+                if deleted {
+                    return rc;
+                }
+                for (p, (h, po)) in props {
+                    let name = format!("p{p}");
+                    if !(h + po as u64).is_multiple_of(5) {
+                        rc.properties
+                            .insert(name.clone(), json!(format!("{name}@{h}@{po}")));
+                    }
+                    rc.clocks.insert(
+                        name,
+                        PropClock {
+                            hlc: h,
+                            origin: Arc::from(ORIGINS[po]),
+                        },
+                    );
+                    rc.hlc = rc.hlc.max(h);
+                }
+                rc
+            })
+    }
+
+    /// What must agree between replicas: existence, values, clocks, version vectors, and a
+    /// tombstone's clock and version vector.
+    fn state(r: &Registry) -> Vec<String> {
+        IDS.iter()
+            .map(|id| {
+                let id: TwinId = id.parse().unwrap();
+                match (r.get(&id), r.inner.tombstones.read().get(&id)) {
+                    (Ok(t), _) => format!(
+                        "twin {} {:?} {:?} after delete {}",
+                        Value::Object(t.properties.clone()),
+                        t.clocks,
+                        t.vclock,
+                        t.deleted_hlc
+                    ),
+                    (Err(_), Some(d)) => format!("tombstone {} {:?}", d.hlc, d.vclock),
+                    (Err(_), None) => "absent".into(),
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Last-writer-wins converges: the same remote changes applied one by one in two
+        /// different orders leave two replicas identical, and applying them all again
+        /// changes nothing.
+        #[test]
+        fn lww_is_independent_of_the_order_of_application(
+            changes in prop::collection::vec(remote_change(), 1..10),
+            order in Just(()).prop_perturb(|_, mut rng| rng.random::<u64>()),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let (one, _d1) = open("x");
+            let (two, _d2) = open("y");
+            let mut shuffled = changes.clone();
+            // A permutation from the seed (Fisher-Yates).
+            let mut seed = order;
+            for i in (1..shuffled.len()).rev() {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                shuffled.swap(i, (seed >> 33) as usize % (i + 1));
+            }
+            let (s1, s2, again) = rt.block_on(async {
+                for c in &changes {
+                    one.apply_remote(vec![c.clone()]).await.unwrap();
+                }
+                for c in &shuffled {
+                    two.apply_remote(vec![c.clone()]).await.unwrap();
+                }
+                let again = two.apply_remote(changes.clone()).await.unwrap();
+                (state(&one), state(&two), again)
+            });
+            one.shutdown();
+            two.shutdown();
+            prop_assert_eq!(s1, s2);
+            prop_assert_eq!(again.applied, 0);
+        }
+    }
+
+    /// A merged remote change keeps its clocks and origin (no re-stamping), takes only the
+    /// properties it wrote last, merges version vectors, and survives a restart; the local
+    /// clock continues above the highest clock seen.
+    #[test]
+    fn apply_remote_keeps_remote_clocks_and_survives_restart() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let far = (Utc::now().timestamp_millis() as u64 + 3_600_000) << 16;
+        let id: TwinId = IDS[0].parse().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let r = Registry::open(&store, "local").unwrap();
+            rt.block_on(async {
+                let t = r
+                    .create(super::super::NewTwin {
+                        id: Some(id),
+                        entity_type: "machine".into(),
+                        properties: json!({"a": 1, "b": 1}).as_object().unwrap().clone(),
+                        parent_id: None,
+                    })
+                    .await
+                    .unwrap();
+                let rc = RemoteChange {
+                    twin_id: id,
+                    entity_type: "machine".into(),
+                    parent_id: None,
+                    deleted: false,
+                    vclock: VClock::from([("edge".to_owned(), 7)]),
+                    hlc: far,
+                    lifecycle: Lifecycle::Active,
+                    properties: json!({"a": 2, "b": 2}).as_object().unwrap().clone(),
+                    // `a` written later there, `b` earlier than here.
+                    clocks: Clocks::from([
+                        (
+                            "a".into(),
+                            PropClock {
+                                hlc: far,
+                                origin: Arc::from("edge"),
+                            },
+                        ),
+                        (
+                            "b".into(),
+                            PropClock {
+                                hlc: 1,
+                                origin: Arc::from("edge"),
+                            },
+                        ),
+                    ]),
+                    created_at: None,
+                };
+                let out = r.apply_remote(vec![rc.clone()]).await.unwrap();
+                assert_eq!(out.applied, 1);
+                let t2 = r.get(&id).unwrap();
+                assert_eq!(
+                    Value::Object(t2.properties.clone()),
+                    json!({"a": 2, "b": 1})
+                );
+                assert_eq!(t2.clocks["a"].hlc, far);
+                assert_eq!(&*t2.clocks["a"].origin, "edge");
+                assert_eq!(t2.clocks["b"], t.clocks["b"]);
+                assert_eq!(
+                    t2.vclock,
+                    VClock::from([("edge".into(), 7), ("local".into(), 1)])
+                );
+                assert_eq!(r.apply_remote(vec![rc]).await.unwrap().unchanged, 1);
+            });
+            r.shutdown();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let r = Registry::open(&store, "local").unwrap();
+        let t = r.get(&id).unwrap();
+        assert_eq!(Value::Object(t.properties.clone()), json!({"a": 2, "b": 1}));
+        assert_eq!(&*t.clocks["a"].origin, "edge");
+        // The local clock continues above the remote clock it saw (an hour ahead).
+        let t3 = rt
+            .block_on(r.patch(super::super::Update::new(
+                id,
+                json!({"b": 3}).as_object().unwrap().clone(),
+            )))
+            .unwrap();
+        assert!(t3.clocks["b"].hlc > far, "{} <= {far}", t3.clocks["b"].hlc);
+        r.shutdown();
+    }
+}
