@@ -330,3 +330,71 @@ async fn tombstones_and_the_change_feed() {
         .await
         .expect_error(400, "bad_request");
 }
+
+/// Relationship and model changes are numbered like twin changes: each is an event
+/// (`relationship.changed`, `model.changed`) in the same contiguous order, and a crash right
+/// after them loses none (they are re-created from the write-ahead log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relationship_and_model_changes_are_numbered_events() {
+    let mut s = Server::start();
+    s.put(
+        "/v1/models/machine",
+        &json!({"properties": {"t": {"type": "number"}}}),
+    )
+    .await
+    .expect(201);
+    let a = s
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"t": 1}}))
+        .await;
+    let b = s.create_twin_id(&json!({"entity_type": "machine"})).await;
+    s.put(
+        &format!("/v1/twins/{a}/relationships/feeds/{b}"),
+        &json!({"belt": 1}),
+    )
+    .await
+    .expect(201);
+    s.delete(&format!("/v1/twins/{a}/relationships/feeds/{b}"))
+        .await
+        .expect(204);
+    s.delete("/v1/models/machine").await.expect(204);
+    s.kill9();
+    s.restart();
+    let log = s.get("/v1/events/log?after=0&limit=100").await.body;
+    let events = log["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "model.changed",
+            "twin.created",
+            "twin.created",
+            "relationship.changed",
+            "relationship.changed",
+            "model.changed"
+        ],
+        "{log}"
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
+    assert_eq!(events[0]["entity_type"], "machine");
+    assert_eq!(
+        events[0]["data"]["model"]["properties"]["t"]["type"],
+        "number"
+    );
+    assert_eq!(events[3]["twin_id"], a.as_str());
+    assert_eq!(
+        events[3]["data"],
+        json!({"name": "feeds", "target_id": b, "properties": {"belt": 1}})
+    );
+    assert_eq!(events[4]["data"]["deleted"], true);
+    assert_eq!(
+        events[5]["data"],
+        json!({"entity_type": "machine", "deleted": true})
+    );
+    // Filters see them by type.
+    let only = s
+        .get("/v1/events/log?after=0&types=relationship.changed")
+        .await
+        .body;
+    assert_eq!(only["events"].as_array().unwrap().len(), 2, "{only}");
+}

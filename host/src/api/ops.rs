@@ -82,6 +82,8 @@ pub async fn metrics_json(State(s): State<AppState>) -> axum::Json<Value> {
         "queue_depth": s.registry.queue_depth(),
         "active_subscriptions": s.events.subscriber_count(),
         "events_appended": s.events.appended(),
+        "alerts_dropped": s.events.alerts_dropped(),
+        "remote_model_mismatches": s.registry.remote_model_mismatches(),
         "event_next_seq": s.events.next_seq(),
         "rules": s.rules.count(),
         "rules_events_missed": s.rules.missed(),

@@ -63,10 +63,16 @@ pub enum EventType {
     WorkflowFinished,
     #[serde(rename = "conflict.detected")]
     ConflictDetected,
+    /// A relationship put or deleted; `twin_id` is its source, `data` names it.
+    #[serde(rename = "relationship.changed")]
+    RelationshipChanged,
+    /// A model put or deleted; `data` names the entity type.
+    #[serde(rename = "model.changed")]
+    ModelChanged,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 7] = [
+    pub const ALL: [EventType; 9] = [
         EventType::TwinCreated,
         EventType::TwinUpdated,
         EventType::TwinDeleted,
@@ -74,6 +80,8 @@ impl EventType {
         EventType::Alert,
         EventType::WorkflowFinished,
         EventType::ConflictDetected,
+        EventType::RelationshipChanged,
+        EventType::ModelChanged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +93,8 @@ impl EventType {
             EventType::Alert => "alert",
             EventType::WorkflowFinished => "workflow.finished",
             EventType::ConflictDetected => "conflict.detected",
+            EventType::RelationshipChanged => "relationship.changed",
+            EventType::ModelChanged => "model.changed",
         }
     }
 
@@ -93,7 +103,7 @@ impl EventType {
     }
 
     /// A bit for filter masks.
-    pub fn bit(self) -> u8 {
+    pub fn bit(self) -> u16 {
         1 << (self as u8)
     }
 }
@@ -106,6 +116,8 @@ impl From<ChangeKind> for EventType {
             ChangeKind::Deleted => EventType::TwinDeleted,
             ChangeKind::Lifecycle => EventType::TwinLifecycle,
             ChangeKind::Alert => EventType::Alert,
+            ChangeKind::Relationship => EventType::RelationshipChanged,
+            ChangeKind::Model => EventType::ModelChanged,
         }
     }
 }
@@ -182,11 +194,14 @@ impl Event {
     }
 
     fn from_change(c: Change) -> Event {
-        let twin_change = c.kind != ChangeKind::Alert;
+        let twin_change = matches!(
+            c.kind,
+            ChangeKind::Created | ChangeKind::Updated | ChangeKind::Deleted | ChangeKind::Lifecycle
+        );
         Event {
             seq: c.seq,
             kind: c.kind.into(),
-            twin_id: Some(c.twin_id),
+            twin_id: c.twin_id,
             entity_type: (!c.entity_type.is_empty()).then_some(c.entity_type),
             parent_id: c.parent_id,
             version: twin_change.then_some(c.version),

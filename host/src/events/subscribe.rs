@@ -32,14 +32,14 @@ pub struct Filter {
     pub twin_ids: Vec<TwinId>,
     pub entity_type: Option<String>,
     /// Bit mask of [`EventType::bit`]; 0 = every type.
-    pub types: u8,
+    pub types: u16,
     pub parent_id: Option<TwinId>,
     pub ancestor_id: Option<TwinId>,
 }
 
 impl Filter {
     /// Parse a comma-separated list of event types.
-    pub fn parse_types(list: &str) -> Result<u8, String> {
+    pub fn parse_types(list: &str) -> Result<u16, String> {
         let mut mask = 0;
         for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             let ty = EventType::parse(t).ok_or_else(|| {

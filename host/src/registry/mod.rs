@@ -61,6 +61,10 @@ pub enum ChangeKind {
     Lifecycle,
     /// An alert raised by a rule or behavior: numbered and logged like a change.
     Alert,
+    /// A relationship put or deleted (`data` says which).
+    Relationship,
+    /// A model put or deleted (no twin; `data` says which).
+    Model,
 }
 
 /// A committed change, handed to the change sink after it is durable.
@@ -71,7 +75,8 @@ pub struct Change {
     /// The HLC the change was stamped with.
     pub hlc: u64,
     pub kind: ChangeKind,
-    pub twin_id: TwinId,
+    /// The twin changed (the relationship's source); `None` for a model change.
+    pub twin_id: Option<TwinId>,
     pub entity_type: String,
     pub parent_id: Option<TwinId>,
     pub version: u64,
@@ -81,8 +86,34 @@ pub struct Change {
     pub ts: DateTime<Utc>,
     /// Who made the change when it was a behavior or a rule (the self-trigger guard).
     pub cause: Option<Arc<Cause>>,
-    /// An alert's details (`None` for twin changes).
+    /// An alert's, relationship's or model's details (`None` for twin changes).
     pub data: Option<Value>,
+}
+
+impl Change {
+    /// A relationship or model change (`kind` says which) described by `data`.
+    pub(crate) fn config(
+        kind: ChangeKind,
+        twin_id: Option<TwinId>,
+        entity_type: String,
+        data: Value,
+        stamp: &crate::store::wal::Stamp,
+    ) -> Change {
+        Change {
+            seq: stamp.lseq,
+            hlc: stamp.hlc,
+            kind,
+            twin_id,
+            entity_type,
+            parent_id: None,
+            version: 0,
+            changed: Properties::new(),
+            lifecycle: Lifecycle::Active,
+            ts: Utc::now(),
+            cause: None,
+            data: Some(data),
+        }
+    }
 }
 
 /// An alert as the write-ahead log keeps it.
@@ -109,7 +140,7 @@ impl Change {
             seq: 0,
             hlc: 0,
             kind: ChangeKind::Alert,
-            twin_id,
+            twin_id: Some(twin_id),
             entity_type,
             parent_id,
             version: 0,

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::{
     check_name, AlertRecord, BatchOutcome, Change, ChangeKind, Indexes, Model, NewTwin, Registry,
@@ -62,7 +62,7 @@ pub(super) fn change(
         seq: stamp.lseq,
         hlc: stamp.hlc,
         kind,
-        twin_id: t.id,
+        twin_id: Some(t.id),
         entity_type: t.entity_type.clone(),
         parent_id: t.parent_id,
         version: t.version,
@@ -183,8 +183,19 @@ impl Registry {
         model.check()?;
         let bytes = serde_json::to_vec(&model).expect("models serialize");
         let (et, model) = (entity_type.to_owned(), Arc::new(model));
-        self.write(move |this, b, _| {
+        self.write(move |this, b, changes| {
+            let stamp = b.stamp(None);
+            let data = json!({"entity_type": et, "model": &*model});
             b.put(keys::model(&et), bytes);
+            if this.wants_changes() {
+                changes.push(Change::config(
+                    ChangeKind::Model,
+                    None,
+                    et.clone(),
+                    data,
+                    &stamp,
+                ));
+            }
             this.inner.models.write().insert(et, model).is_none()
         })
         .await
@@ -192,11 +203,22 @@ impl Registry {
 
     pub async fn delete_model(&self, entity_type: &str) -> Result<(), RegistryError> {
         let et = entity_type.to_owned();
-        self.write(move |this, b, _| {
+        self.write(move |this, b, changes| {
             if this.inner.models.write().remove(&et).is_none() {
                 return Err(RegistryError::NotFound(format!("model {et:?}")));
             }
+            let stamp = b.stamp(None);
             b.delete_key(keys::model(&et));
+            if this.wants_changes() {
+                let data = json!({"entity_type": et, "deleted": true});
+                changes.push(Change::config(
+                    ChangeKind::Model,
+                    None,
+                    et.clone(),
+                    data,
+                    &stamp,
+                ));
+            }
             Ok(())
         })
         .await?
@@ -528,8 +550,9 @@ impl Registry {
     pub async fn record_alerts(&self, alerts: Vec<Change>) -> Result<(), RegistryError> {
         self.write(move |_, b, changes| {
             for mut a in alerts {
+                let Some(twin_id) = a.twin_id else { continue };
                 let record = AlertRecord {
-                    twin_id: a.twin_id,
+                    twin_id,
                     entity_type: std::mem::take(&mut a.entity_type),
                     parent_id: a.parent_id,
                     ts: a.ts,
@@ -568,7 +591,7 @@ impl Registry {
         };
         let bytes = serde_json::to_vec(&props).expect("json serializes");
         let name = name.to_owned();
-        self.write(move |this, b, _| {
+        self.write(move |this, b, changes| {
             let idx = this.inner.index.read();
             for end in [src, target] {
                 if !idx.all.contains(&end) {
@@ -580,7 +603,19 @@ impl Registry {
                     "twin {src} is retired and refuses updates"
                 )));
             }
+            let stamp = b.stamp(None);
             b.put(keys::rel(&src, &target, &name), bytes);
+            if this.wants_changes() {
+                let et = this.inner.twins.0.get(&src).map(|t| t.entity_type.clone());
+                let data = json!({"name": name, "target_id": target, "properties": props});
+                changes.push(Change::config(
+                    ChangeKind::Relationship,
+                    Some(src),
+                    et.unwrap_or_default(),
+                    data,
+                    &stamp,
+                ));
+            }
             let mut rels = this.inner.rels.write();
             Ok(rels
                 .entry(src)
@@ -598,7 +633,7 @@ impl Registry {
         target: TwinId,
     ) -> Result<(), RegistryError> {
         let name = name.to_owned();
-        self.write(move |this, b, _| {
+        self.write(move |this, b, changes| {
             let mut rels = this.inner.rels.write();
             let removed = rels
                 .get_mut(&src)
@@ -609,7 +644,19 @@ impl Registry {
                 )));
             }
             rels.retain(|_, m| !m.is_empty());
+            let stamp = b.stamp(None);
             b.delete_key(keys::rel(&src, &target, &name));
+            if this.wants_changes() {
+                let et = this.inner.twins.0.get(&src).map(|t| t.entity_type.clone());
+                let data = json!({"name": name, "target_id": target, "deleted": true});
+                changes.push(Change::config(
+                    ChangeKind::Relationship,
+                    Some(src),
+                    et.unwrap_or_default(),
+                    data,
+                    &stamp,
+                ));
+            }
             Ok(())
         })
         .await?
@@ -796,7 +843,19 @@ pub(super) fn replay(
                     twins.0.insert(t.id, Arc::new(*t));
                 }
             }
-            Entry::Put(..) | Entry::DeleteKey(_) | Entry::DeletePrefix(_) => {}
+            // A numbered relationship or model change (other raw entries carry no number:
+            // a pending stamp belongs to the twin entry after them).
+            Entry::Put(k, v) => {
+                if let Some(c) = config_change(&k, Some(&v), &mut stamp, twins) {
+                    recovered.push(c);
+                }
+            }
+            Entry::DeleteKey(k) => {
+                if let Some(c) = config_change(&k, None, &mut stamp, twins) {
+                    recovered.push(c);
+                }
+            }
+            Entry::DeletePrefix(_) => {}
         }
     }
     (max_lseq, max_hlc)
@@ -828,4 +887,43 @@ fn replay_change(
         t.updated_at = now;
     }
     true
+}
+
+/// The change a numbered relationship or model entry stands for (`value` `None`: a delete),
+/// taking the pending stamp; `None` for any other key.
+fn config_change(
+    key: &[u8],
+    value: Option<&[u8]>,
+    stamp: &mut Option<Stamp>,
+    twins: &TwinMap,
+) -> Option<Change> {
+    let json_of = |v: &[u8]| serde_json::from_slice::<Value>(v).unwrap_or(Value::Null);
+    match key.first() {
+        Some(&keys::REL) => {
+            let (src, dst, name) = keys::parse_rel(key)?;
+            let s = stamp.take()?;
+            let data = match value {
+                Some(v) => json!({"name": name, "target_id": dst, "properties": json_of(v)}),
+                None => json!({"name": name, "target_id": dst, "deleted": true}),
+            };
+            let et = twins.0.get(&src).map(|t| t.entity_type.clone());
+            Some(Change::config(
+                ChangeKind::Relationship,
+                Some(src),
+                et.unwrap_or_default(),
+                data,
+                &s,
+            ))
+        }
+        Some(&keys::MODEL) => {
+            let s = stamp.take()?;
+            let et = String::from_utf8_lossy(&key[1..]).into_owned();
+            let data = match value {
+                Some(v) => json!({"entity_type": et, "model": json_of(v)}),
+                None => json!({"entity_type": et, "deleted": true}),
+            };
+            Some(Change::config(ChangeKind::Model, None, et, data, &s))
+        }
+        _ => None,
+    }
 }

@@ -166,28 +166,30 @@ impl Store {
 
     /// Entries logged after the last checkpoint, in order, with the last segment number. Raw
     /// key/value entries are applied to sled right away, so loading from sled sees them; the
-    /// caller replays the twin entries into memory.
+    /// caller replays the rest into memory (and re-creates the events of numbered entries).
     pub fn recover(&self) -> Result<(Vec<wal::Entry>, u64), StoreError> {
         let after = self.checkpoint_marker()?;
         let (entries, last) =
             wal::read_after(&self.wal_dir, after).map_err(|e| StoreError::Io(e.to_string()))?;
-        let mut twin_entries = Vec::with_capacity(entries.len());
-        for e in entries {
+        // Raw entries are applied here and passed on too: a numbered one (a relationship or
+        // model change) is an event the replay re-creates.
+        for e in &entries {
             match e {
                 wal::Entry::Put(k, v) => {
-                    self.db.insert(k, v)?;
+                    self.db.insert(k.as_slice(), v.as_slice())?;
                 }
                 wal::Entry::DeleteKey(k) => {
-                    self.db.remove(k)?;
+                    self.db.remove(k.as_slice())?;
                 }
                 wal::Entry::DeletePrefix(p) => {
-                    for k in self.db.scan_prefix(&p).keys() {
+                    for k in self.db.scan_prefix(p).keys() {
                         self.db.remove(k?)?;
                     }
                 }
-                other => twin_entries.push(other),
+                _ => {}
             }
         }
+        let twin_entries = entries;
         self.db.flush()?;
         if !twin_entries.is_empty() {
             tracing::info!(
