@@ -10,9 +10,10 @@ DATA="${DATA:-demo-data}"
 echo "== building (release; the first build compiles wasmtime and takes a few minutes)"
 ./scripts/build-guests.sh
 cargo build --release --bin twinhost --example factory_floor
+BIN="${CARGO_TARGET_DIR:-target}/release"
 
 rm -rf "$DATA"
-./target/release/twinhost serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" --node-id demo-node &
+"$BIN/twinhost" serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" --node-id demo-node &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
@@ -21,7 +22,7 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-./target/release/examples/factory_floor --url "http://127.0.0.1:$PORT" --data-dir "$DATA" \
+"$BIN/examples/factory_floor" --url "http://127.0.0.1:$PORT" --data-dir "$DATA" \
   --guests guests/target/wasm32-wasip2/release
 
 if [ "${KEEP:-0}" = "1" ]; then
@@ -33,5 +34,5 @@ else
   kill -TERM $SERVER
   wait $SERVER
   trap - EXIT
-  echo "== done. Explore again with: ./target/release/twinhost serve --data-dir $DATA"
+  echo "== done. Explore again with: $BIN/twinhost serve --data-dir $DATA"
 fi

@@ -2009,6 +2009,13 @@ async fn cli_twin_query_and_model_commands() {
 
     let g = cli_json(&s.cli(&["twin", "get", &id]));
     assert_eq!(g["id"], id.as_str());
+    assert!(g.get("meta").is_none(), "{g}");
+    let g = cli_json(&s.cli(&["twin", "get", &id, "--meta"]));
+    assert_eq!(
+        g["meta"]["properties"]["temperature"]["origin"],
+        common::NODE_ID,
+        "{g}"
+    );
     let p = cli_json(&s.cli(&["twin", "patch", &id, r#"{"temperature": 75.5}"#]));
     assert_eq!(p["version"], 2);
     assert_eq!(p["properties"]["temperature"], 75.5);

@@ -31,6 +31,24 @@ async fn invoke(s: &Server, module: &str, twin: &str, mode: &str) -> Value {
     r.body["results"][twin].clone()
 }
 
+/// Upload the hostile guest as `waiter` (plenty of fuel, the given deadline) and
+/// thermal-analysis as `good`; create a twin for them.
+async fn waiter_and_good(s: &Server, timeout: &str) -> String {
+    upload(
+        s,
+        "waiter",
+        &guest("hostile"),
+        &format!("?fuel=100000000000&timeout={timeout}"),
+    )
+    .await
+    .expect(201);
+    upload(s, "good", &guest("thermal_analysis"), "")
+        .await
+        .expect(201);
+    s.create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 80}}))
+        .await
+}
+
 /// Good calls in the background until the returned flag is set; the task returns how many
 /// succeeded (and fails on the first that does not).
 fn good_calls(
@@ -75,20 +93,7 @@ fn good_calls(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_wasi_wait_ends_at_the_deadline_or_at_once() {
     let s = Server::start();
-    upload(
-        &s,
-        "waiter",
-        &guest("hostile"),
-        "?fuel=100000000000&timeout=1s",
-    )
-    .await
-    .expect(201);
-    upload(&s, "good", &guest("thermal_analysis"), "")
-        .await
-        .expect(201);
-    let twin = s
-        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 80}}))
-        .await;
+    let twin = waiter_and_good(&s, "1s").await;
     let (stop, good) = good_calls(&s, &twin);
 
     for mode in ["sleep", "poll", "block", "ready-loop"] {
@@ -174,20 +179,7 @@ async fn every_wasi_wait_ends_at_the_deadline_or_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_disconnected_client_ends_a_sleeping_call() {
     let s = Server::start();
-    upload(
-        &s,
-        "waiter",
-        &guest("hostile"),
-        "?fuel=100000000000&timeout=30s",
-    )
-    .await
-    .expect(201);
-    upload(&s, "good", &guest("thermal_analysis"), "")
-        .await
-        .expect(201);
-    let twin = s
-        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 80}}))
-        .await;
+    let twin = waiter_and_good(&s, "30s").await;
     // More sleepers than compute slots, each given up by its client after 500 ms.
     let started = Instant::now();
     for _ in 0..4 {

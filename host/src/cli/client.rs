@@ -29,7 +29,12 @@ pub enum TwinCmd {
         id: Option<String>,
     },
     /// Show a twin.
-    Get { id: String },
+    Get {
+        id: String,
+        /// Also show its change number, clocks and the origin of each property's last write.
+        #[arg(long)]
+        meta: bool,
+    },
     /// Merge-patch a twin's properties (JSON object, inline or @file).
     Patch {
         id: String,
@@ -258,8 +263,9 @@ pub async fn twin(conn: Conn, cmd: TwinCmd) -> anyhow::Result<()> {
             let body = json!({"entity_type": entity_type, "properties": json_arg(&properties)?, "parent_id": parent, "id": id});
             c.json(Method::POST, "/v1/twins", &body).await?
         }
-        TwinCmd::Get { id } => {
-            c.call(Method::GET, &format!("/v1/twins/{id}"), None, "")
+        TwinCmd::Get { id, meta } => {
+            let q = if meta { "?meta=true" } else { "" };
+            c.call(Method::GET, &format!("/v1/twins/{id}{q}"), None, "")
                 .await?
         }
         TwinCmd::Patch {

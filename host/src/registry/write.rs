@@ -606,15 +606,8 @@ impl Registry {
             let stamp = b.stamp(None);
             b.put(keys::rel(&src, &target, &name), bytes);
             if this.wants_changes() {
-                let et = this.inner.twins.0.get(&src).map(|t| t.entity_type.clone());
                 let data = json!({"name": name, "target_id": target, "properties": props});
-                changes.push(Change::config(
-                    ChangeKind::Relationship,
-                    Some(src),
-                    et.unwrap_or_default(),
-                    data,
-                    &stamp,
-                ));
+                changes.push(rel_change(&this.inner.twins, src, data, &stamp));
             }
             let mut rels = this.inner.rels.write();
             Ok(rels
@@ -647,15 +640,8 @@ impl Registry {
             let stamp = b.stamp(None);
             b.delete_key(keys::rel(&src, &target, &name));
             if this.wants_changes() {
-                let et = this.inner.twins.0.get(&src).map(|t| t.entity_type.clone());
                 let data = json!({"name": name, "target_id": target, "deleted": true});
-                changes.push(Change::config(
-                    ChangeKind::Relationship,
-                    Some(src),
-                    et.unwrap_or_default(),
-                    data,
-                    &stamp,
-                ));
+                changes.push(rel_change(&this.inner.twins, src, data, &stamp));
             }
             Ok(())
         })
@@ -906,14 +892,7 @@ fn config_change(
                 Some(v) => json!({"name": name, "target_id": dst, "properties": json_of(v)}),
                 None => json!({"name": name, "target_id": dst, "deleted": true}),
             };
-            let et = twins.0.get(&src).map(|t| t.entity_type.clone());
-            Some(Change::config(
-                ChangeKind::Relationship,
-                Some(src),
-                et.unwrap_or_default(),
-                data,
-                &s,
-            ))
+            Some(rel_change(twins, src, data, &s))
         }
         Some(&keys::MODEL) => {
             let s = stamp.take()?;
@@ -926,4 +905,16 @@ fn config_change(
         }
         _ => None,
     }
+}
+
+/// The change of a relationship from `src` described by `data`.
+fn rel_change(twins: &TwinMap, src: TwinId, data: Value, stamp: &Stamp) -> Change {
+    let et = twins.0.get(&src).map(|t| t.entity_type.clone());
+    Change::config(
+        ChangeKind::Relationship,
+        Some(src),
+        et.unwrap_or_default(),
+        data,
+        stamp,
+    )
 }
