@@ -126,8 +126,121 @@ pub struct PropClock {
     pub origin: std::sync::Arc<str>,
 }
 
-/// Per-property clocks of a twin.
-pub type Clocks = BTreeMap<String, PropClock>;
+/// Per-property clocks of a twin: one small vector sorted by property name, the names shared
+/// between twins — one allocation per twin instead of a tree node and a string per property.
+/// Serialized as a JSON object of name to clock.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Clocks(Vec<(std::sync::Arc<str>, PropClock)>);
+
+/// Distinct property names shared by every twin's clocks, up to [`MAX_SHARED_NAMES`]; past
+/// that each twin keeps its own copy (the set is never trimmed, so it must stay bounded).
+fn shared_name(name: &str) -> std::sync::Arc<str> {
+    use std::sync::{Arc, LazyLock};
+    static NAMES: LazyLock<dashmap::DashMap<Box<str>, Arc<str>, rustc_hash::FxBuildHasher>> =
+        LazyLock::new(Default::default);
+    if let Some(n) = NAMES.get(name) {
+        return n.clone();
+    }
+    let n: Arc<str> = Arc::from(name);
+    if NAMES.len() < MAX_SHARED_NAMES {
+        NAMES.insert(name.into(), n.clone());
+    }
+    n
+}
+
+/// Most property names [`Clocks`] share.
+const MAX_SHARED_NAMES: usize = 100_000;
+
+impl Clocks {
+    pub fn new() -> Clocks {
+        Clocks(Vec::new())
+    }
+
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| (**n).cmp(name))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&PropClock> {
+        self.find(name).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut PropClock> {
+        self.find(name).ok().map(|i| &mut self.0[i].1)
+    }
+
+    /// Set the clock of `name`; returns the one it replaces.
+    pub fn insert(&mut self, name: &str, clock: PropClock) -> Option<PropClock> {
+        match self.find(name) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, clock)),
+            Err(i) => {
+                self.0.insert(i, (shared_name(name), clock));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<PropClock> {
+        self.find(name).ok().map(|i| self.0.remove(i).1)
+    }
+
+    /// `(name, clock)` in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &PropClock)> {
+        self.0.iter().map(|(n, c)| (&**n, c))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(n, _)| &**n)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &PropClock> {
+        self.0.iter().map(|(_, c)| c)
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut PropClock> {
+        self.0.iter_mut().map(|(_, c)| c)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<S: AsRef<str>, const N: usize> From<[(S, PropClock); N]> for Clocks {
+    fn from(items: [(S, PropClock); N]) -> Clocks {
+        let mut c = Clocks::new();
+        for (n, clock) in items {
+            c.insert(n.as_ref(), clock);
+        }
+        c
+    }
+}
+
+impl std::ops::Index<&str> for Clocks {
+    type Output = PropClock;
+    fn index(&self, name: &str) -> &PropClock {
+        self.get(name)
+            .unwrap_or_else(|| panic!("no clock for property {name:?}"))
+    }
+}
+
+impl Serialize for Clocks {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Clocks {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Clocks, D::Error> {
+        let m = BTreeMap::<String, PropClock>::deserialize(d)?;
+        Ok(Clocks(
+            m.into_iter().map(|(n, c)| (shared_name(&n), c)).collect(),
+        ))
+    }
+}
 
 /// A twin as stored and served.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -221,13 +334,14 @@ impl Twin {
             match self.clocks.get_mut(n) {
                 Some(c) => {
                     c.hlc = hlc;
-                    if c.origin != *origin {
+                    // Usually the very same shared string: compare pointers before bytes.
+                    if !std::sync::Arc::ptr_eq(&c.origin, origin) && c.origin != *origin {
                         c.origin = origin.clone();
                     }
                 }
                 None => {
                     self.clocks.insert(
-                        n.clone(),
+                        n,
                         PropClock {
                             hlc,
                             origin: origin.clone(),

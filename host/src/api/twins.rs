@@ -56,7 +56,7 @@ fn meta_json(t: &Twin) -> Value {
     let props: serde_json::Map<String, Value> = t
         .clocks
         .iter()
-        .map(|(k, c)| (k.clone(), json!({"hlc": c.hlc, "origin": &*c.origin})))
+        .map(|(k, c)| (k.to_owned(), json!({"hlc": c.hlc, "origin": &*c.origin})))
         .collect();
     json!({"lseq": t.lseq, "hlc": t.hlc, "vclock": t.vclock, "properties": props})
 }

@@ -39,8 +39,9 @@ pub const DEFAULT_TAIL: usize = 100_000;
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Events a live subscriber may fall behind before it is told it lagged.
 pub const SUBSCRIBER_BUFFER: usize = 8192;
-/// How often the persister writes the tail.
-pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// How often the persister writes the tail on its own (checkpoints have it written before
+/// they drop the log segments its events could be re-created from; this also trims by age).
+pub const PERSIST_EVERY: Duration = Duration::from_secs(10);
 /// Most evicted events waiting for the persister to free them.
 const MAX_GRAVEYARD: usize = 4 << 20;
 /// Batches of alerts waiting to be numbered by the writer; more are dropped (and counted).
@@ -416,13 +417,15 @@ impl EventLog {
             st.next_seq = st.next_seq.max(next_seq);
         }
         if n > 0 {
-            log.persist_now()?;
+            log.persist_once()?;
             tracing::info!(events = n, "re-created events from the write-ahead log");
         }
         // A checkpoint persists the tail before deleting the log segments it covers.
         let weak = Arc::downgrade(&log.inner);
-        store.set_before_checkpoint(Arc::new(move || match weak.upgrade() {
-            Some(inner) => EventLog { inner }.persist_now().map_err(|e| e.to_string()),
+        store.set_before_checkpoint(Arc::new(move |upto| match weak.upgrade() {
+            Some(inner) => EventLog { inner }
+                .persist_through(upto)
+                .map_err(|e| e.to_string()),
             None => Ok(()),
         }));
         tokio::spawn(record_alerts(registry.clone(), alerts_rx));
@@ -648,9 +651,12 @@ impl EventLog {
         self.inner.closed.send_replace(true);
     }
 
-    /// Persist what is not yet in the persisted tail, now (the persister's work, done early
-    /// for a checkpoint).
-    pub fn persist_now(&self) -> Result<(), StoreError> {
+    /// Persist the tail now unless every event up to `upto` is persisted already (for a
+    /// checkpoint about to drop the log segments those events could be re-created from).
+    pub fn persist_through(&self, upto: u64) -> Result<(), StoreError> {
+        if self.inner.state.lock().persisted >= upto {
+            return Ok(());
+        }
         self.persist_once()
     }
 

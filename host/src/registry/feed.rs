@@ -65,14 +65,20 @@ impl Feed {
         Feed { entries }
     }
 
-    /// A twin got change number `lseq` (always above every earlier one).
-    pub fn push(&mut self, lseq: u64, id: TwinId) {
-        self.entries.push((lseq, id));
+    /// Entries held, stale ones included.
+    pub fn len(&self) -> usize {
+        self.entries.len()
     }
 
-    /// Whether stale entries outnumber `live` ones enough to compact.
+    /// Twins got these change numbers (in increasing order, above every earlier one).
+    pub fn extend(&mut self, numbered: Vec<(u64, TwinId)>) {
+        self.entries.extend(numbered);
+    }
+
+    /// Whether stale entries outnumber `live` ones enough to compact (and are many enough
+    /// that compacting is not a constant cost of small nodes).
     pub fn wants_compaction(&self, live: usize) -> bool {
-        self.entries.len() > 2 * live.max(4096)
+        self.entries.len() > 2 * live + (1 << 16)
     }
 
     /// Keep only the entries `current` says are the twin's latest.
@@ -110,7 +116,7 @@ impl FeedItem {
                 let clocks: serde_json::Map<String, Value> = t
                     .clocks
                     .iter()
-                    .map(|(k, c)| (k.clone(), json!({"hlc": c.hlc, "origin": &*c.origin})))
+                    .map(|(k, c)| (k.to_owned(), json!({"hlc": c.hlc, "origin": &*c.origin})))
                     .collect();
                 json!({
                     "lseq": t.lseq, "twin_id": t.id, "deleted": false,

@@ -41,6 +41,9 @@ use crate::store::wal::from_slice_unbounded;
 use crate::store::{keys, CommitHandle, Numbering, StateSource, Store, StoreError, Upgrade};
 use crate::types::{hlc_at, Cause, Hlc, Lifecycle, Properties, Twin, TwinId};
 
+/// Twin records rewritten per sled batch by the upgrade from format 1 (bounds its memory).
+const UPGRADE_CHUNK: usize = 10_000;
+
 /// Longest entity type, relationship or property name.
 pub const MAX_NAME_LEN: usize = 128;
 /// Most properties one twin may hold.
@@ -275,7 +278,10 @@ struct TwinMap(DashMap<TwinId, Arc<Twin>, rustc_hash::FxBuildHasher>);
 
 impl StateSource for TwinMap {
     fn twin_bytes(&self, id: &TwinId) -> Option<Vec<u8>> {
-        self.0.get(id).map(|t| t.to_record_bytes())
+        // Serialized outside the shard's lock: the checkpoint thread runs at a lower
+        // priority, and the writer must never wait for it on a twin of the same shard.
+        let twin = self.0.get(id).map(|t| Arc::clone(&t))?;
+        Some(twin.to_record_bytes())
     }
 }
 
@@ -372,6 +378,15 @@ impl Registry {
                 lseq_floor += 1;
                 t.lseq = lseq_floor;
                 upgraded.push((k.to_vec(), t.to_record_bytes()));
+                if upgraded.len() == UPGRADE_CHUNK {
+                    store.upgrade_twins(std::mem::take(&mut upgraded))?;
+                    if twins.0.len() % (UPGRADE_CHUNK * 20) < UPGRADE_CHUNK {
+                        tracing::info!(
+                            twins = twins.0.len(),
+                            "upgrading from format 1: twins rewritten"
+                        );
+                    }
+                }
             }
             // One shared origin string for this node's writes instead of one per property.
             for c in t.clocks.values_mut() {
@@ -386,13 +401,13 @@ impl Registry {
         }
         if upgrading {
             tracing::info!(
-                twins = upgraded.len(),
+                twins = twins.0.len(),
                 next_change = lseq_floor + 1,
                 "upgrading the data directory from format 1 to {}",
                 keys::FORMAT_VERSION
             );
+            store.upgrade_twins(upgraded)?;
             store.finish_upgrade(Upgrade {
-                twins: upgraded,
                 lseq: lseq_floor,
                 hlc: hlc_floor,
             })?;
@@ -433,8 +448,8 @@ impl Registry {
             hlc_floor = hlc_floor.max(h);
             batch
         });
-        if upgrading {
-            // Twins the format-1 log tail created carry no number yet (the first checkpoint
+        {
+            // Twins a format-1 log tail created carry no number yet (the first checkpoint
             // writes them, dirty from the replay).
             for mut t in twins.0.iter_mut() {
                 if t.lseq == 0 {

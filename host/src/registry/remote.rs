@@ -160,7 +160,7 @@ impl Registry {
             .clocks
             .iter()
             .filter(|(_, c)| c.hlc > rc.hlc)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k.to_owned())
             .collect();
         let mut vclock = t.vclock.clone();
         merge_vclock(&mut vclock, &rc.vclock);
@@ -202,8 +202,8 @@ impl Registry {
         let gone: Vec<String> = nt
             .clocks
             .keys()
-            .filter(|k| !survivors.contains(k))
-            .cloned()
+            .filter(|k| !survivors.iter().any(|s| s == k))
+            .map(str::to_owned)
             .collect();
         for k in gone {
             if nt.properties.remove(&k).is_some() {
@@ -279,24 +279,24 @@ impl Registry {
             }
         };
         let mut patch = Properties::new();
-        for (k, c) in &rc.clocks {
+        for (k, c) in rc.clocks.iter() {
             if !after_delete(c) || !newer(c, nt.clocks.get(k)) {
                 continue;
             }
             match rc.properties.get(k) {
                 Some(v) => {
                     if nt.properties.get(k) != Some(v) {
-                        patch.insert(k.clone(), v.clone());
+                        patch.insert(k.to_owned(), v.clone());
                     }
-                    nt.properties.insert(k.clone(), v.clone());
+                    nt.properties.insert(k.to_owned(), v.clone());
                 }
                 None => {
                     if nt.properties.remove(k).is_some() {
-                        patch.insert(k.clone(), Value::Null);
+                        patch.insert(k.to_owned(), Value::Null);
                     }
                 }
             }
-            nt.clocks.insert(k.clone(), c.clone());
+            nt.clocks.insert(k, c.clone());
         }
         let mut vclock = nt.vclock.clone();
         merge_vclock(&mut vclock, &rc.vclock);
@@ -341,7 +341,7 @@ impl Registry {
         nt.lseq = stamp.lseq;
         nt.updated_at = Utc::now();
         b.state(&nt);
-        self.inner.feed.lock().push(stamp.lseq, nt.id);
+        b.numbered(stamp.lseq, nt.id);
         if self.wants_changes() {
             let (kind, changed) = if created {
                 (ChangeKind::Created, nt.properties.clone())
@@ -363,7 +363,7 @@ impl Registry {
             keys::tombstone(&tomb.id).to_vec(),
             serde_json::to_vec(&tomb).expect("tombstones serialize"),
         );
-        self.inner.feed.lock().push(tomb.lseq, tomb.id);
+        b.numbered(tomb.lseq, tomb.id);
         tombstones.insert(tomb.id, Arc::new(tomb));
     }
 }
@@ -422,7 +422,7 @@ mod tests {
                             .insert(name.clone(), json!(format!("{name}@{h}@{po}")));
                     }
                     rc.clocks.insert(
-                        name,
+                        &name,
                         PropClock {
                             hlc: h,
                             origin: Arc::from(ORIGINS[po]),
@@ -530,14 +530,14 @@ mod tests {
                     // `a` written later there, `b` earlier than here.
                     clocks: Clocks::from([
                         (
-                            "a".into(),
+                            "a",
                             PropClock {
                                 hlc: far,
                                 origin: Arc::from("edge"),
                             },
                         ),
                         (
-                            "b".into(),
+                            "b",
                             PropClock {
                                 hlc: 1,
                                 origin: Arc::from("edge"),

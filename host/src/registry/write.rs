@@ -128,6 +128,12 @@ impl Registry {
                 move |b| {
                     let mut changes = Vec::new();
                     let out = f(&this, b, &mut changes);
+                    // The job's twins take their new places in the change feed at once (one
+                    // lock per job, not per change).
+                    let numbered = b.take_numbered();
+                    if !numbered.is_empty() {
+                        this.inner.feed.lock().extend(numbered);
+                    }
                     this.compact_feed();
                     (out, changes)
                 },
@@ -144,6 +150,9 @@ impl Registry {
     /// Drop the feed's stale entries once they outnumber the live ones. On the writer
     /// thread, between jobs (no twin is held).
     fn compact_feed(&self) {
+        if self.inner.feed.lock().len() <= 1 << 16 {
+            return;
+        }
         let live = self.inner.twins.0.len() + self.inner.tombstones.read().len();
         let mut feed = self.inner.feed.lock();
         if !feed.wants_compaction(live) {
@@ -303,7 +312,7 @@ impl Registry {
                     let names: Vec<String> = twin.properties.keys().cloned().collect();
                     twin.stamp_properties(&names, stamp.hlc, &this.inner.origin);
                     idx.insert(&twin);
-                    this.inner.feed.lock().push(stamp.lseq, id);
+                    b.numbered(stamp.lseq, id);
                     b.create(&twin);
                     points(b, id, &twin.properties, now);
                     if wants {
@@ -409,7 +418,7 @@ impl Registry {
         t.updated_at = now;
         t.hlc = stamp.hlc;
         t.lseq = stamp.lseq;
-        self.inner.feed.lock().push(stamp.lseq, u.twin_id);
+        b.numbered(stamp.lseq, u.twin_id);
         let ts = u.ts.unwrap_or(now);
         b.update(u.twin_id, t.created_at, t.version, now, ts, &u.patch);
         points(b, u.twin_id, &u.patch, ts);
@@ -463,7 +472,7 @@ impl Registry {
                         serde_json::to_vec(&tomb).expect("tombstones serialize"),
                     );
                     this.inner.tombstones.write().insert(*d, Arc::new(tomb));
-                    this.inner.feed.lock().push(stamp.lseq, *d);
+                    b.numbered(stamp.lseq, *d);
                     if this.wants_changes() {
                         changes.push(change(
                             ChangeKind::Deleted,
@@ -525,7 +534,7 @@ impl Registry {
                 t.updated_at = now;
                 t.hlc = stamp.hlc;
                 t.lseq = stamp.lseq;
-                this.inner.feed.lock().push(stamp.lseq, id);
+                b.numbered(stamp.lseq, id);
                 b.lifecycle(id, t.created_at, t.version, now, state);
                 if this.wants_changes() {
                     changes.push(change(

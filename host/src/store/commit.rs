@@ -99,15 +99,20 @@ pub struct Numbering {
     pub hlc: Hlc,
 }
 
-/// Runs before a checkpoint lets the log segments it covers be deleted (the event log
-/// persists its tail, so no event exists only in a deleted segment). An error postpones the
-/// checkpoint.
-pub type CheckpointHook = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// Runs before a checkpoint lets the log segments it covers be deleted, with the highest
+/// change number in them (the event log persists its tail through it, so no event exists
+/// only in a deleted segment). An error postpones the checkpoint.
+pub type CheckpointHook = Arc<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
 
 /// What one commit's jobs write. Handed to each job by the writer thread.
 #[derive(Default)]
 pub struct Batch {
     numbering: Numbering,
+    /// The host clock in ms, read once per job (stamps within a job share it; the HLC's
+    /// counter keeps them apart).
+    now_ms: i64,
+    /// Twins numbered by the current job: `(change number, id)`.
+    numbered: Vec<(u64, TwinId)>,
     /// Highest change number and HLC stamped in (or replayed into) this batch.
     max_lseq: u64,
     max_hlc: u64,
@@ -142,7 +147,7 @@ impl Batch {
     fn next_stamp(&mut self, cause: Option<&Cause>) -> Stamp {
         let lseq = self.numbering.next_lseq;
         self.numbering.next_lseq += 1;
-        let hlc = self.numbering.hlc.tick(Utc::now().timestamp_millis());
+        let hlc = self.numbering.hlc.tick(self.now_ms);
         self.max_lseq = lseq;
         self.max_hlc = hlc;
         Stamp {
@@ -150,6 +155,22 @@ impl Batch {
             hlc,
             cause: cause.cloned(),
         }
+    }
+
+    /// Note that twin `id` now has change number `lseq` (for the registry's change feed,
+    /// which takes them after each job).
+    pub fn numbered(&mut self, lseq: u64, id: TwinId) {
+        self.numbered.push((lseq, id));
+    }
+
+    /// The twins numbered since the last call.
+    pub fn take_numbered(&mut self) -> Vec<(u64, TwinId)> {
+        std::mem::take(&mut self.numbered)
+    }
+
+    /// Read the host clock for the next job's stamps.
+    fn start_job(&mut self) {
+        self.now_ms = Utc::now().timestamp_millis();
     }
 
     /// A change number and clock met during replay: the first checkpoint records them.
@@ -485,6 +506,7 @@ fn writer(
         });
     }
     let mut closing = false;
+    let mut last_frame = 0;
     while !closing {
         // Too many samples wait for a checkpoint: stop taking jobs, and keep asking the
         // syncer for a checkpoint (it decides only when a commit arrives).
@@ -500,25 +522,35 @@ fn writer(
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        // Frames of a steady load are alike: start at the last one's size instead of
+        // growing (and copying) the buffer by doubling.
         let mut batch = Batch {
             numbering,
+            frame: Vec::with_capacity(last_frame.min(MAX_FRAME_BYTES)),
             ..Batch::default()
         };
         let mut dones: Vec<Done> = Vec::new();
         match rx.blocking_recv() {
-            Some(Msg::Job(job)) => dones.push(job(&mut batch)),
+            Some(Msg::Job(job)) => {
+                batch.start_job();
+                dones.push(job(&mut batch))
+            }
             Some(Msg::Tick) => {}
             Some(Msg::Close) | None => closing = true,
         }
         while !closing && dones.len() < MAX_JOBS_PER_COMMIT && batch.frame.len() < MAX_FRAME_BYTES {
             match rx.try_recv() {
-                Ok(Msg::Job(job)) => dones.push(job(&mut batch)),
+                Ok(Msg::Job(job)) => {
+                    batch.start_job();
+                    dones.push(job(&mut batch))
+                }
                 Ok(Msg::Tick) => {}
                 Ok(Msg::Close) => closing = true,
                 Err(_) => break,
             }
         }
         numbering = batch.numbering;
+        last_frame = batch.frame.len();
         let commit = Commit {
             batch,
             dones,
@@ -668,7 +700,7 @@ fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkpoint>) {
         // Everything of the covered segments was published before they were handed over:
         // the hook persists it before the marker lets replay skip those segments.
         let hooked = match hook.get() {
-            Some(h) => h().map_err(StoreError::Io),
+            Some(h) => h(ck.lseq).map_err(StoreError::Io),
             None => Ok(()),
         };
         match hooked.and_then(|()| write_checkpoint(&db, source.as_ref(), &ck)) {

@@ -51,11 +51,9 @@ pub struct Store {
     before_checkpoint: Arc<std::sync::OnceLock<CheckpointHook>>,
 }
 
-/// Where a format-1 directory's numbering continues, and what the upgrade writes.
+/// Where an upgraded directory's numbering and clock continue.
 pub struct Upgrade {
-    /// Twin records rewritten in the current format: `(key, bytes)`.
-    pub twins: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Highest change number that may have been handed out (the old event reservation).
+    /// Highest change number given out (the old event reservation, then one per twin).
     pub lseq: u64,
     /// Highest HLC derived for the upgraded twins.
     pub hlc: u64,
@@ -116,14 +114,24 @@ impl Store {
         self.format.load(std::sync::atomic::Ordering::Relaxed) == 1
     }
 
-    /// Finish the upgrade from format 1: the rewritten twins, the numbering floor and the new
-    /// format version, as one atomic sled batch (a crash before it leaves format 1, and the
-    /// upgrade runs again).
-    pub fn finish_upgrade(&self, up: Upgrade) -> Result<(), StoreError> {
+    /// Write a chunk of twin records rewritten by the upgrade from format 1. Until
+    /// [`Store::finish_upgrade`] the directory stays format 1: a crash in between leaves
+    /// records of both shapes, which the current one reads, and the upgrade, which derives
+    /// the same clocks and numbers from the same data, runs again.
+    pub fn upgrade_twins(&self, chunk: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), StoreError> {
         let mut b = sled::Batch::default();
-        for (k, v) in up.twins {
+        for (k, v) in chunk {
             b.insert(k, v);
         }
+        self.db.apply_batch(b)?;
+        Ok(())
+    }
+
+    /// Finish the upgrade from format 1 once every twin is rewritten: the numbering floor and
+    /// the new format version, flushed after the rewritten records.
+    pub fn finish_upgrade(&self, up: Upgrade) -> Result<(), StoreError> {
+        self.db.flush()?;
+        let mut b = sled::Batch::default();
         b.insert(keys::META_LSEQ, &up.lseq.to_be_bytes());
         b.insert(keys::META_HLC, &up.hlc.to_be_bytes());
         b.remove(keys::META_EVENT_SEQ_RESERVED);
