@@ -7,10 +7,10 @@
 //! change sink on the store's sync thread, in that order, right after they are durable; each
 //! goes into a bounded in-memory ring (for resumption) and onto a bounded broadcast channel
 //! (live subscribers; one shared buffer, so a slow subscriber costs no extra memory and
-//! never slows the others — it is told it lagged). A persister thread writes the newest
-//! events once a second as a chunk file in `<data-dir>/events/` (written aside, synced,
-//! renamed into place) and trims the persisted tail by count and age; a checkpoint persists
-//! the tail before it lets the log segments it covers go.
+//! never slows the others — it is told it lagged). The newest events are written as a chunk
+//! file in `<data-dir>/events/` (written aside, synced, renamed into place) before each
+//! checkpoint drops the log segments they could be re-created from, by a persister thread
+//! every 10 s (which also trims the persisted tail by count and age), and at shutdown.
 //!
 //! So numbers never repeat and committed changes leave no hole, even after `kill -9`: an event
 //! is either in the persisted tail or its change is still in the write-ahead log, and a
@@ -40,8 +40,10 @@ pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Events a live subscriber may fall behind before it is told it lagged.
 pub const SUBSCRIBER_BUFFER: usize = 8192;
 /// How often the persister writes the tail on its own (checkpoints have it written before
-/// they drop the log segments its events could be re-created from; this also trims by age).
+/// they drop the log segments its events could be re-created from).
 pub const PERSIST_EVERY: Duration = Duration::from_secs(10);
+/// How often the persisted tail is trimmed by age.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
 /// Most evicted events waiting for the persister to free them.
 const MAX_GRAVEYARD: usize = 4 << 20;
 /// Batches of alerts waiting to be numbered by the writer; more are dropped (and counted).
@@ -661,15 +663,22 @@ impl EventLog {
     }
 
     fn persist_loop(&self) {
+        let mut last_write = std::time::Instant::now();
         loop {
             let closing = {
                 let mut st = self.inner.state.lock();
                 if !st.closing {
-                    self.inner.wake.wait_for(&mut st, PERSIST_EVERY);
+                    self.inner.wake.wait_for(&mut st, TRIM_EVERY);
                 }
                 st.closing
             };
-            if let Err(e) = self.persist_once() {
+            // Writing waits for a checkpoint or PERSIST_EVERY; trimming by age is cheap and
+            // keeps `--event-max-age` to the second.
+            let write = closing || last_write.elapsed() >= PERSIST_EVERY;
+            if write {
+                last_write = std::time::Instant::now();
+            }
+            if let Err(e) = self.persist(write) {
                 tracing::error!(error = %e, "cannot persist the event-log tail");
             }
             if closing {
@@ -681,8 +690,15 @@ impl EventLog {
     /// Write the events appended since the last call (the newest `tail` of them) as one
     /// chunk, and drop persisted chunks beyond the count or age limit.
     fn persist_once(&self) -> Result<(), StoreError> {
+        self.persist(true)
+    }
+
+    /// [`EventLog::persist_once`], or only its trimming when `write` is false.
+    fn persist(&self, write: bool) -> Result<(), StoreError> {
         let _one_at_a_time = self.inner.persisting.lock();
-        let fresh: Vec<Arc<Event>> = {
+        let fresh: Vec<Arc<Event>> = if !write {
+            Vec::new()
+        } else {
             let st = self.inner.state.lock();
             let n = st
                 .ring
