@@ -48,9 +48,16 @@ pub struct RemoteChange {
     pub created_at: Option<DateTime<Utc>>,
 }
 
+/// How far ahead of this node's host clock a change made elsewhere may be stamped. Beyond
+/// that it is refused: one node whose clock runs in the future would otherwise drag every
+/// node's clock along, and win every conflict until real time caught up.
+pub const MAX_CLOCK_AHEAD: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// What [`Registry::apply_remote`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RemoteOutcome {
+    /// Changes refused: stamped more than [`MAX_CLOCK_AHEAD`] ahead of this node's clock.
+    pub refused: usize,
     /// Changes that changed something here.
     pub applied: usize,
     /// Changes already seen or outdated.
@@ -83,7 +90,15 @@ impl Registry {
     ) -> Result<RemoteOutcome, RegistryError> {
         self.write(move |this, b, out| {
             let mut outcome = RemoteOutcome::default();
+            let limit = ((Utc::now().timestamp_millis().max(0) as u64)
+                + MAX_CLOCK_AHEAD.as_millis() as u64)
+                << crate::types::HLC_COUNTER_BITS;
             for rc in changes {
+                if rc.hlc > limit || rc.clocks.values().any(|c| c.hlc > limit) {
+                    tracing::warn!(twin_id = %rc.twin_id, hlc = rc.hlc, "refused a remote change stamped more than {MAX_CLOCK_AHEAD:?} ahead of this node's clock");
+                    outcome.refused += 1;
+                    continue;
+                }
                 b.observe(rc.hlc);
                 for c in rc.clocks.values() {
                     b.observe(c.hlc);
@@ -503,7 +518,8 @@ mod tests {
             .build()
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let far = (Utc::now().timestamp_millis() as u64 + 3_600_000) << 16;
+        // Four minutes ahead: within what a remote clock may be ahead of this one.
+        let far = (Utc::now().timestamp_millis() as u64 + 240_000) << 16;
         let id: TwinId = IDS[0].parse().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
@@ -560,7 +576,13 @@ mod tests {
                     t2.vclock,
                     VClock::from([("edge".into(), 7), ("local".into(), 1)])
                 );
-                assert_eq!(r.apply_remote(vec![rc]).await.unwrap().unchanged, 1);
+                assert_eq!(r.apply_remote(vec![rc.clone()]).await.unwrap().unchanged, 1);
+                // A clock ten minutes ahead of this node's is refused.
+                let ahead = (Utc::now().timestamp_millis() as u64 + 600_000) << 16;
+                let mut too_far = rc;
+                too_far.hlc = ahead;
+                let out = r.apply_remote(vec![too_far]).await.unwrap();
+                assert_eq!((out.refused, out.applied), (1, 0));
             });
             r.shutdown();
         }
@@ -569,7 +591,7 @@ mod tests {
         let t = r.get(&id).unwrap();
         assert_eq!(Value::Object(t.properties.clone()), json!({"a": 2, "b": 1}));
         assert_eq!(&*t.clocks["a"].origin, "edge");
-        // The local clock continues above the remote clock it saw (an hour ahead).
+        // The local clock continues above the remote clock it saw (minutes ahead).
         let t3 = rt
             .block_on(r.patch(super::super::Update::new(
                 id,
