@@ -179,6 +179,35 @@ impl Clocks {
         }
     }
 
+    /// Record a write of `names` at `hlc` from `origin`.
+    pub fn stamp<'a>(
+        &mut self,
+        names: impl IntoIterator<Item = &'a String>,
+        hlc: u64,
+        origin: &std::sync::Arc<str>,
+    ) {
+        for n in names {
+            match self.get_mut(n) {
+                Some(c) => {
+                    c.hlc = hlc;
+                    // Usually the very same shared string: compare pointers before bytes.
+                    if !std::sync::Arc::ptr_eq(&c.origin, origin) && c.origin != *origin {
+                        c.origin = origin.clone();
+                    }
+                }
+                None => {
+                    self.insert(
+                        n,
+                        PropClock {
+                            hlc,
+                            origin: origin.clone(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
     pub fn remove(&mut self, name: &str) -> Option<PropClock> {
         self.find(name).ok().map(|i| self.0.remove(i).1)
     }
@@ -319,37 +348,6 @@ impl Twin {
             deleted_hlc: self.deleted_hlc,
         };
         serde_json::to_vec(&rec).expect("a twin always serializes: keys are strings")
-    }
-}
-
-impl Twin {
-    /// Record a write of `names` at `hlc` from `origin`.
-    pub fn stamp_properties<'a>(
-        &mut self,
-        names: impl IntoIterator<Item = &'a String>,
-        hlc: u64,
-        origin: &std::sync::Arc<str>,
-    ) {
-        for n in names {
-            match self.clocks.get_mut(n) {
-                Some(c) => {
-                    c.hlc = hlc;
-                    // Usually the very same shared string: compare pointers before bytes.
-                    if !std::sync::Arc::ptr_eq(&c.origin, origin) && c.origin != *origin {
-                        c.origin = origin.clone();
-                    }
-                }
-                None => {
-                    self.clocks.insert(
-                        n,
-                        PropClock {
-                            hlc,
-                            origin: origin.clone(),
-                        },
-                    );
-                }
-            }
-        }
     }
 }
 

@@ -373,8 +373,7 @@ impl Registry {
                 // (above every number format 1 handed out), so the change feed can page
                 // through them.
                 t.hlc = hlc_at(t.updated_at);
-                let names: Vec<String> = t.properties.keys().cloned().collect();
-                t.stamp_properties(&names, t.hlc, &origin);
+                t.clocks.stamp(t.properties.keys(), t.hlc, &origin);
                 lseq_floor += 1;
                 t.lseq = lseq_floor;
                 upgraded.push((k.to_vec(), t.to_record_bytes()));
@@ -436,7 +435,7 @@ impl Registry {
         let mut recovered = Vec::new();
         let replayed = (!entries.is_empty()).then(|| {
             let mut batch = crate::store::Batch::new();
-            let (l, h) = write::replay(
+            let r = write::replay(
                 &twins,
                 &mut index,
                 &origin,
@@ -444,20 +443,18 @@ impl Registry {
                 &mut batch,
                 &mut recovered,
             );
-            lseq_floor = lseq_floor.max(l);
-            hlc_floor = hlc_floor.max(h);
-            batch
-        });
-        {
-            // Twins a format-1 log tail created carry no number yet (the first checkpoint
+            lseq_floor = lseq_floor.max(r.lseq);
+            hlc_floor = hlc_floor.max(r.hlc);
+            // Twins a format-1 log tail created get their number now (the first checkpoint
             // writes them, dirty from the replay).
-            for mut t in twins.0.iter_mut() {
-                if t.lseq == 0 {
+            for id in r.unnumbered {
+                if let Some(mut t) = twins.0.get_mut(&id).filter(|t| t.lseq == 0) {
                     lseq_floor += 1;
                     Arc::make_mut(&mut *t).lseq = lseq_floor;
                 }
             }
-        }
+            batch
+        });
         let numbering = Numbering {
             next_lseq: lseq_floor + 1,
             hlc: Hlc::above(hlc_floor),

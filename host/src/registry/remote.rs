@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::write::change;
+use super::write::{change, put_tombstone};
 use super::{Change, ChangeKind, Registry, RegistryError, Tombstone};
 use crate::store::{keys, Batch};
 use crate::types::{Clocks, Lifecycle, PropClock, Properties, Twin, TwinId, VClock};
@@ -151,7 +151,7 @@ impl Registry {
                 lseq: stamp.lseq,
                 ..(**d).clone()
             };
-            self.put_tombstone(b, &mut tombstones, tomb);
+            put_tombstone(b, &mut tombstones, tomb);
             return true;
         }
         let mut idx = self.inner.index.write();
@@ -167,7 +167,7 @@ impl Registry {
                 deleted_at: Utc::now(),
                 lseq: stamp.lseq,
             };
-            self.put_tombstone(b, &mut tombstones, tomb);
+            put_tombstone(b, &mut tombstones, tomb);
             return true;
         };
         // Properties written after the delete survive it.
@@ -195,7 +195,7 @@ impl Registry {
                 deleted_at: Utc::now(),
                 lseq: stamp.lseq,
             };
-            self.put_tombstone(b, &mut tombstones, tomb);
+            put_tombstone(b, &mut tombstones, tomb);
             b.delete(id);
             b.delete_prefix(keys::history_twin_prefix(&id));
             b.delete_prefix(keys::rel_prefix(&id));
@@ -271,7 +271,7 @@ impl Registry {
                         lseq: stamp.lseq,
                         ..(**d).clone()
                     };
-                    self.put_tombstone(b, &mut tombstones, merged);
+                    put_tombstone(b, &mut tombstones, merged);
                     return true;
                 }
                 Twin {
@@ -366,20 +366,6 @@ impl Registry {
             out.push(change(kind, &nt, changed, nt.updated_at, stamp));
         }
         self.inner.twins.0.insert(nt.id, Arc::new(nt));
-    }
-
-    fn put_tombstone(
-        &self,
-        b: &mut Batch,
-        tombstones: &mut super::feed::Tombstones,
-        tomb: Tombstone,
-    ) {
-        b.put(
-            keys::tombstone(&tomb.id).to_vec(),
-            serde_json::to_vec(&tomb).expect("tombstones serialize"),
-        );
-        b.numbered(tomb.lseq, tomb.id);
-        tombstones.insert(tomb.id, Arc::new(tomb));
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
+use super::feed::Tombstones;
 use super::{
     check_name, AlertRecord, BatchOutcome, Change, ChangeKind, Indexes, Model, NewTwin, Registry,
     RegistryError, Tombstone, TwinMap, Update, MAX_PROPERTIES, MAX_VALUE_DEPTH,
@@ -194,16 +195,10 @@ impl Registry {
         let (et, model) = (entity_type.to_owned(), Arc::new(model));
         self.write(move |this, b, changes| {
             let stamp = b.stamp(None);
-            let data = json!({"entity_type": et, "model": &*model});
             b.put(keys::model(&et), bytes);
             if this.wants_changes() {
-                changes.push(Change::config(
-                    ChangeKind::Model,
-                    None,
-                    et.clone(),
-                    data,
-                    &stamp,
-                ));
+                let data = json!({"entity_type": et, "model": &*model});
+                changes.push(model_change(&et, data, &stamp));
             }
             this.inner.models.write().insert(et, model).is_none()
         })
@@ -220,13 +215,7 @@ impl Registry {
             b.delete_key(keys::model(&et));
             if this.wants_changes() {
                 let data = json!({"entity_type": et, "deleted": true});
-                changes.push(Change::config(
-                    ChangeKind::Model,
-                    None,
-                    et.clone(),
-                    data,
-                    &stamp,
-                ));
+                changes.push(model_change(&et, data, &stamp));
             }
             Ok(())
         })
@@ -309,8 +298,8 @@ impl Registry {
                         clocks: Default::default(),
                         deleted_hlc: 0,
                     };
-                    let names: Vec<String> = twin.properties.keys().cloned().collect();
-                    twin.stamp_properties(&names, stamp.hlc, &this.inner.origin);
+                    twin.clocks
+                        .stamp(twin.properties.keys(), stamp.hlc, &this.inner.origin);
                     idx.insert(&twin);
                     b.numbered(stamp.lseq, id);
                     b.create(&twin);
@@ -412,7 +401,8 @@ impl Registry {
         }
         let stamp = b.stamp(u.cause.as_deref());
         merge(&mut t.properties, &u.patch);
-        t.stamp_properties(u.patch.keys(), stamp.hlc, &self.inner.origin);
+        t.clocks
+            .stamp(u.patch.keys(), stamp.hlc, &self.inner.origin);
         t.version += 1;
         bump(&mut t.vclock, &self.inner.node_id);
         t.updated_at = now;
@@ -467,12 +457,7 @@ impl Registry {
                         deleted_at: now,
                         lseq: stamp.lseq,
                     };
-                    b.put(
-                        keys::tombstone(d).to_vec(),
-                        serde_json::to_vec(&tomb).expect("tombstones serialize"),
-                    );
-                    this.inner.tombstones.write().insert(*d, Arc::new(tomb));
-                    b.numbered(stamp.lseq, *d);
+                    put_tombstone(b, &mut this.inner.tombstones.write(), tomb);
                     if this.wants_changes() {
                         changes.push(change(
                             ChangeKind::Deleted,
@@ -682,7 +667,7 @@ fn alert_change(r: AlertRecord, stamp: &Stamp) -> Change {
 ///
 /// Every stamped entry (format 2) also becomes a [`Change`] in `recovered`, numbered as it
 /// was, whether or not sled already held its effect: the event log takes the ones its
-/// persisted tail lacks. Returns the highest change number and HLC seen.
+/// persisted tail lacks.
 pub(super) fn replay(
     twins: &TwinMap,
     index: &mut Indexes,
@@ -690,8 +675,9 @@ pub(super) fn replay(
     entries: Vec<Entry>,
     b: &mut Batch,
     recovered: &mut Vec<Change>,
-) -> (u64, u64) {
+) -> Replayed {
     let (mut max_lseq, mut max_hlc) = (0, 0);
+    let mut unnumbered = Vec::new();
     let mut stamp: Option<Stamp> = None;
     let mut seen = |s: &Stamp, b: &mut Batch| {
         max_lseq = max_lseq.max(s.lseq);
@@ -727,7 +713,7 @@ pub(super) fn replay(
                 let lseq = st.as_ref().map_or(0, |s| s.lseq);
                 let applied = replay_change(twins, id, born, version, now, origin, |t| {
                     merge(&mut t.properties, &patch);
-                    t.stamp_properties(patch.keys(), hlc, origin);
+                    t.clocks.stamp(patch.keys(), hlc, origin);
                     t.hlc = hlc;
                     t.lseq = t.lseq.max(lseq);
                 });
@@ -762,9 +748,10 @@ pub(super) fn replay(
                 if !twins.0.contains_key(&t.id) {
                     let mut t = *t;
                     if t.hlc == 0 {
+                        // A format-1 create: no clocks, no change number yet.
                         t.hlc = hlc_at(t.created_at);
-                        let names: Vec<String> = t.properties.keys().cloned().collect();
-                        t.stamp_properties(&names, t.hlc, origin);
+                        t.clocks.stamp(t.properties.keys(), t.hlc, origin);
+                        unnumbered.push(t.id);
                     }
                     index.insert(&t);
                     twins.0.insert(t.id, Arc::new(t));
@@ -853,7 +840,20 @@ pub(super) fn replay(
             Entry::DeletePrefix(_) => {}
         }
     }
-    (max_lseq, max_hlc)
+    Replayed {
+        lseq: max_lseq,
+        hlc: max_hlc,
+        unnumbered,
+    }
+}
+
+/// What [`replay`] found besides the twins' state.
+pub(super) struct Replayed {
+    /// Highest change number and HLC seen.
+    pub lseq: u64,
+    pub hlc: u64,
+    /// Twins created by a format-1 log tail, which carry no change number yet.
+    pub unnumbered: Vec<TwinId>,
 }
 
 /// Replay one change to the twin `id` born at `born`: apply `f` and the version bookkeeping
@@ -910,10 +910,25 @@ fn config_change(
                 Some(v) => json!({"entity_type": et, "model": json_of(v)}),
                 None => json!({"entity_type": et, "deleted": true}),
             };
-            Some(Change::config(ChangeKind::Model, None, et, data, &s))
+            Some(model_change(&et, data, &s))
         }
         _ => None,
     }
+}
+
+/// The change of the model of `entity_type` described by `data`.
+fn model_change(entity_type: &str, data: Value, stamp: &Stamp) -> Change {
+    Change::config(ChangeKind::Model, None, entity_type.to_owned(), data, stamp)
+}
+
+/// Keep `tomb` (in memory and logged) and give its id its place in the change feed.
+pub(super) fn put_tombstone(b: &mut Batch, tombstones: &mut Tombstones, tomb: Tombstone) {
+    b.put(
+        keys::tombstone(&tomb.id).to_vec(),
+        serde_json::to_vec(&tomb).expect("tombstones serialize"),
+    );
+    b.numbered(tomb.lseq, tomb.id);
+    tombstones.insert(tomb.id, Arc::new(tomb));
 }
 
 /// The change of a relationship from `src` described by `data`.
