@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{guest, guest_file, Body, Server};
+use common::{good_calls, guest, guest_file, Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -47,44 +47,6 @@ async fn waiter_and_good(s: &Server, timeout: &str) -> String {
         .expect(201);
     s.create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 80}}))
         .await
-}
-
-/// Good calls in the background until the returned flag is set; the task returns how many
-/// succeeded (and fails on the first that does not).
-fn good_calls(
-    s: &Server,
-    twin: &str,
-) -> (
-    std::sync::Arc<std::sync::atomic::AtomicBool>,
-    tokio::task::JoinHandle<u32>,
-) {
-    let (client, url, token, twin) = (
-        s.http.clone(),
-        s.url.clone(),
-        s.token.clone(),
-        twin.to_owned(),
-    );
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let task = tokio::spawn(async move {
-        let mut ok = 0;
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            let r = client
-                .post(format!("{url}/v1/modules/good/invoke"))
-                .bearer_auth(&token)
-                .json(&json!({"twin_ids": [twin]}))
-                .send()
-                .await
-                .unwrap();
-            let status = r.status();
-            let v: Value = r.json().await.unwrap();
-            assert_eq!(status, 200, "a good call failed while guests waited: {v}");
-            assert_eq!(v["results"][&twin]["count"], 1, "{v}");
-            ok += 1;
-        }
-        ok
-    });
-    (stop, task)
 }
 
 /// Sleeping, polling and blocking on a clock, and spinning on `ready`, each end with

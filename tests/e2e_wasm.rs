@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{guest, Body, Server};
+use common::{good_calls, guest, Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -236,26 +236,7 @@ async fn hostile_guests_fail_alone_within_their_limits() {
         .await;
 
     // Good calls in the background for the whole test.
-    let (client, url, token, t2) = (s.http.clone(), s.url.clone(), s.token.clone(), twin.clone());
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let good = tokio::spawn(async move {
-        let mut ok = 0;
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            let r = client
-                .post(format!("{url}/v1/modules/good/invoke"))
-                .bearer_auth(&token)
-                .json(&json!({"twin_ids": [t2]}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let v: Value = r.json().await.unwrap();
-            assert_eq!(v["results"][&t2]["count"], 1, "{v}");
-            ok += 1;
-        }
-        ok
-    });
+    let (stop, good) = good_calls(&s, &twin);
 
     let cases = [
         ("loop", "fuel_exhausted"),

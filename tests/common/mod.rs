@@ -583,3 +583,41 @@ pub fn guest_file(rel: &str) -> Vec<u8> {
 pub fn guest(name: &str) -> Vec<u8> {
     guest_file(&format!("wasm32-wasip2/release/{name}.wasm"))
 }
+
+/// Calls of the module `good` (thermal-analysis) on `twin` in the background until the returned
+/// flag is set; the task returns how many succeeded (and fails on the first that does not).
+pub fn good_calls(
+    s: &Server,
+    twin: &str,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<u32>,
+) {
+    let (client, url, token, twin) = (
+        s.http.clone(),
+        s.url.clone(),
+        s.token.clone(),
+        twin.to_owned(),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut ok = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            let r = client
+                .post(format!("{url}/v1/modules/good/invoke"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"twin_ids": [twin]}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(status, 200, "a good call failed meanwhile: {v}");
+            assert_eq!(v["results"][&twin]["count"], 1, "{v}");
+            ok += 1;
+        }
+        ok
+    });
+    (stop, task)
+}
