@@ -130,6 +130,36 @@ async fn healthz_metrics_and_openapi() {
             paths.keys()
         );
     }
+    // What validators require: unique operation ids, and path parameters only for the
+    // path's own `{…}` segments (query parameters in the query).
+    let mut ids = std::collections::BTreeSet::new();
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let id = op["operationId"].as_str().unwrap_or_default().to_owned();
+            assert!(
+                ids.insert(id.clone()),
+                "operation id {id:?} twice ({method} {path})"
+            );
+            for param in op["parameters"].as_array().into_iter().flatten() {
+                let name = param["name"].as_str().unwrap();
+                if param["in"] == "path" {
+                    assert!(
+                        path.contains(&format!("{{{name}}}")),
+                        "{method} {path}: {param}"
+                    );
+                }
+            }
+        }
+    }
+    let changes = &paths["/v1/changes"]["get"]["parameters"];
+    assert!(
+        changes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["in"] == "query"),
+        "{changes}"
+    );
 }
 
 // ---- auth ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ use super::{ApiError, AppState};
 use crate::registry::feed::{DEFAULT_FEED_PAGE, MAX_FEED_PAGE};
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ChangesParams {
     /// Entries with change numbers above this (default 0: from the start).

@@ -27,6 +27,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// Filters shared by every event route.
 #[derive(Deserialize, IntoParams, Default)]
+#[into_params(parameter_in = Query)]
 pub struct EventParams {
     /// Comma-separated twin ids.
     twin_id: Option<String>,

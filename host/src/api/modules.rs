@@ -39,6 +39,7 @@ impl From<CallError> for ApiError {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LimitParams {
     /// Fuel per call (default 1e9).
     fuel: Option<u64>,
@@ -150,6 +151,7 @@ pub struct RollbackBody {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ForceParams {
     /// Go ahead even while behaviors or rules use the module.
     #[serde(default)]

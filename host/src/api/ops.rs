@@ -150,7 +150,7 @@ pub async fn create_token(
         create_token, metrics_json, metrics_prometheus, healthz,
     ),
     components(schemas(super::error::ErrorBody, crate::types::Twin, crate::registry::Model)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &UniqueOperationIds),
     security(("bearer" = []))
 )]
 pub struct ApiDoc;
@@ -165,6 +165,36 @@ impl utoipa::Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// Operation ids from method and path (`get_v1_models_entity_type`): the handlers' names
+/// repeat between modules (`list`, `get_one`, `put`, `delete`), and OpenAPI wants every
+/// operation id unique.
+struct UniqueOperationIds;
+
+impl utoipa::Modify for UniqueOperationIds {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let slug: String = path
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join("_");
+            let ops = [
+                ("get", &mut item.get),
+                ("put", &mut item.put),
+                ("post", &mut item.post),
+                ("delete", &mut item.delete),
+                ("patch", &mut item.patch),
+                ("head", &mut item.head),
+            ];
+            for (method, op) in ops {
+                if let Some(op) = op {
+                    op.operation_id = Some(format!("{method}_{slug}"));
+                }
+            }
+        }
     }
 }
 

@@ -43,6 +43,7 @@ pub async fn create(
 
 /// `?meta=true` on `GET /v1/twins/{id}`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct GetParams {
     /// Add `meta`: the change number and HLC of the twin's last change, and per property
@@ -131,6 +132,7 @@ pub async fn patch(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteParams {
     /// Delete the whole subtree.
     #[serde(default)]
@@ -253,6 +255,7 @@ pub async fn query(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
     entity_type: Option<String>,
     parent_id: Option<TwinId>,
@@ -278,6 +281,7 @@ pub async fn list(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryParams {
     /// RFC 3339 start (inclusive).
     from: Option<DateTime<Utc>>,
