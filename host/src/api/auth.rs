@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::store::{keys, Store, StoreError};
+use crate::store::{keys, KvOp, Store, StoreError};
 use crate::types::Role;
 
 /// File name of the admin token inside the data directory.
@@ -50,7 +50,7 @@ fn new_token() -> String {
 impl Auth {
     /// Load tokens; on first start create the admin token file. Returns the path of the file
     /// when it was just written.
-    pub fn open(
+    pub async fn open(
         store: Store,
         data_dir: &Path,
         disabled: bool,
@@ -71,29 +71,32 @@ impl Auth {
         };
         let mut created = None;
         if auth.tokens.read().is_empty() {
-            let token = auth.create(Role::Admin)?;
+            let token = auth.create(Role::Admin).await?;
             let path = data_dir.join(ADMIN_TOKEN_FILE);
-            write_secret(&path, &token).map_err(|e| StoreError::Corrupt {
-                key: path.display().to_string(),
-                reason: format!("cannot write the admin token: {e}"),
-            })?;
+            write_secret(&path, &token).map_err(StoreError::io(format!(
+                "writing the admin token to {}",
+                path.display()
+            )))?;
             created = Some(path);
         }
         Ok((auth, created))
     }
 
     /// Create a token with a role; the plain token is returned once and never stored.
-    pub fn create(&self, role: Role) -> Result<String, StoreError> {
+    ///
+    /// # Errors
+    /// The store's, when the token cannot be made durable (it is then not valid either).
+    pub async fn create(&self, role: Role) -> Result<String, StoreError> {
         let token = new_token();
         let h = hash(&token);
         let rec = TokenRecord {
             role,
             created_at: chrono::Utc::now(),
         };
-        self.store.put_durable(
-            &keys::token(&h),
-            &serde_json::to_vec(&rec).expect("token record serializes"),
-        )?;
+        let rec = serde_json::to_vec(&rec).expect("token record serializes");
+        self.store
+            .write(vec![KvOp::Put(keys::token(&h), rec)])
+            .await?;
         self.tokens.write().insert(h, role);
         Ok(token)
     }

@@ -29,7 +29,7 @@ pub async fn put(
     Path(name): Path<String>,
     Json(b): Json<Binding>,
 ) -> Result<(StatusCode, axum::Json<BehaviorInfo>), ApiError> {
-    let created = s.behaviors.put(&name, b)?;
+    let created = s.behaviors.put(&name, b).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -58,6 +58,6 @@ pub async fn delete(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    s.behaviors.delete(&name)?;
+    s.behaviors.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

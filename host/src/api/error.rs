@@ -37,6 +37,9 @@ pub enum ApiError {
     Validation(String, Value),
     #[error("{0}")]
     Overloaded(String),
+    /// The server cannot take this request until an operator acts (a poisoned store).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -69,6 +72,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Validation(..) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -86,6 +90,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Validation(..) => "validation_failed",
             ApiError::Overloaded(_) => "overloaded",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -128,6 +133,7 @@ impl From<StoreError> for ApiError {
                 "the write queue is full; retry after the Retry-After delay".into(),
             ),
             StoreError::Closed => ApiError::Overloaded("the server is shutting down".into()),
+            StoreError::Poisoned(_) => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

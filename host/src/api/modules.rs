@@ -15,7 +15,7 @@ use super::extract::{Json, Path, Query, RawBody};
 use super::{ApiError, AppState};
 use crate::registry::Query as TwinQuery;
 use crate::types::TwinId;
-use crate::wasm::{CallError, Limits, ModuleInfo, VersionInfo};
+use crate::wasm::{CallError, Limits, ModuleInfo, VersionInfo, World};
 
 /// Most twins one invocation may name.
 pub const MAX_INVOKE_TWINS: usize = 10_000;
@@ -28,9 +28,12 @@ const COMPUTE_SLOT_WAIT: Duration = Duration::from_secs(2);
 impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
         match e {
-            CallError::Invalid(m) => ApiError::Validation(m.clone(), json!({"module": m})),
+            CallError::Invalid(m) => {
+                let m = m.replace("the memory limit", "memory_mb");
+                ApiError::Validation(m.clone(), json!({"module": m}))
+            }
             CallError::NotFound(_) | CallError::NoVersion(..) => ApiError::NotFound(e.to_string()),
-            CallError::InUse(m) => ApiError::Conflict(m),
+            CallError::InUse(m) => ApiError::Conflict(format!("{m}, or pass ?force=true")),
             CallError::Guest { .. } => ApiError::Validation(e.to_string(), json!({})),
             CallError::Store(s) => s.into(),
             CallError::Internal(m) => ApiError::Internal(m),
@@ -50,40 +53,6 @@ pub struct LimitParams {
     /// Accept a component of another world even while behaviors or rules use the module.
     #[serde(default)]
     force: bool,
-}
-
-/// The behaviors and rules that use module `name`, named for an error message.
-fn users_of(s: &AppState, name: &str) -> Vec<String> {
-    let mut users: Vec<String> = s
-        .behaviors
-        .using(name)
-        .into_iter()
-        .map(|b| format!("behavior {b:?}"))
-        .collect();
-    users.extend(
-        s.rules
-            .using_module(name)
-            .into_iter()
-            .map(|r| format!("rule {r:?}")),
-    );
-    users
-}
-
-/// The world a new version of `name` must have while something uses it: behaviors need the
-/// behavior world, rules (their `invoke` action) the compute world.
-fn world_to_keep(s: &AppState, name: &str, force: bool) -> Option<String> {
-    if force {
-        return None;
-    }
-    let behaviors = !s.behaviors.using(name).is_empty();
-    let rules = !s.rules.using_module(name).is_empty();
-    match (behaviors, rules) {
-        (false, false) => None,
-        (true, false) => Some("behavior".into()),
-        (false, true) => Some("compute".into()),
-        // Both (one of them already broken): keep what is active.
-        (true, true) => s.runtime.world_of(name),
-    }
 }
 
 /// Upload a component and make it the active version.
@@ -112,15 +81,10 @@ pub async fn put(
             .unwrap_or(d.memory_bytes),
         timeout_ms,
     };
-    let rt = s.runtime.clone();
-    let keep = world_to_keep(&s, &name, p.force);
-    let info = tokio::task::spawn_blocking(move || {
-        rt.upload(&name, &body, limits, keep.as_deref())
-            .map(|i| (name, i))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let (name, info) = info;
+    let info = s
+        .runtime
+        .upload(&name, Vec::from(body), limits, p.force)
+        .await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(
@@ -167,11 +131,7 @@ pub async fn rollback(
     Query(p): Query<ForceParams>,
     Json(b): Json<RollbackBody>,
 ) -> Result<axum::Json<VersionInfo>, ApiError> {
-    let rt = s.runtime.clone();
-    let keep = world_to_keep(&s, &name, p.force);
-    let info = tokio::task::spawn_blocking(move || rt.rollback(&name, b.version, keep.as_deref()))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let info = s.runtime.rollback(&name, b.version, p.force).await?;
     Ok(axum::Json(info))
 }
 
@@ -183,15 +143,7 @@ pub async fn delete(
     Path(name): Path<String>,
     Query(p): Query<ForceParams>,
 ) -> Result<StatusCode, ApiError> {
-    s.runtime.info(&name)?;
-    let users = users_of(&s, &name);
-    if !users.is_empty() && !p.force {
-        return Err(ApiError::Conflict(format!(
-            "module {name:?} is used by {}; delete or rebind them first, or pass ?force=true",
-            users.join(", ")
-        )));
-    }
-    s.runtime.delete(&name)?;
+    s.runtime.delete(&name, p.force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -246,9 +198,9 @@ pub async fn invoke(
         .world_of(&name)
         .ok_or_else(|| CallError::NotFound(name.clone()))?;
     let (wanted, call) = if b.resolve.is_some() {
-        ("resolver", "{\"resolve\": …}")
+        (World::Resolver, "{\"resolve\": …}")
     } else {
-        ("compute", "invoke with twins")
+        (World::Compute, "invoke with twins")
     };
     if world != wanted {
         return Err(ApiError::Validation(

@@ -16,9 +16,19 @@ use super::extract::Json;
 use super::{ApiError, AppState};
 use crate::types::Role;
 
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
-pub async fn healthz() -> axum::Json<Value> {
-    axum::Json(json!({"status": "ok"}))
+/// `{"status": "ok"}`, or 503 `{"status": "failing", "reason": …}` once the store refuses
+/// writes after a failed write of its log (restart the server once the disk is fixed).
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses(
+    (status = 200, description = "`{\"status\": \"ok\"}`"),
+    (status = 503, description = "`{\"status\": \"failing\", \"reason\": \"…\"}`: the store refuses writes")))]
+pub async fn healthz(State(s): State<AppState>) -> (StatusCode, axum::Json<Value>) {
+    match s.store.poisoned() {
+        None => (StatusCode::OK, axum::Json(json!({"status": "ok"}))),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "failing", "reason": reason})),
+        ),
+    }
 }
 
 /// Record request counts and latency per route for `/metrics`.
@@ -123,7 +133,7 @@ pub async fn create_token(
     State(s): State<AppState>,
     Json(r): Json<TokenRequest>,
 ) -> Result<(StatusCode, axum::Json<TokenResponse>), ApiError> {
-    let token = s.auth.create(r.role)?;
+    let token = s.auth.create(r.role).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(TokenResponse {

@@ -575,10 +575,11 @@ async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     for i in 0..MODULES {
         rt.upload(
             &format!("ta{i}"),
-            &bytes,
+            bytes.clone(),
             crate::wasm::Limits::default(),
-            None,
-        )?;
+            false,
+        )
+        .await?;
     }
     let params = json!({"threshold": 85});
     let (rt2, t2, p2) = (rt.clone(), twin.clone(), params.clone());

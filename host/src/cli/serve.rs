@@ -115,7 +115,7 @@ pub async fn open_node(
     if repaired > 0 {
         tracing::warn!(repaired, "finished an interrupted cascade delete");
     }
-    let (auth, created) = Auth::open(store.clone(), data_dir, insecure)?;
+    let (auth, created) = Auth::open(store.clone(), data_dir, insecure).await?;
     let admin_token_file = data_dir.join(api::auth::ADMIN_TOKEN_FILE);
     if let Some(p) = &created {
         eprintln!("created the admin token: {}", p.display());
@@ -134,6 +134,8 @@ pub async fn open_node(
         events.clone(),
         cores,
     )?;
+    runtime.add_users(Arc::new(behaviors.clone()));
+    runtime.add_users(Arc::new(rules.clone()));
     let state = Arc::new(AppStateInner {
         registry: registry.clone(),
         history: History::new(store.clone(), retention),

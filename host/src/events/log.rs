@@ -344,7 +344,10 @@ fn parse_chunk_name(name: &str) -> Option<(u64, ChunkMeta)> {
 }
 
 fn io(e: std::io::Error) -> StoreError {
-    StoreError::Io(e.to_string())
+    StoreError::Io {
+        what: "the event log's persisted tail".into(),
+        source: e,
+    }
 }
 
 impl EventLog {

@@ -119,6 +119,9 @@ pub struct Batch {
     frame: Vec<u8>,
     dirty: Vec<TwinId>,
     kv: Vec<KvOp>,
+    /// Configuration changes (rules, behaviors, modules, tokens): written to sled as soon as
+    /// their frame is durable, before the job is acknowledged, so a reader finds them at once.
+    direct: Vec<KvOp>,
     points: Vec<(TwinId, Arc<str>, i64, f64)>,
     deleted: Vec<TwinId>,
     names: HashMap<Box<str>, Arc<str>, FxBuildHasher>,
@@ -245,6 +248,18 @@ impl Batch {
         self.kv.push(KvOp::DeletePrefix(prefix));
     }
 
+    /// A configuration change: logged in this frame like [`Batch::put`], and written to
+    /// sled right after the frame is durable (not at the next checkpoint), so it can be read
+    /// back as soon as the job is acknowledged. Replay after a crash applies it again.
+    pub fn config(&mut self, op: KvOp) {
+        match &op {
+            KvOp::Put(k, v) => encode::put(&mut self.frame, k, v),
+            KvOp::Delete(k) => encode::delete_key(&mut self.frame, k),
+            KvOp::DeletePrefix(p) => encode::delete_prefix(&mut self.frame, p),
+        }
+        self.direct.push(op);
+    }
+
     /// A history sample (derived from logged entries, so not logged itself).
     pub fn point(&mut self, id: TwinId, property: &str, ts_micros: i64, value: f64) {
         let name = match self.names.get(property) {
@@ -271,7 +286,7 @@ impl Batch {
 
 /// Called once the commit holding a job is durable (or failed), on the sync thread in
 /// commit order: publishes the job's changes and acknowledges it.
-pub type Done = Box<dyn FnOnce(Result<u64, Arc<StoreError>>) + Send>;
+pub type Done = Box<dyn FnOnce(Result<u64, String>) + Send>;
 /// A unit of work for the writer: change memory, log it, return what to do once durable.
 pub type Job = Box<dyn FnOnce(&mut Batch) -> Done + Send>;
 
@@ -300,6 +315,8 @@ pub struct CommitStats {
 #[derive(Clone)]
 pub struct CommitHandle {
     tx: mpsc::Sender<Msg>,
+    /// Set by the syncer when a log write fails: why. From then on every job is refused.
+    poisoned: Arc<std::sync::OnceLock<String>>,
     threads: Arc<parking_lot::Mutex<Vec<JoinHandle<()>>>>,
     pub stats: Arc<CommitStats>,
 }
@@ -322,10 +339,13 @@ impl CommitHandle {
         job: impl FnOnce(&mut Batch) -> (T, P) + Send + 'static,
         on_durable: impl FnOnce(P) + Send + 'static,
     ) -> Result<T, StoreError> {
+        if let Some(why) = self.poisoned.get() {
+            return Err(StoreError::Poisoned(why.clone()));
+        }
         let (tx, rx) = oneshot::channel();
         let boxed: Job = Box::new(move |b: &mut Batch| {
             let (out, publish) = job(b);
-            Box::new(move |r: Result<u64, Arc<StoreError>>| {
+            Box::new(move |r: Result<u64, String>| {
                 if r.is_ok() {
                     on_durable(publish);
                 }
@@ -339,12 +359,14 @@ impl CommitHandle {
         }
         match rx.await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Corrupt {
-                key: "commit".into(),
-                reason: e.to_string(),
-            }),
+            Ok(Err(why)) => Err(StoreError::Poisoned(why)),
             Err(_) => Err(StoreError::Closed),
         }
+    }
+
+    /// Why the store refuses writes, once a log write has failed.
+    pub fn poisoned(&self) -> Option<String> {
+        self.poisoned.get().cloned()
     }
 
     /// Jobs waiting for the writer.
@@ -422,6 +444,7 @@ pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
     // being prepared keeps both busy without holding more than a few frames in memory.
     let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<Commit>(2);
     let busy = Arc::new(AtomicBool::new(false));
+    let poisoned: Arc<std::sync::OnceLock<String>> = Arc::default();
     let ckpt = {
         let c = Checkpointer {
             db: s.db.clone(),
@@ -447,11 +470,16 @@ pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
         })
     };
     let syncer = {
-        let (stats, pending) = (stats.clone(), s.pending.clone());
-        let every = s.checkpoint_every;
-        spawn("twinhost-sync", move || {
-            syncer(sync_rx, segment, pending, ck_tx, busy, stats, every)
-        })
+        let sy = Syncer {
+            db: s.db.clone(),
+            pending: s.pending.clone(),
+            ck_tx,
+            busy,
+            stats: stats.clone(),
+            checkpoint_every: s.checkpoint_every,
+            poisoned: poisoned.clone(),
+        };
+        spawn("twinhost-sync", move || syncer(sy, sync_rx, segment))
     };
     let writer = {
         let (replayed, pending, numbering) = (s.replayed, s.pending.clone(), s.numbering);
@@ -461,6 +489,7 @@ pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
     };
     Ok(CommitHandle {
         tx,
+        poisoned,
         // The ticker is not joined: it sleeps between ticks and ends by itself once the
         // queue is gone, so shutdown does not wait for its sleep.
         threads: Arc::new(parking_lot::Mutex::new(vec![writer, syncer, ckpt])),
@@ -476,7 +505,10 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 }
 
 fn io_err(e: std::io::Error) -> StoreError {
-    StoreError::Io(e.to_string())
+    StoreError::Io {
+        what: "the write-ahead log".into(),
+        source: e,
+    }
 }
 
 /// What the writer hands to the syncer: one frame and everything that follows from it.
@@ -565,90 +597,169 @@ fn writer(
     rx.close();
 }
 
-/// Appends and fsyncs each commit, acknowledges it, and starts checkpoints.
-fn syncer(
-    rx: std::sync::mpsc::Receiver<Commit>,
-    mut segment: Segment,
+/// What the sync thread works with.
+struct Syncer {
+    /// Configuration changes are written here once durable ([`Batch::config`]).
+    db: sled::Db,
     pending: Arc<parking_lot::Mutex<PendingHistory>>,
     ck_tx: std::sync::mpsc::SyncSender<Checkpoint>,
+    /// A checkpoint is running: the next waits for it.
     busy: Arc<AtomicBool>,
     stats: Arc<CommitStats>,
     checkpoint_every: Duration,
-) {
+    /// Set once a log write fails (see [`StoreError::Poisoned`]).
+    poisoned: Arc<std::sync::OnceLock<String>>,
+}
+
+/// What has changed since the last checkpoint started.
+#[derive(Default)]
+struct SinceCheckpoint {
+    dirty: HashSet<TwinId, FxBuildHasher>,
+    kv: Vec<KvOp>,
+    lseq: u64,
+    hlc: u64,
+}
+
+/// Appends and fsyncs each commit, acknowledges it, and starts checkpoints.
+fn syncer(sy: Syncer, rx: std::sync::mpsc::Receiver<Commit>, mut segment: Segment) {
     let mut seq = 0u64;
     let mut last_checkpoint = Instant::now();
-    let mut dirty: HashSet<TwinId, FxBuildHasher> = HashSet::default();
-    let mut kv: Vec<KvOp> = Vec::new();
-    let (mut lseq, mut hlc) = (0u64, 0u64);
-    for Commit {
-        mut batch,
-        dones,
-        checkpoint_now,
-        closing,
-    } in rx
-    {
-        if !batch.frame.is_empty() {
-            seq += 1;
-            let started = Instant::now();
-            if let Err(e) = segment.append(&batch.frame) {
-                // Memory already holds these changes; without the log they would be
-                // acknowledged-but-lost after a restart. Stop rather than lie.
-                tracing::error!(error = %e, "cannot write the write-ahead log; stopping");
-                eprintln!("fatal: cannot write the write-ahead log: {e}");
-                std::process::exit(70);
+    let mut since = SinceCheckpoint::default();
+    for mut commit in rx {
+        if let Some(why) = sy.poisoned.get() {
+            refuse(commit.dones, why);
+            if commit.closing {
+                break;
             }
-            stats.commits.fetch_add(1, Ordering::Relaxed);
-            stats
-                .log_bytes
-                .fetch_add(batch.frame.len() as u64, Ordering::Relaxed);
-            stats
-                .commit_micros
-                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            metrics::histogram!("twinhost_commit_seconds").record(started.elapsed().as_secs_f64());
+            continue;
         }
-        publish_points(&pending, &mut batch);
-        lseq = lseq.max(batch.max_lseq);
-        hlc = hlc.max(batch.max_hlc);
-        dirty.extend(batch.dirty.drain(..));
-        kv.append(&mut batch.kv);
-        stats.jobs.fetch_add(dones.len() as u64, Ordering::Relaxed);
-        for d in dones {
+        if !commit.batch.frame.is_empty() {
+            seq += 1;
+            if let Err(e) = sy.append(&mut segment, &commit.batch) {
+                // Memory already holds these changes; without the log they would be
+                // acknowledged-but-lost after a restart. Refuse them and every later write
+                // (no checkpoint either: it would persist what was never logged).
+                let why = format!("{e}");
+                tracing::error!(error = %e, "cannot write the write-ahead log; the store refuses writes from now on");
+                let _ = sy.poisoned.set(why.clone());
+                refuse(commit.dones, &why);
+                if commit.closing {
+                    break;
+                }
+                continue;
+            }
+        }
+        if let Err(e) = apply_now(&sy.db, &commit.batch.direct) {
+            tracing::error!(error = %e, "cannot write configuration to sled; it is in the log and is applied again at the next start");
+        }
+        let batch = &mut commit.batch;
+        publish_points(&sy.pending, batch);
+        since.lseq = since.lseq.max(batch.max_lseq);
+        since.hlc = since.hlc.max(batch.max_hlc);
+        since.dirty.extend(batch.dirty.drain(..));
+        since.kv.append(&mut batch.kv);
+        sy.stats
+            .jobs
+            .fetch_add(commit.dones.len() as u64, Ordering::Relaxed);
+        for d in commit.dones {
             d(Ok(seq));
         }
-        let due = checkpoint_now
-            || last_checkpoint.elapsed() >= checkpoint_every
+        let due = commit.checkpoint_now
+            || last_checkpoint.elapsed() >= sy.checkpoint_every
             || segment.bytes >= MAX_SEGMENT_BYTES;
-        let something =
-            !dirty.is_empty() || !kv.is_empty() || !pending.lock().current.is_empty() || lseq > 0;
-        if due && something && (closing || !busy.load(Ordering::Acquire)) {
-            if let Err(e) = segment.rotate() {
-                tracing::error!(error = %e, "cannot start a new log segment; checkpoint postponed");
-            } else {
-                busy.store(true, Ordering::Release);
-                let points = {
-                    let mut p = pending.lock();
-                    p.current_samples = 0;
-                    let map = Arc::new(std::mem::take(&mut p.current));
-                    p.checkpointing.push(map.clone());
-                    map
-                };
-                let ck = Checkpoint {
-                    upto: segment.number - 1,
-                    lseq: std::mem::take(&mut lseq),
-                    hlc: std::mem::take(&mut hlc),
-                    dirty: std::mem::take(&mut dirty),
-                    kv: std::mem::take(&mut kv),
-                    points: vec![points],
-                };
-                // Capacity 1 and `busy` make this wait only at shutdown.
-                let _ = ck_tx.send(ck);
-                last_checkpoint = Instant::now();
-            }
+        if due && sy.checkpoint(&mut segment, &mut since, commit.closing) {
+            last_checkpoint = Instant::now();
         }
-        if closing {
+        if commit.closing {
             break;
         }
     }
+}
+
+/// Answer the jobs of a commit that was not (or cannot be) logged.
+fn refuse(dones: Vec<Done>, why: &str) {
+    for d in dones {
+        d(Err(why.to_owned()));
+    }
+}
+
+impl Syncer {
+    /// Append and fsync one commit's frame.
+    fn append(&self, segment: &mut Segment, batch: &Batch) -> std::io::Result<()> {
+        let started = Instant::now();
+        segment.append(&batch.frame)?;
+        let stats = &self.stats;
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats
+            .log_bytes
+            .fetch_add(batch.frame.len() as u64, Ordering::Relaxed);
+        stats
+            .commit_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        metrics::histogram!("twinhost_commit_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Start a checkpoint of what changed since the last one, unless there is nothing to do
+    /// or one is still running (at shutdown this waits for it). Whether one started.
+    fn checkpoint(
+        &self,
+        segment: &mut Segment,
+        since: &mut SinceCheckpoint,
+        closing: bool,
+    ) -> bool {
+        let something = !since.dirty.is_empty()
+            || !since.kv.is_empty()
+            || !self.pending.lock().current.is_empty()
+            || since.lseq > 0;
+        if !something || (!closing && self.busy.load(Ordering::Acquire)) {
+            return false;
+        }
+        if let Err(e) = segment.rotate() {
+            tracing::error!(error = %e, "cannot start a new log segment; checkpoint postponed");
+            return false;
+        }
+        self.busy.store(true, Ordering::Release);
+        let points = {
+            let mut p = self.pending.lock();
+            p.current_samples = 0;
+            let map = Arc::new(std::mem::take(&mut p.current));
+            p.checkpointing.push(map.clone());
+            map
+        };
+        let since = std::mem::take(since);
+        let ck = Checkpoint {
+            upto: segment.number - 1,
+            lseq: since.lseq,
+            hlc: since.hlc,
+            dirty: since.dirty,
+            kv: since.kv,
+            points: vec![points],
+        };
+        // Capacity 1 and `busy` make this wait only at shutdown.
+        let _ = self.ck_tx.send(ck);
+        true
+    }
+}
+
+/// Write configuration changes to sled now (they are already in the log).
+fn apply_now(db: &sled::Db, ops: &[KvOp]) -> Result<(), sled::Error> {
+    for op in ops {
+        match op {
+            KvOp::Put(k, v) => {
+                db.insert(k.as_slice(), v.as_slice())?;
+            }
+            KvOp::Delete(k) => {
+                db.remove(k.as_slice())?;
+            }
+            KvOp::DeletePrefix(p) => {
+                for k in db.scan_prefix(p).keys() {
+                    db.remove(k?)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn publish_points(pending: &parking_lot::Mutex<PendingHistory>, batch: &mut Batch) {
@@ -700,7 +811,7 @@ fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkpoint>) {
         // Everything of the covered segments was published before they were handed over:
         // the hook persists it before the marker lets replay skip those segments.
         let hooked = match hook.get() {
-            Some(h) => h(ck.lseq).map_err(StoreError::Io),
+            Some(h) => h(ck.lseq).map_err(StoreError::Checkpoint),
             None => Ok(()),
         };
         match hooked.and_then(|()| write_checkpoint(&db, source.as_ref(), &ck)) {

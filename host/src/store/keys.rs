@@ -86,6 +86,11 @@ pub fn artifact(sha256_hex: &str, engine_hash: &str) -> Vec<u8> {
     prefixed(ARTIFACT, format!("{sha256_hex}/{engine_hash}").as_bytes())
 }
 
+/// Prefix of the compiled artifacts of one component, for every engine.
+pub fn artifacts_of(sha256_hex: &str) -> Vec<u8> {
+    prefixed(ARTIFACT, format!("{sha256_hex}/").as_bytes())
+}
+
 pub fn token(hash_hex: &str) -> Vec<u8> {
     prefixed(TOKEN, hash_hex.as_bytes())
 }

@@ -31,12 +31,35 @@ pub enum StoreError {
          (and upgrades 1 in place); use a newer twinhost release or a new --data-dir"
     )]
     FormatVersion { found: u64, expected: u64 },
-    #[error("write-ahead log: {0}")]
-    Io(String),
+    /// A file of the data directory could not be read or written; `what` names it.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hook that runs before a checkpoint failed (the checkpoint is retried later).
+    #[error("before the checkpoint: {0}")]
+    Checkpoint(String),
     #[error("the write queue is full; retry shortly")]
     Overloaded,
     #[error("the store is shutting down")]
     Closed,
+    /// Writing the log failed once: memory may hold changes the disk does not, so the store
+    /// refuses every later write instead of acknowledging what a restart would lose.
+    #[error(
+        "the store stopped taking writes after it failed to write its log ({0}); everything \
+         acknowledged before is safe: fix the disk and restart the server"
+    )]
+    Poisoned(String),
+}
+
+impl StoreError {
+    /// An I/O error on `what` (a path or a step), keeping the `io::Error` as the source.
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+        let what = what.into();
+        move |source| StoreError::Io { what, source }
+    }
 }
 
 /// The embedded database. Cheap to clone.
@@ -49,6 +72,10 @@ pub struct Store {
     /// The format version found on open (1 until the registry's upgrade finishes).
     format: Arc<std::sync::atomic::AtomicU64>,
     before_checkpoint: Arc<std::sync::OnceLock<CheckpointHook>>,
+    /// The writer, once started: configuration writes go through its queue too.
+    committer: Arc<std::sync::OnceLock<CommitHandle>>,
+    /// Held across one configuration change (see [`Store::lock_config`]).
+    config: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Where an upgraded directory's numbering and clock continue.
@@ -98,7 +125,8 @@ impl Store {
             }
         };
         let wal_dir = dir.join("wal");
-        std::fs::create_dir_all(&wal_dir).map_err(|e| StoreError::Io(e.to_string()))?;
+        std::fs::create_dir_all(&wal_dir)
+            .map_err(StoreError::io(format!("creating {}", wal_dir.display())))?;
         Ok(Store {
             db,
             wal_dir,
@@ -106,6 +134,8 @@ impl Store {
             checkpoint_every: commit::CHECKPOINT_EVERY,
             format: Arc::new(format.into()),
             before_checkpoint: Arc::default(),
+            committer: Arc::default(),
+            config: Arc::default(),
         })
     }
 
@@ -177,8 +207,9 @@ impl Store {
     /// caller replays the rest into memory (and re-creates the events of numbered entries).
     pub fn recover(&self) -> Result<(Vec<wal::Entry>, u64), StoreError> {
         let after = self.checkpoint_marker()?;
-        let (entries, last) =
-            wal::read_after(&self.wal_dir, after).map_err(|e| StoreError::Io(e.to_string()))?;
+        let (entries, last) = wal::read_after(&self.wal_dir, after).map_err(StoreError::io(
+            format!("reading the write-ahead log in {}", self.wal_dir.display()),
+        ))?;
         // Raw entries are applied here and passed on too: a numbered one (a relationship or
         // model change) is an event the replay re-creates.
         for e in &entries {
@@ -258,7 +289,8 @@ impl Store {
             .wal_dir
             .parent()
             .map_or_else(|| PathBuf::from("events"), |p| p.join("events"));
-        std::fs::create_dir_all(&dir).map_err(|e| StoreError::Io(e.to_string()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(StoreError::io(format!("creating {}", dir.display())))?;
         Ok(dir)
     }
 
@@ -273,7 +305,7 @@ impl Store {
         replayed: Option<Batch>,
         numbering: Numbering,
     ) -> Result<CommitHandle, StoreError> {
-        commit::start(commit::Start {
+        let handle = commit::start(commit::Start {
             db: self.db.clone(),
             wal_dir: self.wal_dir.clone(),
             next_segment: last_segment + 1,
@@ -283,7 +315,57 @@ impl Store {
             checkpoint_every: self.checkpoint_every,
             numbering,
             before_checkpoint: self.before_checkpoint.clone(),
-        })
+        })?;
+        let _ = self.committer.set(handle.clone());
+        Ok(handle)
+    }
+
+    /// Write configuration (rules, behaviors, modules, tokens) through the commit queue:
+    /// logged and fsynced with the twins' changes, readable with [`Store::get`] once this
+    /// returns. Waits for room in the queue like any write (backpressure).
+    ///
+    /// # Errors
+    /// [`StoreError::Overloaded`] when the queue stays full, [`StoreError::Closed`] before
+    /// the writer starts or after it stops, [`StoreError::Poisoned`] after a failed log write.
+    pub async fn write(&self, ops: Vec<KvOp>) -> Result<(), StoreError> {
+        let commit = self.committer.get().ok_or(StoreError::Closed)?;
+        commit
+            .run(move |b| {
+                for op in ops {
+                    b.config(op);
+                }
+            })
+            .await
+    }
+
+    /// Serialize configuration changes across subsystems: a change that checks other
+    /// configuration (a module delete asks who uses the module) and one that adds to it (a
+    /// behavior binding that module) hold this from their check to their write, so they
+    /// cannot interleave. Only configuration writers take it — never the write path of twins,
+    /// the dispatcher or a rule shard — and it is never held while a guest runs.
+    pub async fn lock_config(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.config.clone().lock_owned().await
+    }
+
+    /// Write one record and flush, outside the commit queue: only for what is written before
+    /// the writer starts (the node id on a first start). Configuration goes through
+    /// [`Store::write`].
+    pub fn put_durable(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.db.insert(key, value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Write data that can be rebuilt (compiled artifacts) straight to sled, without the
+    /// log: losing it in a crash costs a recompile, nothing else.
+    pub fn put_cache(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.db.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Why the store refuses writes, once a write of its log has failed.
+    pub fn poisoned(&self) -> Option<String> {
+        self.committer.get().and_then(CommitHandle::poisoned)
     }
 
     /// Bytes on disk (sled's estimate).
@@ -298,12 +380,75 @@ impl Store {
     }
 }
 
-impl Store {
-    /// Write one small record and flush, outside the group-commit queue. For rare records
-    /// that are not twin state (API tokens), never for twins.
-    pub fn put_durable(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.db.insert(key, value)?;
-        self.db.flush()?;
-        Ok(())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::TwinId;
+
+    struct NoTwins;
+    impl StateSource for NoTwins {
+        fn twin_bytes(&self, _: &TwinId) -> Option<Vec<u8>> {
+            None
+        }
+    }
+
+    fn started(dir: &Path) -> Store {
+        let store = Store::open(dir).unwrap();
+        let (_, last) = store.recover().unwrap();
+        store
+            .start_committer(Arc::new(NoTwins), last, None, Numbering::default())
+            .unwrap();
+        store
+    }
+
+    #[tokio::test]
+    async fn configuration_is_readable_once_written_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = started(dir.path());
+        store
+            .write(vec![KvOp::Put(b"Rk".to_vec(), b"v1".to_vec())])
+            .await
+            .unwrap();
+        // Readable at once, not only after the next checkpoint.
+        assert_eq!(store.get(b"Rk").unwrap().as_deref(), Some(&b"v1"[..]));
+        store
+            .write(vec![KvOp::Put(b"Rk".to_vec(), b"v2".to_vec())])
+            .await
+            .unwrap();
+        store.committer.get().unwrap().shutdown();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        store.recover().unwrap();
+        assert_eq!(store.get(b"Rk").unwrap().as_deref(), Some(&b"v2"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_failed_log_write_poisons_the_store_instead_of_exiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_, last) = store.recover().unwrap();
+        // The next segment is a device that refuses every write (ENOSPC).
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("wal/00000000000000000001.wal"))
+            .unwrap();
+        store
+            .start_committer(Arc::new(NoTwins), last, None, Numbering::default())
+            .unwrap();
+        assert_eq!(store.poisoned(), None);
+        let first = store
+            .write(vec![KvOp::Put(b"Rk".to_vec(), b"v".to_vec())])
+            .await;
+        assert!(matches!(first, Err(StoreError::Poisoned(_))), "{first:?}");
+        let why = store.poisoned().expect("poisoned after a failed log write");
+        assert!(why.contains("space"), "{why}");
+        // Later writes are refused at once, and nothing reached sled.
+        let later = store
+            .write(vec![KvOp::Put(b"Rk".to_vec(), b"v".to_vec())])
+            .await;
+        assert!(matches!(later, Err(StoreError::Poisoned(_))), "{later:?}");
+        assert!(
+            later.unwrap_err().to_string().contains("restart"),
+            "the error says what to do"
+        );
+        assert_eq!(store.get(b"Rk").unwrap(), None);
     }
 }

@@ -27,10 +27,10 @@ use utoipa::ToSchema;
 
 use super::bindings::twinhost::platform::types as wit;
 use super::host::to_wit;
-use super::{CallError, Runtime};
+use super::{CallError, GuestAlert, GuestPatch, Runtime, World};
 use crate::events::{Event, EventLog, EventType, Filter, Follower, Wake};
 use crate::registry::{check_name, Registry, Update};
-use crate::store::{keys, Store};
+use crate::store::{keys, KvOp, Store};
 use crate::types::{Cause, Properties, SetOnDrop, TwinId};
 
 /// Longest chain of automatic changes (behavior or rule patches triggering more of them).
@@ -252,7 +252,11 @@ impl Behaviors {
     }
 
     /// Create or replace a behavior. Returns true when it is new.
-    pub fn put(&self, name: &str, binding: Binding) -> Result<bool, BehaviorError> {
+    ///
+    /// # Errors
+    /// [`BehaviorError::Invalid`] for a binding that does not fit (its twin or module
+    /// missing, a module of another world, too many behaviors); the store's errors.
+    pub async fn put(&self, name: &str, binding: Binding) -> Result<bool, BehaviorError> {
         check_name("behavior name", name).map_err(|e| BehaviorError::Invalid(e.to_string()))?;
         match (&binding.entity_type, binding.twin_id) {
             (Some(_), Some(_)) | (None, None) => {
@@ -269,6 +273,8 @@ impl Behaviors {
                 }
             }
         }
+        // Held from the module check to the write: a module delete cannot slip in between.
+        let _config = self.inner.store.lock_config().await;
         match self.inner.runtime.world_of(&binding.module) {
             None => {
                 return Err(BehaviorError::Invalid(format!(
@@ -276,7 +282,7 @@ impl Behaviors {
                     binding.module
                 )))
             }
-            Some(w) if w != "behavior" => {
+            Some(w) if w != World::Behavior => {
                 return Err(BehaviorError::Invalid(format!(
                     "module {:?} implements the {w} world; a behavior needs the behavior world (export `on-event`)",
                     binding.module
@@ -284,16 +290,20 @@ impl Behaviors {
             }
             Some(_) => {}
         }
-        let mut entries = self.inner.entries.write();
-        if !entries.contains_key(name) && entries.len() >= MAX_BEHAVIORS {
-            return Err(BehaviorError::Invalid(format!(
-                "a node runs at most {MAX_BEHAVIORS} behaviors"
-            )));
+        {
+            let entries = self.inner.entries.read();
+            if !entries.contains_key(name) && entries.len() >= MAX_BEHAVIORS {
+                return Err(BehaviorError::Invalid(format!(
+                    "a node runs at most {MAX_BEHAVIORS} behaviors"
+                )));
+            }
         }
         let bytes = serde_json::to_vec(&binding).expect("bindings serialize");
         self.inner
             .store
-            .put_durable(&keys::behavior(name), &bytes)?;
+            .write(vec![KvOp::Put(keys::behavior(name), bytes)])
+            .await?;
+        let mut entries = self.inner.entries.write();
         let counters = entries
             .get(name)
             .map(|e| e.counters.clone())
@@ -313,15 +323,20 @@ impl Behaviors {
         Ok(fresh)
     }
 
-    pub fn delete(&self, name: &str) -> Result<(), BehaviorError> {
-        let mut entries = self.inner.entries.write();
-        if entries.remove(name).is_none() {
+    /// Delete a behavior; its calls in flight finish, no new one starts.
+    ///
+    /// # Errors
+    /// [`BehaviorError::NotFound`]; the store's errors.
+    pub async fn delete(&self, name: &str) -> Result<(), BehaviorError> {
+        let _config = self.inner.store.lock_config().await;
+        if !self.inner.entries.read().contains_key(name) {
             return Err(BehaviorError::NotFound(name.to_owned()));
         }
         self.inner
             .store
-            .remove_keys([sled::IVec::from(keys::behavior(name))])?;
-        self.inner.store.flush()?;
+            .write(vec![KvOp::Delete(keys::behavior(name))])
+            .await?;
+        self.inner.entries.write().remove(name);
         Ok(())
     }
 
@@ -437,7 +452,12 @@ impl Behaviors {
             depth: e.cause.as_ref().map_or(0, |c| c.depth) + 1,
         });
         let mut alerts = Vec::new();
-        for (severity, message, data) in out.alerts {
+        for GuestAlert {
+            severity,
+            message,
+            data,
+        } in out.alerts
+        {
             let data: Value = serde_json::from_str(&data).unwrap_or(Value::String(data));
             let mut a = Event::new(EventType::Alert, Utc::now());
             a.twin_id = Some(twin_id);
@@ -455,7 +475,11 @@ impl Behaviors {
             .fetch_add(alerts.len() as u64, Ordering::Relaxed);
         self.inner.log.raise(alerts);
         let mut updates = Vec::new();
-        for (target, props) in out.patches {
+        for GuestPatch {
+            twin_id: target,
+            properties: props,
+        } in out.patches
+        {
             let target = match target.as_deref().map(str::parse::<TwinId>) {
                 None => twin_id,
                 Some(Ok(t)) => t,
@@ -549,5 +573,18 @@ fn info(name: &str, e: &Entry) -> BehaviorInfo {
 impl From<CallError> for BehaviorError {
     fn from(e: CallError) -> Self {
         BehaviorError::Invalid(e.to_string())
+    }
+}
+
+impl super::ModuleUsers for Behaviors {
+    fn users_of(&self, module: &str) -> Vec<super::ModuleUser> {
+        self.using(module)
+            .into_iter()
+            .map(|name| super::ModuleUser {
+                kind: "behavior",
+                name,
+                needs: World::Behavior,
+            })
+            .collect()
     }
 }

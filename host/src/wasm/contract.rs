@@ -10,14 +10,7 @@
 use wit_parser::decoding::{decode, DecodedWasm};
 use wit_parser::{Function, InterfaceId, Resolve, Type, TypeDefKind, WorldItem};
 
-use super::CallError;
-
-/// The host's worlds and the function each exports, in the order they are tried.
-const WORLDS: [(&str, &str); 3] = [
-    ("compute", "run"),
-    ("behavior", "on-event"),
-    ("resolver", "resolve"),
-];
+use super::{CallError, World};
 
 /// WASI 0.2 interfaces the host links (without capabilities). Any 0.2.x version is accepted
 /// here; the linker's exact check after compiling catches a signature this list cannot.
@@ -55,7 +48,7 @@ const WASI: &[&str] = &[
 pub struct Contract {
     resolve: Resolve,
     /// Export function of each world, by world name.
-    exports: Vec<(&'static str, Function)>,
+    exports: Vec<(World, Function)>,
     /// The `twinhost:platform` interfaces a guest may import, by name with version.
     interfaces: Vec<(String, InterfaceId)>,
 }
@@ -68,9 +61,10 @@ impl Contract {
             .push_str("platform.wit", include_str!("../../../wit/platform.wit"))
             .map_err(|e| format!("parsing wit/platform.wit: {e:#}"))?;
         let mut exports = Vec::new();
-        for (world, func) in WORLDS {
+        for world in World::ALL {
+            let func = world.export();
             let id = resolve
-                .select_world(&[pkg], Some(world))
+                .select_world(&[pkg], Some(world.as_str()))
                 .map_err(|e| format!("{e:#}"))?;
             let f = resolve.worlds[id]
                 .exports
@@ -99,7 +93,7 @@ impl Contract {
     /// # Errors
     /// [`CallError::Invalid`] naming what does not fit: not a component, no world of this
     /// host, an export with another signature, an import the host does not provide.
-    pub fn check(&self, bytes: &[u8]) -> Result<&'static str, CallError> {
+    pub fn check(&self, bytes: &[u8]) -> Result<World, CallError> {
         let invalid = |m: String| CallError::Invalid(m);
         let (theirs, world) = match decode(bytes) {
             Ok(DecodedWasm::Component(r, w)) => (r, w),

@@ -16,11 +16,17 @@
 //! events of the twins it is bound to) and `resolver` (merges conflicting writes for sync).
 
 pub mod behaviors;
+mod calls;
 mod contract;
 mod host;
+#[cfg(test)]
+mod module_tests;
 mod modules;
 
-pub use modules::{measure, BehaviorOutput, CallError, ModuleInfo, Runtime, VersionInfo};
+pub use calls::measure;
+pub use modules::{
+    BehaviorOutput, CallError, GuestAlert, GuestPatch, ModuleInfo, Runtime, VersionInfo,
+};
 
 /// Generated bindings of the three worlds; nothing outside this module sees them. The
 /// `behavior` and `resolver` bindings reuse the `compute` bindings' `types` and `host`, so
@@ -84,6 +90,71 @@ pub const MAX_HOST_CALLS: u32 = 10_000;
 /// Most alerts (returned or emitted) and patches one guest call may produce.
 pub const MAX_ACTIONS_PER_CALL: usize = 100;
 
+/// The worlds of `wit/platform.wit` a component can implement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum World {
+    /// Exports `run`: invoked on twins over HTTP and by rules.
+    Compute,
+    /// Exports `on-event`: runs on the events of the twins it is bound to.
+    Behavior,
+    /// Exports `resolve`: merges two conflicting writes of a property for sync.
+    Resolver,
+}
+
+impl World {
+    /// Every world, in the order an upload's exports are matched against them.
+    pub const ALL: [World; 3] = [World::Compute, World::Behavior, World::Resolver];
+
+    /// The world's name in `wit/platform.wit`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            World::Compute => "compute",
+            World::Behavior => "behavior",
+            World::Resolver => "resolver",
+        }
+    }
+
+    /// The one function the world exports.
+    pub fn export(self) -> &'static str {
+        match self {
+            World::Compute => "run",
+            World::Behavior => "on-event",
+            World::Resolver => "resolve",
+        }
+    }
+}
+
+impl std::fmt::Display for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Something bound to a module by name (a behavior, a rule's `invoke` action).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleUser {
+    /// `behavior` or `rule`, for messages.
+    pub kind: &'static str,
+    pub name: String,
+    /// The world the user calls, which the module must keep.
+    pub needs: World,
+}
+
+impl std::fmt::Display for ModuleUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {:?}", self.kind, self.name)
+    }
+}
+
+/// A subsystem whose configuration binds modules (behaviors, rules). The runtime asks each
+/// before a module changes world or is deleted, while holding the store's configuration
+/// lock, which binding a module also takes: a check and a binding cannot interleave.
+pub trait ModuleUsers: Send + Sync {
+    /// This subsystem's users of module `module`.
+    fn users_of(&self, module: &str) -> Vec<ModuleUser>;
+}
+
 /// Per-module limits, given as query parameters on upload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Limits {
@@ -113,13 +184,13 @@ impl Limits {
         }
         if self.memory_bytes < 64 * 1024 || self.memory_bytes > MAX_MEMORY_BYTES {
             return Err(format!(
-                "memory_mb must be between 1 and {}",
+                "the memory limit must be between 1 and {} MiB",
                 MAX_MEMORY_BYTES >> 20
             ));
         }
         if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT.as_millis() as u64 {
             return Err(format!(
-                "timeout must be between 1 ms and {} s",
+                "the deadline must be between 1 ms and {} s",
                 MAX_TIMEOUT.as_secs()
             ));
         }

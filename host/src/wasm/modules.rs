@@ -1,33 +1,35 @@
-//! The module registry and guest calls.
+//! The module registry: upload, versions, rollback and delete of components, and the engine
+//! they are compiled with.
+//!
+//! Owns: the wasmtime engine and linker, every module's versions (bytes, compiled artifacts
+//! and the version list, written through the store's commit queue), the active version of
+//! each, and the rules a module change must keep: the world its users call, and no delete
+//! while something is bound to it ([`super::ModuleUsers`], checked under the store's
+//! configuration lock). Exposes: [`Runtime`]. Must never: compile a component before its
+//! types fit the WIT contract, or activate a version before it is durable.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use wasmtime::component::{Component, Linker};
-use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store as WasmStore, Trap,
-    UpdateDeadline,
-};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings::behavior::BehaviorPre;
 use super::bindings::resolver::ResolverPre;
-use super::bindings::twinhost::platform::types;
 use super::bindings::{Compute, ComputePre};
-use super::host::{to_wit, Cancelled, HostState, Interrupt};
-use super::{Limits, EPOCH_TICK, MAX_MEMORY_BYTES, MAX_RESULT_BYTES};
+use super::host::HostState;
+use super::{Limits, ModuleUser, ModuleUsers, World, EPOCH_TICK, MAX_MEMORY_BYTES};
 use crate::registry::{check_name, Registry};
-use crate::store::{keys, Store, StoreError};
-use crate::types::Twin;
+use crate::store::{keys, KvOp, Store, StoreError};
 
 /// Instances the pooling allocator keeps slots for (concurrent guest calls).
 const POOL_INSTANCES: u32 = 64;
@@ -58,7 +60,7 @@ pub enum CallError {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct VersionInfo {
     pub version: u32,
-    pub world: String,
+    pub world: World,
     pub sha256: String,
     pub size: u64,
     pub limits: Limits,
@@ -77,27 +79,27 @@ pub struct ModuleInfo {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct ModuleMeta {
+pub(super) struct ModuleMeta {
     active: u32,
     versions: Vec<VersionInfo>,
 }
 
 #[derive(Default)]
-struct Counters {
-    calls: AtomicU64,
-    errors: AtomicU64,
-    micros: AtomicU64,
+pub(super) struct Counters {
+    pub(super) calls: AtomicU64,
+    pub(super) errors: AtomicU64,
+    pub(super) micros: AtomicU64,
 }
 
 /// The active version of a module, ready to instantiate. Calls hold an `Arc` of it, so a swap
 /// never disturbs a call in flight.
-struct Active {
-    info: VersionInfo,
-    pre: Pre,
+pub(super) struct Active {
+    pub(super) info: VersionInfo,
+    pub(super) pre: Pre,
 }
 
 /// A pre-instantiated component of one of the worlds.
-enum Pre {
+pub(super) enum Pre {
     Compute(ComputePre<HostState>),
     Behavior(BehaviorPre<HostState>),
     Resolver(ResolverPre<HostState>),
@@ -106,14 +108,33 @@ enum Pre {
 /// What a behavior call produced: its actions, and the alerts it raised through the host.
 #[derive(Debug, Default)]
 pub struct BehaviorOutput {
-    pub patches: Vec<(Option<String>, String)>,
-    pub alerts: Vec<(String, String, String)>,
+    pub patches: Vec<GuestPatch>,
+    pub alerts: Vec<GuestAlert>,
 }
 
-struct Entry {
-    meta: ModuleMeta,
-    active: Arc<Active>,
-    counters: Arc<Counters>,
+/// A merge patch a behavior asked for.
+#[derive(Debug)]
+pub struct GuestPatch {
+    /// The twin to patch (`None`: the event's twin), as the guest wrote it.
+    pub twin_id: Option<String>,
+    /// The patch, JSON text as the guest wrote it.
+    pub properties: String,
+}
+
+/// An alert a behavior raised (returned or emitted through the host).
+#[derive(Debug)]
+pub struct GuestAlert {
+    /// The severity as the guest wrote it.
+    pub severity: String,
+    pub message: String,
+    /// JSON text as the guest wrote it.
+    pub data: String,
+}
+
+pub(super) struct Entry {
+    pub(super) meta: ModuleMeta,
+    pub(super) active: Arc<Active>,
+    pub(super) counters: Arc<Counters>,
 }
 
 /// Runtime counters, for metrics and the restart check.
@@ -126,32 +147,57 @@ pub struct RuntimeStats {
 
 /// The engine, the linker and every module.
 pub struct Runtime {
-    engine: Engine,
+    pub(super) engine: Engine,
     engine_hash: String,
     linker: Linker<HostState>,
     store: Store,
-    registry: Registry,
-    modules: RwLock<HashMap<String, Entry>>,
+    pub(super) registry: Registry,
+    pub(super) modules: RwLock<HashMap<String, Entry>>,
     pub stats: Arc<RuntimeStats>,
     /// Cancelled by [`Runtime::stop`]: every call in flight ends, and no new one starts.
-    stop: CancellationToken,
+    pub(super) stop: CancellationToken,
     /// The WIT contract uploads are checked against before they are compiled.
     contract: super::contract::Contract,
+    /// Subsystems that bind modules by name, asked before a module changes or goes.
+    users: RwLock<Vec<Arc<dyn ModuleUsers>>>,
 }
 
-/// Refuse a version of another world than the one the module's users need.
-fn check_world(name: &str, keep_world: Option<&str>, world: &str) -> Result<(), CallError> {
-    match keep_world {
-        Some(keep) if keep != world => Err(CallError::InUse(format!(
-            "module {name:?} is a {keep} module in use, and this version is a {world} module; \
-             unbind its users first, or pass ?force=true"
-        ))),
-        _ => Ok(()),
-    }
-}
-
-fn internal(e: impl std::fmt::Display) -> CallError {
+pub(super) fn internal(e: impl std::fmt::Display) -> CallError {
     CallError::Internal(e.to_string())
+}
+
+/// Refuse what is not a component before looking further.
+fn check_header(bytes: &[u8]) -> Result<(), CallError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(CallError::Invalid(
+            "not a WebAssembly binary (no \\0asm header)".into(),
+        ));
+    }
+    if bytes[6..8] == [0, 0] {
+        return Err(CallError::Invalid(
+            "this is a core WebAssembly module, not a component; build for wasm32-wasip2 or wrap it with `wasm-tools component new`".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Run CPU-heavy work (checking, compiling) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CallError> + Send + 'static,
+) -> Result<T, CallError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(format!("compiling: {e}")))?
+}
+
+fn encode_meta(meta: &ModuleMeta) -> Result<Vec<u8>, CallError> {
+    serde_json::to_vec(meta).map_err(internal)
+}
+
+/// `behavior "a", rule "b"`.
+fn list(users: &[ModuleUser]) -> String {
+    let names: Vec<String> = users.iter().map(ToString::to_string).collect();
+    names.join(", ")
 }
 
 impl Runtime {
@@ -199,6 +245,7 @@ impl Runtime {
             stats: Arc::default(),
             stop: CancellationToken::new(),
             contract: super::contract::Contract::load().map_err(internal)?,
+            users: RwLock::default(),
         };
         rt.load_all()?;
         Ok(Arc::new(rt))
@@ -217,7 +264,12 @@ impl Runtime {
             else {
                 continue;
             };
-            let active = self.prepare(&info)?;
+            let (active, art) = self.prepare(&info)?;
+            if let Some(art) = art {
+                // A rebuildable cache: written directly, losing it costs a recompile.
+                self.store
+                    .put_cache(&keys::artifact(&info.sha256, &self.engine_hash), &art)?;
+            }
             self.modules.write().insert(
                 name,
                 Entry {
@@ -231,8 +283,8 @@ impl Runtime {
     }
 
     /// The compiled component of a version: from the artifact cache, else compiled from the
-    /// stored bytes (and cached).
-    fn prepare(&self, info: &VersionInfo) -> Result<Active, CallError> {
+    /// stored bytes, with the new artifact for the caller to store.
+    fn prepare(&self, info: &VersionInfo) -> Result<(Active, Option<Vec<u8>>), CallError> {
         let akey = keys::artifact(&info.sha256, &self.engine_hash);
         let component = match self.store.get(&akey)? {
             // SAFETY: artifacts are written only by this server, under a key that includes the
@@ -240,7 +292,7 @@ impl Runtime {
             Some(bytes) => match unsafe { Component::deserialize(&self.engine, &bytes) } {
                 Ok(c) => {
                     self.stats.loaded_from_cache.fetch_add(1, Ordering::Relaxed);
-                    c
+                    (c, None)
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, sha256 = %info.sha256, "cached artifact unusable; recompiling");
@@ -249,23 +301,23 @@ impl Runtime {
             },
             None => self.compile_stored(&info.sha256)?,
         };
-        let pre = self.instantiate_pre(&component)?;
-        Ok(Active {
+        let pre = self.instantiate_pre(&component.0)?;
+        let active = Active {
             info: info.clone(),
             pre,
-        })
+        };
+        Ok((active, component.1))
     }
 
-    fn compile_stored(&self, sha: &str) -> Result<Component, CallError> {
+    /// Compile a version from its stored bytes; also its artifact.
+    fn compile_stored(&self, sha: &str) -> Result<(Component, Option<Vec<u8>>), CallError> {
         let bytes = self
             .store
             .get(&keys::module_bytes(sha))?
             .ok_or_else(|| internal(format!("module bytes {sha} missing from the store")))?;
         let c = self.compile(&bytes)?;
         let art = c.serialize().map_err(internal)?;
-        self.store
-            .put_durable(&keys::artifact(sha, &self.engine_hash), &art)?;
-        Ok(c)
+        Ok((c, Some(art)))
     }
 
     fn compile(&self, bytes: &[u8]) -> Result<Component, CallError> {
@@ -288,136 +340,210 @@ impl Runtime {
             ))
         };
         Ok(match world {
-            "compute" => Pre::Compute(ComputePre::new(pre).map_err(wrong)?),
-            "behavior" => Pre::Behavior(BehaviorPre::new(pre).map_err(wrong)?),
-            _ => Pre::Resolver(ResolverPre::new(pre).map_err(wrong)?),
+            World::Compute => Pre::Compute(ComputePre::new(pre).map_err(wrong)?),
+            World::Behavior => Pre::Behavior(BehaviorPre::new(pre).map_err(wrong)?),
+            World::Resolver => Pre::Resolver(ResolverPre::new(pre).map_err(wrong)?),
         })
     }
 
-    /// Validate, compile and activate a new version of `name`.
-    /// Compile, store and activate a new version. With `keep_world`, a component of another
-    /// world is refused with [`CallError::InUse`] (its users need that world).
-    pub fn upload(
-        &self,
+    /// Check, compile, store and activate a new version of `name`. Unless `force`, a
+    /// component of another world than the active version's is refused while something
+    /// calls that world (its users would break).
+    ///
+    /// # Errors
+    /// [`CallError::Invalid`] for a name, limits or component that do not fit,
+    /// [`CallError::InUse`] as above, and the store's errors.
+    pub async fn upload(
+        self: &Arc<Self>,
         name: &str,
-        bytes: &[u8],
+        bytes: Vec<u8>,
         limits: Limits,
-        keep_world: Option<&str>,
+        force: bool,
     ) -> Result<VersionInfo, CallError> {
         check_name("module name", name).map_err(|e| CallError::Invalid(e.to_string()))?;
         limits.check().map_err(CallError::Invalid)?;
-        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-            return Err(CallError::Invalid(
-                "not a WebAssembly binary (no \\0asm header)".into(),
-            ));
-        }
-        if bytes[6..8] == [0, 0] {
-            return Err(CallError::Invalid(
-                "this is a core WebAssembly module, not a component; build for wasm32-wasip2 or wrap it with `wasm-tools component new`".into(),
-            ));
-        }
-        // The world, exports and imports are checked on the component's types first: a
-        // refusal costs milliseconds, not a Cranelift compile of the guest's code.
-        let started = Instant::now();
-        let world = self.contract.check(bytes)?;
-        tracing::debug!(
-            module = name,
-            size = bytes.len(),
-            ms = started.elapsed().as_millis() as u64,
-            world,
-            "component types checked"
-        );
-        check_world(name, keep_world, world)?;
-        let component = self.compile(bytes)?;
-        let pre = self.instantiate_pre(&component)?;
-        let sha = hex::encode(Sha256::digest(bytes));
-        self.store.put_durable(&keys::module_bytes(&sha), bytes)?;
-        let art = component.serialize().map_err(internal)?;
-        self.store
-            .put_durable(&keys::artifact(&sha, &self.engine_hash), &art)?;
-        let mut modules = self.modules.write();
-        let mut meta = modules
-            .get(name)
-            .map(|e| e.meta.clone())
-            .unwrap_or_default();
+        check_header(&bytes)?;
+        let _config = self.store.lock_config().await;
+        let me = self.clone();
+        let module = name.to_owned();
+        let (world, pre, art, bytes) = blocking(move || {
+            // The world, exports and imports are checked on the component's types first: a
+            // refusal costs milliseconds, not a Cranelift compile of the guest's code.
+            let started = Instant::now();
+            let world = me.contract.check(&bytes)?;
+            tracing::debug!(module, size = bytes.len(), ms = started.elapsed().as_millis() as u64,
+                %world, "component types checked");
+            if !force {
+                me.check_users(&module, world)?;
+            }
+            let component = me.compile(&bytes)?;
+            let pre = me.instantiate_pre(&component)?;
+            let art = component.serialize().map_err(internal)?;
+            Ok((world, pre, art, bytes))
+        })
+        .await?;
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let mut meta = self.meta_of(name).unwrap_or_default();
         let info = VersionInfo {
             version: meta.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1,
-            world: world.to_owned(),
-            sha256: sha,
+            world,
+            sha256: sha.clone(),
             size: bytes.len() as u64,
             limits,
             created_at: Utc::now(),
         };
         meta.versions.push(info.clone());
         meta.active = info.version;
-        self.store.put_durable(
-            &keys::module(name),
-            &serde_json::to_vec(&meta).map_err(internal)?,
-        )?;
-        let counters = modules
-            .get(name)
-            .map(|e| e.counters.clone())
-            .unwrap_or_default();
-        let active = Arc::new(Active {
-            info: info.clone(),
-            pre,
-        });
-        modules.insert(
-            name.to_owned(),
-            Entry {
-                meta,
-                active,
-                counters,
+        self.store
+            .write(vec![
+                KvOp::Put(keys::module_bytes(&sha), bytes),
+                KvOp::Put(keys::artifact(&sha, &self.engine_hash), art),
+                KvOp::Put(keys::module(name), encode_meta(&meta)?),
+            ])
+            .await?;
+        self.activate(
+            name,
+            meta,
+            Active {
+                info: info.clone(),
+                pre,
             },
         );
         tracing::info!(module = name, version = info.version, sha256 = %info.sha256, "module activated");
         Ok(info)
     }
 
-    /// Make an earlier version active again.
-    /// Make an earlier version active again (`keep_world` as in [`Runtime::upload`]).
-    pub fn rollback(
-        &self,
+    /// Make an earlier version active again (`force` as in [`Runtime::upload`]).
+    ///
+    /// # Errors
+    /// [`CallError::NotFound`], [`CallError::NoVersion`], [`CallError::InUse`], and the
+    /// store's errors.
+    pub async fn rollback(
+        self: &Arc<Self>,
         name: &str,
         version: u32,
-        keep_world: Option<&str>,
+        force: bool,
     ) -> Result<VersionInfo, CallError> {
-        let info = {
-            let modules = self.modules.read();
-            let e = modules
-                .get(name)
-                .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
-            e.meta
-                .versions
-                .iter()
-                .find(|v| v.version == version)
-                .cloned()
-                .ok_or_else(|| CallError::NoVersion(name.to_owned(), version))?
-        };
-        check_world(name, keep_world, &info.world)?;
-        let active = Arc::new(self.prepare(&info)?);
-        let mut modules = self.modules.write();
-        let e = modules
-            .get_mut(name)
+        let _config = self.store.lock_config().await;
+        let mut meta = self
+            .meta_of(name)
             .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
-        e.meta.active = version;
-        self.store.put_durable(
-            &keys::module(name),
-            &serde_json::to_vec(&e.meta).map_err(internal)?,
-        )?;
-        e.active = active;
+        let info = meta
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .cloned()
+            .ok_or_else(|| CallError::NoVersion(name.to_owned(), version))?;
+        if !force {
+            self.check_users(name, info.world)?;
+        }
+        let me = self.clone();
+        let wanted = info.clone();
+        let (active, art) = blocking(move || me.prepare(&wanted)).await?;
+        meta.active = version;
+        let mut ops = vec![KvOp::Put(keys::module(name), encode_meta(&meta)?)];
+        if let Some(art) = art {
+            ops.push(KvOp::Put(
+                keys::artifact(&info.sha256, &self.engine_hash),
+                art,
+            ));
+        }
+        self.store.write(ops).await?;
+        self.activate(name, meta, active);
         Ok(info)
     }
 
-    pub fn delete(&self, name: &str) -> Result<(), CallError> {
-        let mut modules = self.modules.write();
-        if modules.remove(name).is_none() {
-            return Err(CallError::NotFound(name.to_owned()));
+    /// Delete a module with every version's bytes and compiled artifacts (those no other
+    /// module shares). Unless `force`, refused with [`CallError::InUse`] while a behavior or
+    /// rule uses it.
+    ///
+    /// # Errors
+    /// [`CallError::NotFound`], [`CallError::InUse`], and the store's errors.
+    pub async fn delete(&self, name: &str, force: bool) -> Result<(), CallError> {
+        let _config = self.store.lock_config().await;
+        let meta = self
+            .meta_of(name)
+            .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
+        let users = self.users(name);
+        if !users.is_empty() && !force {
+            return Err(CallError::InUse(format!(
+                "module {name:?} is used by {}; delete or rebind them first",
+                list(&users)
+            )));
         }
-        self.store
-            .remove_keys([sled::IVec::from(keys::module(name))])?;
-        self.store.flush()?;
+        let shared: HashSet<String> = self
+            .modules
+            .read()
+            .iter()
+            .filter(|(n, _)| n.as_str() != name)
+            .flat_map(|(_, e)| e.meta.versions.iter().map(|v| v.sha256.clone()))
+            .collect();
+        let mut ops = vec![KvOp::Delete(keys::module(name))];
+        for v in meta.versions.iter().filter(|v| !shared.contains(&v.sha256)) {
+            ops.push(KvOp::Delete(keys::module_bytes(&v.sha256)));
+            ops.push(KvOp::DeletePrefix(keys::artifacts_of(&v.sha256)));
+        }
+        self.store.write(ops).await?;
+        self.modules.write().remove(name);
+        tracing::info!(module = name, "module deleted");
         Ok(())
+    }
+
+    /// Register a subsystem whose configuration binds modules (asked by upload, rollback
+    /// and delete).
+    pub fn add_users(&self, users: Arc<dyn ModuleUsers>) {
+        self.users.write().push(users);
+    }
+
+    /// Everything bound to module `name`.
+    pub fn users(&self, name: &str) -> Vec<ModuleUser> {
+        self.users
+            .read()
+            .iter()
+            .flat_map(|u| u.users_of(name))
+            .collect()
+    }
+
+    /// Refuse to make a version of `world` active while something calls the active
+    /// version's world (another one).
+    fn check_users(&self, name: &str, world: World) -> Result<(), CallError> {
+        let Some(active) = self.world_of(name) else {
+            return Ok(());
+        };
+        let broken: Vec<ModuleUser> = self
+            .users(name)
+            .into_iter()
+            .filter(|u| u.needs == active && active != world)
+            .collect();
+        if broken.is_empty() {
+            return Ok(());
+        }
+        Err(CallError::InUse(format!(
+            "module {name:?} is a {active} module used by {}, and this version is a {world} \
+             module; unbind its users first",
+            list(&broken)
+        )))
+    }
+
+    fn meta_of(&self, name: &str) -> Option<ModuleMeta> {
+        self.modules.read().get(name).map(|e| e.meta.clone())
+    }
+
+    /// Make `active` the version calls use (calls in flight keep theirs).
+    fn activate(&self, name: &str, meta: ModuleMeta, active: Active) {
+        let mut modules = self.modules.write();
+        let counters = modules
+            .get(name)
+            .map(|e| e.counters.clone())
+            .unwrap_or_default();
+        modules.insert(
+            name.to_owned(),
+            Entry {
+                meta,
+                active: Arc::new(active),
+                counters,
+            },
+        );
     }
 
     pub fn info(&self, name: &str) -> Result<ModuleInfo, CallError> {
@@ -435,184 +561,8 @@ impl Runtime {
     }
 
     /// The world of the active version of `name`.
-    pub fn world_of(&self, name: &str) -> Option<String> {
-        self.modules
-            .read()
-            .get(name)
-            .map(|e| e.active.info.world.clone())
-    }
-
-    /// Call `run` of the active version of `name` with `twins` and `parameters`, within the
-    /// module's limits; cancelling `caller` stops the call. Blocking: run it on a blocking
-    /// thread.
-    pub fn call_compute(
-        &self,
-        name: &str,
-        twins: &[Twin],
-        parameters: &Value,
-        caller: Option<CancellationToken>,
-    ) -> Result<Value, CallError> {
-        self.call(name, caller, |store, pre| {
-            let Pre::Compute(pre) = pre else {
-                return Err(wrong_world(name, "compute"));
-            };
-            let bindings = pre.instantiate(&mut *store).map_err(guest_error)?;
-            let wit_twins: Vec<_> = twins.iter().map(to_wit).collect();
-            let out = bindings
-                .call_run(&mut *store, &wit_twins, &parameters.to_string())
-                .map_err(guest_error)?;
-            json_result(out)
-        })
-    }
-
-    /// Call `on-event` of the behavior module `name`. Blocking.
-    pub fn call_behavior(
-        &self,
-        name: &str,
-        event: &types::Event,
-    ) -> Result<BehaviorOutput, CallError> {
-        self.call(name, None, |store, pre| {
-            let Pre::Behavior(pre) = pre else {
-                return Err(wrong_world(name, "behavior"));
-            };
-            let bindings = pre.instantiate(&mut *store).map_err(guest_error)?;
-            let actions = bindings
-                .call_on_event(&mut *store, event)
-                .map_err(guest_error)?
-                .map_err(|m| CallError::Guest {
-                    kind: "guest_error",
-                    message: m.chars().take(4096).collect(),
-                })?;
-            let emitted = std::mem::take(&mut store.data_mut().alerts);
-            if actions.len() + emitted.len() > super::MAX_ACTIONS_PER_CALL {
-                return Err(CallError::Guest {
-                    kind: "output_too_large",
-                    message: format!(
-                        "{} actions; at most {}",
-                        actions.len() + emitted.len(),
-                        super::MAX_ACTIONS_PER_CALL
-                    ),
-                });
-            }
-            let mut out = BehaviorOutput::default();
-            let mut bytes = 0;
-            for a in actions {
-                match a {
-                    types::Action::Patch(p) => {
-                        bytes += p.properties.len();
-                        out.patches.push((p.twin_id, p.properties));
-                    }
-                    types::Action::Alert(a) => {
-                        bytes += a.message.len() + a.data.len();
-                        out.alerts.push((a.severity, a.message, a.data));
-                    }
-                }
-            }
-            for a in emitted {
-                bytes += a.message.len() + a.data.len();
-                out.alerts.push((a.severity, a.message, a.data));
-            }
-            if bytes > MAX_RESULT_BYTES {
-                return Err(CallError::Guest {
-                    kind: "output_too_large",
-                    message: format!("the actions hold {bytes} bytes; at most {MAX_RESULT_BYTES}"),
-                });
-            }
-            Ok(out)
-        })
-    }
-
-    /// Call `resolve` of the resolver module `name`. `a` and `b` are `(value, hlc, origin)`;
-    /// they are passed in canonical order (lower `(hlc, origin)` first) whatever order they
-    /// are given in. Blocking.
-    pub fn call_resolver(
-        &self,
-        name: &str,
-        property: &str,
-        a: (&Value, u64, &str),
-        b: (&Value, u64, &str),
-    ) -> Result<Value, CallError> {
-        let (a, b) = if (a.1, a.2) <= (b.1, b.2) {
-            (a, b)
-        } else {
-            (b, a)
-        };
-        let side = |s: (&Value, u64, &str)| types::Side {
-            value: s.0.to_string(),
-            hlc: s.1,
-            origin: s.2.to_owned(),
-        };
-        self.call(name, None, |store, pre| {
-            let Pre::Resolver(pre) = pre else {
-                return Err(wrong_world(name, "resolver"));
-            };
-            let bindings = pre.instantiate(&mut *store).map_err(guest_error)?;
-            let out = bindings
-                .call_resolve(&mut *store, property, &side(a), &side(b))
-                .map_err(guest_error)?;
-            json_result(out)
-        })
-    }
-
-    /// Stop every guest call in flight (they fail with `cancelled`) and refuse new ones: the
-    /// server is stopping.
-    pub fn stop(&self) {
-        self.stop.cancel();
-    }
-
-    /// Run `f` on a fresh store for the active version of `name`, within its limits,
-    /// counting the call and its failure. The call ends at its deadline, when the runtime
-    /// stops, or when `caller` is cancelled, whether the guest is running its own code or
-    /// waiting in WASI.
-    fn call<R>(
-        &self,
-        name: &str,
-        caller: Option<CancellationToken>,
-        f: impl FnOnce(&mut WasmStore<HostState>, &Pre) -> Result<R, CallError>,
-    ) -> Result<R, CallError> {
-        let (active, counters) = {
-            let modules = self.modules.read();
-            let e = modules
-                .get(name)
-                .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
-            (e.active.clone(), e.counters.clone())
-        };
-        let started = Instant::now();
-        let limits = active.info.limits;
-        let interrupt = Interrupt {
-            deadline: started + Duration::from_millis(limits.timeout_ms),
-            stop: self.stop.clone(),
-            caller,
-        };
-        let mut store = WasmStore::new(
-            &self.engine,
-            HostState::new(name, self.registry.clone(), &limits, interrupt),
-        );
-        store.limiter(|s| &mut s.limits);
-        // Every epoch tick while the guest runs its own code: stop it at its deadline or
-        // when it is cancelled (waits inside WASI are bounded by the same `Interrupt`).
-        store.epoch_deadline_callback(|ctx| {
-            ctx.data().interrupt.check()?;
-            Ok(UpdateDeadline::Continue(1))
-        });
-        store.set_epoch_deadline(1);
-        let result = match store.data().interrupt.check() {
-            Err(e) => Err(guest_error(e)),
-            Ok(()) => store
-                .set_fuel(limits.fuel)
-                .map_err(internal)
-                .and_then(|()| f(&mut store, &active.pre)),
-        };
-        counters.calls.fetch_add(1, Ordering::Relaxed);
-        counters
-            .micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = &result {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(module = name, version = active.info.version, error = %e, "guest call failed");
-        }
-        result
+    pub fn world_of(&self, name: &str) -> Option<World> {
+        self.modules.read().get(name).map(|e| e.active.info.world)
     }
 
     pub fn module_count(&self) -> usize {
@@ -631,266 +581,21 @@ fn module_info(name: &str, e: &Entry) -> ModuleInfo {
     }
 }
 
-fn wrong_world(name: &str, want: &str) -> CallError {
-    CallError::Invalid(format!(
-        "module {name:?} does not implement the {want} world"
-    ))
-}
-
-/// Check a guest's JSON text result.
-fn json_result(out: Result<String, String>) -> Result<Value, CallError> {
-    let text = out.map_err(|m| CallError::Guest {
-        kind: "guest_error",
-        message: m.chars().take(4096).collect(),
-    })?;
-    if text.len() > MAX_RESULT_BYTES {
-        return Err(CallError::Guest {
-            kind: "output_too_large",
-            message: format!(
-                "the result is {} bytes; at most {MAX_RESULT_BYTES}",
-                text.len()
-            ),
-        });
-    }
-    serde_json::from_str(&text).map_err(|e| CallError::Guest {
-        kind: "bad_output",
-        message: format!("the result is not JSON: {e}"),
-    })
-}
-
 /// Which of the host's worlds a component implements, from its exports.
-fn component_world(c: &Component, engine: &Engine) -> Result<&'static str, CallError> {
+fn component_world(c: &Component, engine: &Engine) -> Result<World, CallError> {
     let exports: Vec<String> = c
         .component_type()
         .exports(engine)
         .map(|(n, _)| n.to_owned())
         .collect();
-    let has = |n: &str| exports.iter().any(|e| e == n);
-    if has("run") {
-        Ok("compute")
-    } else if has("on-event") {
-        Ok("behavior")
-    } else if has("resolve") {
-        Ok("resolver")
-    } else {
-        Err(CallError::Invalid(format!(
+    match World::ALL
+        .into_iter()
+        .find(|w| exports.iter().any(|e| e == w.export()))
+    {
+        Some(w) => Ok(w),
+        None => Err(CallError::Invalid(format!(
             "the component exports [{}], which matches no world this host runs (compute exports `run`, behavior `on-event`, resolver `resolve`)",
             exports.join(", ")
-        )))
-    }
-}
-
-/// Classify a failure inside the guest.
-fn guest_error(e: wasmtime::Error) -> CallError {
-    let (kind, message) = match e.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => ("fuel_exhausted", "the call ran out of fuel".to_owned()),
-        Some(Trap::Interrupt) => (
-            "deadline_exceeded",
-            "the call passed its wall-clock deadline".to_owned(),
-        ),
-        Some(Trap::StackOverflow) => (
-            "stack_overflow",
-            "the guest overflowed its stack".to_owned(),
-        ),
-        Some(t) => ("trap", format!("the guest trapped: {t}")),
-        None if e.downcast_ref::<Cancelled>().is_some() => (
-            "cancelled",
-            e.downcast_ref::<Cancelled>()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-        ),
-        None if e.downcast_ref::<super::host::HostCallLimit>().is_some() => (
-            "host_call_limit",
-            e.downcast_ref::<super::host::HostCallLimit>()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-        ),
-        // `StoreLimits` refuses growth past the module's memory limit with this trap.
-        None if format!("{e:#}").contains("memory") => (
-            "out_of_memory",
-            "the guest tried to grow its memory past the module's limit".to_owned(),
-        ),
-        None => ("trap", format!("{e:#}")),
-    };
-    CallError::Guest { kind, message }
-}
-
-/// Measurements for `twinhost bench` (same engine and bindings as real calls).
-pub mod measure {
-    use super::*;
-
-    /// Microseconds per call of `run` on a plain wasmtime setup: default engine (no fuel, no
-    /// epoch deadline, on-demand allocation), no store limits, no counters — the baseline
-    /// the host's own calls are compared with.
-    pub fn raw_call_micros(
-        bytes: &[u8],
-        registry: &Registry,
-        twin: &Twin,
-        params: &Value,
-        n: u32,
-    ) -> Result<f64, CallError> {
-        let (engine, pre) = raw_pre(bytes)?;
-        let pre = ComputePre::new(pre).map_err(internal)?;
-        let wit = vec![to_wit(twin)];
-        let p = params.to_string();
-        time_raw(&engine, registry, n, |store| {
-            let b = pre.instantiate(&mut *store)?;
-            b.call_run(&mut *store, &wit, &p)?
-                .map(drop)
-                .map_err(wasmtime::Error::msg)
-        })
-    }
-
-    /// An interrupt that never fires (for measurements outside the server).
-    fn unbounded() -> Interrupt {
-        Interrupt {
-            deadline: Instant::now() + Duration::from_secs(3600),
-            stop: CancellationToken::new(),
-            caller: None,
-        }
-    }
-
-    /// Microseconds per call of `call` on a fresh store of a plain setup, over `n` calls.
-    fn time_raw(
-        engine: &Engine,
-        registry: &Registry,
-        n: u32,
-        mut call: impl FnMut(&mut WasmStore<HostState>) -> wasmtime::Result<()>,
-    ) -> Result<f64, CallError> {
-        let started = Instant::now();
-        for _ in 0..n {
-            let mut store = WasmStore::new(
-                engine,
-                HostState::new("raw", registry.clone(), &Limits::default(), unbounded()),
-            );
-            call(&mut store).map_err(internal)?;
-        }
-        Ok(started.elapsed().as_micros() as f64 / n as f64)
-    }
-
-    /// A plain wasmtime setup for the baselines: default engine (no fuel, no epoch deadline,
-    /// on-demand allocation) and the same imports.
-    fn raw_pre(
-        bytes: &[u8],
-    ) -> Result<(Engine, wasmtime::component::InstancePre<HostState>), CallError> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        let engine = Engine::new(&config).map_err(internal)?;
-        let component = Component::new(&engine, bytes).map_err(internal)?;
-        let mut linker: Linker<HostState> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(internal)?;
-        Compute::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
-            .map_err(internal)?;
-        let pre = linker.instantiate_pre(&component).map_err(internal)?;
-        Ok((engine, pre))
-    }
-
-    /// The WIT event a behavior gets for an update of `twin` setting `changed`.
-    fn bench_event(twin: &Twin, changed: &Value) -> types::Event {
-        types::Event {
-            seq: 1,
-            kind: "twin.updated".into(),
-            twin: to_wit(twin),
-            changed: changed.to_string(),
-            ts_ms: 0,
-        }
-    }
-
-    /// Microseconds per `on-event` call of a behavior component on a plain wasmtime setup
-    /// (as [`raw_call_micros`] for compute).
-    pub fn raw_behavior_micros(
-        bytes: &[u8],
-        registry: &Registry,
-        twin: &Twin,
-        changed: &Value,
-        n: u32,
-    ) -> Result<f64, CallError> {
-        let (engine, pre) = raw_pre(bytes)?;
-        let pre = BehaviorPre::new(pre).map_err(internal)?;
-        let event = bench_event(twin, changed);
-        time_raw(&engine, registry, n, |store| {
-            let b = pre.instantiate(&mut *store)?;
-            b.call_on_event(&mut *store, &event)?
-                .map(drop)
-                .map_err(wasmtime::Error::msg)
-        })
-    }
-
-    impl Runtime {
-        /// Microseconds per behavior call through the host (limits, counters, actions).
-        pub fn behavior_call_micros(
-            &self,
-            name: &str,
-            twin: &Twin,
-            changed: &Value,
-            n: u32,
-        ) -> Result<f64, CallError> {
-            let event = bench_event(twin, changed);
-            let started = Instant::now();
-            for _ in 0..n {
-                self.call_behavior(name, &event)?;
-            }
-            Ok(started.elapsed().as_micros() as f64 / n as f64)
-        }
-
-        /// Microseconds to instantiate the active version of `name` from its `InstancePre`
-        /// with the pooling allocator (no call).
-        pub fn instantiate_micros(&self, name: &str, n: u32) -> Result<f64, CallError> {
-            let active = self
-                .modules
-                .read()
-                .get(name)
-                .map(|e| e.active.clone())
-                .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
-            let started = Instant::now();
-            for _ in 0..n {
-                let mut store = WasmStore::new(
-                    &self.engine,
-                    HostState::new(
-                        name,
-                        self.registry.clone(),
-                        &active.info.limits,
-                        unbounded(),
-                    ),
-                );
-                store.limiter(|s| &mut s.limits);
-                store.set_fuel(active.info.limits.fuel).map_err(internal)?;
-                store.set_epoch_deadline(1000);
-                match &active.pre {
-                    Pre::Compute(p) => p.instantiate(&mut store).map(drop),
-                    Pre::Behavior(p) => p.instantiate(&mut store).map(drop),
-                    Pre::Resolver(p) => p.instantiate(&mut store).map(drop),
-                }
-                .map_err(guest_error)?;
-            }
-            Ok(started.elapsed().as_micros() as f64 / n as f64)
-        }
-
-        /// Milliseconds to compile `bytes` `n` times (what a restart would cost without the
-        /// artifact cache).
-        pub fn compile_millis(&self, bytes: &[u8], n: u32) -> Result<f64, CallError> {
-            let started = Instant::now();
-            for _ in 0..n {
-                Component::new(&self.engine, bytes).map_err(internal)?;
-            }
-            Ok(started.elapsed().as_secs_f64() * 1000.0)
-        }
-    }
-}
-
-impl crate::events::rules::Invoker for Runtime {
-    fn world_of(&self, name: &str) -> Option<String> {
-        Runtime::world_of(self, name)
-    }
-
-    fn invoke(
-        &self,
-        name: &str,
-        twin: crate::types::TwinId,
-        parameters: &Value,
-    ) -> Result<Value, String> {
-        let t = self.registry.get(&twin).map_err(|e| e.to_string())?;
-        self.call_compute(name, std::slice::from_ref(&t), parameters, None)
-            .map_err(|e| e.to_string())
+        ))),
     }
 }

@@ -406,10 +406,11 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let rt = node.state.runtime.clone();
     rt.upload(
         "thermal-monitor",
-        &bytes,
+        bytes.clone(),
         crate::wasm::Limits::default(),
-        None,
-    )?;
+        false,
+    )
+    .await?;
     let mut ids = Vec::new();
     for _ in 0..1000 {
         ids.push(
@@ -432,15 +433,18 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     .await??;
     let raw_us =
         crate::wasm::measure::raw_behavior_micros(&bytes, &node.registry, &twin, &changed, CALLS)?;
-    node.state.behaviors.put(
-        "overheat",
-        crate::wasm::behaviors::Binding {
-            module: "thermal-monitor".into(),
-            entity_type: Some("machine".into()),
-            twin_id: None,
-            created_at: chrono::Utc::now(),
-        },
-    )?;
+    node.state
+        .behaviors
+        .put(
+            "overheat",
+            crate::wasm::behaviors::Binding {
+                module: "thermal-monitor".into(),
+                entity_type: Some("machine".into()),
+                twin_id: None,
+                created_at: chrono::Utc::now(),
+            },
+        )
+        .await?;
     // Feed updates, keeping at most a few thousand events ahead of the behavior.
     // Events run or dropped (a full queue) so far.
     let runs = || {

@@ -1,0 +1,458 @@
+//! Calls into guests: one fresh store per call, within the module's limits (fuel, memory,
+//! wall-clock deadline, host calls), ended by its deadline, its caller or the server stopping.
+//!
+//! Owns: instantiating the active version of a module for one call and classifying how a
+//! guest failed. Exposes: [`Runtime::call_compute`], [`Runtime::call_behavior`],
+//! [`Runtime::call_resolver`], [`Runtime::stop`] and [`measure`] (for `twinhost bench`).
+//! Must never: let a guest's failure escape its own call.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use wasmtime::component::Component;
+use wasmtime::{Store as WasmStore, Trap, UpdateDeadline};
+
+use super::bindings::twinhost::platform::types;
+use super::host::{to_wit, Cancelled, HostState, Interrupt};
+use super::modules::{internal, Pre, Runtime};
+use super::{World, MAX_RESULT_BYTES};
+use crate::types::Twin;
+
+use super::modules::{BehaviorOutput, CallError, GuestAlert, GuestPatch};
+
+impl Runtime {
+    /// Call `run` of the active version of `name` with `twins` and `parameters`, within the
+    /// module's limits; cancelling `caller` stops the call. Blocking: run it on a blocking
+    /// thread.
+    pub fn call_compute(
+        &self,
+        name: &str,
+        twins: &[Twin],
+        parameters: &Value,
+        caller: Option<CancellationToken>,
+    ) -> Result<Value, CallError> {
+        self.call(name, caller, |store, pre| {
+            let Pre::Compute(pre) = pre else {
+                return Err(wrong_world(name, World::Compute));
+            };
+            let bindings = pre.instantiate(&mut *store).map_err(guest_error)?;
+            let wit_twins: Vec<_> = twins.iter().map(to_wit).collect();
+            let out = bindings
+                .call_run(&mut *store, &wit_twins, &parameters.to_string())
+                .map_err(guest_error)?;
+            json_result(out)
+        })
+    }
+
+    /// Call `on-event` of the behavior module `name`. Blocking.
+    pub fn call_behavior(
+        &self,
+        name: &str,
+        event: &types::Event,
+    ) -> Result<BehaviorOutput, CallError> {
+        self.call(name, None, |store, pre| {
+            let Pre::Behavior(pre) = pre else {
+                return Err(wrong_world(name, World::Behavior));
+            };
+            let bindings = pre.instantiate(&mut *store).map_err(guest_error)?;
+            let actions = bindings
+                .call_on_event(&mut *store, event)
+                .map_err(guest_error)?
+                .map_err(|m| CallError::Guest {
+                    kind: "guest_error",
+                    message: m.chars().take(4096).collect(),
+                })?;
+            let emitted = std::mem::take(&mut store.data_mut().alerts);
+            if actions.len() + emitted.len() > super::MAX_ACTIONS_PER_CALL {
+                return Err(CallError::Guest {
+                    kind: "output_too_large",
+                    message: format!(
+                        "{} actions; at most {}",
+                        actions.len() + emitted.len(),
+                        super::MAX_ACTIONS_PER_CALL
+                    ),
+                });
+            }
+            let mut out = BehaviorOutput::default();
+            let mut bytes = 0;
+            for a in actions {
+                match a {
+                    types::Action::Patch(p) => {
+                        bytes += p.properties.len();
+                        out.patches.push(GuestPatch {
+                            twin_id: p.twin_id,
+                            properties: p.properties,
+                        });
+                    }
+                    types::Action::Alert(a) => {
+                        bytes += a.message.len() + a.data.len();
+                        out.alerts.push(GuestAlert {
+                            severity: a.severity,
+                            message: a.message,
+                            data: a.data,
+                        });
+                    }
+                }
+            }
+            for a in emitted {
+                bytes += a.message.len() + a.data.len();
+                out.alerts.push(GuestAlert {
+                    severity: a.severity,
+                    message: a.message,
+                    data: a.data,
+                });
+            }
+            if bytes > MAX_RESULT_BYTES {
+                return Err(CallError::Guest {
+                    kind: "output_too_large",
+                    message: format!("the actions hold {bytes} bytes; at most {MAX_RESULT_BYTES}"),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Call `resolve` of the resolver module `name`. `a` and `b` are `(value, hlc, origin)`;
+    /// they are passed in canonical order (lower `(hlc, origin)` first) whatever order they
+    /// are given in. Blocking.
+    pub fn call_resolver(
+        &self,
+        name: &str,
+        property: &str,
+        a: (&Value, u64, &str),
+        b: (&Value, u64, &str),
+    ) -> Result<Value, CallError> {
+        let (a, b) = if (a.1, a.2) <= (b.1, b.2) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        let side = |s: (&Value, u64, &str)| types::Side {
+            value: s.0.to_string(),
+            hlc: s.1,
+            origin: s.2.to_owned(),
+        };
+        self.call(name, None, |store, pre| {
+            let Pre::Resolver(pre) = pre else {
+                return Err(wrong_world(name, World::Resolver));
+            };
+            let bindings = pre.instantiate(&mut *store).map_err(guest_error)?;
+            let out = bindings
+                .call_resolve(&mut *store, property, &side(a), &side(b))
+                .map_err(guest_error)?;
+            json_result(out)
+        })
+    }
+
+    /// Stop every guest call in flight (they fail with `cancelled`) and refuse new ones: the
+    /// server is stopping.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Run `f` on a fresh store for the active version of `name`, within its limits,
+    /// counting the call and its failure. The call ends at its deadline, when the runtime
+    /// stops, or when `caller` is cancelled, whether the guest is running its own code or
+    /// waiting in WASI.
+    fn call<R>(
+        &self,
+        name: &str,
+        caller: Option<CancellationToken>,
+        f: impl FnOnce(&mut WasmStore<HostState>, &Pre) -> Result<R, CallError>,
+    ) -> Result<R, CallError> {
+        let (active, counters) = {
+            let modules = self.modules.read();
+            let e = modules
+                .get(name)
+                .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
+            (e.active.clone(), e.counters.clone())
+        };
+        let started = Instant::now();
+        let limits = active.info.limits;
+        let interrupt = Interrupt {
+            deadline: started + Duration::from_millis(limits.timeout_ms),
+            stop: self.stop.clone(),
+            caller,
+        };
+        let mut store = WasmStore::new(
+            &self.engine,
+            HostState::new(name, self.registry.clone(), &limits, interrupt),
+        );
+        store.limiter(|s| &mut s.limits);
+        // Every epoch tick while the guest runs its own code: stop it at its deadline or
+        // when it is cancelled (waits inside WASI are bounded by the same `Interrupt`).
+        store.epoch_deadline_callback(|ctx| {
+            ctx.data().interrupt.check()?;
+            Ok(UpdateDeadline::Continue(1))
+        });
+        store.set_epoch_deadline(1);
+        let result = match store.data().interrupt.check() {
+            Err(e) => Err(guest_error(e)),
+            Ok(()) => store
+                .set_fuel(limits.fuel)
+                .map_err(internal)
+                .and_then(|()| f(&mut store, &active.pre)),
+        };
+        counters.calls.fetch_add(1, Ordering::Relaxed);
+        counters
+            .micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = &result {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(module = name, version = active.info.version, error = %e, "guest call failed");
+        }
+        result
+    }
+}
+
+fn wrong_world(name: &str, want: World) -> CallError {
+    CallError::Invalid(format!(
+        "module {name:?} does not implement the {want} world"
+    ))
+}
+
+/// Check a guest's JSON text result.
+fn json_result(out: Result<String, String>) -> Result<Value, CallError> {
+    let text = out.map_err(|m| CallError::Guest {
+        kind: "guest_error",
+        message: m.chars().take(4096).collect(),
+    })?;
+    if text.len() > MAX_RESULT_BYTES {
+        return Err(CallError::Guest {
+            kind: "output_too_large",
+            message: format!(
+                "the result is {} bytes; at most {MAX_RESULT_BYTES}",
+                text.len()
+            ),
+        });
+    }
+    serde_json::from_str(&text).map_err(|e| CallError::Guest {
+        kind: "bad_output",
+        message: format!("the result is not JSON: {e}"),
+    })
+}
+
+/// Classify a failure inside the guest.
+fn guest_error(e: wasmtime::Error) -> CallError {
+    let (kind, message) = match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => ("fuel_exhausted", "the call ran out of fuel".to_owned()),
+        Some(Trap::Interrupt) => (
+            "deadline_exceeded",
+            "the call passed its wall-clock deadline".to_owned(),
+        ),
+        Some(Trap::StackOverflow) => (
+            "stack_overflow",
+            "the guest overflowed its stack".to_owned(),
+        ),
+        Some(t) => ("trap", format!("the guest trapped: {t}")),
+        None if e.downcast_ref::<Cancelled>().is_some() => (
+            "cancelled",
+            e.downcast_ref::<Cancelled>()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        ),
+        None if e.downcast_ref::<super::host::HostCallLimit>().is_some() => (
+            "host_call_limit",
+            e.downcast_ref::<super::host::HostCallLimit>()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        ),
+        // `StoreLimits` refuses growth past the module's memory limit with this trap.
+        None if format!("{e:#}").contains("memory") => (
+            "out_of_memory",
+            "the guest tried to grow its memory past the module's limit".to_owned(),
+        ),
+        None => ("trap", format!("{e:#}")),
+    };
+    CallError::Guest { kind, message }
+}
+
+/// Measurements for `twinhost bench` (same engine and bindings as real calls).
+pub mod measure {
+    use wasmtime::component::Linker;
+    use wasmtime::{Config, Engine};
+
+    use super::*;
+    use crate::registry::Registry;
+    use crate::wasm::bindings::behavior::BehaviorPre;
+    use crate::wasm::bindings::{Compute, ComputePre};
+    use crate::wasm::Limits;
+
+    /// Microseconds per call of `run` on a plain wasmtime setup: default engine (no fuel, no
+    /// epoch deadline, on-demand allocation), no store limits, no counters — the baseline
+    /// the host's own calls are compared with.
+    pub fn raw_call_micros(
+        bytes: &[u8],
+        registry: &Registry,
+        twin: &Twin,
+        params: &Value,
+        n: u32,
+    ) -> Result<f64, CallError> {
+        let (engine, pre) = raw_pre(bytes)?;
+        let pre = ComputePre::new(pre).map_err(internal)?;
+        let wit = vec![to_wit(twin)];
+        let p = params.to_string();
+        time_raw(&engine, registry, n, |store| {
+            let b = pre.instantiate(&mut *store)?;
+            b.call_run(&mut *store, &wit, &p)?
+                .map(drop)
+                .map_err(wasmtime::Error::msg)
+        })
+    }
+
+    /// An interrupt that never fires (for measurements outside the server).
+    fn unbounded() -> Interrupt {
+        Interrupt {
+            deadline: Instant::now() + Duration::from_secs(3600),
+            stop: CancellationToken::new(),
+            caller: None,
+        }
+    }
+
+    /// Microseconds per call of `call` on a fresh store of a plain setup, over `n` calls.
+    fn time_raw(
+        engine: &Engine,
+        registry: &Registry,
+        n: u32,
+        mut call: impl FnMut(&mut WasmStore<HostState>) -> wasmtime::Result<()>,
+    ) -> Result<f64, CallError> {
+        let started = Instant::now();
+        for _ in 0..n {
+            let mut store = WasmStore::new(
+                engine,
+                HostState::new("raw", registry.clone(), &Limits::default(), unbounded()),
+            );
+            call(&mut store).map_err(internal)?;
+        }
+        Ok(started.elapsed().as_micros() as f64 / n as f64)
+    }
+
+    /// A plain wasmtime setup for the baselines: default engine (no fuel, no epoch deadline,
+    /// on-demand allocation) and the same imports.
+    fn raw_pre(
+        bytes: &[u8],
+    ) -> Result<(Engine, wasmtime::component::InstancePre<HostState>), CallError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(internal)?;
+        let component = Component::new(&engine, bytes).map_err(internal)?;
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(internal)?;
+        Compute::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+            .map_err(internal)?;
+        let pre = linker.instantiate_pre(&component).map_err(internal)?;
+        Ok((engine, pre))
+    }
+
+    /// The WIT event a behavior gets for an update of `twin` setting `changed`.
+    fn bench_event(twin: &Twin, changed: &Value) -> types::Event {
+        types::Event {
+            seq: 1,
+            kind: "twin.updated".into(),
+            twin: to_wit(twin),
+            changed: changed.to_string(),
+            ts_ms: 0,
+        }
+    }
+
+    /// Microseconds per `on-event` call of a behavior component on a plain wasmtime setup
+    /// (as [`raw_call_micros`] for compute).
+    pub fn raw_behavior_micros(
+        bytes: &[u8],
+        registry: &Registry,
+        twin: &Twin,
+        changed: &Value,
+        n: u32,
+    ) -> Result<f64, CallError> {
+        let (engine, pre) = raw_pre(bytes)?;
+        let pre = BehaviorPre::new(pre).map_err(internal)?;
+        let event = bench_event(twin, changed);
+        time_raw(&engine, registry, n, |store| {
+            let b = pre.instantiate(&mut *store)?;
+            b.call_on_event(&mut *store, &event)?
+                .map(drop)
+                .map_err(wasmtime::Error::msg)
+        })
+    }
+
+    impl Runtime {
+        /// Microseconds per behavior call through the host (limits, counters, actions).
+        pub fn behavior_call_micros(
+            &self,
+            name: &str,
+            twin: &Twin,
+            changed: &Value,
+            n: u32,
+        ) -> Result<f64, CallError> {
+            let event = bench_event(twin, changed);
+            let started = Instant::now();
+            for _ in 0..n {
+                self.call_behavior(name, &event)?;
+            }
+            Ok(started.elapsed().as_micros() as f64 / n as f64)
+        }
+
+        /// Microseconds to instantiate the active version of `name` from its `InstancePre`
+        /// with the pooling allocator (no call).
+        pub fn instantiate_micros(&self, name: &str, n: u32) -> Result<f64, CallError> {
+            let active = self
+                .modules
+                .read()
+                .get(name)
+                .map(|e| e.active.clone())
+                .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
+            let started = Instant::now();
+            for _ in 0..n {
+                let mut store = WasmStore::new(
+                    &self.engine,
+                    HostState::new(
+                        name,
+                        self.registry.clone(),
+                        &active.info.limits,
+                        unbounded(),
+                    ),
+                );
+                store.limiter(|s| &mut s.limits);
+                store.set_fuel(active.info.limits.fuel).map_err(internal)?;
+                store.set_epoch_deadline(1000);
+                match &active.pre {
+                    Pre::Compute(p) => p.instantiate(&mut store).map(drop),
+                    Pre::Behavior(p) => p.instantiate(&mut store).map(drop),
+                    Pre::Resolver(p) => p.instantiate(&mut store).map(drop),
+                }
+                .map_err(guest_error)?;
+            }
+            Ok(started.elapsed().as_micros() as f64 / n as f64)
+        }
+
+        /// Milliseconds to compile `bytes` `n` times (what a restart would cost without the
+        /// artifact cache).
+        pub fn compile_millis(&self, bytes: &[u8], n: u32) -> Result<f64, CallError> {
+            let started = Instant::now();
+            for _ in 0..n {
+                Component::new(&self.engine, bytes).map_err(internal)?;
+            }
+            Ok(started.elapsed().as_secs_f64() * 1000.0)
+        }
+    }
+}
+
+impl crate::events::rules::Invoker for Runtime {
+    fn world_of(&self, name: &str) -> Option<String> {
+        Runtime::world_of(self, name).map(|w| w.as_str().to_owned())
+    }
+
+    fn invoke(
+        &self,
+        name: &str,
+        twin: crate::types::TwinId,
+        parameters: &Value,
+    ) -> Result<Value, String> {
+        let t = self.registry.get(&twin).map_err(|e| e.to_string())?;
+        self.call_compute(name, std::slice::from_ref(&t), parameters, None)
+            .map_err(|e| e.to_string())
+    }
+}
