@@ -519,7 +519,7 @@ impl Runtime {
             return Ok(());
         }
         Err(CallError::InUse(format!(
-            "module {name:?} is a {active} module used by {}, and this version is a {world} \
+            "module {name:?} is a {active} module in use by {}, and this version is a {world} \
              module; unbind its users first",
             list(&broken)
         )))
