@@ -44,6 +44,10 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// The message of a 500, carried on the response for the middleware to log.
+#[derive(Clone, Debug)]
+pub struct InternalError(pub String);
+
 /// The error body, for the OpenAPI document.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {
@@ -107,10 +111,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Internal(m) = &self {
-            tracing::error!(message = %m, "internal error");
-        }
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        // Logged by the request middleware (`ops::count_requests`), which knows the route:
+        // building a response has no side effects.
+        if let ApiError::Internal(m) = &self {
+            resp.extensions_mut().insert(InternalError(m.clone()));
+        }
         match self {
             ApiError::Overloaded(_) => {
                 resp.headers_mut()
@@ -144,7 +150,12 @@ impl From<RegistryError> for ApiError {
         match e {
             RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
             RegistryError::Conflict(m) => ApiError::Conflict(m),
-            RegistryError::VersionMismatch { .. } => ApiError::VersionMismatch(e.to_string()),
+            RegistryError::VersionMismatch { expected, current } => ApiError::VersionMismatch(
+                format!("version mismatch: If-Match names version {expected}, the twin is at version {current}"),
+            ),
+            RegistryError::HasDescendants { id, count } => ApiError::Conflict(format!(
+                "twin {id} has {count} descendant(s); delete them first or use ?cascade=true"
+            )),
             RegistryError::Validation(ref d) => ApiError::Validation(e.to_string(), json!(d)),
             RegistryError::BadRequest(m) => ApiError::BadRequest(m),
             RegistryError::Store(s) => s.into(),

@@ -31,7 +31,7 @@ pub async fn healthz(State(s): State<AppState>) -> (StatusCode, axum::Json<Value
     }
 }
 
-/// Record request counts and latency per route for `/metrics`.
+/// Record request counts and latency per route for `/metrics`, and log internal errors.
 pub async fn count_requests(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -41,6 +41,9 @@ pub async fn count_requests(req: Request, next: Next) -> Response {
     let method = req.method().to_string();
     let started = Instant::now();
     let resp = next.run(req).await;
+    if let Some(super::error::InternalError(m)) = resp.extensions().get() {
+        tracing::error!(%method, %route, message = %m, "internal error");
+    }
     let status = resp.status().as_u16().to_string();
     metrics::counter!("twinhost_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
         .increment(1);

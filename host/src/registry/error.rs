@@ -12,11 +12,12 @@ pub enum RegistryError {
     /// 409: duplicate id, children without cascade, retired twin, …
     #[error("{0}")]
     Conflict(String),
-    /// 412: `If-Match` named another version.
-    #[error(
-        "version mismatch: If-Match names version {expected}, the twin is at version {current}"
-    )]
+    /// 412: the caller expected another version of the twin.
+    #[error("version mismatch: expected version {expected}, the twin is at version {current}")]
     VersionMismatch { expected: u64, current: u64 },
+    /// 409: a delete of one twin that has descendants, without deleting its subtree.
+    #[error("twin {id} has {count} descendant(s); delete them first, or its whole subtree")]
+    HasDescendants { id: crate::types::TwinId, count: usize },
     /// 422: properties violate the entity type's model; one reason per property.
     #[error("{} propert{} failed validation: {}", .0.len(), if .0.len() == 1 { "y" } else { "ies" },
         .0.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; "))]

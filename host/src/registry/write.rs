@@ -437,10 +437,10 @@ impl Registry {
             }
             let below = idx.descendants(id);
             if !below.is_empty() && !cascade {
-                return Err(RegistryError::Conflict(format!(
-                    "twin {id} has {} descendant(s); delete them first or use ?cascade=true",
-                    below.len()
-                )));
+                return Err(RegistryError::HasDescendants {
+                    id,
+                    count: below.len(),
+                });
             }
             let doomed: BTreeSet<TwinId> = below.into_iter().chain([id]).collect();
             for d in &doomed {

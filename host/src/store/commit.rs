@@ -30,7 +30,7 @@ use crate::types::{Cause, Hlc, Lifecycle, Properties, Twin, TwinId};
 
 /// Jobs that may wait for the writer. Each job is one API call or one ingest batch, so this
 /// bounds memory held by pending writes; when it is full producers wait up to
-/// [`ENQUEUE_TIMEOUT`] and then get [`StoreError::Overloaded`] (HTTP 429).
+/// [`ENQUEUE_TIMEOUT`] and then get [`StoreError::Overloaded`] (retry later).
 pub const QUEUE_CAPACITY: usize = 4096;
 /// Most jobs folded into one commit, so one frame never grows without limit.
 pub const MAX_JOBS_PER_COMMIT: usize = 4096;

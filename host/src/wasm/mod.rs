@@ -155,7 +155,7 @@ pub trait ModuleUsers: Send + Sync {
     fn users_of(&self, module: &str) -> Vec<ModuleUser>;
 }
 
-/// Per-module limits, given as query parameters on upload.
+/// Per-module limits, chosen at upload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Limits {
     /// Fuel per call.
