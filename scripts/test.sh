@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 ./scripts/build-guests.sh
 mkdir -p target
 set +e
-cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
+# --release: the same build as scripts/demo.sh, so a newcomer compiles wasmtime once for both.
+cargo test --release --workspace --no-fail-fast 2>&1 | tee target/test.log
 status=${PIPESTATUS[0]}
 set -e
 echo

@@ -17,7 +17,10 @@ pub enum RegistryError {
     VersionMismatch { expected: u64, current: u64 },
     /// 409: a delete of one twin that has descendants, without deleting its subtree.
     #[error("twin {id} has {count} descendant(s); delete them first, or its whole subtree")]
-    HasDescendants { id: crate::types::TwinId, count: usize },
+    HasDescendants {
+        id: crate::types::TwinId,
+        count: usize,
+    },
     /// 422: properties violate the entity type's model; one reason per property.
     #[error("{} propert{} failed validation: {}", .0.len(), if .0.len() == 1 { "y" } else { "ies" },
         .0.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; "))]

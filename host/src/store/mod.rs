@@ -8,6 +8,8 @@
 //! Must never: interpret twins or validate anything — the registry decides what to write;
 //! the store only makes it durable.
 
+mod batch;
+mod checkpoint;
 pub mod commit;
 pub mod keys;
 pub mod wal;

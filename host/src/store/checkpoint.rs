@@ -1,0 +1,214 @@
+//! Checkpoints: the background thread that folds what the log holds into sled — the current
+//! bytes of each dirty twin, raw key/value changes in order, one history chunk per series
+//! — as one atomic batch with the checkpoint marker, flushes, and deletes the covered log
+//! segments. A failed checkpoint is carried into the next; no segment goes before one
+//! succeeds.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustc_hash::FxBuildHasher;
+
+use super::batch::{KvOp, PendingHistory, Sample, SeriesMap};
+use super::commit::{CheckpointHook, CommitStats, StateSource};
+use super::{keys, wal, StoreError};
+use crate::types::TwinId;
+
+pub(super) struct Checkpoint {
+    pub(super) upto: u64,
+    /// Highest change number and HLC in the covered segments.
+    pub(super) lseq: u64,
+    pub(super) hlc: u64,
+    pub(super) dirty: HashSet<TwinId, FxBuildHasher>,
+    pub(super) kv: Vec<KvOp>,
+    pub(super) points: Vec<Arc<SeriesMap>>,
+}
+
+impl Checkpoint {
+    /// Fold a failed earlier checkpoint into this one: its changes come first, and this one's
+    /// marker covers both.
+    pub(super) fn absorb(&mut self, earlier: Checkpoint) {
+        self.lseq = self.lseq.max(earlier.lseq);
+        self.hlc = self.hlc.max(earlier.hlc);
+        self.dirty.extend(earlier.dirty);
+        let mut kv = earlier.kv;
+        kv.append(&mut self.kv);
+        self.kv = kv;
+        let mut points = earlier.points;
+        points.append(&mut self.points);
+        self.points = points;
+    }
+}
+
+/// What the checkpoint thread works with.
+pub(super) struct Checkpointer {
+    pub(super) db: sled::Db,
+    pub(super) wal_dir: PathBuf,
+    pub(super) source: Arc<dyn StateSource>,
+    pub(super) pending: Arc<parking_lot::Mutex<PendingHistory>>,
+    pub(super) busy: Arc<AtomicBool>,
+    pub(super) stats: Arc<CommitStats>,
+    pub(super) hook: Arc<std::sync::OnceLock<CheckpointHook>>,
+}
+
+pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkpoint>) {
+    let Checkpointer {
+        db,
+        wal_dir,
+        source,
+        pending,
+        busy,
+        stats,
+        hook,
+    } = c;
+    lower_priority();
+    // A failed checkpoint's changes exist only in the log segments it covers; they are
+    // carried into the next checkpoint, and no segment is deleted until one succeeds.
+    let mut carry: Option<Checkpoint> = None;
+    for mut ck in rx {
+        let started = Instant::now();
+        if let Some(earlier) = carry.take() {
+            ck.absorb(earlier);
+        }
+        // Everything of the covered segments was published before they were handed over:
+        // the hook persists it before the marker lets replay skip those segments.
+        let hooked = match hook.get() {
+            Some(h) => h(ck.lseq).map_err(StoreError::Checkpoint),
+            None => Ok(()),
+        };
+        match hooked.and_then(|()| write_checkpoint(&db, source.as_ref(), &ck)) {
+            Ok(()) => {
+                pending.lock().checkpointing.clear();
+                if let Err(e) = wal::remove_upto(&wal_dir, ck.upto) {
+                    tracing::warn!(error = %e, "could not remove checkpointed log segments");
+                }
+                stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .checkpoint_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                stats
+                    .twin_writes
+                    .fetch_add(ck.dirty.len() as u64, Ordering::Relaxed);
+                stats.points.fetch_add(
+                    ck.points
+                        .iter()
+                        .flat_map(|m| m.values())
+                        .map(|v| v.len() as u64)
+                        .sum(),
+                    Ordering::Relaxed,
+                );
+                tracing::debug!(
+                    upto = ck.upto,
+                    twins = ck.dirty.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "checkpoint"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "checkpoint failed; its changes stay in the log and are retried with the next");
+                carry = Some(ck);
+            }
+        }
+        busy.store(false, Ordering::Release);
+    }
+}
+
+/// Checkpoints are background work: let request threads and the commit path win the CPU
+/// (Linux applies `setpriority` to the calling thread when given its thread id).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take no pointers; failure only leaves the priority as is.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, CHECKPOINT_NICE);
+    }
+}
+
+/// Nice value of the checkpoint thread.
+const CHECKPOINT_NICE: libc::c_int = 10;
+
+fn write_checkpoint(
+    db: &sled::Db,
+    source: &dyn StateSource,
+    ck: &Checkpoint,
+) -> Result<(), StoreError> {
+    // Stage raw changes in order so a prefix delete also removes keys put earlier in it.
+    let mut staged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+    for op in &ck.kv {
+        match op {
+            KvOp::Put(k, v) => {
+                staged.insert(k.clone(), Some(v.clone()));
+            }
+            KvOp::Delete(k) => {
+                staged.insert(k.clone(), None);
+            }
+            KvOp::DeletePrefix(p) => {
+                for (_, v) in staged
+                    .range_mut(p.clone()..)
+                    .take_while(|(k, _)| k.starts_with(p))
+                {
+                    *v = None;
+                }
+                for k in db.scan_prefix(p).keys() {
+                    staged.insert(k?.to_vec(), None);
+                }
+            }
+        }
+    }
+    let mut b = sled::Batch::default();
+    for (k, v) in staged {
+        match v {
+            Some(v) => b.insert(k, v),
+            None => b.remove(k),
+        }
+    }
+    let mut present: HashSet<TwinId, FxBuildHasher> = HashSet::default();
+    for id in &ck.dirty {
+        let key = keys::twin(id);
+        match source.twin_bytes(id) {
+            Some(bytes) => {
+                present.insert(*id);
+                b.insert(&key[..], bytes);
+            }
+            None => b.remove(&key[..]),
+        }
+    }
+    let seq = ck.upto.to_be_bytes();
+    // Samples per twin, from every map this checkpoint covers.
+    let mut per_twin: HashMap<TwinId, Vec<&Sample>, FxBuildHasher> = HashMap::default();
+    for map in &ck.points {
+        for (id, samples) in map.iter() {
+            per_twin.entry(*id).or_default().extend(samples.iter());
+        }
+    }
+    for (id, mut samples) in per_twin {
+        // Every twin with samples is dirty; one gone by now (deleted) keeps no history.
+        if !present.contains(&id) {
+            continue;
+        }
+        // One chunk per property: group this twin's samples by name, each group by time.
+        samples.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        for group in samples.chunk_by(|a, b| a.0 == b.0) {
+            let mut key = keys::history_series(&id, &group[0].0);
+            key.extend_from_slice(&keys::ts_bytes(group[0].1));
+            key.extend_from_slice(&seq);
+            let mut val = Vec::with_capacity(group.len() * 16);
+            for (_, ts, v) in group {
+                val.extend_from_slice(&ts.to_le_bytes());
+                val.extend_from_slice(&v.to_le_bytes());
+            }
+            b.insert(key, val);
+        }
+    }
+    if ck.lseq > 0 {
+        b.insert(keys::META_LSEQ, &ck.lseq.to_be_bytes());
+        b.insert(keys::META_HLC, &ck.hlc.to_be_bytes());
+    }
+    b.insert(keys::META_WAL_CHECKPOINT, &ck.upto.to_be_bytes());
+    db.apply_batch(b)?;
+    db.flush()?;
+    Ok(())
+}
