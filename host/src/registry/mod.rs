@@ -14,9 +14,11 @@
 
 mod error;
 pub mod feed;
+mod load;
 pub mod model;
 pub mod query;
 pub mod remote;
+mod replay;
 mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -37,12 +39,8 @@ pub use query::{Page, Query, TwinRef};
 pub use remote::{RemoteChange, RemoteOutcome};
 pub use write::check_patch;
 
-use crate::store::wal::from_slice_unbounded;
-use crate::store::{keys, CommitHandle, Numbering, StateSource, Store, StoreError, Upgrade};
-use crate::types::{hlc_at, Cause, Hlc, Lifecycle, Properties, Twin, TwinId};
-
-/// Twin records rewritten per sled batch by the upgrade from format 1 (bounds its memory).
-const UPGRADE_CHUNK: usize = 10_000;
+use crate::store::{CommitHandle, Numbering, StateSource, Store, StoreError};
+use crate::types::{Cause, Hlc, Lifecycle, Properties, Twin, TwinId};
 
 /// Longest entity type, relationship or property name.
 pub const MAX_NAME_LEN: usize = 128;
@@ -348,94 +346,19 @@ impl Registry {
         // relationships load complete; twin entries are replayed into memory below.
         let (entries, last_segment) = store.recover()?;
         let origin: Arc<str> = Arc::from(node_id);
-        let twins = Arc::new(TwinMap(DashMap::with_hasher(rustc_hash::FxBuildHasher)));
-        let mut index = Indexes::default();
-        let upgrading = store.needs_upgrade();
-        let mut upgraded = Vec::new();
-        let (mut lseq_floor, mut hlc_floor) = (
-            store.get_u64(keys::META_LSEQ)?,
-            store.get_u64(keys::META_HLC)?,
-        );
-        if upgrading {
-            // Format 1 handed out event numbers below a reservation: continue above it.
-            lseq_floor = lseq_floor.max(
-                store
-                    .get_u64(keys::META_EVENT_SEQ_RESERVED)?
-                    .saturating_sub(1),
-            );
-        }
-        for kv in store.scan_prefix(&[keys::TWIN]) {
-            let (k, v) = kv?;
-            let mut t: Twin = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
-            if upgrading {
-                // Format 1 kept no clocks: every property was last written at the twin's
-                // last update, on this node. Each twin gets a change number of its own
-                // (above every number format 1 handed out), so the change feed can page
-                // through them.
-                t.hlc = hlc_at(t.updated_at);
-                t.clocks.stamp(t.properties.keys(), t.hlc, &origin);
-                lseq_floor += 1;
-                t.lseq = lseq_floor;
-                upgraded.push((k.to_vec(), t.to_record_bytes()));
-                if upgraded.len() == UPGRADE_CHUNK {
-                    store.upgrade_twins(std::mem::take(&mut upgraded))?;
-                    if twins.0.len() % (UPGRADE_CHUNK * 20) < UPGRADE_CHUNK {
-                        tracing::info!(
-                            twins = twins.0.len(),
-                            "upgrading from format 1: twins rewritten"
-                        );
-                    }
-                }
-            }
-            // One shared origin string for this node's writes instead of one per property.
-            for c in t.clocks.values_mut() {
-                if *c.origin == *origin {
-                    c.origin = origin.clone();
-                }
-            }
-            lseq_floor = lseq_floor.max(t.lseq);
-            hlc_floor = hlc_floor.max(t.hlc);
-            index.insert(&t);
-            twins.0.insert(t.id, Arc::new(t));
-        }
-        if upgrading {
-            tracing::info!(
-                twins = twins.0.len(),
-                next_change = lseq_floor + 1,
-                "upgrading the data directory from format 1 to {}",
-                keys::FORMAT_VERSION
-            );
-            store.upgrade_twins(upgraded)?;
-            store.finish_upgrade(Upgrade {
-                lseq: lseq_floor,
-                hlc: hlc_floor,
-            })?;
-        }
-        let mut models = HashMap::new();
-        for kv in store.scan_prefix(&[keys::MODEL]) {
-            let (k, v) = kv?;
-            let m: Model = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
-            models.insert(String::from_utf8_lossy(&k[1..]).into_owned(), Arc::new(m));
-        }
-        let mut rels: RelMap = BTreeMap::new();
-        for kv in store.scan_prefix(&[keys::REL]) {
-            let (k, v) = kv?;
-            let (src, dst, name) = keys::parse_rel(&k).ok_or_else(|| corrupt(&k, "bad key"))?;
-            let props: Value = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
-            rels.entry(src).or_default().insert((name, dst), props);
-        }
-        let mut tombstones = feed::Tombstones::default();
-        for kv in store.scan_prefix(&[keys::TOMBSTONE]) {
-            let (k, v) = kv?;
-            let d: Tombstone = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
-            lseq_floor = lseq_floor.max(d.lseq);
-            hlc_floor = hlc_floor.max(d.hlc);
-            tombstones.insert(d.id, Arc::new(d));
-        }
+        let load::Loaded {
+            twins,
+            mut index,
+            models,
+            rels,
+            tombstones,
+            floors,
+        } = load::load(store, &origin)?;
+        let (mut lseq_floor, mut hlc_floor) = (floors.lseq, floors.hlc);
         let mut recovered = Vec::new();
         let replayed = (!entries.is_empty()).then(|| {
             let mut batch = crate::store::Batch::new();
-            let r = write::replay(
+            let r = replay::replay(
                 &twins,
                 &mut index,
                 &origin,

@@ -1,7 +1,7 @@
 //! The one write path. Every mutating method sends a job to the store's writer thread, which
 //! runs jobs one at a time: validate, change memory, append the log entries and history
 //! samples to the commit's batch. The method returns once the batch is durable, then
-//! publishes the changes on the feed. [`replay`] re-applies a log tail after a crash.
+//! publishes the changes on the feed. [`super::replay`] re-applies a log tail after a crash.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -11,15 +11,15 @@ use serde_json::{json, Value};
 
 use super::feed::Tombstones;
 use super::{
-    check_name, AlertRecord, BatchOutcome, Change, ChangeKind, Indexes, Model, NewTwin, Registry,
+    check_name, AlertRecord, BatchOutcome, Change, ChangeKind, Model, NewTwin, Registry,
     RegistryError, Tombstone, TwinMap, Update, MAX_PROPERTIES, MAX_VALUE_DEPTH,
 };
-use crate::store::wal::{Entry, Stamp};
+use crate::store::wal::Stamp;
 use crate::store::{keys, Batch};
-use crate::types::{hlc_at, Lifecycle, Properties, Twin, TwinId, VClock};
+use crate::types::{Lifecycle, Properties, Twin, TwinId, VClock};
 
 /// Record a history sample for each numeric property of `props`.
-fn points(batch: &mut Batch, id: TwinId, props: &Properties, ts: DateTime<Utc>) {
+pub(super) fn points(batch: &mut Batch, id: TwinId, props: &Properties, ts: DateTime<Utc>) {
     let us = ts.timestamp_micros();
     for (name, v) in props {
         if let Some(x) = v.as_f64() {
@@ -644,7 +644,7 @@ impl Registry {
 }
 
 /// The change an alert record stands for.
-fn alert_change(r: AlertRecord, stamp: &Stamp) -> Change {
+pub(super) fn alert_change(r: AlertRecord, stamp: &Stamp) -> Change {
     let mut c = Change::alert(
         r.twin_id,
         r.entity_type,
@@ -658,266 +658,8 @@ fn alert_change(r: AlertRecord, stamp: &Stamp) -> Change {
     c
 }
 
-/// Re-apply a log tail on top of the checkpointed state. Sled may hold a state newer than the
-/// checkpoint marker (a checkpoint reads live twins), so updates and lifecycle changes apply
-/// only to the same twin (`born` matches its `created_at`; an id can be deleted and created
-/// again) and only when newer than its version; creates only when the twin is absent.
-/// History samples are re-derived from every entry of the tail (no checkpoint wrote them),
-/// except those of twins the tail later deletes.
-///
-/// Every stamped entry (format 2) also becomes a [`Change`] in `recovered`, numbered as it
-/// was, whether or not sled already held its effect: the event log takes the ones its
-/// persisted tail lacks.
-pub(super) fn replay(
-    twins: &TwinMap,
-    index: &mut Indexes,
-    origin: &Arc<str>,
-    entries: Vec<Entry>,
-    b: &mut Batch,
-    recovered: &mut Vec<Change>,
-) -> Replayed {
-    let (mut max_lseq, mut max_hlc) = (0, 0);
-    let mut unnumbered = Vec::new();
-    let mut stamp: Option<Stamp> = None;
-    let mut seen = |s: &Stamp, b: &mut Batch| {
-        max_lseq = max_lseq.max(s.lseq);
-        max_hlc = max_hlc.max(s.hlc);
-        b.note_replayed(s.lseq, s.hlc);
-    };
-    for e in entries {
-        match e {
-            Entry::Stamp(s) => {
-                seen(&s, b);
-                stamp = Some(s);
-            }
-            Entry::Alert { stamp: s, record } => {
-                seen(&s, b);
-                match serde_json::from_slice::<AlertRecord>(&record) {
-                    Ok(r) => recovered.push(alert_change(r, &s)),
-                    Err(e) => {
-                        tracing::warn!(lseq = s.lseq, error = %e, "skipping an unreadable alert in the log")
-                    }
-                }
-            }
-            Entry::Update {
-                id,
-                born,
-                version,
-                now,
-                ts,
-                patch,
-            } => {
-                let st = stamp.take();
-                // Format 1 logged no clock: the write's own time stands in.
-                let hlc = st.as_ref().map_or_else(|| hlc_at(now), |s| s.hlc);
-                let lseq = st.as_ref().map_or(0, |s| s.lseq);
-                let applied = replay_change(twins, id, born, version, now, origin, |t| {
-                    merge(&mut t.properties, &patch);
-                    t.clocks.stamp(patch.keys(), hlc, origin);
-                    t.hlc = hlc;
-                    t.lseq = t.lseq.max(lseq);
-                });
-                if applied {
-                    points(b, id, &patch, ts);
-                    b.mark_dirty(id);
-                }
-                if let Some(s) = st {
-                    let c = twins.0.get(&id).map(|t| {
-                        let mut c = change(ChangeKind::Updated, &t, patch, ts, &s);
-                        c.version = version;
-                        c
-                    });
-                    recovered.extend(c);
-                }
-            }
-            Entry::Create(t) => {
-                let st = stamp.take();
-                points(b, t.id, &t.properties, t.created_at);
-                b.mark_dirty(t.id);
-                if let Some(s) = &st {
-                    let mut c = change(
-                        ChangeKind::Created,
-                        &t,
-                        t.properties.clone(),
-                        t.created_at,
-                        s,
-                    );
-                    c.version = 1;
-                    recovered.push(c);
-                }
-                if !twins.0.contains_key(&t.id) {
-                    let mut t = *t;
-                    if t.hlc == 0 {
-                        // A format-1 create: no clocks, no change number yet.
-                        t.hlc = hlc_at(t.created_at);
-                        t.clocks.stamp(t.properties.keys(), t.hlc, origin);
-                        unnumbered.push(t.id);
-                    }
-                    index.insert(&t);
-                    twins.0.insert(t.id, Arc::new(t));
-                }
-            }
-            Entry::Delete(id) => {
-                let st = stamp.take();
-                let gone = twins.0.remove(&id);
-                if let (Some(s), Some((_, t))) = (&st, &gone) {
-                    recovered.push(change(
-                        ChangeKind::Deleted,
-                        t,
-                        Properties::new(),
-                        t.updated_at,
-                        s,
-                    ));
-                }
-                if let Some((_, t)) = gone {
-                    index.remove(&t);
-                }
-                b.forget_points(id);
-                b.mark_dirty(id);
-            }
-            Entry::Lifecycle {
-                id,
-                born,
-                version,
-                now,
-                state,
-            } => {
-                let st = stamp.take();
-                let hlc = st.as_ref().map_or_else(|| hlc_at(now), |s| s.hlc);
-                let lseq = st.as_ref().map_or(0, |s| s.lseq);
-                if replay_change(twins, id, born, version, now, origin, |t| {
-                    t.lifecycle = state;
-                    t.hlc = hlc;
-                    t.lseq = t.lseq.max(lseq);
-                }) {
-                    b.mark_dirty(id);
-                }
-                if let Some(s) = st {
-                    let c = twins.0.get(&id).map(|t| {
-                        let mut c = change(ChangeKind::Lifecycle, &t, Properties::new(), now, &s);
-                        c.version = version;
-                        c.lifecycle = state;
-                        c
-                    });
-                    recovered.extend(c);
-                }
-            }
-            Entry::State(t) => {
-                // A merged remote change: the whole state, newer than what sled holds
-                // unless a checkpoint already wrote a later one.
-                let st = stamp.take();
-                if let Some(s) = &st {
-                    let kind = if t.version == 1 {
-                        ChangeKind::Created
-                    } else {
-                        ChangeKind::Updated
-                    };
-                    let mut c = change(kind, &t, t.properties.clone(), t.updated_at, s);
-                    c.version = t.version;
-                    recovered.push(c);
-                }
-                let newer = twins.0.get(&t.id).is_none_or(|cur| cur.lseq < t.lseq);
-                if newer {
-                    b.mark_dirty(t.id);
-                    if !twins.0.contains_key(&t.id) {
-                        index.insert(&t);
-                    }
-                    twins.0.insert(t.id, Arc::new(*t));
-                }
-            }
-            // A numbered relationship or model change (other raw entries carry no number:
-            // a pending stamp belongs to the twin entry after them).
-            Entry::Put(k, v) => {
-                if let Some(c) = config_change(&k, Some(&v), &mut stamp, twins) {
-                    recovered.push(c);
-                }
-            }
-            Entry::DeleteKey(k) => {
-                if let Some(c) = config_change(&k, None, &mut stamp, twins) {
-                    recovered.push(c);
-                }
-            }
-            Entry::DeletePrefix(_) => {}
-        }
-    }
-    Replayed {
-        lseq: max_lseq,
-        hlc: max_hlc,
-        unnumbered,
-    }
-}
-
-/// What [`replay`] found besides the twins' state.
-pub(super) struct Replayed {
-    /// Highest change number and HLC seen.
-    pub lseq: u64,
-    pub hlc: u64,
-    /// Twins created by a format-1 log tail, which carry no change number yet.
-    pub unnumbered: Vec<TwinId>,
-}
-
-/// Replay one change to the twin `id` born at `born`: apply `f` and the version bookkeeping
-/// when the change is newer than the twin. Returns false when the twin is absent or another
-/// incarnation of the id (the entry is then skipped entirely).
-fn replay_change(
-    twins: &TwinMap,
-    id: TwinId,
-    born: DateTime<Utc>,
-    version: u64,
-    now: DateTime<Utc>,
-    origin: &str,
-    f: impl FnOnce(&mut Twin),
-) -> bool {
-    let Some(mut entry) = twins.0.get_mut(&id) else {
-        return false;
-    };
-    if entry.created_at != born {
-        return false;
-    }
-    let t = Arc::make_mut(&mut *entry);
-    if t.version < version {
-        f(t);
-        t.version = version;
-        bump(&mut t.vclock, origin);
-        t.updated_at = now;
-    }
-    true
-}
-
-/// The change a numbered relationship or model entry stands for (`value` `None`: a delete),
-/// taking the pending stamp; `None` for any other key.
-fn config_change(
-    key: &[u8],
-    value: Option<&[u8]>,
-    stamp: &mut Option<Stamp>,
-    twins: &TwinMap,
-) -> Option<Change> {
-    let json_of = |v: &[u8]| serde_json::from_slice::<Value>(v).unwrap_or(Value::Null);
-    match key.first() {
-        Some(&keys::REL) => {
-            let (src, dst, name) = keys::parse_rel(key)?;
-            let s = stamp.take()?;
-            let data = match value {
-                Some(v) => json!({"name": name, "target_id": dst, "properties": json_of(v)}),
-                None => json!({"name": name, "target_id": dst, "deleted": true}),
-            };
-            Some(rel_change(twins, src, data, &s))
-        }
-        Some(&keys::MODEL) => {
-            let s = stamp.take()?;
-            let et = String::from_utf8_lossy(&key[1..]).into_owned();
-            let data = match value {
-                Some(v) => json!({"entity_type": et, "model": json_of(v)}),
-                None => json!({"entity_type": et, "deleted": true}),
-            };
-            Some(model_change(&et, data, &s))
-        }
-        _ => None,
-    }
-}
-
 /// The change of the model of `entity_type` described by `data`.
-fn model_change(entity_type: &str, data: Value, stamp: &Stamp) -> Change {
+pub(super) fn model_change(entity_type: &str, data: Value, stamp: &Stamp) -> Change {
     Change::config(ChangeKind::Model, None, entity_type.to_owned(), data, stamp)
 }
 
@@ -932,7 +674,7 @@ pub(super) fn put_tombstone(b: &mut Batch, tombstones: &mut Tombstones, tomb: To
 }
 
 /// The change of a relationship from `src` described by `data`.
-fn rel_change(twins: &TwinMap, src: TwinId, data: Value, stamp: &Stamp) -> Change {
+pub(super) fn rel_change(twins: &TwinMap, src: TwinId, data: Value, stamp: &Stamp) -> Change {
     let et = twins.0.get(&src).map(|t| t.entity_type.clone());
     Change::config(
         ChangeKind::Relationship,

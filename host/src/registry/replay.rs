@@ -1,0 +1,316 @@
+//! Replay: re-apply the write-ahead log's tail on top of the checkpointed state after a
+//! restart, and re-create the changes it numbered.
+//!
+//! Sled may hold a state newer than the checkpoint marker (a checkpoint reads live twins), so
+//! updates and lifecycle changes apply only to the same twin (`born` matches its
+//! `created_at`; an id can be deleted and created again) and only when newer than its
+//! version; creates only when the twin is absent. History samples are re-derived from every
+//! entry of the tail (no checkpoint wrote them), except those of twins the tail later
+//! deletes. Every stamped entry (format 2) also becomes a [`Change`], numbered as it was,
+//! whether or not sled already held its effect: the event log takes the ones its persisted
+//! tail lacks.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+
+use super::write::{alert_change, bump, change, merge, model_change, points, rel_change};
+use super::{AlertRecord, Change, ChangeKind, Indexes, TwinMap};
+use crate::store::wal::{Entry, Stamp};
+use crate::store::{keys, Batch};
+use crate::types::{hlc_at, Lifecycle, Properties, Twin, TwinId};
+
+/// What [`replay`] found besides the twins' state.
+pub(super) struct Replayed {
+    /// Highest change number and HLC seen.
+    pub lseq: u64,
+    pub hlc: u64,
+    /// Twins created by a format-1 log tail, which carry no change number yet.
+    pub unnumbered: Vec<TwinId>,
+}
+
+/// Re-apply `entries` (see the module doc) into `twins` and `index`, recording history and
+/// dirty twins in `b` and the numbered changes in `recovered`.
+pub(super) fn replay(
+    twins: &TwinMap,
+    index: &mut Indexes,
+    origin: &Arc<str>,
+    entries: Vec<Entry>,
+    b: &mut Batch,
+    recovered: &mut Vec<Change>,
+) -> Replayed {
+    let mut r = Replay {
+        twins,
+        index,
+        origin,
+        b,
+        recovered,
+        stamp: None,
+        found: Replayed {
+            lseq: 0,
+            hlc: 0,
+            unnumbered: Vec::new(),
+        },
+    };
+    for e in entries {
+        r.entry(e);
+    }
+    r.found
+}
+
+/// The state of one replay.
+struct Replay<'a> {
+    twins: &'a TwinMap,
+    index: &'a mut Indexes,
+    origin: &'a Arc<str>,
+    b: &'a mut Batch,
+    recovered: &'a mut Vec<Change>,
+    /// The stamp logged before the entry being replayed (format 2), taken by that entry.
+    stamp: Option<Stamp>,
+    found: Replayed,
+}
+
+impl Replay<'_> {
+    fn entry(&mut self, e: Entry) {
+        match e {
+            Entry::Stamp(s) => {
+                self.seen(&s);
+                self.stamp = Some(s);
+            }
+            Entry::Alert { stamp, record } => self.alert(&stamp, &record),
+            Entry::Update {
+                id,
+                born,
+                version,
+                now,
+                ts,
+                patch,
+            } => self.update(id, born, version, now, ts, patch),
+            Entry::Create(t) => self.create(*t),
+            Entry::Delete(id) => self.delete(id),
+            Entry::Lifecycle {
+                id,
+                born,
+                version,
+                now,
+                state,
+            } => self.lifecycle(id, born, version, now, state),
+            Entry::State(t) => self.state(*t),
+            // A numbered relationship or model change (other raw entries carry no number:
+            // a pending stamp belongs to the twin entry after them).
+            Entry::Put(k, v) => self.config(&k, Some(&v)),
+            Entry::DeleteKey(k) => self.config(&k, None),
+            Entry::DeletePrefix(_) => {}
+        }
+    }
+
+    fn seen(&mut self, s: &Stamp) {
+        self.found.lseq = self.found.lseq.max(s.lseq);
+        self.found.hlc = self.found.hlc.max(s.hlc);
+        self.b.note_replayed(s.lseq, s.hlc);
+    }
+
+    fn alert(&mut self, s: &Stamp, record: &[u8]) {
+        self.seen(s);
+        match serde_json::from_slice::<AlertRecord>(record) {
+            Ok(r) => self.recovered.push(alert_change(r, s)),
+            Err(e) => {
+                tracing::warn!(lseq = s.lseq, error = %e, "skipping an unreadable alert in the log")
+            }
+        }
+    }
+
+    /// The pending stamp's clock and number; format 1 logged none: the write's own time
+    /// stands in for the clock.
+    fn clock_of(st: Option<&Stamp>, now: DateTime<Utc>) -> (u64, u64) {
+        (
+            st.map_or_else(|| hlc_at(now), |s| s.hlc),
+            st.map_or(0, |s| s.lseq),
+        )
+    }
+
+    fn update(
+        &mut self,
+        id: TwinId,
+        born: DateTime<Utc>,
+        version: u64,
+        now: DateTime<Utc>,
+        ts: DateTime<Utc>,
+        patch: Properties,
+    ) {
+        let st = self.stamp.take();
+        let (hlc, lseq) = Self::clock_of(st.as_ref(), now);
+        let origin = self.origin.clone();
+        let applied = replay_change(self.twins, id, born, version, now, &origin, |t| {
+            merge(&mut t.properties, &patch);
+            t.clocks.stamp(patch.keys(), hlc, &origin);
+            t.hlc = hlc;
+            t.lseq = t.lseq.max(lseq);
+        });
+        if applied {
+            points(self.b, id, &patch, ts);
+            self.b.mark_dirty(id);
+        }
+        if let Some(s) = st {
+            let c = self.twins.0.get(&id).map(|t| {
+                let mut c = change(ChangeKind::Updated, &t, patch, ts, &s);
+                c.version = version;
+                c
+            });
+            self.recovered.extend(c);
+        }
+    }
+
+    fn create(&mut self, mut t: Twin) {
+        let st = self.stamp.take();
+        points(self.b, t.id, &t.properties, t.created_at);
+        self.b.mark_dirty(t.id);
+        if let Some(s) = &st {
+            let mut c = change(
+                ChangeKind::Created,
+                &t,
+                t.properties.clone(),
+                t.created_at,
+                s,
+            );
+            c.version = 1;
+            self.recovered.push(c);
+        }
+        if self.twins.0.contains_key(&t.id) {
+            return;
+        }
+        if t.hlc == 0 {
+            // A format-1 create: no clocks, no change number yet.
+            t.hlc = hlc_at(t.created_at);
+            t.clocks.stamp(t.properties.keys(), t.hlc, self.origin);
+            self.found.unnumbered.push(t.id);
+        }
+        self.index.insert(&t);
+        self.twins.0.insert(t.id, Arc::new(t));
+    }
+
+    fn delete(&mut self, id: TwinId) {
+        let st = self.stamp.take();
+        let gone = self.twins.0.remove(&id);
+        if let (Some(s), Some((_, t))) = (&st, &gone) {
+            self.recovered.push(change(
+                ChangeKind::Deleted,
+                t,
+                Properties::new(),
+                t.updated_at,
+                s,
+            ));
+        }
+        if let Some((_, t)) = gone {
+            self.index.remove(&t);
+        }
+        self.b.forget_points(id);
+        self.b.mark_dirty(id);
+    }
+
+    fn lifecycle(
+        &mut self,
+        id: TwinId,
+        born: DateTime<Utc>,
+        version: u64,
+        now: DateTime<Utc>,
+        state: Lifecycle,
+    ) {
+        let st = self.stamp.take();
+        let (hlc, lseq) = Self::clock_of(st.as_ref(), now);
+        if replay_change(self.twins, id, born, version, now, self.origin, |t| {
+            t.lifecycle = state;
+            t.hlc = hlc;
+            t.lseq = t.lseq.max(lseq);
+        }) {
+            self.b.mark_dirty(id);
+        }
+        if let Some(s) = st {
+            let c = self.twins.0.get(&id).map(|t| {
+                let mut c = change(ChangeKind::Lifecycle, &t, Properties::new(), now, &s);
+                c.version = version;
+                c.lifecycle = state;
+                c
+            });
+            self.recovered.extend(c);
+        }
+    }
+
+    /// A merged remote change: the whole state, newer than what sled holds unless a
+    /// checkpoint already wrote a later one.
+    fn state(&mut self, t: Twin) {
+        if let Some(s) = self.stamp.take() {
+            let kind = if t.version == 1 {
+                ChangeKind::Created
+            } else {
+                ChangeKind::Updated
+            };
+            let mut c = change(kind, &t, t.properties.clone(), t.updated_at, &s);
+            c.version = t.version;
+            self.recovered.push(c);
+        }
+        let newer = self.twins.0.get(&t.id).is_none_or(|cur| cur.lseq < t.lseq);
+        if newer {
+            self.b.mark_dirty(t.id);
+            if !self.twins.0.contains_key(&t.id) {
+                self.index.insert(&t);
+            }
+            self.twins.0.insert(t.id, Arc::new(t));
+        }
+    }
+
+    /// A numbered relationship or model entry (`value` `None`: a delete) becomes the change
+    /// it stands for, taking the pending stamp; other keys carry no number.
+    fn config(&mut self, key: &[u8], value: Option<&[u8]>) {
+        let json_of = |v: &[u8]| serde_json::from_slice::<Value>(v).unwrap_or(Value::Null);
+        let c = match key.first() {
+            Some(&keys::REL) => keys::parse_rel(key).and_then(|(src, dst, name)| {
+                let s = self.stamp.take()?;
+                let data = match value {
+                    Some(v) => json!({"name": name, "target_id": dst, "properties": json_of(v)}),
+                    None => json!({"name": name, "target_id": dst, "deleted": true}),
+                };
+                Some(rel_change(self.twins, src, data, &s))
+            }),
+            Some(&keys::MODEL) => self.stamp.take().map(|s| {
+                let et = String::from_utf8_lossy(&key[1..]).into_owned();
+                let data = match value {
+                    Some(v) => json!({"entity_type": et, "model": json_of(v)}),
+                    None => json!({"entity_type": et, "deleted": true}),
+                };
+                model_change(&et, data, &s)
+            }),
+            _ => None,
+        };
+        self.recovered.extend(c);
+    }
+}
+
+/// Replay one change to the twin `id` born at `born`: apply `f` and the version bookkeeping
+/// when the change is newer than the twin. Returns false when the twin is absent or another
+/// incarnation of the id (the entry is then skipped entirely).
+fn replay_change(
+    twins: &TwinMap,
+    id: TwinId,
+    born: DateTime<Utc>,
+    version: u64,
+    now: DateTime<Utc>,
+    origin: &str,
+    f: impl FnOnce(&mut Twin),
+) -> bool {
+    let Some(mut entry) = twins.0.get_mut(&id) else {
+        return false;
+    };
+    if entry.created_at != born {
+        return false;
+    }
+    let t = Arc::make_mut(&mut *entry);
+    if t.version < version {
+        f(t);
+        t.version = version;
+        bump(&mut t.vclock, origin);
+        t.updated_at = now;
+    }
+    true
+}
