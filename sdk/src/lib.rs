@@ -492,7 +492,10 @@ mod tests {
             );
             // What the host records as the behavior's error.
             let s: String = e.into();
-            assert_eq!(s, format!("patch properties must be a JSON object, got {found}"));
+            assert_eq!(
+                s,
+                format!("patch properties must be a JSON object, got {found}")
+            );
         }
     }
 
