@@ -10,6 +10,10 @@ set +e
 # --release: the same build as scripts/demo.sh, so a newcomer compiles wasmtime once for both.
 cargo test --release --workspace --no-fail-fast 2>&1 | tee target/test.log
 status=${PIPESTATUS[0]}
+# The guest SDK is outside the workspace (it targets wasm32-wasip2) but its unit tests run on
+# the host target.
+cargo test --manifest-path sdk/Cargo.toml 2>&1 | tee -a target/test.log
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 set -e
 echo
 echo "== summary"

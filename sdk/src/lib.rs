@@ -26,6 +26,11 @@
 //! them. The host interface is re-exported as plain functions: [`log`], [`get_twin`],
 //! [`query_twins`], [`now_ms`], [`emit_alert`] (resolvers get none of them: they must answer
 //! from their arguments alone).
+//!
+//! The SDK refuses instead of guessing: a patch that is not a JSON object, or a twin the host
+//! sent that does not parse, is an [`Error`] the guest sees, never an empty value.
+
+#![deny(missing_docs)]
 
 pub use serde_json::{self, Map, Value};
 
@@ -75,13 +80,71 @@ pub mod resolver_bindings {
 
 use bindings::twinhost::platform::{host, types};
 
+/// What the SDK refuses. Converts into the `String` error of [`Compute::run`],
+/// [`Behavior::on_event`] and [`Resolver::resolve`], so `?` passes it on to the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// A value that must be a JSON object is not (`what` names it, e.g. "patch properties").
+    NotAnObject {
+        /// The value's role.
+        what: String,
+        /// Its JSON type (`array`, `string`, …).
+        found: &'static str,
+    },
+    /// A twin from the host whose properties do not parse as a JSON object.
+    BadTwin {
+        /// The twin's id.
+        id: String,
+        /// What is wrong with its properties.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::NotAnObject { what, found } => {
+                write!(f, "{what} must be a JSON object, got {found}")
+            }
+            Error::BadTwin { id, reason } => {
+                write!(f, "twin {id} from the host does not parse: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<Error> for String {
+    fn from(e: Error) -> String {
+        e.to_string()
+    }
+}
+
+/// The JSON type of a value, for error messages.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
 /// A twin as a guest sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Twin {
+    /// The twin's id (a UUID).
     pub id: String,
+    /// Its entity type, e.g. `machine`.
     pub entity_type: String,
+    /// Its properties.
     pub properties: Map<String, Value>,
+    /// Its version: 1 at creation, one more at each change.
     pub version: u64,
+    /// The parent twin's id, if it has a parent.
     pub parent_id: Option<String>,
 }
 
@@ -91,11 +154,20 @@ impl Twin {
         self.properties.get(name).and_then(Value::as_f64)
     }
 
-    fn from_wit(t: types::Twin) -> Result<Twin, String> {
+    fn from_wit(t: types::Twin) -> Result<Twin, Error> {
+        let bad = |reason: String| Error::BadTwin {
+            id: t.id.clone(),
+            reason,
+        };
         let properties = match serde_json::from_str(&t.properties) {
             Ok(Value::Object(m)) => m,
-            Ok(_) => return Err(format!("twin {}: properties are not an object", t.id)),
-            Err(e) => return Err(format!("twin {}: {e}", t.id)),
+            Ok(v) => {
+                return Err(bad(format!(
+                    "properties are a JSON {}, not an object",
+                    json_type(&v)
+                )))
+            }
+            Err(e) => return Err(bad(e.to_string())),
         };
         Ok(Twin {
             id: t.id,
@@ -109,6 +181,9 @@ impl Twin {
 
 /// A compute function: twins and parameters in, a JSON value (or an error message) out.
 pub trait Compute {
+    /// Compute over `twins` (one per call when invoked through `POST /v1/modules/{name}/invoke`)
+    /// with the request's `parameters` (`{}` when none were given). An `Err` is reported as
+    /// this twin's error.
     fn run(twins: Vec<Twin>, parameters: Value) -> Result<Value, String>;
 }
 
@@ -137,15 +212,20 @@ impl Event {
 /// What a behavior asks the host to do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Merge-patch a twin's properties (`twin_id: None` = the event's twin).
+    /// Merge-patch a twin's properties (RFC 7396: `null` removes a property).
     Patch {
+        /// The twin to patch; `None` is the event's twin.
         twin_id: Option<String>,
+        /// The merge patch.
         properties: Map<String, Value>,
     },
-    /// Raise an alert (`severity`: info, warning or critical).
+    /// Raise an alert.
     Alert {
+        /// `info`, `warning` or `critical`.
         severity: String,
+        /// A sentence for people.
         message: String,
+        /// Details for programs (any JSON).
         data: Value,
     },
 }
@@ -160,20 +240,28 @@ impl Action {
         }
     }
 
-    /// A patch of the event's twin; `properties` must be a JSON object.
-    pub fn patch(properties: Value) -> Action {
-        Action::Patch {
-            twin_id: None,
-            properties: match properties {
-                Value::Object(m) => m,
-                _ => Map::new(),
-            },
+    /// A merge patch of the event's twin, e.g. `Action::patch(json!({"overheated": true}))?`.
+    /// Anything but a JSON object is an [`Error::NotAnObject`] (a patch of `[]` or `5` has no
+    /// meaning; it is not turned into an empty patch). To patch another twin, build
+    /// [`Action::Patch`] with its `twin_id`.
+    pub fn patch(properties: Value) -> Result<Action, Error> {
+        match properties {
+            Value::Object(m) => Ok(Action::Patch {
+                twin_id: None,
+                properties: m,
+            }),
+            v => Err(Error::NotAnObject {
+                what: "patch properties".into(),
+                found: json_type(&v),
+            }),
         }
     }
 }
 
 /// A behavior: runs on each event of the twins it is bound to.
 pub trait Behavior {
+    /// Handle one event; the actions run in order after the call returns. An `Err` is
+    /// counted as the behavior's error and its actions are dropped.
     fn on_event(event: Event) -> Result<Vec<Action>, String>;
 }
 
@@ -191,6 +279,7 @@ pub struct Side {
 /// A conflict resolver: merges two concurrent writes of one property. `a` is the side with
 /// the lower `(hlc, origin)`. It must be deterministic.
 pub trait Resolver {
+    /// The merged value of `property` (`Value::Null` removes it).
     fn resolve(property: &str, a: Side, b: Side) -> Result<Value, String>;
 }
 
@@ -202,16 +291,17 @@ pub fn log(level: Level, message: &str) {
     host::log(level, message)
 }
 
-/// Read one twin by id.
-pub fn get_twin(id: &str) -> Option<Twin> {
-    host::get_twin(id).and_then(|t| Twin::from_wit(t).ok())
+/// Read one twin by id: `Ok(None)` when it does not exist, an [`Error::BadTwin`] when the
+/// host's answer does not parse (not an absent twin, and not an empty one).
+pub fn get_twin(id: &str) -> Result<Option<Twin>, Error> {
+    host::get_twin(id).map(Twin::from_wit).transpose()
 }
 
 /// Run a query (the body of `POST /v1/query`); one page of twins.
 pub fn query_twins(query: &Value) -> Result<Vec<Twin>, String> {
     host::query_twins(&query.to_string())?
         .into_iter()
-        .map(Twin::from_wit)
+        .map(|t| Twin::from_wit(t).map_err(String::from))
         .collect()
 }
 
@@ -357,4 +447,97 @@ macro_rules! export_resolver {
             $crate::resolver_bindings::__export_resolver_world!(__TwinhostResolver with_types_in $crate::resolver_bindings);
         };
     };
+}
+
+// Runs on the host target too (`cargo test --manifest-path sdk/Cargo.toml`): the bindings
+// compile there, and only calling an import (a host function) would fail.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn wit_twin(properties: &str) -> types::Twin {
+        types::Twin {
+            id: "0193e0a0-0000-7000-8000-000000000000".into(),
+            entity_type: "machine".into(),
+            properties: properties.into(),
+            version: 3,
+            parent_id: None,
+        }
+    }
+
+    #[test]
+    fn patch_takes_an_object_and_refuses_anything_else() {
+        let a = Action::patch(json!({"overheated": true})).unwrap();
+        assert_eq!(
+            a,
+            Action::Patch {
+                twin_id: None,
+                properties: json!({"overheated": true}).as_object().unwrap().clone(),
+            }
+        );
+        for (v, found) in [
+            (json!([1]), "array"),
+            (json!(5), "number"),
+            (json!(null), "null"),
+            (json!("x"), "string"),
+        ] {
+            let e = Action::patch(v).unwrap_err();
+            assert_eq!(
+                e,
+                Error::NotAnObject {
+                    what: "patch properties".into(),
+                    found
+                }
+            );
+            // What the host records as the behavior's error.
+            let s: String = e.into();
+            assert_eq!(
+                s,
+                format!("patch properties must be a JSON object, got {found}")
+            );
+        }
+    }
+
+    #[test]
+    fn a_twin_that_does_not_parse_is_an_error_not_an_empty_twin() {
+        let t = Twin::from_wit(wit_twin(r#"{"temperature": 70}"#)).unwrap();
+        assert_eq!(t.number("temperature"), Some(70.0));
+        assert_eq!(t.version, 3);
+        for bad in ["{", "[]", "7", ""] {
+            match Twin::from_wit(wit_twin(bad)) {
+                Err(Error::BadTwin { id, .. }) => {
+                    assert_eq!(id, "0193e0a0-0000-7000-8000-000000000000")
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_behavior_sees_a_bad_patch_as_its_error() {
+        struct Patcher;
+        impl Behavior for Patcher {
+            fn on_event(e: Event) -> Result<Vec<Action>, String> {
+                Ok(vec![Action::patch(e.changed["patch"].clone())?])
+            }
+        }
+        let event = |changed: Value| types::Event {
+            seq: 1,
+            kind: "twin.updated".into(),
+            twin: wit_twin("{}"),
+            changed: changed.to_string(),
+            ts_ms: 0,
+        };
+        let ok = __on_event::<Patcher>(event(json!({"patch": {"a": 1}}))).unwrap();
+        assert_eq!(ok.len(), 1);
+        let err = __on_event::<Patcher>(event(json!({"patch": [1]}))).unwrap_err();
+        assert_eq!(err, "patch properties must be a JSON object, got array");
+        let err = __on_event::<Patcher>(types::Event {
+            twin: wit_twin("not json"),
+            ..event(json!({}))
+        })
+        .unwrap_err();
+        assert!(err.starts_with("twin 0193e0a0"), "{err}");
+    }
 }

@@ -26,10 +26,10 @@ impl Behavior for ThermalMonitor {
                 json!({"temperature": t, "limit": LIMIT, "twin_id": event.twin.id}),
             ));
             if !marked {
-                actions.push(Action::patch(json!({"overheated": true})));
+                actions.push(Action::patch(json!({"overheated": true}))?);
             }
         } else if marked {
-            actions.push(Action::patch(json!({"overheated": false})));
+            actions.push(Action::patch(json!({"overheated": false}))?);
         }
         Ok(actions)
     }

@@ -18,6 +18,7 @@ pub struct ChangesParams {
     #[serde(default)]
     pub after: u64,
     /// Entries per page (default 1,000, at most 10,000).
+    #[param(minimum = 1, maximum = 10_000)]
     pub limit: Option<usize>,
 }
 

@@ -17,6 +17,9 @@ mod ops;
 mod rules;
 mod twins;
 
+#[cfg(test)]
+mod openapi_tests;
+
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -45,10 +45,13 @@ impl From<CallError> for ApiError {
 #[into_params(parameter_in = Query)]
 pub struct LimitParams {
     /// Fuel per call (default 1e9).
+    #[param(minimum = 1, maximum = 100_000_000_000_u64)]
     fuel: Option<u64>,
     /// Memory per instance in MiB (default 64).
+    #[param(minimum = 1, maximum = 512)]
     memory_mb: Option<u64>,
-    /// Wall-clock deadline per call, e.g. `500ms`, `2s` (default 2s).
+    /// Wall-clock deadline per call, e.g. `500ms`, `2s` (default 2s): from 1 ms to 30 s.
+    #[param(pattern = r"^\s*([0-9]+\s*[a-zA-Z]+\s*)+$", example = "2s")]
     timeout: Option<String>,
     /// Accept a component of another world even while behaviors or rules use the module.
     #[serde(default)]
@@ -111,6 +114,8 @@ pub async fn get_one(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackBody {
+    /// A version `GET /v1/modules/{name}` lists (they count from 1).
+    #[schema(minimum = 1)]
     version: u32,
 }
 

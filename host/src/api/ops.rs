@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::{OpenApi, ToSchema};
 
+mod doc;
+
 use super::extract::Json;
 use super::{ApiError, AppState};
 use crate::types::Role;
@@ -211,7 +213,11 @@ impl utoipa::Modify for UniqueOperationIds {
     }
 }
 
-/// The OpenAPI 3.1 document of this API, generated from the handlers.
-pub async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
-    axum::Json(ApiDoc::openapi())
+/// The OpenAPI 3.1 document of this API, generated from the handlers and the core types
+/// (see `ops/doc.rs` for what is corrected after generation).
+pub async fn openapi() -> axum::Json<Value> {
+    static DOC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    axum::Json(DOC.get_or_init(document).clone())
 }
+
+pub use doc::document;

@@ -259,7 +259,11 @@ pub async fn query(
 pub struct ListParams {
     entity_type: Option<String>,
     parent_id: Option<TwinId>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 10_000)]
     limit: Option<usize>,
+    /// `next_cursor` of the previous page (a twin id).
+    #[param(format = Uuid)]
     cursor: Option<String>,
 }
 
@@ -287,7 +291,9 @@ pub struct HistoryParams {
     from: Option<DateTime<Utc>>,
     /// RFC 3339 end (inclusive).
     to: Option<DateTime<Utc>>,
-    /// Bucket width such as `10s`, `5m`, `1h`; without it raw points are returned.
+    /// Bucket width such as `10s`, `5m`, `1h` (at least 1 ms); without it raw points are
+    /// returned.
+    #[param(pattern = r"^\s*([0-9]+\s*[a-zA-Z]+\s*)+$", example = "10s")]
     step: Option<String>,
 }
 

@@ -188,12 +188,17 @@ impl Update {
 #[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTwin {
+    /// The twin's id, any UUID; a UUID v7 is made when absent.
     #[serde(default)]
     pub id: Option<TwinId>,
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$", example = "machine")]
     pub entity_type: String,
+    /// Any JSON values (a property set to `null` is left out), checked against the entity
+    /// type's model when it has one.
     #[serde(default)]
     #[schema(value_type = Object)]
     pub properties: Properties,
+    /// An existing twin (404 otherwise) that is not retired.
     #[serde(default)]
     pub parent_id: Option<TwinId>,
 }
@@ -314,6 +319,10 @@ struct Inner {
 pub struct Registry {
     inner: Arc<Inner>,
 }
+
+/// [`check_name`]'s rule as a regular expression: the OpenAPI document states it on every
+/// name the server checks (a test keeps the two in step).
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,128}$";
 
 /// Check an entity type or relationship name.
 pub fn check_name(what: &str, name: &str) -> Result<(), RegistryError> {

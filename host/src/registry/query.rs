@@ -21,6 +21,7 @@ pub const MAX_CONDITIONS: usize = 64;
 
 /// Comparison operator of a `where` condition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(as = WhereOp)]
 pub enum Op {
     #[serde(rename = "=")]
     Eq,
@@ -42,13 +43,14 @@ pub enum Op {
 
 /// One condition on a top-level property.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = WhereCondition)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
     pub property: String,
     pub op: Op,
-    /// Compared value; an array for `in`; for `exists`, `false` asks for absence (default true).
+    /// Compared value (any JSON); an array for `in`; for `exists`, `false` asks for absence
+    /// (default true).
     #[serde(default)]
-    #[schema(value_type = Object)]
     pub value: Value,
 }
 
@@ -63,16 +65,20 @@ pub struct Query {
     #[schema(value_type = Object)]
     pub properties: Properties,
     #[serde(default, rename = "where")]
+    #[schema(max_items = 64)]
     pub conditions: Vec<Condition>,
     #[serde(default)]
     pub parent_id: Option<TwinId>,
     /// Matches twins anywhere below this one.
     #[serde(default)]
     pub ancestor_id: Option<TwinId>,
+    /// Page size (default 100).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 10_000)]
     pub limit: Option<usize>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (a twin id).
     #[serde(default)]
+    #[schema(format = Uuid)]
     pub cursor: Option<String>,
 }
 

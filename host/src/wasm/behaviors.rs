@@ -54,9 +54,11 @@ fn lane_of(twin: &TwinId, lanes: usize) -> usize {
 #[serde(deny_unknown_fields)]
 pub struct Binding {
     /// Name of an uploaded module of the `behavior` world.
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$", example = "thermal-monitor")]
     pub module: String,
     /// Run on the events of every twin of this entity type …
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$", example = "machine")]
     pub entity_type: Option<String>,
     /// … or of this one twin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
