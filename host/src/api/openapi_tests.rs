@@ -310,12 +310,11 @@ async fn requests_built_from_the_document_are_accepted() {
         .id
         .0;
     for (name, file) in MODULES {
-        let (rt, bytes) = (n.state.runtime.clone(), guest(file));
-        tokio::task::spawn_blocking(move || {
-            rt.upload(name, &bytes, Default::default(), None).unwrap()
-        })
-        .await
-        .unwrap();
+        n.state
+            .runtime
+            .upload(name, guest(file), Default::default(), false)
+            .await
+            .unwrap();
     }
 
     let mut calls = BTreeSet::new();
