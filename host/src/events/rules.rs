@@ -1876,4 +1876,135 @@ mod tests {
         assert!(serde_json::from_value::<RuleSpec>(json!({"kind": "threshold", "property": "x", "op": ">", "value": 1, "actions": [], "bogus": 1})).is_err());
         assert!(serde_json::from_value::<RuleSpec>(json!({"kind": "magic"})).is_err());
     }
+
+    /// A deletion of `twin` at `t` seconds.
+    fn deleted(seq: u64, twin: u128, t: f64) -> Event {
+        let mut e = Event::new(EventType::TwinDeleted, ts_of((t * 1e6) as i64));
+        e.seq = seq;
+        e.twin_id = Some(id(twin));
+        e.entity_type = Some("machine".into());
+        e
+    }
+
+    #[test]
+    fn sequence_keeps_firing_after_many_partial_matches_expired() {
+        // Every "first" expires unmatched (its "then" comes too late) and so does every
+        // "then"; the rule must still match a fresh pair afterwards.
+        let mut set = rules(
+            "a-then-b",
+            json!({"kind": "sequence", "first": {"property": "a", "op": ">", "value": 0},
+                   "then": {"property": "b", "op": ">", "value": 0}, "within": "1s",
+                   "actions": [{"type": "alert"}]}),
+        );
+        let mut out = Vec::new();
+        let rounds = MAX_PENDING as u64 / 2 + 1;
+        for i in 0..rounds {
+            let t = 2.0 * i as f64;
+            set.on_event(&ev(2 * i + 1, 1, None, t, "a", 1.0), &mut out);
+            set.on_event(&ev(2 * i + 2, 1, None, t + 1.5, "b", 1.0), &mut out);
+        }
+        assert!(out.is_empty(), "no pair was within 1 s");
+        let t = 2.0 * rounds as f64 + 10.0;
+        let seq = 2 * rounds + 1;
+        let out = feed(
+            &mut set,
+            &[
+                ev(seq, 1, None, t, "a", 1.0),
+                ev(seq + 1, 1, None, t + 0.5, "b", 1.0),
+            ],
+        );
+        assert_eq!(seq_pairs(&out), [(seq, seq + 1)]);
+        assert_eq!(set.stats("a-then-b").unwrap().overflow, 0);
+    }
+
+    #[test]
+    fn threshold_with_cooldown_forgets_twins_once_rearmed_and_cooled_down() {
+        let mut set = rules(
+            "hot",
+            json!({"kind": "threshold", "property": "t", "op": ">", "value": 10,
+                   "cooldown": "1s", "actions": [{"type": "alert"}]}),
+        );
+        let mut out = Vec::new();
+        let n = DEFAULT_MAX_GROUPS as u128;
+        for twin in 1..=n {
+            let t = twin as f64 * 0.001;
+            set.on_event(&ev(2 * twin as u64, twin, None, t, "t", 20.0), &mut out);
+            set.on_event(&ev(2 * twin as u64 + 1, twin, None, t, "t", 0.0), &mut out);
+        }
+        assert_eq!(out.len(), n as usize);
+        // Long after every cooldown has passed, a new twin's crossing fires.
+        let later = n as f64 * 0.001 + 10.0;
+        let out = feed(
+            &mut set,
+            &[ev(10 * n as u64, n + 1, None, later, "t", 20.0)],
+        );
+        assert_eq!(out.len(), 1, "{:?}", set.stats("hot"));
+        assert_eq!(set.stats("hot").unwrap().overflow, 0);
+    }
+
+    #[test]
+    fn rules_forget_deleted_twins() {
+        let mut set = rules(
+            "hot",
+            json!({"kind": "threshold", "entity_type": "machine", "property": "t", "op": ">",
+                   "value": 10, "actions": [{"type": "alert"}]}),
+        );
+        let mut out = Vec::new();
+        let n = DEFAULT_MAX_GROUPS as u128;
+        for twin in 1..=n {
+            set.on_event(&ev(twin as u64, twin, None, 1.0, "t", 20.0), &mut out);
+        }
+        assert_eq!(out.len(), n as usize);
+        for twin in 1..=n {
+            set.on_event(&deleted(n as u64 + twin as u64, twin, 2.0), &mut out);
+        }
+        let out = feed(&mut set, &[ev(3 * n as u64, n + 1, None, 3.0, "t", 20.0)]);
+        assert_eq!(out.len(), 1, "{:?}", set.stats("hot"));
+        assert_eq!(set.stats("hot").unwrap().overflow, 0);
+    }
+
+    /// An invoker whose module answers as compute once and then is gone, as when the module
+    /// is deleted while a rule using it is being stored.
+    struct Vanishing(std::sync::atomic::AtomicBool);
+
+    impl Invoker for Vanishing {
+        fn world_of(&self, _name: &str) -> Option<String> {
+            (!self.0.swap(true, Ordering::SeqCst)).then(|| "compute".into())
+        }
+        fn invoke(&self, _: &str, _: TwinId, _: &Value) -> Result<Value, String> {
+            Err("not in this test".into())
+        }
+    }
+
+    /// Rules on a fresh store, with what the live engine needs.
+    async fn open_rules(store: &Store) -> Rules {
+        let registry = Registry::open(store, "test").unwrap();
+        let log = EventLog::open(store.clone(), &registry, "test", Default::default()).unwrap();
+        Rules::open(store.clone(), registry, log).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_refused_put_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let rules = open_rules(&store).await;
+        rules.set_invoker(Arc::new(Vanishing(Default::default())));
+        let spec: RuleSpec = serde_json::from_value(json!({"kind": "threshold", "property": "t",
+            "op": ">", "value": 1, "actions": [{"type": "invoke", "module": "m"}]}))
+        .unwrap();
+        let stored = rules.put("r", spec).is_ok();
+        // What a restart loads agrees with what the client was told.
+        let reopened = Rules::open(
+            store.clone(),
+            rules.inner.registry.clone(),
+            rules.inner.log.clone(),
+        )
+        .unwrap();
+        assert_eq!(
+            reopened.get("r").is_ok(),
+            stored,
+            "put answered ok={stored}"
+        );
+        assert_eq!(rules.get("r").is_ok(), stored);
+    }
 }
