@@ -15,7 +15,7 @@ use super::{Ctx, Firing, Map, RuleStats};
 use crate::types::TwinId;
 
 /// A compiled correlation rule and its state.
-pub(crate) struct Correlation {
+pub(super) struct Correlation {
     /// The rule as written.
     pub(super) spec: CorrelationRule,
     /// `within` (µs).

@@ -5,7 +5,8 @@
 //! [`window`] (count/sum/avg/min/max over tumbling or sliding event-time windows, by twin or
 //! parent), [`sequence`] ("A then B within T", on one twin, under one parent or along a
 //! relationship) and [`correlation`] (at least `min_count` twins under one parent within a
-//! window). [`spec`] holds the documents and their checks, [`actions`] what a firing does.
+//! window). [`spec`] holds the documents and their checks, [`actions`] what a firing does,
+//! `kind` the compiled rule that ties a kind's spec to its state.
 //!
 //! Event time is the update's timestamp. Windows close on a watermark (the newest event time
 //! seen minus `lateness`), so out-of-order updates within the lateness bound land in their
@@ -23,6 +24,7 @@
 
 mod actions;
 mod correlation;
+mod kind;
 mod sequence;
 mod spec;
 mod threshold;
@@ -39,7 +41,6 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
-use serde_json::Value;
 use utoipa::ToSchema;
 
 pub use actions::{Action, Invoker, Target, MAX_ACTIONS};
@@ -53,11 +54,8 @@ use super::subscribe::{Filter, Follower, Wake};
 use crate::registry::{check_name, Registry};
 use crate::store::{keys, Store, StoreError};
 use crate::types::{TwinId, MAX_CHAIN_DEPTH};
-use correlation::Correlation;
-use sequence::Sequence;
-use spec::Scope;
-use threshold::Threshold;
-use window::Window;
+use kind::{Ctx, Kind, Rule};
+pub use kind::{Firing, RuleStats};
 
 /// Most rules one node holds.
 pub const MAX_RULES: usize = 1000;
@@ -75,158 +73,8 @@ pub const MAX_RELATED: usize = 64;
 
 type Map<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
-/// A rule fired: what for, and on which twin its actions act.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Firing {
-    pub rule: String,
-    /// The twin whose event fired the rule.
-    pub twin_id: TwinId,
-    pub entity_type: Option<String>,
-    pub parent_id: Option<TwinId>,
-    /// Event time of the firing.
-    pub ts: DateTime<Utc>,
-    /// The sequence number of the event that fired it.
-    pub trigger_seq: u64,
-    /// Details for the alert (value, window, twins, …).
-    pub details: Value,
-    pub depth: u8,
-}
-
-/// Counters of one rule.
-#[derive(Default, Debug, Serialize, ToSchema, Clone)]
-pub struct RuleStats {
-    /// Times the rule fired.
-    pub fired: u64,
-    /// Updates that arrived after their window closed.
-    pub late: u64,
-    /// Groups or partial matches turned away or evicted by the rule's bounds.
-    pub overflow: u64,
-    /// Firings whose alert was held back by the cooldown.
-    pub suppressed: u64,
-    /// Actions that failed: a patch the write path refused, a `parent` target on a twin
-    /// without one, an invoke that failed.
-    pub errors: u64,
-    /// The newest of those failures.
-    pub last_error: Option<String>,
-}
-
 pub(super) fn ts_of(us: i64) -> DateTime<Utc> {
     Utc.timestamp_micros(us).single().unwrap_or_default()
-}
-
-/// What every kind's `eval` is told about the event at hand.
-pub(super) struct Ctx<'a> {
-    /// The rule's name (for firings).
-    rule: &'a str,
-    e: &'a Event,
-    /// The event's twin.
-    twin: TwinId,
-    /// The event's time (µs).
-    ts: i64,
-    /// How many automatic changes led to the event.
-    depth: u8,
-    /// Targets of a twin's relationships of a name.
-    related: &'a dyn Fn(TwinId, &str) -> Vec<TwinId>,
-}
-
-impl Ctx<'_> {
-    /// The numeric value the event sets `property` to, if it does.
-    fn number(&self, property: &str) -> Option<f64> {
-        self.e.changed.get(property).and_then(Value::as_f64)
-    }
-
-    /// A firing on the event's twin at the event's time.
-    fn firing(&self, details: Value) -> Firing {
-        Firing {
-            rule: self.rule.to_owned(),
-            twin_id: self.twin,
-            entity_type: self.e.entity_type.clone(),
-            parent_id: self.e.parent_id,
-            ts: self.e.ts,
-            trigger_seq: self.e.seq,
-            details,
-            depth: self.depth,
-        }
-    }
-}
-
-/// A compiled rule: each variant carries its spec, its bounds and its state.
-pub(crate) enum Kind {
-    Threshold(Threshold),
-    Window(Window),
-    Sequence(Sequence),
-    Correlation(Correlation),
-}
-
-impl Kind {
-    fn eval(&mut self, cx: &Ctx, stats: &mut RuleStats, out: &mut Vec<Firing>) {
-        match self {
-            Kind::Threshold(k) => k.eval(cx, stats, out),
-            Kind::Window(k) => k.eval(cx, stats, out),
-            Kind::Sequence(k) => k.eval(cx, stats, out),
-            Kind::Correlation(k) => k.eval(cx, stats, out),
-        }
-    }
-
-    /// Drop what the rule holds about a deleted twin.
-    fn forget(&mut self, twin: TwinId, parent: Option<TwinId>) {
-        match self {
-            Kind::Threshold(k) => k.forget(twin),
-            Kind::Window(k) => k.forget(twin),
-            Kind::Sequence(k) => k.forget(twin),
-            Kind::Correlation(k) => k.forget(twin, parent),
-        }
-    }
-
-    fn scope(&self) -> Scope<'_> {
-        let (entity_type, twin_id) = match self {
-            Kind::Threshold(k) => (&k.spec.entity_type, k.spec.twin_id),
-            Kind::Window(k) => (&k.spec.entity_type, k.spec.twin_id),
-            Kind::Sequence(k) => (&k.spec.entity_type, k.spec.twin_id),
-            Kind::Correlation(k) => (&k.spec.entity_type, None),
-        };
-        Scope {
-            entity_type: entity_type.as_deref(),
-            twin_id,
-        }
-    }
-
-    /// Properties whose changes the rule looks at.
-    fn properties(&self) -> Vec<&str> {
-        match self {
-            Kind::Threshold(k) => vec![&k.spec.property],
-            Kind::Window(k) => vec![&k.spec.property],
-            Kind::Sequence(k) if k.spec.then.property != k.spec.first.property => {
-                vec![&k.spec.first.property, &k.spec.then.property]
-            }
-            Kind::Sequence(k) => vec![&k.spec.first.property],
-            Kind::Correlation(k) => vec![&k.spec.condition.property],
-        }
-    }
-}
-
-struct Rule {
-    name: String,
-    kind: Kind,
-    stats: RuleStats,
-}
-
-impl Rule {
-    /// Whether the event is one this rule looks at (beyond its properties).
-    fn watches(&self, e: &Event, twin: TwinId) -> bool {
-        // A rule does not react to its own changes.
-        if e.cause
-            .as_ref()
-            .is_some_and(|c| c.by.strip_prefix("rule:") == Some(&self.name))
-        {
-            return false;
-        }
-        let scope = self.kind.scope();
-        scope.twin_id.is_none_or(|t| t == twin)
-            && scope
-                .entity_type
-                .is_none_or(|et| e.entity_type.as_deref() == Some(et))
-    }
 }
 
 /// Targets of a twin's relationships of a name (for sequences correlated by relationship).
@@ -235,6 +83,7 @@ pub type Related = Arc<dyn Fn(TwinId, &str) -> Vec<TwinId> + Send + Sync>;
 /// A set of rules and their state: events in, firings out. Deterministic.
 #[derive(Default)]
 pub struct RuleSet {
+    /// In insertion order; `by_property` holds indexes into it.
     rules: Vec<Rule>,
     /// property → indexes of the rules that look at it.
     by_property: Map<String, Vec<usize>>,
@@ -373,8 +222,11 @@ pub fn shard_of(name: &str, shards: usize) -> usize {
 /// A stored rule as the API shows it.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct RuleInfo {
+    /// The name in `/v1/rules/{name}`.
     pub name: String,
+    /// The rule as stored.
     pub spec: RuleSpec,
+    /// Counters since the rule was last put (or the node started).
     pub stats: RuleStats,
 }
 
@@ -392,13 +244,18 @@ pub enum RuleError {
 /// Failed actions of one rule (cleared when the rule is replaced).
 #[derive(Default)]
 struct Failures {
+    /// Failed actions.
     count: u64,
+    /// The newest failure's message.
     newest: String,
 }
 
 struct Inner {
+    /// Where rules persist (see `Rules::persist`).
     store: Store,
+    /// The write path for patch actions and the relationship lookup.
     registry: Registry,
+    /// What the shards follow, and where alerts are raised.
     log: EventLog,
     /// Rules are independent, so they are spread over shards evaluated in parallel (one per
     /// core); every shard sees every event.
@@ -410,15 +267,18 @@ struct Inner {
     /// Serializes `put` and `delete`, so the store and memory agree on the last writer of a
     /// name and [`MAX_RULES`] is checked against a count nobody changes meanwhile.
     writing: Mutex<()>,
+    /// Runs `invoke` actions and answers module worlds; installed once the runtime is up.
     invoker: OnceLock<Arc<dyn Invoker>>,
     /// Events the engine missed because it fell behind the log.
     missed: AtomicU64,
+    /// Failed actions by rule; actions fail off the shard's lock, so they are kept here.
     failures: Mutex<HashMap<String, Failures>>,
 }
 
 /// The node's rules, evaluated on the live event log. Cheap to clone.
 #[derive(Clone)]
 pub struct Rules {
+    /// Shared by clones, the shard tasks and the action tasks.
     inner: Arc<Inner>,
 }
 
@@ -665,115 +525,4 @@ impl Rules {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicBool;
-
-    use serde_json::json;
-
-    use super::testing::*;
-    use super::*;
-    use crate::types::Cause;
-
-    #[test]
-    fn a_rule_ignores_its_own_changes_and_deep_chains() {
-        let mut set = rules(
-            "hot",
-            json!({"kind": "threshold", "property": "t", "op": ">", "value": 1,
-                   "actions": [{"type": "patch", "properties": {"t": 5}}]}),
-        );
-        let mut own = ev(1, 1, None, 0.0, "t", 5.0);
-        own.cause = Some(Cause {
-            by: "rule:hot".into(),
-            depth: 1,
-        });
-        let mut deep = ev(2, 2, None, 0.0, "t", 5.0);
-        deep.cause = Some(Cause {
-            by: "behavior:x".into(),
-            depth: MAX_CHAIN_DEPTH,
-        });
-        let mut other = ev(3, 3, None, 0.0, "t", 5.0);
-        other.cause = Some(Cause {
-            by: "behavior:x".into(),
-            depth: 1,
-        });
-        let out = feed(&mut set, &[own, deep, other]);
-        assert_eq!(out.len(), 1);
-        assert_eq!((out[0].trigger_seq, out[0].depth), (3, 1));
-    }
-
-    #[test]
-    fn rules_forget_deleted_twins() {
-        // The rule watches machines; a deletion reaches it whatever the event's type says.
-        let mut set = rules(
-            "hot",
-            json!({"kind": "threshold", "entity_type": "machine", "property": "t", "op": ">",
-                   "value": 10, "actions": [{"type": "alert"}]}),
-        );
-        let mut out = Vec::new();
-        let n = DEFAULT_MAX_GROUPS as u128;
-        for twin in 1..=n {
-            set.on_event(&ev(twin as u64, twin, None, 1.0, "t", 20.0), &mut out);
-        }
-        assert_eq!(out.len(), n as usize);
-        for twin in 1..=n {
-            let mut gone = deleted(n as u64 + twin as u64, twin, 2.0);
-            gone.entity_type = None;
-            set.on_event(&gone, &mut out);
-        }
-        let out = feed(&mut set, &[ev(3 * n as u64, n + 1, None, 3.0, "t", 20.0)]);
-        assert_eq!(out.len(), 1, "{:?}", set.stats("hot"));
-        assert_eq!(set.stats("hot").unwrap().overflow, 0);
-    }
-
-    /// An invoker whose module answers as compute once and then is gone, as when the module
-    /// is deleted while a rule using it is being stored.
-    struct Vanishing(AtomicBool);
-
-    impl Invoker for Vanishing {
-        fn world_of(&self, _name: &str) -> Option<String> {
-            (!self.0.swap(true, Ordering::SeqCst)).then(|| "compute".into())
-        }
-        fn invoke(&self, _: &str, _: TwinId, _: &Value) -> Result<Value, String> {
-            Err("not in this test".into())
-        }
-    }
-
-    /// Rules on `store`, with what the live engine needs.
-    fn open_rules(store: &Store) -> Rules {
-        let registry = Registry::open(store, "test").unwrap();
-        let log = EventLog::open(store.clone(), &registry, "test", Default::default()).unwrap();
-        Rules::open(store.clone(), registry, log).unwrap()
-    }
-
-    /// The rules a restart would load from the same store.
-    fn reopened(rules: &Rules) -> Rules {
-        let i = &rules.inner;
-        Rules::open(i.store.clone(), i.registry.clone(), i.log.clone()).unwrap()
-    }
-
-    fn invoking(module: &str) -> RuleSpec {
-        serde_json::from_value(json!({"kind": "threshold", "property": "t", "op": ">",
-            "value": 1, "actions": [{"type": "invoke", "module": module}]}))
-        .unwrap()
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn a_refused_put_stores_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let rules = open_rules(&store);
-        rules.set_invoker(Arc::new(Vanishing(AtomicBool::new(false))));
-        let stored = rules.put("r", invoking("m")).is_ok();
-        // What a restart loads agrees with what the client was told.
-        assert_eq!(
-            reopened(&rules).get("r").is_ok(),
-            stored,
-            "put answered ok={stored}"
-        );
-        assert_eq!(rules.get("r").is_ok(), stored);
-        // A module that is not there: refused, and not there after a restart either.
-        let err = rules.put("r2", invoking("gone")).unwrap_err();
-        assert!(err.to_string().contains("not uploaded"), "{err}");
-        assert!(reopened(&rules).get("r2").is_err());
-    }
-}
+mod tests;

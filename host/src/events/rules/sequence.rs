@@ -17,7 +17,7 @@ use super::{ts_of, Ctx, Firing, Map, RuleStats, MAX_PENDING, MAX_RELATED};
 use crate::types::TwinId;
 
 /// A compiled sequence rule and its state.
-pub(crate) struct Sequence {
+pub(super) struct Sequence {
     /// The rule as written.
     pub(super) spec: SequenceRule,
     /// `within` (µs).
@@ -47,7 +47,9 @@ struct Side {
 struct Pending {
     /// Event time (µs).
     ts: i64,
+    /// The twin it happened on (named in the firing).
     twin: TwinId,
+    /// Its sequence number: names it in the firing and in `Side::by_time`.
     seq: u64,
 }
 

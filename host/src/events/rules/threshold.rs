@@ -15,7 +15,7 @@ use super::{Ctx, Firing, Map, RuleStats, DEFAULT_MAX_GROUPS};
 use crate::types::TwinId;
 
 /// A compiled threshold rule and its state.
-pub(crate) struct Threshold {
+pub(super) struct Threshold {
     /// The rule as written.
     pub(super) spec: ThresholdRule,
     /// `cooldown` in microseconds; 0 without one.

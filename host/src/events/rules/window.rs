@@ -17,7 +17,7 @@ use super::{ts_of, Ctx, Firing, Map, RuleStats};
 use crate::types::TwinId;
 
 /// A compiled window rule and its state.
-pub(crate) struct Window {
+pub(super) struct Window {
     /// The rule as written.
     pub(super) spec: WindowRule,
     /// Window length (µs).
@@ -51,16 +51,22 @@ struct Group {
 /// One window of one group.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct WindowKey {
+    /// The group's twin or parent.
     group: TwinId,
+    /// Window start (µs).
     start: i64,
 }
 
 /// A running aggregate.
 #[derive(Default)]
 struct Acc {
+    /// Values added.
     count: u64,
+    /// Their sum (for sum and avg).
     sum: f64,
+    /// Smallest value (valid once `count > 0`).
     min: f64,
+    /// Largest value (valid once `count > 0`).
     max: f64,
 }
 
