@@ -24,6 +24,38 @@ pub struct Cause {
     pub depth: u8,
 }
 
+/// Longest chain of automatic changes (a behavior's or rule's patch triggering more of them)
+/// that behaviors and rules still react to. Past it, a loop of automatic changes stops
+/// instead of running forever; a client change starts a chain at depth 0.
+pub const MAX_CHAIN_DEPTH: u8 = 8;
+
+/// How urgent an alert is. Rule actions carry one; alert events show it as a string.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// For the record: a compute result, a routine condition.
+    Info,
+    /// Needs a look (the default for rule alerts).
+    #[default]
+    Warning,
+    /// Needs action now.
+    Critical,
+}
+
+impl Severity {
+    /// Every severity, in rising order (for error messages).
+    pub const ALL: [Severity; 3] = [Severity::Info, Severity::Warning, Severity::Critical];
+
+    /// The name as written in rules and alerts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
 /// A property bag: JSON object of property name to value.
 pub type Properties = serde_json::Map<String, serde_json::Value>;
 

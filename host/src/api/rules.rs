@@ -7,7 +7,7 @@ use serde_json::json;
 use super::error::ErrorBody;
 use super::extract::{Json, Path};
 use super::{ApiError, AppState};
-use crate::events::rules::{RuleError, RuleInfo, RuleSpec};
+use crate::events::rules::{self, RuleError, RuleInfo, RuleSpec};
 
 impl From<RuleError> for ApiError {
     fn from(e: RuleError) -> Self {
@@ -31,9 +31,8 @@ pub async fn put(
     Path(name): Path<String>,
     Json(body): Json<serde_json::Value>,
 ) -> Result<(StatusCode, axum::Json<RuleInfo>), ApiError> {
-    // A body that is JSON but not a rule is a malformed rule: 422 with the reason.
-    let spec: RuleSpec =
-        serde_json::from_value(body).map_err(|e| RuleError::Invalid(vec![e.to_string()]))?;
+    // A body that is JSON but not a rule is a malformed rule: 422 with the reasons.
+    let spec = rules::parse(body).map_err(RuleError::Invalid)?;
     let created = s.rules.put(&name, spec)?;
     let status = if created {
         StatusCode::CREATED

@@ -33,8 +33,7 @@ use crate::registry::{check_name, Registry, Update};
 use crate::store::{keys, KvOp, Store};
 use crate::types::{Cause, Properties, SetOnDrop, TwinId};
 
-/// Longest chain of automatic changes (behavior or rule patches triggering more of them).
-pub const MAX_CHAIN_DEPTH: u8 = 8;
+pub use crate::types::MAX_CHAIN_DEPTH;
 /// Most behaviors one node runs.
 pub const MAX_BEHAVIORS: usize = 1000;
 /// Events waiting for one behavior; more are dropped and counted.

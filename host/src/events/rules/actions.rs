@@ -1,0 +1,237 @@
+//! What a rule does when it fires, and carrying it out.
+//!
+//! Owns: the [`Action`] types, their checks (part of a rule's validation), and turning a
+//! [`Firing`] into alerts, patches and compute invocations.
+//! Exposes: [`Action`], [`Target`], [`Invoker`] (installed by the WebAssembly layer).
+//! Must never: change a twin except through the registry's write path, block the rule
+//! engine's follow loop on a patch or an invocation (both run on their own tasks), or drop a
+//! failed action silently (each is counted on its rule).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+
+use super::{Firing, Rules};
+use crate::events::log::{Event, EventType};
+use crate::registry::Update;
+use crate::types::{Cause, Properties, Severity, TwinId};
+
+/// Most actions one rule carries out per firing.
+pub const MAX_ACTIONS: usize = 16;
+
+/// What a rule does when it fires.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// Emit an `alert` event.
+    Alert {
+        #[serde(default)]
+        severity: Severity,
+        #[serde(default)]
+        message: Option<String>,
+    },
+    /// Merge-patch the twin that triggered the rule (`target: "twin"`, the default) or its
+    /// parent (`"parent"`), through the registry's write path.
+    Patch {
+        #[serde(default)]
+        target: Target,
+        #[schema(value_type = Object)]
+        properties: Properties,
+    },
+    /// Invoke a compute module on the twin (or its parent); the result is an `alert` event
+    /// of severity `info` carrying it.
+    Invoke {
+        module: String,
+        #[serde(default)]
+        target: Target,
+        #[serde(default)]
+        #[schema(value_type = Object)]
+        parameters: Value,
+    },
+    /// Start a workflow (not yet available on this node; refused at validation).
+    Workflow {
+        #[schema(value_type = Object)]
+        workflow: Value,
+    },
+}
+
+/// Which twin an action applies to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    #[default]
+    Twin,
+    Parent,
+}
+
+/// Runs compute modules for `invoke` actions (installed by the WebAssembly layer).
+pub trait Invoker: Send + Sync {
+    /// The world of module `name`, if uploaded.
+    fn world_of(&self, name: &str) -> Option<String>;
+    /// Invoke compute module `name` on one twin. Blocking.
+    fn invoke(&self, name: &str, twin: TwinId, parameters: &Value) -> Result<Value, String>;
+}
+
+/// Check a rule's actions, adding every problem to `errors`.
+pub(super) fn check(
+    actions: &[Action],
+    modules: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<String>,
+) {
+    if actions.is_empty() {
+        errors.push("actions: give at least one action".into());
+    }
+    if actions.len() > MAX_ACTIONS {
+        errors.push(format!("actions: at most {MAX_ACTIONS}"));
+    }
+    for (i, a) in actions.iter().enumerate() {
+        match a {
+            Action::Alert { .. } => {}
+            Action::Patch { properties, .. } => {
+                if properties.is_empty() {
+                    errors.push(format!("actions[{i}].properties: an empty patch"));
+                }
+                if let Err(e) = crate::registry::check_patch(properties) {
+                    errors.push(format!("actions[{i}].properties: {e}"));
+                }
+            }
+            Action::Invoke { module, .. } => match modules(module) {
+                None => errors.push(format!("actions[{i}].module: {module:?} is not uploaded")),
+                Some(w) if w != "compute" => errors.push(format!(
+                    "actions[{i}].module: {module:?} implements the {w} world, not compute"
+                )),
+                Some(_) => {}
+            },
+            Action::Workflow { .. } => errors.push(format!(
+                "actions[{i}]: workflow actions are not available on this node yet"
+            )),
+        }
+    }
+}
+
+impl Rules {
+    /// Carry out a firing's actions.
+    pub(super) fn act(&self, f: Firing) {
+        let Some(actions) = self
+            .inner
+            .specs
+            .read()
+            .get(&f.rule)
+            .map(|s| s.actions().to_vec())
+        else {
+            return; // deleted since it fired
+        };
+        let cause = Arc::new(Cause {
+            by: format!("rule:{}", f.rule),
+            depth: f.depth + 1,
+        });
+        for a in &actions {
+            match a {
+                Action::Alert { severity, message } => self.alert(&f, &cause, *severity, message),
+                Action::Patch { target, properties } => {
+                    if let Some(id) = self.target(&f, *target) {
+                        self.patch(&f.rule, id, properties.clone(), &cause);
+                    }
+                }
+                Action::Invoke {
+                    module,
+                    target,
+                    parameters,
+                } => {
+                    if let Some(id) = self.target(&f, *target) {
+                        self.invoke(&f, id, module, parameters, &cause);
+                    }
+                }
+                Action::Workflow { .. } => {}
+            }
+        }
+    }
+
+    /// The twin an action targets; a `parent` target on a twin without one is a failure.
+    fn target(&self, f: &Firing, target: Target) -> Option<TwinId> {
+        match target {
+            Target::Twin => Some(f.twin_id),
+            Target::Parent => {
+                if f.parent_id.is_none() {
+                    self.failed(
+                        &f.rule,
+                        format!("twin {} has no parent to act on", f.twin_id),
+                    );
+                }
+                f.parent_id
+            }
+        }
+    }
+
+    fn alert(&self, f: &Firing, cause: &Cause, severity: Severity, message: &Option<String>) {
+        let message = message
+            .clone()
+            .unwrap_or_else(|| format!("rule {} fired on twin {}", f.rule, f.twin_id));
+        self.inner.log.raise(vec![alert_event(
+            f,
+            cause,
+            json!({"source": "rule", "rule": f.rule, "severity": severity,
+                   "message": message, "details": f.details, "trigger_seq": f.trigger_seq}),
+        )]);
+    }
+
+    /// Patch through the registry on a task of its own (the write path may wait).
+    fn patch(&self, rule: &str, id: TwinId, properties: Properties, cause: &Arc<Cause>) {
+        let update = Update {
+            cause: Some(cause.clone()),
+            ..Update::new(id, properties)
+        };
+        let me = self.clone();
+        let rule = rule.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = me.inner.registry.patch(update).await {
+                tracing::warn!(rule, error = %e, "rule patch failed");
+                me.failed(&rule, format!("patch of twin {id} failed: {e}"));
+            }
+        });
+    }
+
+    /// Invoke a compute module on a blocking thread; its result (or error) becomes an alert.
+    fn invoke(&self, f: &Firing, id: TwinId, module: &str, params: &Value, cause: &Arc<Cause>) {
+        let Some(inv) = self.inner.invoker.get().cloned() else {
+            return;
+        };
+        let (me, module, params, f, cause) = (
+            self.clone(),
+            module.to_owned(),
+            params.clone(),
+            f.clone(),
+            cause.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let params = if params.is_null() { json!({}) } else { params };
+            let (key, value, severity) = match inv.invoke(&module, id, &params) {
+                Ok(v) => ("result", v, Severity::Info),
+                Err(e) => {
+                    me.failed(&f.rule, format!("invoke of {module} failed: {e}"));
+                    ("error", Value::String(e), Severity::Warning)
+                }
+            };
+            me.inner.log.raise(vec![alert_event(
+                &f,
+                &cause,
+                json!({"source": "rule", "rule": f.rule, "severity": severity,
+                       "message": format!("rule {} invoked {module}", f.rule),
+                       "module": module, "twin_id": id, key: value,
+                       "trigger_seq": f.trigger_seq}),
+            )]);
+        });
+    }
+}
+
+fn alert_event(f: &Firing, cause: &Cause, data: Value) -> Event {
+    let mut a = Event::new(EventType::Alert, f.ts);
+    a.twin_id = Some(f.twin_id);
+    a.entity_type = f.entity_type.clone();
+    a.parent_id = f.parent_id;
+    a.cause = Some(cause.clone());
+    a.data = Some(data);
+    a
+}
