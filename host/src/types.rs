@@ -482,3 +482,44 @@ mod tests {
         }
     }
 }
+
+/// The worlds of `wit/platform.wit` a component can implement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum World {
+    /// Exports `run`: invoked on twins over HTTP and by rules.
+    Compute,
+    /// Exports `on-event`: runs on the events of the twins it is bound to.
+    Behavior,
+    /// Exports `resolve`: merges two conflicting writes of a property for sync.
+    Resolver,
+}
+
+impl World {
+    /// Every world, in the order an upload's exports are matched against them.
+    pub const ALL: [World; 3] = [World::Compute, World::Behavior, World::Resolver];
+
+    /// The world's name in `wit/platform.wit`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            World::Compute => "compute",
+            World::Behavior => "behavior",
+            World::Resolver => "resolver",
+        }
+    }
+
+    /// The one function the world exports.
+    pub fn export(self) -> &'static str {
+        match self {
+            World::Compute => "run",
+            World::Behavior => "on-event",
+            World::Resolver => "resolve",
+        }
+    }
+}
+
+impl std::fmt::Display for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -33,7 +33,7 @@ pub async fn put(
 ) -> Result<(StatusCode, axum::Json<RuleInfo>), ApiError> {
     // A body that is JSON but not a rule is a malformed rule: 422 with the reasons.
     let spec = rules::parse(body).map_err(RuleError::Invalid)?;
-    let created = s.rules.put(&name, spec)?;
+    let created = s.rules.put(&name, spec).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -62,6 +62,6 @@ pub async fn delete(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    s.rules.delete(&name)?;
+    s.rules.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

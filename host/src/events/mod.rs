@@ -15,17 +15,3 @@ pub mod subscribe;
 pub use log::{Event, EventLog, EventType, LogConfig};
 pub use rules::Rules;
 pub use subscribe::{Filter, Follower, Item, Subscription, Wake};
-
-/// Rules bind compute modules by name in their `invoke` actions.
-impl crate::wasm::ModuleUsers for Rules {
-    fn users_of(&self, module: &str) -> Vec<crate::wasm::ModuleUser> {
-        self.using_module(module)
-            .into_iter()
-            .map(|name| crate::wasm::ModuleUser {
-                kind: "rule",
-                name,
-                needs: crate::wasm::World::Compute,
-            })
-            .collect()
-    }
-}

@@ -441,8 +441,8 @@ pub mod measure {
 }
 
 impl crate::events::rules::Invoker for Runtime {
-    fn world_of(&self, name: &str) -> Option<String> {
-        Runtime::world_of(self, name).map(|w| w.as_str().to_owned())
+    fn world_of(&self, name: &str) -> Option<World> {
+        Runtime::world_of(self, name)
     }
 
     fn invoke(

@@ -23,6 +23,7 @@ mod host;
 mod module_tests;
 mod modules;
 
+pub use crate::types::World;
 pub use calls::measure;
 pub use modules::{
     BehaviorOutput, CallError, GuestAlert, GuestPatch, ModuleInfo, Runtime, VersionInfo,
@@ -90,47 +91,6 @@ pub const MAX_HOST_CALLS: u32 = 10_000;
 /// Most alerts (returned or emitted) and patches one guest call may produce.
 pub const MAX_ACTIONS_PER_CALL: usize = 100;
 
-/// The worlds of `wit/platform.wit` a component can implement.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum World {
-    /// Exports `run`: invoked on twins over HTTP and by rules.
-    Compute,
-    /// Exports `on-event`: runs on the events of the twins it is bound to.
-    Behavior,
-    /// Exports `resolve`: merges two conflicting writes of a property for sync.
-    Resolver,
-}
-
-impl World {
-    /// Every world, in the order an upload's exports are matched against them.
-    pub const ALL: [World; 3] = [World::Compute, World::Behavior, World::Resolver];
-
-    /// The world's name in `wit/platform.wit`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            World::Compute => "compute",
-            World::Behavior => "behavior",
-            World::Resolver => "resolver",
-        }
-    }
-
-    /// The one function the world exports.
-    pub fn export(self) -> &'static str {
-        match self {
-            World::Compute => "run",
-            World::Behavior => "on-event",
-            World::Resolver => "resolve",
-        }
-    }
-}
-
-impl std::fmt::Display for World {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Something bound to a module by name (a behavior, a rule's `invoke` action).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModuleUser {
@@ -195,5 +155,19 @@ impl Limits {
             ));
         }
         Ok(())
+    }
+}
+
+/// Rules bind compute modules by name in their `invoke` actions.
+impl ModuleUsers for crate::events::Rules {
+    fn users_of(&self, module: &str) -> Vec<ModuleUser> {
+        self.using_module(module)
+            .into_iter()
+            .map(|name| ModuleUser {
+                kind: "rule",
+                name,
+                needs: World::Compute,
+            })
+            .collect()
     }
 }

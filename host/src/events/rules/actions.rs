@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use super::{Firing, Rules};
 use crate::events::log::{Event, EventType};
 use crate::registry::Update;
-use crate::types::{Cause, Properties, Severity, TwinId};
+use crate::types::{Cause, Properties, Severity, TwinId, World};
 
 /// Most actions one rule carries out per firing.
 pub const MAX_ACTIONS: usize = 16;
@@ -69,7 +69,7 @@ pub enum Target {
 /// Runs compute modules for `invoke` actions (installed by the WebAssembly layer).
 pub trait Invoker: Send + Sync {
     /// The world of module `name`, if uploaded.
-    fn world_of(&self, name: &str) -> Option<String>;
+    fn world_of(&self, name: &str) -> Option<World>;
     /// Invoke compute module `name` on one twin. Blocking.
     fn invoke(&self, name: &str, twin: TwinId, parameters: &Value) -> Result<Value, String>;
 }
@@ -77,7 +77,7 @@ pub trait Invoker: Send + Sync {
 /// Check a rule's actions, adding every problem to `errors`.
 pub(super) fn check(
     actions: &[Action],
-    modules: &dyn Fn(&str) -> Option<String>,
+    modules: &dyn Fn(&str) -> Option<World>,
     errors: &mut Vec<String>,
 ) {
     if actions.is_empty() {
@@ -99,7 +99,7 @@ pub(super) fn check(
             }
             Action::Invoke { module, .. } => match modules(module) {
                 None => errors.push(format!("actions[{i}].module: {module:?} is not uploaded")),
-                Some(w) if w != "compute" => errors.push(format!(
+                Some(w) if w != World::Compute => errors.push(format!(
                     "actions[{i}].module: {module:?} implements the {w} world, not compute"
                 )),
                 Some(_) => {}

@@ -52,8 +52,8 @@ pub use spec::{
 use super::log::{Event, EventLog, EventType};
 use super::subscribe::{Filter, Follower, Wake};
 use crate::registry::{check_name, Registry};
-use crate::store::{keys, Store, StoreError};
-use crate::types::{TwinId, MAX_CHAIN_DEPTH};
+use crate::store::{keys, KvOp, Store, StoreError};
+use crate::types::{TwinId, World, MAX_CHAIN_DEPTH};
 use kind::{Ctx, Kind, Rule};
 pub use kind::{Firing, RuleStats};
 
@@ -97,7 +97,7 @@ impl RuleSet {
         &mut self,
         name: &str,
         spec: RuleSpec,
-        modules: &dyn Fn(&str) -> Option<String>,
+        modules: &dyn Fn(&str) -> Option<World>,
     ) -> Result<(), Vec<String>> {
         let kind = spec::compile(spec, modules)?;
         self.insert(name, kind);
@@ -264,9 +264,6 @@ struct Inner {
     wake: Vec<Wake>,
     /// The stored rules as written, for the API and for carrying out firings.
     specs: RwLock<BTreeMap<String, RuleSpec>>,
-    /// Serializes `put` and `delete`, so the store and memory agree on the last writer of a
-    /// name and [`MAX_RULES`] is checked against a count nobody changes meanwhile.
-    writing: Mutex<()>,
     /// Runs `invoke` actions and answers module worlds; installed once the runtime is up.
     invoker: OnceLock<Arc<dyn Invoker>>,
     /// Events the engine missed because it fell behind the log.
@@ -313,7 +310,7 @@ fn load(store: &Store, sets: &mut [RuleSet]) -> Result<BTreeMap<String, RuleSpec
         };
         // Modules are checked at PUT; a module deleted since fails at run time.
         let set = &mut sets[shard_of(&name, sets.len())];
-        match set.put(&name, spec.clone(), &|_| Some("compute".into())) {
+        match set.put(&name, spec.clone(), &|_| Some(World::Compute)) {
             Ok(()) => {
                 specs.insert(name, spec);
             }
@@ -349,7 +346,6 @@ impl Rules {
                 wake: (0..n).map(|_| Wake::default()).collect(),
                 shards: sets.into_iter().map(Mutex::new).collect(),
                 specs: RwLock::new(specs),
-                writing: Mutex::new(()),
                 invoker: OnceLock::new(),
                 missed: AtomicU64::new(0),
                 failures: Mutex::new(HashMap::new()),
@@ -367,15 +363,20 @@ impl Rules {
         let _ = self.inner.invoker.set(invoker);
     }
 
-    fn module_world(&self, name: &str) -> Option<String> {
+    fn module_world(&self, name: &str) -> Option<World> {
         self.inner.invoker.get().and_then(|i| i.world_of(name))
     }
 
     /// Create or replace a rule (its state restarts). Returns true when it is new. Every
     /// check runs before anything is written: a refused rule is neither stored nor loaded.
-    pub fn put(&self, name: &str, spec: RuleSpec) -> Result<bool, RuleError> {
+    ///
+    /// # Errors
+    /// [`RuleError::Invalid`] with every reason the rule is refused; the store's errors.
+    pub async fn put(&self, name: &str, spec: RuleSpec) -> Result<bool, RuleError> {
         check_name("rule name", name).map_err(|e| RuleError::Invalid(vec![e.to_string()]))?;
-        let _writing = self.inner.writing.lock();
+        // Held from the checks to the install: the rule count, the stored copy and the
+        // modules it invokes (a module delete takes the same lock) cannot change meanwhile.
+        let _config = self.inner.store.lock_config().await;
         let fresh = !self.inner.specs.read().contains_key(name);
         if fresh && self.inner.specs.read().len() >= MAX_RULES {
             return Err(RuleError::Invalid(vec![format!(
@@ -385,7 +386,7 @@ impl Rules {
         // Compiled once: what is stored is exactly what was checked.
         let kind =
             spec::compile(spec.clone(), &|m| self.module_world(m)).map_err(RuleError::Invalid)?;
-        self.persist(name, Some(&spec))?;
+        self.persist(name, Some(&spec)).await?;
         self.shard(name).lock().insert(name, kind);
         self.inner.wake[shard_of(name, self.inner.shards.len())].wake(&self.inner.log);
         self.inner.failures.lock().remove(name);
@@ -393,34 +394,33 @@ impl Rules {
         Ok(fresh)
     }
 
-    pub fn delete(&self, name: &str) -> Result<(), RuleError> {
-        let _writing = self.inner.writing.lock();
+    /// Delete a rule and its state.
+    ///
+    /// # Errors
+    /// [`RuleError::NotFound`]; the store's errors.
+    pub async fn delete(&self, name: &str) -> Result<(), RuleError> {
+        let _config = self.inner.store.lock_config().await;
         if !self.inner.specs.read().contains_key(name) {
             return Err(RuleError::NotFound(name.to_owned()));
         }
         // Gone from the store first: a failure leaves the rule running and stored, not
         // running now and back after a restart.
-        self.persist(name, None)?;
+        self.persist(name, None).await?;
         self.inner.specs.write().remove(name);
         self.shard(name).lock().remove(name);
         self.inner.failures.lock().remove(name);
         Ok(())
     }
 
-    /// Make a rule durable (`Some`) or remove it (`None`). The one place rules are written;
-    /// called with no shard lock held.
-    fn persist(&self, name: &str, spec: Option<&RuleSpec>) -> Result<(), StoreError> {
+    /// Make a rule durable (`Some`) or remove it (`None`) through the store's commit
+    /// queue. The one place rules are written; called with no shard lock held.
+    async fn persist(&self, name: &str, spec: Option<&RuleSpec>) -> Result<(), StoreError> {
         let key = keys::rule(name);
-        match spec {
-            Some(spec) => {
-                let bytes = serde_json::to_vec(spec).expect("rules serialize");
-                self.inner.store.put_durable(&key, &bytes)
-            }
-            None => {
-                self.inner.store.remove_keys([sled::IVec::from(key)])?;
-                self.inner.store.flush()
-            }
-        }
+        let op = match spec {
+            Some(spec) => KvOp::Put(key, serde_json::to_vec(spec).expect("rules serialize")),
+            None => KvOp::Delete(key),
+        };
+        self.inner.store.write(vec![op]).await
     }
 
     pub fn get(&self, name: &str) -> Result<RuleInfo, RuleError> {

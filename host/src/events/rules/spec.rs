@@ -18,7 +18,7 @@ use super::threshold::Threshold;
 use super::window::Window;
 use super::{Kind, DEFAULT_MAX_GROUPS, MAX_SPAN, MAX_WINDOWS_PER_GROUP};
 use crate::registry::check_name;
-use crate::types::{Properties, Severity, TwinId};
+use crate::types::{Properties, Severity, TwinId, World};
 
 /// A comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -267,7 +267,7 @@ fn bad_severities(body: &Value) -> Vec<String> {
 /// of an uploaded module (`None`: not uploaded).
 pub fn validate(
     spec: &RuleSpec,
-    modules: &dyn Fn(&str) -> Option<String>,
+    modules: &dyn Fn(&str) -> Option<World>,
 ) -> Result<(), Vec<String>> {
     compile(spec.clone(), modules).map(|_| ())
 }
@@ -275,7 +275,7 @@ pub fn validate(
 /// Check a rule and build its evaluator (with empty state).
 pub(super) fn compile(
     spec: RuleSpec,
-    modules: &dyn Fn(&str) -> Option<String>,
+    modules: &dyn Fn(&str) -> Option<World>,
 ) -> Result<Kind, Vec<String>> {
     let mut errors = Vec::new();
     if let Some(et) = spec.entity_type() {

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 pub(super) use super::ts_of;
 use super::{Firing, RuleSet, RuleSpec};
 use crate::events::log::{Event, EventType};
-use crate::types::TwinId;
+use crate::types::{TwinId, World};
 
 pub(super) fn id(n: u128) -> TwinId {
     TwinId(uuid::Uuid::from_u128(n))
@@ -35,7 +35,7 @@ pub(super) fn deleted(seq: u64, twin: u128, t: f64) -> Event {
 pub(super) fn rules(name: &str, spec: Value) -> RuleSet {
     let mut set = RuleSet::default();
     let spec: RuleSpec = serde_json::from_value(spec).expect("rule parses");
-    set.put(name, spec, &|_| Some("compute".into()))
+    set.put(name, spec, &|_| Some(World::Compute))
         .expect("rule is valid");
     set
 }

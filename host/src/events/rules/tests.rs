@@ -64,8 +64,8 @@ fn rules_forget_deleted_twins() {
 struct Vanishing(AtomicBool);
 
 impl Invoker for Vanishing {
-    fn world_of(&self, _name: &str) -> Option<String> {
-        (!self.0.swap(true, Ordering::SeqCst)).then(|| "compute".into())
+    fn world_of(&self, _name: &str) -> Option<World> {
+        (!self.0.swap(true, Ordering::SeqCst)).then_some(World::Compute)
     }
     fn invoke(&self, _: &str, _: TwinId, _: &Value) -> Result<Value, String> {
         Err("not in this test".into())
@@ -97,7 +97,7 @@ async fn a_refused_put_stores_nothing() {
     let store = Store::open(dir.path()).unwrap();
     let rules = open_rules(&store);
     rules.set_invoker(Arc::new(Vanishing(AtomicBool::new(false))));
-    let stored = rules.put("r", invoking("m")).is_ok();
+    let stored = rules.put("r", invoking("m")).await.is_ok();
     // What a restart loads agrees with what the client was told.
     assert_eq!(
         reopened(&rules).get("r").is_ok(),
@@ -106,7 +106,7 @@ async fn a_refused_put_stores_nothing() {
     );
     assert_eq!(rules.get("r").is_ok(), stored);
     // A module that is not there: refused, and not there after a restart either.
-    let err = rules.put("r2", invoking("gone")).unwrap_err();
+    let err = rules.put("r2", invoking("gone")).await.unwrap_err();
     assert!(err.to_string().contains("not uploaded"), "{err}");
     assert!(reopened(&rules).get("r2").is_err());
 }
