@@ -17,11 +17,74 @@ use uuid::Uuid;
 /// automatic steps led to it. Guards against behaviors re-triggering themselves without end.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Cause {
-    /// `behavior:<name>` or `rule:<name>`.
-    pub by: String,
+    /// `behavior:<name>` or `rule:<name>` on the wire.
+    #[schema(value_type = String, example = "rule:overheat")]
+    pub by: Actor,
     /// 1 for a change made in response to a client's change, 2 for one made in response to
-    /// that, and so on.
+    /// that, and so on (at most [`MAX_CHAIN_DEPTH`]).
     pub depth: u8,
+}
+
+/// What makes automatic changes. Written `behavior:<name>` / `rule:<name>` in events and the
+/// log (the [`std::fmt::Display`] and [`std::str::FromStr`] forms).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Actor {
+    Behavior(String),
+    Rule(String),
+}
+
+impl Actor {
+    /// The rule's name, when a rule made the change.
+    pub fn rule(&self) -> Option<&str> {
+        match self {
+            Actor::Rule(n) => Some(n),
+            Actor::Behavior(_) => None,
+        }
+    }
+
+    /// The behavior's name, when a behavior made the change.
+    pub fn behavior(&self) -> Option<&str> {
+        match self {
+            Actor::Behavior(n) => Some(n),
+            Actor::Rule(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Actor::Behavior(n) => write!(f, "behavior:{n}"),
+            Actor::Rule(n) => write!(f, "rule:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Actor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("behavior", n)) => Ok(Actor::Behavior(n.to_owned())),
+            Some(("rule", n)) => Ok(Actor::Rule(n.to_owned())),
+            _ => Err(format!(
+                "{s:?} names no actor (`behavior:<name>` or `rule:<name>`)"
+            )),
+        }
+    }
+}
+
+impl From<Actor> for String {
+    fn from(a: Actor) -> String {
+        a.to_string()
+    }
+}
+
+impl TryFrom<String> for Actor {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
 }
 
 /// Longest chain of automatic changes (a behavior's or rule's patch triggering more of them)

@@ -176,7 +176,7 @@ pub mod encode {
         match &s.cause {
             Some(c) => {
                 buf.push(c.depth);
-                bytes(buf, c.by.as_bytes());
+                bytes(buf, c.by.to_string().as_bytes());
             }
             None => {
                 buf.push(0);
@@ -235,10 +235,15 @@ impl<'a> Cur<'a> {
         let hlc = self.u64()?;
         let depth = self.u8()?;
         let by = std::str::from_utf8(self.bytes()?).ok()?;
-        let cause = (!by.is_empty()).then(|| Cause {
-            by: by.to_owned(),
-            depth,
-        });
+        // Empty: a client's change. An actor this build does not know cannot come from a
+        // log it wrote; such an entry is unreadable.
+        let cause = match by {
+            "" => None,
+            by => Some(Cause {
+                by: by.parse().ok()?,
+                depth,
+            }),
+        };
         Some(Stamp { lseq, hlc, cause })
     }
 }
@@ -502,7 +507,7 @@ mod tests {
             lseq: 8,
             hlc: 43 << 16,
             cause: Some(Cause {
-                by: "rule:hot".into(),
+                by: crate::types::Actor::Rule("hot".into()),
                 depth: 2,
             }),
         };

@@ -31,7 +31,7 @@ use super::{CallError, GuestAlert, GuestPatch, Runtime, World};
 use crate::events::{Event, EventLog, EventType, Filter, Follower, Wake};
 use crate::registry::{check_name, Registry, Update};
 use crate::store::{keys, KvOp, Store};
-use crate::types::{Cause, Properties, SetOnDrop, TwinId};
+use crate::types::{Actor, Cause, Properties, SetOnDrop, TwinId};
 
 pub use crate::types::MAX_CHAIN_DEPTH;
 /// Most behaviors one node runs.
@@ -413,9 +413,9 @@ impl Behaviors {
                             .collect()
                     };
                     for (name, queue, counters) in matching {
-                        let by = format!("behavior:{name}");
                         let depth = e.cause.as_ref().map_or(0, |c| c.depth);
-                        if e.cause.as_ref().is_some_and(|c| c.by == by) || depth >= MAX_CHAIN_DEPTH
+                        let own = e.cause.as_ref().and_then(|c| c.by.behavior()) == Some(&name);
+                        if own || depth >= MAX_CHAIN_DEPTH
                         {
                             counters.guarded.fetch_add(1, Ordering::Relaxed);
                             continue;
@@ -449,7 +449,7 @@ impl Behaviors {
             Err(join) => return self.failed(name, counters, join.to_string()),
         };
         let cause = Arc::new(Cause {
-            by: format!("behavior:{name}"),
+            by: Actor::Behavior(name.to_owned()),
             depth: e.cause.as_ref().map_or(0, |c| c.depth) + 1,
         });
         let mut alerts = Vec::new();

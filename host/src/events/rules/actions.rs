@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use super::{Firing, Rules};
 use crate::events::log::{Event, EventType};
 use crate::registry::Update;
-use crate::types::{Cause, Properties, Severity, TwinId, World};
+use crate::types::{Actor, Cause, Properties, Severity, TwinId, World};
 
 /// Most actions one rule carries out per firing.
 pub const MAX_ACTIONS: usize = 16;
@@ -124,7 +124,7 @@ impl Rules {
             return; // deleted since it fired
         };
         let cause = Arc::new(Cause {
-            by: format!("rule:{}", f.rule),
+            by: Actor::Rule(f.rule.clone()),
             depth: f.depth + 1,
         });
         for a in &actions {

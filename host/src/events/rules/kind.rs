@@ -166,7 +166,7 @@ impl Rule {
         // A rule does not react to its own changes.
         if e.cause
             .as_ref()
-            .is_some_and(|c| c.by.strip_prefix("rule:") == Some(&self.name))
+            .is_some_and(|c| c.by.rule() == Some(&self.name))
         {
             return false;
         }

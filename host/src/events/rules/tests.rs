@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::testing::*;
 use super::*;
-use crate::types::Cause;
+use crate::types::{Actor, Cause};
 
 #[test]
 fn a_rule_ignores_its_own_changes_and_deep_chains() {
@@ -17,17 +17,17 @@ fn a_rule_ignores_its_own_changes_and_deep_chains() {
     );
     let mut own = ev(1, 1, None, 0.0, "t", 5.0);
     own.cause = Some(Cause {
-        by: "rule:hot".into(),
+        by: Actor::Rule("hot".into()),
         depth: 1,
     });
     let mut deep = ev(2, 2, None, 0.0, "t", 5.0);
     deep.cause = Some(Cause {
-        by: "behavior:x".into(),
+        by: Actor::Behavior("x".into()),
         depth: MAX_CHAIN_DEPTH,
     });
     let mut other = ev(3, 3, None, 0.0, "t", 5.0);
     other.cause = Some(Cause {
-        by: "behavior:x".into(),
+        by: Actor::Behavior("x".into()),
         depth: 1,
     });
     let out = feed(&mut set, &[own, deep, other]);
