@@ -1,10 +1,11 @@
-//! Shared helpers of the end-to-end tests: start the real `twinhost` binary on a temporary
-//! data directory and a free port, talk to it over HTTP, stop / kill / restart it.
-//!
-//! Used by `e2e_api.rs` and `e2e_durability.rs` (`mod common;`). Not every helper is used by
-//! every test crate.
+//! What the end-to-end tests share: start the real `twinhost` binary on a temporary data
+//! directory and a free port, talk to it over HTTP, stop / kill / restart it; the built guest
+//! components; and small data helpers (a model, id lists, times).
 #![allow(dead_code)]
 
+pub mod stream;
+
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,9 +13,10 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::header::HeaderMap;
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_twinhost");
@@ -620,4 +622,92 @@ pub fn good_calls(
         ok
     });
     (stop, task)
+}
+
+// ---- data shared by several subjects ---------------------------------------------------
+
+pub fn machine_model() -> Value {
+    json!({
+        "properties": {
+            "temperature": {"type": "number", "unit": "degF", "min": -40, "max": 500},
+            "status": {"type": "string", "enum": ["operational", "maintenance", "fault"]},
+            "rpm": {"type": "integer", "min": 0}
+        },
+        "required": ["status"],
+        "additional_properties": false,
+        "conflict": {"strategy": "lww"}
+    })
+}
+
+pub fn ids(items: &Value) -> Vec<String> {
+    items
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {items}"))
+        .iter()
+        .map(|t| t["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+pub fn id_set(items: &Value) -> BTreeSet<String> {
+    ids(items).into_iter().collect()
+}
+
+pub fn set(v: &[&String]) -> BTreeSet<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+pub fn time(v: &Value) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("not a time: {v}")))
+        .unwrap_or_else(|e| panic!("{v} is not RFC 3339: {e}"))
+        .with_timezone(&Utc)
+}
+
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Percent-encode the few characters of an RFC 3339 time that matter in a query string.
+pub fn q(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
+
+pub async fn upload(s: &Server, name: &str, bytes: &[u8]) -> Resp {
+    s.call(
+        Method::PUT,
+        &format!("/v1/modules/{name}"),
+        Body::Raw(bytes, "application/wasm"),
+    )
+    .await
+}
+
+/// Poll the event log until `pred` holds for the alerts of `twin` (or fail after 10 s).
+pub async fn alerts_until(s: &Server, twin: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = s
+            .get(&format!("/v1/events/log?types=alert&twin_id={twin}"))
+            .await;
+        r.expect(200);
+        let alerts = r.body["events"].as_array().cloned().unwrap_or_default();
+        if pred(&alerts) {
+            return alerts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition never held; alerts: {alerts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn twin_until(s: &Server, twin: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = s.get(&format!("/v1/twins/{twin}")).await.body;
+        if pred(&t) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "twin never matched: {t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

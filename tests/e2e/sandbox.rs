@@ -3,15 +3,13 @@
 //! goes away and a server that stops end the call too, behaviors included; and a component
 //! that does not fit the host is refused before it is compiled.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{good_calls, guest, guest_file, Body, Server};
+use crate::common::{good_calls, guest, guest_file, Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-async fn upload(s: &Server, name: &str, bytes: &[u8], query: &str) -> common::Resp {
+async fn upload(s: &Server, name: &str, bytes: &[u8], query: &str) -> crate::common::Resp {
     s.call(
         Method::PUT,
         &format!("/v1/modules/{name}{query}"),
@@ -132,7 +130,11 @@ async fn every_wasi_wait_ends_at_the_deadline_or_at_once() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(good.await.unwrap() > 0, "no good call completed meanwhile");
     let log = s.log();
-    assert!(!log.contains("panicked"), "{}", common::tail(&log, 40));
+    assert!(
+        !log.contains("panicked"),
+        "{}",
+        crate::common::tail(&log, 40)
+    );
 }
 
 /// A client that disconnects ends the guest call it was waiting for, even one sleeping
@@ -177,7 +179,7 @@ async fn a_disconnected_client_ends_a_sleeping_call() {
     assert!(
         s.log().contains("the caller went away"),
         "{}",
-        common::tail(&s.log(), 20)
+        crate::common::tail(&s.log(), 20)
     );
 }
 
@@ -313,16 +315,20 @@ async fn sigterm_cancels_sleeping_calls_without_panics() {
         }
     }
     let log = s.log();
-    assert!(!log.contains("panicked"), "{}", common::tail(&log, 40));
+    assert!(
+        !log.contains("panicked"),
+        "{}",
+        crate::common::tail(&log, 40)
+    );
     assert!(
         log.contains("stopped cleanly"),
         "{}",
-        common::tail(&log, 40)
+        crate::common::tail(&log, 40)
     );
     assert!(
         log.contains("the server is stopping"),
         "{}",
-        common::tail(&log, 40)
+        crate::common::tail(&log, 40)
     );
     // Logs written to a file carry no colour codes.
     assert!(!log.contains("\u{1b}["), "ANSI codes in the log");

@@ -2,15 +2,13 @@
 //! versions and rollback, restart from cached artifacts, and hostile guests that fail only
 //! their own call while good calls keep succeeding.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{good_calls, guest, Body, Server};
+use crate::common::{good_calls, guest, Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-async fn upload(s: &Server, name: &str, bytes: &[u8], query: &str) -> common::Resp {
+async fn upload(s: &Server, name: &str, bytes: &[u8], query: &str) -> crate::common::Resp {
     s.call(
         Method::PUT,
         &format!("/v1/modules/{name}{query}"),
@@ -346,7 +344,7 @@ async fn cli_module_put_list_rollback_and_invoke() {
         env!("CARGO_MANIFEST_DIR")
     );
     guest("thermal_analysis");
-    let v = common::cli_json(&s.cli(&[
+    let v = crate::common::cli_json(&s.cli(&[
         "module",
         "put",
         "ta",
@@ -361,16 +359,16 @@ async fn cli_module_put_list_rollback_and_invoke() {
         (Some(1), Some("compute"))
     );
     assert_eq!(v["limits"]["fuel"], 300_000_000);
-    common::cli_json(&s.cli(&["module", "put", "ta", &path]));
-    let list = common::cli_json(&s.cli(&["module", "list"]));
+    crate::common::cli_json(&s.cli(&["module", "put", "ta", &path]));
+    let list = crate::common::cli_json(&s.cli(&["module", "list"]));
     assert_eq!(list[0]["name"], "ta");
     assert_eq!(list[0]["active"], 2);
-    let v = common::cli_json(&s.cli(&["module", "rollback", "ta", "1"]));
+    let v = crate::common::cli_json(&s.cli(&["module", "rollback", "ta", "1"]));
     assert_eq!(v["version"], 1);
     let id = s
         .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 88}}))
         .await;
-    let v = common::cli_json(&s.cli(&[
+    let v = crate::common::cli_json(&s.cli(&[
         "invoke",
         "ta",
         "--twin",
@@ -379,7 +377,12 @@ async fn cli_module_put_list_rollback_and_invoke() {
         r#"{"threshold": 85}"#,
     ]));
     assert_eq!(v["results"][&id]["over_threshold"], 1, "{v}");
-    let v = common::cli_json(&s.cli(&["invoke", "ta", "--query", r#"{"entity_type": "machine"}"#]));
+    let v = crate::common::cli_json(&s.cli(&[
+        "invoke",
+        "ta",
+        "--query",
+        r#"{"entity_type": "machine"}"#,
+    ]));
     assert_eq!(v["results"][&id]["max"], 88.0, "{v}");
     let out = s.cli(&["invoke", "ta"]);
     assert!(!out.status.success(), "invoke without twins must fail");

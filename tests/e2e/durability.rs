@@ -1,13 +1,12 @@
 //! Durability through the real binary: every acknowledged update survives `kill -9`, and the
 //! group commit keeps concurrent writers' updates.
 
-mod common;
-
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Server;
+use crate::common::{id_set, ids, machine_model, Body, Server};
+use reqwest::Method;
 use serde_json::{json, Value};
 
 /// Writers own disjoint twins and send increasing counters, one request at a time, recording
@@ -183,4 +182,186 @@ async fn concurrent_patches_are_all_applied() {
     }
     let m = srv.get("/v1/metrics").await;
     assert!(m.body["commits"].as_u64().unwrap() > 0);
+}
+
+// ---- shutdown and restart --------------------------------------------------------------
+
+/// What `seed` created, to check after a restart.
+struct Seeded {
+    site: String,
+    hall: String,
+    machines: Vec<String>,
+    twins: BTreeMap<String, Value>,
+    read_token: String,
+}
+
+async fn seed(s: &Server) -> Seeded {
+    s.put("/v1/models/machine", &machine_model())
+        .await
+        .expect(201);
+    let site = s
+        .create_twin_id(&json!({"entity_type": "site", "properties": {"name": "plant"}}))
+        .await;
+    let hall = s
+        .create_twin_id(&json!({"entity_type": "building", "parent_id": site}))
+        .await;
+    let mut machines = Vec::new();
+    for i in 0..4 {
+        let parent = if i < 3 { json!(hall) } else { Value::Null };
+        machines.push(
+            s.create_twin_id(&json!({"entity_type": "machine", "parent_id": parent,
+                                    "properties": {"status": "operational", "temperature": 60 + i}}))
+                .await,
+        );
+    }
+    s.patch(
+        &format!("/v1/twins/{}", machines[0]),
+        &json!({"temperature": 99, "rpm": 10}),
+    )
+    .await
+    .expect(200);
+    s.put(
+        &format!("/v1/twins/{}/lifecycle", machines[3]),
+        &json!({"state": "retired"}),
+    )
+    .await
+    .expect(200);
+    s.put(
+        &format!(
+            "/v1/twins/{}/relationships/feeds/{}",
+            machines[0], machines[1]
+        ),
+        &json!({"rate": 3}),
+    )
+    .await
+    .expect(201);
+    let read_token = s.create_token("read").await;
+    let mut twins = BTreeMap::new();
+    for id in [&site, &hall].into_iter().chain(&machines) {
+        twins.insert(id.clone(), s.get(&format!("/v1/twins/{id}")).await.body);
+    }
+    Seeded {
+        site,
+        hall,
+        machines,
+        twins,
+        read_token,
+    }
+}
+
+async fn check_seeded(s: &Server, d: &Seeded) {
+    s.send(Method::GET, "/healthz", None, Body::None, &[])
+        .await
+        .expect(200);
+    assert_eq!(s.twin_count().await, d.twins.len() as u64);
+    for (id, t) in &d.twins {
+        let r = s.get(&format!("/v1/twins/{id}")).await;
+        r.expect(200);
+        assert_eq!(&r.body, t, "twin {id} after restart");
+        assert_eq!(r.header("etag"), Some(format!("\"{}\"", t["version"])));
+    }
+    let r = s.get("/v1/models/machine").await;
+    r.expect(200);
+    assert_eq!(r.body["required"], json!(["status"]));
+    // The model still validates.
+    s.patch(
+        &format!("/v1/twins/{}", d.machines[1]),
+        &json!({"temperature": 9000}),
+    )
+    .await
+    .expect_error(422, "validation_failed");
+    let r = s
+        .get(&format!("/v1/twins/{}/relationships", d.machines[0]))
+        .await;
+    assert_eq!(
+        r.body,
+        json!([{"name": "feeds", "target_id": d.machines[1], "properties": {"rate": 3}}])
+    );
+    // Lifecycle survived: still retired.
+    s.patch(
+        &format!("/v1/twins/{}", d.machines[3]),
+        &json!({"temperature": 61}),
+    )
+    .await
+    .expect_error(409, "conflict");
+    // Tokens survived.
+    let rt = &d.read_token;
+    s.send(
+        Method::GET,
+        &format!("/v1/twins/{}", d.site),
+        Some(rt),
+        Body::None,
+        &[],
+    )
+    .await
+    .expect(200);
+    s.send(
+        Method::POST,
+        "/v1/twins",
+        Some(rt),
+        Body::Json(&json!({"entity_type": "x"})),
+        &[],
+    )
+    .await
+    .expect_error(403, "forbidden");
+    // Indexes were rebuilt.
+    let r = s
+        .post("/v1/query", &json!({"entity_type": "machine"}))
+        .await;
+    assert_eq!(
+        id_set(&r.body["items"]),
+        d.machines.iter().cloned().collect()
+    );
+    let r = s.post("/v1/query", &json!({"parent_id": d.hall})).await;
+    assert_eq!(
+        id_set(&r.body["items"]),
+        d.machines[..3].iter().cloned().collect()
+    );
+    let r = s.post("/v1/query", &json!({"ancestor_id": d.site, "where": [{"property": "temperature", "op": ">", "value": 90}]})).await;
+    assert_eq!(ids(&r.body["items"]), vec![d.machines[0].clone()]);
+    let r = s
+        .get(&format!("/v1/twins/{}/ancestors", d.machines[0]))
+        .await;
+    assert_eq!(ids(&r.body), vec![d.hall.clone(), d.site.clone()]);
+    s.delete(&format!("/v1/twins/{}", d.hall))
+        .await
+        .expect_error(409, "conflict");
+    // History survived.
+    let r = s
+        .get(&format!("/v1/twins/{}/history/temperature", d.machines[0]))
+        .await;
+    let vals: Vec<f64> = r.body["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(vals, vec![60.0, 99.0]);
+    // And the node keeps working.
+    let r = s
+        .post("/v1/twins", &json!({"entity_type": "machine", "parent_id": d.hall, "properties": {"status": "fault"}}))
+        .await;
+    r.expect(201);
+    assert_eq!(r.body["vclock"], json!({"node-test": 1}));
+}
+
+#[tokio::test]
+async fn restart_after_sigterm_keeps_everything() {
+    let mut s = Server::start();
+    let d = seed(&s).await;
+    let admin = s.token.clone();
+    let status = s.stop().expect("the server exits after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    s.restart();
+    assert_eq!(s.token, admin, "the admin token is not replaced");
+    check_seeded(&s, &d).await;
+}
+
+#[tokio::test]
+async fn restart_after_kill9_keeps_everything() {
+    let mut s = Server::start();
+    let d = seed(&s).await;
+    s.kill9();
+    s.restart();
+    check_seeded(&s, &d).await;
 }
