@@ -390,7 +390,7 @@ async fn cli_module_put_list_rollback_and_invoke() {
 
 /// A request still running 10 s after SIGTERM does not hold the server up: its connection is
 /// dropped, queued writes drain, and the server exits 0. (Guest calls in flight are cancelled
-/// at once, see e2e_sandbox; this request is slow on the client's side: its body trickles.)
+/// at once, see sandbox.rs; this request is slow on the client's side: its body trickles.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_does_not_wait_for_a_long_request_past_the_drain_timeout() {
     let s = Server::start();
