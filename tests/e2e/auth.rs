@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{cli_ok, twinhost_command, Body, Server};
 use reqwest::Method;
 use serde_json::json;
+
+use crate::common::{cli_ok, twinhost_command, Body, Server};
 
 #[tokio::test]
 async fn missing_or_wrong_token_is_401() {

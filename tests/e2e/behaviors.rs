@@ -6,14 +6,17 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{alerts_until, guest, guest_file, twin_until, upload, Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
+
+use crate::common::{alerts_until, guest, guest_file, twin_until, Body, Server};
 
 #[tokio::test]
 async fn thermal_monitor_alerts_patches_and_does_not_retrigger_itself() {
     let s = Server::start();
-    let r = upload(&s, "thermal-monitor", &guest("thermal_monitor")).await;
+    let r = s
+        .upload("thermal-monitor", &guest("thermal_monitor"), "")
+        .await;
     r.expect(201);
     assert_eq!(r.body["world"], "behavior");
     s.put(
@@ -94,7 +97,7 @@ async fn thermal_monitor_alerts_patches_and_does_not_retrigger_itself() {
 #[tokio::test]
 async fn a_twins_events_run_in_log_order() {
     let s = Server::start();
-    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+    s.upload("thermal-monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     s.put(
@@ -154,7 +157,7 @@ async fn a_twins_events_run_in_log_order() {
 #[tokio::test]
 async fn a_bulk_ingest_reaches_every_rule_and_behavior() {
     let s = Server::start();
-    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+    s.upload("thermal-monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     let valve = s
@@ -220,10 +223,10 @@ async fn a_bulk_ingest_reaches_every_rule_and_behavior() {
 #[tokio::test]
 async fn behavior_validation_failures_and_module_deletion() {
     let s = Server::start();
-    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+    s.upload("thermal-monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
-    upload(&s, "thermal-analysis", &guest("thermal_analysis"))
+    s.upload("thermal-analysis", &guest("thermal_analysis"), "")
         .await
         .expect(201);
     let cases = [
@@ -255,13 +258,15 @@ async fn behavior_validation_failures_and_module_deletion() {
     r.expect_error(409, "conflict");
     assert!(r.text.contains("behavior \\\"b\\\""), "{}", r.text);
     // Nor swapped for a component of another world, by upload or rollback, without force.
-    let r = upload(&s, "thermal-monitor", &guest("thermal_analysis")).await;
+    let r = s
+        .upload("thermal-monitor", &guest("thermal_analysis"), "")
+        .await;
     r.expect_error(409, "conflict");
     assert!(r.text.contains("behavior module in use"), "{}", r.text);
     let m = s.get("/v1/modules/thermal-monitor").await.body;
     assert_eq!(m["active"], 1, "still the behavior version: {m}");
     // The same world is a hot swap, in use or not.
-    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+    s.upload("thermal-monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     // Another world with force (version 3), then rollback to the behavior version is fine,
@@ -296,7 +301,7 @@ async fn behavior_validation_failures_and_module_deletion() {
     r.expect_error(404, "not_found");
     assert!(r.text.contains("has no version 9"), "{}", r.text);
     // A second behavior keeps working while the first one's module is force-deleted.
-    upload(&s, "thermal-monitor-2", &guest("thermal_monitor"))
+    s.upload("thermal-monitor-2", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     s.put(
@@ -349,7 +354,7 @@ async fn a_hanging_behavior_holds_up_no_other() {
     )
     .await
     .expect(201);
-    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+    s.upload("thermal-monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     for (name, module) in [("stuck", "stuck"), ("overheat", "thermal-monitor")] {
@@ -401,7 +406,7 @@ async fn a_hanging_behavior_holds_up_no_other() {
 #[tokio::test]
 async fn max_resolver_merges_in_canonical_order() {
     let s = Server::start();
-    let r = upload(&s, "max", &guest("max_resolver")).await;
+    let r = s.upload("max", &guest("max_resolver"), "").await;
     r.expect(201);
     assert_eq!(r.body["world"], "resolver");
     let a = json!({"value": 7.5, "hlc": 100, "origin": "edge-1"});
@@ -442,11 +447,13 @@ async fn max_resolver_merges_in_canonical_order() {
 #[tokio::test]
 async fn python_thermal_analysis_answers_like_the_rust_one() {
     let s = Server::start();
-    upload(&s, "ta-rs", &guest("thermal_analysis"))
+    s.upload("ta-rs", &guest("thermal_analysis"), "")
         .await
         .expect(201);
     let started = Instant::now();
-    let r = upload(&s, "ta-py", &guest_file("python/thermal_analysis_py.wasm")).await;
+    let r = s
+        .upload("ta-py", &guest_file("python/thermal_analysis_py.wasm"), "")
+        .await;
     r.expect(201);
     assert_eq!(r.body["world"], "compute");
     eprintln!(

@@ -5,8 +5,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::Server;
 use serde_json::{json, Value};
+
+use crate::common::Server;
 
 const FIXTURE_NODE: &str = "edge-1";
 const B: &str = "01900000-0000-7000-8000-00000000000b";
@@ -92,14 +93,10 @@ async fn a_format_1_directory_is_upgraded_in_place() {
     check_fixture_twins(&s).await;
     // The fixture's read token still works.
     let read = std::fs::read_to_string(s.data_dir.join("read.token")).unwrap();
-    let r = s
-        .http
-        .get(format!("{}/v1/twins/{M1}", s.url))
-        .bearer_auth(read.trim())
-        .send()
+    s.with_token(read.trim())
+        .get(&format!("/v1/twins/{M1}"))
         .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+        .expect(200);
     // Clocks derived from the stored data: every property last written at the twin's last
     // update, on the node that wrote it.
     let m1 = s.get(&format!("/v1/twins/{M1}?meta=true")).await.body;
@@ -316,11 +313,10 @@ async fn tombstones_and_the_change_feed() {
     // Who may read it.
     let peer = s.create_token("peer").await;
     let read = s.create_token("read").await;
-    let as_token =
-        |t: &str, path: &str| s.http.get(format!("{}{path}", s.url)).bearer_auth(t).send();
-    assert_eq!(as_token(&peer, "/v1/changes").await.unwrap().status(), 200);
-    assert_eq!(as_token(&peer, "/v1/twins").await.unwrap().status(), 403);
-    assert_eq!(as_token(&read, "/v1/changes").await.unwrap().status(), 403);
+    let (peer, read) = (s.with_token(&peer), s.with_token(&read));
+    peer.get("/v1/changes").await.expect(200);
+    peer.get("/v1/twins").await.expect(403);
+    read.get("/v1/changes").await.expect(403);
     s.get("/v1/changes?limit=0")
         .await
         .expect_error(400, "bad_request");

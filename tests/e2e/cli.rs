@@ -1,8 +1,9 @@
 //! The client CLI (`twinhost twin|query|model|ingest ...`) against a running server: output
 //! as JSON, exit status on rejected items, and a closed output pipe.
 
-use crate::common::{cli_json, cli_ok, ids, machine_model, twinhost_command, Server};
 use serde_json::{json, Value};
+
+use crate::common::{cli_json, cli_ok, ids, machine_model, twinhost_command, Server};
 
 #[tokio::test]
 async fn cli_ingest_file_prints_applied_count() {

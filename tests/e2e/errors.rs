@@ -1,9 +1,10 @@
 //! Malformed requests (bad JSON, wrong shapes, bad ids and query parameters, unknown routes and
 //! methods) get the API.md error body and change nothing.
 
-use crate::common::{assert_error_shape, Body, Server};
 use reqwest::Method;
 use serde_json::json;
+
+use crate::common::{assert_error_shape, Body, Server};
 
 // ---- malformed requests ----------------------------------------------------------------
 

@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::common::{q, rfc3339, time, Server};
 use chrono::{DateTime, Timelike, Utc};
 use serde_json::{json, Value};
+
+use crate::common::{q, rfc3339, time, Server};
 
 /// A deleted twin's history must not survive the delete: writes to a twin that race with its
 /// delete (and land in the same group commit) must not leave history behind that a new twin

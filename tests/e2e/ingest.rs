@@ -1,9 +1,10 @@
 //! `POST /v1/ingest`: JSON arrays and NDJSON, bad items rejected by index while the rest is
 //! applied.
 
-use crate::common::{machine_model, rfc3339, Server};
 use chrono::Utc;
 use serde_json::json;
+
+use crate::common::{machine_model, rfc3339, Server};
 
 #[tokio::test]
 async fn ingest_json_array_and_ndjson() {

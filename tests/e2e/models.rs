@@ -3,8 +3,9 @@
 
 use std::collections::BTreeSet;
 
-use crate::common::{machine_model, Server};
 use serde_json::json;
+
+use crate::common::{machine_model, Server};
 
 #[tokio::test]
 async fn models_put_get_list_delete() {

@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
+
+use crate::common::{Body, Server};
 
 // ---- operations ------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::common::{id_set, ids, set, Server};
 use serde_json::{json, Value};
+
+use crate::common::{id_set, ids, set, Server};
 
 #[tokio::test]
 async fn query_filters_hierarchy_and_paging() {

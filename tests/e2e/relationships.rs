@@ -1,9 +1,10 @@
 //! Relationships between twins: put (create / replace), list, delete, unknown ends, and
 //! relationships that go away with their target.
 
-use crate::common::{Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
+
+use crate::common::{Body, Server};
 
 #[tokio::test]
 async fn relationships_put_list_delete() {

@@ -3,8 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{alerts_until, guest, twin_until, upload, Server};
 use serde_json::{json, Value};
+
+use crate::common::{alerts_until, guest, twin_until, Server};
 
 #[tokio::test]
 async fn rules_fire_alerts_and_patches_and_survive_restart() {
@@ -87,7 +88,7 @@ async fn rules_fire_alerts_and_patches_and_survive_restart() {
         .collect();
     assert_eq!(names, [json!("line-hot"), json!("overheat")]);
     // An invoke action runs a compute module on the twin; its result arrives as an alert.
-    upload(&s, "thermal-analysis", &guest("thermal_analysis"))
+    s.upload("thermal-analysis", &guest("thermal_analysis"), "")
         .await
         .expect(201);
     s.put(

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeSet;
 
-use crate::common::{id_set, ids, set, time, Body, Server};
 use chrono::Utc;
 use reqwest::Method;
 use serde_json::{json, Value};
+
+use crate::common::{id_set, ids, set, time, Body, Server};
 
 #[tokio::test]
 async fn twin_create_get_with_location_and_etag() {

@@ -1,13 +1,12 @@
-//! Streaming clients of the event routes: Server-Sent Events over HTTP and a minimal
-//! WebSocket client over a raw TCP socket.
+//! Readers of the event streams: Server-Sent Events (an incremental parser over a response
+//! body) and a minimal WebSocket client over a raw TCP socket. Open them with
+//! [`Client::sse`](super::Client::sse) and [`Client::ws`](super::Client::ws).
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-use super::Server;
 
 /// How long a test waits for one expected event.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,34 +37,23 @@ impl SseMsg {
     }
 }
 
-/// A client without `common::http_client`'s 60 s total timeout, which would also cut a
-/// long-lived stream.
-pub fn stream_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .expect("building the streaming client")
-}
-
 /// A `GET /v1/events` stream with an incremental parser.
 pub struct Sse {
-    pub resp: reqwest::Response,
-    pub buf: Vec<u8>,
+    resp: reqwest::Response,
+    buf: Vec<u8>,
     /// Start of the unparsed part of `buf`.
-    pub start: usize,
+    start: usize,
     /// Where the search for the end of the next event resumes.
-    pub scan: usize,
+    scan: usize,
 }
 
 impl Sse {
-    /// Open the stream (asserting 200 and `text/event-stream`). The server has registered
-    /// the subscription once the response head arrives, so every change made afterwards is
-    /// delivered.
-    pub async fn open(s: &Server, query: &str, headers: &[(&str, &str)]) -> Sse {
-        let r = Self::request(s, query, headers).await;
-        assert_eq!(r.status().as_u16(), 200, "GET /v1/events?{query}");
-        let ct = r
+    /// A stream from its response head (asserting 200 and `text/event-stream`). The server
+    /// has registered the subscription once the head arrives, so every change made afterwards
+    /// is delivered.
+    pub fn new(resp: reqwest::Response) -> Sse {
+        assert_eq!(resp.status().as_u16(), 200, "GET {}", resp.url());
+        let ct = resp
             .headers()
             .get("content-type")
             .and_then(|v| v.to_str().ok())
@@ -73,42 +61,59 @@ impl Sse {
             .to_owned();
         assert!(
             ct.starts_with("text/event-stream"),
-            "content type of /v1/events: {ct}"
+            "content type of {}: {ct}",
+            resp.url()
         );
         Sse {
-            resp: r,
+            resp,
             buf: Vec::new(),
             start: 0,
             scan: 0,
         }
     }
 
-    pub async fn request(s: &Server, query: &str, headers: &[(&str, &str)]) -> reqwest::Response {
-        let mut rb = stream_client()
-            .get(format!("{}/v1/events?{query}", s.url))
-            .bearer_auth(&s.token);
-        for (k, v) in headers {
-            rb = rb.header(*k, *v);
-        }
-        tokio::time::timeout(Duration::from_secs(10), rb.send())
-            .await
-            .expect("the SSE response head within 10 s")
-            .expect("GET /v1/events")
-    }
-
     /// The next event (keep-alive comments are skipped); `None` if none arrives by
     /// `deadline`. Panics if the stream ends.
     pub async fn next_until(&mut self, deadline: Instant) -> Option<SseMsg> {
+        match self.read_until(deadline).await {
+            Ok(m) => m,
+            Err(end) => panic!("{end}"),
+        }
+    }
+
+    /// The next event, or `None` once the stream ends, fails or stays silent for `timeout`
+    /// (for a reader that runs until the server goes away).
+    pub async fn next_or_end(&mut self, timeout: Duration) -> Option<SseMsg> {
+        self.read_until(Instant::now() + timeout)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Whether the stream ends within `timeout` (what is still in flight is skipped).
+    pub async fn ended_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.read_until(deadline).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// The next event; `Ok(None)` at `deadline`, `Err` when the stream ends or fails.
+    async fn read_until(&mut self, deadline: Instant) -> Result<Option<SseMsg>, String> {
         loop {
             if let Some(m) = self.parse_one() {
-                return Some(m);
+                return Ok(Some(m));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return None;
+                return Ok(None);
             }
             match tokio::time::timeout(left, self.resp.chunk()).await {
-                Err(_) => return None,
+                Err(_) => return Ok(None),
                 Ok(Ok(Some(c))) => {
                     if self.start > 0 && self.start * 2 > self.buf.len() {
                         self.buf.drain(..self.start);
@@ -117,8 +122,8 @@ impl Sse {
                     }
                     self.buf.extend_from_slice(&c);
                 }
-                Ok(Ok(None)) => panic!("the SSE stream ended"),
-                Ok(Err(e)) => panic!("reading the SSE stream: {e}"),
+                Ok(Ok(None)) => return Err("the SSE stream ended".into()),
+                Ok(Err(e)) => return Err(format!("reading the SSE stream: {e}")),
             }
         }
     }
@@ -159,7 +164,7 @@ impl Sse {
     }
 
     /// Parse one complete event from the buffer, skipping comment-only blocks.
-    pub fn parse_one(&mut self) -> Option<SseMsg> {
+    fn parse_one(&mut self) -> Option<SseMsg> {
         loop {
             let rel = self.buf[self.scan..].windows(2).position(|w| w == b"\n\n");
             let Some(rel) = rel else {
@@ -210,8 +215,8 @@ impl Sse {
 
 /// A minimal WebSocket client: the HTTP/1.1 upgrade, then unmasked server frames.
 pub struct Ws {
-    pub tcp: TcpStream,
-    pub buf: Vec<u8>,
+    tcp: TcpStream,
+    buf: Vec<u8>,
 }
 
 /// What a WebSocket upgrade request got.
@@ -222,10 +227,10 @@ pub enum WsOpen {
 }
 
 impl Ws {
-    pub async fn connect(s: &Server, query: &str) -> WsOpen {
+    pub async fn connect(port: u16, token: &str, query: &str) -> WsOpen {
         let mut tcp = tokio::time::timeout(
             Duration::from_secs(5),
-            TcpStream::connect(("127.0.0.1", s.port)),
+            TcpStream::connect(("127.0.0.1", port)),
         )
         .await
         .expect("connect within 5 s")
@@ -234,7 +239,7 @@ impl Ws {
             "GET /v1/events/ws?{query} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {}\r\n\
              Upgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            s.port, s.token
+            port, token
         );
         tcp.write_all(req.as_bytes())
             .await
@@ -297,17 +302,8 @@ impl Ws {
         WsOpen::Open(Ws { tcp, buf: rest })
     }
 
-    pub async fn open(s: &Server, query: &str) -> Ws {
-        match Ws::connect(s, query).await {
-            WsOpen::Open(w) => w,
-            WsOpen::Refused(st, body) => {
-                panic!("WebSocket /v1/events/ws?{query} refused: {st} {body}")
-            }
-        }
-    }
-
     /// Parse one complete frame: (fin, opcode, payload).
-    pub fn parse_frame(&mut self) -> Option<(bool, u8, Vec<u8>)> {
+    fn parse_frame(&mut self) -> Option<(bool, u8, Vec<u8>)> {
         let b = &self.buf;
         if b.len() < 2 {
             return None;

@@ -3,10 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::{create, log_all, log_page, patch, seq};
-use crate::common::stream::Sse;
-use crate::common::Server;
+use reqwest::Method;
 use serde_json::{json, Value};
+
+use super::{create, log_all, log_page, patch, seq};
+use crate::common::{Body, Server, REQUEST_TIMEOUT};
 
 /// `kill -9` in the middle of a 10-second ingest, with a live SSE subscriber: after the
 /// restart every acknowledged update is in the twins, the event log has no hole from its
@@ -21,30 +22,19 @@ async fn kill9_during_ingest_loses_no_committed_event() {
         twins.push(create(&s, "machine", None, json!({"n": 0})).await);
     }
     // The live subscriber, from the start of the log.
-    let mut live = Sse::open(&s, "since=0", &[]).await;
+    let mut live = s.sse("since=0", &[]).await;
     let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<u64>::new()));
     let seen2 = seen.clone();
     let reader = tokio::spawn(async move {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(20), live.resp.chunk()).await {
-                Ok(Ok(Some(c))) => live.buf.extend_from_slice(&c),
-                _ => break,
-            }
-            while let Some(m) = live.parse_one() {
-                assert!(!m.is_lagged(), "the live subscriber lagged: {}", m.data);
-                seen2.lock().push(seq(&m.json()));
-            }
+        // Until the kill ends the stream.
+        while let Some(m) = live.next_or_end(Duration::from_secs(20)).await {
+            assert!(!m.is_lagged(), "the live subscriber lagged: {}", m.data);
+            seen2.lock().push(seq(&m.json()));
         }
     });
     // Ingest for 10 s in batches of 250; each 200 makes its batch durable.
     let acked = std::sync::Arc::new(parking_lot::Mutex::new(vec![0u64; twins.len()]));
-    let (client, url, token, ids, acked2) = (
-        s.http.clone(),
-        s.url.clone(),
-        s.token.clone(),
-        twins.clone(),
-        acked.clone(),
-    );
+    let (client, ids, acked2) = (s.client().clone(), twins.clone(), acked.clone());
     let ingest = tokio::spawn(async move {
         let started = Instant::now();
         let mut n = 0u64;
@@ -58,15 +48,20 @@ async fn kill9_during_ingest_loses_no_committed_event() {
                     ));
                 }
             }
+            let body = Body::Bytes(body.into_bytes(), "application/x-ndjson");
             let r = client
-                .post(format!("{url}/v1/ingest"))
-                .bearer_auth(&token)
-                .header("content-type", "application/x-ndjson")
-                .body(body)
-                .send()
+                .try_send(
+                    Method::POST,
+                    "/v1/ingest",
+                    Some(&client.token),
+                    body,
+                    &[],
+                    REQUEST_TIMEOUT,
+                )
                 .await;
+            // The kill ends the request: what was not acknowledged may be lost.
             match r {
-                Ok(r) if r.status() == 200 => acked2.lock().iter_mut().for_each(|a| *a = n),
+                Ok(r) if r.status == 200 => acked2.lock().iter_mut().for_each(|a| *a = n),
                 _ => return n,
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -112,7 +107,7 @@ async fn kill9_during_ingest_loses_no_committed_event() {
     );
     // A subscriber resuming from the last event the live one saw gets the rest exactly once.
     let from = *seen.last().unwrap();
-    let mut resumed = Sse::open(&s, "", &[("Last-Event-ID", &from.to_string())]).await;
+    let mut resumed = s.sse("", &[("Last-Event-ID", &from.to_string())]).await;
     let rest = resumed
         .take((last - from) as usize, "resuming across the crash")
         .await;

@@ -4,10 +4,11 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use super::{create, ev, last_seq, log_all, log_page, patch, seq, summary};
-use crate::common::stream::{Sse, EVENT_TIMEOUT};
-use crate::common::Server;
 use serde_json::{json, Value};
+
+use super::{create, ev, last_seq, log_all, log_page, patch, seq, summary};
+use crate::common::stream::EVENT_TIMEOUT;
+use crate::common::Server;
 
 // ---- 5. the persisted tail and numbering across restarts --------------------------------
 
@@ -37,7 +38,7 @@ async fn restart_keeps_tail_and_numbering() {
 
     // New changes get higher numbers and are streamed; a resume from before the restart
     // replays the old events from the persisted tail.
-    let mut sub = Sse::open(&s, &format!("since={}", max_before - 3), &[]).await;
+    let mut sub = s.sse(&format!("since={}", max_before - 3), &[]).await;
     patch(&s, &a, json!({"n": 11})).await;
     let mut seen: Vec<Value> = Vec::new();
     let deadline = Instant::now() + EVENT_TIMEOUT;
@@ -170,7 +171,7 @@ async fn event_tail_and_max_age_limits() {
         assert_eq!(w[0] + 1, w[1], "the kept tail is contiguous: {stored:?}");
     }
     // A resume from before the kept tail is told what it missed.
-    let mut sub = Sse::open(&s, "since=0", &[]).await;
+    let mut sub = s.sse("since=0", &[]).await;
     let m = sub.expect_next("resume below the tail").await;
     assert!(m.is_lagged(), "a lag notice first: {m:?}");
     let v = m.json();

@@ -10,9 +10,10 @@ mod log;
 mod resume;
 mod stream;
 
-use crate::common::{time, Server, NODE_ID};
 use chrono::Utc;
 use serde_json::{json, Value};
+
+use crate::common::{time, Server, NODE_ID};
 
 // ---- helpers ---------------------------------------------------------------------------
 

@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{create, last_seq, log_page, patch, rss_bytes, seq};
-use crate::common::stream::Sse;
-use crate::common::Server;
 use serde_json::json;
+
+use super::{create, last_seq, log_page, patch, rss_bytes, seq};
+use crate::common::Server;
 
 // ---- 3. resume exactly once ------------------------------------------------------------
 
@@ -19,7 +19,7 @@ async fn resume_exactly_once() {
     let b = create(&s, "sensor", None, json!({"n": 0})).await;
 
     // Receive a few events, then drop the connection remembering the last id.
-    let mut sub = Sse::open(&s, "", &[]).await;
+    let mut sub = s.sse("", &[]).await;
     for i in 1..=3 {
         patch(&s, &a, json!({"n": i})).await;
     }
@@ -39,7 +39,7 @@ async fn resume_exactly_once() {
 
     // Reconnect with Last-Event-ID: exactly those 50, contiguous, then live.
     let last = last_id.to_string();
-    let mut sub = Sse::open(&s, "", &[("Last-Event-ID", &last)]).await;
+    let mut sub = s.sse("", &[("Last-Event-ID", &last)]).await;
     let replay = sub.take(50, "replay after Last-Event-ID").await;
     let seqs: Vec<u64> = replay.iter().map(seq).collect();
     assert_eq!(
@@ -65,7 +65,7 @@ async fn resume_exactly_once() {
     drop(sub);
 
     // `?since=` does the same as the header, with a filter applied to the replay.
-    let mut sub = Sse::open(&s, &format!("since={last_id}&twin_id={b}"), &[]).await;
+    let mut sub = s.sse(&format!("since={last_id}&twin_id={b}"), &[]).await;
     let replay = sub.take(25, "replay after since with twin_id").await;
     assert!(replay.iter().all(|e| e["twin_id"] == b.as_str()));
     let seqs: Vec<u64> = replay.iter().map(seq).collect();
@@ -82,20 +82,12 @@ async fn resume_exactly_once() {
     let start = last_seq(&s).await;
     let writer_stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (url, token, a) = (s.url.clone(), s.token.clone(), a.clone());
+        let (client, path) = (s.client().clone(), format!("/v1/twins/{a}"));
         let stop = writer_stop.clone();
         tokio::spawn(async move {
-            let http = crate::common::http_client();
             let mut n = 0u64;
             while n < 3000 && !stop.load(Ordering::Relaxed) {
-                let r = http
-                    .patch(format!("{url}/v1/twins/{a}"))
-                    .bearer_auth(&token)
-                    .json(&json!({"w": n}))
-                    .send()
-                    .await
-                    .expect("patch");
-                assert_eq!(r.status().as_u16(), 200);
+                client.patch(&path, &json!({"w": n})).await.expect(200);
                 n += 1;
             }
             n
@@ -111,7 +103,7 @@ async fn resume_exactly_once() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let from = start.to_string();
-    let mut sub = Sse::open(&s, "", &[("Last-Event-ID", &from)]).await;
+    let mut sub = s.sse("", &[("Last-Event-ID", &from)]).await;
     let mut got: Vec<u64> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while got.len() < 300 {
@@ -157,12 +149,12 @@ async fn slow_subscriber_lagged() {
     let base = last_seq(&s).await;
 
     // The slow subscriber: the response head is read, the body is not (yet).
-    let mut slow = Sse::open(&s, "", &[]).await;
+    let mut slow = s.sse("", &[]).await;
 
     // The fast subscriber reads continuously and checks that seqs are contiguous.
     let fast_count = Arc::new(AtomicU64::new(0));
     let fast = {
-        let mut sub = Sse::open(&s, "", &[]).await;
+        let mut sub = s.sse("", &[]).await;
         let count = fast_count.clone();
         tokio::spawn(async move {
             let mut expect = base + 1;
@@ -312,7 +304,7 @@ async fn slow_subscriber_lagged() {
     assert_eq!(p["next_seq"], last + 1);
 
     // A resume from inside the missed range replays it from the log.
-    let mut again = Sse::open(&s, &format!("since={}", to - 3), &[]).await;
+    let mut again = s.sse(&format!("since={}", to - 3), &[]).await;
     let got = again.take(4, "resume inside the missed range").await;
     assert_eq!(
         got.iter().map(seq).collect::<Vec<_>>(),
@@ -330,7 +322,7 @@ async fn resume_across_clean_restart_has_no_phantom_gap() {
     let last = last_seq(&s).await;
     s.stop().expect("clean stop");
     s.restart();
-    let mut sub = Sse::open(&s, &format!("since={last}"), &[]).await;
+    let mut sub = s.sse(&format!("since={last}"), &[]).await;
     patch(&s, &a, json!({"n": 2})).await;
     let m = sub.expect_next("the first event after the restart").await;
     assert!(

@@ -3,13 +3,15 @@
 
 use std::time::{Duration, Instant};
 
+use reqwest::Method;
+use serde_json::{json, Value};
+
 use super::{
     assert_envelope, assert_increasing, create, ev, last_seq, log_all, log_page, patch, seq,
     summary,
 };
-use crate::common::stream::{Sse, Ws, WsOpen};
-use crate::common::{assert_error_shape, Server};
-use serde_json::{json, Value};
+use crate::common::stream::WsOpen;
+use crate::common::{assert_error_shape, Body, Server};
 
 // ---- 1. filters over SSE ---------------------------------------------------------------
 
@@ -24,21 +26,13 @@ async fn an_acknowledged_write_is_already_in_the_log() {
     // same commit as the patch (the race this guards against only shows under load).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
-        let (http, url, token, stop) =
-            (s.http.clone(), s.url.clone(), s.token.clone(), stop.clone());
+        let (client, stop) = (s.client().clone(), stop.clone());
         tokio::spawn(async move {
-            let batch: Vec<Value> = (0..5000)
+            let batch: Value = (0..5000)
                 .map(|i| json!({"twin_id": other, "properties": {"n": i}}))
                 .collect();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = http
-                    .post(format!("{url}/v1/ingest"))
-                    .bearer_auth(&token)
-                    .json(&batch)
-                    .send()
-                    .await
-                    .expect("ingest");
-                assert_eq!(r.status(), 200);
+                client.post("/v1/ingest", &batch).await.expect(200);
             }
         })
     };
@@ -69,12 +63,12 @@ async fn sse_filters() {
     // A machine outside the hierarchy.
     let other = create(&s, "machine", None, json!({"temperature": 1})).await;
 
-    let mut by_type = Sse::open(&s, "entity_type=machine&types=twin.updated", &[]).await;
-    let mut by_ids = Sse::open(&s, &format!("twin_id={sensor},{other}"), &[]).await;
-    let mut by_parent = Sse::open(&s, &format!("parent_id={line}"), &[]).await;
-    let mut by_ancestor = Sse::open(&s, &format!("ancestor_id={building}"), &[]).await;
-    let mut by_types = Sse::open(&s, "types=twin.created,twin.deleted", &[]).await;
-    let mut all = Sse::open(&s, "", &[]).await;
+    let mut by_type = s.sse("entity_type=machine&types=twin.updated", &[]).await;
+    let mut by_ids = s.sse(&format!("twin_id={sensor},{other}"), &[]).await;
+    let mut by_parent = s.sse(&format!("parent_id={line}"), &[]).await;
+    let mut by_ancestor = s.sse(&format!("ancestor_id={building}"), &[]).await;
+    let mut by_types = s.sse("types=twin.created,twin.deleted", &[]).await;
+    let mut all = s.sse("", &[]).await;
 
     patch(&s, &building, json!({"floors": 3})).await;
     patch(&s, &line, json!({"speed": 2})).await;
@@ -248,10 +242,10 @@ async fn ws_filters_and_since() {
     let machine = create(&s, "machine", Some(&line), json!({"temperature": 70})).await;
     let sensor = create(&s, "sensor", Some(&line), json!({"value": 1})).await;
 
-    let mut by_type = Ws::open(&s, "entity_type=machine&types=twin.updated").await;
-    let mut by_ids = Ws::open(&s, &format!("twin_id={sensor}")).await;
-    let mut by_ancestor = Ws::open(&s, &format!("ancestor_id={building}")).await;
-    let mut all = Ws::open(&s, "").await;
+    let mut by_type = s.ws("entity_type=machine&types=twin.updated").await;
+    let mut by_ids = s.ws(&format!("twin_id={sensor}")).await;
+    let mut by_ancestor = s.ws(&format!("ancestor_id={building}")).await;
+    let mut all = s.ws("").await;
 
     patch(&s, &building, json!({"floors": 1})).await;
     patch(&s, &sensor, json!({"value": 2})).await;
@@ -317,7 +311,7 @@ async fn ws_filters_and_since() {
 
     // since=N replays the stored events after N that match, exactly once, then goes live.
     let k = seq(&everything[2]); // the machine's first update
-    let mut resumed = Ws::open(&s, &format!("since={}&twin_id={machine}", k - 1)).await;
+    let mut resumed = s.ws(&format!("since={}&twin_id={machine}", k - 1)).await;
     let got = resumed.take(2, "ws since replay").await;
     assert_eq!(
         summary(&got),
@@ -335,7 +329,7 @@ async fn ws_filters_and_since() {
     resumed.expect_quiet("ws since live").await;
 
     // since=0 with a type filter: the whole stored history of that type, oldest first.
-    let mut created = Ws::open(&s, "since=0&types=twin.created").await;
+    let mut created = s.ws("since=0&types=twin.created").await;
     let got = created.take(5, "ws since=0").await;
     created.expect_quiet("ws since=0").await;
     assert_eq!(
@@ -352,7 +346,7 @@ async fn ws_filters_and_since() {
 
     // since = the newest seq: nothing replayed, live only.
     let newest = last_seq(&s).await;
-    let mut tail = Ws::open(&s, &format!("since={newest}")).await;
+    let mut tail = s.ws(&format!("since={newest}")).await;
     tail.expect_quiet("ws since=newest").await;
     patch(&s, &sensor, json!({"value": 3})).await;
     let got = tail.take(1, "ws since=newest live").await;
@@ -366,8 +360,8 @@ async fn ws_filters_and_since() {
 async fn sigterm_ends_open_streams_and_exits() {
     let s = Server::start();
     let id = create(&s, "machine", None, json!({"n": 0})).await;
-    let mut sse = Sse::open(&s, "types=twin.updated", &[]).await;
-    let mut ws = Ws::open(&s, "types=twin.updated").await;
+    let mut sse = s.sse("types=twin.updated", &[]).await;
+    let mut ws = s.ws("types=twin.updated").await;
     patch(&s, &id, json!({"n": 1})).await;
     sse.take(1, "the live update over SSE").await;
     ws.take(1, "the live update over WebSocket").await;
@@ -385,15 +379,8 @@ async fn sigterm_ends_open_streams_and_exits() {
     let close = close.expect("a close frame on the WebSocket");
     assert_eq!(close[..2], 1001u16.to_be_bytes(), "going away: {close:?}");
     // The SSE stream has ended too.
-    let ended = loop {
-        match tokio::time::timeout(Duration::from_secs(2), sse.resp.chunk()).await {
-            Ok(Ok(Some(_))) => continue, // what was already in flight
-            Ok(Ok(None)) | Ok(Err(_)) => break true,
-            Err(_) => break false,
-        }
-    };
     assert!(
-        ended,
+        sse.ended_within(Duration::from_secs(2)).await,
         "the SSE stream is still open after the server stopped"
     );
 }
@@ -414,7 +401,7 @@ async fn bad_params() {
         r.expect_error(400, "bad_request");
         let r = s.get(&format!("/v1/events/log?{q}")).await;
         r.expect_error(400, "bad_request");
-        match Ws::connect(&s, q).await {
+        match s.ws_connect(q).await {
             WsOpen::Open(_) => panic!("WebSocket with {q} was upgraded"),
             WsOpen::Refused(st, body) => {
                 assert_eq!(st, 400, "WebSocket with {q}: {body}");
@@ -441,10 +428,10 @@ async fn bad_params() {
     for bad in ["abc", "-1", "1.5", "12abc"] {
         let r = s
             .send(
-                reqwest::Method::GET,
+                Method::GET,
                 "/v1/events",
-                Some(&s.token.clone()),
-                crate::common::Body::None,
+                Some(&s.token),
+                Body::None,
                 &[("Last-Event-ID", bad)],
             )
             .await;
@@ -452,31 +439,25 @@ async fn bad_params() {
     }
     // Without a token: 401, on every event route.
     for p in ["/v1/events", "/v1/events/log"] {
-        let r = s
-            .send(reqwest::Method::GET, p, None, crate::common::Body::None, &[])
-            .await;
+        let r = s.send(Method::GET, p, None, Body::None, &[]).await;
         r.expect(401);
     }
     // A valid request still works afterwards.
-    let _ok = Sse::open(&s, "types=twin.updated,alert", &[("Last-Event-ID", "0")]).await;
+    let _ok = s
+        .sse("types=twin.updated,alert", &[("Last-Event-ID", "0")])
+        .await;
     // Browsers cannot set headers on EventSource / WebSocket: the streams take
     // `?access_token=` instead (a read token is enough); no other route does.
     let read = s.create_token("read").await;
-    let get = |path: String| {
-        let http = s.http.clone();
-        async move { http.get(path).send().await.expect("GET") }
-    };
-    let r = get(format!(
-        "{}/v1/events?types=alert&access_token={read}",
-        s.url
-    ))
-    .await;
-    assert_eq!(r.status(), 200);
-    drop(r);
-    let r = get(format!("{}/v1/events?access_token=th_wrong", s.url)).await;
-    assert_eq!(r.status(), 401);
-    let r = get(format!("{}/v1/events/log?access_token={read}", s.url)).await;
-    assert_eq!(r.status(), 401, "only the streams take a token in the URL");
-    let r = get(format!("{}/v1/twins?access_token={}", s.url, s.token)).await;
-    assert_eq!(r.status(), 401);
+    // Only the head is read: a stream's body does not end.
+    for (path, status) in [
+        (format!("/v1/events?types=alert&access_token={read}"), 200),
+        ("/v1/events?access_token=th_wrong".into(), 401),
+        // Only the streams take a token in the URL.
+        (format!("/v1/events/log?access_token={read}"), 401),
+        (format!("/v1/twins?access_token={}", s.token), 401),
+    ] {
+        let r = s.open_stream(&path, None, &[]).await;
+        assert_eq!(r.status(), status, "GET {path}");
+    }
 }
