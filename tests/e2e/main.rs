@@ -6,8 +6,8 @@
 //!
 //! - [`common`]: starting, stopping, killing and restarting a server; the HTTP client and
 //!   the streaming (SSE, WebSocket) clients; guest components; shared data helpers.
-//! - API subjects: [`auth`], [`models`], [`twins`], [`relationships`], [`query`],
-//!   [`ingest`], [`history`], [`errors`] (malformed requests), [`limits`], [`changes`].
+//! - API subjects: [`auth`], [`twins`], [`relationships`], [`query`], [`ingest`],
+//!   [`history`], [`limits`], [`changes`].
 //! - Events: [`events`] (live streams, resume, the stored log, crashes).
 //! - Guests: [`wasm`] (compute modules), [`sandbox`] (guests that wait), [`behaviors`],
 //!   [`rules`].
@@ -24,12 +24,10 @@ mod behaviors;
 mod changes;
 mod cli;
 mod durability;
-mod errors;
 mod events;
 mod history;
 mod ingest;
 mod limits;
-mod models;
 mod ops;
 mod query;
 mod relationships;

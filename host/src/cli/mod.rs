@@ -6,7 +6,7 @@
 
 mod bench;
 mod client;
-mod serve;
+pub(crate) mod serve;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,15 +1,15 @@
-//! Models (API.md "Models"): put / get / list / delete, and validation of twins against a
-//! model with a reason per failing property (422 `validation_failed` with `details`).
+//! Models: put / get / list / delete with the status of each outcome, and validation failures
+//! as 422 `validation_failed` with a reason per failing property in `details`.
 
 use std::collections::BTreeSet;
 
 use serde_json::json;
 
-use crate::common::{machine_model, Server};
+use super::{machine_model, App};
 
 #[tokio::test]
 async fn models_put_get_list_delete() {
-    let s = Server::start();
+    let s = App::start().await;
     let m = machine_model();
     let r = s.put("/v1/models/machine", &m).await;
     r.expect(201);
@@ -80,7 +80,7 @@ async fn models_put_get_list_delete() {
 
 #[tokio::test]
 async fn model_violations_name_every_failing_property() {
-    let s = Server::start();
+    let s = App::start().await;
     s.put("/v1/models/machine", &machine_model())
         .await
         .expect(201);
