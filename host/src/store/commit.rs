@@ -836,3 +836,7 @@ fn write_checkpoint(
     db.flush()?;
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "commit_tests.rs"]
+mod tests;
