@@ -942,3 +942,7 @@ fn rel_change(twins: &TwinMap, src: TwinId, data: Value, stamp: &Stamp) -> Chang
         stamp,
     )
 }
+
+#[cfg(test)]
+#[path = "write_tests.rs"]
+mod tests;
