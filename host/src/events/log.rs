@@ -802,3 +802,7 @@ async fn record_alerts(registry: Registry, mut rx: tokio::sync::mpsc::Receiver<V
         }
     }
 }
+
+#[cfg(test)]
+#[path = "log_tests.rs"]
+mod tests;

@@ -684,3 +684,7 @@ pub(super) fn rel_change(twins: &TwinMap, src: TwinId, data: Value, stamp: &Stam
         stamp,
     )
 }
+
+#[cfg(test)]
+#[path = "write_tests.rs"]
+mod tests;

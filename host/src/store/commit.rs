@@ -527,3 +527,7 @@ fn publish_points(pending: &parking_lot::Mutex<PendingHistory>, batch: &mut Batc
         p.current.entry(id).or_default().push((name, ts, v));
     }
 }
+
+#[cfg(test)]
+#[path = "commit_tests.rs"]
+mod tests;

@@ -1,63 +1,22 @@
-//! Behaviors, rules, resolvers and the second-language guest through the real server:
-//! the thermal-monitor behavior alerts on temperature > 85 and patches through the write path
-//! without re-triggering itself; a failing behavior is counted and does not stop others;
-//! rules fire alerts and patches and survive a restart; modules in use refuse deletion; the
-//! max resolver merges in canonical order; the Python thermal-analysis answers exactly as the
-//! Rust one.
-
-mod common;
+//! Behaviors and resolvers through the real server: the thermal-monitor behavior alerts on
+//! temperature > 85 and patches through the write path without re-triggering itself; a twin's
+//! events run in log order; a failing or hanging behavior holds up no other; modules in use
+//! refuse deletion; the max resolver merges in canonical order; the Python thermal-analysis
+//! answers exactly as the Rust one.
 
 use std::time::{Duration, Instant};
 
-use common::{guest, guest_file as file, Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-async fn upload(s: &Server, name: &str, bytes: &[u8]) -> common::Resp {
-    s.call(
-        Method::PUT,
-        &format!("/v1/modules/{name}"),
-        Body::Raw(bytes, "application/wasm"),
-    )
-    .await
-}
-
-/// Poll the event log until `pred` holds for the alerts of `twin` (or fail after 10 s).
-async fn alerts_until(s: &Server, twin: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = s
-            .get(&format!("/v1/events/log?types=alert&twin_id={twin}"))
-            .await;
-        r.expect(200);
-        let alerts = r.body["events"].as_array().cloned().unwrap_or_default();
-        if pred(&alerts) {
-            return alerts;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "condition never held; alerts: {alerts:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn twin_until(s: &Server, twin: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let t = s.get(&format!("/v1/twins/{twin}")).await.body;
-        if pred(&t) {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "twin never matched: {t}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use crate::common::{alerts_until, guest, guest_file, twin_until, Body, Server};
 
 #[tokio::test]
 async fn thermal_monitor_alerts_patches_and_does_not_retrigger_itself() {
     let s = Server::start();
-    let r = upload(&s, "thermal-monitor", &guest("thermal_monitor")).await;
+    let r = s
+        .upload("thermal-monitor", &guest("thermal_monitor"), "")
+        .await;
     r.expect(201);
     assert_eq!(r.body["world"], "behavior");
     s.put(
@@ -138,7 +97,7 @@ async fn thermal_monitor_alerts_patches_and_does_not_retrigger_itself() {
 #[tokio::test]
 async fn a_twins_events_run_in_log_order() {
     let s = Server::start();
-    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+    s.upload("thermal-monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     s.put(
@@ -198,7 +157,7 @@ async fn a_twins_events_run_in_log_order() {
 #[tokio::test]
 async fn a_bulk_ingest_reaches_every_rule_and_behavior() {
     let s = Server::start();
-    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+    s.upload("thermal-monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     let valve = s
@@ -264,10 +223,10 @@ async fn a_bulk_ingest_reaches_every_rule_and_behavior() {
 #[tokio::test]
 async fn behavior_validation_failures_and_module_deletion() {
     let s = Server::start();
-    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+    s.upload("thermal-monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
-    upload(&s, "thermal-analysis", &guest("thermal_analysis"))
+    s.upload("thermal-analysis", &guest("thermal_analysis"), "")
         .await
         .expect(201);
     let cases = [
@@ -299,13 +258,15 @@ async fn behavior_validation_failures_and_module_deletion() {
     r.expect_error(409, "conflict");
     assert!(r.text.contains("behavior \\\"b\\\""), "{}", r.text);
     // Nor swapped for a component of another world, by upload or rollback, without force.
-    let r = upload(&s, "thermal-monitor", &guest("thermal_analysis")).await;
+    let r = s
+        .upload("thermal-monitor", &guest("thermal_analysis"), "")
+        .await;
     r.expect_error(409, "conflict");
     assert!(r.text.contains("behavior module in use"), "{}", r.text);
     let m = s.get("/v1/modules/thermal-monitor").await.body;
     assert_eq!(m["active"], 1, "still the behavior version: {m}");
     // The same world is a hot swap, in use or not.
-    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+    s.upload("thermal-monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     // Another world with force (version 3), then rollback to the behavior version is fine,
@@ -340,7 +301,7 @@ async fn behavior_validation_failures_and_module_deletion() {
     r.expect_error(404, "not_found");
     assert!(r.text.contains("has no version 9"), "{}", r.text);
     // A second behavior keeps working while the first one's module is force-deleted.
-    upload(&s, "thermal-monitor-2", &guest("thermal_monitor"))
+    s.upload("thermal-monitor-2", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     s.put(
@@ -393,7 +354,7 @@ async fn a_hanging_behavior_holds_up_no_other() {
     )
     .await
     .expect(201);
-    upload(&s, "thermal-monitor", &guest("thermal_monitor"))
+    s.upload("thermal-monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     for (name, module) in [("stuck", "stuck"), ("overheat", "thermal-monitor")] {
@@ -443,248 +404,9 @@ async fn a_hanging_behavior_holds_up_no_other() {
 }
 
 #[tokio::test]
-async fn rules_fire_alerts_and_patches_and_survive_restart() {
-    let mut s = Server::start();
-    let line = s
-        .create_twin_id(&json!({"entity_type": "line", "properties": {}}))
-        .await;
-    let m1 = s
-        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 70}, "parent_id": line}))
-        .await;
-    let m2 = s
-        .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 70}, "parent_id": line}))
-        .await;
-    let r = s
-        .put(
-            "/v1/rules/overheat",
-            &json!({"kind": "threshold", "entity_type": "machine", "property": "temperature",
-                    "op": ">", "value": 85, "clear": 80,
-                    "actions": [{"type": "alert", "severity": "critical", "message": "too hot"},
-                                {"type": "patch", "properties": {"alarm": true}}]}),
-        )
-        .await;
-    r.expect(201);
-    s.put(
-        "/v1/rules/line-hot",
-        &json!({"kind": "correlation", "entity_type": "machine",
-                "condition": {"property": "temperature", "op": ">", "value": 85},
-                "min_count": 2, "within": "1m",
-                "actions": [{"type": "patch", "target": "parent", "properties": {"line_alarm": true}}]}),
-    )
-    .await
-    .expect(201);
-    // Malformed rules: 422 with every reason.
-    let r = s
-        .put(
-            "/v1/rules/bad",
-            &json!({"kind": "window", "property": "t", "agg": "avg", "size": "never",
-                    "actions": [{"type": "invoke", "module": "nope"}]}),
-        )
-        .await;
-    r.expect_error(422, "validation_failed");
-    assert_eq!(
-        r.body["error"]["details"]["reasons"]
-            .as_array()
-            .map(Vec::len),
-        Some(2),
-        "{}",
-        r.body
-    );
-    let r = s.put("/v1/rules/bad", &json!({"kind": "nonsense"})).await;
-    r.expect_error(422, "validation_failed");
-    assert!(r.text.contains("unknown variant"), "{}", r.text);
-
-    for (t, temp) in [(&m1, 90), (&m1, 92), (&m1, 75), (&m1, 88)] {
-        s.patch(&format!("/v1/twins/{t}"), &json!({"temperature": temp}))
-            .await
-            .expect(200);
-    }
-    let alerts = alerts_until(&s, &m1, |a| a.len() >= 2).await;
-    assert_eq!(alerts.len(), 2, "rising edges at 90 and 88: {alerts:?}");
-    assert_eq!(alerts[0]["data"]["rule"], "overheat");
-    assert_eq!(alerts[0]["data"]["message"], "too hot");
-    assert_eq!(alerts[0]["data"]["details"]["value"], 90.0);
-    twin_until(&s, &m1, |t| t["properties"]["alarm"] == true).await;
-    // Correlation: a second hot machine under the same line flags the line.
-    s.patch(&format!("/v1/twins/{m2}"), &json!({"temperature": 99}))
-        .await
-        .expect(200);
-    twin_until(&s, &line, |t| t["properties"]["line_alarm"] == true).await;
-    let rule = s.get("/v1/rules/overheat").await.body;
-    assert_eq!(rule["stats"]["fired"], 3, "{rule}");
-    let names: Vec<Value> = s
-        .get("/v1/rules")
-        .await
-        .body
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["name"].clone())
-        .collect();
-    assert_eq!(names, [json!("line-hot"), json!("overheat")]);
-    // An invoke action runs a compute module on the twin; its result arrives as an alert.
-    upload(&s, "thermal-analysis", &guest("thermal_analysis"))
-        .await
-        .expect(201);
-    s.put(
-        "/v1/rules/analyze",
-        &json!({"kind": "threshold", "entity_type": "machine", "property": "vibration",
-                "op": ">", "value": 5,
-                "actions": [{"type": "invoke", "module": "thermal-analysis", "parameters": {"threshold": 80}}]}),
-    )
-    .await
-    .expect(201);
-    s.patch(&format!("/v1/twins/{m2}"), &json!({"vibration": 7}))
-        .await
-        .expect(200);
-    let alerts = alerts_until(&s, &m2, |a| {
-        a.iter().any(|e| e["data"]["rule"] == "analyze")
-    })
-    .await;
-    let inv = alerts
-        .iter()
-        .find(|e| e["data"]["rule"] == "analyze")
-        .unwrap();
-    assert_eq!(inv["data"]["module"], "thermal-analysis", "{inv}");
-    assert_eq!(inv["data"]["result"]["over_threshold"], 1, "{inv}");
-    // The module is in use by the rule.
-    s.delete("/v1/modules/thermal-analysis")
-        .await
-        .expect_error(409, "conflict");
-    s.restart();
-    assert_eq!(
-        s.get("/v1/rules/overheat").await.body["spec"]["value"],
-        85.0
-    );
-    s.delete("/v1/rules/line-hot").await.expect(204);
-    s.get("/v1/rules/line-hot").await.expect(404);
-    s.delete("/v1/rules/line-hot").await.expect(404);
-}
-
-/// A rule sees the events right after its PUT is acknowledged, even when its shard was idle
-/// and its task has not started following the log yet (once, under CI load, a rule PUT just
-/// before a patch fired 0 times). Thirty rounds of PUT, patch at once, check, DELETE. The
-/// race needs a loaded machine to show: on an idle one the old code passes this too.
-#[tokio::test]
-async fn a_new_rule_sees_the_events_right_after_its_put() {
-    let s = Server::start();
-    let t = s
-        .create_twin_id(&json!({"entity_type": "probe", "properties": {"v": 0}}))
-        .await;
-    for round in 0..30 {
-        let name = format!("r{round}");
-        s.put(
-            &format!("/v1/rules/{name}"),
-            &json!({"kind": "threshold", "entity_type": "probe", "property": "v", "op": ">",
-                    "value": 0.5, "actions": [{"type": "alert"}]}),
-        )
-        .await
-        .expect(201);
-        s.patch(&format!("/v1/twins/{t}"), &json!({"v": 1}))
-            .await
-            .expect(200);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let rule = loop {
-            let rule = s.get(&format!("/v1/rules/{name}")).await.body;
-            if rule["stats"]["fired"] == 1 || Instant::now() > deadline {
-                break rule;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert_eq!(rule["stats"]["fired"], 1, "round {round}: {rule}");
-        s.delete(&format!("/v1/rules/{name}")).await.expect(204);
-        s.patch(&format!("/v1/twins/{t}"), &json!({"v": 0}))
-            .await
-            .expect(200);
-    }
-}
-
-/// A rule action that fails is counted on the rule (`errors`, `last_error`), not only logged:
-/// a patch the model refuses, a `parent` target on a twin without a parent. A patch that
-/// could never pass the write path's limits is refused when the rule is stored.
-#[tokio::test]
-async fn rule_action_failures_are_counted_on_the_rule() {
-    let s = Server::start();
-    s.put(
-        "/v1/models/pm",
-        &json!({"properties": {"flag": {"type": "boolean"}, "v": {"type": "number"}}}),
-    )
-    .await
-    .expect(201);
-    s.put(
-        "/v1/rules/bad-patch",
-        &json!({"kind": "threshold", "entity_type": "pm", "property": "v", "op": ">", "value": 1,
-                "actions": [{"type": "patch", "properties": {"flag": "yes"}}]}),
-    )
-    .await
-    .expect(201);
-    s.put(
-        "/v1/rules/orphan",
-        &json!({"kind": "threshold", "entity_type": "pm", "property": "v", "op": ">", "value": 1,
-                "actions": [{"type": "patch", "target": "parent", "properties": {"hot": true}}]}),
-    )
-    .await
-    .expect(201);
-    let mut deep = json!(1);
-    for _ in 0..40 {
-        deep = json!([deep]);
-    }
-    let r = s
-        .put(
-            "/v1/rules/deep",
-            &json!({"kind": "threshold", "property": "v", "op": ">", "value": 1,
-                    "actions": [{"type": "patch", "properties": {"d": deep}}]}),
-        )
-        .await;
-    r.expect_error(422, "validation_failed");
-    assert!(r.text.contains("32 levels"), "{}", r.text);
-    let t = s
-        .create_twin_id(&json!({"entity_type": "pm", "properties": {"v": 0}}))
-        .await;
-    s.patch(&format!("/v1/twins/{t}"), &json!({"v": 5}))
-        .await
-        .expect(200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (bad, orphan) = loop {
-        let bad = s.get("/v1/rules/bad-patch").await.body;
-        let orphan = s.get("/v1/rules/orphan").await.body;
-        let done = bad["stats"]["errors"] == 1 && orphan["stats"]["errors"] == 1;
-        if done || Instant::now() > deadline {
-            break (bad, orphan);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(bad["stats"]["fired"], 1, "{bad}");
-    assert_eq!(bad["stats"]["errors"], 1, "{bad}");
-    let last = bad["stats"]["last_error"].as_str().unwrap_or_default();
-    assert!(last.contains("flag"), "{bad}");
-    assert_eq!(orphan["stats"]["errors"], 1, "{orphan}");
-    assert!(
-        orphan["stats"]["last_error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("has no parent"),
-        "{orphan}"
-    );
-    let twin = s.get(&format!("/v1/twins/{t}")).await.body;
-    assert!(twin["properties"].get("flag").is_none(), "{twin}");
-    // Replacing a rule starts its counters over.
-    s.put(
-        "/v1/rules/bad-patch",
-        &json!({"kind": "threshold", "entity_type": "pm", "property": "v", "op": ">", "value": 1,
-                "actions": [{"type": "patch", "properties": {"flag": true}}]}),
-    )
-    .await
-    .expect(200);
-    let bad = s.get("/v1/rules/bad-patch").await.body;
-    assert_eq!(bad["stats"]["errors"], 0, "{bad}");
-    assert!(bad["stats"]["last_error"].is_null(), "{bad}");
-}
-
-#[tokio::test]
 async fn max_resolver_merges_in_canonical_order() {
     let s = Server::start();
-    let r = upload(&s, "max", &guest("max_resolver")).await;
+    let r = s.upload("max", &guest("max_resolver"), "").await;
     r.expect(201);
     assert_eq!(r.body["world"], "resolver");
     let a = json!({"value": 7.5, "hlc": 100, "origin": "edge-1"});
@@ -725,11 +447,13 @@ async fn max_resolver_merges_in_canonical_order() {
 #[tokio::test]
 async fn python_thermal_analysis_answers_like_the_rust_one() {
     let s = Server::start();
-    upload(&s, "ta-rs", &guest("thermal_analysis"))
+    s.upload("ta-rs", &guest("thermal_analysis"), "")
         .await
         .expect(201);
     let started = Instant::now();
-    let r = upload(&s, "ta-py", &file("python/thermal_analysis_py.wasm")).await;
+    let r = s
+        .upload("ta-py", &guest_file("python/thermal_analysis_py.wasm"), "")
+        .await;
     r.expect(201);
     assert_eq!(r.body["world"], "compute");
     eprintln!(
@@ -777,8 +501,8 @@ async fn cli_behavior_rule_and_events_tail() {
         "{}/../guests/target/wasm32-wasip2/release/thermal_monitor.wasm",
         env!("CARGO_MANIFEST_DIR")
     );
-    common::cli_ok(&s.cli(&["module", "put", "thermal-monitor", &wasm]));
-    let b = common::cli_json(&s.cli(&[
+    crate::common::cli_ok(&s.cli(&["module", "put", "thermal-monitor", &wasm]));
+    let b = crate::common::cli_json(&s.cli(&[
         "behavior",
         "put",
         "overheat",
@@ -796,8 +520,8 @@ async fn cli_behavior_rule_and_events_tail() {
         .to_string(),
     )
     .unwrap();
-    common::cli_ok(&s.cli(&["rule", "put", "hot", rule.to_str().unwrap()]));
-    let rules = common::cli_json(&s.cli(&["rule", "list"]));
+    crate::common::cli_ok(&s.cli(&["rule", "put", "hot", rule.to_str().unwrap()]));
+    let rules = crate::common::cli_json(&s.cli(&["rule", "list"]));
     assert_eq!(rules[0]["name"], "hot");
     let bad = s.tmp_dir().join("bad.json");
     std::fs::write(&bad, r#"{"kind": "threshold"}"#).unwrap();

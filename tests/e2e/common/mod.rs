@@ -1,10 +1,14 @@
-//! Shared helpers of the end-to-end tests: start the real `twinhost` binary on a temporary
-//! data directory and a free port, talk to it over HTTP, stop / kill / restart it.
-//!
-//! Used by `e2e_api.rs` and `e2e_durability.rs` (`mod common;`). Not every helper is used by
-//! every test crate.
+//! What the end-to-end tests share: start the real `twinhost` binary on a temporary data
+//! directory and a free port, talk to it over HTTP, stop / kill / restart it; the built guest
+//! components; and small data helpers (a model, id lists, times).
 #![allow(dead_code)]
 
+pub mod client;
+pub mod stream;
+
+pub use client::{assert_error_shape, Body, Client, REQUEST_TIMEOUT};
+
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,9 +16,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::HeaderMap;
-use reqwest::Method;
-use serde_json::Value;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{json, Value};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_twinhost");
@@ -63,107 +66,12 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-/// A client that ignores proxies. A new one is made on restart so no pooled connection
-/// to the previous process is reused.
-pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("building the HTTP client")
-}
-
-/// An HTTP response as a test sees it.
-#[derive(Debug)]
-pub struct Resp {
-    pub status: u16,
-    pub headers: HeaderMap,
-    /// The body parsed as JSON (`Value::Null` when empty or not JSON).
-    pub body: Value,
-    /// The raw body.
-    pub text: String,
-}
-
-impl Resp {
-    /// A header as text.
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    }
-
-    /// `error.code` of an error body.
-    pub fn code(&self) -> &str {
-        self.body["error"]["code"].as_str().unwrap_or("")
-    }
-
-    /// Assert the status, with the body in the message.
-    #[track_caller]
-    pub fn expect(&self, status: u16) -> &Self {
-        assert_eq!(
-            self.status, status,
-            "unexpected status; body: {}",
-            self.text
-        );
-        self
-    }
-
-    /// Assert status and the API.md error shape `{"error": {"code", "message"}}` with `code`.
-    #[track_caller]
-    pub fn expect_error(&self, status: u16, code: &str) -> &Self {
-        self.expect(status);
-        assert_error_shape(&self.body);
-        assert_eq!(self.code(), code, "error code; body: {}", self.text);
-        self
-    }
-}
-
-/// Assert that a body is `{"error": {"code": "<snake_case>", "message": "<non-empty>", "details"?}}`.
-#[track_caller]
-pub fn assert_error_shape(body: &Value) {
-    let obj = body
-        .as_object()
-        .unwrap_or_else(|| panic!("error body is not an object: {body}"));
-    assert_eq!(obj.len(), 1, "error body has only `error`: {body}");
-    let e = body["error"]
-        .as_object()
-        .unwrap_or_else(|| panic!("`error` is not an object: {body}"));
-    let code = e["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error.code: {body}"));
-    assert!(
-        !code.is_empty() && code.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
-        "error.code is snake_case: {body}"
-    );
-    let msg = e["message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error.message: {body}"));
-    assert!(!msg.is_empty(), "error.message is not empty: {body}");
-    for k in e.keys() {
-        assert!(
-            matches!(k.as_str(), "code" | "message" | "details"),
-            "unexpected key {k} in error: {body}"
-        );
-    }
-}
-
-/// A body to send.
-pub enum Body<'a> {
-    None,
-    Json(&'a Value),
-    /// Raw bytes with a content type.
-    Raw(&'a [u8], &'a str),
-}
-
 /// A running `twinhost serve` on its own temporary data directory.
+///
+/// It derefs to its [`Client`], which sends the admin token (read from
+/// `<data-dir>/admin.token`; empty with `--insecure-no-auth` if the file is missing).
 pub struct Server {
-    /// `http://127.0.0.1:<port>`.
-    pub url: String,
-    pub port: u16,
-    /// The admin token (from `<data-dir>/admin.token`; empty with `--insecure-no-auth`
-    /// if the file is missing).
-    pub token: String,
+    client: Client,
     /// `--data-dir` of the server.
     pub data_dir: PathBuf,
     /// Extra `serve` arguments, reused on restart.
@@ -172,7 +80,6 @@ pub struct Server {
     pub node_id: Option<String>,
     /// Stdout and stderr of the server (appended across restarts).
     pub log_path: PathBuf,
-    pub http: reqwest::Client,
     child: Option<Child>,
     // Last: the directory is removed after the child is killed.
     _tmp: tempfile::TempDir,
@@ -205,22 +112,18 @@ impl Server {
         prepare(&data_dir);
         let log_path = tmp.path().join("server.log");
         let mut srv = Server {
-            url: String::new(),
-            port: 0,
-            token: String::new(),
+            client: Client::new(0, ""),
             data_dir,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             node_id: node_id.map(str::to_owned),
             log_path,
-            http: http_client(),
             child: None,
             _tmp: tmp,
         };
         // The port was free when picked; another process may grab it first — retry then.
         let mut last_err = String::new();
         for _ in 0..5 {
-            srv.port = free_port();
-            srv.url = format!("http://127.0.0.1:{}", srv.port);
+            srv.client = Client::new(free_port(), "");
             match srv.spawn() {
                 Ok(()) => {
                     srv.read_token();
@@ -234,7 +137,7 @@ impl Server {
 
     /// Start the process on `self.port` and wait for its "listening" line.
     fn spawn(&mut self) -> Result<(), String> {
-        let listen = format!("127.0.0.1:{}", self.port);
+        let listen = format!("127.0.0.1:{}", self.client.port);
         let mut cmd = twinhost_command();
         cmd.arg("serve")
             .arg("--data-dir")
@@ -310,8 +213,13 @@ impl Server {
 
     fn read_token(&mut self) {
         if let Ok(t) = std::fs::read_to_string(self.data_dir.join("admin.token")) {
-            self.token = t.trim().to_owned();
+            self.client.token = t.trim().to_owned();
         }
+    }
+
+    /// The client of this server (with the admin token); clone it into a spawned task.
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Everything the server printed so far.
@@ -390,115 +298,9 @@ impl Server {
                 Err(e) => panic!("restart failed: {e}"),
             }
         }
+        // A new client: no pooled connection to the previous process is reused.
+        self.client = Client::new(self.client.port, &self.client.token);
         self.read_token();
-        self.http = http_client();
-    }
-
-    // ---- HTTP -------------------------------------------------------------------------
-
-    /// Send a request with an explicit token (`None`: no `Authorization` header) and
-    /// extra headers.
-    pub async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Body<'_>,
-        headers: &[(&str, &str)],
-    ) -> Resp {
-        let mut rb = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.url));
-        if let Some(t) = token {
-            rb = rb.bearer_auth(t);
-        }
-        for (k, v) in headers {
-            rb = rb.header(*k, *v);
-        }
-        rb = match body {
-            Body::None => rb,
-            Body::Json(v) => rb.json(v),
-            Body::Raw(b, ct) => rb.header("content-type", ct).body(b.to_vec()),
-        };
-        let resp = rb
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap_or_default();
-        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp {
-            status,
-            headers,
-            body,
-            text,
-        }
-    }
-
-    /// A request with the admin token.
-    pub async fn call(&self, method: Method, path: &str, body: Body<'_>) -> Resp {
-        let t = self.token.clone();
-        self.send(method, path, Some(&t), body, &[]).await
-    }
-
-    pub async fn get(&self, path: &str) -> Resp {
-        self.call(Method::GET, path, Body::None).await
-    }
-
-    pub async fn post(&self, path: &str, body: &Value) -> Resp {
-        self.call(Method::POST, path, Body::Json(body)).await
-    }
-
-    pub async fn put(&self, path: &str, body: &Value) -> Resp {
-        self.call(Method::PUT, path, Body::Json(body)).await
-    }
-
-    pub async fn patch(&self, path: &str, body: &Value) -> Resp {
-        self.call(Method::PATCH, path, Body::Json(body)).await
-    }
-
-    pub async fn delete(&self, path: &str) -> Resp {
-        self.call(Method::DELETE, path, Body::None).await
-    }
-
-    /// POST raw bytes with a content type (admin token).
-    pub async fn post_raw(&self, path: &str, bytes: &[u8], content_type: &str) -> Resp {
-        self.call(Method::POST, path, Body::Raw(bytes, content_type))
-            .await
-    }
-
-    // ---- conveniences -----------------------------------------------------------------
-
-    /// Create a twin and return it (asserts 201).
-    pub async fn create_twin(&self, body: &Value) -> Value {
-        let r = self.post("/v1/twins", body).await;
-        r.expect(201);
-        r.body
-    }
-
-    /// The id of a created twin.
-    pub async fn create_twin_id(&self, body: &Value) -> String {
-        self.create_twin(body).await["id"]
-            .as_str()
-            .expect("twin id")
-            .to_owned()
-    }
-
-    /// Create a token with a role (asserts 201) and return it.
-    pub async fn create_token(&self, role: &str) -> String {
-        let r = self
-            .post("/v1/tokens", &serde_json::json!({ "role": role }))
-            .await;
-        r.expect(201);
-        r.body["token"].as_str().expect("token").to_owned()
-    }
-
-    /// `active_twins` of `/v1/metrics`.
-    pub async fn twin_count(&self) -> u64 {
-        let r = self.get("/v1/metrics").await;
-        r.expect(200);
-        r.body["active_twins"].as_u64().expect("active_twins")
     }
 
     /// A client subcommand of the binary against this server (`--url`, `--data-dir`
@@ -535,6 +337,14 @@ impl Server {
     /// The temporary directory that holds the data directory and the log.
     pub fn tmp_dir(&self) -> &Path {
         self._tmp.path()
+    }
+}
+
+impl std::ops::Deref for Server {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
     }
 }
 
@@ -593,31 +403,103 @@ pub fn good_calls(
     std::sync::Arc<std::sync::atomic::AtomicBool>,
     tokio::task::JoinHandle<u32>,
 ) {
-    let (client, url, token, twin) = (
-        s.http.clone(),
-        s.url.clone(),
-        s.token.clone(),
-        twin.to_owned(),
-    );
+    let (client, twin) = (s.client().clone(), twin.to_owned());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
     let task = tokio::spawn(async move {
         let mut ok = 0;
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
             let r = client
-                .post(format!("{url}/v1/modules/good/invoke"))
-                .bearer_auth(&token)
-                .json(&serde_json::json!({"twin_ids": [twin]}))
-                .send()
-                .await
-                .unwrap();
-            let status = r.status();
-            let v: serde_json::Value = r.json().await.unwrap();
-            assert_eq!(status, 200, "a good call failed meanwhile: {v}");
-            assert_eq!(v["results"][&twin]["count"], 1, "{v}");
+                .post("/v1/modules/good/invoke", &json!({"twin_ids": [twin]}))
+                .await;
+            assert_eq!(r.status, 200, "a good call failed meanwhile: {}", r.text);
+            assert_eq!(r.body["results"][&twin]["count"], 1, "{}", r.text);
             ok += 1;
         }
         ok
     });
     (stop, task)
+}
+
+// ---- data shared by several subjects ---------------------------------------------------
+
+/// A model of machines: bounded temperature, an enum status (required), a non-negative rpm.
+pub fn machine_model() -> Value {
+    json!({
+        "properties": {
+            "temperature": {"type": "number", "unit": "degF", "min": -40, "max": 500},
+            "status": {"type": "string", "enum": ["operational", "maintenance", "fault"]},
+            "rpm": {"type": "integer", "min": 0}
+        },
+        "required": ["status"],
+        "additional_properties": false,
+        "conflict": {"strategy": "lww"}
+    })
+}
+
+/// The `id`s of a list of twins, in order.
+pub fn ids(items: &Value) -> Vec<String> {
+    items
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {items}"))
+        .iter()
+        .map(|t| t["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+pub fn id_set(items: &Value) -> BTreeSet<String> {
+    ids(items).into_iter().collect()
+}
+
+pub fn set(v: &[&String]) -> BTreeSet<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// An RFC 3339 time of a body.
+pub fn time(v: &Value) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("not a time: {v}")))
+        .unwrap_or_else(|e| panic!("{v} is not RFC 3339: {e}"))
+        .with_timezone(&Utc)
+}
+
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Percent-encode the few characters of an RFC 3339 time that matter in a query string.
+pub fn q(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
+
+/// Poll the event log until `pred` holds for the alerts of `twin` (or fail after 10 s).
+pub async fn alerts_until(s: &Server, twin: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = s
+            .get(&format!("/v1/events/log?types=alert&twin_id={twin}"))
+            .await;
+        r.expect(200);
+        let alerts = r.body["events"].as_array().cloned().unwrap_or_default();
+        if pred(&alerts) {
+            return alerts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition never held; alerts: {alerts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Poll `twin` until `pred` holds for it (or fail after 10 s).
+pub async fn twin_until(s: &Server, twin: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = s.get(&format!("/v1/twins/{twin}")).await.body;
+        if pred(&t) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "twin never matched: {t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -2,28 +2,18 @@
 //! versions and rollback, restart from cached artifacts, and hostile guests that fail only
 //! their own call while good calls keep succeeding.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{good_calls, guest, Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-async fn upload(s: &Server, name: &str, bytes: &[u8], query: &str) -> common::Resp {
-    s.call(
-        Method::PUT,
-        &format!("/v1/modules/{name}{query}"),
-        Body::Raw(bytes, "application/wasm"),
-    )
-    .await
-}
+use crate::common::{good_calls, guest, Body, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upload_invoke_version_rollback_and_restart_without_recompiling() {
     let mut s = Server::start();
     let wasm = guest("thermal_analysis");
-    let r = upload(&s, "thermal-analysis", &wasm, "").await;
+    let r = s.upload("thermal-analysis", &wasm, "").await;
     r.expect(201);
     assert_eq!(r.body["name"], "thermal-analysis");
     assert_eq!(r.body["version"], 1);
@@ -66,13 +56,13 @@ async fn upload_invoke_version_rollback_and_restart_without_recompiling() {
     assert_eq!(r.body["results"].as_object().unwrap().len(), 1);
 
     // A second version, then rollback to the first.
-    let r = upload(
-        &s,
-        "thermal-analysis",
-        &guest("hostile"),
-        "?fuel=5000000&timeout=500ms&memory_mb=16",
-    )
-    .await;
+    let r = s
+        .upload(
+            "thermal-analysis",
+            &guest("hostile"),
+            "?fuel=5000000&timeout=500ms&memory_mb=16",
+        )
+        .await;
     r.expect(201);
     assert_eq!(r.body["version"], 2);
     assert_eq!(r.body["limits"]["timeout_ms"], 500);
@@ -142,43 +132,43 @@ async fn upload_invoke_version_rollback_and_restart_without_recompiling() {
 #[tokio::test]
 async fn bad_uploads_are_422_with_the_reason() {
     let s = Server::start();
-    let r = upload(&s, "x", b"definitely not wasm", "").await;
+    let r = s.upload("x", b"definitely not wasm", "").await;
     r.expect_error(422, "validation_failed");
     assert!(r.body["error"]["message"]
         .as_str()
         .unwrap()
         .contains("not a WebAssembly binary"));
     let core = b"\0asm\x01\0\0\0";
-    let r = upload(&s, "x", core, "").await;
+    let r = s.upload("x", core, "").await;
     r.expect_error(422, "validation_failed");
     assert!(r.body["error"]["message"]
         .as_str()
         .unwrap()
         .contains("core WebAssembly module"));
     // A component header with a broken body.
-    let r = upload(&s, "x", b"\0asm\x0d\0\x01\0garbage", "").await;
+    let r = s.upload("x", b"\0asm\x0d\0\x01\0garbage", "").await;
     r.expect_error(422, "validation_failed");
     assert!(r.body["error"]["message"]
         .as_str()
         .unwrap()
         .contains("not a valid component"));
     // Over the 32 MiB upload limit: a JSON 413 like every other error.
-    let r = upload(&s, "x", &vec![0u8; (32 << 20) + 1], "").await;
+    let r = s.upload("x", &vec![0u8; (32 << 20) + 1], "").await;
     r.expect_error(413, "payload_too_large");
     // A valid component, but of a world this host does not run.
-    let r = upload(&s, "x", &guest("other_world"), "").await;
+    let r = s.upload("x", &guest("other_world"), "").await;
     r.expect_error(422, "validation_failed");
     let msg = r.body["error"]["message"].as_str().unwrap();
     assert!(
         msg.contains("matches no world") && msg.contains("greet"),
         "{msg}"
     );
-    let r = upload(&s, "x", &guest("thermal_analysis"), "?fuel=0").await;
+    let r = s.upload("x", &guest("thermal_analysis"), "?fuel=0").await;
     r.expect_error(422, "validation_failed");
-    upload(&s, "x", &guest("thermal_analysis"), "?timeout=soon")
+    s.upload("x", &guest("thermal_analysis"), "?timeout=soon")
         .await
         .expect_error(400, "bad_request");
-    upload(&s, "bad name!", &guest("thermal_analysis"), "")
+    s.upload("bad name!", &guest("thermal_analysis"), "")
         .await
         .expect_error(422, "validation_failed");
     s.get("/v1/modules/x").await.expect_error(404, "not_found");
@@ -186,7 +176,7 @@ async fn bad_uploads_are_422_with_the_reason() {
         .await
         .expect_error(404, "not_found");
     // Invoking a module of another world is the request's error, not each twin's.
-    upload(&s, "mon", &guest("thermal_monitor"), "")
+    s.upload("mon", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     let r = s
@@ -220,15 +210,14 @@ async fn bad_uploads_are_422_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_guests_fail_alone_within_their_limits() {
     let s = Server::start();
-    upload(
-        &s,
+    s.upload(
         "hostile",
         &guest("hostile"),
         "?fuel=200000000&timeout=1s&memory_mb=32",
     )
     .await
     .expect(201);
-    upload(&s, "good", &guest("thermal_analysis"), "")
+    s.upload("good", &guest("thermal_analysis"), "")
         .await
         .expect(201);
     let twin = s
@@ -276,8 +265,7 @@ async fn hostile_guests_fail_alone_within_their_limits() {
         .await;
     assert_eq!(r.body["results"][&twin], 0, "{}", r.body);
     // An infinite loop with plenty of fuel is stopped by the wall-clock deadline.
-    upload(
-        &s,
+    s.upload(
         "spinner",
         &guest("hostile"),
         "?fuel=100000000000&timeout=300ms",
@@ -313,13 +301,16 @@ async fn hostile_guests_fail_alone_within_their_limits() {
     }
     let calls = |v: &Value| v["calls"].as_u64().unwrap();
     let before = calls(&s.get("/v1/modules/spinner").await.body);
+    let body = json!({"twin_ids": many, "parameters": {"mode": "loop"}});
     let r = s
-        .http
-        .post(format!("{}/v1/modules/spinner/invoke", s.url))
-        .bearer_auth(&s.token)
-        .timeout(Duration::from_millis(700))
-        .json(&json!({"twin_ids": many, "parameters": {"mode": "loop"}}))
-        .send()
+        .try_send(
+            Method::POST,
+            "/v1/modules/spinner/invoke",
+            Some(&s.token),
+            Body::Json(&body),
+            &[],
+            Duration::from_millis(700),
+        )
         .await;
     assert!(r.is_err(), "the client timed out");
     tokio::time::sleep(Duration::from_millis(3500)).await;
@@ -346,7 +337,7 @@ async fn cli_module_put_list_rollback_and_invoke() {
         env!("CARGO_MANIFEST_DIR")
     );
     guest("thermal_analysis");
-    let v = common::cli_json(&s.cli(&[
+    let v = crate::common::cli_json(&s.cli(&[
         "module",
         "put",
         "ta",
@@ -361,16 +352,16 @@ async fn cli_module_put_list_rollback_and_invoke() {
         (Some(1), Some("compute"))
     );
     assert_eq!(v["limits"]["fuel"], 300_000_000);
-    common::cli_json(&s.cli(&["module", "put", "ta", &path]));
-    let list = common::cli_json(&s.cli(&["module", "list"]));
+    crate::common::cli_json(&s.cli(&["module", "put", "ta", &path]));
+    let list = crate::common::cli_json(&s.cli(&["module", "list"]));
     assert_eq!(list[0]["name"], "ta");
     assert_eq!(list[0]["active"], 2);
-    let v = common::cli_json(&s.cli(&["module", "rollback", "ta", "1"]));
+    let v = crate::common::cli_json(&s.cli(&["module", "rollback", "ta", "1"]));
     assert_eq!(v["version"], 1);
     let id = s
         .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 88}}))
         .await;
-    let v = common::cli_json(&s.cli(&[
+    let v = crate::common::cli_json(&s.cli(&[
         "invoke",
         "ta",
         "--twin",
@@ -379,7 +370,12 @@ async fn cli_module_put_list_rollback_and_invoke() {
         r#"{"threshold": 85}"#,
     ]));
     assert_eq!(v["results"][&id]["over_threshold"], 1, "{v}");
-    let v = common::cli_json(&s.cli(&["invoke", "ta", "--query", r#"{"entity_type": "machine"}"#]));
+    let v = crate::common::cli_json(&s.cli(&[
+        "invoke",
+        "ta",
+        "--query",
+        r#"{"entity_type": "machine"}"#,
+    ]));
     assert_eq!(v["results"][&id]["max"], 88.0, "{v}");
     let out = s.cli(&["invoke", "ta"]);
     assert!(!out.status.success(), "invoke without twins must fail");
@@ -387,7 +383,7 @@ async fn cli_module_put_list_rollback_and_invoke() {
 
 /// A request still running 10 s after SIGTERM does not hold the server up: its connection is
 /// dropped, queued writes drain, and the server exits 0. (Guest calls in flight are cancelled
-/// at once, see e2e_sandbox; this request is slow on the client's side: its body trickles.)
+/// at once, see sandbox.rs; this request is slow on the client's side: its body trickles.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_does_not_wait_for_a_long_request_past_the_drain_timeout() {
     let s = Server::start();
@@ -402,14 +398,20 @@ async fn sigterm_does_not_wait_for_a_long_request_past_the_drain_timeout() {
             n + 1,
         ))
     });
-    let call = s
-        .http
-        .post(format!("{}/v1/ingest", s.url))
-        .bearer_auth(&s.token)
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(body))
-        .send();
-    let call = tokio::spawn(call);
+    let client = s.client().clone();
+    let call = tokio::spawn(async move {
+        let body = Body::Stream(reqwest::Body::wrap_stream(body), "application/json");
+        client
+            .try_send(
+                Method::POST,
+                "/v1/ingest",
+                Some(&client.token),
+                body,
+                &[],
+                Duration::from_secs(120),
+            )
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (r, took) = tokio::task::spawn_blocking(move || {
         let mut s = s;
@@ -434,32 +436,21 @@ async fn sigterm_does_not_wait_for_a_long_request_past_the_drain_timeout() {
 async fn hot_swap_under_load_fails_no_call() {
     let s = Server::start();
     let (thermal, hostile) = (guest("thermal_analysis"), guest("hostile"));
-    upload(&s, "swap", &thermal, "").await.expect(201);
+    s.upload("swap", &thermal, "").await.expect(201);
     let twin = s
         .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 80}}))
         .await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..2 {
-        let (client, url, token, t, stop) = (
-            s.http.clone(),
-            s.url.clone(),
-            s.token.clone(),
-            twin.clone(),
-            stop.clone(),
-        );
+        let (client, t, stop) = (s.client().clone(), twin.clone(), stop.clone());
         clients.push(tokio::spawn(async move {
             let (mut v1, mut v2, mut failed) = (0, 0, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let r = client
-                    .post(format!("{url}/v1/modules/swap/invoke"))
-                    .bearer_auth(&token)
-                    .json(&json!({"twin_ids": [t]}))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status();
-                let body: Value = r.json().await.unwrap();
+                    .post("/v1/modules/swap/invoke", &json!({"twin_ids": [t]}))
+                    .await;
+                let (status, body) = (r.status, r.body);
                 let res = &body["results"][&t];
                 if status != 200 || !res["error"].is_null() {
                     failed.push(body.clone());
@@ -476,7 +467,7 @@ async fn hot_swap_under_load_fails_no_call() {
     }
     for i in 0..20 {
         let bytes = if i % 2 == 0 { &hostile } else { &thermal };
-        let r = upload(&s, "swap", bytes, "").await;
+        let r = s.upload("swap", bytes, "").await;
         r.expect(201);
         assert_eq!(r.body["version"], i + 2);
         tokio::time::sleep(Duration::from_millis(25)).await;

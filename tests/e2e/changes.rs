@@ -2,13 +2,12 @@
 //! `?meta=true`, the upgrade of a format-1 data directory made by the previous release, and
 //! the node id a data directory keeps.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::Server;
 use serde_json::{json, Value};
+
+use crate::common::Server;
 
 const FIXTURE_NODE: &str = "edge-1";
 const B: &str = "01900000-0000-7000-8000-00000000000b";
@@ -89,19 +88,15 @@ async fn a_format_1_directory_is_upgraded_in_place() {
         s.log()
             .contains("upgrading the data directory from format 1 to 2"),
         "{}",
-        common::tail(&s.log(), 20)
+        crate::common::tail(&s.log(), 20)
     );
     check_fixture_twins(&s).await;
     // The fixture's read token still works.
     let read = std::fs::read_to_string(s.data_dir.join("read.token")).unwrap();
-    let r = s
-        .http
-        .get(format!("{}/v1/twins/{M1}", s.url))
-        .bearer_auth(read.trim())
-        .send()
+    s.with_token(read.trim())
+        .get(&format!("/v1/twins/{M1}"))
         .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+        .expect(200);
     // Clocks derived from the stored data: every property last written at the twin's last
     // update, on the node that wrote it.
     let m1 = s.get(&format!("/v1/twins/{M1}?meta=true")).await.body;
@@ -153,7 +148,7 @@ async fn a_format_1_directory_is_upgraded_in_place() {
         .log()
         .matches("upgrading the data directory from format 1")
         .count();
-    assert_eq!(upgrades, 1, "{}", common::tail(&s.log(), 20));
+    assert_eq!(upgrades, 1, "{}", crate::common::tail(&s.log(), 20));
     let m1 = s.get(&format!("/v1/twins/{M1}?meta=true")).await.body;
     assert_eq!(m1["properties"]["temperature"], 80);
     assert_eq!(m1["meta"]["lseq"], new[0]);
@@ -165,7 +160,7 @@ async fn a_format_1_directory_is_upgraded_in_place() {
 async fn another_node_id_is_refused() {
     let mut s = Server::start();
     s.stop().expect("clean stop");
-    let out = common::twinhost_command()
+    let out = crate::common::twinhost_command()
         .arg("serve")
         .arg("--data-dir")
         .arg(&s.data_dir)
@@ -175,13 +170,13 @@ async fn another_node_id_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("differs from") && err.contains(common::NODE_ID),
+        err.contains("differs from") && err.contains(crate::common::NODE_ID),
         "{err}"
     );
     s.node_id = None;
     s.restart();
     let m = s.get("/v1/metrics").await.body;
-    assert_eq!(m["node_id"], common::NODE_ID);
+    assert_eq!(m["node_id"], crate::common::NODE_ID);
 }
 
 /// `?meta=true` shows the change number, the twin's HLC and version vector, and each
@@ -195,7 +190,7 @@ async fn meta_shows_clocks_per_property() {
     let t0 = s.get(&format!("/v1/twins/{id}?meta=true")).await.body;
     let m0 = &t0["meta"];
     assert_eq!(m0["properties"]["a"], m0["properties"]["b"]);
-    assert_eq!(m0["properties"]["a"]["origin"], common::NODE_ID);
+    assert_eq!(m0["properties"]["a"]["origin"], crate::common::NODE_ID);
     assert_eq!(m0["properties"]["a"]["hlc"], m0["hlc"]);
     s.patch(&format!("/v1/twins/{id}"), &json!({"a": 5, "b": null}))
         .await
@@ -209,7 +204,7 @@ async fn meta_shows_clocks_per_property() {
     assert_eq!(m1["properties"]["a"]["hlc"], m1["hlc"]);
     // The removal of b is a write with its own clock.
     assert_eq!(m1["properties"]["b"]["hlc"], m1["hlc"]);
-    assert_eq!(m1["vclock"], json!({common::NODE_ID: 2}));
+    assert_eq!(m1["vclock"], json!({crate::common::NODE_ID: 2}));
     assert_eq!(t1.body["properties"], json!({"a": 5}));
     let plain = s.get(&format!("/v1/twins/{id}")).await.body;
     assert!(
@@ -274,10 +269,10 @@ async fn tombstones_and_the_change_feed() {
     let (ey, ex) = (&all["items"][0], &all["items"][1]);
     assert_eq!(ey["properties"], json!({"t": 5}));
     assert_eq!(ey["version"], 4);
-    assert_eq!(ey["clocks"]["t"]["origin"], common::NODE_ID);
+    assert_eq!(ey["clocks"]["t"]["origin"], crate::common::NODE_ID);
     assert_eq!(ey["clocks"]["t"]["hlc"], ey["hlc"]);
     assert_eq!(ex["entity_type"], "machine");
-    assert_eq!(ex["vclock"], json!({common::NODE_ID: 2}));
+    assert_eq!(ex["vclock"], json!({crate::common::NODE_ID: 2}));
     assert!(ex["hlc"].as_u64() > ey["hlc"].as_u64(), "{all}");
     assert!(ex["lseq"].as_u64() > ey["lseq"].as_u64(), "{all}");
     assert_eq!(all["next"], ex["lseq"]);
@@ -318,11 +313,10 @@ async fn tombstones_and_the_change_feed() {
     // Who may read it.
     let peer = s.create_token("peer").await;
     let read = s.create_token("read").await;
-    let as_token =
-        |t: &str, path: &str| s.http.get(format!("{}{path}", s.url)).bearer_auth(t).send();
-    assert_eq!(as_token(&peer, "/v1/changes").await.unwrap().status(), 200);
-    assert_eq!(as_token(&peer, "/v1/twins").await.unwrap().status(), 403);
-    assert_eq!(as_token(&read, "/v1/changes").await.unwrap().status(), 403);
+    let (peer, read) = (s.with_token(&peer), s.with_token(&read));
+    peer.get("/v1/changes").await.expect(200);
+    peer.get("/v1/twins").await.expect(403);
+    read.get("/v1/changes").await.expect(403);
     s.get("/v1/changes?limit=0")
         .await
         .expect_error(400, "bad_request");

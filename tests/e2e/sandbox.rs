@@ -3,22 +3,12 @@
 //! goes away and a server that stops end the call too, behaviors included; and a component
 //! that does not fit the host is refused before it is compiled.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{good_calls, guest, guest_file, Body, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-async fn upload(s: &Server, name: &str, bytes: &[u8], query: &str) -> common::Resp {
-    s.call(
-        Method::PUT,
-        &format!("/v1/modules/{name}{query}"),
-        Body::Raw(bytes, "application/wasm"),
-    )
-    .await
-}
+use crate::common::{good_calls, guest, guest_file, Body, Server, REQUEST_TIMEOUT};
 
 async fn invoke(s: &Server, module: &str, twin: &str, mode: &str) -> Value {
     let r = s
@@ -34,15 +24,14 @@ async fn invoke(s: &Server, module: &str, twin: &str, mode: &str) -> Value {
 /// Upload the hostile guest as `waiter` (plenty of fuel, the given deadline) and
 /// thermal-analysis as `good`; create a twin for them.
 async fn waiter_and_good(s: &Server, timeout: &str) -> String {
-    upload(
-        s,
+    s.upload(
         "waiter",
         &guest("hostile"),
         &format!("?fuel=100000000000&timeout={timeout}"),
     )
     .await
     .expect(201);
-    upload(s, "good", &guest("thermal_analysis"), "")
+    s.upload("good", &guest("thermal_analysis"), "")
         .await
         .expect(201);
     s.create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 80}}))
@@ -74,17 +63,15 @@ async fn every_wasi_wait_ends_at_the_deadline_or_at_once() {
     let started = Instant::now();
     let sleepers: Vec<_> = (0..cores)
         .map(|_| {
-            let (client, url, token, twin) =
-                (s.http.clone(), s.url.clone(), s.token.clone(), twin.clone());
+            let (client, twin) = (s.client().clone(), twin.clone());
             tokio::spawn(async move {
                 let r = client
-                    .post(format!("{url}/v1/modules/waiter/invoke"))
-                    .bearer_auth(&token)
-                    .json(&json!({"twin_ids": [twin], "parameters": {"mode": "sleep"}}))
-                    .send()
-                    .await
-                    .unwrap();
-                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+                    .post(
+                        "/v1/modules/waiter/invoke",
+                        &json!({"twin_ids": [twin], "parameters": {"mode": "sleep"}}),
+                    )
+                    .await;
+                (r.status, r.body)
             })
         })
         .collect();
@@ -132,7 +119,11 @@ async fn every_wasi_wait_ends_at_the_deadline_or_at_once() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(good.await.unwrap() > 0, "no good call completed meanwhile");
     let log = s.log();
-    assert!(!log.contains("panicked"), "{}", common::tail(&log, 40));
+    assert!(
+        !log.contains("panicked"),
+        "{}",
+        crate::common::tail(&log, 40)
+    );
 }
 
 /// A client that disconnects ends the guest call it was waiting for, even one sleeping
@@ -145,13 +136,16 @@ async fn a_disconnected_client_ends_a_sleeping_call() {
     // More sleepers than compute slots, each given up by its client after 500 ms.
     let started = Instant::now();
     for _ in 0..4 {
+        let body = json!({"twin_ids": [twin], "parameters": {"mode": "sleep"}});
         let r = s
-            .http
-            .post(format!("{}/v1/modules/waiter/invoke", s.url))
-            .bearer_auth(&s.token)
-            .timeout(Duration::from_millis(500))
-            .json(&json!({"twin_ids": [twin], "parameters": {"mode": "sleep"}}))
-            .send()
+            .try_send(
+                Method::POST,
+                "/v1/modules/waiter/invoke",
+                Some(&s.token),
+                Body::Json(&body),
+                &[],
+                Duration::from_millis(500),
+            )
             .await;
         assert!(r.is_err(), "the client gave up");
     }
@@ -177,7 +171,7 @@ async fn a_disconnected_client_ends_a_sleeping_call() {
     assert!(
         s.log().contains("the caller went away"),
         "{}",
-        common::tail(&s.log(), 20)
+        crate::common::tail(&s.log(), 20)
     );
 }
 
@@ -186,15 +180,14 @@ async fn a_disconnected_client_ends_a_sleeping_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sleeping_behavior_ends_at_its_deadline() {
     let s = Server::start();
-    upload(
-        &s,
+    s.upload(
         "sleepy",
         &guest("stuck_behavior"),
         "?fuel=100000000000&timeout=500ms",
     )
     .await
     .expect(201);
-    upload(&s, "thermal-monitor", &guest("thermal_monitor"), "")
+    s.upload("thermal-monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     for (name, module) in [("sleepy", "sleepy"), ("overheat", "thermal-monitor")] {
@@ -260,15 +253,14 @@ async fn a_sleeping_behavior_ends_at_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_cancels_sleeping_calls_without_panics() {
     let mut s = Server::start();
-    upload(
-        &s,
+    s.upload(
         "waiter",
         &guest("hostile"),
         "?fuel=100000000000&timeout=30s",
     )
     .await
     .expect(201);
-    upload(&s, "sleepy", &guest("stuck_behavior"), "?timeout=30s")
+    s.upload("sleepy", &guest("stuck_behavior"), "?timeout=30s")
         .await
         .expect(201);
     s.put(
@@ -282,19 +274,21 @@ async fn sigterm_cancels_sleeping_calls_without_panics() {
         .await;
     let mut calls = Vec::new();
     for mode in ["sleep", "poll"] {
-        let (client, url, token, twin) =
-            (s.http.clone(), s.url.clone(), s.token.clone(), twin.clone());
+        let (client, twin) = (s.client().clone(), twin.clone());
         calls.push(tokio::spawn(async move {
+            let body = json!({"twin_ids": [twin], "parameters": {"mode": mode}});
             let r = client
-                .post(format!("{url}/v1/modules/waiter/invoke"))
-                .bearer_auth(&token)
-                .json(&json!({"twin_ids": [twin], "parameters": {"mode": mode}}))
-                .send()
+                .try_send(
+                    Method::POST,
+                    "/v1/modules/waiter/invoke",
+                    Some(&client.token),
+                    Body::Json(&body),
+                    &[],
+                    REQUEST_TIMEOUT,
+                )
                 .await;
-            match r {
-                Ok(r) => r.json::<Value>().await.ok(),
-                Err(_) => None,
-            }
+            // The stop may cut the call off before it answers.
+            r.ok().map(|r| r.body).filter(|b| !b.is_null())
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -313,16 +307,20 @@ async fn sigterm_cancels_sleeping_calls_without_panics() {
         }
     }
     let log = s.log();
-    assert!(!log.contains("panicked"), "{}", common::tail(&log, 40));
+    assert!(
+        !log.contains("panicked"),
+        "{}",
+        crate::common::tail(&log, 40)
+    );
     assert!(
         log.contains("stopped cleanly"),
         "{}",
-        common::tail(&log, 40)
+        crate::common::tail(&log, 40)
     );
     assert!(
         log.contains("the server is stopping"),
         "{}",
-        common::tail(&log, 40)
+        crate::common::tail(&log, 40)
     );
     // Logs written to a file carry no colour codes.
     assert!(!log.contains("\u{1b}["), "ANSI codes in the log");
@@ -335,7 +333,7 @@ async fn sigterm_cancels_sleeping_calls_without_panics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_misfit_component_is_refused_without_compiling() {
     let s = Server::start();
-    upload(&s, "monitor", &guest("thermal_monitor"), "")
+    s.upload("monitor", &guest("thermal_monitor"), "")
         .await
         .expect(201);
     s.put(
@@ -348,12 +346,12 @@ async fn a_misfit_component_is_refused_without_compiling() {
     let before = compiled(&s.get("/v1/metrics").await.body);
     let python = guest_file("python/thermal_analysis_py.wasm");
     let started = Instant::now();
-    upload(&s, "monitor", &python, "")
+    s.upload("monitor", &python, "")
         .await
         .expect_error(409, "conflict");
     let took_python = started.elapsed();
     let started = Instant::now();
-    let r = upload(&s, "greeter", &guest("other_world"), "").await;
+    let r = s.upload("greeter", &guest("other_world"), "").await;
     r.expect(422);
     let took_greeter = started.elapsed();
     assert!(
@@ -365,7 +363,7 @@ async fn a_misfit_component_is_refused_without_compiling() {
         r.body
     );
     // `run` with another signature than the compute world's.
-    let r = upload(&s, "almost", &guest("bad_signature"), "").await;
+    let r = s.upload("almost", &guest("bad_signature"), "").await;
     r.expect(422);
     assert!(
         r.body["error"]["message"].as_str().unwrap().contains(
