@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -15,7 +15,7 @@ use super::extract::{Json, Path, Query, RawBody};
 use super::{ApiError, AppState};
 use crate::registry::Query as TwinQuery;
 use crate::types::TwinId;
-use crate::wasm::{CallError, Limits, ModuleInfo, VersionInfo, World};
+use crate::wasm::{CallError, Limits, ModuleInfo, VersionInfo, World, Write};
 
 /// Most twins one invocation may name.
 pub const MAX_INVOKE_TWINS: usize = 10_000;
@@ -213,29 +213,50 @@ pub async fn invoke(
             json!({"module": name, "world": world}),
         ));
     }
-    if let Some(r) = b.resolve {
-        let permit = compute_slot(&s).await?;
-        let rt = s.runtime.clone();
-        let merged = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            rt.call_resolver(
-                &name,
-                &r.property,
-                (&r.a.value, r.a.hlc, &r.a.origin),
-                (&r.b.value, r.b.hlc, &r.b.origin),
-            )
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-        return Ok(axum::Json(match merged {
-            Ok(v) => json!({ "result": v }),
-            Err(CallError::Guest { kind, message }) => {
-                json!({"error": {"code": kind, "message": message}})
-            }
-            Err(e) => return Err(e.into()),
-        }));
+    match b.resolve {
+        Some(r) => resolve(&s, name, r).await,
+        None => compute(&s, name, b.twin_ids, b.query, b.parameters).await,
     }
-    let twins = match (b.twin_ids, b.query) {
+}
+
+/// `{"resolve": …}`: one resolver call.
+async fn resolve(
+    s: &AppState,
+    name: String,
+    r: ResolveBody,
+) -> Result<axum::Json<Value>, ApiError> {
+    let permit = compute_slot(s).await?;
+    let rt = s.runtime.clone();
+    let write = |side: SideBody| Write {
+        value: side.value,
+        hlc: side.hlc,
+        origin: side.origin,
+    };
+    let (a, b) = (write(r.a), write(r.b));
+    let merged = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        rt.call_resolver(&name, &r.property, &a, &b)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(axum::Json(match merged {
+        Ok(v) => json!({ "result": v }),
+        Err(CallError::Guest { kind, message }) => {
+            json!({"error": {"code": kind, "message": message}})
+        }
+        Err(e) => return Err(e.into()),
+    }))
+}
+
+/// Invoke with `twin_ids` or a `query`: one compute call per twin.
+async fn compute(
+    s: &AppState,
+    name: String,
+    twin_ids: Option<Vec<TwinId>>,
+    query: Option<TwinQuery>,
+    parameters: Value,
+) -> Result<axum::Json<Value>, ApiError> {
+    let twins = match (twin_ids, query) {
         (Some(ids), None) => {
             if ids.len() > MAX_INVOKE_TWINS {
                 return Err(ApiError::BadRequest(format!(
@@ -259,12 +280,12 @@ pub async fn invoke(
             ))
         }
     };
-    let parameters = if b.parameters.is_null() {
+    let parameters = if parameters.is_null() {
         json!({})
     } else {
-        b.parameters
+        parameters
     };
-    let permit = compute_slot(&s).await?;
+    let permit = compute_slot(s).await?;
     let rt: Arc<crate::wasm::Runtime> = s.runtime.clone();
     // Cancelled when the client goes away (this future is dropped): the guest call in flight
     // stops and the remaining twins are skipped.
@@ -272,39 +293,19 @@ pub async fn invoke(
     let _on_drop = gone.clone().drop_guard();
     let results = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let budget_ends = Instant::now() + INVOKE_BUDGET;
-        let mut out = BTreeMap::new();
-        for t in twins {
-            if gone.is_cancelled() {
-                return Ok(None);
-            }
-            let r = if Instant::now() >= budget_ends {
-                json!({"error": {"code": "request_deadline", "message": format!(
-                    "not run: the request's {} s budget was spent on the twins before",
-                    INVOKE_BUDGET.as_secs())}})
-            } else {
-                match rt.call_compute(
-                    &name,
-                    std::slice::from_ref(&t),
-                    &parameters,
-                    Some(gone.clone()),
-                ) {
-                    Ok(v) => v,
-                    Err(CallError::Guest { kind, message }) => {
-                        json!({"error": {"code": kind, "message": message}})
-                    }
-                    // Not this twin's failure (wrong world, module gone): the request's.
-                    Err(e) => return Err(e),
-                }
-            };
-            out.insert(t.id.to_string(), r);
-        }
-        Ok(Some(out))
+        rt.compute_each(&name, twins, &parameters, INVOKE_BUDGET, gone)
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     // `None` only when the client is gone: nobody reads this answer.
-    let results = results.unwrap_or_default();
+    let results: BTreeMap<String, Value> = results
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, r)| {
+            let v = r.unwrap_or_else(|f| json!({"error": {"code": f.kind, "message": f.message}}));
+            (id.to_string(), v)
+        })
+        .collect();
     Ok(axum::Json(json!({ "results": results })))
 }
 

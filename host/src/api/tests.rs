@@ -12,6 +12,7 @@
 
 mod auth;
 mod errors;
+mod health;
 mod ingest;
 mod limits;
 mod models;

@@ -122,7 +122,7 @@ async fn finish(
     ))
 }
 
-struct Fleet {
+pub(super) struct Fleet {
     _dir: tempfile::TempDir,
     node: super::serve::Node,
     ids: Vec<TwinId>,
@@ -658,6 +658,27 @@ async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     }))
 }
 
+/// Queries over `--query-twins` twins: the seed's shape, a parent index, a full scan, and
+/// the seed's shape over HTTP.
+async fn query_phase(args: &BenchArgs) -> anyhow::Result<Value> {
+    let f = fleet(args.query_twins).await?;
+    let secs = args.seconds.min(3.0);
+    let (seed_shape, hits) = query_rate(&f.node.registry, &seed_query(100), secs)?;
+    let hot: Query = serde_json::from_value(json!({"entity_type": "machine",
+        "where": [{"property": "temperature", "op": ">", "value": 85}], "limit": 100}))?;
+    let (scan, _) = query_rate(&f.node.registry, &hot, secs)?;
+    let building = f.node.registry.get(&f.ids[0])?.parent_id;
+    let by_parent: Query = serde_json::from_value(json!({"parent_id": building, "limit": 100}))?;
+    let (parent, _) = query_rate(&f.node.registry, &by_parent, secs)?;
+    let url = serve_in_process(&f.node).await?;
+    let http = query_http_rate(&url, &seed_query(100), secs).await?;
+    Ok(
+        json!({"twins": args.query_twins, "page": 100, "hits_per_page": hits,
+        "seed_shape_per_s": seed_shape.round(), "parent_index_per_s": parent.round(),
+        "where_temperature_gt_85_full_scan_per_s": scan.round(), "seed_shape_http_per_s": http.round()}),
+    )
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.twins > 0 && args.props > 0 && args.hz > 0.0 && args.seconds > 0.0,
@@ -706,21 +727,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if want("query") {
         eprintln!("phase: queries over {} twins", args.query_twins);
-        let f = fleet(args.query_twins).await?;
-        let (seed_shape, hits) =
-            query_rate(&f.node.registry, &seed_query(100), args.seconds.min(3.0))?;
-        let hot: Query = serde_json::from_value(json!({"entity_type": "machine",
-            "where": [{"property": "temperature", "op": ">", "value": 85}], "limit": 100}))?;
-        let (scan, _) = query_rate(&f.node.registry, &hot, args.seconds.min(3.0))?;
-        let building = f.node.registry.get(&f.ids[0])?.parent_id;
-        let by_parent: Query =
-            serde_json::from_value(json!({"parent_id": building, "limit": 100}))?;
-        let (parent, _) = query_rate(&f.node.registry, &by_parent, args.seconds.min(3.0))?;
-        let url = serve_in_process(&f.node).await?;
-        let http = query_http_rate(&url, &seed_query(100), args.seconds.min(3.0)).await?;
-        let r = json!({"twins": args.query_twins, "page": 100, "hits_per_page": hits,
-            "seed_shape_per_s": seed_shape.round(), "parent_index_per_s": parent.round(),
-            "where_temperature_gt_85_full_scan_per_s": scan.round(), "seed_shape_http_per_s": http.round()});
+        let r = query_phase(&args).await?;
         eprintln!("  {r}");
         report.insert("query".into(), r);
     }

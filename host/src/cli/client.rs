@@ -1,6 +1,6 @@
 //! Client subcommands: thin wrappers over the HTTP API that print JSON.
 
-use std::io::{BufRead, Read};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -577,7 +577,13 @@ pub async fn token_create(conn: Conn, role: Role) -> anyhow::Result<()> {
 }
 
 /// One ingest request: an NDJSON body, its item count, and the file bytes it covers.
-type Chunk = (Vec<u8>, usize, u64);
+struct Chunk {
+    body: Vec<u8>,
+    items: usize,
+    bytes: u64,
+}
+
+type Chunks = Box<dyn Iterator<Item = anyhow::Result<Chunk>>>;
 
 /// Ingest a file in batches: NDJSON streams line by line; a JSON array is split into items.
 pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<()> {
@@ -594,49 +600,10 @@ pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<(
         .iter()
         .find(|b| !b.is_ascii_whitespace())
         .copied();
-    // Batches of items, each an NDJSON body, with the bytes they came from (for progress).
-    let mut batches: Box<dyn Iterator<Item = anyhow::Result<Chunk>>> = if first == Some(b'[') {
-        let mut text = String::new();
-        reader.read_to_string(&mut text)?;
-        let items: Vec<Value> =
-            serde_json::from_str(&text).context("the file is not a JSON array")?;
-        let per_item = size / items.len().max(1) as u64;
-        let chunks: Vec<Chunk> = items
-            .chunks(batch)
-            .map(|ch| {
-                let mut body = Vec::new();
-                for it in ch {
-                    // Compact: an item spread over several lines must stay one NDJSON line.
-                    serde_json::to_writer(&mut body, it).expect("a Value serializes");
-                    body.push(b'\n');
-                }
-                (body, ch.len(), per_item * ch.len() as u64)
-            })
-            .collect();
-        Box::new(chunks.into_iter().map(Ok))
+    let mut batches = if first == Some(b'[') {
+        array_chunks(reader, size, batch)?
     } else {
-        let mut lines = reader.lines();
-        Box::new(std::iter::from_fn(move || {
-            let mut body = Vec::new();
-            let (mut n, mut bytes) = (0usize, 0u64);
-            for line in lines.by_ref() {
-                let line = match line {
-                    Ok(l) => l,
-                    Err(e) => return Some(Err(e.into())),
-                };
-                bytes += line.len() as u64 + 1;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                body.extend_from_slice(line.as_bytes());
-                body.push(b'\n');
-                n += 1;
-                if n == batch {
-                    break;
-                }
-            }
-            (n > 0).then_some(Ok((body, n, bytes)))
-        }))
+        ndjson_chunks(reader, batch)
     };
     let bar = ProgressBar::new(size);
     bar.set_style(
@@ -647,7 +614,11 @@ pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<(
     let (mut applied, mut offset) = (0u64, 0usize);
     let mut rejected: Vec<Value> = Vec::new();
     for b in batches.by_ref() {
-        let (body, n, bytes) = b?;
+        let Chunk {
+            body,
+            items: n,
+            bytes,
+        } = b?;
         let v = c
             .call(
                 Method::POST,
@@ -692,4 +663,59 @@ pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<(
         );
     }
     Ok(())
+}
+
+/// A JSON array file, read whole and split into NDJSON bodies of `batch` items.
+fn array_chunks(mut reader: impl std::io::Read, size: u64, batch: usize) -> anyhow::Result<Chunks> {
+    let mut text = String::new();
+    reader.read_to_string(&mut text)?;
+    let items: Vec<Value> = serde_json::from_str(&text).context("the file is not a JSON array")?;
+    let per_item = size / items.len().max(1) as u64;
+    let chunks: Vec<Chunk> = items
+        .chunks(batch)
+        .map(|ch| {
+            let mut body = Vec::new();
+            for it in ch {
+                // Compact: an item spread over several lines must stay one NDJSON line.
+                serde_json::to_writer(&mut body, it).expect("a Value serializes");
+                body.push(b'\n');
+            }
+            Chunk {
+                body,
+                items: ch.len(),
+                bytes: per_item * ch.len() as u64,
+            }
+        })
+        .collect();
+    Ok(Box::new(chunks.into_iter().map(Ok)))
+}
+
+/// An NDJSON file, streamed line by line into bodies of `batch` items.
+fn ndjson_chunks(reader: impl BufRead + 'static, batch: usize) -> Chunks {
+    let mut lines = reader.lines();
+    Box::new(std::iter::from_fn(move || {
+        let mut body = Vec::new();
+        let (mut n, mut bytes) = (0usize, 0u64);
+        for line in lines.by_ref() {
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => return Some(Err(e.into())),
+            };
+            bytes += line.len() as u64 + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            body.extend_from_slice(line.as_bytes());
+            body.push(b'\n');
+            n += 1;
+            if n == batch {
+                break;
+            }
+        }
+        (n > 0).then_some(Ok(Chunk {
+            body,
+            items: n,
+            bytes,
+        }))
+    }))
 }

@@ -205,35 +205,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     .await?;
     node.registry
         .set_tombstone_retention(args.tombstone_retention);
-    let registry = node.registry.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(RETENTION_SWEEP_EVERY);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            match registry.sweep_tombstones().await {
-                Ok(n) if n > 0 => tracing::info!(tombstones = n, "expired tombstones removed"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "tombstone sweep failed"),
-            }
-        }
-    });
-    let history = node.state.history.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(RETENTION_SWEEP_EVERY);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let h = history.clone();
-            match tokio::task::spawn_blocking(move || h.sweep(chrono::Utc::now())).await {
-                Ok(Ok(n)) if n > 0 => {
-                    tracing::info!(chunks = n, "history retention removed old chunks")
-                }
-                Ok(Err(e)) => tracing::error!(error = %e, "history retention sweep failed"),
-                _ => {}
-            }
-        }
-    });
+    spawn_sweeps(&node);
     let app = api::router(
         node.state.clone(),
         Limits {
@@ -285,6 +257,39 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     node.store.flush()?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Expire tombstones and history past their retention, every [`RETENTION_SWEEP_EVERY`].
+fn spawn_sweeps(node: &Node) {
+    let registry = node.registry.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RETENTION_SWEEP_EVERY);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match registry.sweep_tombstones().await {
+                Ok(n) if n > 0 => tracing::info!(tombstones = n, "expired tombstones removed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "tombstone sweep failed"),
+            }
+        }
+    });
+    let history = node.state.history.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RETENTION_SWEEP_EVERY);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let h = history.clone();
+            match tokio::task::spawn_blocking(move || h.sweep(chrono::Utc::now())).await {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::info!(chunks = n, "history retention removed old chunks")
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "history retention sweep failed"),
+                _ => {}
+            }
+        }
+    });
 }
 
 /// How long requests in flight may take to finish once the server is asked to stop.

@@ -8,6 +8,7 @@
 //! Must never: change twins except through the registry's write path, or hold unbounded
 //! state for a subscriber or a rule.
 
+mod event;
 pub mod log;
 pub mod rules;
 pub mod subscribe;

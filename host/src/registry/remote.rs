@@ -274,45 +274,10 @@ impl Registry {
                     put_tombstone(b, &mut tombstones, merged);
                     return true;
                 }
-                Twin {
-                    id,
-                    entity_type: rc.entity_type.clone(),
-                    properties: Properties::new(),
-                    version: 0,
-                    // A twin back from a delete keeps what the delete saw.
-                    vclock: tomb.as_ref().map(|d| d.vclock.clone()).unwrap_or_default(),
-                    parent_id: rc.parent_id,
-                    children_ids: BTreeSet::new(),
-                    lifecycle: rc.lifecycle,
-                    created_at: rc.created_at.unwrap_or_else(Utc::now),
-                    updated_at: Utc::now(),
-                    hlc: 0,
-                    lseq: 0,
-                    clocks: Clocks::new(),
-                    deleted_hlc: tomb_hlc.unwrap_or(0),
-                }
+                fresh_twin(&rc, tomb.as_deref())
             }
         };
-        let mut patch = Properties::new();
-        for (k, c) in rc.clocks.iter() {
-            if !after_delete(c) || !newer(c, nt.clocks.get(k)) {
-                continue;
-            }
-            match rc.properties.get(k) {
-                Some(v) => {
-                    if nt.properties.get(k) != Some(v) {
-                        patch.insert(k.to_owned(), v.clone());
-                    }
-                    nt.properties.insert(k.to_owned(), v.clone());
-                }
-                None => {
-                    if nt.properties.remove(k).is_some() {
-                        patch.insert(k.to_owned(), Value::Null);
-                    }
-                }
-            }
-            nt.clocks.insert(k, c.clone());
-        }
+        let patch = merge_properties(&mut nt, &rc, floor);
         let mut vclock = nt.vclock.clone();
         merge_vclock(&mut vclock, &rc.vclock);
         let lifecycle_changed = rc.hlc > nt.hlc && rc.lifecycle != nt.lifecycle;
@@ -367,6 +332,53 @@ impl Registry {
         }
         self.inner.twins.0.insert(nt.id, Arc::new(nt));
     }
+}
+
+/// A twin first seen in a remote write (or back from a delete, keeping what it saw).
+fn fresh_twin(rc: &RemoteChange, tomb: Option<&Tombstone>) -> Twin {
+    Twin {
+        id: rc.twin_id,
+        entity_type: rc.entity_type.clone(),
+        properties: Properties::new(),
+        version: 0,
+        vclock: tomb.map(|d| d.vclock.clone()).unwrap_or_default(),
+        parent_id: rc.parent_id,
+        children_ids: BTreeSet::new(),
+        lifecycle: rc.lifecycle,
+        created_at: rc.created_at.unwrap_or_else(Utc::now),
+        updated_at: Utc::now(),
+        hlc: 0,
+        lseq: 0,
+        clocks: Clocks::new(),
+        deleted_hlc: tomb.map_or(0, |d| d.hlc),
+    }
+}
+
+/// Per-property last-writer-wins: take each remote property (or its removal) whose clock is
+/// newer than ours and later than every delete seen here (`floor`). Returns the merge patch
+/// of what changed.
+fn merge_properties(nt: &mut Twin, rc: &RemoteChange, floor: u64) -> Properties {
+    let mut patch = Properties::new();
+    for (k, c) in rc.clocks.iter() {
+        if c.hlc <= floor || !newer(c, nt.clocks.get(k)) {
+            continue;
+        }
+        match rc.properties.get(k) {
+            Some(v) => {
+                if nt.properties.get(k) != Some(v) {
+                    patch.insert(k.to_owned(), v.clone());
+                }
+                nt.properties.insert(k.to_owned(), v.clone());
+            }
+            None => {
+                if nt.properties.remove(k).is_some() {
+                    patch.insert(k.to_owned(), Value::Null);
+                }
+            }
+        }
+        nt.clocks.insert(k, c.clone());
+    }
+    patch
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! [`Runtime::call_resolver`], [`Runtime::stop`] and [`measure`] (for `twinhost bench`).
 //! Must never: let a guest's failure escape its own call.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,27 @@ use super::bindings::twinhost::platform::types;
 use super::host::{to_wit, Cancelled, HostState, Interrupt};
 use super::modules::{internal, Pre, Runtime};
 use super::{World, MAX_RESULT_BYTES};
-use crate::types::Twin;
+use crate::types::{Severity, Twin, TwinId};
+
+/// One write of a property in a conflict a resolver merges.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub value: Value,
+    pub hlc: u64,
+    /// The node that made the write.
+    pub origin: String,
+}
+
+/// Each twin's result of [`Runtime::compute_each`].
+pub type EachResult = BTreeMap<TwinId, Result<Value, GuestFailure>>;
+
+/// How one guest call failed (its twin's result in [`Runtime::compute_each`]).
+#[derive(Clone, Debug)]
+pub struct GuestFailure {
+    /// `fuel_exhausted`, `deadline_exceeded`, `trap`, … (the error codes of API.md).
+    pub kind: &'static str,
+    pub message: String,
+}
 
 use super::modules::{BehaviorOutput, CallError, GuestAlert, GuestPatch};
 
@@ -88,21 +109,13 @@ impl Runtime {
                     }
                     types::Action::Alert(a) => {
                         bytes += a.message.len() + a.data.len();
-                        out.alerts.push(GuestAlert {
-                            severity: a.severity,
-                            message: a.message,
-                            data: a.data,
-                        });
+                        out.alerts.push(guest_alert(a)?);
                     }
                 }
             }
             for a in emitted {
                 bytes += a.message.len() + a.data.len();
-                out.alerts.push(GuestAlert {
-                    severity: a.severity,
-                    message: a.message,
-                    data: a.data,
-                });
+                out.alerts.push(guest_alert(a)?);
             }
             if bytes > MAX_RESULT_BYTES {
                 return Err(CallError::Guest {
@@ -121,18 +134,19 @@ impl Runtime {
         &self,
         name: &str,
         property: &str,
-        a: (&Value, u64, &str),
-        b: (&Value, u64, &str),
+        a: &Write,
+        b: &Write,
     ) -> Result<Value, CallError> {
-        let (a, b) = if (a.1, a.2) <= (b.1, b.2) {
+        // Canonical order, so every node asks the same question.
+        let (a, b) = if (a.hlc, &a.origin) <= (b.hlc, &b.origin) {
             (a, b)
         } else {
             (b, a)
         };
-        let side = |s: (&Value, u64, &str)| types::Side {
-            value: s.0.to_string(),
-            hlc: s.1,
-            origin: s.2.to_owned(),
+        let side = |s: &Write| types::Side {
+            value: s.value.to_string(),
+            hlc: s.hlc,
+            origin: s.origin.clone(),
         };
         self.call(name, None, |store, pre| {
             let Pre::Resolver(pre) = pre else {
@@ -144,6 +158,47 @@ impl Runtime {
                 .map_err(guest_error)?;
             json_result(out)
         })
+    }
+
+    /// Call `run` of compute module `name` once per twin, in order, each with its own
+    /// result or guest error. Twins left when `budget` runs out get `request_deadline`;
+    /// cancelling `caller` stops the call in flight and skips the rest (`None`). Blocking.
+    ///
+    /// # Errors
+    /// Not a twin's failure but the request's: the module is gone or of another world.
+    pub fn compute_each(
+        &self,
+        name: &str,
+        twins: Vec<Twin>,
+        parameters: &Value,
+        budget: Duration,
+        caller: CancellationToken,
+    ) -> Result<Option<EachResult>, CallError> {
+        let ends = Instant::now() + budget;
+        let mut out = BTreeMap::new();
+        for t in twins {
+            if caller.is_cancelled() {
+                return Ok(None);
+            }
+            let r = if Instant::now() >= ends {
+                Err(GuestFailure {
+                    kind: "request_deadline",
+                    message: format!(
+                        "not run: the request's {} s budget was spent on the twins before",
+                        budget.as_secs()
+                    ),
+                })
+            } else {
+                let one = std::slice::from_ref(&t);
+                match self.call_compute(name, one, parameters, Some(caller.clone())) {
+                    Ok(v) => Ok(v),
+                    Err(CallError::Guest { kind, message }) => Err(GuestFailure { kind, message }),
+                    Err(e) => return Err(e),
+                }
+            };
+            out.insert(t.id, r);
+        }
+        Ok(Some(out))
     }
 
     /// Stop every guest call in flight (they fail with `cancelled`) and refuse new ones: the
@@ -212,6 +267,25 @@ fn wrong_world(name: &str, want: World) -> CallError {
     CallError::Invalid(format!(
         "module {name:?} does not implement the {want} world"
     ))
+}
+
+/// An alert as a guest wrote it, its severity checked (the WIT names three).
+fn guest_alert(a: types::Alert) -> Result<GuestAlert, CallError> {
+    let severity = Severity::ALL
+        .into_iter()
+        .find(|s| s.as_str() == a.severity)
+        .ok_or_else(|| CallError::Guest {
+            kind: "bad_output",
+            message: format!(
+                "an alert's severity is {:?}; one of info, warning, critical",
+                a.severity.chars().take(64).collect::<String>()
+            ),
+        })?;
+    Ok(GuestAlert {
+        severity,
+        message: a.message,
+        data: a.data,
+    })
 }
 
 /// Check a guest's JSON text result.

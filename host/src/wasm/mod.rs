@@ -24,7 +24,7 @@ mod module_tests;
 mod modules;
 
 pub use crate::types::World;
-pub use calls::measure;
+pub use calls::{measure, GuestFailure, Write};
 pub use modules::{
     BehaviorOutput, CallError, GuestAlert, GuestPatch, ModuleInfo, Runtime, VersionInfo,
 };

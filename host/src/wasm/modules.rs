@@ -124,8 +124,7 @@ pub struct GuestPatch {
 /// An alert a behavior raised (returned or emitted through the host).
 #[derive(Debug)]
 pub struct GuestAlert {
-    /// The severity as the guest wrote it.
-    pub severity: String,
+    pub severity: crate::types::Severity,
     pub message: String,
     /// JSON text as the guest wrote it.
     pub data: String,

@@ -1,9 +1,9 @@
 //! Tokens and roles: 401 without a valid bearer token (with `WWW-Authenticate`), 403 for a
 //! role that may not make a call.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
-use super::{App, Body, Method};
+use super::{assert_error_shape, App, Body, Method};
 
 #[tokio::test]
 async fn missing_or_wrong_token_is_401() {
@@ -60,126 +60,79 @@ async fn token_roles_are_enforced() {
     assert!(!read.is_empty() && read != s.token);
     let write = s.create_token("write").await;
 
-    // read: GET and query yes, writes no.
-    s.send(
-        Method::GET,
-        &format!("/v1/twins/{twin}"),
-        Some(&read),
-        Body::None,
-        &[],
-    )
-    .await
-    .expect(200);
-    s.send(Method::GET, "/v1/twins", Some(&read), Body::None, &[])
-        .await
-        .expect(200);
-    s.send(
-        Method::POST,
-        "/v1/query",
-        Some(&read),
-        Body::Json(&json!({})),
-        &[],
-    )
-    .await
-    .expect(200);
-    s.send(
-        Method::POST,
-        "/v1/twins",
-        Some(&read),
-        Body::Json(&json!({"entity_type": "machine"})),
-        &[],
-    )
-    .await
-    .expect_error(403, "forbidden");
-    s.send(
-        Method::PATCH,
-        &format!("/v1/twins/{twin}"),
-        Some(&read),
-        Body::Json(&json!({"a": 1})),
-        &[],
-    )
-    .await
-    .expect_error(403, "forbidden");
-    s.send(
-        Method::DELETE,
-        &format!("/v1/twins/{twin}"),
-        Some(&read),
-        Body::None,
-        &[],
-    )
-    .await
-    .expect_error(403, "forbidden");
-    s.send(
-        Method::POST,
-        "/v1/tokens",
-        Some(&read),
-        Body::Json(&json!({"role": "admin"})),
-        &[],
-    )
-    .await
-    .expect_error(403, "forbidden");
-
-    // write: twins yes, models and tokens no.
-    s.send(
-        Method::POST,
-        "/v1/twins",
-        Some(&write),
-        Body::Json(&json!({"entity_type": "machine"})),
-        &[],
-    )
-    .await
-    .expect(201);
-    s.send(
-        Method::PUT,
-        "/v1/models/x",
-        Some(&write),
-        Body::Json(&json!({"properties": {}})),
-        &[],
-    )
-    .await
-    .expect_error(403, "forbidden");
-    s.send(
-        Method::POST,
-        "/v1/tokens",
-        Some(&write),
-        Body::Json(&json!({"role": "read"})),
-        &[],
-    )
-    .await
-    .expect_error(403, "forbidden");
-    // write manages rules (API.md) and may invoke compute modules, but not upload them.
     let rule = json!({"kind": "threshold", "property": "t", "op": ">", "value": 1,
                       "actions": [{"type": "alert"}]});
-    s.send(
-        Method::PUT,
-        "/v1/rules/r",
-        Some(&write),
-        Body::Json(&rule),
-        &[],
-    )
-    .await
-    .expect(201);
-    s.send(
-        Method::PUT,
-        "/v1/rules/r2",
-        Some(&read),
-        Body::Json(&rule),
-        &[],
-    )
-    .await
-    .expect_error(403, "forbidden");
-    s.send(Method::DELETE, "/v1/rules/r", Some(&write), Body::None, &[])
-        .await
-        .expect(204);
-    s.send(
-        Method::POST,
-        "/v1/modules/none/invoke",
-        Some(&write),
-        Body::Json(&json!({"twin_ids": []})),
-        &[],
-    )
-    .await
-    .expect_error(404, "not_found");
+    let machine = json!({"entity_type": "machine"});
+    let (twin_path, none) = (format!("/v1/twins/{twin}"), json!({}));
+    // (token, method, path, body, status), in order: each runs on the state the ones before
+    // it left.
+    let cases: [(&str, Method, &str, Option<&Value>, u16); 17] = [
+        // read: GET and query yes, writes no.
+        (&read, Method::GET, &twin_path, None, 200),
+        (&read, Method::GET, "/v1/twins", None, 200),
+        (&read, Method::POST, "/v1/query", Some(&none), 200),
+        (&read, Method::POST, "/v1/twins", Some(&machine), 403),
+        (
+            &read,
+            Method::PATCH,
+            &twin_path,
+            Some(&json!({"a": 1})),
+            403,
+        ),
+        (&read, Method::DELETE, &twin_path, None, 403),
+        (
+            &read,
+            Method::POST,
+            "/v1/tokens",
+            Some(&json!({"role": "admin"})),
+            403,
+        ),
+        // A read token may read models.
+        (&read, Method::GET, "/v1/models", None, 200),
+        // write: twins yes, models and tokens no.
+        (&write, Method::POST, "/v1/twins", Some(&machine), 201),
+        (
+            &write,
+            Method::PUT,
+            "/v1/models/x",
+            Some(&json!({"properties": {}})),
+            403,
+        ),
+        (
+            &write,
+            Method::POST,
+            "/v1/tokens",
+            Some(&json!({"role": "read"})),
+            403,
+        ),
+        // write manages rules (API.md) and may invoke compute modules, but not upload them.
+        (&write, Method::PUT, "/v1/rules/r", Some(&rule), 201),
+        (&read, Method::PUT, "/v1/rules/r2", Some(&rule), 403),
+        (&write, Method::DELETE, "/v1/rules/r", None, 204),
+        (
+            &write,
+            Method::POST,
+            "/v1/modules/none/invoke",
+            Some(&json!({"twin_ids": []})),
+            404,
+        ),
+        (&s.token, Method::GET, "/v1/models/x", None, 404),
+        (
+            &s.token,
+            Method::POST,
+            "/v1/tokens",
+            Some(&json!({"role": "root"})),
+            400,
+        ),
+    ];
+    for (token, method, path, body, status) in cases {
+        let body = body.map_or(Body::None, Body::Json);
+        let r = s.send(method.clone(), path, Some(token), body, &[]).await;
+        assert_eq!(r.status, status, "{method} {path}: {}", r.text);
+        if status >= 400 {
+            assert_error_shape(&r.body);
+        }
+    }
     s.send(
         Method::PUT,
         "/v1/modules/none",
@@ -189,15 +142,5 @@ async fn token_roles_are_enforced() {
     )
     .await
     .expect_error(403, "forbidden");
-    // A read token may read models.
-    s.send(Method::GET, "/v1/models", Some(&read), Body::None, &[])
-        .await
-        .expect(200);
-    s.get("/v1/models/x").await.expect_error(404, "not_found");
-
-    // Bad role.
-    s.post("/v1/tokens", &json!({"role": "root"}))
-        .await
-        .expect_error(400, "bad_request");
     assert_eq!(s.twin_count().await, 2);
 }

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use super::{bench_node, fleet, proc_sample, props_of, rss_mb, serve_in_process, BenchArgs};
+use super::{bench_node, fleet, proc_sample, props_of, rss_mb, serve_in_process, BenchArgs, Fleet};
 use crate::events::rules::{RuleSet, RuleSpec};
 use crate::events::{Event, EventType, Filter, Item};
 use crate::registry::{NewTwin, Registry, Update};
@@ -60,17 +60,38 @@ async fn produce(
 
 /// Update → subscriber latency in process and over SSE, and many subscribers.
 pub(super) async fn events_phase(args: &BenchArgs) -> anyhow::Result<Value> {
-    const RATE: u64 = 10_000;
     let secs = args.seconds.min(5.0);
     let f = fleet(args.twins.min(10_000)).await?;
     let ids = Arc::new(f.ids.clone());
+    let inproc = in_process_latency(&f, &ids, secs).await?;
+    eprintln!("  in process: {inproc}");
+    let url = serve_in_process(&f.node).await?;
+    let sse = sse_latency(&f, &ids, &url, secs).await?;
+    eprintln!("  SSE: {sse}");
+    let many = many_subscribers(&f, &ids, secs).await?;
+    eprintln!("  {SUBSCRIBERS} subscribers: {many}");
     let reg = f.node.registry.clone();
-    let updated = Filter {
+    let sse_many = sse_subscribers(&url, &reg, &ids, SUBSCRIBERS, secs.min(3.0)).await?;
+    eprintln!("  SSE subscribers: {sse_many}");
+    Ok(json!({"in_process": inproc, "sse": sse, "subscribers": many, "sse_subscribers": sse_many}))
+}
+
+/// Updates per second offered by the latency measurements.
+const RATE: u64 = 10_000;
+/// In-process subscribers of the "many subscribers" measurement, each following one twin.
+const SUBSCRIBERS: usize = 10_000;
+
+fn updated_filter() -> Filter {
+    Filter {
         types: EventType::TwinUpdated.bit(),
         ..Filter::default()
-    };
+    }
+}
 
-    // In process: one subscriber, latency from submit and from the durable append.
+/// One in-process subscriber: latency from submit and from the durable append.
+async fn in_process_latency(f: &Fleet, ids: &Arc<Vec<TwinId>>, secs: f64) -> anyhow::Result<Value> {
+    let reg = f.node.registry.clone();
+    let updated = updated_filter();
     let mut sub = f.node.events.subscribe(reg.clone(), updated.clone(), None);
     let consumer = tokio::spawn(async move {
         let mut from_submit = Histogram::<u64>::new(3).expect("histogram");
@@ -97,16 +118,22 @@ pub(super) async fn events_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let sent = produce(reg.clone(), ids.clone(), RATE, secs).await?;
     stop(&reg, ids[0]).await?;
     let (submit, append, lagged) = consumer.await?;
-    let inproc = json!({
+    Ok(json!({
         "rate_per_s": RATE, "events": sent, "lagged": lagged,
         "submit_to_subscriber_p50_ms": ms(&submit, 0.5), "submit_to_subscriber_p99_ms": ms(&submit, 0.99),
         "durable_to_subscriber_p50_ms": ms(&append, 0.5), "durable_to_subscriber_p99_ms": ms(&append, 0.99),
         "durable_to_subscriber_max_ms": (append.max() as f64 / 10.0).round() / 100.0,
-    });
-    eprintln!("  in process: {inproc}");
+    }))
+}
 
-    // Over SSE on loopback.
-    let url = serve_in_process(&f.node).await?;
+/// One SSE client over loopback: latency from submit.
+async fn sse_latency(
+    f: &Fleet,
+    ids: &Arc<Vec<TwinId>>,
+    url: &str,
+    secs: f64,
+) -> anyhow::Result<Value> {
+    let reg = f.node.registry.clone();
     let resp = reqwest::Client::new()
         .get(format!("{url}/v1/events?types=twin.updated"))
         .send()
@@ -137,12 +164,14 @@ pub(super) async fn events_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let h = tokio::time::timeout(Duration::from_secs(30), sse)
         .await
         .context("the SSE client did not finish")??;
-    let sse = json!({"rate_per_s": RATE, "events": h.len(),
-        "submit_to_sse_client_p50_ms": ms(&h, 0.5), "submit_to_sse_client_p99_ms": ms(&h, 0.99)});
-    eprintln!("  SSE: {sse}");
+    Ok(json!({"rate_per_s": RATE, "events": h.len(),
+        "submit_to_sse_client_p50_ms": ms(&h, 0.5), "submit_to_sse_client_p99_ms": ms(&h, 0.99)}))
+}
 
-    // Many subscribers, each following one twin.
-    const SUBSCRIBERS: usize = 10_000;
+/// Many in-process subscribers, each following one twin: memory and CPU.
+async fn many_subscribers(f: &Fleet, ids: &Arc<Vec<TwinId>>, secs: f64) -> anyhow::Result<Value> {
+    let reg = f.node.registry.clone();
+    let updated = updated_filter();
     let rss0 = rss_mb("VmRSS:");
     let delivered = Arc::new(AtomicU64::new(0));
     let mut subs = Vec::with_capacity(SUBSCRIBERS);
@@ -174,18 +203,14 @@ pub(super) async fn events_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(subs)).await;
     let expected = sent * SUBSCRIBERS.div_ceil(ids.len()) as u64;
-    let many = json!({
+    Ok(json!({
         "subscribers": SUBSCRIBERS, "rate_per_s": RATE / 10, "events": sent,
         "delivered": delivered.load(Ordering::Relaxed), "expected_deliveries": expected,
         "rss_before_mb": rss0.round(), "rss_with_subscribers_mb": rss_connected.round(),
         "rss_after_run_mb": rss_after.round(),
         "per_subscriber_kb": (((rss_connected - rss0) * 1024.0 / SUBSCRIBERS as f64) * 10.0).round() / 10.0,
         "cpu_percent": cpu.round(),
-    });
-    eprintln!("  {SUBSCRIBERS} subscribers: {many}");
-    let sse_many = sse_subscribers(&url, &reg, &ids, SUBSCRIBERS, secs.min(3.0)).await?;
-    eprintln!("  SSE subscribers: {sse_many}");
-    Ok(json!({"in_process": inproc, "sse": sse, "subscribers": many, "sse_subscribers": sse_many}))
+    }))
 }
 
 /// Raise the open-file limit to its hard maximum; returns the new soft limit.
