@@ -86,6 +86,22 @@ async fn malformed_requests_get_error_bodies_and_change_nothing() {
         .await
         .expect_error(400, "bad_request");
 
+    // Still healthy, nothing changed.
+    s.send(Method::GET, "/healthz", None, Body::None, &[])
+        .await
+        .expect(200);
+    assert_eq!(s.twin_count().await, before);
+    assert_eq!(s.get(&format!("/v1/twins/{id}")).await.body, twin);
+    assert_eq!(s.get("/v1/models").await.body, json!({}));
+    s.create_twin(&json!({"entity_type": "machine"})).await;
+    assert_eq!(s.twin_count().await, before + 1);
+}
+
+/// A JSON body is parsed whatever its content type says (curl's `-d` sends a form type);
+/// ingest reads NDJSON when the content type says so, and otherwise a JSON array or lines.
+#[tokio::test]
+async fn unknown_routes_and_methods_get_error_bodies() {
+    let s = App::start().await;
     // Unknown routes and methods.
     for path in ["/v1/nope", "/nope", "/v1/twins/x/y/z/w"] {
         s.get(path).await.expect_error(404, "not_found");
@@ -101,26 +117,14 @@ async fn malformed_requests_get_error_bodies_and_change_nothing() {
     let r = s
         .call(
             Method::POST,
-            &format!("/v1/twins/{id}"),
+            &format!("/v1/twins/{}", uuid::Uuid::new_v4()),
             Body::Json(&json!({})),
         )
         .await;
     r.expect(405);
     assert_error_shape(&r.body);
-
-    // Still healthy, nothing changed.
-    s.send(Method::GET, "/healthz", None, Body::None, &[])
-        .await
-        .expect(200);
-    assert_eq!(s.twin_count().await, before);
-    assert_eq!(s.get(&format!("/v1/twins/{id}")).await.body, twin);
-    assert_eq!(s.get("/v1/models").await.body, json!({}));
-    s.create_twin(&json!({"entity_type": "machine"})).await;
-    assert_eq!(s.twin_count().await, before + 1);
 }
 
-/// A JSON body is parsed whatever its content type says (curl's `-d` sends a form type);
-/// ingest reads NDJSON when the content type says so, and otherwise a JSON array or lines.
 #[tokio::test]
 async fn json_bodies_are_read_whatever_the_content_type() {
     let s = App::start().await;
