@@ -38,7 +38,7 @@ pub async fn changes(
             "limit must be between 1 and {MAX_FEED_PAGE}"
         )));
     }
-    let (items, next) = s.registry.changes(p.after, limit);
+    let crate::registry::ChangesPage { items, next } = s.registry.changes(p.after, limit);
     let items: Vec<Value> = items.iter().map(|i| i.to_json()).collect();
     Ok(axum::Json(json!({"items": items, "next": next})))
 }

@@ -52,6 +52,14 @@ pub const MAX_VALUE_DEPTH: usize = 32;
 /// Deepest hierarchy walked by ancestor queries (guards against corrupted parent chains).
 pub const MAX_DEPTH: usize = 10_000;
 
+/// One page of the change feed ([`Registry::changes`]).
+pub struct ChangesPage {
+    pub items: Vec<FeedItem>,
+    /// The change number to ask after next: the last item's, or the one asked after when
+    /// the page is empty.
+    pub next: u64,
+}
+
 /// What kind of change a [`Change`] records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -353,7 +361,10 @@ impl Registry {
     pub fn open(store: &Store, node_id: &str) -> Result<Self, RegistryError> {
         // Raw key/value entries of the log tail land in sled first, so models and
         // relationships load complete; twin entries are replayed into memory below.
-        let (entries, last_segment) = store.recover()?;
+        let crate::store::Recovered {
+            entries,
+            last_segment,
+        } = store.recover()?;
         let origin: Arc<str> = Arc::from(node_id);
         let load::Loaded {
             twins,
@@ -503,7 +514,7 @@ impl Registry {
     /// The change feed after change number `after`: up to `limit` entries, one per twin that
     /// changed (its current state) or tombstone, in change-number order; and the number to
     /// ask after next (the last entry's, or `after` when there is none).
-    pub fn changes(&self, after: u64, limit: usize) -> (Vec<FeedItem>, u64) {
+    pub fn changes(&self, after: u64, limit: usize) -> ChangesPage {
         let limit = limit.clamp(1, feed::MAX_FEED_PAGE);
         let mut out = Vec::with_capacity(limit.min(1024));
         let mut from = after;
@@ -527,7 +538,7 @@ impl Registry {
             from = last;
         }
         let next = out.last().map_or(after, FeedItem::lseq);
-        (out, next)
+        ChangesPage { items: out, next }
     }
 
     /// The stamped changes the log replay found at open (once; empty afterwards): the event

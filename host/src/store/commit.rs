@@ -145,6 +145,15 @@ impl CommitHandle {
         self.poisoned.get().cloned()
     }
 
+    /// A handle that does not keep the writer running (see [`WeakCommitHandle`]).
+    pub fn downgrade(&self) -> WeakCommitHandle {
+        WeakCommitHandle {
+            tx: self.tx.downgrade(),
+            poisoned: self.poisoned.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
     /// Jobs waiting for the writer.
     pub fn queue_depth(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
@@ -167,6 +176,34 @@ impl CommitHandle {
         for t in threads {
             let _ = t.join();
         }
+    }
+}
+
+/// The store's handle on the writer, for configuration writes. Weak: the writer stops when
+/// the registry's handles are gone, even while things holding the store (the event log's
+/// checkpoint hook among them) are still being dropped.
+#[derive(Clone)]
+pub struct WeakCommitHandle {
+    tx: mpsc::WeakSender<Msg>,
+    poisoned: Arc<std::sync::OnceLock<String>>,
+    stats: Arc<CommitStats>,
+}
+
+impl WeakCommitHandle {
+    /// A handle to run jobs with, while the writer runs. Its [`CommitHandle::shutdown`] does
+    /// nothing: the registry's handle owns the threads.
+    pub fn upgrade(&self) -> Option<CommitHandle> {
+        Some(CommitHandle {
+            tx: self.tx.upgrade()?,
+            poisoned: self.poisoned.clone(),
+            threads: Arc::default(),
+            stats: self.stats.clone(),
+        })
+    }
+
+    /// Why the store refuses writes, once a log write has failed.
+    pub fn poisoned(&self) -> Option<String> {
+        self.poisoned.get().cloned()
     }
 }
 

@@ -24,7 +24,7 @@ fn open(dir: &std::path::Path, checkpoint_every: Duration) -> (Store, CommitHand
     let store = Store::open(dir)
         .expect("opening the store")
         .with_checkpoint_every(checkpoint_every);
-    let (_, last) = store.recover().expect("recovering");
+    let last = store.recover().expect("recovering").last_segment;
     let commit = store
         .start_committer(Arc::new(NoTwins), last, None, Numbering::default())
         .expect("starting the writer");

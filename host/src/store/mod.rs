@@ -74,10 +74,19 @@ pub struct Store {
     /// The format version found on open (1 until the registry's upgrade finishes).
     format: Arc<std::sync::atomic::AtomicU64>,
     before_checkpoint: Arc<std::sync::OnceLock<CheckpointHook>>,
-    /// The writer, once started: configuration writes go through its queue too.
-    committer: Arc<std::sync::OnceLock<CommitHandle>>,
+    /// The writer, once started: configuration writes go through its queue too. Weak, so
+    /// the store (held by many) does not keep the writer running.
+    committer: Arc<std::sync::OnceLock<commit::WeakCommitHandle>>,
     /// Held across one configuration change (see [`Store::lock_config`]).
     config: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What [`Store::recover`] found after the last checkpoint.
+pub struct Recovered {
+    /// The log entries after the checkpoint, in order, for the registry to replay.
+    pub entries: Vec<wal::Entry>,
+    /// The last log segment (the writer continues with the next).
+    pub last_segment: u64,
 }
 
 /// Where an upgraded directory's numbering and clock continue.
@@ -207,7 +216,7 @@ impl Store {
     /// Entries logged after the last checkpoint, in order, with the last segment number. Raw
     /// key/value entries are applied to sled right away, so loading from sled sees them; the
     /// caller replays the rest into memory (and re-creates the events of numbered entries).
-    pub fn recover(&self) -> Result<(Vec<wal::Entry>, u64), StoreError> {
+    pub fn recover(&self) -> Result<Recovered, StoreError> {
         let after = self.checkpoint_marker()?;
         let (entries, last) = wal::read_after(&self.wal_dir, after).map_err(StoreError::io(
             format!("reading the write-ahead log in {}", self.wal_dir.display()),
@@ -238,7 +247,10 @@ impl Store {
                 "replaying the write-ahead log"
             );
         }
-        Ok((twin_entries, last))
+        Ok(Recovered {
+            entries: twin_entries,
+            last_segment: last,
+        })
     }
 
     /// History samples not yet checkpointed.
@@ -318,7 +330,7 @@ impl Store {
             numbering,
             before_checkpoint: self.before_checkpoint.clone(),
         })?;
-        let _ = self.committer.set(handle.clone());
+        let _ = self.committer.set(handle.downgrade());
         Ok(handle)
     }
 
@@ -330,7 +342,11 @@ impl Store {
     /// [`StoreError::Overloaded`] when the queue stays full, [`StoreError::Closed`] before
     /// the writer starts or after it stops, [`StoreError::Poisoned`] after a failed log write.
     pub async fn write(&self, ops: Vec<KvOp>) -> Result<(), StoreError> {
-        let commit = self.committer.get().ok_or(StoreError::Closed)?;
+        let commit = self
+            .committer
+            .get()
+            .and_then(commit::WeakCommitHandle::upgrade)
+            .ok_or(StoreError::Closed)?;
         commit
             .run(move |b| {
                 for op in ops {
@@ -367,7 +383,9 @@ impl Store {
 
     /// Why the store refuses writes, once a write of its log has failed.
     pub fn poisoned(&self) -> Option<String> {
-        self.committer.get().and_then(CommitHandle::poisoned)
+        self.committer
+            .get()
+            .and_then(commit::WeakCommitHandle::poisoned)
     }
 
     /// Bytes on disk (sled's estimate).
@@ -394,19 +412,19 @@ mod tests {
         }
     }
 
-    fn started(dir: &Path) -> Store {
+    fn started(dir: &Path) -> (Store, CommitHandle) {
         let store = Store::open(dir).unwrap();
-        let (_, last) = store.recover().unwrap();
-        store
+        let last = store.recover().unwrap().last_segment;
+        let handle = store
             .start_committer(Arc::new(NoTwins), last, None, Numbering::default())
             .unwrap();
-        store
+        (store, handle)
     }
 
     #[tokio::test]
     async fn configuration_is_readable_once_written_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let store = started(dir.path());
+        let (store, handle) = started(dir.path());
         store
             .write(vec![KvOp::Put(b"Rk".to_vec(), b"v1".to_vec())])
             .await
@@ -417,7 +435,7 @@ mod tests {
             .write(vec![KvOp::Put(b"Rk".to_vec(), b"v2".to_vec())])
             .await
             .unwrap();
-        store.committer.get().unwrap().shutdown();
+        handle.shutdown();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         store.recover().unwrap();
@@ -428,11 +446,11 @@ mod tests {
     async fn a_failed_log_write_poisons_the_store_instead_of_exiting() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let (_, last) = store.recover().unwrap();
+        let last = store.recover().unwrap().last_segment;
         // The next segment is a device that refuses every write (ENOSPC).
         std::os::unix::fs::symlink("/dev/full", dir.path().join("wal/00000000000000000001.wal"))
             .unwrap();
-        store
+        let _handle = store
             .start_committer(Arc::new(NoTwins), last, None, Numbering::default())
             .unwrap();
         assert_eq!(store.poisoned(), None);
@@ -452,5 +470,38 @@ mod tests {
             "the error says what to do"
         );
         assert_eq!(store.get(b"Rk").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn the_store_does_not_keep_the_writer_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, handle) = started(dir.path());
+        // Subsystems keep clones of the store for as long as they run.
+        let held = store.clone();
+        store
+            .write(vec![KvOp::Put(b"Rk".to_vec(), b"v".to_vec())])
+            .await
+            .unwrap();
+        // The registry's handle gone: the writer stops, configuration writes say so, and
+        // the directory can be opened again once the store is dropped.
+        drop(handle);
+        let started = std::time::Instant::now();
+        while store.write(vec![]).await.is_ok() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "writer still running"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(matches!(held.write(vec![]).await, Err(StoreError::Closed)));
+        drop((store, held));
+        let started = std::time::Instant::now();
+        while Store::open(dir.path()).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "directory still locked"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }
