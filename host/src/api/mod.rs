@@ -75,6 +75,9 @@ pub struct AppStateInner {
     pub events: crate::events::EventLog,
     pub rules: crate::events::Rules,
     pub behaviors: crate::wasm::behaviors::Behaviors,
+    /// What binds modules (behaviors, rules), which the runtime asks through weak
+    /// references before a module changes or goes; owned here.
+    pub module_users: Vec<Arc<dyn crate::wasm::ModuleUsers>>,
     /// Guest calls running at once (sized to the cores); a full pool answers 429.
     pub compute_slots: Arc<tokio::sync::Semaphore>,
     /// Set when the server begins to stop: event streams end so connections can drain.

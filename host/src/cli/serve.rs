@@ -134,8 +134,11 @@ pub async fn open_node(
         events.clone(),
         cores,
     )?;
-    runtime.add_users(Arc::new(behaviors.clone()));
-    runtime.add_users(Arc::new(rules.clone()));
+    let module_users: Vec<Arc<dyn crate::wasm::ModuleUsers>> =
+        vec![Arc::new(behaviors.clone()), Arc::new(rules.clone())];
+    for u in &module_users {
+        runtime.add_users(u);
+    }
     let state = Arc::new(AppStateInner {
         registry: registry.clone(),
         history: History::new(store.clone(), retention),
@@ -148,6 +151,7 @@ pub async fn open_node(
         rules,
         behaviors,
         compute_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
+        module_users,
         stopping: tokio::sync::watch::channel(false).0,
     });
     Ok(Node {

@@ -109,3 +109,41 @@ async fn a_module_delete_and_a_binding_to_it_do_not_interleave() {
     }
     node.registry.shutdown();
 }
+
+#[tokio::test]
+async fn a_node_that_was_shut_down_and_dropped_releases_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path()).await;
+    let rt = node.state.runtime.clone();
+    rt.upload("m", guest("thermal_monitor.wasm"), Limits::default(), false)
+        .await
+        .unwrap();
+    node.state.behaviors.put("b", binding("m")).await.unwrap();
+    node.registry.shutdown();
+    node.events.shutdown();
+    drop((rt, node));
+    // The behavior and rule tasks end once the event log is closed, and with them the last
+    // holders of the store: no reference cycle keeps sled open (in process, as the bench's
+    // restart and an embedding application do).
+    let started = std::time::Instant::now();
+    let again = loop {
+        match open_node(
+            dir.path(),
+            Some("test"),
+            true,
+            crate::history::Retention::default(),
+            crate::store::commit::CHECKPOINT_EVERY,
+            crate::events::LogConfig::default(),
+        )
+        .await
+        {
+            Ok(n) => break n,
+            Err(e) if started.elapsed() > std::time::Duration::from_secs(5) => {
+                panic!("the directory is still held: {e:#}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(again.state.behaviors.using("m"), vec!["b".to_owned()]);
+    again.registry.shutdown();
+}

@@ -157,8 +157,9 @@ pub struct Runtime {
     pub(super) stop: CancellationToken,
     /// The WIT contract uploads are checked against before they are compiled.
     contract: super::contract::Contract,
-    /// Subsystems that bind modules by name, asked before a module changes or goes.
-    users: RwLock<Vec<Arc<dyn ModuleUsers>>>,
+    /// Subsystems that bind modules by name, asked before a module changes or goes. Weak:
+    /// behaviors hold the runtime, and the node owns both.
+    users: RwLock<Vec<std::sync::Weak<dyn ModuleUsers>>>,
 }
 
 pub(super) fn internal(e: impl std::fmt::Display) -> CallError {
@@ -489,9 +490,9 @@ impl Runtime {
     }
 
     /// Register a subsystem whose configuration binds modules (asked by upload, rollback
-    /// and delete).
-    pub fn add_users(&self, users: Arc<dyn ModuleUsers>) {
-        self.users.write().push(users);
+    /// and delete). The runtime keeps it weakly: the caller keeps it alive.
+    pub fn add_users(&self, users: &Arc<dyn ModuleUsers>) {
+        self.users.write().push(Arc::downgrade(users));
     }
 
     /// Everything bound to module `name`.
@@ -499,6 +500,7 @@ impl Runtime {
         self.users
             .read()
             .iter()
+            .filter_map(std::sync::Weak::upgrade)
             .flat_map(|u| u.users_of(name))
             .collect()
     }
