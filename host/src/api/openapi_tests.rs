@@ -426,28 +426,12 @@ async fn refused(n: &Node, calls: &BTreeSet<Call>) -> Vec<String> {
 async fn requests_built_from_the_document_are_accepted() {
     let n = node().await;
     let doc = document();
-    let twin = n
-        .state
-        .registry
-        .create(crate::registry::NewTwin {
-            entity_type: "machine".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .id
-        .0;
-    let other = n
-        .state
-        .registry
-        .create(crate::registry::NewTwin {
-            entity_type: "machine".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .id
-        .0;
+    let machine = || crate::registry::NewTwin {
+        entity_type: "machine".into(),
+        ..Default::default()
+    };
+    let twin = n.state.registry.create(machine()).await.unwrap().id.0;
+    let other = n.state.registry.create(machine()).await.unwrap().id.0;
     for (name, file) in MODULES {
         n.state
             .runtime
