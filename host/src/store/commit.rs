@@ -403,6 +403,9 @@ struct Syncer {
 struct SinceCheckpoint {
     dirty: HashSet<TwinId, FxBuildHasher>,
     kv: Vec<KvOp>,
+    /// Configuration was written (to sled, unflushed): a checkpoint flushes it and lets its
+    /// log segments go, so a module's bytes do not sit in the log until the next twin write.
+    config: bool,
     lseq: u64,
     hlc: u64,
 }
@@ -440,6 +443,7 @@ fn syncer(sy: Syncer, rx: std::sync::mpsc::Receiver<Commit>, mut segment: Segmen
             tracing::error!(error = %e, "cannot write configuration to sled; it is in the log and is applied again at the next start");
         }
         let batch = &mut commit.batch;
+        since.config |= !batch.direct.is_empty();
         publish_points(&sy.pending, batch);
         since.lseq = since.lseq.max(batch.max_lseq);
         since.hlc = since.hlc.max(batch.max_hlc);
@@ -497,6 +501,7 @@ impl Syncer {
     ) -> bool {
         let something = !since.dirty.is_empty()
             || !since.kv.is_empty()
+            || since.config
             || !self.pending.lock().current.is_empty()
             || since.lseq > 0;
         if !something || (!closing && self.busy.load(Ordering::Acquire)) {

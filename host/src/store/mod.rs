@@ -504,4 +504,38 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
+
+    #[tokio::test]
+    async fn a_checkpoint_lets_configuration_leave_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path())
+            .unwrap()
+            .with_checkpoint_every(std::time::Duration::from_millis(20));
+        let last = store.recover().unwrap().last_segment;
+        let _handle = store
+            .start_committer(Arc::new(NoTwins), last, None, Numbering::default())
+            .unwrap();
+        // A module's bytes, with no twin written after them.
+        let big = vec![7u8; 4 << 20];
+        store
+            .write(vec![KvOp::Put(b"bX".to_vec(), big)])
+            .await
+            .unwrap();
+        let log_bytes = || -> u64 {
+            std::fs::read_dir(dir.path().join("wal"))
+                .unwrap()
+                .map(|e| e.unwrap().metadata().unwrap().len())
+                .sum()
+        };
+        let started = std::time::Instant::now();
+        while log_bytes() > 1 << 20 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "the configuration stays in the log: {} bytes",
+                log_bytes()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(store.get(b"bX").unwrap().map(|v| v.len()), Some(4 << 20));
+    }
 }
