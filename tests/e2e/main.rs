@@ -33,5 +33,6 @@ mod query;
 mod relationships;
 mod rules;
 mod sandbox;
+mod sync;
 mod twins;
 mod wasm;

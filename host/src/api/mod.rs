@@ -78,6 +78,8 @@ pub struct AppStateInner {
     /// What binds modules (behaviors, rules), which the runtime asks through weak
     /// references before a module changes or goes; owned here.
     pub module_users: Vec<Arc<dyn crate::wasm::ModuleUsers>>,
+    /// Counters of the pulls from peers (`serve --peer`).
+    pub sync: Arc<crate::sync::SyncStats>,
     /// Guest calls running at once (sized to the cores); a full pool answers 429.
     pub compute_slots: Arc<tokio::sync::Semaphore>,
     /// Set when the server begins to stop: event streams end so connections can drain.

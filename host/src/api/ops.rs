@@ -87,8 +87,10 @@ pub async fn metrics_json(State(s): State<AppState>) -> axum::Json<Value> {
     axum::Json(json!({
         "node_id": s.registry.node_id(),
         "active_twins": s.registry.twin_count(),
-        // No peers exist yet in this release: this counts real work (none).
-        "sync_operations": 0,
+        // Changes received from peers (`serve --peer`), and those that changed something.
+        "sync_operations": s.sync.received.load(Ordering::Relaxed),
+        "sync_applied": s.sync.applied.load(Ordering::Relaxed),
+        "sync_errors": s.sync.errors.load(Ordering::Relaxed),
         "compute_operations": s.runtime.stats.calls.load(Ordering::Relaxed),
         "modules": s.runtime.module_count(),
         "modules_compiled": s.runtime.stats.compiled.load(Ordering::Relaxed),

@@ -57,6 +57,13 @@ pub struct ServeArgs {
     /// Drop persisted events older than this.
     #[arg(long, env = "TWINHOST_EVENT_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub event_max_age: Duration,
+    /// A node to pull changes from (repeatable; comma-separated in the environment), e.g.
+    /// `http://10.0.0.2:7878`. Its twins are merged here (last writer wins per property).
+    #[arg(long = "peer", env = "TWINHOST_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// A token of the `peer` role on the peers (`twinhost token create --role peer` there).
+    #[arg(long, env = "TWINHOST_PEER_TOKEN")]
+    pub peer_token: Option<String>,
     /// How long a deleted twin's tombstone lasts (in the change feed, and refusing its id).
     #[arg(long, env = "TWINHOST_TOMBSTONE_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub tombstone_retention: Duration,
@@ -152,6 +159,7 @@ pub async fn open_node(
         behaviors,
         compute_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
         module_users,
+        sync: Arc::default(),
         stopping: tokio::sync::watch::channel(false).0,
     });
     Ok(Node {
@@ -210,6 +218,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     node.registry
         .set_tombstone_retention(args.tombstone_retention);
     spawn_sweeps(&node);
+    for url in &args.peers {
+        crate::sync::spawn_pull(
+            node.registry.clone(),
+            node.store.clone(),
+            crate::sync::Peer {
+                url: url.clone(),
+                token: args.peer_token.clone(),
+            },
+            node.state.sync.clone(),
+            node.state.stopping.subscribe(),
+        );
+    }
     let app = api::router(
         node.state.clone(),
         Limits {
