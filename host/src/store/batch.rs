@@ -23,6 +23,45 @@ pub enum KvOp {
     DeletePrefix(Vec<u8>),
 }
 
+impl KvOp {
+    pub(super) fn raw(&self) -> RawOp<'_> {
+        match self {
+            KvOp::Put(k, v) => RawOp::Put(k, v),
+            KvOp::Delete(k) => RawOp::Delete(k),
+            KvOp::DeletePrefix(p) => RawOp::DeletePrefix(p),
+        }
+    }
+}
+
+/// A raw change as a [`KvOp`] or a log entry holds it, to write to sled at once: the
+/// syncer's configuration writes and the replay of a log tail apply them the same way.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum RawOp<'a> {
+    Put(&'a [u8], &'a [u8]),
+    Delete(&'a [u8]),
+    DeletePrefix(&'a [u8]),
+}
+
+impl RawOp<'_> {
+    /// Write to sled now (not flushed).
+    pub(super) fn apply(self, db: &sled::Db) -> Result<(), sled::Error> {
+        match self {
+            RawOp::Put(k, v) => {
+                db.insert(k, v)?;
+            }
+            RawOp::Delete(k) => {
+                db.remove(k)?;
+            }
+            RawOp::DeletePrefix(p) => {
+                for k in db.scan_prefix(p).keys() {
+                    db.remove(k?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Samples per twin: (property, time in µs, value). Keyed by twin with a fast hasher; the
 /// few properties of one twin are told apart by a scan.
 pub(super) type SeriesMap = HashMap<TwinId, Vec<Sample>, FxBuildHasher>;

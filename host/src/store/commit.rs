@@ -140,11 +140,6 @@ impl CommitHandle {
         }
     }
 
-    /// Why the store refuses writes, once a log write has failed.
-    pub fn poisoned(&self) -> Option<String> {
-        self.poisoned.get().cloned()
-    }
-
     /// A handle that does not keep the writer running (see [`WeakCommitHandle`]).
     pub fn downgrade(&self) -> WeakCommitHandle {
         WeakCommitHandle {
@@ -536,22 +531,7 @@ impl Syncer {
 
 /// Write configuration changes to sled now (they are already in the log).
 fn apply_now(db: &sled::Db, ops: &[KvOp]) -> Result<(), sled::Error> {
-    for op in ops {
-        match op {
-            KvOp::Put(k, v) => {
-                db.insert(k.as_slice(), v.as_slice())?;
-            }
-            KvOp::Delete(k) => {
-                db.remove(k.as_slice())?;
-            }
-            KvOp::DeletePrefix(p) => {
-                for k in db.scan_prefix(p).keys() {
-                    db.remove(k?)?;
-                }
-            }
-        }
-    }
-    Ok(())
+    ops.iter().try_for_each(|op| op.raw().apply(db))
 }
 
 fn publish_points(pending: &parking_lot::Mutex<PendingHistory>, batch: &mut Batch) {

@@ -224,20 +224,13 @@ impl Store {
         // Raw entries are applied here and passed on too: a numbered one (a relationship or
         // model change) is an event the replay re-creates.
         for e in &entries {
-            match e {
-                wal::Entry::Put(k, v) => {
-                    self.db.insert(k.as_slice(), v.as_slice())?;
-                }
-                wal::Entry::DeleteKey(k) => {
-                    self.db.remove(k.as_slice())?;
-                }
-                wal::Entry::DeletePrefix(p) => {
-                    for k in self.db.scan_prefix(p).keys() {
-                        self.db.remove(k?)?;
-                    }
-                }
-                _ => {}
-            }
+            let raw = match e {
+                wal::Entry::Put(k, v) => batch::RawOp::Put(k, v),
+                wal::Entry::DeleteKey(k) => batch::RawOp::Delete(k),
+                wal::Entry::DeletePrefix(p) => batch::RawOp::DeletePrefix(p),
+                _ => continue,
+            };
+            raw.apply(&self.db)?;
         }
         let twin_entries = entries;
         self.db.flush()?;
