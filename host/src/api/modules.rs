@@ -15,7 +15,10 @@ use super::extract::{Json, Path, Query, RawBody};
 use super::{ApiError, AppState};
 use crate::registry::Query as TwinQuery;
 use crate::types::TwinId;
-use crate::wasm::{CallError, Limits, ModuleInfo, VersionInfo, World, Write};
+use crate::wasm::{
+    CallError, LimitError, Limits, ModuleInfo, VersionInfo, World, Write, MAX_FUEL,
+    MAX_MEMORY_BYTES, MAX_TIMEOUT,
+};
 
 /// Most twins one invocation may name.
 pub const MAX_INVOKE_TWINS: usize = 10_000;
@@ -28,8 +31,19 @@ const COMPUTE_SLOT_WAIT: Duration = Duration::from_secs(2);
 impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
         match e {
-            CallError::Invalid(m) => {
-                let m = m.replace("the memory limit", "memory_mb");
+            CallError::Invalid(m) => ApiError::Validation(m.clone(), json!({"module": m})),
+            // In the words of the upload's query parameters.
+            CallError::Limits(l) => {
+                let m = match l {
+                    LimitError::Fuel => format!("fuel must be between 1 and {MAX_FUEL}"),
+                    LimitError::Memory => {
+                        format!("memory_mb must be between 1 and {}", MAX_MEMORY_BYTES >> 20)
+                    }
+                    LimitError::Deadline => format!(
+                        "timeout must be between 1 ms and {} s",
+                        MAX_TIMEOUT.as_secs()
+                    ),
+                };
                 ApiError::Validation(m.clone(), json!({"module": m}))
             }
             CallError::NotFound(_) | CallError::NoVersion(..) => ApiError::NotFound(e.to_string()),

@@ -136,23 +136,31 @@ impl Default for Limits {
     }
 }
 
+/// Which of a module's [`Limits`] is out of the host's range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("the fuel per call must be between 1 and {MAX_FUEL}")]
+    Fuel,
+    #[error("the memory limit must be between 1 and {} MiB", MAX_MEMORY_BYTES >> 20)]
+    Memory,
+    #[error("the deadline must be between 1 ms and {} s", MAX_TIMEOUT.as_secs())]
+    Deadline,
+}
+
 impl Limits {
     /// Check the limits against the host's maxima.
-    pub fn check(&self) -> Result<(), String> {
+    ///
+    /// # Errors
+    /// The first limit out of range.
+    pub fn check(&self) -> Result<(), LimitError> {
         if self.fuel == 0 || self.fuel > MAX_FUEL {
-            return Err(format!("fuel must be between 1 and {MAX_FUEL}"));
+            return Err(LimitError::Fuel);
         }
         if self.memory_bytes < 64 * 1024 || self.memory_bytes > MAX_MEMORY_BYTES {
-            return Err(format!(
-                "the memory limit must be between 1 and {} MiB",
-                MAX_MEMORY_BYTES >> 20
-            ));
+            return Err(LimitError::Memory);
         }
         if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT.as_millis() as u64 {
-            return Err(format!(
-                "the deadline must be between 1 ms and {} s",
-                MAX_TIMEOUT.as_secs()
-            ));
+            return Err(LimitError::Deadline);
         }
         Ok(())
     }

@@ -40,6 +40,9 @@ pub enum CallError {
     /// Not a component, unknown world, missing exports, bad limits (422).
     #[error("{0}")]
     Invalid(String),
+    /// A limit out of the host's range (422).
+    #[error(transparent)]
+    Limits(#[from] super::LimitError),
     #[error("module {0:?} not found")]
     NotFound(String),
     #[error("module {0:?} has no version {1}")]
@@ -361,7 +364,7 @@ impl Runtime {
         force: bool,
     ) -> Result<VersionInfo, CallError> {
         check_name("module name", name).map_err(|e| CallError::Invalid(e.to_string()))?;
-        limits.check().map_err(CallError::Invalid)?;
+        limits.check()?;
         check_header(&bytes)?;
         let _config = self.store.lock_config().await;
         let me = self.clone();

@@ -202,3 +202,24 @@ async fn query_parameters_are_parsed_and_checked() {
         r.text
     );
 }
+
+#[tokio::test]
+async fn module_limits_out_of_range_name_the_query_parameter() {
+    let s = App::start().await;
+    for (query, param) in [
+        ("fuel=0", "fuel must be between"),
+        ("memory_mb=100000", "memory_mb must be between 1 and 512"),
+        ("timeout=1h", "timeout must be between 1 ms and 30 s"),
+    ] {
+        let r = s
+            .call(
+                Method::PUT,
+                &format!("/v1/modules/m?{query}"),
+                Body::Raw(b"\0asm\x0d\0\x01\0", "application/wasm"),
+            )
+            .await;
+        r.expect_error(422, "validation_failed");
+        let msg = r.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.starts_with(param), "{query}: {msg}");
+    }
+}
