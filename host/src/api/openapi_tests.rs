@@ -6,7 +6,6 @@
 //! sends them through the router in-process. None may be refused as invalid.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
@@ -238,16 +237,9 @@ struct Node {
 
 async fn node() -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let n = crate::cli::serve::open_node(
-        dir.path(),
-        Some("node-test"),
-        true,
-        Default::default(),
-        Duration::from_secs(2),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let n = crate::cli::serve::open_default_node(dir.path(), "node-test", true)
+        .await
+        .unwrap();
     let router = super::router(n.state.clone(), Default::default());
     Node {
         _dir: dir,

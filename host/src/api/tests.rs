@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use super::Limits;
-use crate::cli::serve::{open_node, Node};
+use crate::cli::serve::{open_default_node, Node};
 
 /// The node id of every in-process app.
 const NODE_ID: &str = "node-test";
@@ -55,16 +55,9 @@ impl App {
             .prefix("twinhost-api-")
             .tempdir()
             .expect("creating a temp dir");
-        let node = open_node(
-            tmp.path(),
-            Some(NODE_ID),
-            false,
-            Default::default(),
-            Duration::from_secs(2),
-            Default::default(),
-        )
-        .await
-        .expect("opening the node");
+        let node = open_default_node(tmp.path(), NODE_ID, false)
+            .await
+            .expect("opening the node");
         let token = std::fs::read_to_string(&node.admin_token_file)
             .expect("the admin token file")
             .trim()

@@ -25,9 +25,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use super::serve::open_node;
 use crate::api::{self, Limits};
-use crate::history::Retention;
 use crate::registry::{NewTwin, Query, Registry, Update};
 use crate::types::{Properties, TwinId};
 
@@ -138,15 +136,7 @@ impl Drop for Fleet {
 
 /// A node on `dir` as the bench runs it: no auth, default retention and checkpoints.
 async fn bench_node(dir: &std::path::Path) -> anyhow::Result<super::serve::Node> {
-    open_node(
-        dir,
-        Some("bench"),
-        true,
-        Retention::default(),
-        crate::store::commit::CHECKPOINT_EVERY,
-        crate::events::LogConfig::default(),
-    )
-    .await
+    super::serve::open_default_node(dir, "bench", true).await
 }
 
 async fn fleet(twins: usize) -> anyhow::Result<Fleet> {

@@ -171,6 +171,24 @@ pub async fn open_node(
     })
 }
 
+/// A node in `dir` with every default setting, opened in process (the bench and the
+/// in-process tests); `insecure` as `--insecure-no-auth`.
+pub async fn open_default_node(
+    dir: &std::path::Path,
+    node_id: &str,
+    insecure: bool,
+) -> anyhow::Result<Node> {
+    open_node(
+        dir,
+        Some(node_id),
+        insecure,
+        Retention::default(),
+        crate::store::commit::CHECKPOINT_EVERY,
+        crate::events::LogConfig::default(),
+    )
+    .await
+}
+
 fn resolve_node_id(store: &Store, given: Option<&str>) -> anyhow::Result<String> {
     let stored = store
         .get(keys::META_NODE_ID)?

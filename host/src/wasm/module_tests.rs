@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::cli::serve::{open_node, Node};
+use crate::cli::serve::{open_default_node, Node};
 use crate::store::keys;
 use crate::wasm::behaviors::Binding;
 use crate::wasm::{CallError, Limits};
@@ -22,16 +22,7 @@ fn guest(file: &str) -> Vec<u8> {
 }
 
 async fn node(dir: &std::path::Path) -> Node {
-    open_node(
-        dir,
-        Some("test"),
-        true,
-        crate::history::Retention::default(),
-        crate::store::commit::CHECKPOINT_EVERY,
-        crate::events::LogConfig::default(),
-    )
-    .await
-    .unwrap()
+    open_default_node(dir, "test", true).await.unwrap()
 }
 
 fn count(node: &Node, prefix: u8) -> usize {
@@ -127,16 +118,7 @@ async fn a_node_that_was_shut_down_and_dropped_releases_its_directory() {
     // restart and an embedding application do).
     let started = std::time::Instant::now();
     let again = loop {
-        match open_node(
-            dir.path(),
-            Some("test"),
-            true,
-            crate::history::Retention::default(),
-            crate::store::commit::CHECKPOINT_EVERY,
-            crate::events::LogConfig::default(),
-        )
-        .await
-        {
+        match open_default_node(dir.path(), "test", true).await {
             Ok(n) => break n,
             Err(e) if started.elapsed() > std::time::Duration::from_secs(5) => {
                 panic!("the directory is still held: {e:#}")
