@@ -511,13 +511,13 @@ impl Runtime {
     /// Refuse to make a version of `world` active while something calls the active
     /// version's world (another one).
     fn check_users(&self, name: &str, world: World) -> Result<(), CallError> {
-        let Some(active) = self.world_of(name) else {
+        let Some(active) = self.world_of(name).filter(|&a| a != world) else {
             return Ok(());
         };
         let broken: Vec<ModuleUser> = self
             .users(name)
             .into_iter()
-            .filter(|u| u.needs == active && active != world)
+            .filter(|u| u.needs == active)
             .collect();
         if broken.is_empty() {
             return Ok(());
