@@ -1,6 +1,8 @@
-//! Sync by pulling a peer's change feed (`serve --peer URL --peer-token T`): two real
-//! servers on loopback converge, a restarted node resumes where it left off, and two nodes
-//! that pull from each other merge concurrent writes without echoing them back and forth.
+//! Sync over WebSocket links (`serve --peer URL --peer-token T`, `PUT /v1/peers`): real
+//! servers on loopback converge, a node killed with `kill -9` resumes where it left off, two
+//! nodes that dial each other keep one link and settle, a change travels A → B → C, writes
+//! on both sides of a partition (a proxy cut between them) converge, and a wrong token or
+//! protocol version is refused.
 
 use std::time::{Duration, Instant};
 
@@ -26,7 +28,7 @@ async fn eventually(s: &Server, path: &str, what: &str, check: impl Fn(&Value) -
     }
 }
 
-/// A node pulling from `from` with a peer token of it.
+/// A node dialing `from` with a peer token of it.
 async fn pulling_from(from: &Server, node_id: &str) -> Server {
     let token = from.create_token("peer").await;
     Server::start_from(
@@ -37,7 +39,7 @@ async fn pulling_from(from: &Server, node_id: &str) -> Server {
 }
 
 #[tokio::test]
-async fn a_node_pulls_a_peers_changes_and_resumes_after_kill_9() {
+async fn a_node_gets_a_peers_changes_and_resumes_after_kill_9() {
     let a = Server::start_from(|_| {}, Some("node-a"), &[]);
     let id = a
         .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 70}}))
@@ -98,7 +100,7 @@ async fn a_node_pulls_a_peers_changes_and_resumes_after_kill_9() {
     let log = std::fs::read_to_string(&b.log_path).unwrap();
     let starts: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("pulling changes from a peer"))
+        .filter(|l| l.contains("asking a peer for its changes"))
         .collect();
     assert_eq!(starts.len(), 2, "{log}");
     assert!(starts[0].contains("after=0"), "{}", starts[0]);
@@ -111,10 +113,10 @@ async fn a_node_pulls_a_peers_changes_and_resumes_after_kill_9() {
 }
 
 #[tokio::test]
-async fn two_nodes_pulling_from_each_other_merge_concurrent_writes_and_settle() {
+async fn two_nodes_dialing_each_other_keep_one_link_merge_concurrent_writes_and_settle() {
     let a = Server::start_from(|_| {}, Some("node-a"), &[]);
     let b = pulling_from(&a, "node-b").await;
-    // A pulls from B too (a restart of A with the peer arguments).
+    // A dials B too (a restart of A with the peer arguments).
     let b_token = b.create_token("peer").await;
     let mut a = a;
     a.extra_args = vec![
@@ -163,6 +165,20 @@ async fn two_nodes_pulling_from_each_other_merge_concurrent_writes_and_settle() 
         count(&b.get("/v1/metrics").await.body),
     );
     assert_eq!(before, after, "changes still echo between the nodes");
+    // Both dialed; one link stays (the one the lower node id dialed), seen alike from both.
+    for (s, other) in [(&a, "node-b"), (&b, "node-a")] {
+        let peers = s.get("/v1/peers").await.body;
+        let row = peers["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["node_id"] == other)
+            .unwrap_or_else(|| panic!("{other} in {peers}"))
+            .clone();
+        assert_eq!(row["state"], "connected", "{peers}");
+        let expect = if other == "node-b" { "dialed" } else { "accepted" };
+        assert_eq!(row["direction"], expect, "{peers}");
+    }
 }
 
 #[tokio::test]
@@ -173,13 +189,176 @@ async fn a_wrong_peer_token_is_counted_and_logged() {
         Some("node-b"),
         &["--peer", &a.url, "--peer-token", "th_wrong"],
     );
-    eventually(&b, "/v1/metrics", "the failed pulls counted", |m| {
+    eventually(&b, "/v1/metrics", "the failed dials counted", |m| {
         m["sync_errors"].as_u64().unwrap_or(0) >= 1
     })
     .await;
     let log = std::fs::read_to_string(&b.log_path).unwrap();
     assert!(
-        log.contains("pulling from a peer failed") && log.contains("401"),
+        log.contains("cannot reach a peer") && log.contains("401") && log.contains("unknown token"),
         "{log}"
     );
+    let peers = b.get("/v1/peers").await.body;
+    let err = peers["items"][0]["last_error"].as_str().unwrap_or_default();
+    assert!(err.contains("401"), "{peers}");
+}
+
+/// Open a raw sync link to `s` with `token`, send `hello`, and return the close frame's
+/// code and reason (or what came instead).
+async fn close_after_hello(s: &Server, token: &str, hello: Value) -> (u16, String) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let url = format!("{}/v1/sync/ws", s.url.replace("http://", "ws://"));
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("the upgrade");
+    ws.send(Message::Text(hello.to_string().into())).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(c))))) => return (c.code.into(), c.reason.to_string()),
+            Ok(Some(Ok(Message::Text(_)))) => continue, // the node's own hello
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+    panic!("no close frame within 10 s");
+}
+
+#[tokio::test]
+async fn a_wrong_protocol_version_or_own_node_id_is_refused_with_a_reason() {
+    let a = Server::start_from(|_| {}, Some("node-a"), &[]);
+    let token = a.create_token("peer").await;
+    let (code, reason) = close_after_hello(
+        &a,
+        &token,
+        json!({"type": "hello", "protocol": 99, "node_id": "node-x"}),
+    )
+    .await;
+    assert_eq!(code, 4001, "{reason}");
+    assert!(reason.contains("version 99") && reason.contains("version 1"), "{reason}");
+    let (code, reason) = close_after_hello(
+        &a,
+        &token,
+        json!({"type": "hello", "protocol": 1, "node_id": "node-a"}),
+    )
+    .await;
+    assert_eq!(code, 4003, "{reason}");
+    assert!(reason.contains("node-a"), "{reason}");
+    // A peer token opens links and reads the feed, and nothing else.
+    let r = a.client().with_token(&token).get("/v1/twins").await;
+    assert_eq!(r.status, 403, "{}", r.text);
+}
+
+#[tokio::test]
+async fn peers_are_added_listed_and_removed_through_the_api_and_the_cli() {
+    let a = Server::start_from(|_| {}, Some("node-a"), &[]);
+    let b = Server::start_from(|_| {}, Some("node-b"), &[]);
+    let token = a.create_token("peer").await;
+    // Refused before anything is stored.
+    let r = b
+        .put("/v1/peers/node-a", &json!({"url": "ftp://x", "token": token}))
+        .await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    let r = b
+        .put("/v1/peers/node-b", &json!({"url": a.url, "token": token}))
+        .await;
+    assert_eq!(r.status, 422, "own id: {}", r.text);
+
+    let out = b.cli(&["peer", "add", "node-a", &a.url, "--peer-token", &token]);
+    crate::common::cli_ok(&out);
+    let id = a
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"t": 1}}))
+        .await;
+    eventually(&b, &format!("/v1/twins/{id}"), "the twin on B", |_| true).await;
+    let listed = crate::common::cli_json(&b.cli(&["peer", "list"]));
+    let row = &listed["items"][0];
+    assert_eq!(row["node_id"], "node-a", "{listed}");
+    assert_eq!(row["state"], "connected", "{listed}");
+    assert_eq!(row["configured"], "api", "{listed}");
+    assert!(row["ops_in"].as_u64().unwrap() >= 1, "{listed}");
+    assert!(row.get("token").is_none(), "the token is never shown: {listed}");
+    // A sees the link from its side, with its change acknowledged.
+    eventually(&a, "/v1/peers/node-b", "B's ack on A", |p| {
+        p["state"] == "connected" && p["acked_through"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+
+    // Stored: the link comes back after a restart of B.
+    let mut b = b;
+    b.restart();
+    a.patch(&format!("/v1/twins/{id}"), &json!({"t": 2}))
+        .await
+        .expect(200);
+    eventually(&b, &format!("/v1/twins/{id}"), "the update after B's restart", |t| {
+        t["properties"]["t"] == 2
+    })
+    .await;
+
+    crate::common::cli_ok(&b.cli(&["peer", "remove", "node-a"]));
+    eventually(&a, "/v1/peers/node-b", "the link closed on A", |p| {
+        p["state"] != "connected"
+    })
+    .await;
+    a.patch(&format!("/v1/twins/{id}"), &json!({"t": 3}))
+        .await
+        .expect(200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(b.get(&format!("/v1/twins/{id}")).await.body["properties"]["t"], 2);
+    assert_eq!(b.delete("/v1/peers/node-a").await.status, 404);
+}
+
+#[tokio::test]
+async fn a_change_on_a_reaches_c_through_b() {
+    // Hub and spoke: A and C both dial B; nothing links A and C.
+    let b = Server::start_from(|_| {}, Some("node-b"), &[]);
+    let a = pulling_from(&b, "node-a").await;
+    let c = pulling_from(&b, "node-c").await;
+    let id = a
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"from": "a"}}))
+        .await;
+    let path = format!("/v1/twins/{id}");
+    eventually(&c, &path, "A's twin on C", |t| t["properties"]["from"] == "a").await;
+    c.patch(&path, &json!({"seen_by_c": true})).await.expect(200);
+    eventually(&a, &path, "C's write on A", |t| t["properties"]["seen_by_c"] == true).await;
+    let meta = a.get(&format!("{path}?meta=true")).await.body;
+    assert_eq!(meta["meta"]["properties"]["seen_by_c"]["origin"], "node-c", "{meta}");
+    assert_eq!(meta["meta"]["properties"]["from"]["origin"], "node-a", "{meta}");
+}
+
+#[tokio::test]
+async fn writes_on_both_sides_of_a_partition_converge_when_it_heals() {
+    let a = Server::start_from(|_| {}, Some("node-a"), &[]);
+    let proxy = crate::common::proxy::Proxy::start(&a.url).await;
+    let token = a.create_token("peer").await;
+    let b = Server::start_from(
+        |_| {},
+        Some("node-b"),
+        &["--peer", &proxy.url, "--peer-token", &token],
+    );
+    let id = a
+        .create_twin_id(&json!({"entity_type": "machine", "properties": {"x": 0}}))
+        .await;
+    let path = format!("/v1/twins/{id}");
+    eventually(&b, &path, "the twin on B", |_| true).await;
+
+    proxy.cut();
+    eventually(&a, "/v1/peers/node-b", "the link down on A", |p| {
+        p["state"] != "connected"
+    })
+    .await;
+    // Both write x (and one property of their own) while apart; B writes last.
+    a.patch(&path, &json!({"x": "a", "only_a": 1})).await.expect(200);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    b.patch(&path, &json!({"x": "b", "only_b": 2})).await.expect(200);
+    let gone = a.create_twin_id(&json!({"entity_type": "machine"})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.get(&path).await.body["properties"].get("only_a").is_none(), "the partition leaked");
+
+    proxy.heal();
+    let merged = json!({"x": "b", "only_a": 1, "only_b": 2});
+    eventually(&a, &path, "the merge on A", |t| t["properties"] == merged).await;
+    eventually(&b, &path, "the merge on B", |t| t["properties"] == merged).await;
+    eventually(&b, &format!("/v1/twins/{gone}"), "A's twin made during the partition", |_| true)
+        .await;
 }

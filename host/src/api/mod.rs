@@ -13,6 +13,7 @@ pub mod extract;
 mod ingest;
 mod models;
 mod modules;
+mod peers;
 mod ops;
 mod rules;
 mod twins;
@@ -78,8 +79,10 @@ pub struct AppStateInner {
     /// What binds modules (behaviors, rules), which the runtime asks through weak
     /// references before a module changes or goes; owned here.
     pub module_users: Vec<Arc<dyn crate::wasm::ModuleUsers>>,
-    /// Counters of the pulls from peers (`serve --peer`).
+    /// Counters of the links with peers.
     pub sync: Arc<crate::sync::SyncStats>,
+    /// Links with peers, and the peers to dial.
+    pub peers: crate::sync::SyncService,
     /// Guest calls running at once (sized to the cores); a full pool answers 429.
     pub compute_slots: Arc<tokio::sync::Semaphore>,
     /// Set when the server begins to stop: event streams end so connections can drain.
@@ -150,6 +153,12 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/events/ws", get(events::ws))
         .route("/events/log", get(events::log))
         .route("/changes", get(changes::changes))
+        .route("/sync/ws", get(peers::ws))
+        .route("/peers", get(peers::list))
+        .route(
+            "/peers/{node_id}",
+            put(peers::put).get(peers::get_one).delete(peers::delete),
+        )
         .route("/tokens", post(ops::create_token))
         .route("/metrics", get(ops::metrics_json))
         .route("/openapi.json", get(ops::openapi))

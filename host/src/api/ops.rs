@@ -164,6 +164,7 @@ pub async fn create_token(
         super::behaviors::put, super::behaviors::list, super::behaviors::get_one, super::behaviors::delete,
         super::rules::put, super::rules::list, super::rules::get_one, super::rules::delete,
         super::events::sse, super::events::ws, super::events::log, super::changes::changes,
+        super::peers::list, super::peers::get_one, super::peers::put, super::peers::delete, super::peers::ws,
         create_token, metrics_json, metrics_prometheus, healthz,
     ),
     components(schemas(super::error::ErrorBody, crate::types::Twin, crate::registry::Model)),

@@ -11,9 +11,12 @@
 //! 6. the seed workload (10K twins, 100K updates, full-result queries) on both twinhost and
 //!    `seed_bench.py`, printed as ratios;
 //! 7. WebAssembly compute calls (`wasm`), behaviors (`behavior`), event delivery and
-//!    subscribers (`events`) and rule evaluation (`rules`): see [`events`].
+//!    subscribers (`events`) and rule evaluation (`rules`): see [`events`];
+//! 8. sync between two nodes (`sync`): catch-up, latency, replicated updates/s and bytes on
+//!    the wire: see [`sync`].
 
 mod events;
+mod sync;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +61,10 @@ pub struct BenchArgs {
     /// Directory of the built guest components (for the wasm phase).
     #[arg(long, default_value = "guests/target/wasm32-wasip2/release")]
     pub guests: PathBuf,
-    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules).
+    /// Twins node A holds before node B links with it (the sync phase's catch-up).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub sync_twins: usize,
+    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules,sync).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -751,6 +757,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("phase: event delivery (in process, SSE) and 10K subscribers");
         let r = events::events_phase(&args).await?;
         report.insert("events".into(), r);
+    }
+    if want("sync") {
+        eprintln!("phase: sync between two nodes over loopback WebSocket");
+        let r = sync::sync_phase(&args).await?;
+        eprintln!("  {r}");
+        report.insert("sync".into(), r);
     }
     report.insert("peak_rss_mb".into(), json!(rss_mb("VmHWM:").round()));
     report.insert(

@@ -117,6 +117,25 @@ pub enum BehaviorCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum PeerCmd {
+    /// Sync with another node: dial it at URL and keep a link (stored; survives restarts).
+    Add {
+        /// The other node's id (its `serve --node-id`).
+        node_id: String,
+        /// Its base URL, e.g. http://10.0.0.2:7878.
+        #[arg(value_name = "URL")]
+        address: String,
+        /// A token of the `peer` role on that node (`twinhost token create --role peer` there).
+        #[arg(long, env = "TWINHOST_PEER_TOKEN")]
+        peer_token: Option<String>,
+    },
+    /// The peers with their link state, lag and counters.
+    List,
+    /// Stop syncing with a peer added with `peer add`.
+    Remove { node_id: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum RuleCmd {
     /// Create or replace a rule from a JSON file.
     Put { name: String, file: PathBuf },
@@ -428,6 +447,33 @@ pub async fn behavior(conn: Conn, cmd: BehaviorCmd) -> anyhow::Result<()> {
             c.call(Method::DELETE, &format!("/v1/behaviors/{name}"), None, "")
                 .await?;
             eprintln!("deleted behavior {name}");
+            Value::Null
+        }
+    };
+    print(&v);
+    Ok(())
+}
+
+pub async fn peer(conn: Conn, cmd: PeerCmd) -> anyhow::Result<()> {
+    let c = Client::new(&conn);
+    let v = match cmd {
+        PeerCmd::Add {
+            node_id,
+            address,
+            peer_token,
+        } => {
+            let mut body = json!({ "url": address });
+            if let Some(t) = peer_token {
+                body["token"] = json!(t);
+            }
+            c.json(Method::PUT, &format!("/v1/peers/{node_id}"), &body)
+                .await?
+        }
+        PeerCmd::List => c.call(Method::GET, "/v1/peers", None, "").await?,
+        PeerCmd::Remove { node_id } => {
+            c.call(Method::DELETE, &format!("/v1/peers/{node_id}"), None, "")
+                .await?;
+            eprintln!("removed peer {node_id}");
             Value::Null
         }
     };

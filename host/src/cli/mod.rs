@@ -69,6 +69,13 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The nodes this one syncs with.
+    Peer {
+        #[command(subcommand)]
+        cmd: client::PeerCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Manage event-processing rules.
     Rule {
         #[command(subcommand)]
@@ -178,6 +185,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Module { cmd, conn } => rt.block_on(client::module(conn, cmd)),
         Command::Behavior { cmd, conn } => rt.block_on(client::behavior(conn, cmd)),
         Command::Rule { cmd, conn } => rt.block_on(client::rule(conn, cmd)),
+        Command::Peer { cmd, conn } => rt.block_on(client::peer(conn, cmd)),
         Command::Events { cmd, conn } => rt.block_on(client::events(conn, cmd)),
         Command::Invoke {
             module,

@@ -57,10 +57,14 @@ pub struct ServeArgs {
     /// Drop persisted events older than this.
     #[arg(long, env = "TWINHOST_EVENT_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub event_max_age: Duration,
-    /// A node to pull changes from (repeatable; comma-separated in the environment), e.g.
-    /// `http://10.0.0.2:7878`. Its twins are merged here (last writer wins per property).
+    /// A node to sync with (repeatable; comma-separated in the environment), e.g.
+    /// `http://10.0.0.2:7878`: this node dials it and keeps one WebSocket link, both ways.
+    /// Peers can also be added at run time: `PUT /v1/peers/{node_id}`.
     #[arg(long = "peer", env = "TWINHOST_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
+    /// Changes made within this window travel to peers as one batch (coalesced).
+    #[arg(long, env = "TWINHOST_SYNC_FLUSH", default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub sync_flush: Duration,
     /// A token of the `peer` role on the peers (`twinhost token create --role peer` there).
     #[arg(long, env = "TWINHOST_PEER_TOKEN")]
     pub peer_token: Option<String>,
@@ -146,6 +150,7 @@ pub async fn open_node(
     for u in &module_users {
         runtime.add_users(u);
     }
+    let sync_stats: Arc<crate::sync::SyncStats> = Arc::default();
     let state = Arc::new(AppStateInner {
         registry: registry.clone(),
         history: History::new(store.clone(), retention),
@@ -159,7 +164,8 @@ pub async fn open_node(
         behaviors,
         compute_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
         module_users,
-        sync: Arc::default(),
+        sync: sync_stats.clone(),
+        peers: crate::sync::SyncService::new(registry.clone(), store.clone(), sync_stats),
         stopping: tokio::sync::watch::channel(false).0,
     });
     Ok(Node {
@@ -236,18 +242,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     node.registry
         .set_tombstone_retention(args.tombstone_retention);
     spawn_sweeps(&node);
+    node.state.peers.set_flush(args.sync_flush);
     for url in &args.peers {
-        crate::sync::spawn_pull(
-            node.registry.clone(),
-            node.store.clone(),
-            crate::sync::Peer {
-                url: url.clone(),
-                token: args.peer_token.clone(),
-            },
-            node.state.sync.clone(),
-            node.state.stopping.subscribe(),
-        );
+        node.state.peers.add_cli_peer(crate::sync::PeerConfig {
+            url: url.clone(),
+            token: args.peer_token.clone(),
+        })?;
     }
+    node.state.peers.start_stored()?;
     let app = api::router(
         node.state.clone(),
         Limits {
@@ -276,6 +278,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             // End SSE and WebSocket streams, or their connections would hold the drain open
             // for as long as the clients stay.
             state.stopping.send_replace(true);
+            // Peer links close with "going away"; dialers stop.
+            state.peers.stop();
             // Guest calls in flight end now (`cancelled`), even one waiting in WASI.
             state.runtime.stop();
         })

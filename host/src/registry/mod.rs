@@ -312,6 +312,10 @@ struct Inner {
     tombstone_retention_ms: std::sync::atomic::AtomicU64,
     /// The change feed's index.
     feed: parking_lot::Mutex<feed::Feed>,
+    /// The highest change number of the feed that is durable: the feed shows nothing above
+    /// it (a peer must not merge a change this node could still lose in a crash, and then
+    /// skip the different change that takes its number after the restart).
+    durable: Arc<tokio::sync::watch::Sender<u64>>,
     /// Remote changes applied although the local model would refuse them.
     remote_model_mismatches: std::sync::atomic::AtomicU64,
     twins: Arc<TwinMap>,
@@ -420,6 +424,7 @@ impl Registry {
                 tombstones: RwLock::new(tombstones),
                 tombstone_retention_ms: (DEFAULT_TOMBSTONE_RETENTION.as_millis() as u64).into(),
                 feed: parking_lot::Mutex::new(feed),
+                durable: Arc::new(tokio::sync::watch::Sender::new(lseq_floor)),
                 remote_model_mismatches: Default::default(),
                 twins,
                 index: RwLock::new(index),
@@ -512,33 +517,43 @@ impl Registry {
     }
 
     /// The change feed after change number `after`: up to `limit` entries, one per twin that
-    /// changed (its current state) or tombstone, in change-number order; and the number to
-    /// ask after next (the last entry's, or `after` when there is none).
+    /// changed (its current state) or tombstone, in change-number order, durable ones only;
+    /// and the number to ask after next (past stale entries too, so a page of them is not
+    /// read again; `after` when there is nothing new).
     pub fn changes(&self, after: u64, limit: usize) -> ChangesPage {
         let limit = limit.clamp(1, feed::MAX_FEED_PAGE);
+        let durable = *self.inner.durable.borrow();
         let mut out = Vec::with_capacity(limit.min(1024));
-        let mut from = after;
-        while out.len() < limit {
+        // Every entry up to here has been looked at: shown, or stale (its twin has a later
+        // entry, or its tombstone expired), so the next page starts after it.
+        let mut scanned = after;
+        'pages: while out.len() < limit && scanned < durable {
             // Candidates are copied out of the index: no twin is looked at under its lock,
             // since the writer takes that lock while holding a twin.
-            let batch = self.inner.feed.lock().candidates(from, limit.max(256));
-            let Some(&(last, _)) = batch.last() else {
+            let batch = self.inner.feed.lock().candidates(scanned, limit.max(256));
+            if batch.is_empty() {
                 break;
-            };
+            }
             for (lseq, id) in batch {
-                if out.len() == limit {
-                    break;
+                if out.len() == limit || lseq > durable {
+                    break 'pages;
                 }
                 if let Some(t) = self.inner.twins.0.get(&id).filter(|t| t.lseq == lseq) {
                     out.push(FeedItem::Twin(Arc::clone(&t)));
                 } else if let Some(d) = self.tombstone(&id).filter(|d| d.lseq == lseq) {
                     out.push(FeedItem::Tombstone(d));
                 }
+                scanned = lseq;
             }
-            from = last;
         }
-        let next = out.last().map_or(after, FeedItem::lseq);
+        let next = scanned;
         ChangesPage { items: out, next }
+    }
+
+    /// Follows the highest durable change number (what [`Registry::changes`] shows up to):
+    /// a peer link waits on it for new changes to send.
+    pub fn watch_durable(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.durable.subscribe()
     }
 
     /// The stamped changes the log replay found at open (once; empty afterwards): the event

@@ -88,7 +88,23 @@ impl Registry {
         &self,
         changes: Vec<RemoteChange>,
     ) -> Result<RemoteOutcome, RegistryError> {
+        self.apply_remote_with(changes, Vec::new()).await
+    }
+
+    /// [`Registry::apply_remote`], with configuration writes (`config`) in the same commit:
+    /// a peer link stores how far it has merged together with the merge itself.
+    ///
+    /// # Errors
+    /// Only the store's: overload or shutdown.
+    pub async fn apply_remote_with(
+        &self,
+        changes: Vec<RemoteChange>,
+        config: Vec<crate::store::KvOp>,
+    ) -> Result<RemoteOutcome, RegistryError> {
         self.write(move |this, b, out| {
+            for op in config {
+                b.config(op);
+            }
             let mut outcome = RemoteOutcome::default();
             let limit = ((Utc::now().timestamp_millis().max(0) as u64)
                 + MAX_CLOCK_AHEAD.as_millis() as u64)

@@ -122,6 +122,7 @@ impl Registry {
     ) -> Result<T, RegistryError> {
         let this = self.clone();
         let sink = self.inner.sink.get().cloned();
+        let durable = self.inner.durable.clone();
         let out = self
             .inner
             .commit
@@ -132,13 +133,23 @@ impl Registry {
                     // The job's twins take their new places in the change feed at once (one
                     // lock per job, not per change).
                     let numbered = b.take_numbered();
+                    let top = numbered.last().map(|&(lseq, _)| lseq);
                     if !numbered.is_empty() {
                         this.inner.feed.lock().extend(numbered);
                     }
                     this.compact_feed();
-                    (out, changes)
+                    (out, (changes, top))
                 },
-                move |changes| {
+                move |(changes, top)| {
+                    // Numbers are handed out and made durable in order: everything up to
+                    // `top` is durable now, and the feed may show it to peers.
+                    if let Some(top) = top {
+                        durable.send_if_modified(|d| {
+                            let moved = top > *d;
+                            *d = (*d).max(top);
+                            moved
+                        });
+                    }
                     if let (Some(sink), false) = (sink, changes.is_empty()) {
                         sink(changes);
                     }

@@ -47,8 +47,10 @@ pub const META_EVENT_SEQ_RESERVED: &[u8] = b"xevent_seq_reserved";
 pub const META_LSEQ: &[u8] = b"xlseq";
 /// The highest HLC the last checkpoint covers (8 bytes BE).
 pub const META_HLC: &[u8] = b"xhlc";
-/// Prefix of the change number merged through from each peer (`serve --peer`), by URL.
+/// Prefix of the change number of each peer's feed merged through here, by its node id.
 pub const META_PEER_CURSOR: &[u8] = b"xpeer_cursor/";
+/// Prefix of the peers added with `PUT /v1/peers/{node_id}` (JSON: url and token).
+pub const META_PEER: &[u8] = b"xpeer/";
 
 pub fn rule(name: &str) -> Vec<u8> {
     prefixed(RULE, name.as_bytes())

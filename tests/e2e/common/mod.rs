@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod proxy;
 pub mod stream;
 
 pub use client::{assert_error_shape, Body, Client, REQUEST_TIMEOUT};
@@ -40,6 +41,9 @@ const TWINHOST_ENV: &[&str] = &[
     "TWINHOST_HISTORY_MAX_POINTS",
     "TWINHOST_URL",
     "TWINHOST_TOKEN",
+    "TWINHOST_PEERS",
+    "TWINHOST_PEER_TOKEN",
+    "TWINHOST_SYNC_FLUSH",
 ];
 const PROXY_ENV: &[&str] = &[
     "HTTP_PROXY",

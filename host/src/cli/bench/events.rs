@@ -20,17 +20,17 @@ use crate::events::{Event, EventType, Filter, Item};
 use crate::registry::{NewTwin, Registry, Update};
 use crate::types::{Properties, TwinId};
 
-fn now_us() -> i64 {
+pub(super) fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+pub(super) fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     (h.value_at_quantile(q) as f64 / 10.0).round() / 100.0
 }
 
 /// Paced producer: `rate` updates/s in 1 ms ticks for `secs`, each update carrying its send
 /// time (`sent_us`). Returns how many were sent.
-async fn produce(
+pub(super) async fn produce(
     registry: Registry,
     ids: Arc<Vec<TwinId>>,
     rate: u64,
@@ -312,7 +312,7 @@ async fn sse_subscribers(
 }
 
 /// An update that tells the consumers to stop.
-async fn stop(reg: &Registry, id: TwinId) -> anyhow::Result<()> {
+pub(super) async fn stop(reg: &Registry, id: TwinId) -> anyhow::Result<()> {
     let mut p = Properties::new();
     p.insert("stop".into(), json!(true));
     reg.patch(Update::new(id, p)).await?;
