@@ -176,7 +176,11 @@ async fn two_nodes_dialing_each_other_keep_one_link_merge_concurrent_writes_and_
             .unwrap_or_else(|| panic!("{other} in {peers}"))
             .clone();
         assert_eq!(row["state"], "connected", "{peers}");
-        let expect = if other == "node-b" { "dialed" } else { "accepted" };
+        let expect = if other == "node-b" {
+            "dialed"
+        } else {
+            "accepted"
+        };
         assert_eq!(row["direction"], expect, "{peers}");
     }
 }
@@ -212,8 +216,12 @@ async fn close_after_hello(s: &Server, token: &str, hello: Value) -> (u16, Strin
     let mut req = url.into_client_request().unwrap();
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("the upgrade");
-    ws.send(Message::Text(hello.to_string().into())).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("the upgrade");
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
@@ -236,7 +244,10 @@ async fn a_wrong_protocol_version_or_own_node_id_is_refused_with_a_reason() {
     )
     .await;
     assert_eq!(code, 4001, "{reason}");
-    assert!(reason.contains("version 99") && reason.contains("version 1"), "{reason}");
+    assert!(
+        reason.contains("version 99") && reason.contains("version 1"),
+        "{reason}"
+    );
     let (code, reason) = close_after_hello(
         &a,
         &token,
@@ -257,7 +268,10 @@ async fn peers_are_added_listed_and_removed_through_the_api_and_the_cli() {
     let token = a.create_token("peer").await;
     // Refused before anything is stored.
     let r = b
-        .put("/v1/peers/node-a", &json!({"url": "ftp://x", "token": token}))
+        .put(
+            "/v1/peers/node-a",
+            &json!({"url": "ftp://x", "token": token}),
+        )
         .await;
     assert_eq!(r.status, 422, "{}", r.text);
     let r = b
@@ -277,7 +291,10 @@ async fn peers_are_added_listed_and_removed_through_the_api_and_the_cli() {
     assert_eq!(row["state"], "connected", "{listed}");
     assert_eq!(row["configured"], "api", "{listed}");
     assert!(row["ops_in"].as_u64().unwrap() >= 1, "{listed}");
-    assert!(row.get("token").is_none(), "the token is never shown: {listed}");
+    assert!(
+        row.get("token").is_none(),
+        "the token is never shown: {listed}"
+    );
     // A sees the link from its side, with its change acknowledged.
     eventually(&a, "/v1/peers/node-b", "B's ack on A", |p| {
         p["state"] == "connected" && p["acked_through"].as_u64().unwrap_or(0) >= 1
@@ -290,9 +307,12 @@ async fn peers_are_added_listed_and_removed_through_the_api_and_the_cli() {
     a.patch(&format!("/v1/twins/{id}"), &json!({"t": 2}))
         .await
         .expect(200);
-    eventually(&b, &format!("/v1/twins/{id}"), "the update after B's restart", |t| {
-        t["properties"]["t"] == 2
-    })
+    eventually(
+        &b,
+        &format!("/v1/twins/{id}"),
+        "the update after B's restart",
+        |t| t["properties"]["t"] == 2,
+    )
     .await;
 
     crate::common::cli_ok(&b.cli(&["peer", "remove", "node-a"]));
@@ -304,7 +324,10 @@ async fn peers_are_added_listed_and_removed_through_the_api_and_the_cli() {
         .await
         .expect(200);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(b.get(&format!("/v1/twins/{id}")).await.body["properties"]["t"], 2);
+    assert_eq!(
+        b.get(&format!("/v1/twins/{id}")).await.body["properties"]["t"],
+        2
+    );
     assert_eq!(b.delete("/v1/peers/node-a").await.status, 404);
 }
 
@@ -318,12 +341,26 @@ async fn a_change_on_a_reaches_c_through_b() {
         .create_twin_id(&json!({"entity_type": "machine", "properties": {"from": "a"}}))
         .await;
     let path = format!("/v1/twins/{id}");
-    eventually(&c, &path, "A's twin on C", |t| t["properties"]["from"] == "a").await;
-    c.patch(&path, &json!({"seen_by_c": true})).await.expect(200);
-    eventually(&a, &path, "C's write on A", |t| t["properties"]["seen_by_c"] == true).await;
+    eventually(&c, &path, "A's twin on C", |t| {
+        t["properties"]["from"] == "a"
+    })
+    .await;
+    c.patch(&path, &json!({"seen_by_c": true}))
+        .await
+        .expect(200);
+    eventually(&a, &path, "C's write on A", |t| {
+        t["properties"]["seen_by_c"] == true
+    })
+    .await;
     let meta = a.get(&format!("{path}?meta=true")).await.body;
-    assert_eq!(meta["meta"]["properties"]["seen_by_c"]["origin"], "node-c", "{meta}");
-    assert_eq!(meta["meta"]["properties"]["from"]["origin"], "node-a", "{meta}");
+    assert_eq!(
+        meta["meta"]["properties"]["seen_by_c"]["origin"], "node-c",
+        "{meta}"
+    );
+    assert_eq!(
+        meta["meta"]["properties"]["from"]["origin"], "node-a",
+        "{meta}"
+    );
 }
 
 #[tokio::test]
@@ -348,17 +385,31 @@ async fn writes_on_both_sides_of_a_partition_converge_when_it_heals() {
     })
     .await;
     // Both write x (and one property of their own) while apart; B writes last.
-    a.patch(&path, &json!({"x": "a", "only_a": 1})).await.expect(200);
+    a.patch(&path, &json!({"x": "a", "only_a": 1}))
+        .await
+        .expect(200);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    b.patch(&path, &json!({"x": "b", "only_b": 2})).await.expect(200);
+    b.patch(&path, &json!({"x": "b", "only_b": 2}))
+        .await
+        .expect(200);
     let gone = a.create_twin_id(&json!({"entity_type": "machine"})).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(b.get(&path).await.body["properties"].get("only_a").is_none(), "the partition leaked");
+    assert!(
+        b.get(&path).await.body["properties"]
+            .get("only_a")
+            .is_none(),
+        "the partition leaked"
+    );
 
     proxy.heal();
     let merged = json!({"x": "b", "only_a": 1, "only_b": 2});
     eventually(&a, &path, "the merge on A", |t| t["properties"] == merged).await;
     eventually(&b, &path, "the merge on B", |t| t["properties"] == merged).await;
-    eventually(&b, &format!("/v1/twins/{gone}"), "A's twin made during the partition", |_| true)
-        .await;
+    eventually(
+        &b,
+        &format!("/v1/twins/{gone}"),
+        "A's twin made during the partition",
+        |_| true,
+    )
+    .await;
 }

@@ -13,8 +13,8 @@ pub mod extract;
 mod ingest;
 mod models;
 mod modules;
-mod peers;
 mod ops;
+mod peers;
 mod rules;
 mod twins;
 

@@ -324,7 +324,11 @@ async fn merge(
     }
     metrics::counter!("twinhost_sync_ops_total", "direction" => "in").increment(n);
     if outcome.refused > 0 {
-        tracing::warn!(peer, refused = outcome.refused, "refused changes from a peer");
+        tracing::warn!(
+            peer,
+            refused = outcome.refused,
+            "refused changes from a peer"
+        );
     }
     Ok(())
 }
@@ -378,7 +382,9 @@ async fn send(
                 next: page.next,
             })
             .expect("json");
-            stats.bytes_out.fetch_add(text.len() as u64, Ordering::Relaxed);
+            stats
+                .bytes_out
+                .fetch_add(text.len() as u64, Ordering::Relaxed);
             stats
                 .ops_out
                 .fetch_add(items.len() as u64, Ordering::Relaxed);

@@ -117,8 +117,18 @@ pub struct LinkStats {
     /// From a write on the peer to durable here, for the last batch that changed something.
     pub lag_ms: AtomicU64,
     pub last_error: Mutex<Option<String>>,
-    /// For rates: the last reading (time, ops in, ops out) and the rates then.
-    rate: Mutex<Option<(Instant, u64, u64, f64, f64)>>,
+    /// For rates: the last reading.
+    rate: Mutex<Option<RateReading>>,
+}
+
+/// A reading of a link's entry counters, and the rates worked out then.
+#[derive(Clone, Copy, Debug)]
+struct RateReading {
+    at: Instant,
+    ops_in: u64,
+    ops_out: u64,
+    rate_in: f64,
+    rate_out: f64,
 }
 
 impl LinkStats {
@@ -130,16 +140,20 @@ impl LinkStats {
         );
         let mut r = self.rate.lock();
         match *r {
-            Some((t, _, _, ri, ro)) if t.elapsed() < Duration::from_secs(1) => (ri, ro),
-            Some((t, pi, po, _, _)) => {
-                let s = t.elapsed().as_secs_f64();
-                let rates = ((i - pi) as f64 / s, (o - po) as f64 / s);
-                *r = Some((Instant::now(), i, o, rates.0, rates.1));
-                rates
-            }
-            None => {
-                *r = Some((Instant::now(), i, o, 0.0, 0.0));
-                (0.0, 0.0)
+            Some(p) if p.at.elapsed() < Duration::from_secs(1) => (p.rate_in, p.rate_out),
+            prev => {
+                let (rate_in, rate_out) = prev.map_or((0.0, 0.0), |p| {
+                    let s = p.at.elapsed().as_secs_f64();
+                    ((i - p.ops_in) as f64 / s, (o - p.ops_out) as f64 / s)
+                });
+                *r = Some(RateReading {
+                    at: Instant::now(),
+                    ops_in: i,
+                    ops_out: o,
+                    rate_in,
+                    rate_out,
+                });
+                (rate_in, rate_out)
             }
         }
     }
@@ -310,7 +324,9 @@ impl SyncService {
             let node_id = String::from_utf8_lossy(&k[keys::META_PEER.len()..]).into_owned();
             match serde_json::from_slice::<PeerConfig>(&v) {
                 Ok(config) => self.spawn_dialer(node_id.clone(), Some(node_id), config, true),
-                Err(e) => tracing::error!(peer = %node_id, error = %e, "unreadable stored peer; remove it with DELETE /v1/peers/{node_id}"),
+                Err(e) => {
+                    tracing::error!(peer = %node_id, error = %e, "unreadable stored peer; remove it with DELETE /v1/peers/{node_id}")
+                }
             }
         }
         Ok(())
@@ -370,13 +386,7 @@ impl SyncService {
         Ok(())
     }
 
-    fn spawn_dialer(
-        &self,
-        key: String,
-        node_id: Option<String>,
-        config: PeerConfig,
-        stored: bool,
-    ) {
+    fn spawn_dialer(&self, key: String, node_id: Option<String>, config: PeerConfig, stored: bool) {
         let dialer = Arc::new(Dialer {
             config,
             node_id: Mutex::new(node_id),
@@ -421,7 +431,8 @@ impl SyncService {
                 _ => Frame::Other,
             })
         });
-        let (peer, end) = link::run(Arc::clone(&self.0), Box::pin(tx), Box::pin(rx), false, None).await;
+        let (peer, end) =
+            link::run(Arc::clone(&self.0), Box::pin(tx), Box::pin(rx), false, None).await;
         log_end(&self.0, peer.as_deref().unwrap_or("?"), &end);
     }
 
@@ -478,11 +489,21 @@ impl SyncService {
             let covered = s.covered.load(Ordering::Relaxed);
             row.insert(
                 "state".into(),
-                json!(if up { "connected" } else { row.get("state").and_then(Value::as_str).unwrap_or("disconnected") }),
+                json!(if up {
+                    "connected"
+                } else {
+                    row.get("state")
+                        .and_then(Value::as_str)
+                        .unwrap_or("disconnected")
+                }),
             );
             row.insert(
                 "direction".into(),
-                json!(if s.dialed.load(Ordering::Relaxed) { "dialed" } else { "accepted" }),
+                json!(if s.dialed.load(Ordering::Relaxed) {
+                    "dialed"
+                } else {
+                    "accepted"
+                }),
             );
             row.insert("connected_at".into(), json!(*s.connected_at.lock()));
             row.insert("sent_through".into(), json!(s.sent.load(Ordering::Relaxed)));
@@ -497,11 +518,18 @@ impl SyncService {
             row.insert("ops_in".into(), json!(s.ops_in.load(Ordering::Relaxed)));
             row.insert("ops_per_s_out".into(), json!(rate_out.round()));
             row.insert("ops_per_s_in".into(), json!(rate_in.round()));
-            row.insert("bytes_out".into(), json!(s.bytes_out.load(Ordering::Relaxed)));
+            row.insert(
+                "bytes_out".into(),
+                json!(s.bytes_out.load(Ordering::Relaxed)),
+            );
             row.insert("bytes_in".into(), json!(s.bytes_in.load(Ordering::Relaxed)));
             row.insert(
                 "coalescing_ratio".into(),
-                json!(if ops_out == 0 { 1.0 } else { covered as f64 / ops_out as f64 }),
+                json!(if ops_out == 0 {
+                    1.0
+                } else {
+                    covered as f64 / ops_out as f64
+                }),
             );
             let err = s.last_error.lock().clone();
             if err.is_some() || !row.contains_key("last_error") {
@@ -559,7 +587,11 @@ async fn dial_loop(ctx: &Arc<SyncCtx>, d: &Dialer) {
                 if let Some(p) = peer {
                     *d.node_id.lock() = Some(p);
                 }
-                log_end(ctx, d.node_id.lock().as_deref().unwrap_or(&d.config.url), &end);
+                log_end(
+                    ctx,
+                    d.node_id.lock().as_deref().unwrap_or(&d.config.url),
+                    &end,
+                );
                 match end {
                     link::End::Cancelled => None,
                     e => Some(e.to_string()),
@@ -613,7 +645,12 @@ async fn connect(config: &PeerConfig) -> anyhow::Result<(DialedTx, DialedRx)> {
             let body = resp
                 .body()
                 .as_deref()
-                .map(|b| String::from_utf8_lossy(b).chars().take(300).collect::<String>())
+                .map(|b| {
+                    String::from_utf8_lossy(b)
+                        .chars()
+                        .take(300)
+                        .collect::<String>()
+                })
                 .unwrap_or_default();
             anyhow::bail!("{url}: refused: {} {body}", resp.status());
         }

@@ -44,7 +44,9 @@ pub(super) async fn sync_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let ids = Arc::new(a.ids.clone());
 
     let t0 = Instant::now();
-    b.state.peers.add_cli_peer(PeerConfig { url, token: None })?;
+    b.state
+        .peers
+        .add_cli_peer(PeerConfig { url, token: None })?;
     let n = reg_a.twin_count();
     until("B's catch-up", CATCH_UP_LIMIT, || reg_b.twin_count() >= n).await?;
     let catch_up = t0.elapsed().as_secs_f64();
@@ -161,7 +163,11 @@ async fn settle(
         k += 1;
         a.patch(write(k)).await?;
         b.patch(write(k)).await?;
-        quick = if t.elapsed() < Duration::from_millis(20) { quick + 1 } else { 0 };
+        quick = if t.elapsed() < Duration::from_millis(20) {
+            quick + 1
+        } else {
+            0
+        };
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("  settled in {:.1} s", t0.elapsed().as_secs_f64());
