@@ -18,7 +18,7 @@ use super::threshold::Threshold;
 use super::window::Window;
 use super::{Kind, DEFAULT_MAX_GROUPS, MAX_SPAN, MAX_WINDOWS_PER_GROUP};
 use crate::registry::check_name;
-use crate::types::{Properties, Severity, TwinId, World};
+use crate::types::{Properties, ReactTo, Severity, TwinId, World};
 
 /// A comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -129,6 +129,10 @@ pub struct ThresholdRule {
     /// e.g. `30s`.
     #[serde(default)]
     pub cooldown: Option<String>,
+    /// Which changes the rule evaluates: `local` (the default) only those made on this node,
+    /// `all` also those merged from other nodes.
+    #[serde(default)]
+    pub on: ReactTo,
     pub actions: Vec<Action>,
 }
 
@@ -158,6 +162,10 @@ pub struct WindowRule {
     pub lateness: Option<String>,
     #[serde(default)]
     pub max_groups: Option<usize>,
+    /// Which changes the rule evaluates: `local` (the default) only those made on this node,
+    /// `all` also those merged from other nodes.
+    #[serde(default)]
+    pub on: ReactTo,
     pub actions: Vec<Action>,
 }
 
@@ -179,6 +187,10 @@ pub struct SequenceRule {
     /// With `correlate: "relationship"`: the relationship's name.
     #[serde(default)]
     pub relationship: Option<String>,
+    /// Which changes the rule evaluates: `local` (the default) only those made on this node,
+    /// `all` also those merged from other nodes.
+    #[serde(default)]
+    pub on: ReactTo,
     pub actions: Vec<Action>,
 }
 
@@ -194,16 +206,23 @@ pub struct CorrelationRule {
     pub within: String,
     #[serde(default)]
     pub max_groups: Option<usize>,
+    /// Which changes the rule evaluates: `local` (the default) only those made on this node,
+    /// `all` also those merged from other nodes.
+    #[serde(default)]
+    pub on: ReactTo,
     pub actions: Vec<Action>,
 }
 
-/// The twins a rule watches: events of other twins never reach its evaluation.
+/// The twins and changes a rule watches: events of other twins, and changes from other
+/// nodes unless it asks for them, never reach its evaluation.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Scope<'a> {
     /// Only twins of this entity type.
     pub entity_type: Option<&'a str>,
     /// Only this twin.
     pub twin_id: Option<TwinId>,
+    /// Changes of local origin only, or all.
+    pub on: ReactTo,
 }
 
 impl RuleSpec {
@@ -238,13 +257,23 @@ impl RuleSpec {
 }
 
 /// Read a rule document. A value of the wrong type fails here, before [`validate`]; a bad
-/// severity is named by its field (serde's own message would not say which action).
+/// severity or `on` is named by its field (serde's own message would not say which action,
+/// or that `on` was the field).
 pub fn parse(body: Value) -> Result<RuleSpec, Vec<String>> {
-    let bad = bad_severities(&body);
+    let mut bad = bad_severities(&body);
+    bad.extend(bad_on(&body));
     if !bad.is_empty() {
         return Err(bad);
     }
     serde_json::from_value(body).map_err(|e| vec![e.to_string()])
+}
+
+fn bad_on(body: &Value) -> Option<String> {
+    let on = body.get("on")?;
+    serde_json::from_value::<ReactTo>(on.clone()).is_err().then(|| {
+        let names = ReactTo::ALL.map(ReactTo::as_str).join(", ");
+        format!("on: one of {names} (which changes the rule evaluates: made on this node, or also merged from other nodes), not {on}")
+    })
 }
 
 fn bad_severities(body: &Value) -> Vec<String> {
