@@ -257,23 +257,13 @@ impl RuleSpec {
 }
 
 /// Read a rule document. A value of the wrong type fails here, before [`validate`]; a bad
-/// severity or `on` is named by its field (serde's own message would not say which action,
-/// or that `on` was the field).
+/// severity is named by its field (serde's own message would not say which action).
 pub fn parse(body: Value) -> Result<RuleSpec, Vec<String>> {
-    let mut bad = bad_severities(&body);
-    bad.extend(bad_on(&body));
+    let bad = bad_severities(&body);
     if !bad.is_empty() {
         return Err(bad);
     }
     serde_json::from_value(body).map_err(|e| vec![e.to_string()])
-}
-
-fn bad_on(body: &Value) -> Option<String> {
-    let on = body.get("on")?;
-    serde_json::from_value::<ReactTo>(on.clone()).is_err().then(|| {
-        let names = ReactTo::ALL.map(ReactTo::as_str).join(", ");
-        format!("on: one of {names} (which changes the rule evaluates: made on this node, or also merged from other nodes), not {on}")
-    })
 }
 
 fn bad_severities(body: &Value) -> Vec<String> {
