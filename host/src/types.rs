@@ -92,6 +92,53 @@ impl TryFrom<String> for Actor {
 /// instead of running forever; a client change starts a chain at depth 0.
 pub const MAX_CHAIN_DEPTH: u8 = 8;
 
+/// Which changes a behavior or rule reacts to, by the node they were made on (`"on"` in a
+/// binding or a rule). Changes merged from other nodes are stored, evented and streamed to
+/// subscribers either way; only the reactions are filtered. A value it does not know is
+/// refused naming the field and both values (serde's own message would not say which field).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", try_from = "String")]
+pub enum ReactTo {
+    /// Only changes made on this node (the default): a behavior or rule set up on every node
+    /// of a synced group acts once per change, on the node where the change was made.
+    #[default]
+    Local,
+    /// Changes made on this node and those merged from other nodes.
+    All,
+}
+
+impl ReactTo {
+    /// Every value, as written in bindings and rules (for error messages).
+    pub const ALL: [ReactTo; 2] = [ReactTo::Local, ReactTo::All];
+
+    /// The name as written in bindings and rules.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReactTo::Local => "local",
+            ReactTo::All => "all",
+        }
+    }
+
+    /// Whether a change of local origin (`local`) or from another node is reacted to.
+    pub fn admits(self, local: bool) -> bool {
+        local || self == ReactTo::All
+    }
+}
+
+impl TryFrom<String> for ReactTo {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        ReactTo::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "on: {s:?} is neither \"local\" (react to changes made on this node) nor \"all\" (also to changes merged from other nodes)"
+                )
+            })
+    }
+}
+
 /// How urgent an alert is. Rule actions carry one; alert events show it as a string.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -8,9 +8,9 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
 
 use super::extract::Query;
 use super::{ApiError, AppState};
@@ -193,21 +193,28 @@ async fn pump(mut socket: WebSocket, mut sub: Subscription, s: AppState) {
     }
 }
 
+/// One page of `GET /v1/events/log`, each event's JSON written out as it was made for the
+/// streams (no re-parsing).
+#[derive(Serialize, ToSchema)]
+pub struct EventPage {
+    /// The matching events, oldest first.
+    #[schema(value_type = Vec<crate::events::Event>)]
+    events: Vec<Box<serde_json::value::RawValue>>,
+    /// Where to continue: pass it as `after`.
+    next_after: u64,
+    /// The oldest sequence number still held (in memory or persisted).
+    first_available: Option<u64>,
+    /// The next sequence number to be handed out.
+    next_seq: u64,
+}
+
 /// Read the stored event log: the in-memory tail, then the persisted tail.
 #[utoipa::path(get, path = "/v1/events/log", tag = "events", params(EventParams),
-    responses((status = 200, description = "`{events, next_after, first_available, next_seq}`")))]
+    responses((status = 200, body = EventPage)))]
 pub async fn log(
     State(s): State<AppState>,
     Query(p): Query<EventParams>,
 ) -> Result<Response, ApiError> {
-    /// One page, with each event's stored JSON written out as it is (no re-parsing).
-    #[derive(serde::Serialize)]
-    struct Page {
-        events: Vec<Box<serde_json::value::RawValue>>,
-        next_after: u64,
-        first_available: Option<u64>,
-        next_seq: u64,
-    }
     let limit = p.limit.unwrap_or(1000);
     if !(1..=MAX_LOG_PAGE).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
@@ -246,7 +253,7 @@ pub async fn log(
             }
         }
         Ok::<_, anyhow::Error>(
-            axum::Json(Page {
+            axum::Json(EventPage {
                 events: out,
                 next_after: after,
                 first_available,

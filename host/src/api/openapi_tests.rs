@@ -202,7 +202,8 @@ fn strings(v: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-/// Check a generated value against the schema it was made from (formats included).
+/// Check a value (generated from the schema, or one the server wrote) against the schema
+/// (formats included).
 fn check(doc: &Value, schema: &Value, v: &Value, what: &str) {
     let wrapped = json!({"$schema": "https://json-schema.org/draft/2020-12/schema",
                          "components": doc["components"], "allOf": [schema]});
@@ -213,7 +214,7 @@ fn check(doc: &Value, schema: &Value, v: &Value, what: &str) {
     let errors: Vec<String> = validator.iter_errors(v).map(|e| e.to_string()).collect();
     assert!(
         errors.is_empty(),
-        "{what}: the generator made {v}, which the document refuses: {errors:?}"
+        "{what}: the document refuses {v}: {errors:?}"
     );
 }
 
@@ -440,4 +441,46 @@ async fn requests_built_from_the_document_are_accepted() {
         calls.len(),
         refused.join("\n")
     );
+}
+
+/// Events as the server writes them match the document's `Event`, each with its `origin` —
+/// this node's for a change made here, the peer's for one merged from it — and the log's
+/// answer its `EventPage`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_events_match_the_document() {
+    let n = node().await;
+    let doc = document();
+    let registry = &n.state.registry;
+    registry
+        .create(crate::registry::NewTwin {
+            entity_type: "machine".into(),
+            properties: json!({"temperature": 70}).as_object().unwrap().clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let hlc = crate::types::hlc_at(chrono::Utc::now());
+    let merged: crate::registry::RemoteChange = serde_json::from_value(json!({
+        "twin_id": Uuid::now_v7(), "entity_type": "machine", "vclock": {"edge-2": 1},
+        "hlc": hlc, "properties": {"temperature": 71},
+        "clocks": {"temperature": {"hlc": hlc, "origin": "edge-2"}}}))
+    .unwrap();
+    registry.apply_remote(vec![merged]).await.unwrap();
+    let req = Request::get("/v1/events/log").body(Body::empty()).unwrap();
+    let (status, page) = n.send(req).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    check(
+        &doc,
+        &json!({"$ref": "#/components/schemas/EventPage"}),
+        &page,
+        "GET /v1/events/log",
+    );
+    let origins: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["origin"].as_str().unwrap())
+        .collect();
+    assert_eq!(origins, ["node-test", "edge-2"]);
+    n.state.registry.shutdown();
 }

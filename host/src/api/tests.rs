@@ -16,6 +16,7 @@ mod health;
 mod ingest;
 mod limits;
 mod models;
+mod origin;
 mod twins;
 
 use std::time::Duration;
@@ -58,6 +59,32 @@ impl App {
         let node = open_default_node(tmp.path(), NODE_ID, false)
             .await
             .expect("opening the node");
+        App::on(node, tmp, limits)
+    }
+
+    /// The same data directory served again after a clean shutdown, as a restart of `serve`
+    /// would (the admin token stays; limits are the defaults).
+    async fn restart(mut self) -> App {
+        let tmp = std::mem::replace(
+            &mut self._tmp,
+            tempfile::tempdir().expect("creating a temp dir"),
+        );
+        // Shuts the node down; its behavior and rule tasks then let go of the store.
+        drop(self);
+        let started = std::time::Instant::now();
+        let node = loop {
+            match open_default_node(tmp.path(), NODE_ID, false).await {
+                Ok(node) => break node,
+                Err(e) if started.elapsed() > Duration::from_secs(5) => {
+                    panic!("the data directory is still held: {e:#}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        App::on(node, tmp, Limits::default())
+    }
+
+    fn on(node: Node, tmp: tempfile::TempDir, limits: Limits) -> App {
         let token = std::fs::read_to_string(&node.admin_token_file)
             .expect("the admin token file")
             .trim()

@@ -1,6 +1,6 @@
 //! One event of the node's log: its type, its envelope, and how a committed change or an
 //! alert becomes one. The JSON text of an event is built once and shared by every
-//! subscriber.
+//! subscriber. Every event names its `origin`, the node where its change was made.
 
 use std::sync::{Arc, OnceLock};
 
@@ -117,6 +117,14 @@ pub struct Event {
     /// Set when a behavior or rule made the change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<Cause>,
+    /// The node where the change was made: this node for its own writes, alerts,
+    /// relationship and model changes; the writing node for a change merged from a peer.
+    /// Behaviors and rules react only to this node's own changes unless they say
+    /// `"on": "all"`. (Empty until the event is logged; events persisted before origins were
+    /// recorded read back with this node's id.)
+    #[serde(default)]
+    #[schema(value_type = String, example = "edge-1")]
+    pub origin: Arc<str>,
     /// The serialized envelope, made once and shared by every subscriber.
     #[serde(skip)]
     json: OnceLock<Box<str>>,
@@ -154,6 +162,7 @@ impl Event {
             ts,
             data: None,
             cause: None,
+            origin: Arc::from(""),
             json: OnceLock::new(),
             appended: None,
         }
@@ -176,6 +185,7 @@ impl Event {
             ts: c.ts,
             data: c.data,
             cause: c.cause.map(|a| (*a).clone()),
+            origin: c.origin,
             json: OnceLock::new(),
             appended: None,
         }
@@ -191,6 +201,12 @@ impl Event {
             self.data.unwrap_or(Value::Null),
             self.cause.map(Arc::new),
         ))
+    }
+
+    /// Whether the event's change was made on the node `local` (the one running the
+    /// reaction).
+    pub fn is_local(&self, local: &str) -> bool {
+        *self.origin == *local
     }
 
     /// Event time in microseconds since the epoch.

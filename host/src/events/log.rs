@@ -90,6 +90,8 @@ struct Inner {
     /// Where the persisted tail's chunk files live.
     dir: PathBuf,
     source: String,
+    /// This node's id: the origin of persisted events stored before events named theirs.
+    node_id: Arc<str>,
     cfg: LogConfig,
     state: Mutex<State>,
     wake: Condvar,
@@ -180,6 +182,7 @@ impl EventLog {
             inner: Arc::new(Inner {
                 dir,
                 source: format!("/twinhost/{node_id}"),
+                node_id: Arc::from(node_id),
                 cfg,
                 state: Mutex::new(State {
                     next_seq: persisted + 1,
@@ -422,8 +425,13 @@ impl EventLog {
                     key: format!("events/{first}"),
                     reason: e.to_string(),
                 })?;
-            for e in chunk {
+            for mut e in chunk {
                 if e.seq > after && e.seq < below {
+                    if e.origin.is_empty() {
+                        // Persisted before events named their origin: it reads as this
+                        // node's, as every change counted then.
+                        e.origin = self.inner.node_id.clone();
+                    }
                     out.push(Arc::new(e));
                     if out.len() >= max {
                         return Ok(out);

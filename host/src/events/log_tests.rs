@@ -130,3 +130,36 @@ async fn a_reopened_log_serves_the_persisted_tail_and_numbers_on() {
     assert!(after.events.iter().all(|e| e.twin_id == Some(id)));
     node.shutdown();
 }
+
+#[tokio::test]
+async fn events_persisted_before_origins_read_back_as_this_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path(), LogConfig::default());
+    node.write(2).await;
+    node.shutdown();
+    // Rewrite the persisted chunks as a server before origins wrote them.
+    let events_dir = dir.path().join("events");
+    let mut rewritten = 0;
+    for entry in std::fs::read_dir(&events_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let mut chunk: Vec<serde_json::Value> =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for e in &mut chunk {
+            assert_eq!(e["origin"], "node-test", "persisted with its origin: {e}");
+            e.as_object_mut().unwrap().remove("origin");
+            rewritten += 1;
+        }
+        std::fs::write(&path, serde_json::to_vec(&chunk).unwrap()).unwrap();
+    }
+    assert_eq!(rewritten, 3);
+
+    let node = Node::open(dir.path(), LogConfig::default());
+    let read = node.events.read_after(0, 100).unwrap();
+    assert_eq!(read.events.len(), 3);
+    for e in &read.events {
+        assert_eq!(&*e.origin, "node-test");
+        let wire: serde_json::Value = serde_json::from_str(e.json(node.events.source())).unwrap();
+        assert_eq!(wire["origin"], "node-test");
+    }
+    node.shutdown();
+}

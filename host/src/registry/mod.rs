@@ -16,6 +16,7 @@ mod error;
 pub mod feed;
 mod load;
 pub mod model;
+mod origin;
 pub mod query;
 pub mod remote;
 mod replay;
@@ -97,16 +98,23 @@ pub struct Change {
     pub cause: Option<Arc<Cause>>,
     /// An alert's, relationship's or model's details (`None` for twin changes).
     pub data: Option<Value>,
+    /// The node where the change was made: this node's id for its own writes, alerts,
+    /// relationship and model changes; for a change merged from another node, the node that
+    /// made it (the rule is in `registry/origin.rs`). Behaviors and rules react to changes of
+    /// local origin unless they ask for all.
+    pub origin: Arc<str>,
 }
 
 impl Change {
-    /// A relationship or model change (`kind` says which) described by `data`.
+    /// A relationship or model change (`kind` says which) described by `data`, made on
+    /// `origin` (this node: relationships and models are not synced).
     pub(crate) fn config(
         kind: ChangeKind,
         twin_id: Option<TwinId>,
         entity_type: String,
         data: Value,
         stamp: &crate::store::wal::Stamp,
+        origin: &Arc<str>,
     ) -> Change {
         Change {
             seq: stamp.lseq,
@@ -121,6 +129,7 @@ impl Change {
             ts: Utc::now(),
             cause: None,
             data: Some(data),
+            origin: origin.clone(),
         }
     }
 }
@@ -136,7 +145,8 @@ struct AlertRecord {
 }
 
 impl Change {
-    /// An alert about `twin_id`, to be numbered by [`Registry::record_alerts`].
+    /// An alert about `twin_id`, to be numbered by [`Registry::record_alerts`] (which also
+    /// gives it this node as its origin: alerts are raised where they are logged).
     pub fn alert(
         twin_id: TwinId,
         entity_type: String,
@@ -158,6 +168,7 @@ impl Change {
             ts,
             cause,
             data: Some(data),
+            origin: Arc::from(""),
         }
     }
 }

@@ -7,7 +7,8 @@
 //! of every property at the delete's clock: a twin survives it only with the properties
 //! written after it (and then loses its tombstone). Version vectors merge pointwise.
 //! Local models are not enforced on remote changes (the origin validated them); a change the
-//! local model would refuse is applied and counted.
+//! local model would refuse is applied and counted. Each merged change names the node that
+//! made it as its origin (the rule is in [`super::origin`]).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -17,6 +18,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::origin::{self, Before};
 use super::write::{change, put_tombstone};
 use super::{Change, ChangeKind, Registry, RegistryError, Tombstone};
 use crate::store::{keys, Batch};
@@ -207,7 +209,7 @@ impl Registry {
                 id,
                 entity_type: t.entity_type.clone(),
                 hlc: rc.hlc,
-                vclock,
+                vclock: vclock.clone(),
                 deleted_at: Utc::now(),
                 lseq: stamp.lseq,
             };
@@ -216,12 +218,18 @@ impl Registry {
             b.delete_prefix(keys::history_twin_prefix(&id));
             b.delete_prefix(keys::rel_prefix(&id));
             if self.wants_changes() {
+                let before = Before {
+                    clocks: &t.clocks,
+                    vclock: &t.vclock,
+                };
+                let by = origin::merged(Some(before), &Clocks::new(), &vclock, &self.inner.origin);
                 out.push(change(
                     ChangeKind::Deleted,
                     &t,
                     Properties::new(),
                     Utc::now(),
                     &stamp,
+                    &by,
                 ));
             }
             return true;
@@ -244,7 +252,7 @@ impl Registry {
         }
         nt.deleted_hlc = nt.deleted_hlc.max(rc.hlc);
         nt.vclock = vclock;
-        self.finish_remote(nt, patch, b, out, &stamp);
+        self.finish_remote(nt, Some(&t), patch, b, out, &stamp);
         true
     }
 
@@ -319,14 +327,16 @@ impl Registry {
         if current.is_none() {
             self.inner.index.write().insert(&nt);
         }
-        self.finish_remote(nt, patch, b, out, &stamp);
+        self.finish_remote(nt, current.as_deref(), patch, b, out, &stamp);
         true
     }
 
-    /// Store a merged twin: new version and change number, logged whole, evented.
+    /// Store a merged twin: new version and change number, logged whole, evented with the
+    /// origin the merge names (`before`: the twin here before the merge).
     fn finish_remote(
         &self,
         mut nt: Twin,
+        before: Option<&Twin>,
         patch: Properties,
         b: &mut Batch,
         out: &mut Vec<Change>,
@@ -344,7 +354,12 @@ impl Registry {
             } else {
                 (ChangeKind::Updated, patch)
             };
-            out.push(change(kind, &nt, changed, nt.updated_at, stamp));
+            let before = before.map(|t| Before {
+                clocks: &t.clocks,
+                vclock: &t.vclock,
+            });
+            let by = origin::merged(before, &nt.clocks, &nt.vclock, &self.inner.origin);
+            out.push(change(kind, &nt, changed, nt.updated_at, stamp, &by));
         }
         self.inner.twins.0.insert(nt.id, Arc::new(nt));
     }

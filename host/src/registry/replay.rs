@@ -9,17 +9,24 @@
 //! deletes. Every stamped entry (format 2) also becomes a [`Change`], numbered as it was,
 //! whether or not sled already held its effect: the event log takes the ones its persisted
 //! tail lacks.
+//!
+//! A re-created change names the node it came from as the live write did: this node for
+//! everything but merged remote changes, whose origin [`super::origin`] works out again from
+//! the twin before and after (a merged state against the state replayed before it; a delete
+//! against the tombstone logged with it). When sled already holds a later state than a
+//! merged one, the state before is unknown and every clock of the merged state counts.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
+use super::origin::{self, Before};
 use super::write::{alert_change, bump, change, merge, model_change, points, rel_change};
-use super::{AlertRecord, Change, ChangeKind, Indexes, TwinMap};
+use super::{AlertRecord, Change, ChangeKind, Indexes, Tombstone, TwinMap};
 use crate::store::wal::{Entry, Stamp};
 use crate::store::{keys, Batch};
-use crate::types::{hlc_at, Lifecycle, Properties, Twin, TwinId};
+use crate::types::{hlc_at, Clocks, Lifecycle, Properties, Twin, TwinId, VClock};
 
 /// What [`replay`] found besides the twins' state.
 pub(super) struct Replayed {
@@ -47,6 +54,7 @@ pub(super) fn replay(
         b,
         recovered,
         stamp: None,
+        tombstone: None,
         found: Replayed {
             lseq: 0,
             hlc: 0,
@@ -68,6 +76,9 @@ struct Replay<'a> {
     recovered: &'a mut Vec<Change>,
     /// The stamp logged before the entry being replayed (format 2), taken by that entry.
     stamp: Option<Stamp>,
+    /// The twin and version vector of the tombstone logged last: a delete logs its
+    /// tombstone right before it, and the origin of a merged delete is read from the two.
+    tombstone: Option<(TwinId, VClock)>,
     found: Replayed,
 }
 
@@ -99,7 +110,14 @@ impl Replay<'_> {
             Entry::State(t) => self.state(*t),
             // A numbered relationship or model change (other raw entries carry no number:
             // a pending stamp belongs to the twin entry after them).
-            Entry::Put(k, v) => self.config(&k, Some(&v)),
+            Entry::Put(k, v) => {
+                if k.first() == Some(&keys::TOMBSTONE) {
+                    self.tombstone = serde_json::from_slice::<Tombstone>(&v)
+                        .ok()
+                        .map(|d| (d.id, d.vclock));
+                }
+                self.config(&k, Some(&v))
+            }
             Entry::DeleteKey(k) => self.config(&k, None),
             Entry::DeletePrefix(_) => {}
         }
@@ -114,7 +132,7 @@ impl Replay<'_> {
     fn alert(&mut self, s: &Stamp, record: &[u8]) {
         self.seen(s);
         match serde_json::from_slice::<AlertRecord>(record) {
-            Ok(r) => self.recovered.push(alert_change(r, s)),
+            Ok(r) => self.recovered.push(alert_change(r, s, self.origin)),
             Err(e) => {
                 tracing::warn!(lseq = s.lseq, error = %e, "skipping an unreadable alert in the log")
             }
@@ -154,7 +172,7 @@ impl Replay<'_> {
         }
         if let Some(s) = st {
             let c = self.twins.0.get(&id).map(|t| {
-                let mut c = change(ChangeKind::Updated, &t, patch, ts, &s);
+                let mut c = change(ChangeKind::Updated, &t, patch, ts, &s, &origin);
                 c.version = version;
                 c
             });
@@ -173,6 +191,7 @@ impl Replay<'_> {
                 t.properties.clone(),
                 t.created_at,
                 s,
+                self.origin,
             );
             c.version = 1;
             self.recovered.push(c);
@@ -192,14 +211,27 @@ impl Replay<'_> {
 
     fn delete(&mut self, id: TwinId) {
         let st = self.stamp.take();
+        let tomb = self.tombstone.take().filter(|(t, _)| *t == id);
         let gone = self.twins.0.remove(&id);
         if let (Some(s), Some((_, t))) = (&st, &gone) {
+            // Without its tombstone (a log older than tombstones) the delete was local.
+            let by = match &tomb {
+                Some((_, vclock)) => {
+                    let before = Before {
+                        clocks: &t.clocks,
+                        vclock: &t.vclock,
+                    };
+                    origin::merged(Some(before), &Clocks::new(), vclock, self.origin)
+                }
+                None => self.origin.clone(),
+            };
             self.recovered.push(change(
                 ChangeKind::Deleted,
                 t,
                 Properties::new(),
                 t.updated_at,
                 s,
+                &by,
             ));
         }
         if let Some((_, t)) = gone {
@@ -228,7 +260,14 @@ impl Replay<'_> {
         }
         if let Some(s) = st {
             let c = self.twins.0.get(&id).map(|t| {
-                let mut c = change(ChangeKind::Lifecycle, &t, Properties::new(), now, &s);
+                let mut c = change(
+                    ChangeKind::Lifecycle,
+                    &t,
+                    Properties::new(),
+                    now,
+                    &s,
+                    self.origin,
+                );
                 c.version = version;
                 c.lifecycle = state;
                 c
@@ -240,17 +279,23 @@ impl Replay<'_> {
     /// A merged remote change: the whole state, newer than what sled holds unless a
     /// checkpoint already wrote a later one.
     fn state(&mut self, t: Twin) {
+        let cur = self.twins.0.get(&t.id).map(|cur| Arc::clone(&cur));
         if let Some(s) = self.stamp.take() {
             let kind = if t.version == 1 {
                 ChangeKind::Created
             } else {
                 ChangeKind::Updated
             };
-            let mut c = change(kind, &t, t.properties.clone(), t.updated_at, &s);
+            let before = cur.as_ref().filter(|c| c.lseq < t.lseq).map(|c| Before {
+                clocks: &c.clocks,
+                vclock: &c.vclock,
+            });
+            let by = origin::merged(before, &t.clocks, &t.vclock, self.origin);
+            let mut c = change(kind, &t, t.properties.clone(), t.updated_at, &s, &by);
             c.version = t.version;
             self.recovered.push(c);
         }
-        let newer = self.twins.0.get(&t.id).is_none_or(|cur| cur.lseq < t.lseq);
+        let newer = cur.is_none_or(|cur| cur.lseq < t.lseq);
         if newer {
             self.b.mark_dirty(t.id);
             if !self.twins.0.contains_key(&t.id) {
@@ -271,7 +316,7 @@ impl Replay<'_> {
                     Some(v) => json!({"name": name, "target_id": dst, "properties": json_of(v)}),
                     None => json!({"name": name, "target_id": dst, "deleted": true}),
                 };
-                Some(rel_change(self.twins, src, data, &s))
+                Some(rel_change(self.twins, src, data, &s, self.origin))
             }),
             Some(&keys::MODEL) => self.stamp.take().map(|s| {
                 let et = String::from_utf8_lossy(&key[1..]).into_owned();
@@ -279,7 +324,7 @@ impl Replay<'_> {
                     Some(v) => json!({"entity_type": et, "model": json_of(v)}),
                     None => json!({"entity_type": et, "deleted": true}),
                 };
-                model_change(&et, data, &s)
+                model_change(&et, data, &s, self.origin)
             }),
             _ => None,
         };
@@ -313,4 +358,93 @@ fn replay_change(
         t.updated_at = now;
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::registry::{NewTwin, Registry, RemoteChange, Update};
+    use crate::store::{wal, Store};
+
+    /// A feed item of twin `id` at `hlc` with version vector `vclock` and nothing else yet.
+    fn item(id: TwinId, hlc: u64, vclock: serde_json::Value) -> serde_json::Value {
+        json!({"twin_id": id, "entity_type": "machine", "vclock": vclock, "hlc": hlc})
+    }
+
+    fn parse(v: serde_json::Value) -> RemoteChange {
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// A crash before the event log persisted its tail: the changes the replay re-creates
+    /// from the write-ahead log name the origins the live changes named — this node for its
+    /// own, the writing node for merged ones (a property write, a relayed lifecycle change,
+    /// a delete).
+    #[tokio::test]
+    async fn replayed_changes_name_the_origins_of_the_live_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let reg = Registry::open(&store, "here").unwrap();
+        let live = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = live.clone();
+        reg.set_change_sink(Arc::new(move |c| sink.lock().extend(c)));
+
+        let new = |props: serde_json::Value| NewTwin {
+            entity_type: "machine".into(),
+            properties: props.as_object().unwrap().clone(),
+            ..Default::default()
+        };
+        let mine = reg.create(new(json!({"a": 1}))).await.unwrap().id;
+        let patch = json!({"a": 2}).as_object().unwrap().clone();
+        reg.patch(Update::new(mine, patch)).await.unwrap();
+        let h = hlc_at(Utc::now() + chrono::Duration::seconds(1));
+        // `edge` writes `b` of this twin and creates one of its own.
+        let mut w = item(mine, h, json!({"here": 2, "edge": 1}));
+        w["properties"] = json!({"b": 1});
+        w["clocks"] = json!({"b": {"hlc": h, "origin": "edge"}});
+        let theirs = TwinId::new_v7();
+        let mut c = item(theirs, h, json!({"edge": 1}));
+        c["properties"] = json!({"t": 1});
+        c["clocks"] = json!({"t": {"hlc": h, "origin": "edge"}});
+        reg.apply_remote(vec![parse(w), parse(c)]).await.unwrap();
+        // `far` suspends this twin (relayed by edge: no property clock is new); edge deletes
+        // its own twin.
+        let mut l = item(mine, h + 1, json!({"here": 2, "edge": 1, "far": 1}));
+        l["lifecycle"] = json!("suspended");
+        l["clocks"] = json!({"b": {"hlc": h, "origin": "edge"}});
+        let mut d = item(theirs, h + 2, json!({"edge": 2}));
+        d["deleted"] = json!(true);
+        reg.apply_remote(vec![parse(l), parse(d)]).await.unwrap();
+        reg.delete(mine, false).await.unwrap();
+
+        let live: Vec<(u64, ChangeKind, String)> = live
+            .lock()
+            .iter()
+            .map(|c| (c.seq, c.kind, c.origin.to_string()))
+            .collect();
+        let origins: Vec<&str> = live.iter().map(|(_, _, o)| o.as_str()).collect();
+        assert_eq!(
+            origins,
+            ["here", "here", "edge", "edge", "far", "edge", "here"]
+        );
+
+        // What a restart after `kill -9` replays: the whole log, onto nothing checkpointed.
+        let (entries, _) = wal::read_after(&dir.path().join("wal"), 0).unwrap();
+        let mut recovered = Vec::new();
+        replay(
+            &TwinMap(Default::default()),
+            &mut Indexes::default(),
+            &Arc::from("here"),
+            entries,
+            &mut Batch::new(),
+            &mut recovered,
+        );
+        let replayed: Vec<(u64, ChangeKind, String)> = recovered
+            .iter()
+            .map(|c| (c.seq, c.kind, c.origin.to_string()))
+            .collect();
+        assert_eq!(replayed, live);
+        reg.shutdown();
+    }
 }

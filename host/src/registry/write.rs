@@ -52,12 +52,14 @@ pub(super) fn merge(props: &mut Properties, patch: &Properties) {
     }
 }
 
+/// The change of `t` that `stamp` numbers, made on `origin`.
 pub(super) fn change(
     kind: ChangeKind,
     t: &Twin,
     changed: Properties,
     ts: DateTime<Utc>,
     stamp: &Stamp,
+    origin: &Arc<str>,
 ) -> Change {
     Change {
         seq: stamp.lseq,
@@ -72,6 +74,7 @@ pub(super) fn change(
         ts,
         cause: stamp.cause.clone().map(Arc::new),
         data: None,
+        origin: origin.clone(),
     }
 }
 
@@ -209,7 +212,7 @@ impl Registry {
             b.put(keys::model(&et), bytes);
             if this.wants_changes() {
                 let data = json!({"entity_type": et, "model": &*model});
-                changes.push(model_change(&et, data, &stamp));
+                changes.push(model_change(&et, data, &stamp, &this.inner.origin));
             }
             this.inner.models.write().insert(et, model).is_none()
         })
@@ -226,7 +229,7 @@ impl Registry {
             b.delete_key(keys::model(&et));
             if this.wants_changes() {
                 let data = json!({"entity_type": et, "deleted": true});
-                changes.push(model_change(&et, data, &stamp));
+                changes.push(model_change(&et, data, &stamp, &this.inner.origin));
             }
             Ok(())
         })
@@ -322,6 +325,7 @@ impl Registry {
                             twin.properties.clone(),
                             now,
                             &stamp,
+                            &this.inner.origin,
                         ));
                     }
                     this.inner.twins.0.insert(id, Arc::new(twin.clone()));
@@ -431,6 +435,7 @@ impl Registry {
                 std::mem::take(&mut u.patch),
                 ts,
                 &stamp,
+                &self.inner.origin,
             );
             c.cause = u.cause.take();
             changes.push(c);
@@ -476,6 +481,7 @@ impl Registry {
                             Properties::new(),
                             now,
                             &stamp,
+                            &this.inner.origin,
                         ));
                     }
                 }
@@ -539,6 +545,7 @@ impl Registry {
                         Properties::new(),
                         now,
                         &stamp,
+                        &this.inner.origin,
                     ));
                 }
                 Ok(t.clone())
@@ -553,7 +560,7 @@ impl Registry {
     /// reach the change sink in order with every other change, and a restart after a crash
     /// re-creates them from the log.
     pub async fn record_alerts(&self, alerts: Vec<Change>) -> Result<(), RegistryError> {
-        self.write(move |_, b, changes| {
+        self.write(move |this, b, changes| {
             for mut a in alerts {
                 let Some(twin_id) = a.twin_id else { continue };
                 let record = AlertRecord {
@@ -565,7 +572,7 @@ impl Registry {
                 };
                 let bytes = serde_json::to_vec(&record).expect("alerts serialize");
                 let stamp = b.alert(a.cause.as_deref(), &bytes);
-                changes.push(alert_change(record, &stamp));
+                changes.push(alert_change(record, &stamp, &this.inner.origin));
             }
         })
         .await
@@ -612,7 +619,13 @@ impl Registry {
             b.put(keys::rel(&src, &target, &name), bytes);
             if this.wants_changes() {
                 let data = json!({"name": name, "target_id": target, "properties": props});
-                changes.push(rel_change(&this.inner.twins, src, data, &stamp));
+                changes.push(rel_change(
+                    &this.inner.twins,
+                    src,
+                    data,
+                    &stamp,
+                    &this.inner.origin,
+                ));
             }
             let mut rels = this.inner.rels.write();
             Ok(rels
@@ -646,7 +659,13 @@ impl Registry {
             b.delete_key(keys::rel(&src, &target, &name));
             if this.wants_changes() {
                 let data = json!({"name": name, "target_id": target, "deleted": true});
-                changes.push(rel_change(&this.inner.twins, src, data, &stamp));
+                changes.push(rel_change(
+                    &this.inner.twins,
+                    src,
+                    data,
+                    &stamp,
+                    &this.inner.origin,
+                ));
             }
             Ok(())
         })
@@ -654,8 +673,8 @@ impl Registry {
     }
 }
 
-/// The change an alert record stands for.
-pub(super) fn alert_change(r: AlertRecord, stamp: &Stamp) -> Change {
+/// The change an alert record stands for (raised on `origin`, this node).
+pub(super) fn alert_change(r: AlertRecord, stamp: &Stamp, origin: &Arc<str>) -> Change {
     let mut c = Change::alert(
         r.twin_id,
         r.entity_type,
@@ -666,12 +685,25 @@ pub(super) fn alert_change(r: AlertRecord, stamp: &Stamp) -> Change {
     );
     c.seq = stamp.lseq;
     c.hlc = stamp.hlc;
+    c.origin = origin.clone();
     c
 }
 
 /// The change of the model of `entity_type` described by `data`.
-pub(super) fn model_change(entity_type: &str, data: Value, stamp: &Stamp) -> Change {
-    Change::config(ChangeKind::Model, None, entity_type.to_owned(), data, stamp)
+pub(super) fn model_change(
+    entity_type: &str,
+    data: Value,
+    stamp: &Stamp,
+    origin: &Arc<str>,
+) -> Change {
+    Change::config(
+        ChangeKind::Model,
+        None,
+        entity_type.to_owned(),
+        data,
+        stamp,
+        origin,
+    )
 }
 
 /// Keep `tomb` (in memory and logged) and give its id its place in the change feed.
@@ -685,7 +717,13 @@ pub(super) fn put_tombstone(b: &mut Batch, tombstones: &mut Tombstones, tomb: To
 }
 
 /// The change of a relationship from `src` described by `data`.
-pub(super) fn rel_change(twins: &TwinMap, src: TwinId, data: Value, stamp: &Stamp) -> Change {
+pub(super) fn rel_change(
+    twins: &TwinMap,
+    src: TwinId,
+    data: Value,
+    stamp: &Stamp,
+    origin: &Arc<str>,
+) -> Change {
     let et = twins.0.get(&src).map(|t| t.entity_type.clone());
     Change::config(
         ChangeKind::Relationship,
@@ -693,6 +731,7 @@ pub(super) fn rel_change(twins: &TwinMap, src: TwinId, data: Value, stamp: &Stam
         et.unwrap_or_default(),
         data,
         stamp,
+        origin,
     )
 }
 

@@ -13,6 +13,10 @@
 //! Guard against endless loops: a change made by a behavior never triggers that same
 //! behavior, and a chain of behaviors (or rules) triggering each other stops at
 //! [`MAX_CHAIN_DEPTH`].
+//!
+//! Synced nodes: a binding runs on the changes made on this node only (its `on` is
+//! [`ReactTo::Local`] unless it says `"on": "all"`), so a behavior bound on every node acts
+//! once per reading, where the reading was made, and not again on each node it syncs to.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,7 +35,7 @@ use super::{CallError, GuestAlert, GuestPatch, Runtime, World};
 use crate::events::{Event, EventLog, EventType, Filter, Follower, Wake};
 use crate::registry::{check_name, Registry, Update};
 use crate::store::{keys, KvOp, Store};
-use crate::types::{Actor, Cause, Properties, SetOnDrop, TwinId};
+use crate::types::{Actor, Cause, Properties, ReactTo, SetOnDrop, TwinId};
 
 pub use crate::types::MAX_CHAIN_DEPTH;
 /// Most behaviors one node runs.
@@ -62,17 +66,23 @@ pub struct Binding {
     /// … or of this one twin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub twin_id: Option<TwinId>,
+    /// Which changes it runs on: `local` (the default) only those made on this node, `all`
+    /// also those merged from other nodes.
+    #[serde(default)]
+    pub on: ReactTo,
     #[serde(default = "Utc::now")]
     pub created_at: DateTime<Utc>,
 }
 
 impl Binding {
-    fn matches(&self, e: &Event) -> bool {
-        match (self.twin_id, &self.entity_type) {
+    /// Whether the binding runs on `e`, whose change was made on this node when `local`.
+    fn matches(&self, e: &Event, local: bool) -> bool {
+        let twin = match (self.twin_id, &self.entity_type) {
             (Some(t), _) => e.twin_id == Some(t),
             (None, Some(et)) => e.entity_type.as_deref() == Some(et.as_str()),
             (None, None) => false,
-        }
+        };
+        twin && self.on.admits(local)
     }
 }
 
@@ -401,6 +411,7 @@ impl Behaviors {
                 },
                 has_behaviors,
                 |e| {
+                    let local = e.is_local(inner.registry.node_id());
                     let matching: Vec<(String, mpsc::Sender<Arc<Event>>, Arc<Counters>)> = {
                         let entries = inner.entries.read();
                         if entries.is_empty() {
@@ -408,7 +419,7 @@ impl Behaviors {
                         }
                         entries
                             .iter()
-                            .filter(|(_, en)| en.binding.matches(&e))
+                            .filter(|(_, en)| en.binding.matches(&e, local))
                             .map(|(n, en)| (n.clone(), en.queue.clone(), en.counters.clone()))
                             .collect()
                     };

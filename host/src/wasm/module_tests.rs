@@ -34,6 +34,7 @@ fn binding(module: &str) -> Binding {
         module: module.into(),
         entity_type: Some("machine".into()),
         twin_id: None,
+        on: crate::types::ReactTo::Local,
         created_at: chrono::Utc::now(),
     }
 }

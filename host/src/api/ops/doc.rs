@@ -43,6 +43,7 @@ fn correct(doc: &mut Value) {
     invoke_body(doc);
     model(doc);
     rules(doc);
+    event(doc);
 }
 
 fn schemas(doc: &mut Value) -> &mut Map<String, Value> {
@@ -307,6 +308,38 @@ fn model(doc: &mut Value) {
     );
     m["properties"]["properties"]["maxProperties"] =
         json!(crate::registry::model::MAX_MODEL_PROPERTIES);
+}
+
+/// An event as the streams and `GET /v1/events/log` serve it: the struct's fields plus the
+/// CloudEvents 1.0 attributes its envelope adds (`Wire` in `events/event.rs`). `origin` is
+/// always written (its serde default is for events persisted before it existed).
+fn event(doc: &mut Value) {
+    let e = schema(doc, "Event");
+    let p = &mut e["properties"];
+    p["specversion"] = json!({"const": "1.0"});
+    p["id"] = json!({"type": "string", "example": "42",
+                     "description": "The sequence number, as a string."});
+    p["source"] = json!({"type": "string", "example": "/twinhost/edge-1",
+                         "description": "`/twinhost/<node id>`: the node whose log holds the event \
+                                         (`origin` says where its change was made)."});
+    p["subject"] = json!({"type": "string", "format": "uuid",
+                          "description": "The twin's id, when the event is about a twin."});
+    p["time"] = json!({"type": "string", "format": "date-time",
+                       "description": "The same as `ts`."});
+    p["datacontenttype"] = json!({"const": "application/json"});
+    let req = e["required"]
+        .as_array_mut()
+        .expect("an event requires fields");
+    for name in [
+        "origin",
+        "specversion",
+        "id",
+        "source",
+        "time",
+        "datacontenttype",
+    ] {
+        req.push(json!(name));
+    }
 }
 
 /// Rules: `RuleSpec` is a serde enum tagged by `kind`. utoipa renders each variant as an

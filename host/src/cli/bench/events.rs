@@ -466,6 +466,7 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
                 module: "thermal-monitor".into(),
                 entity_type: Some("machine".into()),
                 twin_id: None,
+                on: crate::types::ReactTo::Local,
                 created_at: chrono::Utc::now(),
             },
         )

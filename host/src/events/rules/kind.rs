@@ -125,15 +125,16 @@ impl Kind {
     }
 
     pub(super) fn scope(&self) -> Scope<'_> {
-        let (entity_type, twin_id) = match self {
-            Kind::Threshold(k) => (&k.spec.entity_type, k.spec.twin_id),
-            Kind::Window(k) => (&k.spec.entity_type, k.spec.twin_id),
-            Kind::Sequence(k) => (&k.spec.entity_type, k.spec.twin_id),
-            Kind::Correlation(k) => (&k.spec.entity_type, None),
+        let (entity_type, twin_id, on) = match self {
+            Kind::Threshold(k) => (&k.spec.entity_type, k.spec.twin_id, k.spec.on),
+            Kind::Window(k) => (&k.spec.entity_type, k.spec.twin_id, k.spec.on),
+            Kind::Sequence(k) => (&k.spec.entity_type, k.spec.twin_id, k.spec.on),
+            Kind::Correlation(k) => (&k.spec.entity_type, None, k.spec.on),
         };
         Scope {
             entity_type: entity_type.as_deref(),
             twin_id,
+            on,
         }
     }
 
@@ -161,8 +162,9 @@ pub(super) struct Rule {
 }
 
 impl Rule {
-    /// Whether the event is one this rule looks at (beyond its properties).
-    pub(super) fn watches(&self, e: &Event, twin: TwinId) -> bool {
+    /// Whether the event is one this rule looks at (beyond its properties); `local`: its
+    /// change was made on this node.
+    pub(super) fn watches(&self, e: &Event, twin: TwinId, local: bool) -> bool {
         // A rule does not react to its own changes.
         if e.cause
             .as_ref()
@@ -171,7 +173,8 @@ impl Rule {
             return false;
         }
         let scope = self.kind.scope();
-        scope.twin_id.is_none_or(|t| t == twin)
+        scope.on.admits(local)
+            && scope.twin_id.is_none_or(|t| t == twin)
             && scope
                 .entity_type
                 .is_none_or(|et| e.entity_type.as_deref() == Some(et))

@@ -8,6 +8,10 @@
 //! window). [`spec`] holds the documents and their checks, [`actions`] what a firing does,
 //! `kind` the compiled rule that ties a kind's spec to its state.
 //!
+//! On synced nodes a rule evaluates only the changes made on its own node unless its spec
+//! says `"on": "all"` ([`ReactTo`](crate::types::ReactTo)): a rule set up on every node fires
+//! once per reading. Deletions reach every rule whatever their origin (they only drop state).
+//!
 //! Event time is the update's timestamp. Windows close on a watermark (the newest event time
 //! seen minus `lateness`), so out-of-order updates within the lateness bound land in their
 //! own window; later ones are counted as `late` and dropped. Sequences match pairs in either
@@ -89,6 +93,9 @@ pub struct RuleSet {
     by_property: Map<String, Vec<usize>>,
     /// The relationship lookup for sequences correlated by relationship.
     related: Option<Related>,
+    /// This node's id: events of another origin reach only the rules that ask for all.
+    /// `None` (tests, the bench): every event counts as local.
+    node_id: Option<Arc<str>>,
 }
 
 impl RuleSet {
@@ -118,6 +125,12 @@ impl RuleSet {
     /// Install the relationship lookup (the registry's, in the live engine).
     pub fn set_related(&mut self, f: Related) {
         self.related = Some(f);
+    }
+
+    /// Name the node the rules run on: events whose change was made elsewhere reach only the
+    /// rules that say `"on": "all"`.
+    pub fn set_node_id(&mut self, node_id: &str) {
+        self.node_id = Some(Arc::from(node_id));
     }
 
     pub fn remove(&mut self, name: &str) -> bool {
@@ -171,6 +184,7 @@ impl RuleSet {
         if depth >= MAX_CHAIN_DEPTH {
             return;
         }
+        let local = self.node_id.as_deref().is_none_or(|n| e.is_local(n));
         let related = |src: TwinId, name: &str| match &self.related {
             Some(f) => f(src, name),
             None => Vec::new(),
@@ -194,7 +208,7 @@ impl RuleSet {
                     extra.push(i);
                 }
                 let rule = &mut self.rules[i];
-                if !rule.watches(e, twin) {
+                if !rule.watches(e, twin, local) {
                     continue;
                 }
                 let cx = Ctx {
@@ -334,6 +348,7 @@ impl Rules {
             .map(|_| {
                 let mut set = RuleSet::default();
                 set.set_related(related.clone());
+                set.set_node_id(registry.node_id());
                 set
             })
             .collect();

@@ -18,7 +18,7 @@ use super::threshold::Threshold;
 use super::window::Window;
 use super::{Kind, DEFAULT_MAX_GROUPS, MAX_SPAN, MAX_WINDOWS_PER_GROUP};
 use crate::registry::check_name;
-use crate::types::{Properties, Severity, TwinId, World};
+use crate::types::{Properties, ReactTo, Severity, TwinId, World};
 
 /// A comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -129,6 +129,10 @@ pub struct ThresholdRule {
     /// e.g. `30s`.
     #[serde(default)]
     pub cooldown: Option<String>,
+    /// Which changes the rule evaluates: `local` (the default) only those made on this node,
+    /// `all` also those merged from other nodes.
+    #[serde(default)]
+    pub on: ReactTo,
     pub actions: Vec<Action>,
 }
 
@@ -158,6 +162,10 @@ pub struct WindowRule {
     pub lateness: Option<String>,
     #[serde(default)]
     pub max_groups: Option<usize>,
+    /// Which changes the rule evaluates: `local` (the default) only those made on this node,
+    /// `all` also those merged from other nodes.
+    #[serde(default)]
+    pub on: ReactTo,
     pub actions: Vec<Action>,
 }
 
@@ -179,6 +187,10 @@ pub struct SequenceRule {
     /// With `correlate: "relationship"`: the relationship's name.
     #[serde(default)]
     pub relationship: Option<String>,
+    /// Which changes the rule evaluates: `local` (the default) only those made on this node,
+    /// `all` also those merged from other nodes.
+    #[serde(default)]
+    pub on: ReactTo,
     pub actions: Vec<Action>,
 }
 
@@ -194,16 +206,23 @@ pub struct CorrelationRule {
     pub within: String,
     #[serde(default)]
     pub max_groups: Option<usize>,
+    /// Which changes the rule evaluates: `local` (the default) only those made on this node,
+    /// `all` also those merged from other nodes.
+    #[serde(default)]
+    pub on: ReactTo,
     pub actions: Vec<Action>,
 }
 
-/// The twins a rule watches: events of other twins never reach its evaluation.
+/// The twins and changes a rule watches: events of other twins, and changes from other
+/// nodes unless it asks for them, never reach its evaluation.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Scope<'a> {
     /// Only twins of this entity type.
     pub entity_type: Option<&'a str>,
     /// Only this twin.
     pub twin_id: Option<TwinId>,
+    /// Changes of local origin only, or all.
+    pub on: ReactTo,
 }
 
 impl RuleSpec {

@@ -36,6 +36,70 @@ fn a_rule_ignores_its_own_changes_and_deep_chains() {
 }
 
 #[test]
+fn a_rule_evaluates_changes_of_other_nodes_only_when_it_says_on_all() {
+    let spec = |on: Option<&str>| {
+        let mut s = json!({"kind": "threshold", "property": "t", "op": ">", "value": 1,
+                           "actions": [{"type": "alert"}]});
+        if let Some(on) = on {
+            s["on"] = json!(on);
+        }
+        s
+    };
+    let from = |mut e: Event, origin: &str| {
+        e.origin = Arc::from(origin);
+        e
+    };
+    for (on, fired) in [
+        (None, vec![1]),
+        (Some("local"), vec![1]),
+        (Some("all"), vec![1, 2]),
+    ] {
+        let mut set = rules("hot", spec(on));
+        set.set_node_id("here");
+        let out = feed(
+            &mut set,
+            &[
+                from(ev(1, 1, None, 0.0, "t", 5.0), "here"),
+                from(ev(2, 2, None, 0.0, "t", 5.0), "edge"),
+            ],
+        );
+        let seqs: Vec<u64> = out.iter().map(|f| f.trigger_seq).collect();
+        assert_eq!(seqs, fired, "on: {on:?}");
+    }
+    // A deletion made elsewhere still drops what a local rule holds about the twin: the
+    // twin's next local reading is a rising edge again.
+    let mut set = rules("hot", spec(None));
+    set.set_node_id("here");
+    let out = feed(
+        &mut set,
+        &[
+            from(ev(1, 1, None, 0.0, "t", 5.0), "here"),
+            from(ev(2, 1, None, 1.0, "t", 6.0), "here"),
+            from(deleted(3, 1, 2.0), "edge"),
+            from(ev(4, 1, None, 3.0, "t", 5.0), "here"),
+        ],
+    );
+    let seqs: Vec<u64> = out.iter().map(|f| f.trigger_seq).collect();
+    assert_eq!(seqs, [1, 4]);
+    // Every kind takes `on`, shown as stored (`local` when not given).
+    for kind in [
+        json!({"kind": "window", "property": "t", "agg": "avg", "size": "10s"}),
+        json!({"kind": "sequence", "first": {"property": "t", "op": ">", "value": 1},
+               "then": {"property": "u", "op": ">", "value": 1}, "within": "10s"}),
+        json!({"kind": "correlation", "min_count": 2, "within": "10s",
+               "condition": {"property": "t", "op": ">", "value": 1}}),
+    ] {
+        let mut body = kind.clone();
+        body["actions"] = json!([{"type": "alert"}]);
+        let shown = serde_json::to_value(parse(body.clone()).unwrap()).unwrap();
+        assert_eq!(shown["on"], "local", "{kind}");
+        body["on"] = json!("all");
+        let shown = serde_json::to_value(parse(body).unwrap()).unwrap();
+        assert_eq!(shown["on"], "all", "{kind}");
+    }
+}
+
+#[test]
 fn rules_forget_deleted_twins() {
     // The rule watches machines; a deletion reaches it whatever the event's type says.
     let mut set = rules(
