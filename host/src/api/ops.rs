@@ -91,6 +91,7 @@ pub async fn metrics_json(State(s): State<AppState>) -> axum::Json<Value> {
         "sync_operations": s.sync.received.load(Ordering::Relaxed),
         "sync_applied": s.sync.applied.load(Ordering::Relaxed),
         "sync_errors": s.sync.errors.load(Ordering::Relaxed),
+        "sync_repaired": s.sync.repaired.load(Ordering::Relaxed),
         "compute_operations": s.runtime.stats.calls.load(Ordering::Relaxed),
         "modules": s.runtime.module_count(),
         "modules_compiled": s.runtime.stats.compiled.load(Ordering::Relaxed),

@@ -61,8 +61,9 @@ pub struct BenchArgs {
     /// Directory of the built guest components (for the wasm phase).
     #[arg(long, default_value = "guests/target/wasm32-wasip2/release")]
     pub guests: PathBuf,
-    /// Twins node A holds before node B links with it (the sync phase's catch-up).
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Twins node A holds before node B links with it (the sync phase's catch-up). Both nodes
+    /// run in this process: each holds them all.
+    #[arg(long, default_value_t = 100_000)]
     pub sync_twins: usize,
     /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules,sync).
     #[arg(long, value_delimiter = ',')]

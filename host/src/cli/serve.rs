@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// Changes made within this window travel to peers as one batch (coalesced).
     #[arg(long, env = "TWINHOST_SYNC_FLUSH", default_value = "5ms", value_parser = humantime::parse_duration)]
     pub sync_flush: Duration,
+    /// How often linked nodes compare digests of their twins and repair what differs (what
+    /// the change feed could not deliver, e.g. after a restore from an older backup).
+    #[arg(long, env = "TWINHOST_ANTI_ENTROPY_EVERY", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub anti_entropy_every: Duration,
     /// A token of the `peer` role on the peers (`twinhost token create --role peer` there).
     #[arg(long, env = "TWINHOST_PEER_TOKEN")]
     pub peer_token: Option<String>,
@@ -243,6 +247,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .set_tombstone_retention(args.tombstone_retention);
     spawn_sweeps(&node);
     node.state.peers.set_flush(args.sync_flush);
+    node.state
+        .peers
+        .set_anti_entropy_every(args.anti_entropy_every);
     for url in &args.peers {
         node.state.peers.add_cli_peer(crate::sync::PeerConfig {
             url: url.clone(),

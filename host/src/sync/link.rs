@@ -199,7 +199,82 @@ where
         end = receive(ctx, peer, stats, out, rx, &subscribed, &acked) => end,
         end = send(ctx, peer, stats, out, sub_rx, acked_rx) => end,
         () = ping(out) => End::ByPeer(None),
+        () = send_digests(ctx, out) => End::ByPeer(None),
     }
+}
+
+/// Anti-entropy: send a digest of this node's state every period (the first one a period
+/// after the link comes up, when the feed has caught the peer up).
+async fn send_digests(ctx: &SyncCtx, out: &mpsc::Sender<Out>) {
+    loop {
+        tokio::time::sleep(ctx.anti_entropy_every()).await;
+        let registry = ctx.registry.clone();
+        let Ok(buckets) = tokio::task::spawn_blocking(move || registry.digest()).await else {
+            return;
+        };
+        let msg = Msg::Digest { buckets };
+        if out
+            .send(Out::Text(serde_json::to_string(&msg).expect("json")))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Answer a peer's digest: send the entries of every bucket where this node's differs.
+async fn repair(
+    ctx: &SyncCtx,
+    stats: &LinkStats,
+    out: &mpsc::Sender<Out>,
+    theirs: Vec<u64>,
+) -> Result<(), End> {
+    if theirs.len() != crate::registry::digest::BUCKETS {
+        return Err(End::Closed(Close::new(
+            Close::PROTOCOL,
+            format!(
+                "a digest has {} buckets, not {}",
+                theirs.len(),
+                crate::registry::digest::BUCKETS
+            ),
+        )));
+    }
+    let registry = ctx.registry.clone();
+    let items = tokio::task::spawn_blocking(move || {
+        let ours = registry.digest();
+        let wanted: Vec<bool> = ours.iter().zip(&theirs).map(|(a, b)| a != b).collect();
+        if !wanted.contains(&true) {
+            return Vec::new();
+        }
+        registry
+            .bucket_items(&wanted)
+            .iter()
+            .map(FeedItem::to_json)
+            .collect::<Vec<Value>>()
+    })
+    .await
+    .map_err(|e| End::Failed(e.into()))?;
+    if items.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(
+        entries = items.len(),
+        "anti-entropy: digests differ; sending the entries of the buckets that differ"
+    );
+    stats
+        .repairs_sent
+        .fetch_add(items.len() as u64, Ordering::Relaxed);
+    for page in items.chunks(BATCH) {
+        let text = serde_json::to_string(&protocol::RepairOut { items: page }).expect("json");
+        stats
+            .bytes_out
+            .fetch_add(text.len() as u64, Ordering::Relaxed);
+        if out.send(Out::Text(text)).await.is_err() {
+            return Err(End::ByPeer(None));
+        }
+    }
+    Ok(())
 }
 
 async fn ping(out: &mpsc::Sender<Out>) {
@@ -259,6 +334,35 @@ where
                     .is_err()
                 {
                     return End::ByPeer(None);
+                }
+            }
+            Msg::Digest { buckets } => {
+                if let Err(end) = repair(ctx, stats, out, buckets).await {
+                    return end;
+                }
+            }
+            Msg::Repair { items } => {
+                let n = items.len() as u64;
+                match ctx.registry.apply_remote(items).await {
+                    Ok(o) => {
+                        stats
+                            .repaired
+                            .fetch_add(o.applied as u64, Ordering::Relaxed);
+                        ctx.stats
+                            .repaired
+                            .fetch_add(o.applied as u64, Ordering::Relaxed);
+                        metrics::counter!("twinhost_sync_repairs_total")
+                            .increment(o.applied as u64);
+                        if o.applied > 0 {
+                            tracing::warn!(
+                                peer,
+                                received = n,
+                                repaired = o.applied,
+                                "anti-entropy repaired entries the change feed had not delivered"
+                            );
+                        }
+                    }
+                    Err(e) => return End::Failed(e.into()),
                 }
             }
             other @ Msg::Hello { .. } => {
@@ -346,12 +450,14 @@ async fn send(
         Ok(after) => (*after).expect("subscribed"),
         Err(_) => return End::ByPeer(None),
     };
+    pos = start_at(ctx, peer, pos);
     let mut durable = ctx.registry.watch_durable();
     let mut in_flight: VecDeque<u64> = VecDeque::new();
     loop {
         if subscribed.has_changed().unwrap_or(false) {
             // The peer asked again (e.g. to repair): start over from there.
             pos = subscribed.borrow_and_update().unwrap_or(pos);
+            pos = start_at(ctx, peer, pos);
             in_flight.clear();
         }
         // A bounded number of batches in flight: a slow peer waits here, in the feed.
@@ -408,6 +514,18 @@ async fn send(
             tokio::time::sleep(ctx.flush()).await;
         }
     }
+}
+
+/// Where to send from when `peer` asks for changes after `after`. A position past this
+/// node's feed means the feed was lost or restored from an older backup (its numbers now
+/// name other changes): then the whole feed is sent.
+fn start_at(ctx: &SyncCtx, peer: &str, after: u64) -> u64 {
+    let head = *ctx.registry.watch_durable().borrow();
+    if after <= head {
+        return after;
+    }
+    tracing::warn!(peer, after, head, "the peer asks for changes after a position past this node's feed (restored from an older backup?): sending the whole feed");
+    0
 }
 
 /// Whether everything in a feed entry came from `peer` (it has it, or something newer).

@@ -12,8 +12,12 @@
 //! Must never: change twins except through `apply_remote_with`, or hold per peer more than
 //! a bounded number of unacknowledged batches (see [`link`]).
 //!
-//! Not yet (issue 12): anti-entropy, relationships and models in the feed, and the conflict
-//! strategies other than last writer wins.
+//! Anti-entropy: every `--anti-entropy-every` each side of a link sends a digest of its
+//! state per bucket of twin ids; the other answers with its entries of every bucket that
+//! differs (see [`link`] and `registry::digest`).
+//!
+//! Not yet (issue 12): relationships and models in the feed, and the conflict strategies
+//! other than last writer wins.
 
 pub mod link;
 pub mod protocol;
@@ -36,6 +40,8 @@ use protocol::{Close, Frame};
 
 /// Default flush window (`serve --sync-flush`): changes made within it travel as one batch.
 pub const DEFAULT_FLUSH: Duration = Duration::from_millis(5);
+/// Default period of anti-entropy (`serve --anti-entropy-every`).
+pub const DEFAULT_ANTI_ENTROPY: Duration = Duration::from_secs(60);
 /// First wait after a failed dial; doubles up to [`MAX_BACKOFF`].
 pub const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// Longest wait between attempts at a peer that keeps failing.
@@ -55,6 +61,8 @@ pub struct SyncStats {
     pub applied: AtomicU64,
     /// Links that failed (network, refused, protocol).
     pub errors: AtomicU64,
+    /// Entries anti-entropy repaired here (sent again by a peer, and changing something).
+    pub repaired: AtomicU64,
 }
 
 /// A peer to dial, as `PUT /v1/peers/{node_id}` gives it.
@@ -116,6 +124,10 @@ pub struct LinkStats {
     pub covered: AtomicU64,
     /// From a write on the peer to durable here, for the last batch that changed something.
     pub lag_ms: AtomicU64,
+    /// Anti-entropy: entries sent to the peer because digests differed, and entries from it
+    /// that changed something here.
+    pub repairs_sent: AtomicU64,
+    pub repaired: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     /// For rates: the last reading.
     rate: Mutex<Option<RateReading>>,
@@ -186,6 +198,8 @@ pub struct SyncCtx {
     pub stats: Arc<SyncStats>,
     /// The flush window, in microseconds.
     flush_us: AtomicU64,
+    /// The anti-entropy period, in milliseconds.
+    anti_entropy_ms: AtomicU64,
     links: Mutex<HashMap<String, Live>>,
     known: Mutex<HashMap<String, Arc<LinkStats>>>,
     /// Dialers by node id (API) or `url:` + URL (command line).
@@ -231,6 +245,11 @@ impl SyncCtx {
     /// changes of the window go as one batch.
     pub fn flush(&self) -> Duration {
         Duration::from_micros(self.flush_us.load(Ordering::Relaxed))
+    }
+
+    /// How often a link sends a digest of this node's state (anti-entropy).
+    pub fn anti_entropy_every(&self) -> Duration {
+        Duration::from_millis(self.anti_entropy_ms.load(Ordering::Relaxed).max(100))
     }
 
     /// The change number of `peer`'s feed merged here through (0: nothing yet).
@@ -309,6 +328,7 @@ impl SyncService {
             store,
             stats,
             flush_us: AtomicU64::new(DEFAULT_FLUSH.as_micros() as u64),
+            anti_entropy_ms: AtomicU64::new(DEFAULT_ANTI_ENTROPY.as_millis() as u64),
             links: Mutex::default(),
             known: Mutex::default(),
             dialers: Mutex::default(),
@@ -443,6 +463,13 @@ impl SyncService {
             .store(window.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Set the anti-entropy period (`serve --anti-entropy-every`).
+    pub fn set_anti_entropy_every(&self, every: Duration) {
+        self.0
+            .anti_entropy_ms
+            .store(every.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// Stop every link and dialer (the node is stopping).
     pub fn stop(&self) {
         self.0.stopping.cancel();
@@ -523,6 +550,11 @@ impl SyncService {
                 json!(s.bytes_out.load(Ordering::Relaxed)),
             );
             row.insert("bytes_in".into(), json!(s.bytes_in.load(Ordering::Relaxed)));
+            row.insert(
+                "repairs_sent".into(),
+                json!(s.repairs_sent.load(Ordering::Relaxed)),
+            );
+            row.insert("repaired".into(), json!(s.repaired.load(Ordering::Relaxed)));
             row.insert(
                 "coalescing_ratio".into(),
                 json!(if ops_out == 0 {

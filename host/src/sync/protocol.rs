@@ -8,6 +8,8 @@
 //!                                  ◀──     subscribe {after}
 //!   changes {items, next}         ◀─▶      a batch of the sender's feed, coalesced
 //!   ack {through}                 ◀─▶      merged and durable through `next`
+//!   digest {buckets}              ◀─▶      anti-entropy: the sender's state, per id bucket
+//!   repair {items}                ◀─▶      the entries of the buckets that differ
 //! ```
 //!
 //! After the hellos the link is symmetric: each side sends its own change feed from where the
@@ -40,6 +42,12 @@ pub enum Msg {
     Changes { items: Vec<RemoteChange>, next: u64 },
     /// The receiver merged the sender's feed through `through`, durably.
     Ack { through: u64 },
+    /// Anti-entropy: a digest of the sender's replicated state per bucket of twin ids
+    /// (`registry::digest`). The receiver answers with the entries of the buckets where its
+    /// own digest differs.
+    Digest { buckets: Vec<u64> },
+    /// Entries sent by anti-entropy: merged like feed entries; no feed position moves.
+    Repair { items: Vec<RemoteChange> },
 }
 
 /// A batch as the sender writes it: feed entries already in their wire form (the JSON of
@@ -49,6 +57,13 @@ pub enum Msg {
 pub struct ChangesOut<'a> {
     pub items: &'a [Value],
     pub next: u64,
+}
+
+/// A repair as the sender writes it (entries already in their wire form).
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "repair")]
+pub struct RepairOut<'a> {
+    pub items: &'a [Value],
 }
 
 /// Why a link was closed: a WebSocket close code and a reason for the other side's logs.
@@ -129,5 +144,7 @@ pub fn kind(m: &Msg) -> &'static str {
         Msg::Subscribe { .. } => "subscribe",
         Msg::Changes { .. } => "changes",
         Msg::Ack { .. } => "ack",
+        Msg::Digest { .. } => "digest",
+        Msg::Repair { .. } => "repair",
     }
 }
