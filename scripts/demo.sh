@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Run the main job: build twinhost, start the server on its embedded sled store in ./demo-data,
-# play the seed's factory floor against it over HTTP, then stop the server cleanly.
-#   PORT=7878   listen port          KEEP=1   leave the server running afterwards
+# Run the main job: build twinhost, start the server on its embedded sled store in ./demo-data
+# (the edge node), start a second node in ./demo-data-cloud linked to it over WebSocket (the
+# cloud node), play the seed's factory floor against the edge over HTTP, show that the cloud
+# holds the same twins, then stop both cleanly.
+#   PORT=7878   edge listen port (the cloud listens on PORT+1)
+#   KEEP=1      leave the servers running afterwards
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT="${PORT:-7878}"
@@ -12,27 +15,65 @@ echo "== building (release; the first build compiles wasmtime and takes a few mi
 cargo build --release --bin twinhost --example factory_floor
 BIN="${CARGO_TARGET_DIR:-target}/release"
 
-rm -rf "$DATA"
+CLOUD_PORT=$((PORT + 1))
+rm -rf "$DATA" "$DATA-cloud"
 "$BIN/twinhost" serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" --node-id demo-node &
 SERVER=$!
-trap 'kill -TERM $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  curl -fs "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break
-  kill -0 $SERVER 2>/dev/null || { echo "the server exited; see its log above"; exit 1; }
-  sleep 0.1
-done
+CLOUD=
+trap 'kill -TERM $SERVER $CLOUD 2>/dev/null || true' EXIT
+wait_up() { # port pid
+  for _ in $(seq 1 100); do
+    curl -fs "http://127.0.0.1:$1/healthz" >/dev/null 2>&1 && return 0
+    kill -0 "$2" 2>/dev/null || { echo "the server exited; see its log above"; exit 1; }
+    sleep 0.1
+  done
+}
+wait_up "$PORT" "$SERVER"
+
+# The cloud node dials the edge with a token of the `peer` role (it may only sync).
+PEER_TOKEN=$("$BIN/twinhost" token create --role peer --url "http://127.0.0.1:$PORT" --data-dir "$DATA")
+"$BIN/twinhost" serve --data-dir "$DATA-cloud" --listen "127.0.0.1:$CLOUD_PORT" --node-id demo-cloud \
+  --peer "http://127.0.0.1:$PORT" --peer-token "$PEER_TOKEN" 2>"$DATA-cloud.log" &
+CLOUD=$!
+wait_up "$CLOUD_PORT" "$CLOUD"
+echo "== a cloud node (demo-cloud) on http://127.0.0.1:$CLOUD_PORT syncs with this edge node over WebSocket (log: $DATA-cloud.log)"
 
 "$BIN/examples/factory_floor" --url "http://127.0.0.1:$PORT" --data-dir "$DATA" \
   --guests guests/target/wasm32-wasip2/release
 
+echo "== the cloud node holds the same twins (changes made on the edge, replicated)"
+EDGE_TOKEN=$(cat "$DATA/admin.token")
+CLOUD_TOKEN=$(cat "$DATA-cloud/admin.token")
+count() { # port token body → number of twins the query matches
+  curl -fs -X POST -H "Authorization: Bearer $2" -H 'content-type: application/json' \
+    -d "$3" "http://127.0.0.1:$1/v1/query" |
+    python3 -c 'import json,sys; print(len(json.load(sys.stdin)["items"]))'
+}
+ALL='{"entity_type": "machine", "limit": 1000}'
+HOT='{"entity_type": "machine", "properties": {"overheated": true}, "limit": 1000}'
+for _ in $(seq 1 50); do
+  [ "$(count "$PORT" "$EDGE_TOKEN" "$HOT")" = "$(count "$CLOUD_PORT" "$CLOUD_TOKEN" "$HOT")" ] &&
+    [ "$(count "$PORT" "$EDGE_TOKEN" "$ALL")" = "$(count "$CLOUD_PORT" "$CLOUD_TOKEN" "$ALL")" ] && break
+  sleep 0.1
+done
+echo "   machines: edge $(count "$PORT" "$EDGE_TOKEN" "$ALL"), cloud $(count "$CLOUD_PORT" "$CLOUD_TOKEN" "$ALL");" \
+  "marked overheated by the edge's behavior: edge $(count "$PORT" "$EDGE_TOKEN" "$HOT"), cloud $(count "$CLOUD_PORT" "$CLOUD_TOKEN" "$HOT")"
+curl -fs -H "Authorization: Bearer $CLOUD_TOKEN" "http://127.0.0.1:$CLOUD_PORT/v1/peers" | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["items"]:
+    print("   link with %s: %s, %s entries received, %s bytes, last lag %s ms"
+          % (p["node_id"], p["state"], p.get("ops_in"), p.get("bytes_in"), p.get("lag_ms")))'
+
 if [ "${KEEP:-0}" = "1" ]; then
   trap - EXIT
-  echo "== the server keeps running (pid $SERVER) on http://127.0.0.1:$PORT; token in $DATA/admin.token"
+  echo "== the servers keep running: edge (pid $SERVER) on http://127.0.0.1:$PORT, token in $DATA/admin.token;"
+  echo "   cloud (pid $CLOUD) on http://127.0.0.1:$CLOUD_PORT, token in $DATA-cloud/admin.token"
   wait $SERVER
 else
-  echo "== stopping the server (SIGTERM: drain, flush, exit 0)"
-  kill -TERM $SERVER
+  echo "== stopping both nodes (SIGTERM: drain, flush, exit 0)"
+  kill -TERM $SERVER $CLOUD
   wait $SERVER
+  wait $CLOUD
   trap - EXIT
   echo "== done. Explore again with: $BIN/twinhost serve --data-dir $DATA"
 fi

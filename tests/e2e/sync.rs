@@ -58,6 +58,13 @@ async fn a_node_gets_a_peers_changes_and_resumes_after_kill_9() {
         t["properties"] == json!({"temperature": 71, "status": "ok"})
     })
     .await;
+    // One row for A on B: the dialer (configured by URL) learned A's node id.
+    let peers = b.get("/v1/peers").await.body;
+    let items = peers["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{peers}");
+    assert_eq!(items[0]["node_id"], "node-a", "{peers}");
+    assert_eq!(items[0]["state"], "connected", "{peers}");
+    assert_eq!(items[0]["configured"], "command line", "{peers}");
     // The clocks came along: B shows A's writes as A's.
     let meta = b.get(&format!("{path}?meta=true")).await.body;
     assert_eq!(

@@ -253,7 +253,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for url in &args.peers {
         node.state.peers.add_cli_peer(crate::sync::PeerConfig {
             url: url.clone(),
-            token: args.peer_token.clone(),
+            token: args.peer_token.clone().filter(|t| !t.trim().is_empty()),
         })?;
     }
     node.state.peers.start_stored()?;

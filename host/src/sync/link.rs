@@ -68,12 +68,14 @@ impl std::fmt::Display for End {
 
 /// Run a link over a WebSocket (its two halves in this module's terms) until it ends.
 /// `dialed`: this node opened it. `expect`: the node id the dialer was told to find there.
+/// `identified` is told the peer's node id once the handshake passes.
 pub async fn run<Tx, Rx>(
     ctx: Arc<SyncCtx>,
     tx: Tx,
     mut rx: Rx,
     dialed: bool,
     expect: Option<String>,
+    identified: impl FnOnce(&str),
 ) -> (Option<String>, End)
 where
     Tx: Sink<Out, Error = anyhow::Error> + Send + Unpin + 'static,
@@ -91,6 +93,7 @@ where
     let (peer, end) = match handshake(&ctx, &mut rx, expect.as_deref()).await {
         Err(end) => (None, end),
         Ok(peer) => {
+            identified(&peer);
             let end = match ctx.admit(&peer, dialed) {
                 Err(close) => End::Closed(close),
                 Ok(admitted) => {

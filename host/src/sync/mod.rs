@@ -451,8 +451,15 @@ impl SyncService {
                 _ => Frame::Other,
             })
         });
-        let (peer, end) =
-            link::run(Arc::clone(&self.0), Box::pin(tx), Box::pin(rx), false, None).await;
+        let (peer, end) = link::run(
+            Arc::clone(&self.0),
+            Box::pin(tx),
+            Box::pin(rx),
+            false,
+            None,
+            |_| {},
+        )
+        .await;
         log_end(&self.0, peer.as_deref().unwrap_or("?"), &end);
     }
 
@@ -612,13 +619,14 @@ async fn dial_loop(ctx: &Arc<SyncCtx>, d: &Dialer) {
         let started = Instant::now();
         let outcome = match connect(&d.config).await {
             Ok((tx, rx)) => {
-                let (peer, end) = link::run(Arc::clone(ctx), tx, rx, true, known).await;
-                if let (Some(p), true) = (&peer, d.node_id.lock().is_none()) {
-                    tracing::info!(url = %d.config.url, peer = %p, "peer identified");
-                }
-                if let Some(p) = peer {
-                    *d.node_id.lock() = Some(p);
-                }
+                let (_, end) = link::run(Arc::clone(ctx), tx, rx, true, known, |p| {
+                    let mut n = d.node_id.lock();
+                    if n.is_none() {
+                        tracing::info!(url = %d.config.url, peer = %p, "peer identified");
+                    }
+                    *n = Some(p.to_owned());
+                })
+                .await;
                 log_end(
                     ctx,
                     d.node_id.lock().as_deref().unwrap_or(&d.config.url),
