@@ -109,17 +109,20 @@ impl Registry {
         buckets
     }
 
-    /// The twins and tombstones of the buckets `wanted` marks.
-    pub fn bucket_items(&self, wanted: &[bool]) -> Vec<FeedItem> {
-        self.replicated()
-            .into_iter()
-            .filter(|i| {
-                let id = match i {
-                    FeedItem::Twin(t) => t.id,
-                    FeedItem::Tombstone(t) => t.id,
-                };
-                wanted.get(bucket_of(&id)).copied().unwrap_or(false)
-            })
-            .collect()
+    /// The twins and tombstones of the buckets `wanted` marks, one list per bucket (empty
+    /// for the others): a caller encodes and sends one bucket at a time.
+    pub fn bucket_items(&self, wanted: &[bool]) -> Vec<Vec<FeedItem>> {
+        let mut out: Vec<Vec<FeedItem>> = (0..BUCKETS).map(|_| Vec::new()).collect();
+        for i in self.replicated() {
+            let id = match &i {
+                FeedItem::Twin(t) => t.id,
+                FeedItem::Tombstone(t) => t.id,
+            };
+            let b = bucket_of(&id);
+            if wanted.get(b).copied().unwrap_or(false) {
+                out[b].push(i);
+            }
+        }
+        out
     }
 }

@@ -244,37 +244,40 @@ async fn repair(
         )));
     }
     let registry = ctx.registry.clone();
-    let items = tokio::task::spawn_blocking(move || {
+    let buckets = tokio::task::spawn_blocking(move || {
         let ours = registry.digest();
         let wanted: Vec<bool> = ours.iter().zip(&theirs).map(|(a, b)| a != b).collect();
-        if !wanted.contains(&true) {
-            return Vec::new();
+        if wanted.contains(&true) {
+            registry.bucket_items(&wanted)
+        } else {
+            Vec::new()
         }
-        registry
-            .bucket_items(&wanted)
-            .iter()
-            .map(FeedItem::to_json)
-            .collect::<Vec<Value>>()
     })
     .await
     .map_err(|e| End::Failed(e.into()))?;
-    if items.is_empty() {
+    let total: usize = buckets.iter().map(Vec::len).sum();
+    if total == 0 {
         return Ok(());
     }
     tracing::info!(
-        entries = items.len(),
+        entries = total,
+        buckets = buckets.iter().filter(|b| !b.is_empty()).count(),
         "anti-entropy: digests differ; sending the entries of the buckets that differ"
     );
     stats
         .repairs_sent
-        .fetch_add(items.len() as u64, Ordering::Relaxed);
-    for page in items.chunks(BATCH) {
-        let text = serde_json::to_string(&protocol::RepairOut { items: page }).expect("json");
-        stats
-            .bytes_out
-            .fetch_add(text.len() as u64, Ordering::Relaxed);
-        if out.send(Out::Text(text)).await.is_err() {
-            return Err(End::ByPeer(None));
+        .fetch_add(total as u64, Ordering::Relaxed);
+    // One bucket's entries encoded at a time: memory stays at a bucket's worth.
+    for bucket in buckets.iter().filter(|b| !b.is_empty()) {
+        for page in bucket.chunks(BATCH) {
+            let items: Vec<Value> = page.iter().map(FeedItem::to_json).collect();
+            let text = serde_json::to_string(&protocol::RepairOut { items: &items }).expect("json");
+            stats
+                .bytes_out
+                .fetch_add(text.len() as u64, Ordering::Relaxed);
+            if out.send(Out::Text(text)).await.is_err() {
+                return Err(End::ByPeer(None));
+            }
         }
     }
     Ok(())
