@@ -124,6 +124,7 @@ impl FeedItem {
                     "version": t.version, "vclock": t.vclock, "hlc": t.hlc,
                     "lifecycle": t.lifecycle, "properties": t.properties, "clocks": clocks,
                     "created_at": t.created_at, "updated_at": t.updated_at,
+                    "deleted_hlc": t.deleted_hlc,
                 })
             }
             FeedItem::Tombstone(d) => json!({

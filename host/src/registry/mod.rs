@@ -274,7 +274,15 @@ impl Indexes {
                 }
             }
         }
-        self.children.remove(&t.id);
+        // Its own children stay listed under its id while they exist: a delete made
+        // elsewhere removes a parent without them (each child's own delete, if any, comes
+        // separately), and a twin that comes back finds its children again.
+    }
+
+    /// `new` is `old` with another entity type or parent (a merge of concurrent creates).
+    fn reidentify(&mut self, old: &Twin, new: &Twin) {
+        self.remove(old);
+        self.insert(new);
     }
 
     /// Every twin below `root`, in no particular order.

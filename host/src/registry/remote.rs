@@ -5,7 +5,11 @@
 //! value of the write with the higher clock, wherever it was made, so every node that has seen
 //! the same writes holds the same values whatever order they arrived in. A delete is a write
 //! of every property at the delete's clock: a twin survives it only with the properties
-//! written after it (and then loses its tombstone). Version vectors merge pointwise.
+//! written after it, or with none when only its lifecycle changed (or it was created) after
+//! it, and then loses its tombstone but keeps the delete's clock (`deleted_hlc`, in its feed
+//! entry too, for nodes that never saw the tombstone). The lifecycle is the one of the twin's
+//! latest change (its HLC). Concurrent creates of one id agree on the first create's entity
+//! type, parent and creation time. Version vectors merge pointwise.
 //! Local models are not enforced on remote changes (the origin validated them); a change the
 //! local model would refuse is applied and counted. Each merged change names the node that
 //! made it as its origin (the rule is in [`super::origin`]).
@@ -48,6 +52,11 @@ pub struct RemoteChange {
     pub clocks: Clocks,
     #[serde(default)]
     pub created_at: Option<DateTime<Utc>>,
+    /// The clock of the latest delete the twin outlived there (0: none). Carried because the
+    /// delete's tombstone is gone from that node's feed once a later write brought the twin
+    /// back: a node that never saw the tombstone learns the delete from here.
+    #[serde(default)]
+    pub deleted_hlc: u64,
 }
 
 /// How far ahead of this node's host clock a change made elsewhere may be stamped. Beyond
@@ -156,15 +165,19 @@ impl Registry {
         let id = rc.twin_id;
         let mut tombstones = self.inner.tombstones.write();
         if let Some(d) = tombstones.get(&id) {
-            // Deleted here too: keep the later delete's clock, merge what both saw.
+            // Deleted here too: keep the later delete's clock and entity type (which differ
+            // only after concurrent creates of one id; on equal clocks the larger type, so
+            // that both nodes keep the same), merge what both saw.
             let mut vclock = d.vclock.clone();
             merge_vclock(&mut vclock, &rc.vclock);
-            if vclock == d.vclock && rc.hlc <= d.hlc {
+            let (hlc, entity_type) = (d.hlc, &d.entity_type).max((rc.hlc, &rc.entity_type));
+            if vclock == d.vclock && hlc == d.hlc && *entity_type == d.entity_type {
                 return false;
             }
             let stamp = b.stamp(None);
             let tomb = Tombstone {
-                hlc: d.hlc.max(rc.hlc),
+                hlc,
+                entity_type: entity_type.clone(),
                 vclock,
                 lseq: stamp.lseq,
                 ..(**d).clone()
@@ -188,13 +201,10 @@ impl Registry {
             put_tombstone(b, &mut tombstones, tomb);
             return true;
         };
-        // Properties written after the delete survive it.
-        let survivors: Vec<String> = t
-            .clocks
-            .iter()
-            .filter(|(_, c)| c.hlc > rc.hlc)
-            .map(|(k, _)| k.to_owned())
-            .collect();
+        // Changed after the delete, the twin survives it, with the properties written after it
+        // (none when only its lifecycle changed, or it was created, after it: the twin's clock
+        // is its latest change's).
+        let survives = t.hlc > rc.hlc || t.clocks.iter().any(|(_, c)| c.hlc > rc.hlc);
         let mut vclock = t.vclock.clone();
         merge_vclock(&mut vclock, &rc.vclock);
         if rc.hlc <= t.deleted_hlc && vclock == t.vclock {
@@ -202,12 +212,14 @@ impl Registry {
             return false;
         }
         let stamp = b.stamp(None);
-        if survivors.is_empty() {
+        if !survives {
             self.inner.twins.0.remove(&id);
             idx.remove(&t);
             let tomb = Tombstone {
                 id,
-                entity_type: t.entity_type.clone(),
+                // The delete's, as every node that keeps this delete's tombstone has it
+                // (the twin here may have been taken for another type by a concurrent create).
+                entity_type: rc.entity_type.clone(),
                 hlc: rc.hlc,
                 vclock: vclock.clone(),
                 deleted_at: Utc::now(),
@@ -234,23 +246,9 @@ impl Registry {
             }
             return true;
         }
-        // Everything written before the delete goes, clocks too: a node that saw the delete
-        // first and this twin's later writes after it holds exactly the same.
         let mut nt = (*t).clone();
         let mut patch = Properties::new();
-        let gone: Vec<String> = nt
-            .clocks
-            .keys()
-            .filter(|k| !survivors.iter().any(|s| s == k))
-            .map(str::to_owned)
-            .collect();
-        for k in gone {
-            if nt.properties.remove(&k).is_some() {
-                patch.insert(k.clone(), Value::Null);
-            }
-            nt.clocks.remove(&k);
-        }
-        nt.deleted_hlc = nt.deleted_hlc.max(rc.hlc);
+        outlive_delete(&mut nt, rc.hlc, &mut patch);
         nt.vclock = vclock;
         self.finish_remote(nt, Some(&t), patch, b, out, &stamp);
         true
@@ -269,18 +267,19 @@ impl Registry {
         let tomb = tombstones.get(&id).cloned();
         let tomb_hlc = tomb.as_ref().map(|d| d.hlc);
         let current = self.inner.twins.0.get(&id).map(|t| Arc::clone(&t));
-        // Only writes after every delete seen here count: against a tombstone, or a twin
-        // that outlived a delete.
+        // Only writes after every delete seen here or there count: against a tombstone, or a
+        // twin that outlived a delete.
         let floor = tomb_hlc
             .unwrap_or(0)
-            .max(current.as_ref().map_or(0, |t| t.deleted_hlc));
+            .max(current.as_ref().map_or(0, |t| t.deleted_hlc))
+            .max(rc.deleted_hlc);
         let after_delete = |c: &PropClock| c.hlc > floor;
         let mut nt = match &current {
             Some(t) => (**t).clone(),
             None => {
                 if let Some(d) = tomb
                     .as_ref()
-                    .filter(|_| !rc.clocks.values().any(after_delete))
+                    .filter(|_| rc.hlc <= floor && !rc.clocks.values().any(after_delete))
                 {
                     // Written before the delete: nothing comes back, but the tombstone
                     // learns what the write saw.
@@ -301,15 +300,25 @@ impl Registry {
                 fresh_twin(&rc, tomb.as_deref())
             }
         };
-        let patch = merge_properties(&mut nt, &rc, floor);
+        // A delete the twin outlived there and this node never saw (its tombstone gave way to
+        // the twin on every node this one hears from) takes what was written before it here too.
+        let mut patch = Properties::new();
+        outlive_delete(&mut nt, rc.deleted_hlc, &mut patch);
+        patch.extend(merge_properties(&mut nt, &rc, floor));
         let mut vclock = nt.vclock.clone();
         merge_vclock(&mut vclock, &rc.vclock);
-        let lifecycle_changed = rc.hlc > nt.hlc && rc.lifecycle != nt.lifecycle;
+        // The lifecycle of the later change wins; on equal clocks (two nodes may stamp the
+        // same one) the later state in the lifecycle's order, so that both nodes pick it.
+        let lifecycle_changed = rc.lifecycle != nt.lifecycle
+            && (rc.hlc, rc.lifecycle as u8) > (nt.hlc, nt.lifecycle as u8);
         if lifecycle_changed {
             nt.lifecycle = rc.lifecycle;
         }
-        let clocks_changed = current.as_ref().is_none_or(|t| t.clocks != nt.clocks);
-        if !clocks_changed && !lifecycle_changed && vclock == nt.vclock {
+        let identity_changed = current.is_some() && merge_identity(&mut nt, &rc);
+        let clocks_changed = current
+            .as_ref()
+            .is_none_or(|t| t.clocks != nt.clocks || t.deleted_hlc != nt.deleted_hlc);
+        if !clocks_changed && !lifecycle_changed && !identity_changed && vclock == nt.vclock {
             return false;
         }
         nt.vclock = vclock;
@@ -324,8 +333,10 @@ impl Registry {
         }
         drop(tombstones);
         let stamp = b.stamp(None);
-        if current.is_none() {
-            self.inner.index.write().insert(&nt);
+        match &current {
+            None => self.inner.index.write().insert(&nt),
+            Some(t) if identity_changed => self.inner.index.write().reidentify(t, &nt),
+            Some(_) => {}
         }
         self.finish_remote(nt, current.as_deref(), patch, b, out, &stamp);
         true
@@ -381,8 +392,48 @@ fn fresh_twin(rc: &RemoteChange, tomb: Option<&Tombstone>) -> Twin {
         hlc: 0,
         lseq: 0,
         clocks: Clocks::new(),
-        deleted_hlc: tomb.map_or(0, |d| d.hlc),
+        deleted_hlc: tomb.map_or(0, |d| d.hlc).max(rc.deleted_hlc),
     }
+}
+
+/// Concurrent creates of one id (each on a node that had not seen the other) may disagree on
+/// what the twin is: the first create wins (the earlier `created_at`; on a tie the smaller
+/// entity type, then parent), on every node whatever the order the creates arrive in. Returns
+/// whether `nt` took the remote identity.
+fn merge_identity(nt: &mut Twin, rc: &RemoteChange) -> bool {
+    let Some(created_at) = rc.created_at else {
+        return false;
+    };
+    if (created_at, &rc.entity_type, rc.parent_id) >= (nt.created_at, &nt.entity_type, nt.parent_id)
+    {
+        return false;
+    }
+    nt.created_at = created_at;
+    nt.entity_type.clone_from(&rc.entity_type);
+    nt.parent_id = rc.parent_id;
+    true
+}
+
+/// The effect of a delete at `hlc` on a twin that outlives it (by what was written after
+/// it): everything written before goes, clocks too, so that a node that saw the delete first
+/// and the later writes after it holds exactly the same. Removed values are noted in `patch`.
+fn outlive_delete(nt: &mut Twin, hlc: u64, patch: &mut Properties) {
+    if hlc <= nt.deleted_hlc {
+        return;
+    }
+    let gone: Vec<String> = nt
+        .clocks
+        .iter()
+        .filter(|(_, c)| c.hlc <= hlc)
+        .map(|(k, _)| k.to_owned())
+        .collect();
+    for k in gone {
+        if nt.properties.remove(&k).is_some() {
+            patch.insert(k.clone(), Value::Null);
+        }
+        nt.clocks.remove(&k);
+    }
+    nt.deleted_hlc = hlc;
 }
 
 /// Per-property last-writer-wins: take each remote property (or its removal) whose clock is
@@ -455,6 +506,7 @@ mod tests {
                     properties: Properties::new(),
                     clocks: Clocks::new(),
                     created_at: None,
+                    deleted_hlc: 0,
                 };
                 if deleted {
                     return rc;
@@ -478,18 +530,19 @@ mod tests {
             })
     }
 
-    /// What must agree between replicas: existence, values, clocks, version vectors, and a
-    /// tombstone's clock and version vector.
+    /// What must agree between replicas: existence, values, clocks, version vectors, the
+    /// twin's clock (its lifecycle's order), and a tombstone's clock and version vector.
     fn state(r: &Registry) -> Vec<String> {
         IDS.iter()
             .map(|id| {
                 let id: TwinId = id.parse().unwrap();
                 match (r.get(&id), r.inner.tombstones.read().get(&id)) {
                     (Ok(t), _) => format!(
-                        "twin {} {:?} {:?} after delete {}",
+                        "twin {} {:?} {:?} at {} after delete {}",
                         Value::Object(t.properties.clone()),
                         t.clocks,
                         t.vclock,
+                        t.hlc,
                         t.deleted_hlc
                     ),
                     (Err(_), Some(d)) => format!("tombstone {} {:?}", d.hlc, d.vclock),
@@ -590,6 +643,7 @@ mod tests {
                         ),
                     ]),
                     created_at: None,
+                    deleted_hlc: 0,
                 };
                 let out = r.apply_remote(vec![rc.clone()]).await.unwrap();
                 assert_eq!(out.applied, 1);
