@@ -12,6 +12,8 @@
 //! Lock order: the index lock, then a twin's shard. Never take the index lock while holding a
 //! twin guard (clone the twin, drop the guard, then fill `children_ids`).
 
+#[cfg(test)]
+mod convergence_tests;
 pub mod digest;
 mod error;
 pub mod feed;
