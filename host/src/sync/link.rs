@@ -132,7 +132,7 @@ async fn handshake<Rx>(ctx: &SyncCtx, rx: &mut Rx, expect: Option<&str>) -> Resu
 where
     Rx: Stream<Item = anyhow::Result<Frame>> + Unpin,
 {
-    let msg = match tokio::time::timeout(HANDSHAKE_TIMEOUT, next_msg(rx)).await {
+    let msg = match tokio::time::timeout(HANDSHAKE_TIMEOUT, next_msg(rx, None)).await {
         Err(_) => {
             return Err(End::Closed(Close::new(
                 Close::PROTOCOL,
@@ -151,8 +151,9 @@ where
     Ok(peer)
 }
 
-/// The next protocol message; a close or a broken socket ends the link.
-async fn next_msg<Rx>(rx: &mut Rx) -> Result<Msg, End>
+/// The next protocol message (its bytes counted in `stats` when given); a close or a broken
+/// socket ends the link.
+async fn next_msg<Rx>(rx: &mut Rx, stats: Option<&LinkStats>) -> Result<Msg, End>
 where
     Rx: Stream<Item = anyhow::Result<Frame>> + Unpin,
 {
@@ -163,12 +164,15 @@ where
             Some(Ok(Frame::Close(c))) => return Err(End::ByPeer(c)),
             Some(Ok(Frame::Other)) => continue,
             Some(Ok(Frame::Text(t))) => {
+                if let Some(s) = stats {
+                    s.bytes_in.fetch_add(t.len() as u64, Ordering::Relaxed);
+                }
                 return serde_json::from_str(&t).map_err(|e| {
                     End::Closed(Close::new(
                         Close::PROTOCOL,
                         format!("not a sync message: {e}"),
                     ))
-                })
+                });
             }
         }
     }
@@ -308,7 +312,7 @@ where
     Rx: Stream<Item = anyhow::Result<Frame>> + Unpin,
 {
     loop {
-        let msg = match tokio::time::timeout(IDLE_TIMEOUT, next_frame_msg(rx, stats)).await {
+        let msg = match tokio::time::timeout(IDLE_TIMEOUT, next_msg(rx, Some(stats))).await {
             Err(_) => {
                 return End::Failed(anyhow::anyhow!(
                     "nothing heard from the peer for {IDLE_TIMEOUT:?}"
@@ -376,30 +380,6 @@ where
                     Close::PROTOCOL,
                     format!("unexpected {} after the handshake", protocol::kind(&other)),
                 ))
-            }
-        }
-    }
-}
-
-/// [`next_msg`], counting bytes received.
-async fn next_frame_msg<Rx>(rx: &mut Rx, stats: &LinkStats) -> Result<Msg, End>
-where
-    Rx: Stream<Item = anyhow::Result<Frame>> + Unpin,
-{
-    loop {
-        match rx.next().await {
-            None => return Err(End::ByPeer(None)),
-            Some(Err(e)) => return Err(End::Failed(e)),
-            Some(Ok(Frame::Close(c))) => return Err(End::ByPeer(c)),
-            Some(Ok(Frame::Other)) => continue,
-            Some(Ok(Frame::Text(t))) => {
-                stats.bytes_in.fetch_add(t.len() as u64, Ordering::Relaxed);
-                return serde_json::from_str(&t).map_err(|e| {
-                    End::Closed(Close::new(
-                        Close::PROTOCOL,
-                        format!("not a sync message: {e}"),
-                    ))
-                });
             }
         }
     }
