@@ -210,9 +210,17 @@ async fn a_checkpoint_folds_raw_changes_into_sled_and_drops_the_log() {
         })
         .await
         .unwrap();
-    // The raw changes are in the log; a time-based checkpoint writes them to sled.
+    // The raw changes are in the log; a time-based checkpoint writes them to sled, and is
+    // counted once it has finished (a moment after its writes are visible).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while store.get(b"m/keep").unwrap().is_none() {
+    let counted = || {
+        commit
+            .stats
+            .checkpoints
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    };
+    while store.get(b"m/keep").unwrap().is_none() || !counted() {
         assert!(Instant::now() < deadline, "no checkpoint within 10 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
