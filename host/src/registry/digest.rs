@@ -97,31 +97,31 @@ impl Registry {
     /// The digest of the replicated state per bucket ([`BUCKETS`] of them). CPU-bound
     /// (a hash per twin): run it off the async threads.
     pub fn digest(&self) -> Vec<u64> {
-        let mut buckets = vec![0u64; BUCKETS];
+        self.buckets().into_iter().map(|(d, _)| d).collect()
+    }
+
+    /// The twins and tombstones of every bucket whose digest differs from `theirs` (one
+    /// list per bucket, empty where they agree), in one pass over the state: a caller
+    /// encodes and sends one bucket at a time.
+    pub fn differing_buckets(&self, theirs: &[u64]) -> Vec<Vec<FeedItem>> {
+        self.buckets()
+            .into_iter()
+            .zip(theirs)
+            .map(|((ours, items), t)| if ours == *t { Vec::new() } else { items })
+            .collect()
+    }
+
+    /// Each bucket's digest and entries.
+    fn buckets(&self) -> Vec<(u64, Vec<FeedItem>)> {
+        let mut out: Vec<(u64, Vec<FeedItem>)> = (0..BUCKETS).map(|_| (0, Vec::new())).collect();
         for item in self.replicated() {
             let (id, d) = match &item {
                 FeedItem::Twin(t) => (t.id, twin_digest(t)),
                 FeedItem::Tombstone(t) => (t.id, tombstone_digest(t)),
             };
-            let b = &mut buckets[bucket_of(&id)];
-            *b = b.wrapping_add(d);
-        }
-        buckets
-    }
-
-    /// The twins and tombstones of the buckets `wanted` marks, one list per bucket (empty
-    /// for the others): a caller encodes and sends one bucket at a time.
-    pub fn bucket_items(&self, wanted: &[bool]) -> Vec<Vec<FeedItem>> {
-        let mut out: Vec<Vec<FeedItem>> = (0..BUCKETS).map(|_| Vec::new()).collect();
-        for i in self.replicated() {
-            let id = match &i {
-                FeedItem::Twin(t) => t.id,
-                FeedItem::Tombstone(t) => t.id,
-            };
-            let b = bucket_of(&id);
-            if wanted.get(b).copied().unwrap_or(false) {
-                out[b].push(i);
-            }
+            let (sum, items) = &mut out[bucket_of(&id)];
+            *sum = sum.wrapping_add(d);
+            items.push(item);
         }
         out
     }

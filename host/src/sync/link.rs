@@ -248,17 +248,9 @@ async fn repair(
         )));
     }
     let registry = ctx.registry.clone();
-    let buckets = tokio::task::spawn_blocking(move || {
-        let ours = registry.digest();
-        let wanted: Vec<bool> = ours.iter().zip(&theirs).map(|(a, b)| a != b).collect();
-        if wanted.contains(&true) {
-            registry.bucket_items(&wanted)
-        } else {
-            Vec::new()
-        }
-    })
-    .await
-    .map_err(|e| End::Failed(e.into()))?;
+    let buckets = tokio::task::spawn_blocking(move || registry.differing_buckets(&theirs))
+        .await
+        .map_err(|e| End::Failed(e.into()))?;
     let total: usize = buckets.iter().map(Vec::len).sum();
     if total == 0 {
         return Ok(());
