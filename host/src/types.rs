@@ -266,7 +266,71 @@ impl Hlc {
 pub struct PropClock {
     pub hlc: u64,
     pub origin: std::sync::Arc<str>,
+    /// The write's place among its origin's changes to the twin: the origin's entry of the
+    /// twin's version vector once the write was made. A replica whose version vector counts
+    /// at least `n` changes by `origin` has seen the write. 0 for writes recorded before
+    /// these were kept (taken as seen by every replica).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub n: u64,
+    /// The twin's version where the write was made: the sum of its version vector then (how
+    /// many changes to the twin that node had seen). The `version` conflict strategy orders
+    /// concurrent writes by it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub v: u64,
 }
+
+impl PropClock {
+    /// The order of last-writer-wins: HLC, then node id.
+    pub fn lww_key(&self) -> (u64, &str) {
+        (self.hlc, &self.origin)
+    }
+
+    /// Whether a replica whose version vector is `vclock` has seen this write. A write with
+    /// no place recorded (`n` 0) counts as seen.
+    pub fn seen_by(&self, vclock: &VClock) -> bool {
+        vclock.get(&*self.origin).copied().unwrap_or(0) >= self.n
+    }
+}
+
+/// Where a write sits in a twin's history, for its [`PropClock`]: `n` and `v` once the
+/// writing node's change is counted in `vclock`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dot {
+    pub n: u64,
+    pub v: u64,
+}
+
+impl Dot {
+    /// The dot of a change `node` made, read from the version vector that counts it.
+    pub fn of(vclock: &VClock, node: &str) -> Dot {
+        Dot {
+            n: vclock.get(node).copied().unwrap_or(0),
+            v: vclock.values().sum(),
+        }
+    }
+
+    /// The dot of the next change `node` makes, before `vclock` counts it.
+    pub fn next(vclock: &VClock, node: &str) -> Dot {
+        let d = Dot::of(vclock, node);
+        Dot {
+            n: d.n + 1,
+            v: d.v + 1,
+        }
+    }
+}
+
+/// One of the concurrent writes of a property a twin keeps side by side (conflict
+/// strategies `merge` and `manual`): its value (`null` for a removal) and clock.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sibling {
+    pub value: serde_json::Value,
+    #[serde(flatten)]
+    pub clock: PropClock,
+}
+
+/// Properties in conflict: name → every concurrent write not yet superseded, in
+/// last-writer-wins order (at least two). Boxed: most twins have none.
+pub type Siblings = Option<Box<BTreeMap<String, Vec<Sibling>>>>;
 
 /// Per-property clocks of a twin: one small vector sorted by property name, the names shared
 /// between twins — one allocation per twin instead of a tree node and a string per property.
@@ -321,17 +385,20 @@ impl Clocks {
         }
     }
 
-    /// Record a write of `names` at `hlc` from `origin`.
+    /// Record a write of `names` at `hlc` from `origin`, at `dot` in the twin's history.
     pub fn stamp<'a>(
         &mut self,
         names: impl IntoIterator<Item = &'a String>,
         hlc: u64,
         origin: &std::sync::Arc<str>,
+        dot: Dot,
     ) {
         for n in names {
             match self.get_mut(n) {
                 Some(c) => {
                     c.hlc = hlc;
+                    c.n = dot.n;
+                    c.v = dot.v;
                     // Usually the very same shared string: compare pointers before bytes.
                     if !std::sync::Arc::ptr_eq(&c.origin, origin) && c.origin != *origin {
                         c.origin = origin.clone();
@@ -343,6 +410,8 @@ impl Clocks {
                         PropClock {
                             hlc,
                             origin: origin.clone(),
+                            n: dot.n,
+                            v: dot.v,
                         },
                     );
                 }
@@ -445,6 +514,10 @@ pub struct Twin {
     /// delete brought it back): writes at or below it are older than the delete and ignored.
     #[serde(default, skip_serializing)]
     pub deleted_hlc: u64,
+    /// Properties in conflict, with each concurrent write (stored, not served: `?meta=true`
+    /// and `GET /v1/conflicts` show them).
+    #[serde(default, skip_serializing)]
+    pub siblings: Siblings,
 }
 
 /// The on-disk form of a twin: the served form without the derived `children_ids`, with
@@ -465,6 +538,8 @@ pub(crate) struct TwinRecord<'a> {
     pub clocks: &'a Clocks,
     #[serde(skip_serializing_if = "is_zero")]
     pub deleted_hlc: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub siblings: &'a Siblings,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -488,6 +563,7 @@ impl Twin {
             lseq: self.lseq,
             clocks: &self.clocks,
             deleted_hlc: self.deleted_hlc,
+            siblings: &self.siblings,
         };
         serde_json::to_vec(&rec).expect("a twin always serializes: keys are strings")
     }

@@ -7,6 +7,7 @@
 pub mod auth;
 mod behaviors;
 mod changes;
+mod conflicts;
 pub mod error;
 mod events;
 pub mod extract;
@@ -155,6 +156,8 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/changes", get(changes::changes))
         .route("/sync/ws", get(peers::ws))
         .route("/peers", get(peers::list))
+        .route("/conflicts", get(conflicts::list))
+        .route("/conflicts/{id}/resolve", post(conflicts::resolve))
         .route(
             "/peers/{node_id}",
             put(peers::put).get(peers::get_one).delete(peers::delete),

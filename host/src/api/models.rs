@@ -20,6 +20,8 @@ pub async fn put(
     Path(entity_type): Path<String>,
     Json(model): Json<Model>,
 ) -> Result<impl IntoResponse, ApiError> {
+    model.check()?;
+    check_resolver(&s, &model)?;
     let created = s.registry.put_model(&entity_type, model.clone()).await?;
     let status = if created {
         StatusCode::CREATED
@@ -27,6 +29,34 @@ pub async fn put(
         StatusCode::OK
     };
     Ok((status, axum::Json(model)))
+}
+
+/// A `merge` model's resolver must be a resolver module here whose active version is the
+/// code the model pins.
+fn check_resolver(s: &AppState, model: &Model) -> Result<(), ApiError> {
+    let (Some(name), Some(pin)) = (&model.conflict.resolver, &model.conflict.sha256) else {
+        return Ok(());
+    };
+    let refuse =
+        |m: String| ApiError::Validation(m.clone(), serde_json::json!({"conflict.resolver": m}));
+    let info = s.runtime.info(name).map_err(|_| {
+        refuse(format!(
+            "no module {name:?} here: upload the resolver first"
+        ))
+    })?;
+    let active = info.versions.iter().find(|v| v.version == info.active);
+    match active {
+        Some(v) if v.world != crate::types::World::Resolver => Err(refuse(format!(
+            "module {name:?} is a {} component, not a resolver",
+            v.world
+        ))),
+        Some(v) if !v.sha256.eq_ignore_ascii_case(pin) => Err(refuse(format!(
+            "the active version of {name:?} is sha256 {}, not {pin}",
+            v.sha256
+        ))),
+        Some(_) => Ok(()),
+        None => Err(refuse(format!("module {name:?} has no active version"))),
+    }
 }
 
 #[utoipa::path(get, path = "/v1/models/{entity_type}", tag = "models",

@@ -418,7 +418,7 @@ async fn refused(n: &Node, calls: &BTreeSet<Call>) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_built_from_the_document_are_accepted() {
     let n = node().await;
-    let doc = document();
+    let mut doc = document();
     let machine = || crate::registry::NewTwin {
         entity_type: "machine".into(),
         ..Default::default()
@@ -432,6 +432,10 @@ async fn requests_built_from_the_document_are_accepted() {
             .await
             .unwrap();
     }
+    // A `merge` model must pin the resolver's real sha256.
+    let info = n.state.runtime.info("max-resolver").unwrap();
+    doc["components"]["schemas"]["ConflictPolicy"]["oneOf"][1]["properties"]["sha256"]["example"] =
+        json!(info.versions[0].sha256);
     let calls = calls_from(&doc, twin, other);
     let refused = refused(&n, &calls).await;
     assert!(

@@ -166,9 +166,10 @@ pub async fn create_token(
         super::rules::put, super::rules::list, super::rules::get_one, super::rules::delete,
         super::events::sse, super::events::ws, super::events::log, super::changes::changes,
         super::peers::list, super::peers::get_one, super::peers::put, super::peers::delete, super::peers::ws,
+        super::conflicts::list, super::conflicts::resolve,
         create_token, metrics_json, metrics_prometheus, healthz,
     ),
-    components(schemas(super::error::ErrorBody, crate::types::Twin, crate::registry::Model)),
+    components(schemas(super::error::ErrorBody, crate::types::Twin, crate::registry::Model, crate::registry::conflict::ConflictInfo)),
     modifiers(&BearerAuth, &UniqueOperationIds),
     security(("bearer" = []))
 )]

@@ -47,7 +47,8 @@ pub async fn create(
 #[serde(deny_unknown_fields)]
 pub struct GetParams {
     /// Add `meta`: the change number and HLC of the twin's last change, and per property
-    /// the HLC and origin node of its last write (removed properties included).
+    /// the HLC and origin node of its last write (removed properties included), and the
+    /// concurrent writes of properties in conflict (`conflicts`).
     #[serde(default)]
     pub meta: bool,
 }
@@ -59,7 +60,21 @@ fn meta_json(t: &Twin) -> Value {
         .iter()
         .map(|(k, c)| (k.to_owned(), json!({"hlc": c.hlc, "origin": &*c.origin})))
         .collect();
-    json!({"lseq": t.lseq, "hlc": t.hlc, "vclock": t.vclock, "properties": props})
+    let mut meta = json!({"lseq": t.lseq, "hlc": t.hlc, "vclock": t.vclock, "properties": props});
+    if let Some(s) = &t.siblings {
+        meta["conflicts"] = s
+            .iter()
+            .map(|(k, sides)| {
+                let sides: Vec<Value> = sides
+                    .iter()
+                    .map(|w| json!({"value": w.value, "hlc": w.clock.hlc, "origin": &*w.clock.origin}))
+                    .collect();
+                (k.clone(), Value::Array(sides))
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    meta
 }
 
 #[utoipa::path(get, path = "/v1/twins/{id}", tag = "twins", params(("id" = uuid::Uuid, Path), GetParams),

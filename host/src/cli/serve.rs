@@ -155,6 +155,8 @@ pub async fn open_node(
         runtime.add_users(u);
     }
     let sync_stats: Arc<crate::sync::SyncStats> = Arc::default();
+    let compute_slots = Arc::new(tokio::sync::Semaphore::new(cores));
+    let resolver = crate::sync::resolve::wasm(runtime.clone(), compute_slots.clone());
     let state = Arc::new(AppStateInner {
         registry: registry.clone(),
         history: History::new(store.clone(), retention),
@@ -166,10 +168,10 @@ pub async fn open_node(
         events: events.clone(),
         rules,
         behaviors,
-        compute_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
+        compute_slots,
         module_users,
         sync: sync_stats.clone(),
-        peers: crate::sync::SyncService::new(registry.clone(), store.clone(), sync_stats),
+        peers: crate::sync::SyncService::new(registry.clone(), store.clone(), sync_stats, resolver),
         stopping: tokio::sync::watch::channel(false).0,
     });
     Ok(Node {

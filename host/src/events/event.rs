@@ -29,6 +29,9 @@ pub enum EventType {
     WorkflowFinished,
     #[serde(rename = "conflict.detected")]
     ConflictDetected,
+    /// A conflict's concurrent writes gave way to a later write.
+    #[serde(rename = "conflict.resolved")]
+    ConflictResolved,
     /// A relationship put or deleted; `twin_id` is its source, `data` names it.
     #[serde(rename = "relationship.changed")]
     RelationshipChanged,
@@ -38,7 +41,7 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         EventType::TwinCreated,
         EventType::TwinUpdated,
         EventType::TwinDeleted,
@@ -46,6 +49,7 @@ impl EventType {
         EventType::Alert,
         EventType::WorkflowFinished,
         EventType::ConflictDetected,
+        EventType::ConflictResolved,
         EventType::RelationshipChanged,
         EventType::ModelChanged,
     ];
@@ -59,6 +63,7 @@ impl EventType {
             EventType::Alert => "alert",
             EventType::WorkflowFinished => "workflow.finished",
             EventType::ConflictDetected => "conflict.detected",
+            EventType::ConflictResolved => "conflict.resolved",
             EventType::RelationshipChanged => "relationship.changed",
             EventType::ModelChanged => "model.changed",
         }
@@ -84,6 +89,8 @@ impl From<ChangeKind> for EventType {
             ChangeKind::Alert => EventType::Alert,
             ChangeKind::Relationship => EventType::RelationshipChanged,
             ChangeKind::Model => EventType::ModelChanged,
+            ChangeKind::ConflictDetected => EventType::ConflictDetected,
+            ChangeKind::ConflictResolved => EventType::ConflictResolved,
         }
     }
 }

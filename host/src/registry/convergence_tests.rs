@@ -20,6 +20,11 @@
 //! position only forward, and on a retransmit timeout sends again from it. A node restart is
 //! a shutdown and a reopen of the same directory (with the repair `serve` runs at start).
 //!
+//! The seeds go round the conflict strategies (the model of both entity types on every
+//! node): `lww`, `version`, `manual`, `merge` with a resolver written here (order-sensitive,
+//! so a node that asked in another order would diverge), and `merge` with the real
+//! `max-resolver` component from `guests/` run by the WASM runtime.
+//!
 //! Relationship edits are not in the workload: relationships are not in the change feed yet
 //! (they stay per node in this release). They join the workload, and the compared state, when
 //! the feed carries them.
@@ -29,9 +34,14 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use serde_json::{json, Value};
 
-use super::{NewTwin, Registry, RegistryError, RemoteChange, Update};
+use std::sync::{Arc, LazyLock};
+
+use super::conflict::{fold, ResolveRequest};
+use super::model::{ConflictPolicy, Strategy};
+use super::{Model, NewTwin, Registry, RegistryError, RemoteChange, Update};
 use crate::store::Store;
-use crate::types::{Lifecycle, Properties, TwinId};
+use crate::types::{Lifecycle, Properties, Sibling, TwinId};
+use crate::wasm::Runtime;
 
 const NODES: [&str; 3] = ["a", "b", "c"];
 /// Twin ids every node creates from, so that nodes create the same id concurrently.
@@ -245,7 +255,104 @@ fn brief(items: &[Value]) -> String {
     format!("{{{}}}", parts.join("; "))
 }
 
+/// The conflict strategy of a run, and who resolves for `merge`.
+#[derive(Clone)]
+enum Mode {
+    Lww,
+    Version,
+    Manual,
+    /// A resolver written here: `(a+b)`, order-sensitive.
+    MergeHere,
+    /// The `max-resolver` component, run by a WASM runtime.
+    MergeWasm(Arc<Runtime>),
+}
+
+impl Mode {
+    fn of_seed(seed: u64) -> Mode {
+        match seed % 5 {
+            0 => Mode::Lww,
+            1 => Mode::Version,
+            2 => Mode::Manual,
+            3 => Mode::MergeHere,
+            _ => Mode::MergeWasm(Arc::clone(&WASM)),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Mode::Lww => "lww",
+            Mode::Version => "version",
+            Mode::Manual => "manual",
+            Mode::MergeHere => "merge (resolver in the test)",
+            Mode::MergeWasm(_) => "merge (max-resolver component)",
+        }
+    }
+
+    fn model(&self) -> Model {
+        let (strategy, resolver) = match self {
+            Mode::Lww => (Strategy::Lww, None),
+            Mode::Version => (Strategy::Version, None),
+            Mode::Manual => (Strategy::Manual, None),
+            Mode::MergeHere | Mode::MergeWasm(_) => (Strategy::Merge, Some("max-resolver".into())),
+        };
+        let sha256 = resolver.as_ref().map(|_| "0".repeat(64));
+        Model {
+            properties: Default::default(),
+            required: Vec::new(),
+            additional_properties: true,
+            conflict: ConflictPolicy {
+                strategy,
+                resolver,
+                sha256,
+            },
+        }
+    }
+
+    /// Answer a resolver call as the node's resolver would.
+    fn resolve(&self, req: &ResolveRequest) -> Result<Value, String> {
+        fold(&req.sides, |a: &Sibling, b: &Sibling| match self {
+            Mode::MergeWasm(rt) => rt
+                .call_resolver(
+                    "max-resolver",
+                    &req.property,
+                    &crate::sync::resolve::write(a),
+                    &crate::sync::resolve::write(b),
+                )
+                .map_err(|e| e.to_string()),
+            _ => {
+                let mut s = format!("({}+{})", a.value, b.value);
+                s.truncate(64);
+                Ok(json!(s))
+            }
+        })
+    }
+}
+
+/// A WASM runtime (on a data directory of its own) with the `max-resolver` component from
+/// `scripts/build-guests.sh`, shared by the seeds that use it.
+static WASM: LazyLock<Arc<Runtime>> = LazyLock::new(|| {
+    let path = format!(
+        "{}/../guests/target/wasm32-wasip2/release/max_resolver.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!("{path}: {e}; build the guests first with scripts/build-guests.sh")
+    });
+    let dir = tempfile::tempdir().expect("a temporary directory").keep();
+    let store = Store::open(&dir).expect("a store");
+    let reg = Registry::open(&store, "resolver").expect("a registry");
+    let rt = Runtime::open(store, reg).expect("a runtime");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(rt.upload("max-resolver", bytes, Default::default(), false))
+        .expect("uploading max-resolver");
+    rt
+});
+
 struct Sim {
+    mode: Mode,
     rng: Rng,
     ids: Vec<TwinId>,
     nodes: Vec<Node>,
@@ -259,6 +366,7 @@ struct Sim {
 impl Sim {
     fn new(seed: u64) -> Sim {
         Sim {
+            mode: Mode::of_seed(seed),
             rng: Rng(seed),
             ids: pool(),
             nodes: NODES.into_iter().map(Node::open).collect(),
@@ -305,7 +413,18 @@ impl Sim {
                 let r = expected(self.nodes[n].reg().create(new).await);
                 self.log(format!("{what} -> {:?}", r.map(|t| t.hlc)));
             }
-            12..=33 => {
+            33 => {
+                let open = self.nodes[n].reg().conflicts(None, 1000).0;
+                if open.is_empty() {
+                    return;
+                }
+                let c = &open[self.rng.below(open.len())];
+                let patch = Properties::from_iter([(c.property.clone(), value(&mut self.rng))]);
+                let what = format!("{node}: resolve {} {}", c.id, Value::Object(patch.clone()));
+                let r = expected(self.nodes[n].reg().resolve_conflict(&c.id, patch).await);
+                self.log(format!("{what} -> {:?}", r.map(|t| t.hlc)));
+            }
+            12..=32 => {
                 let mut patch = properties(&mut self.rng, 3);
                 if patch.is_empty() {
                     patch.insert("p0".into(), value(&mut self.rng));
@@ -433,9 +552,13 @@ impl Sim {
             .into_iter()
             .map(|v| serde_json::from_value(v).expect("a feed item reads as a remote change"))
             .collect();
+        let mode = self.mode.clone();
         let out = self.nodes[to]
             .reg()
-            .apply_remote(changes)
+            .apply_remote_resolving(changes, Vec::new(), |req| {
+                let answer = mode.resolve(&req);
+                async move { answer }
+            })
             .await
             .expect("apply_remote");
         assert_eq!(out.refused, 0, "no clock is ahead here");
@@ -546,9 +669,10 @@ fn canonical(r: &Registry, ids: &[TwinId]) -> Vec<(String, Value)> {
                 let clocks: serde_json::Map<String, Value> = t
                     .clocks
                     .iter()
-                    .map(|(k, c)| (k.to_owned(), json!([c.hlc, &*c.origin])))
+                    .map(|(k, c)| (k.to_owned(), json!([c.hlc, &*c.origin, c.n, c.v])))
                     .collect();
                 json!({
+                    "siblings": t.siblings,
                     "entity_type": t.entity_type,
                     "parent_id": t.parent_id,
                     "children": t.children_ids,
@@ -614,7 +738,8 @@ fn diff(states: &[Vec<(String, Value)>], report: &mut String) {
 }
 
 /// One seed: the workload, healing, quiescence, and the comparison. Panics on divergence.
-fn run(seed: u64, trace: bool) {
+/// Returns how many conflicts stay open at the end (the same on every node).
+fn run(seed: u64, trace: bool) -> usize {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -622,10 +747,33 @@ fn run(seed: u64, trace: bool) {
     let mut sim = Sim::new(seed);
     let result = catch_unwind(AssertUnwindSafe(|| {
         rt.block_on(async {
+            let model = sim.mode.model();
+            for n in &sim.nodes {
+                for t in ENTITY_TYPES {
+                    n.reg().put_model(t, model.clone()).await.expect("a model");
+                }
+            }
             for _ in 0..STEPS {
                 sim.step().await;
             }
-            sim.quiesce().await
+            sim.quiesce().await;
+            // Every conflict still open, resolved on one node, clears on every node.
+            let open = sim.nodes[0].reg().conflicts(None, 1000).0;
+            for c in &open {
+                let patch = Properties::from_iter([(c.property.clone(), json!("resolved"))]);
+                let r = sim.nodes[0].reg().resolve_conflict(&c.id, patch).await;
+                sim.log(format!("a: resolve {} -> {:?}", c.id, r.map(|t| t.hlc)));
+            }
+            sim.quiesce().await;
+            for n in &sim.nodes {
+                let left = n.reg().conflicts(None, 1000).0;
+                assert!(
+                    left.is_empty(),
+                    "{}: conflicts open after resolving them all on a: {left:?}",
+                    n.name
+                );
+            }
+            open.len()
         })
     }));
     let states: Vec<Vec<(String, Value)>> = sim
@@ -645,15 +793,21 @@ fn run(seed: u64, trace: bool) {
             let _ = writeln!(report, "  {line}");
         }
     }
-    if let Err(e) = result {
-        panic!("{report}seed {seed}: {}", panic_message(&*e));
-    }
+    let open = match result {
+        Ok(open) => open,
+        Err(e) => panic!("{report}seed {seed}: {}", panic_message(&*e)),
+    };
     if states.iter().any(|s| bytes(s) != bytes(&states[0])) {
-        let _ = writeln!(report, "seed {seed}: the nodes hold different twins:");
+        let _ = writeln!(
+            report,
+            "seed {seed} ({}): the nodes hold different twins:",
+            sim.mode.name()
+        );
         diff(&states, &mut report);
         panic!("{report}");
     }
     eprint!("{report}");
+    open
 }
 
 fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
@@ -681,16 +835,36 @@ fn three_nodes_converge_under_faults() {
     };
     let started = std::time::Instant::now();
     let count = seeds.end - seeds.start;
+    // Per strategy: seeds run, and conflicts left open at their end.
+    let mut tally: std::collections::BTreeMap<&str, (u64, usize)> = Default::default();
     for seed in seeds {
-        if let Err(e) = catch_unwind(|| run(seed, trace)) {
-            panic!(
+        match catch_unwind(|| run(seed, trace)) {
+            Ok(open) => {
+                let t = tally.entry(Mode::of_seed(seed).name()).or_default();
+                t.0 += 1;
+                t.1 += open;
+            }
+            Err(e) => panic!(
                 "convergence failed for seed {seed}\n{}\nreplay: TWINHOST_CONVERGENCE_SEED={seed} \
                  TWINHOST_CONVERGENCE_TRACE=1 {REPLAY} -- --nocapture",
                 panic_message(&*e)
+            ),
+        }
+    }
+    eprintln!(
+        "{count} seeds converged in {:.1?}; per strategy, seeds and conflicts open at the end: {tally:?}",
+        started.elapsed()
+    );
+    // The workload makes concurrent writes: the strategies that keep them side by side must
+    // have met some (else the run tests no conflict at all).
+    for (mode, (seeds, open)) in &tally {
+        if *seeds >= 10 && (mode.starts_with("manual") || mode.starts_with("merge")) {
+            assert!(
+                *open > 0,
+                "{seeds} seeds of {mode} ended with no open conflict"
             );
         }
     }
-    eprintln!("{count} seeds converged in {:.1?}", started.elapsed());
 }
 
 #[path = "convergence_regressions.rs"]

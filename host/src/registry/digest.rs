@@ -44,6 +44,12 @@ fn twin_digest(t: &Twin) -> u64 {
         h.update(c.hlc.to_be_bytes());
         h.update(c.origin.as_bytes());
         h.update(b"\0");
+        h.update(c.n.to_be_bytes());
+        h.update(c.v.to_be_bytes());
+    }
+    if let Some(s) = &t.siblings {
+        h.update(b"siblings\0");
+        h.update(serde_json::to_vec(s).unwrap_or_default());
     }
     for (node, n) in &t.vclock {
         h.update(node.as_bytes());

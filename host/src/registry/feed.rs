@@ -113,19 +113,18 @@ impl FeedItem {
     pub fn to_json(&self) -> Value {
         match self {
             FeedItem::Twin(t) => {
-                let clocks: serde_json::Map<String, Value> = t
-                    .clocks
-                    .iter()
-                    .map(|(k, c)| (k.to_owned(), json!({"hlc": c.hlc, "origin": &*c.origin})))
-                    .collect();
-                json!({
+                let mut item = json!({
                     "lseq": t.lseq, "twin_id": t.id, "deleted": false,
                     "entity_type": t.entity_type, "parent_id": t.parent_id,
                     "version": t.version, "vclock": t.vclock, "hlc": t.hlc,
-                    "lifecycle": t.lifecycle, "properties": t.properties, "clocks": clocks,
+                    "lifecycle": t.lifecycle, "properties": t.properties, "clocks": t.clocks,
                     "created_at": t.created_at, "updated_at": t.updated_at,
                     "deleted_hlc": t.deleted_hlc,
-                })
+                });
+                if let Some(s) = &t.siblings {
+                    item["siblings"] = json!(s);
+                }
+                item
             }
             FeedItem::Tombstone(d) => json!({
                 "lseq": d.lseq, "twin_id": d.id, "deleted": true,

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::{corrupt, feed, Indexes, Model, RegistryError, RelMap, Tombstone, TwinMap};
 use crate::store::wal::from_slice_unbounded;
 use crate::store::{keys, Store, Upgrade};
-use crate::types::{hlc_at, Twin};
+use crate::types::{hlc_at, Dot, Twin};
 
 /// Twin records rewritten per sled batch by the upgrade from format 1 (bounds its memory).
 const UPGRADE_CHUNK: usize = 10_000;
@@ -137,7 +137,8 @@ fn load_twins(
 /// out), so the change feed can page through them.
 fn upgrade_twin(t: &mut Twin, origin: &Arc<str>, floors: &mut Floors) {
     t.hlc = hlc_at(t.updated_at);
-    t.clocks.stamp(t.properties.keys(), t.hlc, origin);
+    let dot = Dot::of(&t.vclock, origin);
+    t.clocks.stamp(t.properties.keys(), t.hlc, origin, dot);
     floors.lseq += 1;
     t.lseq = floors.lseq;
 }

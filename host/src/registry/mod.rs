@@ -12,6 +12,7 @@
 //! Lock order: the index lock, then a twin's shard. Never take the index lock while holding a
 //! twin guard (clone the twin, drop the guard, then fill `children_ids`).
 
+pub mod conflict;
 #[cfg(test)]
 mod convergence_tests;
 pub mod digest;
@@ -78,6 +79,11 @@ pub enum ChangeKind {
     Relationship,
     /// A model put or deleted (no twin; `data` says which).
     Model,
+    /// Concurrent writes of a property met in a merge (`data` says which); numbered and
+    /// logged like an alert.
+    ConflictDetected,
+    /// A property's concurrent writes gave way to a later write.
+    ConflictResolved,
 }
 
 /// A committed change, handed to the change sink after it is durable.
@@ -145,6 +151,9 @@ struct AlertRecord {
     parent_id: Option<TwinId>,
     ts: DateTime<Utc>,
     data: Value,
+    /// What the record stands for when it is not an alert (a conflict event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<ChangeKind>,
 }
 
 impl Change {
@@ -340,6 +349,8 @@ struct Inner {
     durable: Arc<tokio::sync::watch::Sender<u64>>,
     /// Remote changes applied although the local model would refuse them.
     remote_model_mismatches: std::sync::atomic::AtomicU64,
+    /// Twins holding siblings (open conflicts).
+    conflicted: dashmap::DashSet<TwinId>,
     twins: Arc<TwinMap>,
     index: RwLock<Indexes>,
     models: RwLock<HashMap<String, Arc<Model>>>,
@@ -448,6 +459,12 @@ impl Registry {
                 feed: parking_lot::Mutex::new(feed),
                 durable: Arc::new(tokio::sync::watch::Sender::new(lseq_floor)),
                 remote_model_mismatches: Default::default(),
+                conflicted: twins
+                    .0
+                    .iter()
+                    .filter(|t| t.siblings.is_some())
+                    .map(|t| t.id)
+                    .collect(),
                 twins,
                 index: RwLock::new(index),
                 models: RwLock::new(models),

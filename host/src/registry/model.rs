@@ -62,6 +62,11 @@ pub struct ConflictPolicy {
     /// Module name of a `resolver` component, for `merge`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolver: Option<String>,
+    /// The sha256 of the resolver's component (`GET /v1/modules/{name}` shows it), for
+    /// `merge`: a node whose module has other code does not run it, so every node that
+    /// merges runs the same code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// The schema of one entity type.
@@ -128,10 +133,32 @@ impl Model {
                 );
             }
         }
-        if self.conflict.strategy == Strategy::Merge && self.conflict.resolver.is_none() {
+        if self.conflict.strategy == Strategy::Merge {
+            if self.conflict.resolver.is_none() {
+                bad.insert(
+                    "conflict.resolver".into(),
+                    "strategy merge needs a resolver module name".into(),
+                );
+            }
+            match &self.conflict.sha256 {
+                None => {
+                    bad.insert(
+                        "conflict.sha256".into(),
+                        "strategy merge needs the resolver's sha256 (GET /v1/modules/{name} shows it), so that every node runs the same code".into(),
+                    );
+                }
+                Some(h) if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    bad.insert(
+                        "conflict.sha256".into(),
+                        format!("{h:?} is not a sha256 (64 hex digits)"),
+                    );
+                }
+                Some(_) => {}
+            }
+        } else if self.conflict.resolver.is_some() || self.conflict.sha256.is_some() {
             bad.insert(
                 "conflict.resolver".into(),
-                "strategy merge needs a resolver module name".into(),
+                "a resolver is used only by strategy merge".into(),
             );
         }
         if bad.is_empty() {
@@ -323,6 +350,7 @@ mod tests {
         let RegistryError::Validation(d) = m.check().unwrap_err() else {
             panic!()
         };
-        assert_eq!(d.len(), 3, "{d:?}");
+        assert_eq!(d.len(), 4, "{d:?}");
+        assert!(d["conflict.sha256"].contains("sha256"), "{d:?}");
     }
 }

@@ -77,6 +77,8 @@ mod tests {
         PropClock {
             hlc,
             origin: Arc::from(origin),
+            n: 0,
+            v: 0,
         }
     }
 

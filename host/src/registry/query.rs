@@ -251,6 +251,7 @@ mod tests {
             lseq: 0,
             clocks: Default::default(),
             deleted_hlc: 0,
+            siblings: None,
         }
     }
 

@@ -1,20 +1,27 @@
 //! The remote-apply seam: changes stamped on another node (a peer's change feed), merged
 //! here on the writer thread without re-stamping them.
 //!
-//! The merge is last-writer-wins per property by `(HLC, origin)`: each property keeps the
-//! value of the write with the higher clock, wherever it was made, so every node that has seen
-//! the same writes holds the same values whatever order they arrived in. A delete is a write
-//! of every property at the delete's clock: a twin survives it only with the properties
-//! written after it, or with none when only its lifecycle changed (or it was created) after
-//! it, and then loses its tombstone but keeps the delete's clock (`deleted_hlc`, in its feed
-//! entry too, for nodes that never saw the tombstone). The lifecycle is the one of the twin's
-//! latest change (its HLC). Concurrent creates of one id agree on the first create's entity
-//! type, parent and creation time. Version vectors merge pointwise.
+//! Each property merges on its own: a write the other side had seen when it wrote gives way
+//! to the later one; concurrent writes (neither side had seen the other's) go to the entity
+//! type's conflict strategy ([`super::conflict`]; last-writer-wins by `(HLC, origin)` by
+//! default), so every node that has seen the same writes holds the same values whatever
+//! order they arrived in. A delete is a write of every property at the delete's clock: a twin
+//! survives it only with the properties written after it, or with none when only its
+//! lifecycle changed (or it was created) after it, and then loses its tombstone but keeps the
+//! delete's clock (`deleted_hlc`, in its feed entry too, for nodes that never saw the
+//! tombstone). The lifecycle is the one of the twin's latest change (its HLC). Concurrent
+//! creates of one id agree on the first create's entity type, parent and creation time.
+//! Version vectors merge pointwise.
 //! Local models are not enforced on remote changes (the origin validated them); a change the
 //! local model would refuse is applied and counted. Each merged change names the node that
 //! made it as its origin (the rule is in [`super::origin`]).
+//!
+//! A `merge` strategy's resolver runs off the writer thread: a change whose merge needs a
+//! resolver answer not given yet is left out of the commit and handed back with the calls it
+//! needs ([`Registry::apply_remote_resolving`] makes them and merges it again).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -22,11 +29,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::conflict::{self, Merged, Note, Resolutions, ResolveRequest};
+use super::model::{ConflictPolicy, Strategy};
 use super::origin::{self, Before};
 use super::write::{change, put_tombstone};
 use super::{Change, ChangeKind, Registry, RegistryError, Tombstone};
-use crate::store::{keys, Batch};
-use crate::types::{Clocks, Lifecycle, PropClock, Properties, Twin, TwinId, VClock};
+use crate::store::{keys, Batch, KvOp};
+use crate::types::{Clocks, Lifecycle, PropClock, Properties, Sibling, Twin, TwinId, VClock};
 
 /// A change made on another node, as its change feed shows it (`GET /v1/changes` items
 /// deserialize into this).
@@ -57,6 +66,9 @@ pub struct RemoteChange {
     /// back: a node that never saw the tombstone learns the delete from here.
     #[serde(default)]
     pub deleted_hlc: u64,
+    /// Properties in conflict there, with every concurrent write (`manual`, `merge`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub siblings: BTreeMap<String, Vec<Sibling>>,
 }
 
 /// How far ahead of this node's host clock a change made elsewhere may be stamped. Beyond
@@ -64,8 +76,13 @@ pub struct RemoteChange {
 /// node's clock along, and win every conflict until real time caught up.
 pub const MAX_CLOCK_AHEAD: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// Rounds of resolver calls [`Registry::apply_remote_resolving`] makes for one batch: local
+/// writes landing on a property while its resolver runs need another round. Past them the
+/// property shows the lww winner, as when a resolver fails.
+const MAX_RESOLVE_ROUNDS: usize = 4;
+
 /// What [`Registry::apply_remote`] did.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct RemoteOutcome {
     /// Changes refused: stamped more than [`MAX_CLOCK_AHEAD`] ahead of this node's clock.
     pub refused: usize,
@@ -75,10 +92,17 @@ pub struct RemoteOutcome {
     pub unchanged: usize,
     /// Applied changes the local model would have refused.
     pub model_mismatches: usize,
+    /// Changes left out, with the resolver calls their merge needs first.
+    pub pending: Vec<(RemoteChange, Vec<ResolveRequest>)>,
+    /// Configuration writes not made because changes are pending (they go with the last).
+    pub config_left: Vec<KvOp>,
 }
 
-fn newer(a: &PropClock, b: Option<&PropClock>) -> bool {
-    b.is_none_or(|b| (a.hlc, &*a.origin) > (b.hlc, &*b.origin))
+/// What merging one remote change did.
+enum Step {
+    Changed,
+    Unchanged,
+    Pending(Vec<ResolveRequest>),
 }
 
 fn merge_vclock(into: &mut VClock, from: &VClock) {
@@ -91,7 +115,8 @@ fn merge_vclock(into: &mut VClock, from: &VClock) {
 impl Registry {
     /// Merge changes made elsewhere (see the module doc). Each that changes something gets a
     /// change number here, is logged as the twin's whole state (or a delete) and becomes an
-    /// event; clocks and origins are kept as they came.
+    /// event; clocks and origins are kept as they came. A `merge` strategy's resolver is not
+    /// called: such conflicts show the lww winner (see [`Registry::apply_remote_resolving`]).
     ///
     /// # Errors
     /// Only the store's: overload or shutdown.
@@ -99,23 +124,72 @@ impl Registry {
         &self,
         changes: Vec<RemoteChange>,
     ) -> Result<RemoteOutcome, RegistryError> {
-        self.apply_remote_with(changes, Vec::new()).await
+        self.apply_remote_resolving(changes, Vec::new(), |_| async {
+            Err("no resolver runs here".to_owned())
+        })
+        .await
     }
 
-    /// [`Registry::apply_remote`], with configuration writes (`config`) in the same commit:
-    /// a peer link stores how far it has merged together with the merge itself.
+    /// [`Registry::apply_remote`], with configuration writes (`config`) in the commit that
+    /// completes the merge (a peer link stores how far it has merged together with the merge
+    /// itself), and `resolve` to call a `merge` strategy's resolver (off the writer thread:
+    /// the merge is retried with the answers).
     ///
     /// # Errors
     /// Only the store's: overload or shutdown.
-    pub async fn apply_remote_with(
+    pub async fn apply_remote_resolving<F, Fut>(
         &self,
         changes: Vec<RemoteChange>,
-        config: Vec<crate::store::KvOp>,
+        config: Vec<KvOp>,
+        resolve: F,
+    ) -> Result<RemoteOutcome, RegistryError>
+    where
+        F: Fn(ResolveRequest) -> Fut,
+        Fut: Future<Output = Result<Value, String>>,
+    {
+        let mut resolutions = Resolutions::new();
+        let mut total = RemoteOutcome::default();
+        let (mut todo, mut config) = (changes, config);
+        for round in 1..=MAX_RESOLVE_ROUNDS {
+            let last = round == MAX_RESOLVE_ROUNDS;
+            let res = Arc::new(std::mem::take(&mut resolutions));
+            let out = self
+                .merge_round(todo, config, Arc::clone(&res), last)
+                .await?;
+            resolutions = Arc::try_unwrap(res).unwrap_or_else(|r| (*r).clone());
+            total.refused += out.refused;
+            total.applied += out.applied;
+            total.unchanged += out.unchanged;
+            total.model_mismatches += out.model_mismatches;
+            if out.pending.is_empty() {
+                return Ok(total);
+            }
+            config = out.config_left;
+            todo = Vec::with_capacity(out.pending.len());
+            for (rc, requests) in out.pending {
+                for req in requests {
+                    let key = req.key();
+                    if !resolutions.contains_key(&key) {
+                        let answer = resolve(req).await;
+                        resolutions.insert(key, answer);
+                    }
+                }
+                todo.push(rc);
+            }
+        }
+        unreachable!("the last round leaves nothing pending")
+    }
+
+    /// One commit of [`Registry::apply_remote_resolving`]. With `last`, a missing resolver
+    /// answer counts as a failure (the lww winner shows) instead of leaving the change out.
+    async fn merge_round(
+        &self,
+        changes: Vec<RemoteChange>,
+        config: Vec<KvOp>,
+        resolutions: Arc<Resolutions>,
+        last: bool,
     ) -> Result<RemoteOutcome, RegistryError> {
         self.write(move |this, b, out| {
-            for op in config {
-                b.config(op);
-            }
             let mut outcome = RemoteOutcome::default();
             let limit = ((Utc::now().timestamp_millis().max(0) as u64)
                 + MAX_CLOCK_AHEAD.as_millis() as u64)
@@ -130,16 +204,25 @@ impl Registry {
                 for c in rc.clocks.values() {
                     b.observe(c.hlc);
                 }
-                let changed = if rc.deleted {
-                    this.remote_delete(&rc, b, out)
+                let step = if rc.deleted {
+                    this.remote_delete(&rc, b, out, &resolutions, last)
                 } else {
-                    this.remote_write(rc, b, out, &mut outcome)
+                    this.remote_write(&rc, b, out, &mut outcome, &resolutions, last)
                 };
-                if changed {
-                    outcome.applied += 1;
-                } else {
-                    outcome.unchanged += 1;
+                match step {
+                    Step::Changed => outcome.applied += 1,
+                    Step::Unchanged => outcome.unchanged += 1,
+                    Step::Pending(requests) => {
+                        outcome.pending.push((rc, requests));
+                    }
                 }
+            }
+            if outcome.pending.is_empty() {
+                for op in config {
+                    b.config(op);
+                }
+            } else {
+                outcome.config_left = config;
             }
             if outcome.model_mismatches > 0 {
                 this.inner
@@ -160,8 +243,22 @@ impl Registry {
         self.inner.remote_model_mismatches.load(Ordering::Relaxed)
     }
 
-    /// A remote delete. Returns whether anything changed here.
-    fn remote_delete(&self, rc: &RemoteChange, b: &mut Batch, out: &mut Vec<Change>) -> bool {
+    /// The conflict policy of `entity_type` here (lww without a model).
+    fn policy_for(&self, entity_type: &str) -> ConflictPolicy {
+        self.model_for(entity_type)
+            .map(|m| m.conflict.clone())
+            .unwrap_or_default()
+    }
+
+    /// A remote delete.
+    fn remote_delete(
+        &self,
+        rc: &RemoteChange,
+        b: &mut Batch,
+        out: &mut Vec<Change>,
+        res: &Resolutions,
+        last: bool,
+    ) -> Step {
         let id = rc.twin_id;
         let mut tombstones = self.inner.tombstones.write();
         if let Some(d) = tombstones.get(&id) {
@@ -172,7 +269,7 @@ impl Registry {
             merge_vclock(&mut vclock, &rc.vclock);
             let (hlc, entity_type) = (d.hlc, &d.entity_type).max((rc.hlc, &rc.entity_type));
             if vclock == d.vclock && hlc == d.hlc && *entity_type == d.entity_type {
-                return false;
+                return Step::Unchanged;
             }
             let stamp = b.stamp(None);
             let tomb = Tombstone {
@@ -183,9 +280,8 @@ impl Registry {
                 ..(**d).clone()
             };
             put_tombstone(b, &mut tombstones, tomb);
-            return true;
+            return Step::Changed;
         }
-        let mut idx = self.inner.index.write();
         let Some(t) = self.inner.twins.0.get(&id).map(|t| Arc::clone(&t)) else {
             // Never seen here: remember the delete, so an older write arriving later does
             // not bring the twin back.
@@ -199,7 +295,7 @@ impl Registry {
                 lseq: stamp.lseq,
             };
             put_tombstone(b, &mut tombstones, tomb);
-            return true;
+            return Step::Changed;
         };
         // Changed after the delete, the twin survives it, with the properties written after it
         // (none when only its lifecycle changed, or it was created, after it: the twin's clock
@@ -209,11 +305,13 @@ impl Registry {
         merge_vclock(&mut vclock, &rc.vclock);
         if rc.hlc <= t.deleted_hlc && vclock == t.vclock {
             // A delete this twin has outlived already.
-            return false;
+            return Step::Unchanged;
         }
-        let stamp = b.stamp(None);
         if !survives {
+            let mut idx = self.inner.index.write();
+            let stamp = b.stamp(None);
             self.inner.twins.0.remove(&id);
+            self.inner.conflicted.remove(&id);
             idx.remove(&t);
             let tomb = Tombstone {
                 id,
@@ -244,24 +342,34 @@ impl Registry {
                     &by,
                 ));
             }
-            return true;
+            return Step::Changed;
         }
+        drop(tombstones);
         let mut nt = (*t).clone();
         let mut patch = Properties::new();
         outlive_delete(&mut nt, rc.hlc, &mut patch);
+        let policy = self.policy_for(&nt.entity_type);
+        let mut notes = Vec::new();
+        let was = t.siblings.as_deref();
+        if let Err(requests) = settle(&mut nt, was, &policy, res, last, &mut patch, &mut notes) {
+            return Step::Pending(requests);
+        }
         nt.vclock = vclock;
-        self.finish_remote(nt, Some(&t), patch, b, out, &stamp);
-        true
+        let stamp = b.stamp(None);
+        self.finish_remote(nt, Some(&t), patch, notes, b, out, &stamp);
+        Step::Changed
     }
 
-    /// A remote write: per-property last-writer-wins. Returns whether anything changed.
+    /// A remote write, merged property by property.
     fn remote_write(
         &self,
-        rc: RemoteChange,
+        rc: &RemoteChange,
         b: &mut Batch,
         out: &mut Vec<Change>,
         outcome: &mut RemoteOutcome,
-    ) -> bool {
+        res: &Resolutions,
+        last: bool,
+    ) -> Step {
         let id = rc.twin_id;
         let mut tombstones = self.inner.tombstones.write();
         let tomb = tombstones.get(&id).cloned();
@@ -277,16 +385,21 @@ impl Registry {
         let mut nt = match &current {
             Some(t) => (**t).clone(),
             None => {
-                if let Some(d) = tomb
-                    .as_ref()
-                    .filter(|_| rc.hlc <= floor && !rc.clocks.values().any(after_delete))
-                {
+                if let Some(d) = tomb.as_ref().filter(|_| {
+                    rc.hlc <= floor
+                        && !rc.clocks.values().any(after_delete)
+                        && !rc
+                            .siblings
+                            .values()
+                            .flatten()
+                            .any(|s| after_delete(&s.clock))
+                }) {
                     // Written before the delete: nothing comes back, but the tombstone
                     // learns what the write saw.
                     let mut vclock = d.vclock.clone();
                     merge_vclock(&mut vclock, &rc.vclock);
                     if vclock == d.vclock {
-                        return false;
+                        return Step::Unchanged;
                     }
                     let stamp = b.stamp(None);
                     let merged = Tombstone {
@@ -295,16 +408,32 @@ impl Registry {
                         ..(**d).clone()
                     };
                     put_tombstone(b, &mut tombstones, merged);
-                    return true;
+                    return Step::Changed;
                 }
-                fresh_twin(&rc, tomb.as_deref())
+                fresh_twin(rc, tomb.as_deref())
             }
         };
+        let local_vclock = nt.vclock.clone();
         // A delete the twin outlived there and this node never saw (its tombstone gave way to
         // the twin on every node this one hears from) takes what was written before it here too.
         let mut patch = Properties::new();
         outlive_delete(&mut nt, rc.deleted_hlc, &mut patch);
-        patch.extend(merge_properties(&mut nt, &rc, floor));
+        let identity_changed = current.is_some() && merge_identity(&mut nt, rc);
+        let policy = self.policy_for(&nt.entity_type);
+        let mut notes = Vec::new();
+        merge_properties(
+            &mut nt,
+            rc,
+            floor,
+            &policy,
+            &local_vclock,
+            &mut patch,
+            &mut notes,
+        );
+        let was = current.as_ref().and_then(|t| t.siblings.as_deref());
+        if let Err(requests) = settle(&mut nt, was, &policy, res, last, &mut patch, &mut notes) {
+            return Step::Pending(requests);
+        }
         let mut vclock = nt.vclock.clone();
         merge_vclock(&mut vclock, &rc.vclock);
         // The lifecycle of the later change wins; on equal clocks (two nodes may stamp the
@@ -314,12 +443,11 @@ impl Registry {
         if lifecycle_changed {
             nt.lifecycle = rc.lifecycle;
         }
-        let identity_changed = current.is_some() && merge_identity(&mut nt, &rc);
-        let clocks_changed = current
-            .as_ref()
-            .is_none_or(|t| t.clocks != nt.clocks || t.deleted_hlc != nt.deleted_hlc);
+        let clocks_changed = current.as_ref().is_none_or(|t| {
+            t.clocks != nt.clocks || t.deleted_hlc != nt.deleted_hlc || t.siblings != nt.siblings
+        });
         if !clocks_changed && !lifecycle_changed && !identity_changed && vclock == nt.vclock {
-            return false;
+            return Step::Unchanged;
         }
         nt.vclock = vclock;
         nt.hlc = nt.hlc.max(rc.hlc);
@@ -338,17 +466,20 @@ impl Registry {
             Some(t) if identity_changed => self.inner.index.write().reidentify(t, &nt),
             Some(_) => {}
         }
-        self.finish_remote(nt, current.as_deref(), patch, b, out, &stamp);
-        true
+        self.finish_remote(nt, current.as_deref(), patch, notes, b, out, &stamp);
+        Step::Changed
     }
 
     /// Store a merged twin: new version and change number, logged whole, evented with the
-    /// origin the merge names (`before`: the twin here before the merge).
+    /// origin the merge names (`before`: the twin here before the merge), followed by the
+    /// conflict events of the merge.
+    #[allow(clippy::too_many_arguments)]
     fn finish_remote(
         &self,
         mut nt: Twin,
         before: Option<&Twin>,
         patch: Properties,
+        notes: Vec<Note>,
         b: &mut Batch,
         out: &mut Vec<Change>,
         stamp: &crate::store::wal::Stamp,
@@ -372,6 +503,10 @@ impl Registry {
             let by = origin::merged(before, &nt.clocks, &nt.vclock, &self.inner.origin);
             out.push(change(kind, &nt, changed, nt.updated_at, stamp, &by));
         }
+        self.index_conflicts(&nt);
+        if !notes.is_empty() {
+            self.conflict_events(b, out, &nt, notes);
+        }
         self.inner.twins.0.insert(nt.id, Arc::new(nt));
     }
 }
@@ -393,6 +528,7 @@ fn fresh_twin(rc: &RemoteChange, tomb: Option<&Tombstone>) -> Twin {
         lseq: 0,
         clocks: Clocks::new(),
         deleted_hlc: tomb.map_or(0, |d| d.hlc).max(rc.deleted_hlc),
+        siblings: None,
     }
 }
 
@@ -415,8 +551,9 @@ fn merge_identity(nt: &mut Twin, rc: &RemoteChange) -> bool {
 }
 
 /// The effect of a delete at `hlc` on a twin that outlives it (by what was written after
-/// it): everything written before goes, clocks too, so that a node that saw the delete first
-/// and the later writes after it holds exactly the same. Removed values are noted in `patch`.
+/// it): everything written before goes, clocks and siblings too, so that a node that saw the
+/// delete first and the later writes after it holds exactly the same. Removed values are
+/// noted in `patch`. Siblings left alone are settled by [`settle`].
 fn outlive_delete(nt: &mut Twin, hlc: u64, patch: &mut Properties) {
     if hlc <= nt.deleted_hlc {
         return;
@@ -433,34 +570,184 @@ fn outlive_delete(nt: &mut Twin, hlc: u64, patch: &mut Properties) {
         }
         nt.clocks.remove(&k);
     }
+    if let Some(map) = nt.siblings.as_mut() {
+        for sides in map.values_mut() {
+            sides.retain(|s| s.clock.hlc > hlc);
+        }
+    }
     nt.deleted_hlc = hlc;
 }
 
-/// Per-property last-writer-wins: take each remote property (or its removal) whose clock is
-/// newer than ours and later than every delete seen here (`floor`). Returns the merge patch
-/// of what changed.
-fn merge_properties(nt: &mut Twin, rc: &RemoteChange, floor: u64) -> Properties {
-    let mut patch = Properties::new();
-    for (k, c) in rc.clocks.iter() {
-        if c.hlc <= floor || !newer(c, nt.clocks.get(k)) {
+/// Make `w` the one write of `k`.
+fn set_write(nt: &mut Twin, k: &str, w: Sibling, patch: &mut Properties) {
+    show(nt, k, w.value, patch);
+    nt.clocks.insert(k, w.clock);
+    if let Some(map) = nt.siblings.as_mut() {
+        map.remove(k);
+        if map.is_empty() {
+            nt.siblings = None;
+        }
+    }
+}
+
+/// Show `value` as `k` (`null`: absent), noting a change in `patch`.
+fn show(nt: &mut Twin, k: &str, value: Value, patch: &mut Properties) {
+    if value.is_null() {
+        if nt.properties.remove(k).is_some() {
+            patch.insert(k.to_owned(), Value::Null);
+        }
+    } else if nt.properties.get(k) != Some(&value) {
+        patch.insert(k.to_owned(), value.clone());
+        nt.properties.insert(k.to_owned(), value);
+    }
+}
+
+/// Merge each remote property (its write, or its siblings) written after every delete seen
+/// here (`floor`) with ours (made where the version vector was `local_vclock`), by the
+/// strategy. Siblings it leaves get their value in [`settle`].
+fn merge_properties(
+    nt: &mut Twin,
+    rc: &RemoteChange,
+    floor: u64,
+    policy: &ConflictPolicy,
+    local_vclock: &VClock,
+    patch: &mut Properties,
+    notes: &mut Vec<Note>,
+) {
+    let names: BTreeSet<&str> = rc
+        .clocks
+        .keys()
+        .chain(rc.siblings.keys().map(String::as_str))
+        .collect();
+    for k in names {
+        let mut theirs = conflict::writes_of(&rc.properties, &rc.clocks, Some(&rc.siblings), k);
+        theirs.retain(|w| w.clock.hlc > floor);
+        let ours = conflict::writes_of(&nt.properties, &nt.clocks, nt.siblings.as_deref(), k);
+        let strategy = policy.strategy;
+        let sides = || {
+            let mut all: Vec<Sibling> = ours.iter().chain(theirs.iter()).cloned().collect();
+            all.sort_by(|a, b| a.clock.lww_key().cmp(&b.clock.lww_key()));
+            all.dedup_by(|a, b| a.clock == b.clock);
+            all
+        };
+        let Some((merged, met)) = conflict::merge_writes(
+            strategy,
+            ours.clone(),
+            theirs.clone(),
+            local_vclock,
+            &rc.vclock,
+        ) else {
+            continue;
+        };
+        match merged {
+            Merged::One(w) => {
+                if met && matches!(strategy, Strategy::Lww | Strategy::Version) {
+                    notes.push(Note::Detected {
+                        property: k.to_owned(),
+                        strategy,
+                        sides: sides(),
+                        value: w.value.clone(),
+                        error: None,
+                    });
+                }
+                set_write(nt, k, w, patch);
+            }
+            Merged::Many(all) => {
+                if let Some(c) = conflict::main_clock(&all) {
+                    nt.clocks.insert(k, c.clone());
+                }
+                nt.siblings
+                    .get_or_insert_with(Default::default)
+                    .insert(k.to_owned(), all);
+            }
+        }
+    }
+}
+
+/// Give each property whose siblings changed in this merge (against `was`, the twin's
+/// siblings here before it) its value: the lww winner (`manual`, and `merge` when its resolver failed) or
+/// the resolver's answer from `res`. A property left with one write (or none) is no longer
+/// in conflict. Notes the conflicts found and ended. Without an answer it needs (unless
+/// `last`), returns the resolver calls to make first.
+fn settle(
+    nt: &mut Twin,
+    was: Option<&BTreeMap<String, Vec<Sibling>>>,
+    policy: &ConflictPolicy,
+    res: &Resolutions,
+    last: bool,
+    patch: &mut Properties,
+    notes: &mut Vec<Note>,
+) -> Result<(), Vec<ResolveRequest>> {
+    let mut pending = Vec::new();
+    let names: Vec<String> = nt
+        .siblings
+        .as_deref()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    for k in names {
+        let sides = nt
+            .siblings
+            .as_deref()
+            .and_then(|m| m.get(&k))
+            .cloned()
+            .unwrap_or_default();
+        if was.and_then(|m| m.get(&k)) == Some(&sides) {
             continue;
         }
-        match rc.properties.get(k) {
-            Some(v) => {
-                if nt.properties.get(k) != Some(v) {
-                    patch.insert(k.to_owned(), v.clone());
+        if sides.len() < 2 {
+            match sides.into_iter().next() {
+                Some(w) => set_write(nt, &k, w, patch),
+                None => {
+                    if let Some(map) = nt.siblings.as_mut() {
+                        map.remove(&k);
+                    }
                 }
-                nt.properties.insert(k.to_owned(), v.clone());
             }
-            None => {
-                if nt.properties.remove(k).is_some() {
-                    patch.insert(k.to_owned(), Value::Null);
-                }
+            continue;
+        }
+        if let Some(c) = conflict::main_clock(&sides) {
+            nt.clocks.insert(&k, c.clone());
+        }
+        let (value, error) = match conflict::shown_value(nt.id, &k, policy, &sides, res) {
+            Ok(shown) => shown,
+            Err(_) if last => (
+                sides.last().map(|s| s.value.clone()).unwrap_or(Value::Null),
+                Some("local writes kept changing the property while its resolver ran".to_owned()),
+            ),
+            Err(req) => {
+                pending.push(req);
+                continue;
+            }
+        };
+        if let Some(e) = &error {
+            tracing::warn!(twin_id = %nt.id, property = %k, error = %e, "conflict resolver failed; the property shows the last writer's value");
+        }
+        show(nt, &k, value.clone(), patch);
+        notes.push(Note::Detected {
+            property: k,
+            strategy: policy.strategy,
+            sides,
+            value,
+            error,
+        });
+    }
+    if nt.siblings.as_deref().is_some_and(BTreeMap::is_empty) {
+        nt.siblings = None;
+    }
+    if !pending.is_empty() {
+        return Err(pending);
+    }
+    if let Some(was) = was {
+        for k in was.keys() {
+            if nt.siblings.as_deref().is_none_or(|m| !m.contains_key(k)) {
+                notes.push(Note::Resolved {
+                    property: k.clone(),
+                    value: nt.properties.get(k).cloned().unwrap_or(Value::Null),
+                });
             }
         }
-        nt.clocks.insert(k, c.clone());
     }
-    patch
+    Ok(())
 }
 
 #[cfg(test)]
@@ -468,6 +755,7 @@ mod tests {
     use super::*;
     use crate::store::Store;
     use proptest::prelude::*;
+    use proptest::strategy::Strategy;
     use serde_json::json;
 
     const ORIGINS: [&str; 3] = ["a", "b", "c"];
@@ -507,6 +795,7 @@ mod tests {
                     clocks: Clocks::new(),
                     created_at: None,
                     deleted_hlc: 0,
+                    siblings: Default::default(),
                 };
                 if deleted {
                     return rc;
@@ -522,6 +811,8 @@ mod tests {
                         PropClock {
                             hlc: h,
                             origin: Arc::from(ORIGINS[po]),
+                            n: 0,
+                            v: 0,
                         },
                     );
                     rc.hlc = rc.hlc.max(h);
@@ -632,6 +923,8 @@ mod tests {
                             PropClock {
                                 hlc: far,
                                 origin: Arc::from("edge"),
+                                n: 0,
+                                v: 0,
                             },
                         ),
                         (
@@ -639,11 +932,14 @@ mod tests {
                             PropClock {
                                 hlc: 1,
                                 origin: Arc::from("edge"),
+                                n: 0,
+                                v: 0,
                             },
                         ),
                     ]),
                     created_at: None,
                     deleted_hlc: 0,
+                    siblings: Default::default(),
                 };
                 let out = r.apply_remote(vec![rc.clone()]).await.unwrap();
                 assert_eq!(out.applied, 1);

@@ -26,7 +26,7 @@ use super::write::{alert_change, bump, change, merge, model_change, points, rel_
 use super::{AlertRecord, Change, ChangeKind, Indexes, Tombstone, TwinMap};
 use crate::store::wal::{Entry, Stamp};
 use crate::store::{keys, Batch};
-use crate::types::{hlc_at, Clocks, Lifecycle, Properties, Twin, TwinId, VClock};
+use crate::types::{hlc_at, Clocks, Dot, Lifecycle, Properties, Twin, TwinId, VClock};
 
 /// What [`replay`] found besides the twins' state.
 pub(super) struct Replayed {
@@ -162,7 +162,9 @@ impl Replay<'_> {
         let origin = self.origin.clone();
         let applied = replay_change(self.twins, id, born, version, now, &origin, |t| {
             merge(&mut t.properties, &patch);
-            t.clocks.stamp(patch.keys(), hlc, &origin);
+            let dot = Dot::next(&t.vclock, &origin);
+            t.clocks.stamp(patch.keys(), hlc, &origin, dot);
+            super::conflict::supersede(&mut t.siblings, patch.keys());
             t.hlc = hlc;
             t.lseq = t.lseq.max(lseq);
         });
@@ -202,7 +204,8 @@ impl Replay<'_> {
         if t.hlc == 0 {
             // A format-1 create: no clocks, no change number yet.
             t.hlc = hlc_at(t.created_at);
-            t.clocks.stamp(t.properties.keys(), t.hlc, self.origin);
+            let dot = Dot::of(&t.vclock, self.origin);
+            t.clocks.stamp(t.properties.keys(), t.hlc, self.origin, dot);
             self.found.unnumbered.push(t.id);
         }
         self.index.insert(&t);

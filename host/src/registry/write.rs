@@ -16,7 +16,7 @@ use super::{
 };
 use crate::store::wal::Stamp;
 use crate::store::{keys, Batch};
-use crate::types::{Lifecycle, Properties, Twin, TwinId, VClock};
+use crate::types::{Dot, Lifecycle, Properties, Twin, TwinId, VClock};
 
 /// Record a history sample for each numeric property of `props`.
 pub(super) fn points(batch: &mut Batch, id: TwinId, props: &Properties, ts: DateTime<Utc>) {
@@ -311,9 +311,11 @@ impl Registry {
                         lseq: stamp.lseq,
                         clocks: Default::default(),
                         deleted_hlc: 0,
+                        siblings: None,
                     };
+                    let dot = Dot::of(&twin.vclock, &this.inner.node_id);
                     twin.clocks
-                        .stamp(twin.properties.keys(), stamp.hlc, &this.inner.origin);
+                        .stamp(twin.properties.keys(), stamp.hlc, &this.inner.origin, dot);
                     idx.insert(&twin);
                     b.numbered(stamp.lseq, id);
                     b.create(&twin);
@@ -338,11 +340,21 @@ impl Registry {
 
     /// Apply one merge patch and return the updated twin.
     pub async fn patch(&self, update: Update) -> Result<Twin, RegistryError> {
+        self.patch_settling(update, false).await
+    }
+
+    /// [`Registry::patch`]; with `settling` (a conflict's resolution) a retired twin takes it
+    /// too: it settles what the twin was written before it retired.
+    pub(super) async fn patch_settling(
+        &self,
+        update: Update,
+        settling: bool,
+    ) -> Result<Twin, RegistryError> {
         check_patch(&update.patch)?;
         let t = self
             .write(move |this, b, changes| {
                 let mut update = update;
-                this.apply_one(&mut update, Utc::now(), b, changes, true)
+                this.apply_one(&mut update, Utc::now(), b, changes, true, settling)
             })
             .await??;
         Ok(self.with_children(t.expect("asked for the twin")))
@@ -355,7 +367,7 @@ impl Registry {
             let mut out = BatchOutcome::default();
             for (i, mut u) in updates.into_iter().enumerate() {
                 match check_patch(&u.patch)
-                    .and_then(|()| this.apply_one(&mut u, now, b, changes, false))
+                    .and_then(|()| this.apply_one(&mut u, now, b, changes, false, false))
                 {
                     Ok(_) => out.applied += 1,
                     Err(e) => out.rejected.push((i, e)),
@@ -375,6 +387,7 @@ impl Registry {
         b: &mut Batch,
         changes: &mut Vec<Change>,
         want_twin: bool,
+        settling: bool,
     ) -> Result<Option<Twin>, RegistryError> {
         let mut entry = self
             .inner
@@ -383,7 +396,7 @@ impl Registry {
             .get_mut(&u.twin_id)
             .ok_or_else(|| RegistryError::twin_not_found(u.twin_id))?;
         let t = Arc::make_mut(&mut *entry);
-        if t.lifecycle == Lifecycle::Retired {
+        if t.lifecycle == Lifecycle::Retired && !settling {
             return Err(RegistryError::Conflict(format!(
                 "twin {} is retired and refuses updates",
                 u.twin_id
@@ -416,10 +429,12 @@ impl Registry {
         }
         let stamp = b.stamp(u.cause.as_deref());
         merge(&mut t.properties, &u.patch);
-        t.clocks
-            .stamp(u.patch.keys(), stamp.hlc, &self.inner.origin);
         t.version += 1;
         bump(&mut t.vclock, &self.inner.node_id);
+        let dot = Dot::of(&t.vclock, &self.inner.node_id);
+        t.clocks
+            .stamp(u.patch.keys(), stamp.hlc, &self.inner.origin, dot);
+        let settled = super::conflict::supersede(&mut t.siblings, u.patch.keys());
         t.updated_at = now;
         t.hlc = stamp.hlc;
         t.lseq = stamp.lseq;
@@ -439,6 +454,17 @@ impl Registry {
             );
             c.cause = u.cause.take();
             changes.push(c);
+        }
+        if !settled.is_empty() {
+            let notes = settled
+                .into_iter()
+                .map(|property| super::conflict::Note::Resolved {
+                    value: t.properties.get(&property).cloned().unwrap_or(Value::Null),
+                    property,
+                })
+                .collect();
+            self.index_conflicts(t);
+            self.conflict_events(b, changes, t, notes);
         }
         Ok(want_twin.then(|| t.clone()))
     }
@@ -463,6 +489,7 @@ impl Registry {
                 let stamp = b.stamp(None);
                 if let Some((_, t)) = this.inner.twins.0.remove(d) {
                     idx.remove(&t);
+                    this.inner.conflicted.remove(d);
                     let mut vclock = t.vclock.clone();
                     bump(&mut vclock, &this.inner.node_id);
                     let tomb = Tombstone {
@@ -569,6 +596,7 @@ impl Registry {
                     parent_id: a.parent_id,
                     ts: a.ts,
                     data: a.data.take().unwrap_or(Value::Null),
+                    kind: None,
                 };
                 let bytes = serde_json::to_vec(&record).expect("alerts serialize");
                 let stamp = b.alert(a.cause.as_deref(), &bytes);
@@ -576,6 +604,38 @@ impl Registry {
             }
         })
         .await
+    }
+
+    /// Number and log conflict events about `t` (its merge or write is in the same batch).
+    pub(super) fn conflict_events(
+        &self,
+        b: &mut Batch,
+        changes: &mut Vec<Change>,
+        t: &Twin,
+        notes: Vec<super::conflict::Note>,
+    ) {
+        for n in notes {
+            let (kind, data) = n.into_event(&t.id);
+            match kind {
+                ChangeKind::ConflictDetected => {
+                    let strategy = data["strategy"].as_str().unwrap_or("lww").to_owned();
+                    metrics::counter!("twinhost_sync_conflicts_total", "strategy" => strategy)
+                        .increment(1);
+                }
+                _ => metrics::counter!("twinhost_sync_conflicts_resolved_total").increment(1),
+            }
+            let record = AlertRecord {
+                twin_id: t.id,
+                entity_type: t.entity_type.clone(),
+                parent_id: t.parent_id,
+                ts: Utc::now(),
+                data,
+                kind: Some(kind),
+            };
+            let bytes = serde_json::to_vec(&record).expect("alerts serialize");
+            let stamp = b.alert(None, &bytes);
+            changes.push(alert_change(record, &stamp, &self.inner.origin));
+        }
     }
 
     // ---- relationships ------------------------------------------------------------------
@@ -683,6 +743,7 @@ pub(super) fn alert_change(r: AlertRecord, stamp: &Stamp, origin: &Arc<str>) -> 
         r.data,
         stamp.cause.clone().map(Arc::new),
     );
+    c.kind = r.kind.unwrap_or(ChangeKind::Alert);
     c.seq = stamp.lseq;
     c.hlc = stamp.hlc;
     c.origin = origin.clone();

@@ -345,7 +345,11 @@ where
             }
             Msg::Repair { items } => {
                 let n = items.len() as u64;
-                match ctx.registry.apply_remote(items).await {
+                match ctx
+                    .registry
+                    .apply_remote_resolving(items, Vec::new(), &*ctx.resolver)
+                    .await
+                {
                     Ok(o) => {
                         stats
                             .repaired
@@ -388,7 +392,10 @@ async fn merge(
     let n = items.len() as u64;
     let newest = items.iter().map(|c| c.hlc).max();
     let cursor = KvOp::Put(super::cursor_key(peer), next.to_be_bytes().to_vec());
-    let outcome = ctx.registry.apply_remote_with(items, vec![cursor]).await?;
+    let outcome = ctx
+        .registry
+        .apply_remote_resolving(items, vec![cursor], &*ctx.resolver)
+        .await?;
     stats.received_through.store(next, Ordering::Relaxed);
     stats.ops_in.fetch_add(n, Ordering::Relaxed);
     ctx.stats.received.fetch_add(n, Ordering::Relaxed);

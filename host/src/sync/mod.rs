@@ -1,6 +1,6 @@
 //! Sync between nodes: one WebSocket per pair of nodes (`GET /v1/sync/ws`), either side may
 //! dial, each side sending its durable change feed to the other and merging what it gets with
-//! [`Registry::apply_remote_with`] (per-property last writer wins, deletes by tombstone,
+//! [`Registry::apply_remote_resolving`] (per-property merge by the conflict strategy, deletes by tombstone,
 //! version vectors merged).
 //!
 //! Owns: the links (at most one per peer node: when both sides dial, the link the lower node
@@ -9,7 +9,7 @@
 //! merged is stored with each merge (one commit), so a link that breaks resumes there, and a
 //! peer away for a week is caught up page by page from the durable feed.
 //! Exposes: [`SyncService`], [`PeerConfig`], [`SyncStats`], the [`protocol`].
-//! Must never: change twins except through `apply_remote_with`, or hold per peer more than
+//! Must never: change twins except through `apply_remote_resolving`, or hold per peer more than
 //! a bounded number of unacknowledged batches (see [`link`]).
 //!
 //! Anti-entropy: every `--anti-entropy-every` each side of a link sends a digest of its
@@ -21,6 +21,7 @@
 
 pub mod link;
 pub mod protocol;
+pub mod resolve;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -196,6 +197,8 @@ pub struct SyncCtx {
     pub registry: Registry,
     pub store: Store,
     pub stats: Arc<SyncStats>,
+    /// Calls the `merge` strategy's resolvers.
+    pub resolver: resolve::Resolver,
     /// The flush window, in microseconds.
     flush_us: AtomicU64,
     /// The anti-entropy period, in milliseconds.
@@ -321,12 +324,18 @@ pub struct SyncService(Arc<SyncCtx>);
 
 impl SyncService {
     /// The service of a node; dials nothing until peers are added.
-    pub fn new(registry: Registry, store: Store, stats: Arc<SyncStats>) -> Self {
+    pub fn new(
+        registry: Registry,
+        store: Store,
+        stats: Arc<SyncStats>,
+        resolver: resolve::Resolver,
+    ) -> Self {
         SyncService(Arc::new(SyncCtx {
             node_id: registry.node_id().to_owned(),
             registry,
             store,
             stats,
+            resolver,
             flush_us: AtomicU64::new(DEFAULT_FLUSH.as_micros() as u64),
             anti_entropy_ms: AtomicU64::new(DEFAULT_ANTI_ENTROPY.as_millis() as u64),
             links: Mutex::default(),

@@ -294,11 +294,13 @@ fn model(doc: &mut Value) {
     *schema(doc, "ConflictPolicy") = json!({
         "oneOf": [
             {"type": "object", "additionalProperties": false, "required": ["strategy"],
-             "properties": {"strategy": {"type": "string", "enum": ["lww", "version", "manual"]},
-                            "resolver": resolver}},
-            {"type": "object", "additionalProperties": false, "required": ["strategy", "resolver"],
+             "properties": {"strategy": {"type": "string", "enum": ["lww", "version", "manual"]}}},
+            {"type": "object", "additionalProperties": false, "required": ["strategy", "resolver", "sha256"],
              "properties": {"strategy": {"const": "merge"},
-                            "resolver": {"allOf": [resolver], "description": "A `resolver` module."}}},
+                            "resolver": {"allOf": [resolver], "description": "A `resolver` module."},
+                            "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$",
+                                       "example": "9f2c4e1a7b3d5f60182a4c6e8b0d2f4a6c8e0b2d4f6a8c0e2b4d6f8a0c2e4b6d",
+                                       "description": "The resolver component's sha256 (`GET /v1/modules/{name}`): nodes whose module has other code do not run it."}}},
         ],
     });
     let m = schema(doc, "Model");
