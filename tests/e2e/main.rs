@@ -11,6 +11,8 @@
 //! - Events: [`events`] (live streams, resume, the stored log, crashes).
 //! - Guests: [`wasm`] (compute modules), [`sandbox`] (guests that wait), [`behaviors`],
 //!   [`rules`].
+//! - Sync: [`sync`] (links, catch-up, relay, partitions, anti-entropy), [`conflicts`] (the
+//!   conflict strategies between real servers).
 //! - The process: [`ops`] (health, metrics, SIGTERM), [`durability`] (restart and kill -9
 //!   keep every acknowledged write), [`cli`] (the client commands).
 //!
@@ -23,6 +25,7 @@ mod auth;
 mod behaviors;
 mod changes;
 mod cli;
+mod conflicts;
 mod durability;
 mod events;
 mod history;

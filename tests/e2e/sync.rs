@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::common::Server;
 
 /// Wait until `check` holds on what `path` answers on `s`, or fail with the last answer.
-async fn eventually(s: &Server, path: &str, what: &str, check: impl Fn(&Value) -> bool) {
+pub(crate) async fn eventually(s: &Server, path: &str, what: &str, check: impl Fn(&Value) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let r = s.get(path).await;
