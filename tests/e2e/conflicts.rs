@@ -1,21 +1,21 @@
 //! Conflict strategies between real servers (`conflict.strategy` of the model): writes to one
 //! property on both sides of a partition are merged by the `max-resolver` component on every
 //! node (`merge`), or kept side by side as a conflict that every node lists with the same id
-//! until it is resolved on any one of them (`manual`).
+//! until it is resolved on any one of them (`manual`). Models replicate with the twins.
 
 use serde_json::{json, Value};
 
 use crate::common::{guest, proxy::Proxy, Server};
 use crate::sync::eventually;
 
-/// Upload `max-resolver` and model `machine` on `s` with `conflict`; returns the module's
-/// sha256.
+/// Model `machine` on `s` with `conflict`.
 async fn model_with(s: &Server, conflict: Value) {
     s.put("/v1/models/machine", &json!({"conflict": conflict}))
         .await
         .expect(201);
 }
 
+/// Upload `max-resolver` to `s`; returns its sha256.
 async fn upload_resolver(s: &Server) -> String {
     let r = s.upload("max-resolver", &guest("max_resolver"), "").await;
     assert_eq!(r.status, 201, "{}", r.text);
@@ -65,14 +65,18 @@ fn event_types(s: &Value) -> Vec<String> {
 async fn concurrent_writes_are_merged_by_the_resolver_component_on_every_node() {
     let a = Server::start_from(|_| {}, Some("node-a"), &[]);
     let (b, proxy) = behind_proxy(&a, "node-b").await;
-    for s in [&a, &b] {
-        let sha256 = upload_resolver(s).await;
-        model_with(
-            s,
-            json!({"strategy": "merge", "resolver": "max-resolver", "sha256": sha256}),
-        )
-        .await;
-    }
+    // Modules stay per node: each node has the resolver. The model, put on A, replicates.
+    let sha256 = upload_resolver(&a).await;
+    assert_eq!(upload_resolver(&b).await, sha256);
+    model_with(
+        &a,
+        json!({"strategy": "merge", "resolver": "max-resolver", "sha256": sha256}),
+    )
+    .await;
+    eventually(&b, "/v1/models/machine", "A's model on B", |m| {
+        m["conflict"]["strategy"] == "merge"
+    })
+    .await;
     let id = a
         .create_twin_id(&json!({"entity_type": "machine", "properties": {"temperature": 0}}))
         .await;
@@ -165,8 +169,13 @@ async fn a_manual_conflict_resolved_on_one_node_clears_on_every_node() {
         Some("node-c"),
         &["--peer", &b.url, "--peer-token", &token],
     );
-    for s in [&a, &b, &c] {
-        model_with(s, json!({"strategy": "manual"})).await;
+    // Models replicate: put on A, the model reaches C through B.
+    model_with(&a, json!({"strategy": "manual"})).await;
+    for s in [&b, &c] {
+        eventually(s, "/v1/models/machine", "A's model", |m| {
+            m["conflict"]["strategy"] == "manual"
+        })
+        .await;
     }
     let id = a
         .create_twin_id(&json!({"entity_type": "machine", "properties": {"status": "new"}}))
@@ -249,5 +258,18 @@ async fn a_manual_conflict_resolved_on_one_node_clears_on_every_node() {
             "{}",
             log.text
         );
+    }
+
+    // A model deleted on C is deleted everywhere.
+    c.delete("/v1/models/machine").await.expect(204);
+    for s in [&a, &b] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while s.get("/v1/models/machine").await.status != 404 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the model delete did not spread"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 }

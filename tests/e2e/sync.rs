@@ -251,14 +251,15 @@ async fn a_wrong_protocol_version_or_own_node_id_is_refused_with_a_reason() {
     )
     .await;
     assert_eq!(code, 4001, "{reason}");
+    let ours = twinhost::sync::protocol::PROTOCOL_VERSION;
     assert!(
-        reason.contains("version 99") && reason.contains("version 1"),
+        reason.contains("version 99") && reason.contains(&format!("version {ours}")),
         "{reason}"
     );
     let (code, reason) = close_after_hello(
         &a,
         &token,
-        json!({"type": "hello", "protocol": 1, "node_id": "node-a"}),
+        json!({"type": "hello", "protocol": ours, "node_id": "node-a"}),
     )
     .await;
     assert_eq!(code, 4003, "{reason}");

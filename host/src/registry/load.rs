@@ -28,6 +28,8 @@ pub(super) struct Loaded {
     pub twins: Arc<TwinMap>,
     pub index: Indexes,
     pub models: HashMap<String, Arc<Model>>,
+    /// The clock of every model and model tombstone.
+    pub model_clocks: HashMap<String, super::models_sync::ModelClock>,
     pub rels: RelMap,
     pub tombstones: feed::Tombstones,
     pub floors: Floors,
@@ -41,10 +43,16 @@ pub(super) fn load(store: &Store, origin: &Arc<str>) -> Result<Loaded, RegistryE
     };
     let (twins, index) = load_twins(store, origin, &mut floors)?;
     let mut models = HashMap::new();
+    let mut model_clocks = HashMap::new();
     for kv in store.scan_prefix(&[keys::MODEL]) {
         let (k, v) = kv?;
-        let m: Model = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
-        models.insert(String::from_utf8_lossy(&k[1..]).into_owned(), Arc::new(m));
+        let (m, clock) = super::models_sync::read_stored(&v).map_err(|e| corrupt(&k, e))?;
+        let et = String::from_utf8_lossy(&k[1..]).into_owned();
+        floors.hlc = floors.hlc.max(clock.hlc);
+        if let Some(m) = m {
+            models.insert(et.clone(), Arc::new(m));
+        }
+        model_clocks.insert(et, clock);
     }
     let mut rels: RelMap = Default::default();
     for kv in store.scan_prefix(&[keys::REL]) {
@@ -65,6 +73,7 @@ pub(super) fn load(store: &Store, origin: &Arc<str>) -> Result<Loaded, RegistryE
         twins,
         index,
         models,
+        model_clocks,
         rels,
         tombstones,
         floors,

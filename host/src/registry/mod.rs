@@ -20,6 +20,7 @@ mod error;
 pub mod feed;
 mod load;
 pub mod model;
+pub mod models_sync;
 mod origin;
 pub mod query;
 pub mod remote;
@@ -354,6 +355,10 @@ struct Inner {
     twins: Arc<TwinMap>,
     index: RwLock<Indexes>,
     models: RwLock<HashMap<String, Arc<Model>>>,
+    /// The clock of every model and model tombstone (models replicate, lww).
+    model_clocks: RwLock<HashMap<String, models_sync::ModelClock>>,
+    /// Counts model puts and deletes, local or merged, once durable.
+    models_version: tokio::sync::watch::Sender<u64>,
     rels: RwLock<RelMap>,
     commit: CommitHandle,
     sink: std::sync::OnceLock<ChangeSink>,
@@ -407,6 +412,7 @@ impl Registry {
             twins,
             mut index,
             models,
+            model_clocks,
             rels,
             tombstones,
             floors,
@@ -468,6 +474,8 @@ impl Registry {
                 twins,
                 index: RwLock::new(index),
                 models: RwLock::new(models),
+                model_clocks: RwLock::new(model_clocks),
+                models_version: tokio::sync::watch::Sender::new(0),
                 rels: RwLock::new(rels),
                 commit,
                 sink: std::sync::OnceLock::new(),

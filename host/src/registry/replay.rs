@@ -323,9 +323,10 @@ impl Replay<'_> {
             }),
             Some(&keys::MODEL) => self.stamp.take().map(|s| {
                 let et = String::from_utf8_lossy(&key[1..]).into_owned();
-                let data = match value {
-                    Some(v) => json!({"entity_type": et, "model": json_of(v)}),
-                    None => json!({"entity_type": et, "deleted": true}),
+                let model = value.and_then(|v| super::models_sync::read_stored(v).ok());
+                let data = match model {
+                    Some((Some(m), _)) => json!({"entity_type": et, "model": m}),
+                    _ => json!({"entity_type": et, "deleted": true}),
                 };
                 model_change(&et, data, &s, self.origin)
             }),

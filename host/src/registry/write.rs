@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use super::feed::Tombstones;
+use super::models_sync::{stored, ModelClock};
 use super::{
     check_name, AlertRecord, BatchOutcome, Change, ChangeKind, Model, NewTwin, Registry,
     RegistryError, Tombstone, TwinMap, Update, MAX_PROPERTIES, MAX_VALUE_DEPTH,
@@ -205,18 +206,23 @@ impl Registry {
     pub async fn put_model(&self, entity_type: &str, model: Model) -> Result<bool, RegistryError> {
         check_name("entity type", entity_type)?;
         model.check()?;
-        let bytes = serde_json::to_vec(&model).expect("models serialize");
         let (et, model) = (entity_type.to_owned(), Arc::new(model));
         self.write(move |this, b, changes| {
             let stamp = b.stamp(None);
-            b.put(keys::model(&et), bytes);
+            let clock = ModelClock {
+                hlc: stamp.hlc,
+                origin: this.inner.origin.clone(),
+            };
+            b.put(keys::model(&et), stored(Some(&model), &clock));
             if this.wants_changes() {
                 let data = json!({"entity_type": et, "model": &*model});
                 changes.push(model_change(&et, data, &stamp, &this.inner.origin));
             }
+            this.inner.model_clocks.write().insert(et.clone(), clock);
             this.inner.models.write().insert(et, model).is_none()
         })
         .await
+        .inspect(|_| self.models_changed())
     }
 
     pub async fn delete_model(&self, entity_type: &str) -> Result<(), RegistryError> {
@@ -226,14 +232,22 @@ impl Registry {
                 return Err(RegistryError::NotFound(format!("model {et:?}")));
             }
             let stamp = b.stamp(None);
-            b.delete_key(keys::model(&et));
+            // A tombstone with the delete's clock: an older put from a peer stays deleted.
+            let clock = ModelClock {
+                hlc: stamp.hlc,
+                origin: this.inner.origin.clone(),
+            };
+            b.put(keys::model(&et), stored(None, &clock));
             if this.wants_changes() {
                 let data = json!({"entity_type": et, "deleted": true});
                 changes.push(model_change(&et, data, &stamp, &this.inner.origin));
             }
+            this.inner.model_clocks.write().insert(et, clock);
             Ok(())
         })
-        .await?
+        .await??;
+        self.models_changed();
+        Ok(())
     }
 
     // ---- twins --------------------------------------------------------------------------

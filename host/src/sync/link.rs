@@ -338,6 +338,11 @@ where
                     return End::ByPeer(None);
                 }
             }
+            Msg::Models { items } => match ctx.registry.apply_remote_models(items).await {
+                Ok(n) if n > 0 => tracing::info!(peer, models = n, "merged models from the peer"),
+                Ok(_) => {}
+                Err(e) => return End::Failed(e.into()),
+            },
             Msg::Digest { buckets } => {
                 if let Err(end) = repair(ctx, stats, out, buckets).await {
                     return end;
@@ -438,6 +443,8 @@ async fn send(
     pos = start_at(ctx, peer, pos);
     let mut durable = ctx.registry.watch_durable();
     let mut in_flight: VecDeque<u64> = VecDeque::new();
+    let mut models = ctx.registry.watch_models();
+    let mut models_sent = None;
     loop {
         if subscribed.has_changed().unwrap_or(false) {
             // The peer asked again (e.g. to repair): start over from there.
@@ -459,6 +466,20 @@ async fn send(
             }
         }
         durable.borrow_and_update();
+        let version = *models.borrow_and_update();
+        if models_sent != Some(version) {
+            let msg = Msg::Models {
+                items: ctx.registry.models_state(),
+            };
+            let text = serde_json::to_string(&msg).expect("json");
+            stats
+                .bytes_out
+                .fetch_add(text.len() as u64, Ordering::Relaxed);
+            if out.send(Out::Text(text)).await.is_err() {
+                return End::ByPeer(None);
+            }
+            models_sent = Some(version);
+        }
         let page = ctx.registry.changes(pos, BATCH);
         let full = page.items.len() == BATCH;
         if page.next != pos {
@@ -494,6 +515,7 @@ async fn send(
             // writes of that window go as one batch.
             tokio::select! {
                 r = durable.changed() => if r.is_err() { return End::Cancelled },
+                r = models.changed() => if r.is_err() { return End::Cancelled },
                 r = subscribed.changed() => if r.is_err() { return End::ByPeer(None) },
             }
             tokio::time::sleep(ctx.flush()).await;

@@ -20,11 +20,12 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::registry::models_sync::RemoteModel;
 use crate::registry::RemoteChange;
 
 /// The protocol version this build speaks. A peer that speaks another is refused with
-/// [`Close::UNSUPPORTED`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// [`Close::UNSUPPORTED`]. 2: models travel (`models`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Longest message accepted (a batch of feed entries); larger ones close the link.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -48,6 +49,9 @@ pub enum Msg {
     Digest { buckets: Vec<u64> },
     /// Entries sent by anti-entropy: merged like feed entries; no feed position moves.
     Repair { items: Vec<RemoteChange> },
+    /// Every model and model tombstone of the sender, with their clocks: sent when the link
+    /// starts and whenever a model changed there (last writer wins per entity type).
+    Models { items: Vec<RemoteModel> },
 }
 
 /// A batch as the sender writes it: feed entries already in their wire form (the JSON of
@@ -146,5 +150,6 @@ pub fn kind(m: &Msg) -> &'static str {
         Msg::Ack { .. } => "ack",
         Msg::Digest { .. } => "digest",
         Msg::Repair { .. } => "repair",
+        Msg::Models { .. } => "models",
     }
 }
