@@ -34,6 +34,7 @@ mod limits;
 mod ops;
 mod query;
 mod relationships;
+mod replicated;
 mod rules;
 mod sandbox;
 mod sync;

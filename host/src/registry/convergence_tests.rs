@@ -25,9 +25,8 @@
 //! so a node that asked in another order would diverge), and `merge` with the real
 //! `max-resolver` component from `guests/` run by the WASM runtime.
 //!
-//! Relationship edits are not in the workload: relationships are not in the change feed yet
-//! (they stay per node in this release). They join the workload, and the compared state, when
-//! the feed carries them.
+//! Relationship puts and deletes are in the workload; the compared state holds every
+//! relationship record (tombstones included) with its clock.
 
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -424,7 +423,32 @@ impl Sim {
                 let r = expected(self.nodes[n].reg().resolve_conflict(&c.id, patch).await);
                 self.log(format!("{what} -> {:?}", r.map(|t| t.hlc)));
             }
-            12..=32 => {
+            29..=31 => {
+                let target = *self.rng.pick(&self.ids);
+                let name = *self.rng.pick(&["feeds", "near"]);
+                let props = json!({"w": self.rng.below(3)});
+                let r = expected(
+                    self.nodes[n]
+                        .reg()
+                        .put_relationship(id, name, target, props.clone())
+                        .await,
+                );
+                self.log(format!(
+                    "{node}: relate {id} {name} {target} {props} -> {r:?}"
+                ));
+            }
+            32 => {
+                let target = *self.rng.pick(&self.ids);
+                let name = *self.rng.pick(&["feeds", "near"]);
+                let r = expected(
+                    self.nodes[n]
+                        .reg()
+                        .delete_relationship(id, name, target)
+                        .await,
+                );
+                self.log(format!("{node}: unrelate {id} {name} {target} -> {r:?}"));
+            }
+            12..=28 => {
                 let mut patch = properties(&mut self.rng, 3);
                 if patch.is_empty() {
                     patch.insert("p0".into(), value(&mut self.rng));
@@ -672,6 +696,8 @@ fn canonical(r: &Registry, ids: &[TwinId]) -> Vec<(String, Value)> {
                     .map(|(k, c)| (k.to_owned(), json!([c.hlc, &*c.origin, c.n, c.v])))
                     .collect();
                 json!({
+                    "relationships": r.relationship_records(id),
+                    "visible_relationships": r.relationships(id).ok().map(|v| v.len()),
                     "siblings": t.siblings,
                     "entity_type": t.entity_type,
                     "parent_id": t.parent_id,
@@ -738,8 +764,9 @@ fn diff(states: &[Vec<(String, Value)>], report: &mut String) {
 }
 
 /// One seed: the workload, healing, quiescence, and the comparison. Panics on divergence.
-/// Returns how many conflicts stay open at the end (the same on every node).
-fn run(seed: u64, trace: bool) -> usize {
+/// Returns how many conflicts stay open at the end and how many relationship records (with
+/// tombstones) the nodes hold (each the same on every node).
+fn run(seed: u64, trace: bool) -> (usize, usize) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -793,6 +820,13 @@ fn run(seed: u64, trace: bool) -> usize {
             let _ = writeln!(report, "  {line}");
         }
     }
+    let rels = sim.ids.iter().map(|id| {
+        sim.nodes[0]
+            .reg
+            .as_ref()
+            .map_or(0, |r| r.relationship_records(id).len())
+    });
+    let rels = rels.sum();
     let open = match result {
         Ok(open) => open,
         Err(e) => panic!("{report}seed {seed}: {}", panic_message(&*e)),
@@ -807,7 +841,7 @@ fn run(seed: u64, trace: bool) -> usize {
         panic!("{report}");
     }
     eprint!("{report}");
-    open
+    (open, rels)
 }
 
 fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
@@ -837,9 +871,11 @@ fn three_nodes_converge_under_faults() {
     let count = seeds.end - seeds.start;
     // Per strategy: seeds run, and conflicts left open at their end.
     let mut tally: std::collections::BTreeMap<&str, (u64, usize)> = Default::default();
+    let mut relationships = 0;
     for seed in seeds {
         match catch_unwind(|| run(seed, trace)) {
-            Ok(open) => {
+            Ok((open, rels)) => {
+                relationships += rels;
                 let t = tally.entry(Mode::of_seed(seed).name()).or_default();
                 t.0 += 1;
                 t.1 += open;
@@ -852,8 +888,12 @@ fn three_nodes_converge_under_faults() {
         }
     }
     eprintln!(
-        "{count} seeds converged in {:.1?}; per strategy, seeds and conflicts open at the end: {tally:?}",
+        "{count} seeds converged in {:.1?}; per strategy, seeds and conflicts open at the end: {tally:?}; relationship records at the end: {relationships}",
         started.elapsed()
+    );
+    assert!(
+        count < 10 || relationships > 0,
+        "no seed ended with a relationship"
     );
     // The workload makes concurrent writes: the strategies that keep them side by side must
     // have met some (else the run tests no conflict at all).

@@ -28,7 +28,7 @@ fn first_u64(h: Sha256) -> u64 {
     u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
-fn twin_digest(t: &Twin) -> u64 {
+fn twin_digest(t: &Twin, rels: &[super::rels::RelRecord]) -> u64 {
     let mut h = Sha256::new();
     h.update(b"twin\0");
     h.update(t.id.0.as_bytes());
@@ -50,6 +50,10 @@ fn twin_digest(t: &Twin) -> u64 {
     if let Some(s) = &t.siblings {
         h.update(b"siblings\0");
         h.update(serde_json::to_vec(s).unwrap_or_default());
+    }
+    if !rels.is_empty() {
+        h.update(b"relationships\0");
+        h.update(serde_json::to_vec(rels).unwrap_or_default());
     }
     for (node, n) in &t.vclock {
         h.update(node.as_bytes());
@@ -79,13 +83,22 @@ impl Registry {
     /// out: each node drops them at its own time, and comparing them would only send them
     /// back and forth.
     fn replicated(&self) -> Vec<FeedItem> {
-        let mut out: Vec<FeedItem> = self
+        let twins: Vec<Arc<crate::types::Twin>> = self
             .inner
             .twins
             .0
             .iter()
-            .map(|t| FeedItem::Twin(Arc::clone(t.value())))
+            .map(|t| Arc::clone(t.value()))
             .collect();
+        let rels = self.inner.rels.read();
+        let mut out: Vec<FeedItem> = twins
+            .into_iter()
+            .map(|t| {
+                let r = super::rels::records(rels.get(&t.id));
+                FeedItem::Twin(t, r)
+            })
+            .collect();
+        drop(rels);
         let half = self.tombstone_retention().as_millis() as u64 / 2;
         let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
         let cutoff = now_ms.saturating_sub(half) << crate::types::HLC_COUNTER_BITS;
@@ -122,7 +135,7 @@ impl Registry {
         let mut out: Vec<(u64, Vec<FeedItem>)> = (0..BUCKETS).map(|_| (0, Vec::new())).collect();
         for item in self.replicated() {
             let (id, d) = match &item {
-                FeedItem::Twin(t) => (t.id, twin_digest(t)),
+                FeedItem::Twin(t, rels) => (t.id, twin_digest(t, rels)),
                 FeedItem::Tombstone(t) => (t.id, tombstone_digest(t)),
             };
             let (sum, items) = &mut out[bucket_of(&id)];

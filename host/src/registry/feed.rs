@@ -96,7 +96,7 @@ impl Feed {
 /// One entry of `GET /v1/changes`.
 pub enum FeedItem {
     /// A twin's current state (it changed after the asked number).
-    Twin(Arc<Twin>),
+    Twin(Arc<Twin>, Vec<super::rels::RelRecord>),
     /// A delete, while its tombstone lasts.
     Tombstone(Arc<Tombstone>),
 }
@@ -104,7 +104,7 @@ pub enum FeedItem {
 impl FeedItem {
     pub fn lseq(&self) -> u64 {
         match self {
-            FeedItem::Twin(t) => t.lseq,
+            FeedItem::Twin(t, _) => t.lseq,
             FeedItem::Tombstone(t) => t.lseq,
         }
     }
@@ -112,7 +112,7 @@ impl FeedItem {
     /// The JSON of the entry: the state with every clock a replica needs.
     pub fn to_json(&self) -> Value {
         match self {
-            FeedItem::Twin(t) => {
+            FeedItem::Twin(t, rels) => {
                 let mut item = json!({
                     "lseq": t.lseq, "twin_id": t.id, "deleted": false,
                     "entity_type": t.entity_type, "parent_id": t.parent_id,
@@ -123,6 +123,9 @@ impl FeedItem {
                 });
                 if let Some(s) = &t.siblings {
                     item["siblings"] = json!(s);
+                }
+                if !rels.is_empty() {
+                    item["relationships"] = json!(rels);
                 }
                 item
             }

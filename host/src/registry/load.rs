@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use serde_json::Value;
 
 use super::{corrupt, feed, Indexes, Model, RegistryError, RelMap, Tombstone, TwinMap};
 use crate::store::wal::from_slice_unbounded;
@@ -58,8 +57,9 @@ pub(super) fn load(store: &Store, origin: &Arc<str>) -> Result<Loaded, RegistryE
     for kv in store.scan_prefix(&[keys::REL]) {
         let (k, v) = kv?;
         let (src, dst, name) = keys::parse_rel(&k).ok_or_else(|| corrupt(&k, "bad key"))?;
-        let props: Value = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
-        rels.entry(src).or_default().insert((name, dst), props);
+        let state = super::rels::decode(&v).map_err(|e| corrupt(&k, e))?;
+        floors.hlc = floors.hlc.max(state.hlc);
+        rels.entry(src).or_default().insert((name, dst), state);
     }
     let mut tombstones = feed::Tombstones::default();
     for kv in store.scan_prefix(&[keys::TOMBSTONE]) {

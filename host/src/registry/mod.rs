@@ -23,6 +23,7 @@ pub mod model;
 pub mod models_sync;
 mod origin;
 pub mod query;
+pub mod rels;
 pub mod remote;
 mod replay;
 mod write;
@@ -328,7 +329,8 @@ impl StateSource for TwinMap {
     }
 }
 
-type RelMap = BTreeMap<TwinId, BTreeMap<(String, TwinId), Value>>;
+/// Source → (name, target) → the relationship (or its tombstone), with its clock.
+type RelMap = BTreeMap<TwinId, BTreeMap<(String, TwinId), rels::RelState>>;
 
 struct Inner {
     node_id: String,
@@ -508,20 +510,21 @@ impl Registry {
             tracing::warn!(twin_id = %id, "removing twin whose parent is gone (interrupted cascade delete)");
             n += self.delete(id, true).await?;
         }
-        let dangling: Vec<(TwinId, String, TwinId)> = {
+        // Relationships go with their source (those to a deleted target stay, unlisted: see
+        // `rels`); a source gone without them is a crash between the two.
+        let orphaned: Vec<TwinId> = {
             let idx = self.inner.index.read();
             self.inner
                 .rels
                 .read()
-                .iter()
-                .flat_map(|(src, m)| m.keys().map(move |(name, dst)| (*src, name.clone(), *dst)))
-                .filter(|(src, _, dst)| !idx.all.contains(src) || !idx.all.contains(dst))
+                .keys()
+                .filter(|src| !idx.all.contains(src))
+                .copied()
                 .collect()
         };
-        for (src, name, dst) in dangling {
-            tracing::warn!(source = %src, target = %dst, name = %name, "removing relationship whose end is gone");
-            self.delete_relationship(src, &name, dst).await?;
-            n += 1;
+        for src in orphaned {
+            tracing::warn!(source = %src, "removing the relationships of a twin that is gone");
+            n += self.drop_relationships_of(src).await?;
         }
         Ok(n)
     }
@@ -585,8 +588,16 @@ impl Registry {
                 if out.len() == limit || lseq > durable {
                     break 'pages;
                 }
-                if let Some(t) = self.inner.twins.0.get(&id).filter(|t| t.lseq == lseq) {
-                    out.push(FeedItem::Twin(Arc::clone(&t)));
+                let twin = self
+                    .inner
+                    .twins
+                    .0
+                    .get(&id)
+                    .filter(|t| t.lseq == lseq)
+                    .map(|t| Arc::clone(&t));
+                if let Some(t) = twin {
+                    let rels = self.relationship_records(&id);
+                    out.push(FeedItem::Twin(t, rels));
                 } else if let Some(d) = self.tombstone(&id).filter(|d| d.lseq == lseq) {
                     out.push(FeedItem::Tombstone(d));
                 }
@@ -713,8 +724,10 @@ impl Registry {
 
     // ---- relationships ------------------------------------------------------------------
 
+    /// The relationships of `src` whose target exists.
     pub fn relationships(&self, src: &TwinId) -> Result<Vec<Relationship>, RegistryError> {
         self.get(src)?;
+        let idx = self.inner.index.read();
         Ok(self
             .inner
             .rels
@@ -722,14 +735,22 @@ impl Registry {
             .get(src)
             .map(|m| {
                 m.iter()
-                    .map(|((name, dst), p)| Relationship {
-                        name: name.clone(),
-                        target_id: *dst,
-                        properties: p.clone(),
+                    .filter(|((_, dst), _)| idx.all.contains(dst))
+                    .filter_map(|((name, dst), s)| {
+                        Some(Relationship {
+                            name: name.clone(),
+                            target_id: *dst,
+                            properties: s.props.clone()?,
+                        })
                     })
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    /// The relationships of `src` with their clocks, tombstones included (its feed entry).
+    pub(crate) fn relationship_records(&self, src: &TwinId) -> Vec<rels::RelRecord> {
+        rels::records(self.inner.rels.read().get(src))
     }
 
     // ---- queries ------------------------------------------------------------------------

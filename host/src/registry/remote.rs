@@ -32,6 +32,7 @@ use serde_json::Value;
 use super::conflict::{self, Merged, Note, Resolutions, ResolveRequest};
 use super::model::{ConflictPolicy, Strategy};
 use super::origin::{self, Before};
+use super::rels::{self, RelRecord};
 use super::write::{change, put_tombstone};
 use super::{Change, ChangeKind, Registry, RegistryError, Tombstone};
 use crate::store::{keys, Batch, KvOp};
@@ -69,6 +70,23 @@ pub struct RemoteChange {
     /// Properties in conflict there, with every concurrent write (`manual`, `merge`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub siblings: BTreeMap<String, Vec<Sibling>>,
+    /// The twin's relationships there, tombstones included, with their clocks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relationships: Vec<RelRecord>,
+}
+
+/// What a merge does to a twin's relationships: puts and tombstones newer than this node's,
+/// and this node's that a delete the twin outlived takes.
+#[derive(Default)]
+struct RelMerge {
+    set: Vec<RelRecord>,
+    drop: Vec<(String, TwinId)>,
+}
+
+impl RelMerge {
+    fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.drop.is_empty()
+    }
 }
 
 /// How far ahead of this node's host clock a change made elsewhere may be stamped. Beyond
@@ -312,6 +330,7 @@ impl Registry {
             let stamp = b.stamp(None);
             self.inner.twins.0.remove(&id);
             self.inner.conflicted.remove(&id);
+            self.inner.rels.write().remove(&id);
             idx.remove(&t);
             let tomb = Tombstone {
                 id,
@@ -355,8 +374,10 @@ impl Registry {
             return Step::Pending(requests);
         }
         nt.vclock = vclock;
+        let rel_merge = self.merge_rels(id, &[], 0, nt.deleted_hlc);
         let stamp = b.stamp(None);
         self.finish_remote(nt, Some(&t), patch, notes, b, out, &stamp);
+        self.apply_rels(id, rel_merge, b, out);
         Step::Changed
     }
 
@@ -446,7 +467,13 @@ impl Registry {
         let clocks_changed = current.as_ref().is_none_or(|t| {
             t.clocks != nt.clocks || t.deleted_hlc != nt.deleted_hlc || t.siblings != nt.siblings
         });
-        if !clocks_changed && !lifecycle_changed && !identity_changed && vclock == nt.vclock {
+        let rel_merge = self.merge_rels(id, &rc.relationships, floor, nt.deleted_hlc);
+        if !clocks_changed
+            && !lifecycle_changed
+            && !identity_changed
+            && vclock == nt.vclock
+            && rel_merge.is_empty()
+        {
             return Step::Unchanged;
         }
         nt.vclock = vclock;
@@ -467,7 +494,84 @@ impl Registry {
             Some(_) => {}
         }
         self.finish_remote(nt, current.as_deref(), patch, notes, b, out, &stamp);
+        self.apply_rels(id, rel_merge, b, out);
         Step::Changed
+    }
+
+    /// The relationship changes merging `theirs` (the relationships of twin `id` there) makes
+    /// here: each of theirs written after every delete seen (`floor`, `deleted_hlc`) and newer
+    /// than ours; and ours written before the delete the twin outlived (`deleted_hlc`), except
+    /// those stored before relationships had clocks.
+    fn merge_rels(
+        &self,
+        id: TwinId,
+        theirs: &[RelRecord],
+        floor: u64,
+        deleted_hlc: u64,
+    ) -> RelMerge {
+        let all = self.inner.rels.read();
+        let ours = all.get(&id);
+        let mut m = RelMerge::default();
+        for ((name, target), s) in ours.into_iter().flatten() {
+            if s.hlc > 0 && s.hlc <= deleted_hlc {
+                m.drop.push((name.clone(), *target));
+            }
+        }
+        for r in theirs {
+            if r.hlc <= floor.max(deleted_hlc) {
+                continue;
+            }
+            let newer = ours
+                .and_then(|o| o.get(&(r.name.clone(), r.target_id)))
+                .is_none_or(|s| (r.hlc, &*r.origin) > s.key());
+            if newer {
+                m.set.push(r.clone());
+            }
+        }
+        m
+    }
+
+    /// Store what [`Registry::merge_rels`] found (the twin's feed entry is renumbered by the
+    /// merge itself), with a `relationship.changed` event per change made elsewhere.
+    fn apply_rels(&self, id: TwinId, m: RelMerge, b: &mut Batch, out: &mut Vec<Change>) {
+        if m.is_empty() {
+            return;
+        }
+        let mut all = self.inner.rels.write();
+        for (name, target) in m.drop {
+            b.delete_key(keys::rel(&id, &target, &name));
+            if let Some(mine) = all.get_mut(&id) {
+                mine.remove(&(name, target));
+            }
+        }
+        for r in m.set {
+            let state = r.state();
+            b.put(keys::rel(&id, &r.target_id, &r.name), rels::encode(&state));
+            if self.wants_changes() {
+                let stamp = b.stamp(None);
+                let data = match &r.properties {
+                    Some(p) => {
+                        serde_json::json!({"name": r.name, "target_id": r.target_id, "properties": p})
+                    }
+                    None => {
+                        serde_json::json!({"name": r.name, "target_id": r.target_id, "deleted": true})
+                    }
+                };
+                out.push(super::write::rel_change(
+                    &self.inner.twins,
+                    id,
+                    data,
+                    &stamp,
+                    &r.origin,
+                ));
+            }
+            all.entry(id)
+                .or_default()
+                .insert((r.name, r.target_id), state);
+        }
+        if all.get(&id).is_some_and(|m| m.is_empty()) {
+            all.remove(&id);
+        }
     }
 
     /// Store a merged twin: new version and change number, logged whole, evented with the
@@ -796,6 +900,7 @@ mod tests {
                     created_at: None,
                     deleted_hlc: 0,
                     siblings: Default::default(),
+                    relationships: Vec::new(),
                 };
                 if deleted {
                     return rc;
@@ -940,6 +1045,7 @@ mod tests {
                     created_at: None,
                     deleted_hlc: 0,
                     siblings: Default::default(),
+                    relationships: Vec::new(),
                 };
                 let out = r.apply_remote(vec![rc.clone()]).await.unwrap();
                 assert_eq!(out.applied, 1);

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::origin::{self, Before};
 use super::write::{alert_change, bump, change, merge, model_change, points, rel_change};
@@ -311,12 +311,12 @@ impl Replay<'_> {
     /// A numbered relationship or model entry (`value` `None`: a delete) becomes the change
     /// it stands for, taking the pending stamp; other keys carry no number.
     fn config(&mut self, key: &[u8], value: Option<&[u8]>) {
-        let json_of = |v: &[u8]| serde_json::from_slice::<Value>(v).unwrap_or(Value::Null);
         let c = match key.first() {
             Some(&keys::REL) => keys::parse_rel(key).and_then(|(src, dst, name)| {
                 let s = self.stamp.take()?;
-                let data = match value {
-                    Some(v) => json!({"name": name, "target_id": dst, "properties": json_of(v)}),
+                let props = value.and_then(|v| super::rels::decode(v).ok()?.props);
+                let data = match props {
+                    Some(p) => json!({"name": name, "target_id": dst, "properties": p}),
                     None => json!({"name": name, "target_id": dst, "deleted": true}),
                 };
                 Some(rel_change(self.twins, src, data, &s, self.origin))

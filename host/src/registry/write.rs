@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::feed::Tombstones;
 use super::models_sync::{stored, ModelClock};
+use super::rels::{self, RelState};
 use super::{
     check_name, AlertRecord, BatchOutcome, Change, ChangeKind, Model, NewTwin, Registry,
     RegistryError, Tombstone, TwinMap, Update, MAX_PROPERTIES, MAX_VALUE_DEPTH,
@@ -530,21 +531,12 @@ impl Registry {
                 b.delete_prefix(keys::history_twin_prefix(d));
                 b.delete_prefix(keys::rel_prefix(d));
             }
-            // Relationships pointing into the deleted set.
+            // Their relationships go with them (those pointing at them stay with their
+            // sources, unlisted: see `rels`).
             let mut rels = this.inner.rels.write();
             for d in &doomed {
                 rels.remove(d);
             }
-            for (src, m) in rels.iter_mut() {
-                m.retain(|(name, dst), _| {
-                    let keep = !doomed.contains(dst);
-                    if !keep {
-                        b.delete_key(keys::rel(src, dst, name));
-                    }
-                    keep
-                });
-            }
-            rels.retain(|_, m| !m.is_empty());
             Ok(doomed.len())
         })
         .await?
@@ -675,7 +667,6 @@ impl Registry {
                 ))
             }
         };
-        let bytes = serde_json::to_vec(&props).expect("json serializes");
         let name = name.to_owned();
         self.write(move |this, b, changes| {
             let idx = this.inner.index.read();
@@ -689,8 +680,8 @@ impl Registry {
                     "twin {src} is retired and refuses updates"
                 )));
             }
+            drop(idx);
             let stamp = b.stamp(None);
-            b.put(keys::rel(&src, &target, &name), bytes);
             if this.wants_changes() {
                 let data = json!({"name": name, "target_id": target, "properties": props});
                 changes.push(rel_change(
@@ -701,14 +692,51 @@ impl Registry {
                     &this.inner.origin,
                 ));
             }
-            let mut rels = this.inner.rels.write();
-            Ok(rels
-                .entry(src)
-                .or_default()
-                .insert((name, target), props)
-                .is_none())
+            let state = RelState {
+                props: Some(props),
+                hlc: stamp.hlc,
+                origin: this.inner.origin.clone(),
+            };
+            let before = this.set_relationship(b, &stamp, src, name, target, state);
+            Ok(before.and_then(|s| s.props).is_none())
         })
         .await?
+    }
+
+    /// Store a relationship (or its tombstone) of `src` and give `src` its new place in the
+    /// change feed (`stamp`'s number), where its entry carries its relationships. Returns
+    /// what it replaces.
+    pub(super) fn set_relationship(
+        &self,
+        b: &mut Batch,
+        stamp: &Stamp,
+        src: TwinId,
+        name: String,
+        target: TwinId,
+        state: RelState,
+    ) -> Option<RelState> {
+        b.put(keys::rel(&src, &target, &name), rels::encode(&state));
+        if let Some(mut entry) = self.inner.twins.0.get_mut(&src) {
+            let t = Arc::make_mut(&mut *entry);
+            t.lseq = stamp.lseq;
+            b.state(t);
+            b.numbered(stamp.lseq, src);
+        }
+        self.inner
+            .rels
+            .write()
+            .entry(src)
+            .or_default()
+            .insert((name, target), state)
+    }
+
+    /// Forget every relationship of `src` (a twin that is gone), here only. Returns how many.
+    pub(super) async fn drop_relationships_of(&self, src: TwinId) -> Result<usize, RegistryError> {
+        self.write(move |this, b, _| {
+            b.delete_prefix(keys::rel_prefix(&src));
+            this.inner.rels.write().remove(&src).map_or(0, |m| m.len())
+        })
+        .await
     }
 
     pub async fn delete_relationship(
@@ -719,18 +747,26 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let name = name.to_owned();
         self.write(move |this, b, changes| {
-            let mut rels = this.inner.rels.write();
-            let removed = rels
-                .get_mut(&src)
-                .and_then(|m| m.remove(&(name.clone(), target)));
-            if removed.is_none() {
+            let live = this
+                .inner
+                .rels
+                .read()
+                .get(&src)
+                .and_then(|m| m.get(&(name.clone(), target)))
+                .is_some_and(|s| s.props.is_some());
+            if !live || this.get(&src).is_err() {
                 return Err(RegistryError::NotFound(format!(
                     "relationship {name:?} from {src} to {target}"
                 )));
             }
-            rels.retain(|_, m| !m.is_empty());
             let stamp = b.stamp(None);
-            b.delete_key(keys::rel(&src, &target, &name));
+            // A tombstone with the delete's clock: an older put from a peer stays deleted.
+            let state = RelState {
+                props: None,
+                hlc: stamp.hlc,
+                origin: this.inner.origin.clone(),
+            };
+            this.set_relationship(b, &stamp, src, name.clone(), target, state);
             if this.wants_changes() {
                 let data = json!({"name": name, "target_id": target, "deleted": true});
                 changes.push(rel_change(

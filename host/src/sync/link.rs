@@ -538,8 +538,10 @@ fn start_at(ctx: &SyncCtx, peer: &str, after: u64) -> u64 {
 /// Whether everything in a feed entry came from `peer` (it has it, or something newer).
 fn made_by(item: &FeedItem, peer: &str) -> bool {
     match item {
-        FeedItem::Twin(t) => {
-            t.vclock.keys().all(|n| n == peer) && t.clocks.values().all(|c| &*c.origin == peer)
+        FeedItem::Twin(t, rels) => {
+            t.vclock.keys().all(|n| n == peer)
+                && t.clocks.values().all(|c| &*c.origin == peer)
+                && rels.iter().all(|r| &*r.origin == peer)
         }
         FeedItem::Tombstone(d) => d.vclock.keys().all(|n| n == peer),
     }
