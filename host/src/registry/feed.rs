@@ -293,7 +293,8 @@ mod tests {
             json!({"lseq": 9, "twin_id": d.id, "deleted": true, "entity_type": "machine",
                    "vclock": {"a": 4}, "hlc": 7u64 << 16, "deleted_at": at})
         );
-        let change: RemoteChange = serde_json::from_slice(&serde_json::to_vec(&item).unwrap()).unwrap();
+        let change: RemoteChange =
+            serde_json::from_slice(&serde_json::to_vec(&item).unwrap()).unwrap();
         assert!(change.deleted);
         assert_eq!((change.twin_id, change.hlc), (d.id, d.hlc));
     }
