@@ -252,13 +252,21 @@ async fn a_wrong_protocol_version_or_own_node_id_is_refused_with_a_reason() {
     .await;
     assert_eq!(code, 4001, "{reason}");
     assert!(
-        reason.contains("version 99") && reason.contains("version 1"),
+        reason.contains("version 99") && reason.contains("version 2"),
         "{reason}"
     );
+    // A node of protocol 1 (changes as JSON text frames) is refused the same way.
     let (code, reason) = close_after_hello(
         &a,
         &token,
-        json!({"type": "hello", "protocol": 1, "node_id": "node-a"}),
+        json!({"type": "hello", "protocol": 1, "node_id": "node-x"}),
+    )
+    .await;
+    assert_eq!(code, 4001, "{reason}");
+    let (code, reason) = close_after_hello(
+        &a,
+        &token,
+        json!({"type": "hello", "protocol": 2, "node_id": "node-a"}),
     )
     .await;
     assert_eq!(code, 4003, "{reason}");
