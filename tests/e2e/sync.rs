@@ -256,6 +256,14 @@ async fn a_wrong_protocol_version_or_own_node_id_is_refused_with_a_reason() {
         reason.contains("version 99") && reason.contains(&format!("version {ours}")),
         "{reason}"
     );
+    // A node of protocol 1 (changes as JSON text frames) is refused the same way.
+    let (code, reason) = close_after_hello(
+        &a,
+        &token,
+        json!({"type": "hello", "protocol": 1, "node_id": "node-x"}),
+    )
+    .await;
+    assert_eq!(code, 4001, "a protocol 1 peer: {reason}");
     let (code, reason) = close_after_hello(
         &a,
         &token,

@@ -60,6 +60,9 @@ fn refresh_gauges(s: &AppState) {
     let c = s.registry.commit_stats();
     metrics::gauge!("twinhost_commits").set(c.commits.load(Ordering::Relaxed) as f64);
     metrics::gauge!("twinhost_history_points_written").set(c.points.load(Ordering::Relaxed) as f64);
+    // Node-wide since start; the counters of the ratio are `twinhost_sync_changes_covered_total`
+    // over `twinhost_sync_ops_total{direction="out"}`.
+    metrics::gauge!("twinhost_sync_coalescing_ratio").set(s.sync.coalescing_ratio());
 }
 
 /// Prometheus text format.
@@ -92,6 +95,14 @@ pub async fn metrics_json(State(s): State<AppState>) -> axum::Json<Value> {
         "sync_applied": s.sync.applied.load(Ordering::Relaxed),
         "sync_errors": s.sync.errors.load(Ordering::Relaxed),
         "sync_repaired": s.sync.repaired.load(Ordering::Relaxed),
+        // Bytes of link messages each way, as they travel (bulk messages compressed).
+        "sync_bytes_in": s.sync.bytes_in.load(Ordering::Relaxed),
+        "sync_bytes_out": s.sync.bytes_out.load(Ordering::Relaxed),
+        // Feed entries sent to peers, the change numbers they covered, and the ratio: how
+        // many updates one entry carried.
+        "sync_entries_sent": s.sync.entries_sent.load(Ordering::Relaxed),
+        "sync_changes_covered": s.sync.changes_covered.load(Ordering::Relaxed),
+        "sync_coalescing_ratio": s.sync.coalescing_ratio(),
         "compute_operations": s.runtime.stats.calls.load(Ordering::Relaxed),
         "modules": s.runtime.module_count(),
         "modules_compiled": s.runtime.stats.compiled.load(Ordering::Relaxed),

@@ -1,7 +1,8 @@
 //! One live link with another node, whichever side dialed: the handshake, then two loops —
 //! one sends this node's change feed from where the peer subscribed (coalesced per flush
-//! window, a bounded number of batches unacknowledged), one merges the peer's batches and
-//! acknowledges them.
+//! window, a bounded number of batches unacknowledged), one merges the peer's batches. The
+//! merging loop only reads: acks and anti-entropy repairs go out from loops of their own
+//! (see `receive` for why).
 //!
 //! Coalescing comes from the feed itself: it holds one entry per twin, its state now with
 //! every property's clock, so the updates a twin had during a flush window travel as one
@@ -15,11 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
-use super::protocol::{self, ChangesOut, Close, Frame, Msg, PROTOCOL_VERSION};
-use super::{LinkStats, SyncCtx};
+use super::protocol::{self, Close, Frame, Msg, PROTOCOL_VERSION};
+use super::{LinkStats, SyncCtx, SyncStats};
 use crate::registry::FeedItem;
 use crate::store::KvOp;
 
@@ -37,6 +37,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(35);
 #[derive(Debug)]
 pub enum Out {
     Text(String),
+    Binary(Vec<u8>),
     Ping,
     Close(Close),
 }
@@ -132,7 +133,7 @@ async fn handshake<Rx>(ctx: &SyncCtx, rx: &mut Rx, expect: Option<&str>) -> Resu
 where
     Rx: Stream<Item = anyhow::Result<Frame>> + Unpin,
 {
-    let msg = match tokio::time::timeout(HANDSHAKE_TIMEOUT, next_msg(rx, None)).await {
+    let msg = match tokio::time::timeout(HANDSHAKE_TIMEOUT, next_msg(rx, None, None)).await {
         Err(_) => {
             return Err(End::Closed(Close::new(
                 Close::PROTOCOL,
@@ -151,12 +152,25 @@ where
     Ok(peer)
 }
 
-/// The next protocol message (its bytes counted in `stats` when given); a close or a broken
-/// socket ends the link.
-async fn next_msg<Rx>(rx: &mut Rx, stats: Option<&LinkStats>) -> Result<Msg, End>
+/// The next protocol message (its bytes counted in `stats` and the node's counters when
+/// given); a close or a broken socket ends the link. Binary frames (changes, repairs) need
+/// `decoder`: before the handshake there is none, and one is refused.
+async fn next_msg<Rx>(
+    rx: &mut Rx,
+    stats: Option<(&LinkStats, &SyncStats)>,
+    decoder: Option<&mut protocol::Decoder>,
+) -> Result<Msg, End>
 where
     Rx: Stream<Item = anyhow::Result<Frame>> + Unpin,
 {
+    let count = |n: usize| {
+        if let Some((link, node)) = stats {
+            link.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            node.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            metrics::counter!("twinhost_sync_bytes_total", "direction" => "in").increment(n as u64);
+        }
+    };
+    let mut decoder = decoder;
     loop {
         match rx.next().await {
             None => return Err(End::ByPeer(None)),
@@ -164,15 +178,33 @@ where
             Some(Ok(Frame::Close(c))) => return Err(End::ByPeer(c)),
             Some(Ok(Frame::Other)) => continue,
             Some(Ok(Frame::Text(t))) => {
-                if let Some(s) = stats {
-                    s.bytes_in.fetch_add(t.len() as u64, Ordering::Relaxed);
-                }
-                return serde_json::from_str(&t).map_err(|e| {
+                count(t.len());
+                let msg: Msg = serde_json::from_str(&t).map_err(|e| {
                     End::Closed(Close::new(
                         Close::PROTOCOL,
                         format!("not a sync message: {e}"),
                     ))
-                });
+                })?;
+                if matches!(msg, Msg::Changes { .. } | Msg::Repair { .. }) {
+                    return Err(End::Closed(Close::new(
+                        Close::PROTOCOL,
+                        format!(
+                            "a {} message in a text frame: protocol {PROTOCOL_VERSION} sends them as binary frames",
+                            protocol::kind(&msg)
+                        ),
+                    )));
+                }
+                return Ok(msg);
+            }
+            Some(Ok(Frame::Binary(b))) => {
+                count(b.len());
+                return match decoder.as_deref_mut() {
+                    Some(d) => d.decode(&b).map_err(End::Closed),
+                    None => Err(End::Closed(Close::new(
+                        Close::PROTOCOL,
+                        "a binary message before the handshake",
+                    ))),
+                };
             }
         }
     }
@@ -192,40 +224,120 @@ where
     let merged = ctx.cursor(peer);
     stats.received_through.store(merged, Ordering::Relaxed);
     tracing::info!(peer, after = merged, "asking a peer for its changes");
-    let sub = Msg::Subscribe { after: merged };
-    if out
-        .send(Out::Text(serde_json::to_string(&sub).expect("json")))
-        .await
-        .is_err()
-    {
-        return End::ByPeer(None);
+    if let Err(end) = send_counted(ctx, stats, out, text(&Msg::Subscribe { after: merged })).await {
+        return end;
     }
+    // What the receiving loop hands over: it never waits on the socket's outgoing side (see
+    // `receive`), so each of these keeps only the latest value.
     let (subscribed, sub_rx) = watch::channel(None::<u64>);
     let (acked, acked_rx) = watch::channel(0u64);
+    let (to_ack, to_ack_rx) = watch::channel(0u64);
+    let (digests, digests_rx) = watch::channel(None::<Vec<u64>>);
+    let inbound = Inbound {
+        subscribed: &subscribed,
+        acked: &acked,
+        merged: &to_ack,
+        digests: &digests,
+    };
     tokio::select! {
-        end = receive(ctx, peer, stats, out, rx, &subscribed, &acked) => end,
+        end = receive(ctx, peer, stats, rx, inbound) => end,
         end = send(ctx, peer, stats, out, sub_rx, acked_rx) => end,
+        end = send_acks(ctx, stats, out, to_ack_rx) => end,
+        end = answer_digests(ctx, stats, out, digests_rx) => end,
         () = ping(out) => End::ByPeer(None),
-        () = send_digests(ctx, out) => End::ByPeer(None),
+        end = send_digests(ctx, stats, out) => end,
     }
+}
+
+/// Where the receiving loop puts what the rest of the link acts on.
+#[derive(Clone, Copy)]
+struct Inbound<'a> {
+    /// The peer's subscription (where to send this node's feed from).
+    subscribed: &'a watch::Sender<Option<u64>>,
+    /// How far the peer has acknowledged this node's feed.
+    acked: &'a watch::Sender<u64>,
+    /// How far this node has merged the peer's feed (to acknowledge).
+    merged: &'a watch::Sender<u64>,
+    /// The peer's latest digest (to answer with repairs).
+    digests: &'a watch::Sender<Option<Vec<u64>>>,
+}
+
+/// Acknowledge the peer's batches as they are merged. Acks are cumulative: when several
+/// merges finish while one ack waits for the socket, the next ack covers them all.
+async fn send_acks(
+    ctx: &SyncCtx,
+    stats: &LinkStats,
+    out: &mpsc::Sender<Out>,
+    mut merged: watch::Receiver<u64>,
+) -> End {
+    loop {
+        if merged.changed().await.is_err() {
+            return End::ByPeer(None);
+        }
+        let through = *merged.borrow_and_update();
+        if let Err(end) = send_counted(ctx, stats, out, text(&Msg::Ack { through })).await {
+            return end;
+        }
+    }
+}
+
+/// Answer the peer's digests with repairs, the latest digest first (one that arrives while
+/// a repair is being sent replaces any older one still waiting).
+async fn answer_digests(
+    ctx: &SyncCtx,
+    stats: &LinkStats,
+    out: &mpsc::Sender<Out>,
+    mut digests: watch::Receiver<Option<Vec<u64>>>,
+) -> End {
+    loop {
+        if digests.changed().await.is_err() {
+            return End::ByPeer(None);
+        }
+        let Some(theirs) = digests.borrow_and_update().clone() else {
+            continue;
+        };
+        if let Err(end) = repair(ctx, stats, out, theirs).await {
+            return end;
+        }
+    }
+}
+
+/// A message of the protocol as a text frame.
+fn text(msg: &Msg) -> Out {
+    Out::Text(serde_json::to_string(msg).expect("a sync message serializes"))
+}
+
+/// Hand a message of the admitted link to its writer, its bytes counted (for the link, the
+/// node, and `/metrics`).
+async fn send_counted(
+    ctx: &SyncCtx,
+    stats: &LinkStats,
+    out: &mpsc::Sender<Out>,
+    msg: Out,
+) -> Result<(), End> {
+    let n = match &msg {
+        Out::Text(t) => t.len(),
+        Out::Binary(b) => b.len(),
+        Out::Ping | Out::Close(_) => 0,
+    } as u64;
+    stats.bytes_out.fetch_add(n, Ordering::Relaxed);
+    ctx.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
+    metrics::counter!("twinhost_sync_bytes_total", "direction" => "out").increment(n);
+    out.send(msg).await.map_err(|_| End::ByPeer(None))
 }
 
 /// Anti-entropy: send a digest of this node's state every period (the first one a period
 /// after the link comes up, when the feed has caught the peer up).
-async fn send_digests(ctx: &SyncCtx, out: &mpsc::Sender<Out>) {
+async fn send_digests(ctx: &SyncCtx, stats: &LinkStats, out: &mpsc::Sender<Out>) -> End {
     loop {
         tokio::time::sleep(ctx.anti_entropy_every()).await;
         let registry = ctx.registry.clone();
-        let Ok(buckets) = tokio::task::spawn_blocking(move || registry.digest()).await else {
-            return;
+        let buckets = match tokio::task::spawn_blocking(move || registry.digest()).await {
+            Ok(b) => b,
+            Err(e) => return End::Failed(anyhow::anyhow!("computing a digest: {e}")),
         };
-        let msg = Msg::Digest { buckets };
-        if out
-            .send(Out::Text(serde_json::to_string(&msg).expect("json")))
-            .await
-            .is_err()
-        {
-            return;
+        if let Err(end) = send_counted(ctx, stats, out, text(&Msg::Digest { buckets })).await {
+            return end;
         }
     }
 }
@@ -263,17 +375,12 @@ async fn repair(
     stats
         .repairs_sent
         .fetch_add(total as u64, Ordering::Relaxed);
-    // One bucket's entries encoded at a time: memory stays at a bucket's worth.
+    let mut encoder = protocol::Encoder::new().map_err(End::Failed)?;
+    // One page of a bucket encoded at a time: memory stays at a page's worth.
     for bucket in buckets.iter().filter(|b| !b.is_empty()) {
         for page in bucket.chunks(BATCH) {
-            let items: Vec<Value> = page.iter().map(FeedItem::to_json).collect();
-            let text = serde_json::to_string(&protocol::RepairOut { items: &items }).expect("json");
-            stats
-                .bytes_out
-                .fetch_add(text.len() as u64, Ordering::Relaxed);
-            if out.send(Out::Text(text)).await.is_err() {
-                return Err(End::ByPeer(None));
-            }
+            let frame = encoder.repair(page).map_err(End::Failed)?;
+            send_counted(ctx, stats, out, Out::Binary(frame)).await?;
         }
     }
     Ok(())
@@ -290,21 +397,31 @@ async fn ping(out: &mpsc::Sender<Out>) {
     }
 }
 
-/// Merge what the peer sends; acknowledge it once durable.
+/// Merge what the peer sends, and hand over what the other loops act on (acks to send,
+/// acks received, digests to answer).
+///
+/// This loop never waits to send: the peer's receiving loop may be waiting for this node to
+/// read its socket (its outgoing buffers full of this node's acks or changes) while this
+/// node's outgoing queue is full of batches the peer has not read — if this loop waited
+/// there too, neither side would read again (it happened: both directions busy, a link
+/// stalled for good with megabytes in both sockets' queues).
 async fn receive<Rx>(
     ctx: &SyncCtx,
     peer: &str,
     stats: &LinkStats,
-    out: &mpsc::Sender<Out>,
     rx: &mut Rx,
-    subscribed: &watch::Sender<Option<u64>>,
-    acked: &watch::Sender<u64>,
+    inbound: Inbound<'_>,
 ) -> End
 where
     Rx: Stream<Item = anyhow::Result<Frame>> + Unpin,
 {
+    let mut decoder = match protocol::Decoder::new() {
+        Ok(d) => d,
+        Err(e) => return End::Failed(e),
+    };
     loop {
-        let msg = match tokio::time::timeout(IDLE_TIMEOUT, next_msg(rx, Some(stats))).await {
+        let next = next_msg(rx, Some((stats, &ctx.stats)), Some(&mut decoder));
+        let msg = match tokio::time::timeout(IDLE_TIMEOUT, next).await {
             Err(_) => {
                 return End::Failed(anyhow::anyhow!(
                     "nothing heard from the peer for {IDLE_TIMEOUT:?}"
@@ -315,11 +432,11 @@ where
         };
         match msg {
             Msg::Subscribe { after } => {
-                subscribed.send_replace(Some(after));
+                inbound.subscribed.send_replace(Some(after));
             }
             Msg::Ack { through } => {
                 stats.acked.fetch_max(through, Ordering::Relaxed);
-                acked.send_if_modified(|a| {
+                inbound.acked.send_if_modified(|a| {
                     let moved = through > *a;
                     *a = (*a).max(through);
                     moved
@@ -329,14 +446,7 @@ where
                 if let Err(e) = merge(ctx, peer, stats, items, next).await {
                     return End::Failed(e);
                 }
-                let ack = Msg::Ack { through: next };
-                if out
-                    .send(Out::Text(serde_json::to_string(&ack).expect("json")))
-                    .await
-                    .is_err()
-                {
-                    return End::ByPeer(None);
-                }
+                inbound.merged.send_replace(next);
             }
             Msg::Models { items } => match ctx.registry.apply_remote_models(items).await {
                 Ok(n) if n > 0 => tracing::info!(peer, models = n, "merged models from the peer"),
@@ -344,9 +454,7 @@ where
                 Err(e) => return End::Failed(e.into()),
             },
             Msg::Digest { buckets } => {
-                if let Err(end) = repair(ctx, stats, out, buckets).await {
-                    return end;
-                }
+                inbound.digests.send_replace(Some(buckets));
             }
             Msg::Repair { items } => {
                 let n = items.len() as u64;
@@ -445,6 +553,10 @@ async fn send(
     let mut in_flight: VecDeque<u64> = VecDeque::new();
     let mut models = ctx.registry.watch_models();
     let mut models_sent = None;
+    let mut encoder = match protocol::Encoder::new() {
+        Ok(e) => e,
+        Err(e) => return End::Failed(e),
+    };
     loop {
         if subscribed.has_changed().unwrap_or(false) {
             // The peer asked again (e.g. to repair): start over from there.
@@ -472,39 +584,30 @@ async fn send(
                 items: ctx.registry.models_state(),
             };
             let text = serde_json::to_string(&msg).expect("json");
-            stats
-                .bytes_out
-                .fetch_add(text.len() as u64, Ordering::Relaxed);
-            if out.send(Out::Text(text)).await.is_err() {
-                return End::ByPeer(None);
+            if let Err(end) = send_counted(ctx, stats, out, Out::Text(text)).await {
+                return end;
             }
             models_sent = Some(version);
         }
         let page = ctx.registry.changes(pos, BATCH);
         let full = page.items.len() == BATCH;
         if page.next != pos {
-            let items: Vec<Value> = page
-                .items
-                .iter()
-                .filter(|i| !made_by(i, peer))
-                .map(FeedItem::to_json)
-                .collect();
-            let text = serde_json::to_string(&ChangesOut {
-                items: &items,
-                next: page.next,
-            })
-            .expect("json");
-            stats
-                .bytes_out
-                .fetch_add(text.len() as u64, Ordering::Relaxed);
-            stats
-                .ops_out
-                .fetch_add(items.len() as u64, Ordering::Relaxed);
-            stats.covered.fetch_add(page.next - pos, Ordering::Relaxed);
-            metrics::counter!("twinhost_sync_ops_total", "direction" => "out")
-                .increment(items.len() as u64);
-            if out.send(Out::Text(text)).await.is_err() {
-                return End::ByPeer(None);
+            let items: Vec<&FeedItem> = page.items.iter().filter(|i| !made_by(i, peer)).collect();
+            let frame = match encoder.changes(&items, page.next) {
+                Ok(f) => f,
+                Err(e) => return End::Failed(e),
+            };
+            let (sent, covered) = (items.len() as u64, page.next - pos);
+            stats.ops_out.fetch_add(sent, Ordering::Relaxed);
+            stats.covered.fetch_add(covered, Ordering::Relaxed);
+            ctx.stats.entries_sent.fetch_add(sent, Ordering::Relaxed);
+            ctx.stats
+                .changes_covered
+                .fetch_add(covered, Ordering::Relaxed);
+            metrics::counter!("twinhost_sync_ops_total", "direction" => "out").increment(sent);
+            metrics::counter!("twinhost_sync_changes_covered_total").increment(covered);
+            if let Err(end) = send_counted(ctx, stats, out, Out::Binary(frame)).await {
+                return end;
             }
             pos = page.next;
             stats.sent.store(pos, Ordering::Relaxed);

@@ -22,6 +22,8 @@
 pub mod link;
 pub mod protocol;
 pub mod resolve;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,6 +66,25 @@ pub struct SyncStats {
     pub errors: AtomicU64,
     /// Entries anti-entropy repaired here (sent again by a peer, and changing something).
     pub repaired: AtomicU64,
+    /// Bytes of link messages received and sent (as they travel: bulk messages compressed).
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Feed entries sent to peers, and the change numbers their batches covered: over
+    /// `entries_sent`, how many updates one entry carried (the coalescing ratio).
+    pub entries_sent: AtomicU64,
+    pub changes_covered: AtomicU64,
+}
+
+impl SyncStats {
+    /// Change numbers per feed entry sent, over every link since start (1 before any).
+    pub fn coalescing_ratio(&self) -> f64 {
+        let sent = self.entries_sent.load(Ordering::Relaxed);
+        if sent == 0 {
+            1.0
+        } else {
+            self.changes_covered.load(Ordering::Relaxed) as f64 / sent as f64
+        }
+    }
 }
 
 /// A peer to dial, as `PUT /v1/peers/{node_id}` gives it.
@@ -446,6 +467,7 @@ impl SyncService {
             .with(|o: link::Out| async move {
                 Ok::<_, anyhow::Error>(match o {
                     link::Out::Text(t) => Message::Text(t.into()),
+                    link::Out::Binary(b) => Message::Binary(b.into()),
                     link::Out::Ping => Message::Ping(Default::default()),
                     link::Out::Close(c) => Message::Close(Some(CloseFrame {
                         code: c.code,
@@ -456,6 +478,7 @@ impl SyncService {
         let rx = rx.map(|m| {
             Ok(match m? {
                 Message::Text(t) => Frame::Text(t.to_string()),
+                Message::Binary(b) => Frame::Binary(b),
                 Message::Close(c) => Frame::Close(c.map(|c| Close::new(c.code, c.reason.as_str()))),
                 _ => Frame::Other,
             })
@@ -712,6 +735,7 @@ async fn connect(config: &PeerConfig) -> anyhow::Result<(DialedTx, DialedRx)> {
         .with(|o: link::Out| async move {
             Ok::<_, anyhow::Error>(match o {
                 link::Out::Text(t) => Message::Text(t.into()),
+                link::Out::Binary(b) => Message::Binary(b.into()),
                 link::Out::Ping => Message::Ping(Default::default()),
                 link::Out::Close(c) => Message::Close(Some(CloseFrame {
                     code: CloseCode::from(c.code),
@@ -722,6 +746,7 @@ async fn connect(config: &PeerConfig) -> anyhow::Result<(DialedTx, DialedRx)> {
     let rx = rx.map(|m| {
         Ok(match m? {
             Message::Text(t) => Frame::Text(t.to_string()),
+            Message::Binary(b) => Frame::Binary(b),
             Message::Close(c) => {
                 Frame::Close(c.map(|c| Close::new(u16::from(c.code), c.reason.as_str())))
             }

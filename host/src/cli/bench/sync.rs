@@ -5,7 +5,8 @@
 //! - latency: A takes 1,000 updates/s (each carrying its send time); the time until B's
 //!   event stream shows each one, p50/p99;
 //! - throughput: A takes updates as fast as it can for `--seconds`; updates replicated per
-//!   second (A's updates over the time until B has merged all of them, coalescing included),
+//!   second (A's updates over the time until B has merged all of them, coalescing included;
+//!   bounded by A's own write rate, shown beside it),
 //!   and bytes on the wire per update against one JSON message per update.
 
 use std::sync::Arc;
@@ -106,6 +107,8 @@ pub(super) async fn sync_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let t1 = Instant::now();
     let made = super::inproc_max(&reg_a, &ids, args.props, args.seconds).await?;
     let updates = made["updates"].as_f64().unwrap_or(0.0);
+    // The bound of the replicated rate: A's own write rate while B merges beside it.
+    let written = made["updates_per_s"].as_f64().unwrap_or(0.0);
     let head = *reg_a.watch_durable().borrow();
     until("B merging A's updates", CATCH_UP_LIMIT, || {
         merged_through(&link) >= head
@@ -120,7 +123,7 @@ pub(super) async fn sync_phase(args: &BenchArgs) -> anyhow::Result<Value> {
         / 1000.0;
     let replicated = (updates / secs).round();
     eprintln!(
-        "  replicated {replicated} updates/s ({updates} updates as {entries} entries, {:.1} bytes/update on the wire vs {json_per_update:.1} for one JSON message per update)",
+        "  replicated {replicated} updates/s of {written} written/s on A ({updates} updates as {entries} entries, {:.1} bytes/update on the wire vs {json_per_update:.1} for one JSON message per update)",
         bytes as f64 / updates.max(1.0)
     );
     let out = json!({
@@ -130,7 +133,8 @@ pub(super) async fn sync_phase(args: &BenchArgs) -> anyhow::Result<Value> {
                     "p50_ms": ms(&lat, 0.5), "p99_ms": ms(&lat, 0.99),
                     "max_ms": (lat.max() as f64 / 10.0).round() / 100.0},
         "throughput": {"updates_on_a": updates, "seconds_until_b_merged": (secs * 100.0).round() / 100.0,
-                       "replicated_updates_per_s": replicated, "entries_sent": entries,
+                       "replicated_updates_per_s": replicated, "written_updates_per_s_on_a": written,
+                       "entries_sent": entries,
                        "updates_per_entry": (updates / (entries.max(1) as f64) * 10.0).round() / 10.0,
                        "wire_bytes_per_update": (bytes as f64 / updates.max(1.0) * 10.0).round() / 10.0,
                        "json_message_bytes_per_update": (json_per_update * 10.0).round() / 10.0},
