@@ -186,10 +186,10 @@ impl Registry {
             todo = Vec::with_capacity(out.pending.len());
             for (rc, requests) in out.pending {
                 for req in requests {
-                    let key = req.key();
-                    if !resolutions.contains_key(&key) {
-                        let answer = resolve(req).await;
-                        resolutions.insert(key, answer);
+                    if let std::collections::hash_map::Entry::Vacant(e) =
+                        resolutions.entry(req.key())
+                    {
+                        e.insert(resolve(req).await);
                     }
                 }
                 todo.push(rc);
