@@ -117,12 +117,13 @@ async fn concurrent_writes_are_merged_by_the_resolver_component_on_every_node() 
             .map(|s| &s["value"])
             .collect();
         assert_eq!(sides, [&json!(90), &json!(70)], "in (hlc, origin) order");
-        let log = s.get("/v1/events/log?types=conflict.detected").await;
-        assert!(
-            event_types(&log.body).contains(&"conflict.detected".to_owned()),
-            "{}",
-            log.text
-        );
+        eventually(
+            s,
+            "/v1/events/log?types=conflict.detected",
+            "a conflict.detected event",
+            |log| event_types(log).contains(&"conflict.detected".to_owned()),
+        )
+        .await;
     }
     assert_eq!(
         a.get("/v1/conflicts").await.body["items"][0]["id"],
@@ -143,13 +144,14 @@ async fn concurrent_writes_are_merged_by_the_resolver_component_on_every_node() 
             c["items"] == json!([])
         })
         .await;
-        let log = s.get("/v1/events/log?types=conflict.resolved").await;
-        assert_eq!(
-            event_types(&log.body),
-            ["conflict.resolved"],
-            "{}",
-            log.text
-        );
+        // (The event follows once the merge is durable.)
+        eventually(
+            s,
+            "/v1/events/log?types=conflict.resolved",
+            "one conflict.resolved event",
+            |log| event_types(log) == ["conflict.resolved"],
+        )
+        .await;
     }
     let m = a.get("/metrics").await.text;
     assert!(
@@ -221,6 +223,12 @@ async fn a_manual_conflict_resolved_on_one_node_clears_on_every_node() {
         );
     }
     assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+    assert_eq!(c.get("/v1/metrics").await.body["conflicted_twins"], 1);
+    assert!(c
+        .get("/metrics")
+        .await
+        .text
+        .contains("twinhost_sync_conflicts_open 1"));
 
     // Bad resolutions are refused with a reason.
     let resolve = format!("/v1/conflicts/{}/resolve", ids[0]);
@@ -249,16 +257,19 @@ async fn a_manual_conflict_resolved_on_one_node_clears_on_every_node() {
             t["properties"]["status"] == "checked"
         })
         .await;
-        let log = s
-            .get("/v1/events/log?types=conflict.detected,conflict.resolved")
-            .await;
-        let types = event_types(&log.body);
-        assert!(
-            types.contains(&"conflict.resolved".to_owned()),
-            "{}",
-            log.text
-        );
+        eventually(
+            s,
+            "/v1/events/log?types=conflict.detected,conflict.resolved",
+            "a conflict.resolved event",
+            |log| event_types(log).contains(&"conflict.resolved".to_owned()),
+        )
+        .await;
     }
+
+    eventually(&c, "/v1/metrics", "no conflicted twin", |m| {
+        m["conflicted_twins"] == 0
+    })
+    .await;
 
     // A model deleted on C is deleted everywhere.
     c.delete("/v1/models/machine").await.expect(204);

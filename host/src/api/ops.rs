@@ -63,6 +63,7 @@ fn refresh_gauges(s: &AppState) {
     // Node-wide since start; the counters of the ratio are `twinhost_sync_changes_covered_total`
     // over `twinhost_sync_ops_total{direction="out"}`.
     metrics::gauge!("twinhost_sync_coalescing_ratio").set(s.sync.coalescing_ratio());
+    metrics::gauge!("twinhost_sync_conflicts_open").set(s.registry.open_conflict_twins() as f64);
 }
 
 /// Prometheus text format.
@@ -113,6 +114,7 @@ pub async fn metrics_json(State(s): State<AppState>) -> axum::Json<Value> {
         "events_appended": s.events.appended(),
         "alerts_dropped": s.events.alerts_dropped(),
         "remote_model_mismatches": s.registry.remote_model_mismatches(),
+        "conflicted_twins": s.registry.open_conflict_twins(),
         "event_next_seq": s.events.next_seq(),
         "rules": s.rules.count(),
         "rules_events_missed": s.rules.missed(),

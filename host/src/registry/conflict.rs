@@ -355,6 +355,11 @@ impl Registry {
         (out, false)
     }
 
+    /// How many twins hold open conflicts.
+    pub fn open_conflict_twins(&self) -> usize {
+        self.inner.conflicted.len()
+    }
+
     /// The twin and property of an open conflict.
     pub fn find_conflict(&self, id: &str) -> Option<(Arc<Twin>, String)> {
         self.inner.conflicted.iter().find_map(|e| {
