@@ -2,7 +2,8 @@
 # Run the main job: build twinhost, start the server on its embedded sled store in ./demo-data
 # (the edge node), start a second node in ./demo-data-cloud linked to it over WebSocket (the
 # cloud node), play the seed's factory floor against the edge over HTTP, show that the cloud
-# holds the same twins, then stop both cleanly.
+# holds the same twins, merge a conflicting write on both nodes with the max-resolver component,
+# then stop both cleanly.
 #   PORT=7878   edge listen port (the cloud listens on PORT+1)
 #   KEEP=1      leave the servers running afterwards
 set -euo pipefail
@@ -63,6 +64,55 @@ import json, sys
 for p in json.load(sys.stdin)["items"]:
     print("   link with %s: %s, %s entries received, %s bytes, last lag %s ms"
           % (p["node_id"], p["state"], p.get("ops_in"), p.get("bytes_in"), p.get("lag_ms")))'
+
+echo "== a conflict: both nodes write one property while apart; the model's resolver merges it"
+api() { # method port token path [body] → response body
+  curl -fs -X "$1" -H "Authorization: Bearer $3" -H 'content-type: application/json' \
+    ${5:+-d "$5"} "http://127.0.0.1:$2$4"
+}
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+# Modules stay per node: the resolver goes to both. The model, put on the edge, replicates.
+WASM=guests/target/wasm32-wasip2/release/max_resolver.wasm
+for p in "$PORT:$EDGE_TOKEN" "$CLOUD_PORT:$CLOUD_TOKEN"; do
+  SHA=$(curl -fs -X PUT -H "Authorization: Bearer ${p#*:}" -H 'content-type: application/wasm' \
+    --data-binary "@$WASM" "http://127.0.0.1:${p%%:*}/v1/modules/max-resolver" | field '["sha256"]')
+done
+api PUT "$PORT" "$EDGE_TOKEN" /v1/models/boiler \
+  "{\"conflict\": {\"strategy\": \"merge\", \"resolver\": \"max-resolver\", \"sha256\": \"$SHA\"}}" >/dev/null
+BOILER=$(api POST "$PORT" "$EDGE_TOKEN" /v1/twins '{"entity_type": "boiler", "properties": {"pressure": 1}}' | field '["id"]')
+for _ in $(seq 1 50); do
+  api GET "$CLOUD_PORT" "$CLOUD_TOKEN" "/v1/twins/$BOILER" >/dev/null 2>&1 &&
+    api GET "$CLOUD_PORT" "$CLOUD_TOKEN" /v1/models/boiler >/dev/null 2>&1 && break
+  sleep 0.1
+done
+# Apart: the cloud restarts without its link; the edge writes 9, then the cloud writes 4
+# (last-writer-wins would keep 4; the max-resolver keeps the larger).
+kill -TERM $CLOUD; wait $CLOUD || true
+"$BIN/twinhost" serve --data-dir "$DATA-cloud" --listen "127.0.0.1:$CLOUD_PORT" --node-id demo-cloud \
+  2>>"$DATA-cloud.log" &
+CLOUD=$!
+wait_up "$CLOUD_PORT" "$CLOUD"
+api PATCH "$PORT" "$EDGE_TOKEN" "/v1/twins/$BOILER" '{"pressure": 9}' >/dev/null
+sleep 0.05
+api PATCH "$CLOUD_PORT" "$CLOUD_TOKEN" "/v1/twins/$BOILER" '{"pressure": 4}' >/dev/null
+echo "   apart: edge pressure 9, then cloud pressure 4"
+kill -TERM $CLOUD; wait $CLOUD || true
+"$BIN/twinhost" serve --data-dir "$DATA-cloud" --listen "127.0.0.1:$CLOUD_PORT" --node-id demo-cloud \
+  --peer "http://127.0.0.1:$PORT" --peer-token "$PEER_TOKEN" 2>>"$DATA-cloud.log" &
+CLOUD=$!
+wait_up "$CLOUD_PORT" "$CLOUD"
+for _ in $(seq 1 100); do
+  [ "$(api GET "$PORT" "$EDGE_TOKEN" /v1/conflicts | field '["items"].__len__()')" = 1 ] &&
+    [ "$(api GET "$CLOUD_PORT" "$CLOUD_TOKEN" /v1/conflicts | field '["items"].__len__()')" = 1 ] && break
+  sleep 0.1
+done
+echo "   linked again: pressure edge $(api GET "$PORT" "$EDGE_TOKEN" "/v1/twins/$BOILER" | field '["properties"]["pressure"]')," \
+  "cloud $(api GET "$CLOUD_PORT" "$CLOUD_TOKEN" "/v1/twins/$BOILER" | field '["properties"]["pressure"]')"
+api GET "$CLOUD_PORT" "$CLOUD_TOKEN" /v1/conflicts | python3 -c '
+import json, sys
+for c in json.load(sys.stdin)["items"]:
+    print("   conflict %s on %s: %s, sides %s -> %s" % (c["id"], c["property"], c["strategy"],
+          " and ".join("%s from %s" % (s["value"], s["origin"]) for s in c["sides"]), c["value"]))'
 
 if [ "${KEEP:-0}" = "1" ]; then
   trap - EXIT
