@@ -16,8 +16,11 @@
 //! state per bucket of twin ids; the other answers with its entries of every bucket that
 //! differs (see [`link`] and `registry::digest`).
 //!
-//! Not yet (issue 12): relationships and models in the feed, and the conflict strategies
-//! other than last writer wins.
+//! What travels: twins (the feed), their relationships (in their source twin's entry), models
+//! (`models` messages, last writer wins per entity type). Concurrent writes go to the model's
+//! conflict strategy (`registry::conflict`); a `merge` strategy's resolver runs here, on the
+//! compute pool ([`resolve`]). Alert events are not replicated (each node's rules and
+//! behaviors raise their own).
 
 pub mod link;
 pub mod protocol;
