@@ -14,6 +14,8 @@
 
 pub mod conflict;
 #[cfg(test)]
+mod conflict_tests;
+#[cfg(test)]
 mod convergence_tests;
 pub mod digest;
 mod error;
