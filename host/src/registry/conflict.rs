@@ -269,19 +269,26 @@ pub(super) fn merge_writes(
     Some((merged, met))
 }
 
-/// How the value a property shows is computed from its siblings.
+/// The value a property shows for its siblings, with the resolver's error if it failed: the
+/// lww winner, or for `merge` the resolver's answer from `resolutions`. Without an answer,
+/// the resolver call to make first; or, on the `last` round, the lww winner.
 pub(super) fn shown_value(
     twin_id: TwinId,
     property: &str,
     policy: &ConflictPolicy,
     sides: &[Sibling],
     resolutions: &Resolutions,
+    last: bool,
 ) -> Result<(Value, Option<String>), ResolveRequest> {
     let main = sides.last().map(|s| s.value.clone()).unwrap_or(Value::Null);
     match (policy.strategy, &policy.resolver) {
         (Strategy::Merge, Some(module)) => match resolutions.get(&key(twin_id, property, sides)) {
             Some(Ok(v)) => Ok((v.clone(), None)),
             Some(Err(e)) => Ok((main, Some(e.clone()))),
+            None if last => Ok((
+                main,
+                Some("local writes kept changing the property while its resolver ran".into()),
+            )),
             None => Err(ResolveRequest {
                 twin_id,
                 property: property.to_owned(),
@@ -326,7 +333,10 @@ impl Registry {
         let mut out = Vec::new();
         let mut past = after.is_none();
         for id in ids {
-            let Ok(t) = self.get(&id) else { continue };
+            // The stored twin itself: no copy, no children to look up.
+            let Some(t) = self.inner.twins.0.get(&id).map(|t| Arc::clone(&t)) else {
+                continue;
+            };
             let Some(map) = &t.siblings else { continue };
             let strategy = self
                 .model_for(&t.entity_type)

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::write::model_change;
+use super::write::{model_change, model_data};
 use super::{Model, Registry, RegistryError};
 use crate::store::keys;
 
@@ -138,11 +138,8 @@ impl Registry {
                     keys::model(&rm.entity_type),
                     stored(rm.model.as_ref(), &clock),
                 );
-                let data = match &rm.model {
-                    Some(m) => json!({"entity_type": rm.entity_type, "model": m}),
-                    None => json!({"entity_type": rm.entity_type, "deleted": true}),
-                };
                 if this.wants_changes() {
+                    let data = model_data(&rm.entity_type, rm.model.as_ref());
                     changes.push(model_change(&rm.entity_type, data, &stamp, &rm.origin));
                 }
                 let mut models = this.inner.models.write();

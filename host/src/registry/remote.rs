@@ -549,14 +549,7 @@ impl Registry {
             b.put(keys::rel(&id, &r.target_id, &r.name), rels::encode(&state));
             if self.wants_changes() {
                 let stamp = b.stamp(None);
-                let data = match &r.properties {
-                    Some(p) => {
-                        serde_json::json!({"name": r.name, "target_id": r.target_id, "properties": p})
-                    }
-                    None => {
-                        serde_json::json!({"name": r.name, "target_id": r.target_id, "deleted": true})
-                    }
-                };
+                let data = super::write::rel_data(&r.name, r.target_id, r.properties.as_ref());
                 out.push(super::write::rel_change(
                     &self.inner.twins,
                     id,
@@ -756,10 +749,8 @@ fn merge_properties(
                 }
                 set_write(nt, k, w, patch);
             }
+            // The property's clock and value follow in `settle`.
             Merged::Many(all) => {
-                if let Some(c) = conflict::main_clock(&all) {
-                    nt.clocks.insert(k, c.clone());
-                }
                 nt.siblings
                     .get_or_insert_with(Default::default)
                     .insert(k.to_owned(), all);
@@ -812,12 +803,8 @@ fn settle(
         if let Some(c) = conflict::main_clock(&sides) {
             nt.clocks.insert(&k, c.clone());
         }
-        let (value, error) = match conflict::shown_value(nt.id, &k, policy, &sides, res) {
+        let (value, error) = match conflict::shown_value(nt.id, &k, policy, &sides, res, last) {
             Ok(shown) => shown,
-            Err(_) if last => (
-                sides.last().map(|s| s.value.clone()).unwrap_or(Value::Null),
-                Some("local writes kept changing the property while its resolver ran".to_owned()),
-            ),
             Err(req) => {
                 pending.push(req);
                 continue;

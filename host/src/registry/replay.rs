@@ -19,10 +19,11 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
 use super::origin::{self, Before};
-use super::write::{alert_change, bump, change, merge, model_change, points, rel_change};
+use super::write::{
+    alert_change, bump, change, merge, model_change, model_data, points, rel_change, rel_data,
+};
 use super::{AlertRecord, Change, ChangeKind, Indexes, Tombstone, TwinMap};
 use crate::store::wal::{Entry, Stamp};
 use crate::store::{keys, Batch};
@@ -315,19 +316,13 @@ impl Replay<'_> {
             Some(&keys::REL) => keys::parse_rel(key).and_then(|(src, dst, name)| {
                 let s = self.stamp.take()?;
                 let props = value.and_then(|v| super::rels::decode(v).ok()?.props);
-                let data = match props {
-                    Some(p) => json!({"name": name, "target_id": dst, "properties": p}),
-                    None => json!({"name": name, "target_id": dst, "deleted": true}),
-                };
+                let data = rel_data(&name, dst, props.as_ref());
                 Some(rel_change(self.twins, src, data, &s, self.origin))
             }),
             Some(&keys::MODEL) => self.stamp.take().map(|s| {
                 let et = String::from_utf8_lossy(&key[1..]).into_owned();
                 let model = value.and_then(|v| super::models_sync::read_stored(v).ok());
-                let data = match model {
-                    Some((Some(m), _)) => json!({"entity_type": et, "model": m}),
-                    _ => json!({"entity_type": et, "deleted": true}),
-                };
+                let data = model_data(&et, model.and_then(|(m, _)| m).as_ref());
                 model_change(&et, data, &s, self.origin)
             }),
             _ => None,

@@ -216,7 +216,7 @@ impl Registry {
             };
             b.put(keys::model(&et), stored(Some(&model), &clock));
             if this.wants_changes() {
-                let data = json!({"entity_type": et, "model": &*model});
+                let data = model_data(&et, Some(&model));
                 changes.push(model_change(&et, data, &stamp, &this.inner.origin));
             }
             this.inner.model_clocks.write().insert(et.clone(), clock);
@@ -240,7 +240,7 @@ impl Registry {
             };
             b.put(keys::model(&et), stored(None, &clock));
             if this.wants_changes() {
-                let data = json!({"entity_type": et, "deleted": true});
+                let data = model_data(&et, None);
                 changes.push(model_change(&et, data, &stamp, &this.inner.origin));
             }
             this.inner.model_clocks.write().insert(et, clock);
@@ -683,7 +683,7 @@ impl Registry {
             drop(idx);
             let stamp = b.stamp(None);
             if this.wants_changes() {
-                let data = json!({"name": name, "target_id": target, "properties": props});
+                let data = rel_data(&name, target, Some(&props));
                 changes.push(rel_change(
                     &this.inner.twins,
                     src,
@@ -768,7 +768,7 @@ impl Registry {
             };
             this.set_relationship(b, &stamp, src, name.clone(), target, state);
             if this.wants_changes() {
-                let data = json!({"name": name, "target_id": target, "deleted": true});
+                let data = rel_data(&name, target, None);
                 changes.push(rel_change(
                     &this.inner.twins,
                     src,
@@ -798,6 +798,22 @@ pub(super) fn alert_change(r: AlertRecord, stamp: &Stamp, origin: &Arc<str>) -> 
     c.hlc = stamp.hlc;
     c.origin = origin.clone();
     c
+}
+
+/// The `data` of a model change: the model put, or `None` for a delete.
+pub(super) fn model_data(entity_type: &str, model: Option<&Model>) -> Value {
+    match model {
+        Some(m) => json!({"entity_type": entity_type, "model": m}),
+        None => json!({"entity_type": entity_type, "deleted": true}),
+    }
+}
+
+/// The `data` of a relationship change: its properties, or `None` for a delete.
+pub(super) fn rel_data(name: &str, target: TwinId, properties: Option<&Value>) -> Value {
+    match properties {
+        Some(p) => json!({"name": name, "target_id": target, "properties": p}),
+        None => json!({"name": name, "target_id": target, "deleted": true}),
+    }
 }
 
 /// The change of the model of `entity_type` described by `data`.

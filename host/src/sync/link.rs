@@ -580,11 +580,10 @@ async fn send(
         durable.borrow_and_update();
         let version = *models.borrow_and_update();
         if models_sent != Some(version) {
-            let msg = Msg::Models {
+            let models = text(&Msg::Models {
                 items: ctx.registry.models_state(),
-            };
-            let text = serde_json::to_string(&msg).expect("json");
-            if let Err(end) = send_counted(ctx, stats, out, Out::Text(text)).await {
+            });
+            if let Err(end) = send_counted(ctx, stats, out, models).await {
                 return end;
             }
             models_sent = Some(version);
