@@ -59,11 +59,34 @@ for _ in $(seq 1 50); do
 done
 echo "   machines: edge $(count "$PORT" "$EDGE_TOKEN" "$ALL"), cloud $(count "$CLOUD_PORT" "$CLOUD_TOKEN" "$ALL");" \
   "marked overheated by the edge's behavior: edge $(count "$PORT" "$EDGE_TOKEN" "$HOT"), cloud $(count "$CLOUD_PORT" "$CLOUD_TOKEN" "$HOT")"
+alerts() { # port token → "<count> (<origins>)" of the node's alert events
+  python3 - "$1" "$2" <<'PY'
+import json, sys, urllib.request
+port, token = sys.argv[1], sys.argv[2]
+after, n, origins = 0, 0, set()
+while True:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/events/log?types=alert&limit=10000&after={after}",
+        headers={"Authorization": f"Bearer {token}"})
+    page = json.load(urllib.request.urlopen(req))
+    n += len(page["events"])
+    origins.update(e["origin"] for e in page["events"])
+    if page["next_after"] == after or page["next_after"] + 1 >= page["next_seq"]:
+        break
+    after = page["next_after"]
+print(f"{n} (raised on {', '.join(sorted(origins)) or 'none'})")
+PY
+}
+for _ in $(seq 1 50); do
+  [ "$(alerts "$PORT" "$EDGE_TOKEN")" = "$(alerts "$CLOUD_PORT" "$CLOUD_TOKEN")" ] && break
+  sleep 0.1
+done
+echo "   alerts: edge $(alerts "$PORT" "$EDGE_TOKEN"), cloud $(alerts "$CLOUD_PORT" "$CLOUD_TOKEN") (forwarded over the link, each once)"
 curl -fs -H "Authorization: Bearer $CLOUD_TOKEN" "http://127.0.0.1:$CLOUD_PORT/v1/peers" | python3 -c '
 import json, sys
 for p in json.load(sys.stdin)["items"]:
-    print("   link with %s: %s, %s entries received, %s bytes, last lag %s ms"
-          % (p["node_id"], p["state"], p.get("ops_in"), p.get("bytes_in"), p.get("lag_ms")))'
+    print("   link with %s: %s, %s entries and %s alerts received, %s bytes, last lag %s ms"
+          % (p["node_id"], p["state"], p.get("ops_in"), p.get("alerts_in"), p.get("bytes_in"), p.get("lag_ms")))'
 
 echo "== a conflict: both nodes write one property while apart; the model's resolver merges it"
 api() { # method port token path [body] → response body

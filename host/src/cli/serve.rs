@@ -157,6 +157,13 @@ pub async fn open_node(
     let sync_stats: Arc<crate::sync::SyncStats> = Arc::default();
     let compute_slots = Arc::new(tokio::sync::Semaphore::new(cores));
     let resolver = crate::sync::resolve::wasm(runtime.clone(), compute_slots.clone());
+    let peers = crate::sync::SyncService::new(
+        registry.clone(),
+        store.clone(),
+        sync_stats.clone(),
+        resolver,
+    );
+    peers.set_event_log(events.clone());
     let state = Arc::new(AppStateInner {
         registry: registry.clone(),
         history: History::new(store.clone(), retention),
@@ -171,7 +178,7 @@ pub async fn open_node(
         compute_slots,
         module_users,
         sync: sync_stats.clone(),
-        peers: crate::sync::SyncService::new(registry.clone(), store.clone(), sync_stats, resolver),
+        peers,
         stopping: tokio::sync::watch::channel(false).0,
     });
     Ok(Node {

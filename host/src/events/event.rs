@@ -132,6 +132,10 @@ pub struct Event {
     #[serde(default)]
     #[schema(value_type = String, example = "edge-1")]
     pub origin: Arc<str>,
+    /// For an alert forwarded from another node: its `seq` there (every node keeps one copy
+    /// of an alert, keyed by `origin` and this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_seq: Option<u64>,
     /// The serialized envelope, made once and shared by every subscriber.
     #[serde(skip)]
     json: OnceLock<Box<str>>,
@@ -170,6 +174,7 @@ impl Event {
             data: None,
             cause: None,
             origin: Arc::from(""),
+            origin_seq: None,
             json: OnceLock::new(),
             appended: None,
         }
@@ -193,6 +198,7 @@ impl Event {
             data: c.data,
             cause: c.cause.map(|a| (*a).clone()),
             origin: c.origin,
+            origin_seq: c.origin_seq,
             json: OnceLock::new(),
             appended: None,
         }

@@ -318,7 +318,7 @@ impl EventLog {
     }
 
     /// A receiver of live events from now on.
-    pub(super) fn live(&self) -> broadcast::Receiver<Arc<Event>> {
+    pub(crate) fn live(&self) -> broadcast::Receiver<Arc<Event>> {
         match &self.inner.state.lock().live {
             Some(live) => live.subscribe(),
             // Shut down: a receiver that reports the end at once.

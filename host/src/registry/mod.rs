@@ -46,7 +46,7 @@ pub use feed::{FeedItem, Tombstone, DEFAULT_TOMBSTONE_RETENTION};
 pub use model::Model;
 pub use query::{Page, Query, TwinRef};
 pub use remote::{RemoteChange, RemoteOutcome};
-pub use write::check_patch;
+pub use write::{check_patch, RemoteAlert};
 
 use crate::store::{CommitHandle, Numbering, StateSource, Store, StoreError};
 use crate::types::{Cause, Hlc, Lifecycle, Properties, Twin, TwinId};
@@ -116,6 +116,9 @@ pub struct Change {
     /// made it (the rule is in `registry/origin.rs`). Behaviors and rules react to changes of
     /// local origin unless they ask for all.
     pub origin: Arc<str>,
+    /// For an alert raised on another node and forwarded here: its number there (the key
+    /// by which every node keeps one copy of it). `None` for everything else.
+    pub origin_seq: Option<u64>,
 }
 
 impl Change {
@@ -143,6 +146,7 @@ impl Change {
             cause: None,
             data: Some(data),
             origin: origin.clone(),
+            origin_seq: None,
         }
     }
 }
@@ -158,11 +162,16 @@ struct AlertRecord {
     /// What the record stands for when it is not an alert (a conflict event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     kind: Option<ChangeKind>,
+    /// An alert forwarded from another node: the node that raised it and its number there.
+    /// `None`: raised here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<(Arc<str>, u64)>,
 }
 
 impl Change {
     /// An alert about `twin_id`, to be numbered by [`Registry::record_alerts`] (which also
-    /// gives it this node as its origin: alerts are raised where they are logged).
+    /// gives it this node as its origin; alerts forwarded by peers keep theirs, see
+    /// [`Registry::record_remote_alerts`]).
     pub fn alert(
         twin_id: TwinId,
         entity_type: String,
@@ -185,6 +194,7 @@ impl Change {
             cause,
             data: Some(data),
             origin: Arc::from(""),
+            origin_seq: None,
         }
     }
 }

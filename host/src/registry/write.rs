@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::feed::Tombstones;
@@ -17,7 +18,7 @@ use super::{
     RegistryError, Tombstone, TwinMap, Update, MAX_PROPERTIES, MAX_VALUE_DEPTH,
 };
 use crate::store::wal::Stamp;
-use crate::store::{keys, Batch};
+use crate::store::{keys, Batch, KvOp};
 use crate::types::{Dot, Lifecycle, Properties, Twin, TwinId, VClock};
 
 /// Record a history sample for each numeric property of `props`.
@@ -77,6 +78,7 @@ pub(super) fn change(
         cause: stamp.cause.clone().map(Arc::new),
         data: None,
         origin: origin.clone(),
+        origin_seq: None,
     }
 }
 
@@ -603,10 +605,41 @@ impl Registry {
                     ts: a.ts,
                     data: a.data.take().unwrap_or(Value::Null),
                     kind: None,
+                    origin: None,
                 };
                 let bytes = serde_json::to_vec(&record).expect("alerts serialize");
                 let stamp = b.alert(a.cause.as_deref(), &bytes);
                 changes.push(alert_change(record, &stamp, &this.inner.origin));
+            }
+        })
+        .await
+    }
+
+    /// Log alerts forwarded by a peer, each under its origin and its number there, with
+    /// `config` (the link's position and what it has seen) in the same commit. The caller
+    /// keeps out what this node has already (see `sync::alerts`).
+    pub async fn record_remote_alerts(
+        &self,
+        alerts: Vec<RemoteAlert>,
+        config: Vec<KvOp>,
+    ) -> Result<(), RegistryError> {
+        self.write(move |this, b, changes| {
+            for a in alerts {
+                let record = AlertRecord {
+                    twin_id: a.twin_id,
+                    entity_type: a.entity_type,
+                    parent_id: a.parent_id,
+                    ts: a.ts,
+                    data: a.data,
+                    kind: None,
+                    origin: Some((a.origin, a.origin_seq)),
+                };
+                let bytes = serde_json::to_vec(&record).expect("alerts serialize");
+                let stamp = b.alert(None, &bytes);
+                changes.push(alert_change(record, &stamp, &this.inner.origin));
+            }
+            for op in config {
+                b.config(op);
             }
         })
         .await
@@ -637,6 +670,7 @@ impl Registry {
                 ts: Utc::now(),
                 data,
                 kind: Some(kind),
+                origin: None,
             };
             let bytes = serde_json::to_vec(&record).expect("alerts serialize");
             let stamp = b.alert(None, &bytes);
@@ -783,7 +817,21 @@ impl Registry {
     }
 }
 
-/// The change an alert record stands for (raised on `origin`, this node).
+/// An alert as it travels between nodes: raised on `origin`, numbered `origin_seq` there.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoteAlert {
+    pub origin: Arc<str>,
+    pub origin_seq: u64,
+    pub twin_id: TwinId,
+    pub entity_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<TwinId>,
+    pub ts: DateTime<Utc>,
+    pub data: Value,
+}
+
+/// The change an alert record stands for (raised on `origin`, this node, unless the record
+/// names the node it was forwarded from).
 pub(super) fn alert_change(r: AlertRecord, stamp: &Stamp, origin: &Arc<str>) -> Change {
     let mut c = Change::alert(
         r.twin_id,
@@ -796,7 +844,13 @@ pub(super) fn alert_change(r: AlertRecord, stamp: &Stamp, origin: &Arc<str>) -> 
     c.kind = r.kind.unwrap_or(ChangeKind::Alert);
     c.seq = stamp.lseq;
     c.hlc = stamp.hlc;
-    c.origin = origin.clone();
+    match r.origin {
+        Some((node, seq)) => {
+            c.origin = node;
+            c.origin_seq = Some(seq);
+        }
+        None => c.origin = origin.clone(),
+    }
     c
 }
 

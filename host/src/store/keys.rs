@@ -51,6 +51,11 @@ pub const META_HLC: &[u8] = b"xhlc";
 pub const META_PEER_CURSOR: &[u8] = b"xpeer_cursor/";
 /// Prefix of the peers added with `PUT /v1/peers/{node_id}` (JSON: url and token).
 pub const META_PEER: &[u8] = b"xpeer/";
+/// `xpeer_alerts/<node id>` → u64 BE: how far that peer's event log is read here for alerts.
+pub const META_PEER_ALERTS: &[u8] = b"xpeer_alerts/";
+/// `xalerts_seen/<node id>` → u64 BE: the highest number of an alert raised there and
+/// logged here (forwarded alerts are logged once).
+pub const META_ALERTS_SEEN: &[u8] = b"xalerts_seen/";
 
 pub fn rule(name: &str) -> Vec<u8> {
     prefixed(RULE, name.as_bytes())

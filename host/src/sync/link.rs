@@ -224,17 +224,29 @@ where
     let merged = ctx.cursor(peer);
     stats.received_through.store(merged, Ordering::Relaxed);
     tracing::info!(peer, after = merged, "asking a peer for its changes");
-    if let Err(end) = send_counted(ctx, stats, out, text(&Msg::Subscribe { after: merged })).await {
+    // Alerts only when this node keeps an event log to log them in.
+    let alerts_after = ctx.events.get().map(|_| {
+        ctx.store
+            .get_u64(&super::alerts::cursor_key(peer))
+            .unwrap_or(0)
+    });
+    let subscribe = Msg::Subscribe {
+        after: merged,
+        alerts_after,
+    };
+    if let Err(end) = send_counted(ctx, stats, out, text(&subscribe)).await {
         return end;
     }
     // What the receiving loop hands over: it never waits on the socket's outgoing side (see
     // `receive`), so each of these keeps only the latest value.
     let (subscribed, sub_rx) = watch::channel(None::<u64>);
+    let (alerts_subscribed, alerts_sub_rx) = watch::channel(None::<u64>);
     let (acked, acked_rx) = watch::channel(0u64);
     let (to_ack, to_ack_rx) = watch::channel(0u64);
     let (digests, digests_rx) = watch::channel(None::<Vec<u64>>);
     let inbound = Inbound {
         subscribed: &subscribed,
+        alerts_subscribed: &alerts_subscribed,
         acked: &acked,
         merged: &to_ack,
         digests: &digests,
@@ -242,6 +254,7 @@ where
     tokio::select! {
         end = receive(ctx, peer, stats, rx, inbound) => end,
         end = send(ctx, peer, stats, out, sub_rx, acked_rx) => end,
+        end = super::alerts::send(ctx, peer, stats, out, alerts_sub_rx) => end,
         end = send_acks(ctx, stats, out, to_ack_rx) => end,
         end = answer_digests(ctx, stats, out, digests_rx) => end,
         () = ping(out) => End::ByPeer(None),
@@ -254,6 +267,8 @@ where
 struct Inbound<'a> {
     /// The peer's subscription (where to send this node's feed from).
     subscribed: &'a watch::Sender<Option<u64>>,
+    /// Where to forward this node's alerts from (none: the peer wants none).
+    alerts_subscribed: &'a watch::Sender<Option<u64>>,
     /// How far the peer has acknowledged this node's feed.
     acked: &'a watch::Sender<u64>,
     /// How far this node has merged the peer's feed (to acknowledge).
@@ -303,13 +318,13 @@ async fn answer_digests(
 }
 
 /// A message of the protocol as a text frame.
-fn text(msg: &Msg) -> Out {
+pub(super) fn text(msg: &Msg) -> Out {
     Out::Text(serde_json::to_string(msg).expect("a sync message serializes"))
 }
 
 /// Hand a message of the admitted link to its writer, its bytes counted (for the link, the
 /// node, and `/metrics`).
-async fn send_counted(
+pub(super) async fn send_counted(
     ctx: &SyncCtx,
     stats: &LinkStats,
     out: &mpsc::Sender<Out>,
@@ -431,8 +446,19 @@ where
             Ok(Ok(m)) => m,
         };
         match msg {
-            Msg::Subscribe { after } => {
+            Msg::Subscribe {
+                after,
+                alerts_after,
+            } => {
                 inbound.subscribed.send_replace(Some(after));
+                if alerts_after.is_some() {
+                    inbound.alerts_subscribed.send_replace(alerts_after);
+                }
+            }
+            Msg::Alerts { items, next } => {
+                if let Err(e) = super::alerts::record(ctx, peer, stats, items, next).await {
+                    return End::Failed(e);
+                }
             }
             Msg::Ack { through } => {
                 stats.acked.fetch_max(through, Ordering::Relaxed);

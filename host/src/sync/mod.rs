@@ -22,6 +22,7 @@
 //! compute pool ([`resolve`]). Alert events are not replicated (each node's rules and
 //! behaviors raise their own).
 
+pub mod alerts;
 pub mod link;
 pub mod protocol;
 pub mod resolve;
@@ -153,6 +154,9 @@ pub struct LinkStats {
     /// that changed something here.
     pub repairs_sent: AtomicU64,
     pub repaired: AtomicU64,
+    /// Alerts forwarded to the peer, and alerts from it logged here (new here).
+    pub alerts_out: AtomicU64,
+    pub alerts_in: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     /// For rates: the last reading.
     rate: Mutex<Option<RateReading>>,
@@ -223,6 +227,10 @@ pub struct SyncCtx {
     pub stats: Arc<SyncStats>,
     /// Calls the `merge` strategy's resolvers.
     pub resolver: resolve::Resolver,
+    /// The node's event log, whose alerts links forward (none: no alerts travel).
+    pub events: std::sync::OnceLock<crate::events::EventLog>,
+    /// Per origin, the newest alert logged here (forwarded alerts are logged once).
+    alerts_seen: alerts::Seen,
     /// The flush window, in microseconds.
     flush_us: AtomicU64,
     /// The anti-entropy period, in milliseconds.
@@ -360,6 +368,8 @@ impl SyncService {
             store,
             stats,
             resolver,
+            events: std::sync::OnceLock::new(),
+            alerts_seen: alerts::Seen::default(),
             flush_us: AtomicU64::new(DEFAULT_FLUSH.as_micros() as u64),
             anti_entropy_ms: AtomicU64::new(DEFAULT_ANTI_ENTROPY.as_millis() as u64),
             links: Mutex::default(),
@@ -368,6 +378,11 @@ impl SyncService {
             next_id: AtomicU64::new(1),
             stopping: CancellationToken::new(),
         }))
+    }
+
+    /// Forward the alerts of `events` over every link (and log the peers' alerts there).
+    pub fn set_event_log(&self, events: crate::events::EventLog) {
+        let _ = self.0.events.set(events);
     }
 
     /// Dial the peers stored with `PUT /v1/peers` (at start).
@@ -597,6 +612,14 @@ impl SyncService {
                 json!(s.repairs_sent.load(Ordering::Relaxed)),
             );
             row.insert("repaired".into(), json!(s.repaired.load(Ordering::Relaxed)));
+            row.insert(
+                "alerts_out".into(),
+                json!(s.alerts_out.load(Ordering::Relaxed)),
+            );
+            row.insert(
+                "alerts_in".into(),
+                json!(s.alerts_in.load(Ordering::Relaxed)),
+            );
             row.insert(
                 "coalescing_ratio".into(),
                 json!(if ops_out == 0 {

@@ -30,12 +30,13 @@
 use serde::{Deserialize, Serialize};
 
 use crate::registry::models_sync::RemoteModel;
-use crate::registry::{FeedItem, RemoteChange};
+use crate::registry::{FeedItem, RemoteAlert, RemoteChange};
 
 /// The protocol version this build speaks. A peer that speaks another is refused with
 /// [`Close::UNSUPPORTED`]. 2: changes and repairs in binary frames (zstd of JSON); models
 /// travel (`models`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: alerts travel (`alerts`, `subscribe.alerts_after`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Longest message accepted (a batch of feed entries), as it travels and once decompressed;
 /// larger ones close the link.
@@ -52,8 +53,13 @@ pub const ZSTD_LEVEL: i32 = 1;
 pub enum Msg {
     /// The first message of each side.
     Hello { protocol: u32, node_id: String },
-    /// "Send me your change feed after change number `after`."
-    Subscribe { after: u64 },
+    /// "Send me your change feed after change number `after`", and (when set) "your event
+    /// log's alerts after event number `alerts_after`".
+    Subscribe {
+        after: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        alerts_after: Option<u64>,
+    },
     /// Entries of the sender's feed up to `next` (entries the receiver made itself may be
     /// left out; `next` still moves past them).
     Changes { items: Vec<RemoteChange>, next: u64 },
@@ -68,6 +74,9 @@ pub enum Msg {
     /// Every model and model tombstone of the sender, with their clocks: sent when the link
     /// starts and whenever a model changed there (last writer wins per entity type).
     Models { items: Vec<RemoteModel> },
+    /// Alerts of the sender's event log (raised there or forwarded to it) up to event
+    /// number `next`, each with its origin and its number there (`sync::alerts`).
+    Alerts { items: Vec<RemoteAlert>, next: u64 },
 }
 
 /// The kind byte that starts a binary frame: which bulk message its body is.
@@ -285,6 +294,7 @@ pub fn kind(m: &Msg) -> &'static str {
         Msg::Digest { .. } => "digest",
         Msg::Repair { .. } => "repair",
         Msg::Models { .. } => "models",
+        Msg::Alerts { .. } => "alerts",
     }
 }
 
@@ -385,12 +395,15 @@ mod tests {
             check_hello(hello(PROTOCOL_VERSION), "node-a").unwrap(),
             "node-b"
         );
-        let c = check_hello(hello(1), "node-a").unwrap_err();
-        assert_eq!(c.code, Close::UNSUPPORTED);
-        assert!(
-            c.reason.contains("version 1") && c.reason.contains("version 2"),
-            "{c}"
-        );
+        // A node of protocol 2 (no alerts) is refused, as 1 was.
+        for old in [1, 2] {
+            let c = check_hello(hello(old), "node-a").unwrap_err();
+            assert_eq!(c.code, Close::UNSUPPORTED);
+            assert!(
+                c.reason.contains(&format!("version {old}")) && c.reason.contains("version 3"),
+                "{c}"
+            );
+        }
         let c = check_hello(hello(PROTOCOL_VERSION), "node-b").unwrap_err();
         assert_eq!(c.code, Close::SAME_NODE);
     }
