@@ -40,3 +40,4 @@ mod sandbox;
 mod sync;
 mod twins;
 mod wasm;
+mod workflows;

@@ -18,6 +18,7 @@ mod ops;
 mod peers;
 mod rules;
 mod twins;
+mod workflows;
 
 #[cfg(test)]
 mod openapi_tests;
@@ -86,6 +87,8 @@ pub struct AppStateInner {
     pub peers: crate::sync::SyncService,
     /// Guest calls running at once (sized to the cores); a full pool answers 429.
     pub compute_slots: Arc<tokio::sync::Semaphore>,
+    /// Workflow runs.
+    pub workflows: crate::workflow::Workflows,
     /// Set when the server begins to stop: event streams end so connections can drain.
     pub stopping: tokio::sync::watch::Sender<bool>,
 }
@@ -158,6 +161,9 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/peers", get(peers::list))
         .route("/conflicts", get(conflicts::list))
         .route("/conflicts/{id}/resolve", post(conflicts::resolve))
+        .route("/workflows", post(workflows::start).get(workflows::list))
+        .route("/workflows/{id}", get(workflows::get_one))
+        .route("/workflows/{id}/cancel", post(workflows::cancel))
         .route(
             "/peers/{node_id}",
             put(peers::put).get(peers::get_one).delete(peers::delete),

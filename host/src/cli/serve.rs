@@ -164,6 +164,15 @@ pub async fn open_node(
         resolver,
     );
     peers.set_event_log(events.clone());
+    let workflows = crate::workflow::Workflows::open(crate::workflow::Deps {
+        store: store.clone(),
+        registry: registry.clone(),
+        runtime: runtime.clone(),
+        compute_slots: compute_slots.clone(),
+        peers: Some(peers.clone()),
+    })
+    .await
+    .context("opening the workflow runs")?;
     let state = Arc::new(AppStateInner {
         registry: registry.clone(),
         history: History::new(store.clone(), retention),
@@ -179,6 +188,7 @@ pub async fn open_node(
         module_users,
         sync: sync_stats.clone(),
         peers,
+        workflows,
         stopping: tokio::sync::watch::channel(false).0,
     });
     Ok(Node {

@@ -91,6 +91,7 @@ impl From<ChangeKind> for EventType {
             ChangeKind::Model => EventType::ModelChanged,
             ChangeKind::ConflictDetected => EventType::ConflictDetected,
             ChangeKind::ConflictResolved => EventType::ConflictResolved,
+            ChangeKind::WorkflowFinished => EventType::WorkflowFinished,
         }
     }
 }

@@ -88,6 +88,8 @@ pub enum ChangeKind {
     ConflictDetected,
     /// A property's concurrent writes gave way to a later write.
     ConflictResolved,
+    /// A workflow run ended (no twin; `data` says how).
+    WorkflowFinished,
 }
 
 /// A committed change, handed to the change sink after it is durable.
@@ -154,7 +156,9 @@ impl Change {
 /// An alert as the write-ahead log keeps it.
 #[derive(Serialize, Deserialize)]
 struct AlertRecord {
-    twin_id: TwinId,
+    /// `None` for an event about no twin (`workflow.finished`).
+    #[serde(default)]
+    twin_id: Option<TwinId>,
     entity_type: String,
     parent_id: Option<TwinId>,
     ts: DateTime<Utc>,

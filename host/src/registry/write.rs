@@ -599,7 +599,7 @@ impl Registry {
             for mut a in alerts {
                 let Some(twin_id) = a.twin_id else { continue };
                 let record = AlertRecord {
-                    twin_id,
+                    twin_id: Some(twin_id),
                     entity_type: std::mem::take(&mut a.entity_type),
                     parent_id: a.parent_id,
                     ts: a.ts,
@@ -615,6 +615,26 @@ impl Registry {
         .await
     }
 
+    /// Number and log an event about no twin (`kind` says which, e.g. a workflow run that
+    /// ended), like an alert.
+    pub async fn record_event(&self, kind: ChangeKind, data: Value) -> Result<(), RegistryError> {
+        self.write(move |this, b, changes| {
+            let record = AlertRecord {
+                twin_id: None,
+                entity_type: String::new(),
+                parent_id: None,
+                ts: Utc::now(),
+                data,
+                kind: Some(kind),
+                origin: None,
+            };
+            let bytes = serde_json::to_vec(&record).expect("alerts serialize");
+            let stamp = b.alert(None, &bytes);
+            changes.push(alert_change(record, &stamp, &this.inner.origin));
+        })
+        .await
+    }
+
     /// Log alerts forwarded by a peer, each under its origin and its number there, with
     /// `config` (the link's position and what it has seen) in the same commit. The caller
     /// keeps out what this node has already (see `sync::alerts`).
@@ -626,7 +646,7 @@ impl Registry {
         self.write(move |this, b, changes| {
             for a in alerts {
                 let record = AlertRecord {
-                    twin_id: a.twin_id,
+                    twin_id: Some(a.twin_id),
                     entity_type: a.entity_type,
                     parent_id: a.parent_id,
                     ts: a.ts,
@@ -664,7 +684,7 @@ impl Registry {
                 _ => metrics::counter!("twinhost_sync_conflicts_resolved_total").increment(1),
             }
             let record = AlertRecord {
-                twin_id: t.id,
+                twin_id: Some(t.id),
                 entity_type: t.entity_type.clone(),
                 parent_id: t.parent_id,
                 ts: Utc::now(),
@@ -833,23 +853,14 @@ pub struct RemoteAlert {
 /// The change an alert record stands for (raised on `origin`, this node, unless the record
 /// names the node it was forwarded from).
 pub(super) fn alert_change(r: AlertRecord, stamp: &Stamp, origin: &Arc<str>) -> Change {
-    let mut c = Change::alert(
-        r.twin_id,
-        r.entity_type,
-        r.parent_id,
-        r.ts,
-        r.data,
-        stamp.cause.clone().map(Arc::new),
-    );
-    c.kind = r.kind.unwrap_or(ChangeKind::Alert);
-    c.seq = stamp.lseq;
-    c.hlc = stamp.hlc;
-    match r.origin {
-        Some((node, seq)) => {
-            c.origin = node;
-            c.origin_seq = Some(seq);
-        }
-        None => c.origin = origin.clone(),
+    let kind = r.kind.unwrap_or(ChangeKind::Alert);
+    let mut c = Change::config(kind, r.twin_id, r.entity_type, r.data, stamp, origin);
+    c.parent_id = r.parent_id;
+    c.ts = r.ts;
+    c.cause = stamp.cause.clone().map(Arc::new);
+    if let Some((node, seq)) = r.origin {
+        c.origin = node;
+        c.origin_seq = Some(seq);
     }
     c
 }

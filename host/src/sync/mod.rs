@@ -380,6 +380,29 @@ impl SyncService {
         }))
     }
 
+    /// The peers linked now that have not acknowledged this node's feed through `through`.
+    pub fn behind(&self, through: u64) -> Vec<String> {
+        self.0
+            .known
+            .lock()
+            .iter()
+            .filter(|(_, s)| {
+                s.up.load(Ordering::Relaxed) && s.acked.load(Ordering::Relaxed) < through
+            })
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// How many peers are linked now.
+    pub fn linked_count(&self) -> usize {
+        self.0
+            .known
+            .lock()
+            .values()
+            .filter(|s| s.up.load(Ordering::Relaxed))
+            .count()
+    }
+
     /// Forward the alerts of `events` over every link (and log the peers' alerts there).
     pub fn set_event_log(&self, events: crate::events::EventLog) {
         let _ = self.0.events.set(events);

@@ -1,0 +1,105 @@
+//! `/v1/workflows`: start a run of a workflow spec, read it, list runs, cancel one.
+
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::extract::{Json, Path};
+use super::{ApiError, AppState};
+use crate::workflow::{Spec, Status, WorkflowError};
+
+/// How long `?wait=true` waits for a run before answering with it as it stands.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Largest page of `GET /v1/workflows`.
+const MAX_PAGE: usize = 1000;
+
+impl From<WorkflowError> for ApiError {
+    fn from(e: WorkflowError) -> Self {
+        match e {
+            WorkflowError::Invalid(ref reasons) => {
+                ApiError::Validation(e.to_string(), json!({ "reasons": reasons }))
+            }
+            WorkflowError::Cycle(_) => ApiError::Conflict(e.to_string()),
+            WorkflowError::Busy => ApiError::Overloaded(e.to_string()),
+            WorkflowError::NotFound(m) => ApiError::NotFound(format!("no workflow run {m}")),
+            WorkflowError::Finished(..) => ApiError::Conflict(e.to_string()),
+            WorkflowError::Store(s) => s.into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct StartParams {
+    #[serde(default)]
+    wait: bool,
+}
+
+/// Start a run: 202 `{"id", "status": "running"}`, or with `?wait=true` 200 and the finished
+/// run. A cycle → 409 naming it; unknown steps, modules or functions → 422 with every reason.
+pub async fn start(
+    State(s): State<AppState>,
+    Query(p): Query<StartParams>,
+    Json(spec): Json<Spec>,
+) -> Result<Response, ApiError> {
+    let id = s.workflows.start(spec).await?;
+    if p.wait {
+        let run = s.workflows.wait(&id, MAX_WAIT).await?;
+        return Ok((StatusCode::OK, axum::Json(run)).into_response());
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"id": id, "status": "running"})),
+    )
+        .into_response())
+}
+
+/// One run: its status, and each step's status, timestamps, attempts, result or error.
+pub async fn get_one(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(axum::Json(s.workflows.get(&id)?).into_response())
+}
+
+/// Cancel a run in flight: steps running stop, steps not started are cancelled. 409 when it
+/// has finished already.
+pub async fn cancel(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(axum::Json(s.workflows.cancel(&id).await?).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    status: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Runs, newest first: `{"items": [summary…], "next_cursor"}`.
+pub async fn list(
+    State(s): State<AppState>,
+    Query(p): Query<ListParams>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let status = match p.status.as_deref() {
+        None => None,
+        Some(st) => Some(Status::parse(st).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "unknown status {st:?}; one of pending, running, succeeded, failed, cancelled"
+            ))
+        })?),
+    };
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let (items, next) = s.workflows.list(status, p.cursor.as_deref(), limit)?;
+    Ok(axum::Json(json!({"items": items, "next_cursor": next})))
+}
