@@ -96,6 +96,31 @@ async fn steps_run_in_dependency_order_and_pass_their_results_on() {
     assert_eq!(log["events"][0]["data"]["workflow_id"], id, "{log}");
     assert_eq!(log["events"][0]["data"]["status"], "succeeded", "{log}");
     s.get("/v1/workflows/nope").await.expect(404);
+
+    // The CLI: run a spec file and wait, get, list, and a cancel of a finished run refused.
+    let file = s.data_dir.join("wf.json");
+    std::fs::write(&file, spec.to_string()).unwrap();
+    let out = s.cli(&["workflow", "run", file.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    let ran: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ran["status"], "succeeded", "{ran}");
+    let cli_id = ran["id"].as_str().unwrap();
+    let out = s.cli(&["workflow", "get", cli_id]);
+    assert!(out.status.success(), "{out:?}");
+    let out = s.cli(&["workflow", "list", "--status", "succeeded"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["items"][0]["id"], cli_id, "newest first: {listed}");
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+    let out = s.cli(&["workflow", "cancel", cli_id]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already finished"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test]

@@ -136,6 +136,29 @@ pub enum PeerCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum WorkflowCmd {
+    /// Start a run of the workflow spec in FILE (JSON: `steps`, `dependencies`).
+    Run {
+        file: PathBuf,
+        /// Wait for the run to finish and print it (else print its id at once).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a run: its status and each step's.
+    Get { id: String },
+    /// Runs, newest first.
+    List {
+        /// Only runs with this status (running, succeeded, failed, cancelled).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Cancel a run in flight.
+    Cancel { id: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum RuleCmd {
     /// Create or replace a rule from a JSON file.
     Put { name: String, file: PathBuf },
@@ -475,6 +498,42 @@ pub async fn peer(conn: Conn, cmd: PeerCmd) -> anyhow::Result<()> {
                 .await?;
             eprintln!("removed peer {node_id}");
             Value::Null
+        }
+    };
+    print(&v);
+    Ok(())
+}
+
+pub async fn workflow(conn: Conn, cmd: WorkflowCmd) -> anyhow::Result<()> {
+    let c = Client::new(&conn);
+    let v = match cmd {
+        WorkflowCmd::Run { file, wait } => {
+            let body = json_arg(&format!("@{}", file.display()))?;
+            let path = if wait {
+                "/v1/workflows?wait=true"
+            } else {
+                "/v1/workflows"
+            };
+            c.json(Method::POST, path, &body).await?
+        }
+        WorkflowCmd::Get { id } => {
+            c.call(Method::GET, &format!("/v1/workflows/{id}"), None, "")
+                .await?
+        }
+        WorkflowCmd::List { status, limit } => {
+            let mut path = format!("/v1/workflows?limit={limit}");
+            if let Some(s) = status {
+                path.push_str(&format!("&status={s}"));
+            }
+            c.call(Method::GET, &path, None, "").await?
+        }
+        WorkflowCmd::Cancel { id } => {
+            c.json(
+                Method::POST,
+                &format!("/v1/workflows/{id}/cancel"),
+                &json!({}),
+            )
+            .await?
         }
     };
     print(&v);

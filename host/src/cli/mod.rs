@@ -69,6 +69,13 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Workflow runs: start one from a spec file, read, list, cancel.
+    Workflow {
+        #[command(subcommand)]
+        cmd: client::WorkflowCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// The nodes this one syncs with.
     Peer {
         #[command(subcommand)]
@@ -186,6 +193,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Behavior { cmd, conn } => rt.block_on(client::behavior(conn, cmd)),
         Command::Rule { cmd, conn } => rt.block_on(client::rule(conn, cmd)),
         Command::Peer { cmd, conn } => rt.block_on(client::peer(conn, cmd)),
+        Command::Workflow { cmd, conn } => rt.block_on(client::workflow(conn, cmd)),
         Command::Events { cmd, conn } => rt.block_on(client::events(conn, cmd)),
         Command::Invoke {
             module,
