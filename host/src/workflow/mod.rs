@@ -433,8 +433,16 @@ impl Workflows {
                         let token = cancel.child_token();
                         let input = spec.input.clone();
                         tasks.spawn(async move {
-                            let (attempts, r) = me.run_step(&step, inputs, input, token).await;
-                            (step.id, attempts, r)
+                            use futures::FutureExt;
+                            let attempt = me.run_step(&step, inputs, input, token);
+                            match std::panic::AssertUnwindSafe(attempt).catch_unwind().await {
+                                Ok((attempts, r)) => (step.id, attempts, r),
+                                Err(_) => (
+                                    step.id,
+                                    1,
+                                    Err("the step panicked (a bug; see the server log)".into()),
+                                ),
+                            }
                         });
                         pending.remove(&id);
                         moved = true;
