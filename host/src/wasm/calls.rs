@@ -6,8 +6,9 @@
 //! [`Runtime::call_resolver`], [`Runtime::stop`] and [`measure`] (for `twinhost bench`).
 //! Must never: let a guest's failure escape its own call.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -18,6 +19,7 @@ use wasmtime::{Store as WasmStore, Trap, UpdateDeadline};
 use super::bindings::twinhost::platform::types;
 use super::host::{to_wit, Cancelled, HostState, Interrupt};
 use super::modules::{internal, Pre, Runtime};
+use super::pool::{Busy, Caller, ComputePool};
 use super::{World, MAX_RESULT_BYTES};
 use crate::types::{Severity, Twin, TwinId};
 
@@ -29,6 +31,11 @@ pub struct Write {
     /// The node that made the write.
     pub origin: String,
 }
+
+/// How long one turn of [`Runtime::compute_each`] keeps its compute slot before it queues
+/// again: long enough that calls of a few tens of microseconds share one slot acquisition,
+/// short enough that callers waiting behind a request over many twins get a turn.
+pub const TURN: Duration = Duration::from_millis(10);
 
 /// Each twin's result of [`Runtime::compute_each`].
 pub type EachResult = BTreeMap<TwinId, Result<Value, GuestFailure>>;
@@ -161,50 +168,142 @@ impl Runtime {
     }
 
     /// Call `run` of compute module `name` once per twin, in order, each with its own
-    /// result or guest error. Twins left when `budget` runs out get `request_deadline`;
-    /// cancelling `caller` stops the call in flight and skips the rest (`None`). Blocking.
+    /// result or guest error, on the compute pool as `caller`. The twins run in turns: each
+    /// turn takes a slot and runs twins on a blocking thread until [`TURN`] has passed, then
+    /// gives the slot back, so a request over many twins queues again behind other callers
+    /// instead of holding a slot for its whole budget. Twins left when `budget` runs out get
+    /// `request_deadline`; twins left when a later turn gets no slot get `busy`; cancelling
+    /// `caller_gone` stops the call in flight and skips the rest (`None`).
     ///
     /// # Errors
-    /// Not a twin's failure but the request's: the module is gone or of another world.
-    pub fn compute_each(
-        &self,
+    /// Not a twin's failure but the request's: [`CallError::Busy`] when the first turn gets
+    /// no slot (nothing ran), the module is gone or of another world.
+    pub async fn compute_each(
+        self: &Arc<Self>,
+        caller: &Caller,
         name: &str,
         twins: Vec<Twin>,
-        parameters: &Value,
+        parameters: Value,
         budget: Duration,
-        caller: CancellationToken,
+        caller_gone: CancellationToken,
     ) -> Result<Option<EachResult>, CallError> {
         let ends = Instant::now() + budget;
+        let parameters = Arc::new(parameters);
+        let mut left: VecDeque<Twin> = twins.into();
         let mut out = BTreeMap::new();
-        for t in twins {
-            if caller.is_cancelled() {
+        let mut first = true;
+        while !left.is_empty() {
+            if caller_gone.is_cancelled() {
                 return Ok(None);
             }
-            let r = if Instant::now() >= ends {
-                Err(GuestFailure {
-                    kind: "request_deadline",
-                    message: format!(
-                        "not run: the request's {} s budget was spent on the twins before",
-                        budget.as_secs()
-                    ),
-                })
-            } else {
-                let one = std::slice::from_ref(&t);
-                match self.call_compute(name, one, parameters, Some(caller.clone())) {
-                    Ok(v) => Ok(v),
-                    Err(CallError::Guest { kind, message }) => Err(GuestFailure { kind, message }),
-                    Err(e) => return Err(e),
+            if Instant::now() >= ends {
+                let message = format!(
+                    "not run: the request's {} s budget was spent on the twins before",
+                    budget.as_secs()
+                );
+                fail_all(&mut out, left, "request_deadline", &message);
+                break;
+            }
+            let slot = match self.pool.acquire(caller).await {
+                Ok(slot) => slot,
+                Err(busy) if first => {
+                    return Err(CallError::Busy(busy));
+                }
+                Err(busy) => {
+                    fail_all(&mut out, left, "busy", &format!("not run: {busy}"));
+                    break;
                 }
             };
-            out.insert(t.id, r);
+            first = false;
+            let (me, name, parameters, gone) = (
+                self.clone(),
+                name.to_owned(),
+                parameters.clone(),
+                caller_gone.clone(),
+            );
+            let turn = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                me.compute_turn(&name, left, &parameters, ends, gone)
+            })
+            .await
+            .map_err(|e| internal(format!("compute task: {e}")))?;
+            let (done, rest) = turn?;
+            out.extend(done);
+            left = rest;
+        }
+        if caller_gone.is_cancelled() {
+            return Ok(None);
         }
         Ok(Some(out))
+    }
+
+    /// One turn of [`Runtime::compute_each`] (holding a slot): twins from `left` until
+    /// [`TURN`] has passed, the budget ends or the caller goes; the twins not run are
+    /// returned. Blocking.
+    fn compute_turn(
+        &self,
+        name: &str,
+        mut left: VecDeque<Twin>,
+        parameters: &Value,
+        ends: Instant,
+        gone: CancellationToken,
+    ) -> Result<(EachResult, VecDeque<Twin>), CallError> {
+        let started = Instant::now();
+        let mut done = BTreeMap::new();
+        while started.elapsed() < TURN && Instant::now() < ends && !gone.is_cancelled() {
+            let Some(t) = left.pop_front() else { break };
+            let one = std::slice::from_ref(&t);
+            let r = match self.call_compute(name, one, parameters, Some(gone.clone())) {
+                Ok(v) => Ok(v),
+                Err(CallError::Guest { kind, message }) => Err(GuestFailure { kind, message }),
+                Err(CallError::Busy(busy)) => Err(GuestFailure {
+                    kind: "busy",
+                    message: busy.to_string(),
+                }),
+                Err(e) => return Err(e),
+            };
+            done.insert(t.id, r);
+        }
+        Ok((done, left))
+    }
+
+    /// Run `f` on a blocking thread holding a compute slot taken for `caller` (waiting as
+    /// its [`Caller::patience`] says). The slot is given back when `f` ends, also by a
+    /// panic; dropping the returned future does not stop `f`, whose slot stays taken until
+    /// it returns (pass a cancellation token into the call to stop it).
+    ///
+    /// # Errors
+    /// [`CallError::Busy`] when no slot is given (also when the instance pool refused the
+    /// instantiation), and `f`'s errors.
+    pub async fn on_pool<R: Send + 'static>(
+        self: &Arc<Self>,
+        caller: &Caller,
+        f: impl FnOnce(&Runtime) -> Result<R, CallError> + Send + 'static,
+    ) -> Result<R, CallError> {
+        let slot = self.pool.acquire(caller).await?;
+        let me = self.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            f(&me)
+        })
+        .await
+        .map_err(|e| internal(format!("guest call task: {e}")))?;
+        if let Err(CallError::Busy(busy)) = &out {
+            self.pool.count_busy(caller.class(), busy);
+        }
+        out
+    }
+
+    /// The compute pool every guest call takes a slot from.
+    pub fn pool(&self) -> &ComputePool {
+        &self.pool
     }
 
     /// Stop every guest call in flight (they fail with `cancelled`) and refuse new ones: the
     /// server is stopping.
     pub fn stop(&self) {
         self.stop.cancel();
+        self.pool.stop();
     }
 
     /// Run `f` on a fresh store for the active version of `name`, within its limits,
@@ -255,11 +354,31 @@ impl Runtime {
             .micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = &result {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(module = name, version = active.info.version, error = %e, "guest call failed");
+        match &result {
+            // Not the guest's failure: the instance pool had no room (counted by the pool).
+            Err(e @ CallError::Busy(_)) => {
+                tracing::warn!(module = name, version = active.info.version, error = %e, "guest call not run");
+            }
+            Err(e) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(module = name, version = active.info.version, error = %e, "guest call failed");
+            }
+            Ok(_) => {}
         }
         result
+    }
+}
+
+/// Give every twin of `left` the error `kind`.
+fn fail_all(out: &mut EachResult, left: VecDeque<Twin>, kind: &'static str, message: &str) {
+    for t in left {
+        out.insert(
+            t.id,
+            Err(GuestFailure {
+                kind,
+                message: message.to_owned(),
+            }),
+        );
     }
 }
 
@@ -309,8 +428,14 @@ fn json_result(out: Result<String, String>) -> Result<Value, CallError> {
     })
 }
 
-/// Classify a failure inside the guest.
+/// Classify a failure inside the guest. An instantiation the instance pool refused is no
+/// failure of the guest: the call is [`CallError::Busy`] (429 over HTTP), never a `trap`.
 fn guest_error(e: wasmtime::Error) -> CallError {
+    if e.chain()
+        .any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>())
+    {
+        return CallError::Busy(Busy::Instances(format!("{e:#}")));
+    }
     let (kind, message) = match e.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => ("fuel_exhausted", "the call ran out of fuel".to_owned()),
         Some(Trap::Interrupt) => (
@@ -520,13 +645,21 @@ impl crate::events::rules::Invoker for Runtime {
     }
 
     fn invoke(
-        &self,
+        self: Arc<Self>,
+        rule: &str,
         name: &str,
         twin: crate::types::TwinId,
-        parameters: &Value,
-    ) -> Result<Value, String> {
-        let t = self.registry.get(&twin).map_err(|e| e.to_string())?;
-        self.call_compute(name, std::slice::from_ref(&t), parameters, None)
+        parameters: Value,
+    ) -> crate::events::rules::InvokeFuture {
+        let caller = Caller::Rule(rule.to_owned());
+        let name = name.to_owned();
+        Box::pin(async move {
+            let t = self.registry.get(&twin).map_err(|e| e.to_string())?;
+            self.on_pool(&caller, move |rt| {
+                rt.call_compute(&name, std::slice::from_ref(&t), &parameters, None)
+            })
+            .await
             .map_err(|e| e.to_string())
+        })
     }
 }

@@ -1,0 +1,567 @@
+//! The compute pool: the one admission point of every guest call, bounded by what the
+//! instance pool can hold and fair between the callers that share it.
+//!
+//! Every guest call (an HTTP invoke, a behavior's event, a rule's `invoke` action, a sync
+//! resolver) first takes a [`Slot`] from the [`ComputePool`] and holds it while its guest
+//! runs; dropping the slot (on return, panic or cancellation) hands it on. The pool has
+//! `min(--compute-slots, instance-pool capacity)` slots, so wasmtime's pooling allocator is
+//! never asked for more instances than it keeps, and the cores are shared instead of
+//! oversubscribed.
+//!
+//! Fairness: each caller key ([`Caller::key`]: `invoke`, `behavior:<name>`, `rule:<name>`,
+//! `resolver`) has its own FIFO queue, bounded by `queue_per_caller`; a freed slot goes to the
+//! head of the next key's queue in round-robin order. A flood from one key therefore costs
+//! every other key at most one call's wait per round: invokes cannot starve behaviors, nor one
+//! behavior the others. A full queue answers [`Busy::QueueFull`] at once; a caller that waits
+//! past its class's patience ([`Caller::patience`]) gets [`Busy::NoSlot`]. Busy is never a
+//! guest failure: HTTP answers 429 with `Retry-After`.
+//!
+//! To add a caller (workflow steps, simulation ticks): a [`Caller`] variant and its [`Class`],
+//! with the patience that fits (`Some(Duration::ZERO)` for "skip, do not queue").
+//!
+//! Metrics: `twinhost_compute_pool_slots`, `twinhost_compute_pool_in_use`,
+//! `twinhost_compute_queue_depth` (total) and `twinhost_compute_class_queue_depth{class}`
+//! (gauges, from [`PoolStats::record_gauges`]), `twinhost_compute_wait_seconds{class}`
+//! (histogram) and `twinhost_compute_busy_total{class,reason}` (counter).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+/// Calls one caller key may have waiting; more are refused as busy at once. Large enough
+/// for a burst of invoke requests, small enough that a flood is refused rather than queued
+/// for minutes.
+pub const DEFAULT_QUEUE_PER_CALLER: usize = 256;
+/// How long an HTTP invoke waits for a slot before it is answered 429.
+pub const INVOKE_PATIENCE: Duration = Duration::from_secs(2);
+/// How long a rule's `invoke` action waits for a slot before it fails as busy (counted on
+/// the rule, reported in its alert).
+pub const RULE_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a resolver call waits; a busy one leaves the conflict listed with the lww
+/// winner showing, as any resolver failure does.
+pub const RESOLVER_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Who asks for a slot: the key of its queue, and its class (for metrics and patience).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Caller {
+    /// `POST /v1/modules/{name}/invoke`; every request shares one queue.
+    Invoke,
+    /// A behavior, by its binding's name.
+    Behavior(String),
+    /// A rule's `invoke` action, by the rule's name.
+    Rule(String),
+    /// The `merge` conflict strategy's resolver calls.
+    Resolver,
+}
+
+/// The kinds of callers, for metrics and limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    Invoke,
+    Behavior,
+    Rule,
+    Resolver,
+}
+
+impl Class {
+    pub const ALL: [Class; 4] = [Class::Invoke, Class::Behavior, Class::Rule, Class::Resolver];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Invoke => "invoke",
+            Class::Behavior => "behavior",
+            Class::Rule => "rule",
+            Class::Resolver => "resolver",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl Caller {
+    pub fn class(&self) -> Class {
+        match self {
+            Caller::Invoke => Class::Invoke,
+            Caller::Behavior(_) => Class::Behavior,
+            Caller::Rule(_) => Class::Rule,
+            Caller::Resolver => Class::Resolver,
+        }
+    }
+
+    /// The key of the caller's queue: `invoke`, `behavior:<name>`, `rule:<name>`, `resolver`.
+    pub fn key(&self) -> String {
+        match self {
+            Caller::Invoke => "invoke".into(),
+            Caller::Behavior(n) => format!("behavior:{n}"),
+            Caller::Rule(n) => format!("rule:{n}"),
+            Caller::Resolver => "resolver".into(),
+        }
+    }
+
+    /// How long a call of this caller waits for a slot before it is told busy. `None`:
+    /// as long as it takes — a behavior's lanes wait, its own bounded event queue fills and
+    /// then drops events (counted as `dropped`), which is the behavior's backpressure.
+    pub fn patience(&self) -> Option<Duration> {
+        match self {
+            Caller::Invoke => Some(INVOKE_PATIENCE),
+            Caller::Behavior(_) => None,
+            Caller::Rule(_) => Some(RULE_PATIENCE),
+            Caller::Resolver => Some(RESOLVER_PATIENCE),
+        }
+    }
+}
+
+/// Why a caller got no slot. Never a guest failure: the call did not run.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Busy {
+    /// The caller's queue already holds `bound` waiting calls.
+    #[error("the compute pool's queue for {key} is full ({bound} calls waiting)")]
+    QueueFull { key: String, bound: usize },
+    /// No slot freed up within the caller's patience.
+    #[error("no compute slot freed up within {} ms", .waited.as_millis())]
+    NoSlot { waited: Duration },
+    /// The server is stopping.
+    #[error("the compute pool is stopped (the server is stopping)")]
+    Stopped,
+    /// wasmtime's instance pool refused the instantiation (a component that needs more
+    /// memories, tables or core instances than a slot's share).
+    #[error("the instance pool is exhausted: {0}")]
+    Instances(String),
+}
+
+impl Busy {
+    /// The `reason` label of `twinhost_compute_busy_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Busy::QueueFull { .. } => "queue_full",
+            Busy::NoSlot { .. } => "no_slot",
+            Busy::Stopped => "stopped",
+            Busy::Instances(_) => "instances",
+        }
+    }
+}
+
+/// How big the pool is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Guest calls at once (`--compute-slots`); `None`: one per core. Capped by the
+    /// instance pool's capacity.
+    pub slots: Option<usize>,
+    /// Calls one caller key may have waiting.
+    pub queue_per_caller: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            slots: None,
+            queue_per_caller: DEFAULT_QUEUE_PER_CALLER,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// The pool's size on a host whose instance pool holds `capacity` instances.
+    pub fn size(&self, capacity: usize) -> usize {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        self.slots.unwrap_or(cores).clamp(1, capacity.max(1))
+    }
+}
+
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<Slot>,
+}
+
+struct Queue {
+    class: Class,
+    waiters: VecDeque<Waiter>,
+}
+
+#[derive(Default)]
+struct State {
+    in_use: usize,
+    /// Each key with waiters has a queue here, and appears once in `ring`.
+    queues: HashMap<String, Queue>,
+    /// Keys with waiters, in the order they are served.
+    ring: VecDeque<String>,
+    queued: [usize; Class::ALL.len()],
+    stopped: bool,
+    next_id: u64,
+}
+
+impl State {
+    /// The next waiter in round-robin order: the head of the first key's queue; the key
+    /// goes to the back of the ring if it still has waiters.
+    fn pop_next(&mut self) -> Option<Waiter> {
+        let key = self.ring.pop_front()?;
+        let q = self
+            .queues
+            .get_mut(&key)
+            .expect("a key in the ring has a queue");
+        let w = q
+            .waiters
+            .pop_front()
+            .expect("a queue in the ring is not empty");
+        self.queued[q.class.index()] -= 1;
+        if q.waiters.is_empty() {
+            self.queues.remove(&key);
+        } else {
+            self.ring.push_back(key);
+        }
+        Some(w)
+    }
+
+    /// Take waiter `id` of `key` out of its queue (it stopped waiting); false if it is not
+    /// there (it was served).
+    fn remove(&mut self, key: &str, id: u64) -> bool {
+        let Some(q) = self.queues.get_mut(key) else {
+            return false;
+        };
+        let Some(at) = q.waiters.iter().position(|w| w.id == id) else {
+            return false;
+        };
+        q.waiters.remove(at);
+        self.queued[q.class.index()] -= 1;
+        if q.waiters.is_empty() {
+            self.queues.remove(key);
+            self.ring.retain(|k| k != key);
+        }
+        true
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    granted: [AtomicU64; Class::ALL.len()],
+    busy: [AtomicU64; Class::ALL.len()],
+    wait_micros: [AtomicU64; Class::ALL.len()],
+}
+
+struct Shared {
+    size: usize,
+    queue_per_caller: usize,
+    state: Mutex<State>,
+    counters: Counters,
+}
+
+/// The compute pool. Cheap to clone.
+#[derive(Clone)]
+pub struct ComputePool {
+    shared: Arc<Shared>,
+}
+
+/// The right to run one guest call. Dropping it (however the holder ends: return, panic,
+/// cancellation) gives the slot to the next waiter.
+pub struct Slot {
+    shared: Option<Arc<Shared>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            release(&shared);
+        }
+    }
+}
+
+/// Hand a freed slot to the next waiter, or put it back.
+fn release(shared: &Arc<Shared>) {
+    loop {
+        let next = {
+            let mut st = shared.state.lock();
+            match st.pop_next() {
+                Some(w) => w,
+                None => {
+                    st.in_use -= 1;
+                    return;
+                }
+            }
+        };
+        // Sent outside the lock. A waiter that gave up in between gets nothing: the slot
+        // comes back here, disarmed, and goes to the next one.
+        match next.tx.send(Slot {
+            shared: Some(shared.clone()),
+        }) {
+            Ok(()) => return,
+            Err(mut back) => {
+                back.shared = None;
+            }
+        }
+    }
+}
+
+enum Admission {
+    Granted(Slot),
+    Waiting(u64, oneshot::Receiver<Slot>),
+}
+
+impl ComputePool {
+    /// A pool of `size` slots (at least one).
+    pub fn new(size: usize, queue_per_caller: usize) -> ComputePool {
+        ComputePool {
+            shared: Arc::new(Shared {
+                size: size.max(1),
+                queue_per_caller: queue_per_caller.max(1),
+                state: Mutex::default(),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// Slots in the pool.
+    pub fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    /// A slot for `caller`, waiting at most its class's [`Caller::patience`].
+    ///
+    /// # Errors
+    /// [`Busy`] when the caller's queue is full, no slot frees up in time, or the pool is
+    /// stopped.
+    pub async fn acquire(&self, caller: &Caller) -> Result<Slot, Busy> {
+        self.acquire_within(caller, caller.patience()).await
+    }
+
+    /// A slot for `caller`, waiting at most `patience` (`None`: until one frees up or the
+    /// pool stops; `Some(ZERO)`: only a free slot, never a place in the queue). Waiting
+    /// callers are served in round-robin order of their keys, each key's calls in FIFO
+    /// order. Dropping the future gives up the place in the queue.
+    ///
+    /// # Errors
+    /// As [`ComputePool::acquire`].
+    pub async fn acquire_within(
+        &self,
+        caller: &Caller,
+        patience: Option<Duration>,
+    ) -> Result<Slot, Busy> {
+        let started = Instant::now();
+        let class = caller.class();
+        let key = caller.key();
+        let result = match self.admit(&key, class, patience == Some(Duration::ZERO)) {
+            Err(busy) => Err(busy),
+            Ok(Admission::Granted(slot)) => Ok(slot),
+            Ok(Admission::Waiting(id, rx)) => self.wait(&key, id, rx, patience, started).await,
+        };
+        let c = &self.shared.counters;
+        match &result {
+            Ok(_) => {
+                let waited = started.elapsed();
+                c.granted[class.index()].fetch_add(1, Ordering::Relaxed);
+                c.wait_micros[class.index()]
+                    .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+                metrics::histogram!("twinhost_compute_wait_seconds", "class" => class.as_str())
+                    .record(waited.as_secs_f64());
+            }
+            Err(busy) => self.count_busy(class, busy),
+        }
+        result
+    }
+
+    /// Count a caller of `class` turned away (also for instance-pool refusals found after
+    /// the slot was granted).
+    pub fn count_busy(&self, class: Class, busy: &Busy) {
+        self.shared.counters.busy[class.index()].fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("twinhost_compute_busy_total", "class" => class.as_str(), "reason" => busy.reason())
+            .increment(1);
+    }
+
+    /// A free slot now, or a place in `key`'s queue.
+    fn admit(&self, key: &str, class: Class, no_queue: bool) -> Result<Admission, Busy> {
+        let mut st = self.shared.state.lock();
+        if st.stopped {
+            return Err(Busy::Stopped);
+        }
+        if st.in_use < self.shared.size && st.ring.is_empty() {
+            st.in_use += 1;
+            return Ok(Admission::Granted(Slot {
+                shared: Some(self.shared.clone()),
+            }));
+        }
+        if no_queue {
+            return Err(Busy::NoSlot {
+                waited: Duration::ZERO,
+            });
+        }
+        let bound = self.shared.queue_per_caller;
+        if st.queues.get(key).is_some_and(|q| q.waiters.len() >= bound) {
+            return Err(Busy::QueueFull {
+                key: key.to_owned(),
+                bound,
+            });
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let (tx, rx) = oneshot::channel();
+        if !st.queues.contains_key(key) {
+            st.ring.push_back(key.to_owned());
+        }
+        st.queues
+            .entry(key.to_owned())
+            .or_insert_with(|| Queue {
+                class,
+                waiters: VecDeque::new(),
+            })
+            .waiters
+            .push_back(Waiter { id, tx });
+        st.queued[class.index()] += 1;
+        Ok(Admission::Waiting(id, rx))
+    }
+
+    async fn wait(
+        &self,
+        key: &str,
+        id: u64,
+        mut rx: oneshot::Receiver<Slot>,
+        patience: Option<Duration>,
+        started: Instant,
+    ) -> Result<Slot, Busy> {
+        // Leaves the queue if this future is dropped while waiting (the caller went away).
+        let mut leave = Leave {
+            pool: self,
+            key,
+            id,
+            armed: true,
+        };
+        let got = match patience {
+            None => (&mut rx).await.ok(),
+            Some(p) => tokio::select! {
+                r = &mut rx => r.ok(),
+                () = tokio::time::sleep(p) => None,
+            },
+        };
+        leave.armed = false;
+        if let Some(slot) = got {
+            return Ok(slot);
+        }
+        if self.shared.state.lock().remove(key, id) {
+            // Still queued: out of patience (the pool's stop drains every queue).
+            return Err(Busy::NoSlot {
+                waited: started.elapsed(),
+            });
+        }
+        // Served just as patience ran out: take the slot if it arrived; if it had not, the
+        // closed channel sends it back to the pool.
+        rx.close();
+        match rx.try_recv() {
+            Ok(slot) => Ok(slot),
+            Err(_) if self.shared.state.lock().stopped => Err(Busy::Stopped),
+            Err(_) => Err(Busy::NoSlot {
+                waited: started.elapsed(),
+            }),
+        }
+    }
+
+    /// Refuse every waiting and future caller ([`Busy::Stopped`]); slots in use finish.
+    pub fn stop(&self) {
+        let drained: Vec<Waiter> = {
+            let mut st = self.shared.state.lock();
+            st.stopped = true;
+            st.ring.clear();
+            st.queued = [0; Class::ALL.len()];
+            st.queues.drain().flat_map(|(_, q)| q.waiters).collect()
+        };
+        // Dropping the senders wakes the waiters with an error.
+        drop(drained);
+    }
+
+    /// A snapshot for `/metrics` and `/v1/metrics`.
+    pub fn stats(&self) -> PoolStats {
+        let (in_use, queued) = {
+            let st = self.shared.state.lock();
+            (st.in_use, st.queued)
+        };
+        let c = &self.shared.counters;
+        let load = |a: &[AtomicU64; Class::ALL.len()], class: Class| {
+            a[class.index()].load(Ordering::Relaxed)
+        };
+        let mut by_class = BTreeMap::new();
+        for class in Class::ALL {
+            let granted = load(&c.granted, class);
+            let micros = load(&c.wait_micros, class);
+            by_class.insert(
+                class,
+                ClassStats {
+                    queued: queued[class.index()],
+                    granted,
+                    busy: load(&c.busy, class),
+                    avg_wait_ms: if granted == 0 {
+                        0.0
+                    } else {
+                        micros as f64 / granted as f64 / 1000.0
+                    },
+                },
+            );
+        }
+        PoolStats {
+            slots: self.shared.size,
+            in_use,
+            queued: queued.iter().sum(),
+            busy: by_class.values().map(|c| c.busy).sum(),
+            by_class,
+        }
+    }
+}
+
+/// Takes a waiter out of its queue when its wait is abandoned.
+struct Leave<'a> {
+    pool: &'a ComputePool,
+    key: &'a str,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.pool.shared.state.lock().remove(self.key, self.id);
+        }
+    }
+}
+
+/// The pool at one moment.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolStats {
+    pub slots: usize,
+    pub in_use: usize,
+    /// Calls waiting for a slot, all classes.
+    pub queued: usize,
+    /// Callers turned away as busy since start.
+    pub busy: u64,
+    pub by_class: BTreeMap<Class, ClassStats>,
+}
+
+/// One class of callers since start (`queued` now).
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassStats {
+    pub queued: usize,
+    pub granted: u64,
+    pub busy: u64,
+    /// Mean wait for a slot of the calls that got one.
+    pub avg_wait_ms: f64,
+}
+
+impl PoolStats {
+    /// Set the pool's gauges (the histogram and counter are recorded as calls happen).
+    pub fn record_gauges(&self) {
+        metrics::gauge!("twinhost_compute_pool_slots").set(self.slots as f64);
+        metrics::gauge!("twinhost_compute_pool_in_use").set(self.in_use as f64);
+        metrics::gauge!("twinhost_compute_queue_depth").set(self.queued as f64);
+        for (class, s) in &self.by_class {
+            metrics::gauge!("twinhost_compute_class_queue_depth", "class" => class.as_str())
+                .set(s.queued as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+mod tests;
