@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::api::{self, auth::Auth, AppStateInner, Limits};
 use crate::history::{History, Retention};
@@ -98,7 +98,15 @@ pub fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            // Other histograms render as summaries; the compute pool's wait is a real
+            // histogram, so waits can be summed over nodes and read against a bound.
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(crate::wasm::pool::WAIT_METRIC.into()),
+                    crate::wasm::pool::WAIT_BUCKETS,
+                )
+                .expect("the wait buckets are not empty")
+                .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (e.g. in-process tests); keep ours local then.
             let _ = metrics::set_global_recorder(recorder);

@@ -171,9 +171,10 @@ impl Runtime {
     /// result or guest error, on the compute pool as `caller`. The twins run in turns: each
     /// turn takes a slot and runs twins on a blocking thread until [`TURN`] has passed, then
     /// gives the slot back, so a request over many twins queues again behind other callers
-    /// instead of holding a slot for its whole budget. Twins left when `budget` runs out get
-    /// `request_deadline`; twins left when a later turn gets no slot get `busy`; cancelling
-    /// `caller_gone` stops the call in flight and skips the rest (`None`).
+    /// instead of holding a slot for its whole budget (a later turn is not refused by a full
+    /// queue: [`ComputePool::acquire_again`]). Twins left when `budget` runs out get
+    /// `request_deadline`; twins left when a later turn gets no slot in time get `busy`;
+    /// cancelling `caller_gone` stops the call in flight and skips the rest (`None`).
     ///
     /// # Errors
     /// Not a twin's failure but the request's: [`CallError::Busy`] when the first turn gets
@@ -204,7 +205,12 @@ impl Runtime {
                 fail_all(&mut out, left, "request_deadline", &message);
                 break;
             }
-            let slot = match self.pool.acquire(caller).await {
+            let next = if first {
+                self.pool.acquire(caller).await
+            } else {
+                self.pool.acquire_again(caller).await
+            };
+            let slot = match next {
                 Ok(slot) => slot,
                 Err(busy) if first => {
                     return Err(CallError::Busy(busy));

@@ -46,6 +46,13 @@ pub const RULE_PATIENCE: Duration = Duration::from_secs(5);
 /// winner showing, as any resolver failure does.
 pub const RESOLVER_PATIENCE: Duration = Duration::from_secs(30);
 
+/// The histogram of waits for a slot, in seconds, labelled by `class`.
+pub const WAIT_METRIC: &str = "twinhost_compute_wait_seconds";
+/// Its buckets: from a free slot (well under a millisecond) to the longest patience.
+pub const WAIT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+];
+
 /// Who asks for a slot: the key of its queue, and its class (for metrics and patience).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Caller {
@@ -178,12 +185,16 @@ impl PoolConfig {
 
 struct Waiter {
     id: u64,
+    /// New work (counted against the queue bound), not the next turn of admitted work.
+    fresh: bool,
     tx: oneshot::Sender<Slot>,
 }
 
 struct Queue {
     class: Class,
     waiters: VecDeque<Waiter>,
+    /// Waiters that are new work; at most `queue_per_caller`.
+    fresh: usize,
 }
 
 #[derive(Default)]
@@ -212,6 +223,7 @@ impl State {
             .pop_front()
             .expect("a queue in the ring is not empty");
         self.queued[q.class.index()] -= 1;
+        q.fresh -= usize::from(w.fresh);
         if q.waiters.is_empty() {
             self.queues.remove(&key);
         } else {
@@ -229,7 +241,9 @@ impl State {
         let Some(at) = q.waiters.iter().position(|w| w.id == id) else {
             return false;
         };
-        q.waiters.remove(at);
+        if q.waiters.remove(at).is_some_and(|w| w.fresh) {
+            q.fresh -= 1;
+        }
         self.queued[q.class.index()] -= 1;
         if q.waiters.is_empty() {
             self.queues.remove(key);
@@ -343,10 +357,32 @@ impl ComputePool {
         caller: &Caller,
         patience: Option<Duration>,
     ) -> Result<Slot, Busy> {
+        self.take(caller, patience, true).await
+    }
+
+    /// The next slot of work already admitted, which gave its slot back so that others get
+    /// a turn (the next turn of an invoke over many twins): queued and served like any
+    /// other call of `caller`, waiting its patience, but not counted against the queue
+    /// bound, which limits new work only — a request the pool took on is not cut short
+    /// because new requests filled its queue.
+    ///
+    /// # Errors
+    /// [`Busy::NoSlot`] when no slot frees up in time, [`Busy::Stopped`].
+    pub async fn acquire_again(&self, caller: &Caller) -> Result<Slot, Busy> {
+        self.take(caller, caller.patience(), false).await
+    }
+
+    async fn take(
+        &self,
+        caller: &Caller,
+        patience: Option<Duration>,
+        fresh: bool,
+    ) -> Result<Slot, Busy> {
         let started = Instant::now();
         let class = caller.class();
         let key = caller.key();
-        let result = match self.admit(&key, class, patience == Some(Duration::ZERO)) {
+        let no_queue = patience == Some(Duration::ZERO);
+        let result = match self.admit(&key, class, no_queue, fresh) {
             Err(busy) => Err(busy),
             Ok(Admission::Granted(slot)) => Ok(slot),
             Ok(Admission::Waiting(id, rx)) => self.wait(&key, id, rx, patience, started).await,
@@ -358,7 +394,7 @@ impl ComputePool {
                 c.granted[class.index()].fetch_add(1, Ordering::Relaxed);
                 c.wait_micros[class.index()]
                     .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-                metrics::histogram!("twinhost_compute_wait_seconds", "class" => class.as_str())
+                metrics::histogram!(WAIT_METRIC, "class" => class.as_str())
                     .record(waited.as_secs_f64());
             }
             Err(busy) => self.count_busy(class, busy),
@@ -374,8 +410,15 @@ impl ComputePool {
             .increment(1);
     }
 
-    /// A free slot now, or a place in `key`'s queue.
-    fn admit(&self, key: &str, class: Class, no_queue: bool) -> Result<Admission, Busy> {
+    /// A free slot now, or a place in `key`'s queue (for `fresh` work, if the queue has
+    /// room).
+    fn admit(
+        &self,
+        key: &str,
+        class: Class,
+        no_queue: bool,
+        fresh: bool,
+    ) -> Result<Admission, Busy> {
         let mut st = self.shared.state.lock();
         if st.stopped {
             return Err(Busy::Stopped);
@@ -392,7 +435,7 @@ impl ComputePool {
             });
         }
         let bound = self.shared.queue_per_caller;
-        if st.queues.get(key).is_some_and(|q| q.waiters.len() >= bound) {
+        if fresh && st.queues.get(key).is_some_and(|q| q.fresh >= bound) {
             return Err(Busy::QueueFull {
                 key: key.to_owned(),
                 bound,
@@ -404,14 +447,13 @@ impl ComputePool {
         if !st.queues.contains_key(key) {
             st.ring.push_back(key.to_owned());
         }
-        st.queues
-            .entry(key.to_owned())
-            .or_insert_with(|| Queue {
-                class,
-                waiters: VecDeque::new(),
-            })
-            .waiters
-            .push_back(Waiter { id, tx });
+        let q = st.queues.entry(key.to_owned()).or_insert_with(|| Queue {
+            class,
+            waiters: VecDeque::new(),
+            fresh: 0,
+        });
+        q.fresh += usize::from(fresh);
+        q.waiters.push_back(Waiter { id, fresh, tx });
         st.queued[class.index()] += 1;
         Ok(Admission::Waiting(id, rx))
     }

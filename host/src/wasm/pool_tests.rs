@@ -209,6 +209,32 @@ async fn a_full_queue_is_busy_at_once_for_that_key_only() {
     assert_eq!(s.by_class[&Class::Invoke].busy, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admitted_work_taking_another_turn_is_not_refused_by_a_full_queue() {
+    let pool = ComputePool::new(1, 1);
+    let holder = pool.acquire(&Caller::Invoke).await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let fresh = queue_one(&pool, Caller::Invoke, "fresh".into(), &order).await;
+    assert!(matches!(
+        pool.acquire(&Caller::Invoke).await,
+        Err(Busy::QueueFull { .. })
+    ));
+    let p = pool.clone();
+    let again = tokio::spawn(async move { p.acquire_again(&Caller::Invoke).await.is_ok() });
+    until_queued(&pool, 2).await;
+    // Still full for new work; the next turn waits in FIFO order behind it.
+    assert!(matches!(
+        pool.acquire(&Caller::Invoke).await,
+        Err(Busy::QueueFull { .. })
+    ));
+    drop(holder);
+    fresh.await.unwrap();
+    assert!(again.await.unwrap());
+    assert_eq!(*order.lock(), ["fresh"]);
+    let s = pool.stats();
+    assert_eq!((s.in_use, s.queued), (0, 0));
+}
+
 #[tokio::test]
 async fn a_caller_out_of_patience_is_busy_and_leaves_the_queue() {
     let pool = ComputePool::new(1, 8);
