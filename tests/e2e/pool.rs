@@ -63,7 +63,7 @@ async fn an_invoke_flood_gets_200_or_429_while_behaviors_keep_running() {
         tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let t = if n % 2 == 0 { 90 } else { 50 };
+                let t = if n.is_multiple_of(2) { 90 } else { 50 };
                 let m = &hot[(n % 10) as usize];
                 client
                     .patch(&format!("/v1/twins/{m}"), &json!({"temperature": t}))

@@ -28,14 +28,16 @@ mod host;
 mod module_tests;
 mod modules;
 pub mod pool;
+mod pooled;
 
 pub use crate::types::World;
-pub use calls::{measure, GuestFailure, Write, TURN};
+pub use calls::{measure, GuestFailure, Write};
 pub use modules::{
     BehaviorOutput, CallError, GuestAlert, GuestPatch, ModuleInfo, Runtime, VersionInfo,
     POOL_INSTANCES,
 };
 pub use pool::{Busy, Caller, ComputePool, PoolConfig};
+pub use pooled::{EachResult, TURN};
 
 /// Generated bindings of the three worlds; nothing outside this module sees them. The
 /// `behavior` and `resolver` bindings reuse the `compute` bindings' `types` and `host`, so

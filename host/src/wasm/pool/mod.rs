@@ -24,164 +24,24 @@
 //! (gauges, from [`PoolStats::record_gauges`]), `twinhost_compute_wait_seconds{class}`
 //! (histogram) and `twinhost_compute_busy_total{class,reason}` (counter).
 
+mod caller;
+mod stats;
+#[cfg(test)]
+mod tests;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use serde::Serialize;
 use tokio::sync::oneshot;
 
-/// Calls one caller key may have waiting; more are refused as busy at once. Large enough
-/// for a burst of invoke requests, small enough that a flood is refused rather than queued
-/// for minutes.
-pub const DEFAULT_QUEUE_PER_CALLER: usize = 256;
-/// How long an HTTP invoke waits for a slot before it is answered 429.
-pub const INVOKE_PATIENCE: Duration = Duration::from_secs(2);
-/// How long a rule's `invoke` action waits for a slot before it fails as busy (counted on
-/// the rule, reported in its alert).
-pub const RULE_PATIENCE: Duration = Duration::from_secs(5);
-/// How long a resolver call waits; a busy one leaves the conflict listed with the lww
-/// winner showing, as any resolver failure does.
-pub const RESOLVER_PATIENCE: Duration = Duration::from_secs(30);
-
-/// The histogram of waits for a slot, in seconds, labelled by `class`.
-pub const WAIT_METRIC: &str = "twinhost_compute_wait_seconds";
-/// Its buckets: from a free slot (well under a millisecond) to the longest patience.
-pub const WAIT_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
-];
-
-/// Who asks for a slot: the key of its queue, and its class (for metrics and patience).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Caller {
-    /// `POST /v1/modules/{name}/invoke`; every request shares one queue.
-    Invoke,
-    /// A behavior, by its binding's name.
-    Behavior(String),
-    /// A rule's `invoke` action, by the rule's name.
-    Rule(String),
-    /// The `merge` conflict strategy's resolver calls.
-    Resolver,
-}
-
-/// The kinds of callers, for metrics and limits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Class {
-    Invoke,
-    Behavior,
-    Rule,
-    Resolver,
-}
-
-impl Class {
-    pub const ALL: [Class; 4] = [Class::Invoke, Class::Behavior, Class::Rule, Class::Resolver];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Class::Invoke => "invoke",
-            Class::Behavior => "behavior",
-            Class::Rule => "rule",
-            Class::Resolver => "resolver",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl Caller {
-    pub fn class(&self) -> Class {
-        match self {
-            Caller::Invoke => Class::Invoke,
-            Caller::Behavior(_) => Class::Behavior,
-            Caller::Rule(_) => Class::Rule,
-            Caller::Resolver => Class::Resolver,
-        }
-    }
-
-    /// The key of the caller's queue: `invoke`, `behavior:<name>`, `rule:<name>`, `resolver`.
-    pub fn key(&self) -> String {
-        match self {
-            Caller::Invoke => "invoke".into(),
-            Caller::Behavior(n) => format!("behavior:{n}"),
-            Caller::Rule(n) => format!("rule:{n}"),
-            Caller::Resolver => "resolver".into(),
-        }
-    }
-
-    /// How long a call of this caller waits for a slot before it is told busy. `None`:
-    /// as long as it takes — a behavior's lanes wait, its own bounded event queue fills and
-    /// then drops events (counted as `dropped`), which is the behavior's backpressure.
-    pub fn patience(&self) -> Option<Duration> {
-        match self {
-            Caller::Invoke => Some(INVOKE_PATIENCE),
-            Caller::Behavior(_) => None,
-            Caller::Rule(_) => Some(RULE_PATIENCE),
-            Caller::Resolver => Some(RESOLVER_PATIENCE),
-        }
-    }
-}
-
-/// Why a caller got no slot. Never a guest failure: the call did not run.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Busy {
-    /// The caller's queue already holds `bound` waiting calls.
-    #[error("the compute pool's queue for {key} is full ({bound} calls waiting)")]
-    QueueFull { key: String, bound: usize },
-    /// No slot freed up within the caller's patience.
-    #[error("no compute slot freed up within {} ms", .waited.as_millis())]
-    NoSlot { waited: Duration },
-    /// The server is stopping.
-    #[error("the compute pool is stopped (the server is stopping)")]
-    Stopped,
-    /// wasmtime's instance pool refused the instantiation (a component that needs more
-    /// memories, tables or core instances than a slot's share).
-    #[error("the instance pool is exhausted: {0}")]
-    Instances(String),
-}
-
-impl Busy {
-    /// The `reason` label of `twinhost_compute_busy_total`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Busy::QueueFull { .. } => "queue_full",
-            Busy::NoSlot { .. } => "no_slot",
-            Busy::Stopped => "stopped",
-            Busy::Instances(_) => "instances",
-        }
-    }
-}
-
-/// How big the pool is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PoolConfig {
-    /// Guest calls at once (`--compute-slots`); `None`: one per core. Capped by the
-    /// instance pool's capacity.
-    pub slots: Option<usize>,
-    /// Calls one caller key may have waiting.
-    pub queue_per_caller: usize,
-}
-
-impl Default for PoolConfig {
-    fn default() -> Self {
-        PoolConfig {
-            slots: None,
-            queue_per_caller: DEFAULT_QUEUE_PER_CALLER,
-        }
-    }
-}
-
-impl PoolConfig {
-    /// The pool's size on a host whose instance pool holds `capacity` instances.
-    pub fn size(&self, capacity: usize) -> usize {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        self.slots.unwrap_or(cores).clamp(1, capacity.max(1))
-    }
-}
+pub use caller::{
+    Busy, Caller, Class, PoolConfig, DEFAULT_QUEUE_PER_CALLER, INVOKE_PATIENCE, RESOLVER_PATIENCE,
+    RULE_PATIENCE, WAIT_BUCKETS, WAIT_METRIC,
+};
+pub use stats::{ClassStats, PoolStats};
 
 struct Waiter {
     id: u64,
@@ -568,42 +428,3 @@ impl Drop for Leave<'_> {
         }
     }
 }
-
-/// The pool at one moment.
-#[derive(Clone, Debug, Serialize)]
-pub struct PoolStats {
-    pub slots: usize,
-    pub in_use: usize,
-    /// Calls waiting for a slot, all classes.
-    pub queued: usize,
-    /// Callers turned away as busy since start.
-    pub busy: u64,
-    pub by_class: BTreeMap<Class, ClassStats>,
-}
-
-/// One class of callers since start (`queued` now).
-#[derive(Clone, Debug, Serialize)]
-pub struct ClassStats {
-    pub queued: usize,
-    pub granted: u64,
-    pub busy: u64,
-    /// Mean wait for a slot of the calls that got one.
-    pub avg_wait_ms: f64,
-}
-
-impl PoolStats {
-    /// Set the pool's gauges (the histogram and counter are recorded as calls happen).
-    pub fn record_gauges(&self) {
-        metrics::gauge!("twinhost_compute_pool_slots").set(self.slots as f64);
-        metrics::gauge!("twinhost_compute_pool_in_use").set(self.in_use as f64);
-        metrics::gauge!("twinhost_compute_queue_depth").set(self.queued as f64);
-        for (class, s) in &self.by_class {
-            metrics::gauge!("twinhost_compute_class_queue_depth", "class" => class.as_str())
-                .set(s.queued as f64);
-        }
-    }
-}
-
-#[cfg(test)]
-#[path = "pool_tests.rs"]
-mod tests;
