@@ -228,3 +228,48 @@ async fn an_instance_pool_refusal_is_busy_and_the_compute_pool_keeps_calls_under
     );
     node.registry.shutdown();
 }
+
+/// A rule's `invoke` action runs on the compute pool under the rule's own key, and one that
+/// gets no slot fails as `busy`, not as the guest's failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_invoke_takes_a_slot_under_its_rule_and_fails_busy_without_one() {
+    use crate::events::rules::Invoker;
+    use crate::wasm::pool::Class;
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path()).await;
+    let rt = node.state.runtime.clone();
+    rt.upload(
+        "good",
+        guest("thermal_analysis.wasm"),
+        Limits::default(),
+        false,
+    )
+    .await
+    .unwrap();
+    let new = json!({"entity_type": "machine", "properties": {"temperature": 80}});
+    let twin = node
+        .registry
+        .create(serde_json::from_value(new).unwrap())
+        .await
+        .unwrap();
+    let out = rt
+        .clone()
+        .invoke("hot", "good", twin.id, json!({}))
+        .await
+        .unwrap();
+    assert_eq!(out["count"], 1, "{out}");
+    assert_eq!(rt.pool().stats().by_class[&Class::Rule].granted, 1);
+
+    rt.pool().stop();
+    let refused = rt
+        .clone()
+        .invoke("hot", "good", twin.id, json!({}))
+        .await
+        .unwrap_err();
+    assert!(refused.starts_with("busy:"), "{refused}");
+    assert_eq!(rt.pool().stats().by_class[&Class::Rule].busy, 1);
+    assert_eq!(rt.info("good").unwrap().errors, 0);
+    node.registry.shutdown();
+}
