@@ -10,7 +10,7 @@
 //!   [`history`], [`limits`], [`changes`].
 //! - Events: [`events`] (live streams, resume, the stored log, crashes).
 //! - Guests: [`wasm`] (compute modules), [`sandbox`] (guests that wait), [`behaviors`],
-//!   [`rules`].
+//!   [`rules`], [`pool`] (the compute pool under an invoke flood).
 //! - Sync: [`sync`] (links, catch-up, relay, partitions, anti-entropy), [`conflicts`] (the
 //!   conflict strategies between real servers).
 //! - The process: [`ops`] (health, metrics, SIGTERM), [`durability`] (restart and kill -9
@@ -32,6 +32,7 @@ mod history;
 mod ingest;
 mod limits;
 mod ops;
+mod pool;
 mod query;
 mod relationships;
 mod replicated;

@@ -85,8 +85,6 @@ pub struct AppStateInner {
     pub sync: Arc<crate::sync::SyncStats>,
     /// Links with peers, and the peers to dial.
     pub peers: crate::sync::SyncService,
-    /// Guest calls running at once (sized to the cores); a full pool answers 429.
-    pub compute_slots: Arc<tokio::sync::Semaphore>,
     /// Workflow runs.
     pub workflows: crate::workflow::Workflows,
     /// Set when the server begins to stop: event streams end so connections can drain.

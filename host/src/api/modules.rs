@@ -1,7 +1,6 @@
 //! `/v1/modules`: upload, list, rollback, delete and invoke WebAssembly components.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -16,7 +15,7 @@ use super::{ApiError, AppState};
 use crate::registry::Query as TwinQuery;
 use crate::types::TwinId;
 use crate::wasm::{
-    CallError, LimitError, Limits, ModuleInfo, VersionInfo, World, Write, MAX_FUEL,
+    CallError, Caller, LimitError, Limits, ModuleInfo, VersionInfo, World, Write, MAX_FUEL,
     MAX_MEMORY_BYTES, MAX_TIMEOUT,
 };
 
@@ -25,8 +24,6 @@ pub const MAX_INVOKE_TWINS: usize = 10_000;
 /// Wall-clock budget of one invoke request over all its twins; twins it leaves get the error
 /// `request_deadline`.
 pub const INVOKE_BUDGET: Duration = Duration::from_secs(60);
-/// How long an invocation waits for a free compute slot before answering 429.
-const COMPUTE_SLOT_WAIT: Duration = Duration::from_secs(2);
 
 impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
@@ -49,6 +46,9 @@ impl From<CallError> for ApiError {
             CallError::NotFound(_) | CallError::NoVersion(..) => ApiError::NotFound(e.to_string()),
             CallError::InUse(m) => ApiError::Conflict(format!("{m}, or pass ?force=true")),
             CallError::Guest { .. } => ApiError::Validation(e.to_string(), json!({})),
+            CallError::Busy(b) => {
+                ApiError::Overloaded(format!("busy: {b}; retry after the Retry-After delay"))
+            }
             CallError::Store(s) => s.into(),
             CallError::Internal(m) => ApiError::Internal(m),
         }
@@ -239,20 +239,18 @@ async fn resolve(
     name: String,
     r: ResolveBody,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let permit = compute_slot(s).await?;
-    let rt = s.runtime.clone();
     let write = |side: SideBody| Write {
         value: side.value,
         hlc: side.hlc,
         origin: side.origin,
     };
     let (a, b) = (write(r.a), write(r.b));
-    let merged = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        rt.call_resolver(&name, &r.property, &a, &b)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let merged = s
+        .runtime
+        .on_pool(&Caller::Invoke, move |rt| {
+            rt.call_resolver(&name, &r.property, &a, &b)
+        })
+        .await;
     Ok(axum::Json(match merged {
         Ok(v) => json!({ "result": v }),
         Err(CallError::Guest { kind, message }) => {
@@ -299,18 +297,21 @@ async fn compute(
     } else {
         parameters
     };
-    let permit = compute_slot(s).await?;
-    let rt: Arc<crate::wasm::Runtime> = s.runtime.clone();
     // Cancelled when the client goes away (this future is dropped): the guest call in flight
     // stops and the remaining twins are skipped.
     let gone = tokio_util::sync::CancellationToken::new();
     let _on_drop = gone.clone().drop_guard();
-    let results = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        rt.compute_each(&name, twins, &parameters, INVOKE_BUDGET, gone)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let results = s
+        .runtime
+        .compute_each(
+            &Caller::Invoke,
+            &name,
+            twins,
+            parameters,
+            INVOKE_BUDGET,
+            gone,
+        )
+        .await?;
     // `None` only when the client is gone: nobody reads this answer.
     let results: BTreeMap<String, Value> = results
         .unwrap_or_default()
@@ -321,16 +322,4 @@ async fn compute(
         })
         .collect();
     Ok(axum::Json(json!({ "results": results })))
-}
-
-/// A slot of the compute pool, or 429 when none frees up in time.
-async fn compute_slot(s: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    tokio::time::timeout(COMPUTE_SLOT_WAIT, s.compute_slots.clone().acquire_owned())
-        .await
-        .map_err(|_| {
-            ApiError::Overloaded(
-                "every compute slot is busy; retry after the Retry-After delay".into(),
-            )
-        })?
-        .map_err(|e| ApiError::Internal(e.to_string()))
 }

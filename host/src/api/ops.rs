@@ -64,6 +64,7 @@ fn refresh_gauges(s: &AppState) {
     // over `twinhost_sync_ops_total{direction="out"}`.
     metrics::gauge!("twinhost_sync_coalescing_ratio").set(s.sync.coalescing_ratio());
     metrics::gauge!("twinhost_sync_conflicts_open").set(s.registry.open_conflict_twins() as f64);
+    s.runtime.pool().stats().record_gauges();
 }
 
 /// Prometheus text format.
@@ -105,6 +106,9 @@ pub async fn metrics_json(State(s): State<AppState>) -> axum::Json<Value> {
         "sync_changes_covered": s.sync.changes_covered.load(Ordering::Relaxed),
         "sync_coalescing_ratio": s.sync.coalescing_ratio(),
         "compute_operations": s.runtime.stats.calls.load(Ordering::Relaxed),
+        // Slots, slots in use, calls waiting and callers turned away as busy, in all and
+        // per class (`invoke`, `behavior`, `rule`, `resolver`) with their mean wait.
+        "compute_pool": s.runtime.pool().stats(),
         "modules": s.runtime.module_count(),
         "modules_compiled": s.runtime.stats.compiled.load(Ordering::Relaxed),
         "modules_loaded_from_cache": s.runtime.stats.loaded_from_cache.load(Ordering::Relaxed),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::api::{self, auth::Auth, AppStateInner, Limits};
 use crate::history::{History, Retention};
@@ -75,6 +75,22 @@ pub struct ServeArgs {
     /// How long a deleted twin's tombstone lasts (in the change feed, and refusing its id).
     #[arg(long, env = "TWINHOST_TOMBSTONE_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub tombstone_retention: Duration,
+    /// Guest calls that run at once (the compute pool's slots), shared fairly by invokes,
+    /// behaviors, rules and resolvers; default: one per core. Capped at the instance pool's
+    /// capacity (64).
+    #[arg(long, env = "TWINHOST_COMPUTE_SLOTS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub compute_slots: Option<u32>,
+    /// Guest calls one caller (the invoke requests together, one behavior, one rule, the
+    /// resolvers) may have waiting for a slot; more are refused as busy at once (HTTP 429).
+    #[arg(long, env = "TWINHOST_COMPUTE_QUEUE", default_value_t = crate::wasm::pool::DEFAULT_QUEUE_PER_CALLER, value_parser = parse_positive)]
+    pub compute_queue: usize,
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
 }
 
 /// The process-wide Prometheus recorder (installed once).
@@ -82,7 +98,15 @@ pub fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            // Other histograms render as summaries; the compute pool's wait is a real
+            // histogram, so waits can be summed over nodes and read against a bound.
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(crate::wasm::pool::WAIT_METRIC.into()),
+                    crate::wasm::pool::WAIT_BUCKETS,
+                )
+                .expect("the wait buckets are not empty")
+                .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (e.g. in-process tests); keep ours local then.
             let _ = metrics::set_global_recorder(recorder);
@@ -108,6 +132,7 @@ pub async fn open_node(
     retention: Retention,
     checkpoint_every: Duration,
     event_log: crate::events::LogConfig,
+    compute: crate::wasm::PoolConfig,
 ) -> anyhow::Result<Node> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
@@ -135,11 +160,8 @@ pub async fn open_node(
     if let Some(p) = &created {
         eprintln!("created the admin token: {}", p.display());
     }
-    let runtime = crate::wasm::Runtime::open(store.clone(), registry.clone())
+    let runtime = crate::wasm::Runtime::open_with(store.clone(), registry.clone(), compute)
         .map_err(|e| anyhow::anyhow!("starting the WebAssembly runtime: {e}"))?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
     let rules = crate::events::Rules::open(store.clone(), registry.clone(), events.clone())?;
     rules.set_invoker(runtime.clone());
     let behaviors = crate::wasm::behaviors::Behaviors::open(
@@ -147,7 +169,7 @@ pub async fn open_node(
         registry.clone(),
         runtime.clone(),
         events.clone(),
-        cores,
+        runtime.pool().size(),
     )?;
     let module_users: Vec<Arc<dyn crate::wasm::ModuleUsers>> =
         vec![Arc::new(behaviors.clone()), Arc::new(rules.clone())];
@@ -155,8 +177,7 @@ pub async fn open_node(
         runtime.add_users(u);
     }
     let sync_stats: Arc<crate::sync::SyncStats> = Arc::default();
-    let compute_slots = Arc::new(tokio::sync::Semaphore::new(cores));
-    let resolver = crate::sync::resolve::wasm(runtime.clone(), compute_slots.clone());
+    let resolver = crate::sync::resolve::wasm(runtime.clone(), runtime.pool().clone());
     let peers = crate::sync::SyncService::new(
         registry.clone(),
         store.clone(),
@@ -168,7 +189,6 @@ pub async fn open_node(
         store: store.clone(),
         registry: registry.clone(),
         runtime: runtime.clone(),
-        compute_slots: compute_slots.clone(),
         peers: Some(peers.clone()),
     })
     .await
@@ -184,7 +204,6 @@ pub async fn open_node(
         events: events.clone(),
         rules,
         behaviors,
-        compute_slots,
         module_users,
         sync: sync_stats.clone(),
         peers,
@@ -214,6 +233,7 @@ pub async fn open_default_node(
         Retention::default(),
         crate::store::commit::CHECKPOINT_EVERY,
         crate::events::LogConfig::default(),
+        crate::wasm::PoolConfig::default(),
     )
     .await
 }
@@ -259,6 +279,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         crate::events::LogConfig {
             tail: args.event_tail,
             max_age: args.event_max_age,
+        },
+        crate::wasm::PoolConfig {
+            slots: args.compute_slots.map(|n| n as usize),
+            queue_per_caller: args.compute_queue,
         },
     )
     .await?;

@@ -7,11 +7,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use serde_json::Value;
-use tokio::sync::Semaphore;
 
 use crate::registry::conflict::{fold, ResolveRequest};
 use crate::types::Sibling;
-use crate::wasm::{Runtime, Write};
+use crate::wasm::{Caller, ComputePool, Runtime, Write};
 
 /// A sibling as the resolver sees one side.
 pub fn write(s: &Sibling) -> Write {
@@ -38,9 +37,9 @@ pub fn none() -> Resolver {
 }
 
 /// Resolver calls made by `runtime`, each holding one of the compute pool's `slots`.
-pub fn wasm(runtime: Arc<Runtime>, slots: Arc<Semaphore>) -> Resolver {
+pub fn wasm(runtime: Arc<Runtime>, slots: ComputePool) -> Resolver {
     Arc::new(move |req: ResolveRequest| {
-        let (rt, slots) = (Arc::clone(&runtime), Arc::clone(&slots));
+        let (rt, slots) = (Arc::clone(&runtime), slots.clone());
         Box::pin(async move {
             let out = call(rt, slots, &req).await;
             if let Err(e) = &out {
@@ -52,11 +51,7 @@ pub fn wasm(runtime: Arc<Runtime>, slots: Arc<Semaphore>) -> Resolver {
     })
 }
 
-async fn call(
-    rt: Arc<Runtime>,
-    slots: Arc<Semaphore>,
-    req: &ResolveRequest,
-) -> Result<Value, String> {
+async fn call(rt: Arc<Runtime>, slots: ComputePool, req: &ResolveRequest) -> Result<Value, String> {
     let info = rt
         .info(&req.module)
         .map_err(|e| format!("resolver module {:?}: {e}", req.module))?;
@@ -75,9 +70,9 @@ async fn call(
         }
     }
     let permit = slots
-        .acquire_owned()
+        .acquire(&Caller::Resolver)
         .await
-        .map_err(|_| "the compute pool is shut down".to_owned())?;
+        .map_err(|busy| format!("busy: {busy}"))?;
     let (module, property, sides) = (req.module.clone(), req.property.clone(), req.sides.clone());
     tokio::task::spawn_blocking(move || {
         let _permit = permit;

@@ -3,10 +3,15 @@
 //!
 //! One dispatcher follows the event log. For each twin event it finds the matching bindings
 //! and hands the event to each one's bounded queue. Every behavior has its own worker with
-//! one lane per core; a twin's events always take the same lane and run one after another,
-//! in log order, so a guest sees its earlier patches. A slow or hanging guest backs up only
-//! its own queue (a full queue drops that behavior's events, counted as `dropped`), never another
-//! behavior. If the dispatcher falls behind the log's live buffer it is told
+//! one lane per slot of the compute pool; a twin's events always take the same lane and run
+//! one after another, in log order, so a guest sees its earlier patches. Each call takes a
+//! slot of the [compute pool](super::pool) under the behavior's own key
+//! (`behavior:<name>`), served round-robin with every other caller, and waits for it as long
+//! as it takes: a behavior the pool cannot keep up with backs up its own queue, which then
+//! drops that behavior's events (counted as `dropped`), as a slow or hanging guest does —
+//! never another behavior's. An event whose call got no slot at all (the server is
+//! stopping, or wasmtime's instance pool refused the instance) is counted as `dropped` too,
+//! not as a run or an error. If the dispatcher falls behind the log's live buffer it is told
 //! how many events it missed (counted per node, logged). A guest's patches go through the
 //! registry's one write path, tagged with a [`Cause`]; its alerts become `alert` events.
 //!
@@ -31,7 +36,7 @@ use utoipa::ToSchema;
 
 use super::bindings::twinhost::platform::types as wit;
 use super::host::to_wit;
-use super::{CallError, GuestAlert, GuestPatch, Runtime, World};
+use super::{CallError, Caller, GuestAlert, GuestPatch, Runtime, World};
 use crate::events::{Event, EventLog, EventType, Filter, Follower, Wake};
 use crate::registry::{check_name, Registry, Update};
 use crate::store::{keys, KvOp, Store};
@@ -42,7 +47,7 @@ pub use crate::types::MAX_CHAIN_DEPTH;
 pub const MAX_BEHAVIORS: usize = 1000;
 /// Events waiting for one behavior; more are dropped and counted.
 pub const QUEUE_PER_BEHAVIOR: usize = 4096;
-/// Events waiting in each of a behavior's lanes (one lane per core).
+/// Events waiting in each of a behavior's lanes (one lane per compute slot).
 const QUEUE_PER_LANE: usize = 64;
 
 /// The lane of a twin: its events always run on the same one, in order.
@@ -449,15 +454,30 @@ impl Behaviors {
     async fn run_one(&self, name: &str, module: &str, counters: &Counters, e: Arc<Event>) {
         let Some(twin_id) = e.twin_id else { return };
         let event = self.wit_event(&e, twin_id);
-        let rt = self.inner.runtime.clone();
         let module = module.to_owned();
-        let out = tokio::task::spawn_blocking(move || rt.call_behavior(&module, &event)).await;
+        let out = self
+            .inner
+            .runtime
+            .on_pool(&Caller::Behavior(name.to_owned()), move |rt| {
+                rt.call_behavior(&module, &event)
+            })
+            .await;
+        if let Err(CallError::Busy(busy)) = &out {
+            // The call did not run (the server is stopping, or the instance pool refused it):
+            // the event is shed like one that found the behavior's queue full.
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                behavior = name,
+                reason = busy.reason(),
+                "behavior event dropped: no compute slot"
+            );
+            return;
+        }
         counters.runs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("twinhost_behavior_runs_total").increment(1);
         let out = match out {
-            Ok(Ok(out)) => out,
-            Ok(Err(err)) => return self.failed(name, counters, err.to_string()),
-            Err(join) => return self.failed(name, counters, join.to_string()),
+            Ok(out) => out,
+            Err(err) => return self.failed(name, counters, err.to_string()),
         };
         let cause = Arc::new(Cause {
             by: Actor::Behavior(name.to_owned()),

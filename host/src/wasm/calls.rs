@@ -4,9 +4,10 @@
 //! Owns: instantiating the active version of a module for one call and classifying how a
 //! guest failed. Exposes: [`Runtime::call_compute`], [`Runtime::call_behavior`],
 //! [`Runtime::call_resolver`], [`Runtime::stop`] and [`measure`] (for `twinhost bench`).
+//! These are blocking and take no slot: the server calls them only inside a slot of the
+//! compute pool (`pooled`: [`Runtime::on_pool`], [`Runtime::compute_each`]).
 //! Must never: let a guest's failure escape its own call.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,9 @@ use wasmtime::{Store as WasmStore, Trap, UpdateDeadline};
 use super::bindings::twinhost::platform::types;
 use super::host::{to_wit, Cancelled, HostState, Interrupt};
 use super::modules::{internal, Pre, Runtime};
+use super::pool::Busy;
 use super::{World, MAX_RESULT_BYTES};
-use crate::types::{Severity, Twin, TwinId};
+use crate::types::{Severity, Twin};
 
 /// One write of a property in a conflict a resolver merges.
 #[derive(Clone, Debug)]
@@ -29,9 +31,6 @@ pub struct Write {
     /// The node that made the write.
     pub origin: String,
 }
-
-/// Each twin's result of [`Runtime::compute_each`].
-pub type EachResult = BTreeMap<TwinId, Result<Value, GuestFailure>>;
 
 /// How one guest call failed (its twin's result in [`Runtime::compute_each`]).
 #[derive(Clone, Debug)]
@@ -160,51 +159,11 @@ impl Runtime {
         })
     }
 
-    /// Call `run` of compute module `name` once per twin, in order, each with its own
-    /// result or guest error. Twins left when `budget` runs out get `request_deadline`;
-    /// cancelling `caller` stops the call in flight and skips the rest (`None`). Blocking.
-    ///
-    /// # Errors
-    /// Not a twin's failure but the request's: the module is gone or of another world.
-    pub fn compute_each(
-        &self,
-        name: &str,
-        twins: Vec<Twin>,
-        parameters: &Value,
-        budget: Duration,
-        caller: CancellationToken,
-    ) -> Result<Option<EachResult>, CallError> {
-        let ends = Instant::now() + budget;
-        let mut out = BTreeMap::new();
-        for t in twins {
-            if caller.is_cancelled() {
-                return Ok(None);
-            }
-            let r = if Instant::now() >= ends {
-                Err(GuestFailure {
-                    kind: "request_deadline",
-                    message: format!(
-                        "not run: the request's {} s budget was spent on the twins before",
-                        budget.as_secs()
-                    ),
-                })
-            } else {
-                let one = std::slice::from_ref(&t);
-                match self.call_compute(name, one, parameters, Some(caller.clone())) {
-                    Ok(v) => Ok(v),
-                    Err(CallError::Guest { kind, message }) => Err(GuestFailure { kind, message }),
-                    Err(e) => return Err(e),
-                }
-            };
-            out.insert(t.id, r);
-        }
-        Ok(Some(out))
-    }
-
     /// Stop every guest call in flight (they fail with `cancelled`) and refuse new ones: the
     /// server is stopping.
     pub fn stop(&self) {
         self.stop.cancel();
+        self.pool.stop();
     }
 
     /// Run `f` on a fresh store for the active version of `name`, within its limits,
@@ -255,9 +214,16 @@ impl Runtime {
             .micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = &result {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(module = name, version = active.info.version, error = %e, "guest call failed");
+        match &result {
+            // Not the guest's failure: the instance pool had no room (counted by the pool).
+            Err(e @ CallError::Busy(_)) => {
+                tracing::warn!(module = name, version = active.info.version, error = %e, "guest call not run");
+            }
+            Err(e) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(module = name, version = active.info.version, error = %e, "guest call failed");
+            }
+            Ok(_) => {}
         }
         result
     }
@@ -309,8 +275,14 @@ fn json_result(out: Result<String, String>) -> Result<Value, CallError> {
     })
 }
 
-/// Classify a failure inside the guest.
+/// Classify a failure inside the guest. An instantiation the instance pool refused is no
+/// failure of the guest: the call is [`CallError::Busy`] (429 over HTTP), never a `trap`.
 fn guest_error(e: wasmtime::Error) -> CallError {
+    if e.chain()
+        .any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>())
+    {
+        return CallError::Busy(Busy::Instances(format!("{e:#}")));
+    }
     let (kind, message) = match e.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => ("fuel_exhausted", "the call ran out of fuel".to_owned()),
         Some(Trap::Interrupt) => (
@@ -511,22 +483,5 @@ pub mod measure {
             }
             Ok(started.elapsed().as_secs_f64() * 1000.0)
         }
-    }
-}
-
-impl crate::events::rules::Invoker for Runtime {
-    fn world_of(&self, name: &str) -> Option<World> {
-        Runtime::world_of(self, name)
-    }
-
-    fn invoke(
-        &self,
-        name: &str,
-        twin: crate::types::TwinId,
-        parameters: &Value,
-    ) -> Result<Value, String> {
-        let t = self.registry.get(&twin).map_err(|e| e.to_string())?;
-        self.call_compute(name, std::slice::from_ref(&t), parameters, None)
-            .map_err(|e| e.to_string())
     }
 }

@@ -12,6 +12,11 @@
 //! (no preopened directories, environment, network or inherited stdio), or let a guest's
 //! failure escape its own call.
 //!
+//! Every guest call takes a slot of the one [`pool::ComputePool`] first (through
+//! [`Runtime::on_pool`] or [`Runtime::compute_each`]): it bounds the calls in flight by what
+//! the instance pool holds and shares the slots fairly between callers; a call that gets none
+//! is [`CallError::Busy`], never a guest failure.
+//!
 //! Worlds: `compute` (invoked over HTTP and by rules), `behavior` (run by [`behaviors`] on the
 //! events of the twins it is bound to) and `resolver` (merges conflicting writes for sync).
 
@@ -22,12 +27,17 @@ mod host;
 #[cfg(test)]
 mod module_tests;
 mod modules;
+pub mod pool;
+mod pooled;
 
 pub use crate::types::World;
 pub use calls::{measure, GuestFailure, Write};
 pub use modules::{
     BehaviorOutput, CallError, GuestAlert, GuestPatch, ModuleInfo, Runtime, VersionInfo,
+    POOL_INSTANCES,
 };
+pub use pool::{Busy, Caller, ComputePool, PoolConfig};
+pub use pooled::{EachResult, TURN};
 
 /// Generated bindings of the three worlds; nothing outside this module sees them. The
 /// `behavior` and `resolver` bindings reuse the `compute` bindings' `types` and `host`, so

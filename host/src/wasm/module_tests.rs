@@ -130,3 +130,146 @@ async fn a_node_that_was_shut_down_and_dropped_releases_its_directory() {
     assert_eq!(again.state.behaviors.using("m"), vec!["b".to_owned()]);
     again.registry.shutdown();
 }
+
+/// An instantiation wasmtime's instance pool refuses is `busy`, never the guest's `trap`;
+/// and through the compute pool (never larger than the instance pool) the same two calls
+/// both run, the second after the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_pool_refusal_is_busy_and_the_compute_pool_keeps_calls_under_it() {
+    use crate::wasm::{Busy, Caller, PoolConfig, Runtime};
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path()).await;
+    // Room for one component instance; a compute pool asked for 8 slots gets one.
+    let config = PoolConfig {
+        slots: Some(8),
+        queue_per_caller: 8,
+    };
+    let rt = Runtime::open_sized(node.store.clone(), node.registry.clone(), config, 1).unwrap();
+    assert_eq!(rt.pool().size(), 1);
+    let slow = Limits {
+        fuel: crate::wasm::MAX_FUEL,
+        timeout_ms: 500,
+        ..Limits::default()
+    };
+    rt.upload("waiter", guest("hostile.wasm"), slow, false)
+        .await
+        .unwrap();
+    rt.upload(
+        "good",
+        guest("thermal_analysis.wasm"),
+        Limits::default(),
+        false,
+    )
+    .await
+    .unwrap();
+    let new = json!({"entity_type": "machine", "properties": {"temperature": 80}});
+    let twin = node
+        .registry
+        .create(serde_json::from_value(new).unwrap())
+        .await
+        .unwrap();
+    let sleep = json!({"mode": "sleep"});
+
+    // Around the compute pool (nothing in the server calls this way): the second instance
+    // is refused, and that is `busy`.
+    let (r, t, p) = (rt.clone(), twin.clone(), sleep.clone());
+    let sleeper = std::thread::spawn(move || r.call_compute("waiter", &[t], &p, None));
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let refused = rt.call_compute("good", std::slice::from_ref(&twin), &json!({}), None);
+    assert!(
+        matches!(refused, Err(CallError::Busy(Busy::Instances(_)))),
+        "{refused:?}"
+    );
+    let slept = sleeper.join().unwrap();
+    assert!(
+        matches!(
+            slept,
+            Err(CallError::Guest {
+                kind: "deadline_exceeded",
+                ..
+            })
+        ),
+        "{slept:?}"
+    );
+    assert_eq!(
+        rt.info("good").unwrap().errors,
+        0,
+        "busy is not the guest's error"
+    );
+
+    // Through the pool: the rule's call waits for the invoke's slot, and both run.
+    let (t1, t2) = (twin.clone(), twin.clone());
+    let rule = Caller::Rule("r".into());
+    let first = rt.on_pool(&Caller::Invoke, move |rt| {
+        rt.call_compute("waiter", &[t1], &sleep, None)
+    });
+    let second = rt.on_pool(&rule, move |rt| {
+        rt.call_compute("good", &[t2], &json!({}), None)
+    });
+    let (first, second) = tokio::join!(first, second);
+    assert!(
+        matches!(
+            first,
+            Err(CallError::Guest {
+                kind: "deadline_exceeded",
+                ..
+            })
+        ),
+        "{first:?}"
+    );
+    assert!(second.is_ok(), "{second:?}");
+    let rule = &rt.pool().stats().by_class[&crate::wasm::pool::Class::Rule];
+    assert!(
+        rule.avg_wait_ms >= 300.0,
+        "the rule waited {} ms",
+        rule.avg_wait_ms
+    );
+    node.registry.shutdown();
+}
+
+/// A rule's `invoke` action runs on the compute pool under the rule's own key, and one that
+/// gets no slot fails as `busy`, not as the guest's failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_invoke_takes_a_slot_under_its_rule_and_fails_busy_without_one() {
+    use crate::events::rules::Invoker;
+    use crate::wasm::pool::Class;
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path()).await;
+    let rt = node.state.runtime.clone();
+    rt.upload(
+        "good",
+        guest("thermal_analysis.wasm"),
+        Limits::default(),
+        false,
+    )
+    .await
+    .unwrap();
+    let new = json!({"entity_type": "machine", "properties": {"temperature": 80}});
+    let twin = node
+        .registry
+        .create(serde_json::from_value(new).unwrap())
+        .await
+        .unwrap();
+    let out = rt
+        .clone()
+        .invoke("hot", "good", twin.id, json!({}))
+        .await
+        .unwrap();
+    assert_eq!(out["count"], 1, "{out}");
+    assert_eq!(rt.pool().stats().by_class[&Class::Rule].granted, 1);
+
+    rt.pool().stop();
+    let refused = rt
+        .clone()
+        .invoke("hot", "good", twin.id, json!({}))
+        .await
+        .unwrap_err();
+    assert!(refused.starts_with("busy:"), "{refused}");
+    assert_eq!(rt.pool().stats().by_class[&Class::Rule].busy, 1);
+    assert_eq!(rt.info("good").unwrap().errors, 0);
+    node.registry.shutdown();
+}

@@ -27,12 +27,14 @@ use super::bindings::behavior::BehaviorPre;
 use super::bindings::resolver::ResolverPre;
 use super::bindings::{Compute, ComputePre};
 use super::host::HostState;
+use super::pool::{ComputePool, PoolConfig};
 use super::{Limits, ModuleUser, ModuleUsers, World, EPOCH_TICK, MAX_MEMORY_BYTES};
 use crate::registry::{check_name, Registry};
 use crate::store::{keys, KvOp, Store, StoreError};
 
-/// Instances the pooling allocator keeps slots for (concurrent guest calls).
-const POOL_INSTANCES: u32 = 64;
+/// Instances the pooling allocator keeps slots for (concurrent guest calls). The compute
+/// pool ([`super::pool`]) has at most this many slots, so calls never ask for more.
+pub const POOL_INSTANCES: u32 = 64;
 
 /// Why a module upload or call failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,9 @@ pub enum CallError {
     /// The guest failed: trap, fuel, memory, deadline, bad output. Only this call fails.
     #[error("{kind}: {message}")]
     Guest { kind: &'static str, message: String },
+    /// No compute slot for the call (429 over HTTP); the guest did not run.
+    #[error("busy: {0}")]
+    Busy(#[from] super::pool::Busy),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -158,6 +163,8 @@ pub struct Runtime {
     pub stats: Arc<RuntimeStats>,
     /// Cancelled by [`Runtime::stop`]: every call in flight ends, and no new one starts.
     pub(super) stop: CancellationToken,
+    /// Where every guest call takes its slot.
+    pub(super) pool: ComputePool,
     /// The WIT contract uploads are checked against before they are compiled.
     contract: super::contract::Contract,
     /// Subsystems that bind modules by name, asked before a module changes or goes. Weak:
@@ -204,17 +211,38 @@ fn list(users: &[ModuleUser]) -> String {
 }
 
 impl Runtime {
-    /// Build the engine and load every module from the store (from cached artifacts).
+    /// Build the engine and load every module from the store (from cached artifacts), with
+    /// the default compute pool (one slot per core).
     pub fn open(store: Store, registry: Registry) -> Result<Arc<Runtime>, CallError> {
+        Runtime::open_with(store, registry, PoolConfig::default())
+    }
+
+    /// As [`Runtime::open`], with a compute pool of `pool` (capped at [`POOL_INSTANCES`]).
+    pub fn open_with(
+        store: Store,
+        registry: Registry,
+        pool: PoolConfig,
+    ) -> Result<Arc<Runtime>, CallError> {
+        Runtime::open_sized(store, registry, pool, POOL_INSTANCES)
+    }
+
+    /// As [`Runtime::open_with`], with an instance pool of `instances` component instances
+    /// (tests shrink it to reach its limit).
+    pub(super) fn open_sized(
+        store: Store,
+        registry: Registry,
+        pool_config: PoolConfig,
+        instances: u32,
+    ) -> Result<Arc<Runtime>, CallError> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.consume_fuel(true);
         config.epoch_interruption(true);
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(POOL_INSTANCES);
-        pool.total_core_instances(POOL_INSTANCES * 4);
-        pool.total_memories(POOL_INSTANCES * 2);
-        pool.total_tables(POOL_INSTANCES * 4);
+        pool.total_component_instances(instances);
+        pool.total_core_instances(instances * 4);
+        pool.total_memories(instances * 2);
+        pool.total_tables(instances * 4);
         pool.max_memory_size(MAX_MEMORY_BYTES as usize);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(internal)?;
@@ -247,6 +275,10 @@ impl Runtime {
             modules: RwLock::new(HashMap::new()),
             stats: Arc::default(),
             stop: CancellationToken::new(),
+            pool: ComputePool::new(
+                pool_config.size(instances as usize),
+                pool_config.queue_per_caller,
+            ),
             contract: super::contract::Contract::load().map_err(internal)?,
             users: RwLock::default(),
         };

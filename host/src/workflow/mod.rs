@@ -22,6 +22,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Semaphore};
+
+use crate::wasm::pool::Caller;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -141,9 +143,8 @@ pub enum WorkflowError {
 pub struct Deps {
     pub store: Store,
     pub registry: Registry,
+    /// Runs the compute steps, on its compute pool (as `workflow:<run id>`).
     pub runtime: Arc<Runtime>,
-    /// Guest calls at once (shared with every other caller).
-    pub compute_slots: Arc<Semaphore>,
     /// Links with peers (the `sync` step).
     pub peers: Option<crate::sync::SyncService>,
 }
@@ -386,6 +387,7 @@ impl Workflows {
     /// finished, or the run is cancelled.
     async fn execute(&self, run: Arc<Mutex<Run>>, cancel: CancellationToken) {
         let spec = Arc::new(run.lock().spec.clone());
+        let run_id: Arc<str> = Arc::from(run.lock().id.as_str());
         let started = Instant::now();
         let mut pending: BTreeSet<String> = spec.steps.iter().map(|s| s.id.clone()).collect();
         let mut results: HashMap<String, Value> = HashMap::new();
@@ -432,9 +434,10 @@ impl Workflows {
                         let me = self.clone();
                         let token = cancel.child_token();
                         let input = spec.input.clone();
+                        let run_id = run_id.clone();
                         tasks.spawn(async move {
                             use futures::FutureExt;
-                            let attempt = me.run_step(&step, inputs, input, token);
+                            let attempt = me.run_step(&run_id, &step, inputs, input, token);
                             match std::panic::AssertUnwindSafe(attempt).catch_unwind().await {
                                 Ok((attempts, r)) => (step.id, attempts, r),
                                 Err(_) => (
@@ -571,6 +574,7 @@ impl Workflows {
     /// One step, with its retries: (attempts made, result or why it failed).
     async fn run_step(
         &self,
+        run_id: &str,
         step: &Step,
         inputs: Map<String, Value>,
         input: Option<Value>,
@@ -589,7 +593,7 @@ impl Workflows {
             let token = cancel.child_token();
             let timeout = step.timeout();
             let r = tokio::select! {
-                r = tokio::time::timeout(timeout, self.attempt(step, &inputs, input.as_ref(), &token)) => match r {
+                r = tokio::time::timeout(timeout, self.attempt(run_id, step, &inputs, input.as_ref(), &token)) => match r {
                     Ok(r) => r,
                     Err(_) => Err(format!("timed out after {}", humantime::format_duration(timeout))),
                 },
@@ -627,6 +631,7 @@ impl Workflows {
 
     async fn attempt(
         &self,
+        run_id: &str,
         step: &Step,
         inputs: &Map<String, Value>,
         input: Option<&Value>,
@@ -648,42 +653,39 @@ impl Workflows {
                     params.insert("input".into(), i.clone());
                 }
                 let params = Value::Object(params);
-                let permit = self
-                    .0
-                    .deps
-                    .compute_slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| e.to_string())?;
                 let rt = self.0.deps.runtime.clone();
-                let name = step.function.clone();
-                let budget = step.timeout();
-                let token = token.clone();
-                tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    if twins.is_empty() {
-                        return rt
-                            .call_compute(&name, &[], &params, Some(token))
-                            .map_err(|e| e.to_string());
-                    }
-                    let each = rt
-                        .compute_each(&name, twins, &params, budget, token)
-                        .map_err(|e| e.to_string())?
-                        .ok_or_else(|| "cancelled".to_owned())?;
-                    let mut out = Map::new();
-                    for (id, r) in each {
-                        match r {
-                            Ok(v) => {
-                                out.insert(id.to_string(), v);
-                            }
-                            Err(f) => return Err(format!("twin {id}: {}: {}", f.kind, f.message)),
+                let caller = Caller::Workflow(run_id.to_owned());
+                if twins.is_empty() {
+                    let (name, token) = (step.function.clone(), token.clone());
+                    return rt
+                        .on_pool(&caller, move |rt| {
+                            rt.call_compute(&name, &[], &params, Some(token))
+                        })
+                        .await
+                        .map_err(|e| e.to_string());
+                }
+                let each = rt
+                    .compute_each(
+                        &caller,
+                        &step.function,
+                        twins,
+                        params,
+                        step.timeout(),
+                        token.clone(),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| "cancelled".to_owned())?;
+                let mut out = Map::new();
+                for (id, r) in each {
+                    match r {
+                        Ok(v) => {
+                            out.insert(id.to_string(), v);
                         }
+                        Err(f) => return Err(format!("twin {id}: {}: {}", f.kind, f.message)),
                     }
-                    Ok(Value::Object(out))
-                })
-                .await
-                .map_err(|e| e.to_string())?
+                }
+                Ok(Value::Object(out))
             }
             StepKind::Sync => {
                 let head = *self.0.deps.registry.watch_durable().borrow();

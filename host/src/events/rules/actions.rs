@@ -4,9 +4,12 @@
 //! [`Firing`] into alerts, patches and compute invocations.
 //! Exposes: [`Action`], [`Target`], [`Invoker`] (installed by the WebAssembly layer).
 //! Must never: change a twin except through the registry's write path, block the rule
-//! engine's follow loop on a patch or an invocation (both run on their own tasks), or drop a
-//! failed action silently (each is counted on its rule).
+//! engine's follow loop on a patch or an invocation (both run on their own tasks; an
+//! invocation waits for a slot of the compute pool in its rule's bounded queue, and one that
+//! gets none fails as `busy`), or drop a failed action silently (each is counted on its rule).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -66,12 +69,23 @@ pub enum Target {
     Parent,
 }
 
+/// What an invocation resolves to: the result, or why there is none.
+pub type InvokeFuture = Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>;
+
 /// Runs compute modules for `invoke` actions (installed by the WebAssembly layer).
 pub trait Invoker: Send + Sync {
     /// The world of module `name`, if uploaded.
     fn world_of(&self, name: &str) -> Option<World>;
-    /// Invoke compute module `name` on one twin. Blocking.
-    fn invoke(&self, name: &str, twin: TwinId, parameters: &Value) -> Result<Value, String>;
+    /// Invoke compute module `name` on one twin for rule `rule`, on the compute pool (the
+    /// rule's own queue there); fails with a `busy: …` message when no slot frees up in
+    /// time.
+    fn invoke(
+        self: Arc<Self>,
+        rule: &str,
+        name: &str,
+        twin: TwinId,
+        parameters: Value,
+    ) -> InvokeFuture;
 }
 
 /// Check a rule's actions, adding every problem to `errors`.
@@ -193,7 +207,8 @@ impl Rules {
         });
     }
 
-    /// Invoke a compute module on a blocking thread; its result (or error) becomes an alert.
+    /// Invoke a compute module on the compute pool; its result (or error, `busy` included)
+    /// becomes an alert.
     fn invoke(&self, f: &Firing, id: TwinId, module: &str, params: &Value, cause: &Arc<Cause>) {
         let Some(inv) = self.inner.invoker.get().cloned() else {
             return;
@@ -205,9 +220,9 @@ impl Rules {
             f.clone(),
             cause.clone(),
         );
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
             let params = if params.is_null() { json!({}) } else { params };
-            let (key, value, severity) = match inv.invoke(&module, id, &params) {
+            let (key, value, severity) = match inv.invoke(&f.rule, &module, id, params).await {
                 Ok(v) => ("result", v, Severity::Info),
                 Err(e) => {
                     me.failed(&f.rule, format!("invoke of {module} failed: {e}"));

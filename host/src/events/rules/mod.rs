@@ -47,7 +47,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-pub use actions::{Action, Invoker, Target, MAX_ACTIONS};
+pub use actions::{Action, InvokeFuture, Invoker, Target, MAX_ACTIONS};
 pub use spec::{
     parse, validate, Agg, Condition, CorrelationRule, GroupBy, Op, RuleSpec, SequenceRule,
     ThresholdRule, WindowRule,
