@@ -88,6 +88,37 @@ for p in json.load(sys.stdin)["items"]:
     print("   link with %s: %s, %s entries and %s alerts received, %s bytes, last lag %s ms"
           % (p["node_id"], p["state"], p.get("ops_in"), p.get("alerts_in"), p.get("bytes_in"), p.get("lag_ms")))'
 
+echo "== the seed's workflow on the edge: collect_temperatures -> analyze_patterns over the 100 machines"
+BUILDING=$(curl -fs -X POST -H "Authorization: Bearer $EDGE_TOKEN" -H 'content-type: application/json' \
+  -d '{"entity_type": "building", "limit": 1}' "http://127.0.0.1:$PORT/v1/query" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["id"])')
+WORKFLOW='{"steps": [
+  {"id": "collect_temperatures", "type": "aggregate", "function": "collect_property",
+   "query": {"entity_type": "machine", "parent_id": "'"$BUILDING"'", "limit": 1000},
+   "parameters": {"property": "temperature"}},
+  {"id": "hottest", "type": "aggregate", "function": "max", "parameters": {"property": "temperature", "group_by": "parent"},
+   "query": {"entity_type": "machine", "parent_id": "'"$BUILDING"'", "limit": 1000}},
+  {"id": "analyze_patterns", "type": "compute", "twin_ids": ["'"$BUILDING"'"], "function": "thermal-analysis",
+   "parameters": {"algorithm": "thermal_analysis"}}],
+  "dependencies": {"analyze_patterns": ["collect_temperatures"]}}'
+curl -fs -X POST -H "Authorization: Bearer $EDGE_TOKEN" -H 'content-type: application/json' \
+  -d "$WORKFLOW" "http://127.0.0.1:$PORT/v1/workflows?wait=true" | python3 -c '
+import json, sys
+from datetime import datetime
+run = json.load(sys.stdin)
+def ms(s):
+    t = lambda k: datetime.fromisoformat(s[k].replace("Z", "+00:00"))
+    return (t("finished_at") - t("started_at")).total_seconds() * 1000
+steps = run["steps"]
+a = steps["analyze_patterns"]["result"]
+r = next(iter(a.values()))
+print("   run %s: %s" % (run["id"], run["status"]))
+print("   collect_temperatures: %d machines (%.1f ms); hottest: %s (%.1f ms, in parallel)"
+      % (len(steps["collect_temperatures"]["result"]), ms(steps["collect_temperatures"]),
+         next(iter(steps["hottest"]["result"].values())), ms(steps["hottest"])))
+print("   analyze_patterns (thermal-analysis on the building, given the temperatures): "
+      "mean %.1f, max %.1f, %d over 85 (%.1f ms)" % (r["mean"], r["max"], r["over_threshold"], ms(steps["analyze_patterns"])))'
+
 echo "== a conflict: both nodes write one property while apart; the model's resolver merges it"
 api() { # method port token path [body] → response body
   curl -fs -X "$1" -H "Authorization: Bearer $3" -H 'content-type: application/json' \

@@ -298,8 +298,12 @@ async fn sigterm_cancels_sleeping_calls_without_panics() {
     assert!(status.success(), "exit status {status}");
     assert!(took < Duration::from_secs(5), "stopping took {took:?}");
     for c in calls {
-        // An answer, if it came, names the cancellation.
+        // An answer, if it came, names the cancellation (a call still waiting for a compute
+        // slot is told the server is stopping).
         if let Some(body) = c.await.unwrap() {
+            if body["error"]["code"] == "unavailable" {
+                continue;
+            }
             assert_eq!(
                 body["results"][&twin]["error"]["code"], "cancelled",
                 "{body}"

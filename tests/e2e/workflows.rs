@@ -67,9 +67,12 @@ async fn steps_run_in_dependency_order_and_pass_their_results_on() {
     }
     assert_eq!(steps["avg"]["result"][&b], 80.0, "{run}");
     assert_eq!(steps["max"]["result"], 90.0, "{run}");
-    // The compute step ran after both its dependencies, got their results, and answered.
+    // The compute step ran after both its dependencies, got their results, and answered:
+    // thermal-analysis reads its twin (90) and its inputs (70, 80, 90 collected; 80 the
+    // average) as readings.
     let analyze = &steps["analyze"];
-    assert_eq!(analyze["result"][&ms[2]]["over_threshold"], 1, "{run}");
+    assert_eq!(analyze["result"][&ms[2]]["count"], 5, "{run}");
+    assert_eq!(analyze["result"][&ms[2]]["over_threshold"], 2, "{run}");
     for dep in ["collect", "avg"] {
         assert!(
             at(&steps[dep]["finished_at"]) <= at(&analyze["started_at"]),
@@ -291,4 +294,152 @@ async fn a_run_is_cancelled_and_a_run_caught_by_kill_9_reads_back_failed() {
     );
     assert_eq!(r.body["steps"]["then"]["status"], "skipped", "{}", r.text);
     assert_eq!(r.body["steps"]["spin"]["status"], "failed", "{}", r.text);
+}
+
+/// Runs of the definition `name` in the list, newest first.
+async fn runs_of(s: &Server, name: &str) -> Vec<Value> {
+    let list = s.get("/v1/workflows?limit=1000").await.body;
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["definition"] == name)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn stored_definitions_start_by_name_from_a_rule_and_on_a_schedule() {
+    let s = Server::start();
+    let (_, ms) = plant(&s, &[70.0]).await;
+    // A definition whose step runs on the twin the run was started for.
+    let def = json!({"steps": [{"id": "temp", "type": "aggregate", "input_twin": true,
+                                "function": "max", "parameters": {"property": "temperature"}}]});
+    s.put("/v1/workflow-defs/check-hot", &def).await.expect(201);
+    s.put("/v1/workflow-defs/check-hot", &def).await.expect(200);
+    let got = s.get("/v1/workflow-defs/check-hot").await;
+    got.expect(200);
+    assert_eq!(
+        got.body["definition"]["steps"][0]["id"], "temp",
+        "{}",
+        got.text
+    );
+    // Refused like runs: a bad schedule and an unknown function (422), a cycle (409).
+    let r = s
+        .put(
+            "/v1/workflow-defs/bad",
+            &json!({"steps": [{"id": "a", "type": "aggregate", "twin_ids": [], "function": "mode"}],
+                    "every": "1ms"}),
+        )
+        .await;
+    r.expect_error(422, "validation_failed");
+    assert!(
+        r.text.contains("every") && r.text.contains("mode"),
+        "{}",
+        r.text
+    );
+    let count =
+        |id: &str| json!({"id": id, "type": "aggregate", "twin_ids": [], "function": "count"});
+    s.put(
+        "/v1/workflow-defs/loop",
+        &json!({"steps": [count("a"), count("b")], "dependencies": {"a": ["b"], "b": ["a"]}}),
+    )
+    .await
+    .expect_error(409, "conflict");
+
+    // By name, with an input.
+    let r = s
+        .post(
+            "/v1/workflow-defs/check-hot/run?wait=true",
+            &json!({"input": {"twin_id": ms[0]}}),
+        )
+        .await;
+    r.expect(200);
+    assert_eq!(r.body["definition"], "check-hot", "{}", r.text);
+    assert_eq!(r.body["steps"]["temp"]["result"], 70.0, "{}", r.text);
+    // Without the input its step fails, saying why.
+    let r = s
+        .post("/v1/workflow-defs/check-hot/run?wait=true", &json!({}))
+        .await;
+    assert_eq!(r.body["status"], "failed", "{}", r.text);
+    assert!(r.text.contains("input.twin_id"), "{}", r.text);
+    s.post("/v1/workflow-defs/ghost/run", &json!({}))
+        .await
+        .expect_error(404, "not_found");
+
+    // A rule's workflow action starts it with the triggering twin; a rule naming a missing
+    // definition counts the failure on the rule.
+    s.put(
+        "/v1/rules/hot",
+        &json!({"kind": "threshold", "entity_type": "machine", "property": "temperature",
+                "op": ">", "value": 85, "actions": [{"type": "workflow", "workflow": "check-hot"},
+                                                    {"type": "workflow", "workflow": "ghost"}]}),
+    )
+    .await
+    .expect(201);
+    s.patch(&format!("/v1/twins/{}", ms[0]), &json!({"temperature": 95}))
+        .await
+        .expect(200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let run = loop {
+        let runs = runs_of(&s, "check-hot").await;
+        if let Some(r) = runs
+            .first()
+            .filter(|r| r["status"] == "succeeded" && runs.len() >= 3)
+        {
+            let id = r["id"].as_str().unwrap();
+            break s.get(&format!("/v1/workflows/{id}")).await.body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no run from the rule: {runs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(run["steps"]["temp"]["result"], 95.0, "{run}");
+    assert_eq!(run["spec"]["input"]["rule"], "hot", "{run}");
+    assert_eq!(run["spec"]["input"]["twin_id"], ms[0].as_str(), "{run}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rule = s.get("/v1/rules/hot").await.body;
+        if rule.to_string().contains("ghost") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{rule}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A schedule: every second, until the definition is deleted.
+    s.put(
+        "/v1/workflow-defs/tick",
+        &json!({"steps": [count("n")], "every": "1s"}),
+    )
+    .await
+    .expect(201);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let runs = loop {
+        let runs = runs_of(&s, "tick").await;
+        if runs.len() >= 2 {
+            break runs;
+        }
+        assert!(std::time::Instant::now() < deadline, "{runs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // A second apart (the list is newest first).
+    let gap = at(&runs[0]["created_at"]) - at(&runs[1]["created_at"]);
+    assert!(
+        gap.num_milliseconds() >= 900,
+        "{gap:?} between scheduled runs"
+    );
+    s.delete("/v1/workflow-defs/tick").await.expect(204);
+    let n = runs_of(&s, "tick").await.len();
+    s.get("/v1/workflow-defs/tick").await.expect(404);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        runs_of(&s, "tick").await.len(),
+        n,
+        "no run after the delete"
+    );
+    let defs = s.get("/v1/workflow-defs").await.body;
+    assert_eq!(defs["items"][0]["name"], "check-hot", "{defs}");
 }

@@ -5,6 +5,10 @@ readings), and returns count, min, max, mean, standard deviation, and the readin
 z-score exceeds `parameters.z` (default 2.0) or whose value exceeds `parameters.threshold`
 (default 85) as anomalies.
 
+In a workflow, the results of the steps it depends on (`parameters.inputs`) are readings too:
+each input that is a number, an array of numbers, or an object whose values are numbers (an
+aggregate's `collect_property`), in key order after the twins' readings.
+
 Built with componentize-py (scripts/build-guests.sh), which generates the `wit_world`
 bindings for the `compute` world of wit/platform.wit while it builds.
 """
@@ -53,6 +57,15 @@ class WitWorld(wit_world.WitWorld):
             current = number(properties.get("temperature"))
             if current is not None:
                 readings.append(current)
+        inputs = parameters.get("inputs")
+        if isinstance(inputs, dict):
+            for value in inputs.values():
+                if isinstance(value, list):
+                    readings += [x for x in map(number, value) if x is not None]
+                elif isinstance(value, dict):
+                    readings += [x for x in map(number, value.values()) if x is not None]
+                elif number(value) is not None:
+                    readings.append(number(value))
         if not readings:
             raise Err("no temperature readings in the given twins")
 

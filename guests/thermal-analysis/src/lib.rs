@@ -4,6 +4,10 @@
 //! readings), and returns count, min, max, mean, standard deviation, and the readings whose
 //! z-score exceeds `parameters.z` (default 2.0) or whose value exceeds
 //! `parameters.threshold` (default 85) as anomalies.
+//!
+//! In a workflow, the results of the steps it depends on (`parameters.inputs`) are readings
+//! too: each input that is a number, an array of numbers, or an object whose values are
+//! numbers (an aggregate's `collect_property`), in key order after the twins' readings.
 
 use twinhost_sdk::serde_json::json;
 use twinhost_sdk::{log, Compute, Level, Twin, Value};
@@ -23,6 +27,15 @@ impl Compute for ThermalAnalysis {
                 readings.extend(list.iter().filter_map(Value::as_f64));
             }
             readings.extend(t.number("temperature"));
+        }
+        if let Some(inputs) = parameters.get("inputs").and_then(Value::as_object) {
+            for v in inputs.values() {
+                match v {
+                    Value::Array(a) => readings.extend(a.iter().filter_map(Value::as_f64)),
+                    Value::Object(m) => readings.extend(m.values().filter_map(Value::as_f64)),
+                    other => readings.extend(other.as_f64()),
+                }
+            }
         }
         if readings.is_empty() {
             return Err("no temperature readings in the given twins".into());

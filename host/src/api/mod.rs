@@ -162,6 +162,14 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/workflows", post(workflows::start).get(workflows::list))
         .route("/workflows/{id}", get(workflows::get_one))
         .route("/workflows/{id}/cancel", post(workflows::cancel))
+        .route("/workflow-defs", get(workflows::list_defs))
+        .route(
+            "/workflow-defs/{name}",
+            put(workflows::put_def)
+                .get(workflows::get_def)
+                .delete(workflows::delete_def),
+        )
+        .route("/workflow-defs/{name}/run", post(workflows::run_def))
         .route(
             "/peers/{node_id}",
             put(peers::put).get(peers::get_one).delete(peers::delete),

@@ -46,6 +46,10 @@ impl From<CallError> for ApiError {
             CallError::NotFound(_) | CallError::NoVersion(..) => ApiError::NotFound(e.to_string()),
             CallError::InUse(m) => ApiError::Conflict(format!("{m}, or pass ?force=true")),
             CallError::Guest { .. } => ApiError::Validation(e.to_string(), json!({})),
+            // The server is stopping: not a load to retry against here.
+            CallError::Busy(crate::wasm::pool::Busy::Stopped) => {
+                ApiError::Unavailable("the server is stopping".into())
+            }
             CallError::Busy(b) => {
                 ApiError::Overloaded(format!("busy: {b}; retry after the Retry-After delay"))
             }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::extract::{Json, Path};
 use super::{ApiError, AppState};
-use crate::workflow::{Spec, Status, WorkflowError};
+use crate::workflow::{Def, Spec, Status, WorkflowError};
 
 /// How long `?wait=true` waits for a run before answering with it as it stands.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -25,7 +25,9 @@ impl From<WorkflowError> for ApiError {
             }
             WorkflowError::Cycle(_) => ApiError::Conflict(e.to_string()),
             WorkflowError::Busy => ApiError::Overloaded(e.to_string()),
-            WorkflowError::NotFound(m) => ApiError::NotFound(format!("no workflow run {m}")),
+            WorkflowError::NotFound(_) | WorkflowError::NoDef(_) => {
+                ApiError::NotFound(e.to_string())
+            }
             WorkflowError::Finished(..) => ApiError::Conflict(e.to_string()),
             WorkflowError::Store(s) => s.into(),
         }
@@ -102,4 +104,79 @@ pub async fn list(
     }
     let (items, next) = s.workflows.list(status, p.cursor.as_deref(), limit)?;
     Ok(axum::Json(json!({"items": items, "next_cursor": next})))
+}
+
+/// Store (or replace) a workflow definition: a spec, optionally `"every": "10m"`. 201 when
+/// new, 200 when replaced; the checks of a run (409 for a cycle, 422 with every reason).
+pub async fn put_def(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Json(def): Json<Def>,
+) -> Result<Response, ApiError> {
+    let created = s.workflows.put_def(&name, def).await?;
+    let def = s.workflows.get_def(&name)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        axum::Json(json!({"name": name, "definition": *def})),
+    )
+        .into_response())
+}
+
+pub async fn get_def(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let def = s.workflows.get_def(&name)?;
+    Ok(axum::Json(json!({"name": name, "definition": *def})).into_response())
+}
+
+pub async fn list_defs(State(s): State<AppState>) -> axum::Json<Value> {
+    axum::Json(json!({"items": s.workflows.list_defs()}))
+}
+
+pub async fn delete_def(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.workflows.delete_def(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Start a run of a stored definition; the body (optional) is `{"input": …}`, given to every
+/// step as `parameters.input`. Answers like `POST /v1/workflows`.
+pub async fn run_def(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(p): Query<StartParams>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let input = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::InvalidJson(format!("the body: {e}")))?;
+        match v {
+            Value::Object(mut m) if m.keys().all(|k| k == "input") => m.remove("input"),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "the body is {\"input\": …} or empty".into(),
+                ))
+            }
+        }
+    };
+    let id = s.workflows.start_def(&name, input).await?;
+    if p.wait {
+        let run = s.workflows.wait(&id, MAX_WAIT).await?;
+        return Ok((StatusCode::OK, axum::Json(run)).into_response());
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"id": id, "status": "running"})),
+    )
+        .into_response())
 }

@@ -193,6 +193,7 @@ pub async fn open_node(
     })
     .await
     .context("opening the workflow runs")?;
+    rules.set_starter(Arc::new(workflows.clone()));
     let state = Arc::new(AppStateInner {
         registry: registry.clone(),
         history: History::new(store.clone(), retention),

@@ -11,6 +11,7 @@
 //! assume). Bounded: runs at once ([`MAX_RUNNING`], then 429), steps per run (`spec`),
 //! stored runs ([`MAX_STORED`], the oldest finished trimmed), a result's size.
 
+pub mod defs;
 pub mod spec;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -27,11 +28,12 @@ use crate::wasm::pool::Caller;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use defs::Def;
 pub use spec::{Invalid, Spec, Step, StepKind};
 
 use crate::registry::{ChangeKind, Query, Registry};
 use crate::store::{KvOp, Store};
-use crate::types::Twin;
+use crate::types::{Twin, TwinId};
 use crate::wasm::Runtime;
 
 /// Runs in flight at once; more are refused (429).
@@ -97,6 +99,9 @@ pub struct StepRun {
 pub struct Run {
     pub id: String,
     pub status: Status,
+    /// The stored definition this is a run of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<String>,
     pub created_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<DateTime<Utc>>,
@@ -113,6 +118,7 @@ impl Run {
         json!({
             "id": self.id,
             "status": self.status,
+            "definition": self.definition,
             "created_at": self.created_at,
             "finished_at": self.finished_at,
             "error": self.error,
@@ -132,6 +138,8 @@ pub enum WorkflowError {
     Busy,
     #[error("no workflow run {0}")]
     NotFound(String),
+    #[error("no workflow definition {0:?}")]
+    NoDef(String),
     #[error("run {0} has already finished ({1})")]
     Finished(String, &'static str),
     #[error(transparent)]
@@ -161,6 +169,10 @@ struct Inner {
     running: Arc<Semaphore>,
     /// Serializes writes of runs, so a later state never lands before an earlier one.
     persist: tokio::sync::Mutex<()>,
+    /// Stored definitions, by name.
+    defs: parking_lot::RwLock<BTreeMap<String, Arc<Def>>>,
+    /// When each scheduled definition is due next.
+    schedule: Mutex<HashMap<String, Instant>>,
 }
 
 /// The node's workflow runs.
@@ -203,21 +215,35 @@ impl Workflows {
             run.finished_at = Some(now);
             stale.push(run);
         }
+        let deps_store = deps.store.clone();
         let w = Workflows(Arc::new(Inner {
             deps,
             live: Mutex::default(),
             running: Arc::new(Semaphore::new(MAX_RUNNING)),
             persist: tokio::sync::Mutex::new(()),
+            defs: parking_lot::RwLock::new(defs::load(&deps_store)),
+            schedule: Mutex::default(),
         }));
         for run in stale {
             tracing::warn!(run = %run.id, "a workflow run was in flight when the server stopped; marked failed");
             w.store_run(&run).await?;
         }
+        // Holds the runs weakly: it ends once the node is dropped.
+        tokio::spawn(defs::schedule_loop(Arc::downgrade(&w.0)));
         Ok(w)
     }
 
     /// Check `spec` and start a run of it. Returns the run's id.
     pub async fn start(&self, spec: Spec) -> Result<String, WorkflowError> {
+        self.start_named(spec, None).await
+    }
+
+    /// Check `spec` and start a run of it, as a run of the definition `definition` if given.
+    async fn start_named(
+        &self,
+        spec: Spec,
+        definition: Option<String>,
+    ) -> Result<String, WorkflowError> {
         match spec.check(&self.0.deps.runtime) {
             Err(Invalid::Reasons(r)) => return Err(WorkflowError::Invalid(r)),
             Err(Invalid::Cycle(c)) => return Err(WorkflowError::Cycle(c)),
@@ -233,6 +259,7 @@ impl Workflows {
         let run = Run {
             id: id.clone(),
             status: Status::Running,
+            definition,
             created_at: Utc::now(),
             finished_at: None,
             error: None,
@@ -457,6 +484,14 @@ impl Workflows {
                 break;
             }
             tokio::select! {
+                // A cancel wins over a step that ended at the same time (its attempt was cut).
+                biased;
+                () = cancel.cancelled() => {
+                    cancelled = true;
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
                 joined = tasks.join_next() => {
                     let Some(joined) = joined else { break };
                     let (id, attempts, outcome) = match joined {
@@ -481,12 +516,6 @@ impl Workflows {
                             s.error = Some(e);
                         }
                     }
-                }
-                () = cancel.cancelled() => {
-                    cancelled = true;
-                    tasks.abort_all();
-                    while tasks.join_next().await.is_some() {}
-                    break;
                 }
             }
         }
@@ -519,6 +548,7 @@ impl Workflows {
             r.finished_at = Some(now);
             let event = json!({
                 "workflow_id": r.id,
+                "definition": r.definition,
                 "status": r.status,
                 "error": r.error,
                 "duration_ms": started.elapsed().as_millis() as u64,
@@ -639,11 +669,11 @@ impl Workflows {
     ) -> Result<Value, String> {
         match step.kind {
             StepKind::Aggregate => {
-                let twins = self.twins_of(step)?;
+                let twins = self.twins_of(step, input)?;
                 aggregate(&step.function, &step.parameters, &twins)
             }
             StepKind::Compute => {
-                let twins = self.twins_of(step)?;
+                let twins = self.twins_of(step, input)?;
                 let mut params = match &step.parameters {
                     Value::Object(m) => m.clone(),
                     _ => Map::new(),
@@ -711,8 +741,18 @@ impl Workflows {
     }
 
     /// The twins a step names or matches.
-    fn twins_of(&self, step: &Step) -> Result<Vec<Twin>, String> {
+    fn twins_of(&self, step: &Step, input: Option<&Value>) -> Result<Vec<Twin>, String> {
         let reg = &self.0.deps.registry;
+        if step.input_twin {
+            let id = input
+                .and_then(|i| i.get("twin_id"))
+                .and_then(Value::as_str)
+                .ok_or("input_twin: the run was started without input.twin_id")?;
+            let id: TwinId = id
+                .parse()
+                .map_err(|_| format!("input_twin: {id:?} is not a twin id"))?;
+            return reg.get(&id).map(|t| vec![t]).map_err(|e| e.to_string());
+        }
         if let Some(ids) = &step.twin_ids {
             return ids
                 .iter()

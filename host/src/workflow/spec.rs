@@ -57,6 +57,10 @@ pub struct Step {
     pub twin_ids: Option<Vec<TwinId>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<Query>,
+    /// The step runs on the twin the run was started for (`input.twin_id`: a rule's
+    /// triggering twin), instead of `twin_ids` or a `query`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub input_twin: bool,
     /// The aggregate function or the compute module.
     #[serde(default)]
     pub function: String,
@@ -215,8 +219,11 @@ impl Spec {
 
 fn step_reasons(s: &Step, runtime: &Runtime, reasons: &mut Vec<String>) {
     let id = &s.id;
-    if s.twin_ids.is_some() && s.query.is_some() {
-        reasons.push(format!("step {id:?}: give twin_ids or query, not both"));
+    let sources = [s.twin_ids.is_some(), s.query.is_some(), s.input_twin];
+    if sources.iter().filter(|x| **x).count() > 1 {
+        reasons.push(format!(
+            "step {id:?}: give one of twin_ids, query and input_twin"
+        ));
     }
     if s.twin_ids
         .as_ref()
@@ -269,9 +276,9 @@ fn step_reasons(s: &Step, runtime: &Runtime, reasons: &mut Vec<String>) {
                     reasons.push(format!("step {id:?}: group_by may only be \"parent\""));
                 }
             }
-            if s.twin_ids.is_none() && s.query.is_none() {
+            if !sources.contains(&true) {
                 reasons.push(format!(
-                    "step {id:?}: an aggregate needs twin_ids or a query"
+                    "step {id:?}: an aggregate needs twin_ids, a query or input_twin"
                 ));
             }
         }

@@ -53,11 +53,10 @@ pub enum Action {
         #[schema(value_type = Object)]
         parameters: Value,
     },
-    /// Start a workflow (not yet available on this node; refused at validation).
-    Workflow {
-        #[schema(value_type = Object)]
-        workflow: Value,
-    },
+    /// Start a run of the stored workflow definition `workflow` (`PUT
+    /// /v1/workflow-defs/{name}`), with the triggering twin as its input (`input.twin_id`,
+    /// `entity_type`, `parent_id`, `rule`, `trigger_seq`, `details`).
+    Workflow { workflow: String },
 }
 
 /// Which twin an action applies to.
@@ -70,7 +69,13 @@ pub enum Target {
 }
 
 /// What an invocation resolves to: the result, or why there is none.
-pub type InvokeFuture = Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>;
+pub type InvokeFuture<T = Value> = Pin<Box<dyn Future<Output = Result<T, String>> + Send>>;
+
+/// Starts stored workflows for `workflow` actions (installed by the workflow layer).
+pub trait Starter: Send + Sync {
+    /// Start a run of the definition `definition` with `input`: the run's id.
+    fn start(&self, definition: String, input: Value) -> InvokeFuture<String>;
+}
 
 /// Runs compute modules for `invoke` actions (installed by the WebAssembly layer).
 pub trait Invoker: Send + Sync {
@@ -118,9 +123,11 @@ pub(super) fn check(
                 )),
                 Some(_) => {}
             },
-            Action::Workflow { .. } => errors.push(format!(
-                "actions[{i}]: workflow actions are not available on this node yet"
-            )),
+            Action::Workflow { workflow } => {
+                if let Err(e) = crate::registry::check_name("workflow name", workflow) {
+                    errors.push(format!("actions[{i}].workflow: {e}"));
+                }
+            }
         }
     }
 }
@@ -158,7 +165,7 @@ impl Rules {
                         self.invoke(&f, id, module, parameters, &cause);
                     }
                 }
-                Action::Workflow { .. } => {}
+                Action::Workflow { workflow } => self.start_workflow(&f, workflow),
             }
         }
     }
@@ -237,6 +244,32 @@ impl Rules {
                        "module": module, "twin_id": id, key: value,
                        "trigger_seq": f.trigger_seq}),
             )]);
+        });
+    }
+}
+
+impl Rules {
+    /// Start the workflow definition `name` for the firing's twin, on a task of its own; a
+    /// start refused (no such definition, a module gone, the node full) counts on the rule.
+    fn start_workflow(&self, f: &Firing, name: &str) {
+        let Some(starter) = self.inner.starter.get().cloned() else {
+            self.failed(&f.rule, "workflows are not available on this node".into());
+            return;
+        };
+        let input = json!({"twin_id": f.twin_id, "entity_type": f.entity_type,
+                           "parent_id": f.parent_id, "rule": f.rule,
+                           "trigger_seq": f.trigger_seq, "details": f.details});
+        let (me, rule, name) = (self.clone(), f.rule.clone(), name.to_owned());
+        tokio::spawn(async move {
+            match starter.start(name.clone(), input).await {
+                Ok(run) => {
+                    tracing::debug!(rule, workflow = %name, run, "a rule started a workflow")
+                }
+                Err(e) => {
+                    tracing::warn!(rule, workflow = %name, error = %e, "a rule's workflow did not start");
+                    me.failed(&rule, format!("workflow {name} did not start: {e}"));
+                }
+            }
         });
     }
 }

@@ -47,7 +47,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-pub use actions::{Action, InvokeFuture, Invoker, Target, MAX_ACTIONS};
+pub use actions::{Action, InvokeFuture, Invoker, Starter, Target, MAX_ACTIONS};
 pub use spec::{
     parse, validate, Agg, Condition, CorrelationRule, GroupBy, Op, RuleSpec, SequenceRule,
     ThresholdRule, WindowRule,
@@ -280,6 +280,7 @@ struct Inner {
     specs: RwLock<BTreeMap<String, RuleSpec>>,
     /// Runs `invoke` actions and answers module worlds; installed once the runtime is up.
     invoker: OnceLock<Arc<dyn Invoker>>,
+    starter: OnceLock<Arc<dyn Starter>>,
     /// Events the engine missed because it fell behind the log.
     missed: AtomicU64,
     /// Failed actions by rule; actions fail off the shard's lock, so they are kept here.
@@ -362,6 +363,7 @@ impl Rules {
                 shards: sets.into_iter().map(Mutex::new).collect(),
                 specs: RwLock::new(specs),
                 invoker: OnceLock::new(),
+                starter: OnceLock::new(),
                 missed: AtomicU64::new(0),
                 failures: Mutex::new(HashMap::new()),
             }),
@@ -371,6 +373,11 @@ impl Rules {
             tokio::spawn(async move { me.run(shard).await });
         }
         Ok(rules)
+    }
+
+    /// Install what starts `workflow` actions' runs.
+    pub fn set_starter(&self, starter: Arc<dyn Starter>) {
+        let _ = self.inner.starter.set(starter);
     }
 
     /// Install what runs `invoke` actions.

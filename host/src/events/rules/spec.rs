@@ -459,7 +459,7 @@ mod tests {
             "slide": "3s", "op": ">", "actions": [
                 {"type": "alert", "severity": "critical"},
                 {"type": "invoke", "module": "nope"},
-                {"type": "workflow", "workflow": {}}]
+                {"type": "workflow", "workflow": "bad name!"}]
         }))
         .unwrap();
         let errors = validate(&bad, &|_| None).unwrap_err();
