@@ -17,6 +17,7 @@
 
 mod events;
 mod sync;
+mod workflow;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,7 +66,7 @@ pub struct BenchArgs {
     /// run in this process: each holds them all.
     #[arg(long, default_value_t = 100_000)]
     pub sync_twins: usize,
-    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules,sync).
+    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules,workflow,sync).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -758,6 +759,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("phase: event delivery (in process, SSE) and 10K subscribers");
         let r = events::events_phase(&args).await?;
         report.insert("events".into(), r);
+    }
+    if want("workflow") {
+        eprintln!(
+            "phase: the seed's workflow (aggregate + compute over 100 machines) vs direct calls"
+        );
+        let r = workflow::workflow_phase(&args).await?;
+        eprintln!("  {r}");
+        report.insert("workflow".into(), r);
     }
     if want("sync") {
         eprintln!("phase: sync between two nodes over loopback WebSocket");

@@ -479,10 +479,12 @@ impl Workflows {
                     }
                 }
             }
-            self.save(&run).await;
             if tasks.is_empty() {
+                // The last skips are stored with the run's end.
                 break;
             }
+            // Steps started (and any skipped) are stored before they can end.
+            self.save(&run).await;
             tokio::select! {
                 // A cancel wins over a step that ended at the same time (its attempt was cut).
                 biased;
