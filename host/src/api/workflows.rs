@@ -48,7 +48,13 @@ pub async fn start(
     Json(spec): Json<Spec>,
 ) -> Result<Response, ApiError> {
     let id = s.workflows.start(spec).await?;
-    if p.wait {
+    started(&s, id, p.wait).await
+}
+
+/// A run just started: 202 `{"id", "status": "running"}`, or when `wait`, 200 with the run
+/// once finished (or as it stands after [`MAX_WAIT`]).
+async fn started(s: &AppState, id: String, wait: bool) -> Result<Response, ApiError> {
+    if wait {
         let run = s.workflows.wait(&id, MAX_WAIT).await?;
         return Ok((StatusCode::OK, axum::Json(run)).into_response());
     }
@@ -170,13 +176,5 @@ pub async fn run_def(
         }
     };
     let id = s.workflows.start_def(&name, input).await?;
-    if p.wait {
-        let run = s.workflows.wait(&id, MAX_WAIT).await?;
-        return Ok((StatusCode::OK, axum::Json(run)).into_response());
-    }
-    Ok((
-        StatusCode::ACCEPTED,
-        axum::Json(json!({"id": id, "status": "running"})),
-    )
-        .into_response())
+    started(&s, id, p.wait).await
 }

@@ -607,9 +607,7 @@ impl Registry {
                     kind: None,
                     origin: None,
                 };
-                let bytes = serde_json::to_vec(&record).expect("alerts serialize");
-                let stamp = b.alert(a.cause.as_deref(), &bytes);
-                changes.push(alert_change(record, &stamp, &this.inner.origin));
+                log_record(b, changes, record, a.cause.as_deref(), &this.inner.origin);
             }
         })
         .await
@@ -628,9 +626,7 @@ impl Registry {
                 kind: Some(kind),
                 origin: None,
             };
-            let bytes = serde_json::to_vec(&record).expect("alerts serialize");
-            let stamp = b.alert(None, &bytes);
-            changes.push(alert_change(record, &stamp, &this.inner.origin));
+            log_record(b, changes, record, None, &this.inner.origin);
         })
         .await
     }
@@ -654,9 +650,7 @@ impl Registry {
                     kind: None,
                     origin: Some((a.origin, a.origin_seq)),
                 };
-                let bytes = serde_json::to_vec(&record).expect("alerts serialize");
-                let stamp = b.alert(None, &bytes);
-                changes.push(alert_change(record, &stamp, &this.inner.origin));
+                log_record(b, changes, record, None, &this.inner.origin);
             }
             for op in config {
                 b.config(op);
@@ -692,9 +686,7 @@ impl Registry {
                 kind: Some(kind),
                 origin: None,
             };
-            let bytes = serde_json::to_vec(&record).expect("alerts serialize");
-            let stamp = b.alert(None, &bytes);
-            changes.push(alert_change(record, &stamp, &self.inner.origin));
+            log_record(b, changes, record, None, &self.inner.origin);
         }
     }
 
@@ -835,6 +827,20 @@ impl Registry {
         })
         .await?
     }
+}
+
+/// Number and log `record` (an alert, a conflict or workflow event) in `b`, and add the
+/// change it stands for.
+fn log_record(
+    b: &mut Batch,
+    changes: &mut Vec<Change>,
+    record: AlertRecord,
+    cause: Option<&crate::types::Cause>,
+    origin: &Arc<str>,
+) {
+    let bytes = serde_json::to_vec(&record).expect("alerts serialize");
+    let stamp = b.alert(cause, &bytes);
+    changes.push(alert_change(record, &stamp, origin));
 }
 
 /// An alert as it travels between nodes: raised on `origin`, numbered `origin_seq` there.
