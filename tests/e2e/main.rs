@@ -10,7 +10,8 @@
 //!   [`history`], [`limits`], [`changes`].
 //! - Events: [`events`] (live streams, resume, the stored log, crashes).
 //! - Guests: [`wasm`] (compute modules), [`sandbox`] (guests that wait), [`behaviors`],
-//!   [`rules`], [`pool`] (the compute pool under an invoke flood).
+//!   [`rules`], [`pool`] (the compute pool under an invoke flood), [`ticks`] (periodic
+//!   simulation).
 //! - Sync: [`sync`] (links, catch-up, relay, partitions, anti-entropy), [`conflicts`] (the
 //!   conflict strategies between real servers).
 //! - The process: [`ops`] (health, metrics, SIGTERM), [`durability`] (restart and kill -9
@@ -39,6 +40,7 @@ mod replicated;
 mod rules;
 mod sandbox;
 mod sync;
+mod ticks;
 mod twins;
 mod wasm;
 mod workflows;

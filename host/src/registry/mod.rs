@@ -771,6 +771,22 @@ impl Registry {
 
     // ---- queries ------------------------------------------------------------------------
 
+    /// The ids of up to `limit` twins of `entity_type`, in id order (a copy of the index's
+    /// ids: the index lock is held only while copying).
+    pub fn ids_of_type(&self, entity_type: &str, limit: usize) -> Vec<TwinId> {
+        let idx = self.inner.index.read();
+        idx.by_type
+            .get(entity_type)
+            .map(|ids| ids.iter().take(limit).copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many twins of `entity_type` there are.
+    pub fn count_of_type(&self, entity_type: &str) -> usize {
+        let idx = self.inner.index.read();
+        idx.by_type.get(entity_type).map_or(0, BTreeSet::len)
+    }
+
     /// Run a query. Candidates come from the most selective index (parent, ancestor, entity
     /// type, else all twins), in id order starting after the cursor.
     pub fn query(&self, q: &Query) -> Result<Page, RegistryError> {

@@ -19,6 +19,14 @@
 //! behavior, and a chain of behaviors (or rules) triggering each other stops at
 //! [`MAX_CHAIN_DEPTH`].
 //!
+//! Periodic simulation: a binding with `"every": "1s"` is also called once per interval for
+//! each twin it matches, with a `tick` event; see [`super::ticks`].
+//!
+//! Latency: each behavior keeps its last [`LATENCY_SAMPLES`] event latencies (from the
+//! dispatcher handing it the event to the end of the call: queue, slot wait and call), shown
+//! as p50/p99/max by `GET /v1/behaviors/{name}`; `/metrics` has the histogram of all of them
+//! (`twinhost_behavior_latency_seconds`).
+//!
 //! Synced nodes: a binding runs on the changes made on this node only (its `on` is
 //! [`ReactTo::Local`] unless it says `"on": "all"`), so a behavior bound on every node acts
 //! once per reading, where the reading was made, and not again on each node it syncs to.
@@ -26,9 +34,10 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -36,11 +45,12 @@ use utoipa::ToSchema;
 
 use super::bindings::twinhost::platform::types as wit;
 use super::host::to_wit;
+use super::ticks;
 use super::{CallError, Caller, GuestAlert, GuestPatch, Runtime, World};
 use crate::events::{Event, EventLog, EventType, Filter, Follower, Wake};
 use crate::registry::{check_name, Registry, Update};
 use crate::store::{keys, KvOp, Store};
-use crate::types::{Actor, Cause, Properties, ReactTo, SetOnDrop, TwinId};
+use crate::types::{Actor, Cause, Properties, ReactTo, SetOnDrop, Twin, TwinId};
 
 pub use crate::types::MAX_CHAIN_DEPTH;
 /// Most behaviors one node runs.
@@ -49,9 +59,14 @@ pub const MAX_BEHAVIORS: usize = 1000;
 pub const QUEUE_PER_BEHAVIOR: usize = 4096;
 /// Events waiting in each of a behavior's lanes (one lane per compute slot).
 const QUEUE_PER_LANE: usize = 64;
+/// Event latencies each behavior keeps for its p50/p99.
+pub const LATENCY_SAMPLES: usize = 1024;
+
+/// An event on its way to a behavior, with when the dispatcher handed it over.
+type Queued = (Arc<Event>, Instant);
 
 /// The lane of a twin: its events always run on the same one, in order.
-fn lane_of(twin: &TwinId, lanes: usize) -> usize {
+pub(super) fn lane_of(twin: &TwinId, lanes: usize) -> usize {
     let b = twin.as_bytes();
     let low = u64::from_le_bytes(b[8..16].try_into().expect("a UUID has 16 bytes"));
     (low % lanes as u64) as usize
@@ -75,6 +90,12 @@ pub struct Binding {
     /// also those merged from other nodes.
     #[serde(default)]
     pub on: ReactTo,
+    /// Also call the behavior once per this interval for each twin it matches, with a `tick`
+    /// event (periodic simulation), from `100ms` to `24h`. Ticks are spread over the interval;
+    /// one that finds the compute pool busy is skipped and counted, not queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "1s")]
+    pub every: Option<String>,
     #[serde(default = "Utc::now")]
     pub created_at: DateTime<Utc>,
 }
@@ -89,10 +110,72 @@ impl Binding {
         };
         twin && self.on.admits(local)
     }
+
+    /// The tick interval, checked.
+    fn every(&self) -> Result<Option<Duration>, String> {
+        self.every.as_deref().map(ticks::parse_every).transpose()
+    }
+
+    fn tick_target(&self) -> ticks::Target {
+        match (self.twin_id, &self.entity_type) {
+            (Some(t), _) => ticks::Target::Twin(t),
+            (None, et) => ticks::Target::Type(et.clone().unwrap_or_default()),
+        }
+    }
+}
+
+/// The last [`LATENCY_SAMPLES`] latencies of a behavior's event calls, in microseconds.
+#[derive(Default)]
+struct Latencies {
+    ring: Mutex<(Vec<u32>, usize)>,
+}
+
+impl Latencies {
+    fn record(&self, d: Duration) {
+        metrics::histogram!("twinhost_behavior_latency_seconds").record(d.as_secs_f64());
+        let us = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        let mut ring = self.ring.lock();
+        let (samples, next) = &mut *ring;
+        if samples.len() < LATENCY_SAMPLES {
+            samples.push(us);
+        } else {
+            samples[*next] = us;
+        }
+        *next = (*next + 1) % LATENCY_SAMPLES;
+    }
+
+    fn summary(&self) -> Option<Latency> {
+        let mut v = self.ring.lock().0.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let at = |q: f64| {
+            let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+            f64::from(v[i]) / 1000.0
+        };
+        Some(Latency {
+            samples: v.len(),
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        })
+    }
+}
+
+/// A behavior's event latency over its last calls: from the dispatcher handing it the event
+/// to the end of the call (waiting in its queue, for a compute slot, and the call).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Latency {
+    /// Calls measured (the last 1024 at most).
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 #[derive(Default)]
-struct Counters {
+pub(super) struct Counters {
     runs: AtomicU64,
     errors: AtomicU64,
     /// Events skipped by the self-trigger guard or the chain-depth limit.
@@ -101,14 +184,31 @@ struct Counters {
     alerts: AtomicU64,
     /// Events dropped because the behavior's queue was full.
     dropped: AtomicU64,
+    /// Calls made for ticks (also counted in `runs`).
+    ticks: AtomicU64,
+    /// Ticks skipped: no free compute slot, the behavior behind on earlier ticks, or the twin
+    /// beyond the cap.
+    pub(super) ticks_skipped: AtomicU64,
+    latency: Latencies,
     last_error: RwLock<Option<String>>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct Entry {
     binding: Binding,
     counters: Arc<Counters>,
     /// The behavior's worker; dropping it (delete, replace) ends the worker once drained.
-    queue: mpsc::Sender<Arc<Event>>,
+    queue: mpsc::Sender<Queued>,
+    /// The ticker of a binding with `every`; dropping it stops the ticks.
+    _ticker: Option<AbortOnDrop>,
 }
 
 /// What `GET /v1/behaviors` shows for each behavior.
@@ -123,6 +223,14 @@ pub struct BehaviorInfo {
     pub patches: u64,
     pub alerts: u64,
     pub dropped: u64,
+    /// Calls made for ticks (a binding with `every`; also counted in `runs`).
+    pub ticks: u64,
+    /// Ticks skipped because the compute pool had no free slot, the behavior was still behind
+    /// on earlier ticks, or the twin was beyond the cap of 100,000 per behavior.
+    pub ticks_skipped: u64,
+    /// Event latency over the last calls; absent before the first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Latency>,
     pub last_error: Option<String>,
 }
 
@@ -193,21 +301,39 @@ impl Behaviors {
         {
             let mut entries = b.inner.entries.write();
             for (name, binding) in stored {
-                let counters = Arc::<Counters>::default();
-                let queue = b.start_worker(&name, &binding.module, counters.clone());
-                entries.insert(
-                    name,
-                    Entry {
-                        binding,
-                        counters,
-                        queue,
-                    },
-                );
+                let entry = b.start(&name, binding, Arc::default());
+                entries.insert(name, entry);
             }
         }
         let me = b.clone();
         tokio::spawn(async move { me.dispatch().await });
         Ok(b)
+    }
+
+    /// The worker (and ticker, with `every`) of behavior `name`, counting on `counters`.
+    fn start(&self, name: &str, binding: Binding, counters: Arc<Counters>) -> Entry {
+        let queue = self.start_worker(name, &binding.module, counters.clone());
+        let ticker = match binding.every() {
+            Ok(Some(every)) => Some(AbortOnDrop(ticks::start(
+                self.clone(),
+                name.to_owned(),
+                binding.module.clone(),
+                binding.tick_target(),
+                every,
+                counters.clone(),
+            ))),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(behavior = %name, error = %e, "the stored binding's every is invalid; it does not tick");
+                None
+            }
+        };
+        Entry {
+            binding,
+            counters,
+            queue,
+            _ticker: ticker,
+        }
     }
 
     /// The worker of one behavior: `per_behavior` lanes, each running its events one after
@@ -218,14 +344,14 @@ impl Behaviors {
         name: &str,
         module: &str,
         counters: Arc<Counters>,
-    ) -> mpsc::Sender<Arc<Event>> {
-        let (tx, mut rx) = mpsc::channel::<Arc<Event>>(QUEUE_PER_BEHAVIOR);
+    ) -> mpsc::Sender<Queued> {
+        let (tx, mut rx) = mpsc::channel::<Queued>(QUEUE_PER_BEHAVIOR);
         // Set when the router ends (the behavior was deleted or replaced, or the log shut
         // down): the lanes then drop what they still hold instead of running it.
         let ended = Arc::new(AtomicBool::new(false));
-        let lanes: Vec<mpsc::Sender<Arc<Event>>> = (0..self.inner.per_behavior)
+        let lanes: Vec<mpsc::Sender<Queued>> = (0..self.inner.per_behavior)
             .map(|_| {
-                let (lane_tx, mut lane_rx) = mpsc::channel::<Arc<Event>>(QUEUE_PER_LANE);
+                let (lane_tx, mut lane_rx) = mpsc::channel::<Queued>(QUEUE_PER_LANE);
                 let (me, name, module, counters, ended) = (
                     self.clone(),
                     name.to_owned(),
@@ -234,11 +360,11 @@ impl Behaviors {
                     ended.clone(),
                 );
                 tokio::spawn(async move {
-                    while let Some(e) = lane_rx.recv().await {
+                    while let Some((e, queued)) = lane_rx.recv().await {
                         if ended.load(Ordering::Relaxed) {
                             return;
                         }
-                        me.run_one(&name, &module, &counters, e).await;
+                        me.run_one(&name, &module, &counters, e, queued).await;
                     }
                 });
                 lane_tx
@@ -256,7 +382,7 @@ impl Behaviors {
                     },
                     _ = me.inner.log.closed() => return,
                 };
-                let lane = e.twin_id.map_or(0, |t| lane_of(&t, lanes.len()));
+                let lane = e.0.twin_id.map_or(0, |t| lane_of(&t, lanes.len()));
                 // A full lane (one slow twin) holds the rest back here, and then the
                 // behavior's queue fills and drops: bounded either way.
                 if lanes[lane].send(e).await.is_err() {
@@ -306,6 +432,7 @@ impl Behaviors {
             }
             Some(_) => {}
         }
+        binding.every().map_err(BehaviorError::Invalid)?;
         {
             let entries = self.inner.entries.read();
             if !entries.contains_key(name) && entries.len() >= MAX_BEHAVIORS {
@@ -324,17 +451,8 @@ impl Behaviors {
             .get(name)
             .map(|e| e.counters.clone())
             .unwrap_or_default();
-        let queue = self.start_worker(name, &binding.module, counters.clone());
-        let fresh = entries
-            .insert(
-                name.to_owned(),
-                Entry {
-                    binding,
-                    counters,
-                    queue,
-                },
-            )
-            .is_none();
+        let entry = self.start(name, binding, counters);
+        let fresh = entries.insert(name.to_owned(), entry).is_none();
         self.inner.wake.wake(&self.inner.log);
         Ok(fresh)
     }
@@ -389,6 +507,19 @@ impl Behaviors {
             .collect()
     }
 
+    /// Calls one behavior may run at once (its lanes, and its tick workers).
+    pub(super) fn per_behavior(&self) -> usize {
+        self.inner.per_behavior
+    }
+
+    pub(super) fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub(super) fn log(&self) -> &EventLog {
+        &self.inner.log
+    }
+
     /// Events the dispatcher missed because it fell behind.
     pub fn missed(&self) -> u64 {
         self.inner.missed.load(Ordering::Relaxed)
@@ -417,7 +548,7 @@ impl Behaviors {
                 has_behaviors,
                 |e| {
                     let local = e.is_local(inner.registry.node_id());
-                    let matching: Vec<(String, mpsc::Sender<Arc<Event>>, Arc<Counters>)> = {
+                    let matching: Vec<(String, mpsc::Sender<Queued>, Arc<Counters>)> = {
                         let entries = inner.entries.read();
                         if entries.is_empty() {
                             return false;
@@ -436,7 +567,9 @@ impl Behaviors {
                             counters.guarded.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
-                        if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(e.clone()) {
+                        if let Err(mpsc::error::TrySendError::Full(_)) =
+                            queue.try_send((e.clone(), Instant::now()))
+                        {
                             if counters.dropped.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
                                 tracing::warn!(
                                     behavior = %name,
@@ -451,16 +584,18 @@ impl Behaviors {
             .await;
     }
 
-    async fn run_one(&self, name: &str, module: &str, counters: &Counters, e: Arc<Event>) {
+    async fn run_one(
+        &self,
+        name: &str,
+        module: &str,
+        counters: &Counters,
+        e: Arc<Event>,
+        queued: Instant,
+    ) {
         let Some(twin_id) = e.twin_id else { return };
         let event = self.wit_event(&e, twin_id);
-        let module = module.to_owned();
         let out = self
-            .inner
-            .runtime
-            .on_pool(&Caller::Behavior(name.to_owned()), move |rt| {
-                rt.call_behavior(&module, &event)
-            })
+            .call(&Caller::Behavior(name.to_owned()), module, event)
             .await;
         if let Err(CallError::Busy(busy)) = &out {
             // The call did not run (the server is stopping, or the instance pool refused it):
@@ -473,15 +608,82 @@ impl Behaviors {
             );
             return;
         }
+        counters.latency.record(queued.elapsed());
+        let trigger = Trigger {
+            twin_id,
+            entity_type: e.entity_type.clone(),
+            parent_id: e.parent_id,
+            seq: Some(e.seq),
+            depth: e.cause.as_ref().map_or(0, |c| c.depth),
+        };
+        self.apply(name, counters, &trigger, out).await;
+    }
+
+    /// Call behavior `name` with a `tick` event for `twin` if the compute pool has a free
+    /// slot now. False when it had none (the tick is skipped; the caller counts it).
+    pub(super) async fn run_tick(
+        &self,
+        name: &str,
+        module: &str,
+        counters: &Counters,
+        twin: Twin,
+    ) -> bool {
+        let trigger = Trigger {
+            twin_id: twin.id,
+            entity_type: Some(twin.entity_type.clone()),
+            parent_id: twin.parent_id,
+            seq: None,
+            depth: 0,
+        };
+        let event = wit::Event {
+            seq: 0,
+            kind: "tick".to_owned(),
+            twin: to_wit(&twin),
+            changed: "{}".to_owned(),
+            ts_ms: Utc::now().timestamp_millis().max(0) as u64,
+        };
+        let out = self.call(&Caller::Tick(name.to_owned()), module, event).await;
+        if matches!(out, Err(CallError::Busy(_))) {
+            return false;
+        }
+        counters.ticks.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("twinhost_behavior_ticks_total").increment(1);
+        self.apply(name, counters, &trigger, out).await;
+        true
+    }
+
+    /// Call `module` with `event` on the compute pool as `caller`.
+    async fn call(
+        &self,
+        caller: &Caller,
+        module: &str,
+        event: wit::Event,
+    ) -> Result<super::BehaviorOutput, CallError> {
+        let module = module.to_owned();
+        self.inner
+            .runtime
+            .on_pool(caller, move |rt| rt.call_behavior(&module, &event))
+            .await
+    }
+
+    /// Count a call that ran and carry out what it answered: its alerts, then its patches.
+    async fn apply(
+        &self,
+        name: &str,
+        counters: &Counters,
+        trigger: &Trigger,
+        out: Result<super::BehaviorOutput, CallError>,
+    ) {
         counters.runs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("twinhost_behavior_runs_total").increment(1);
         let out = match out {
             Ok(out) => out,
             Err(err) => return self.failed(name, counters, err.to_string()),
         };
+        let twin_id = trigger.twin_id;
         let cause = Arc::new(Cause {
             by: Actor::Behavior(name.to_owned()),
-            depth: e.cause.as_ref().map_or(0, |c| c.depth) + 1,
+            depth: trigger.depth + 1,
         });
         let mut alerts = Vec::new();
         for GuestAlert {
@@ -493,13 +695,18 @@ impl Behaviors {
             let data: Value = serde_json::from_str(&data).unwrap_or(Value::String(data));
             let mut a = Event::new(EventType::Alert, Utc::now());
             a.twin_id = Some(twin_id);
-            a.entity_type = e.entity_type.clone();
-            a.parent_id = e.parent_id;
+            a.entity_type = trigger.entity_type.clone();
+            a.parent_id = trigger.parent_id;
             a.cause = Some((*cause).clone());
-            a.data = Some(json!({
+            let mut details = json!({
                 "source": "behavior", "behavior": name, "severity": severity,
-                "message": message, "data": data, "trigger_seq": e.seq,
-            }));
+                "message": message, "data": data,
+            });
+            match trigger.seq {
+                Some(seq) => details["trigger_seq"] = json!(seq),
+                None => details["tick"] = json!(true),
+            }
+            a.data = Some(details);
             alerts.push(a);
         }
         counters
@@ -587,6 +794,16 @@ impl Behaviors {
     }
 }
 
+/// What a call answered to: the twin, and the event that triggered it (none for a tick).
+struct Trigger {
+    twin_id: TwinId,
+    entity_type: Option<String>,
+    parent_id: Option<TwinId>,
+    seq: Option<u64>,
+    /// The chain depth of the triggering change.
+    depth: u8,
+}
+
 fn info(name: &str, e: &Entry) -> BehaviorInfo {
     let c = &e.counters;
     BehaviorInfo {
@@ -598,6 +815,9 @@ fn info(name: &str, e: &Entry) -> BehaviorInfo {
         patches: c.patches.load(Ordering::Relaxed),
         alerts: c.alerts.load(Ordering::Relaxed),
         dropped: c.dropped.load(Ordering::Relaxed),
+        ticks: c.ticks.load(Ordering::Relaxed),
+        ticks_skipped: c.ticks_skipped.load(Ordering::Relaxed),
+        latency: c.latency.summary(),
         last_error: c.last_error.read().clone(),
     }
 }

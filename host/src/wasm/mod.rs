@@ -29,6 +29,7 @@ mod module_tests;
 mod modules;
 pub mod pool;
 mod pooled;
+pub mod ticks;
 
 pub use crate::types::World;
 pub use calls::{measure, GuestFailure, Write};

@@ -35,6 +35,7 @@ fn binding(module: &str) -> Binding {
         entity_type: Some("machine".into()),
         twin_id: None,
         on: crate::types::ReactTo::Local,
+        every: None,
         created_at: chrono::Utc::now(),
     }
 }

@@ -467,6 +467,7 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
                 entity_type: Some("machine".into()),
                 twin_id: None,
                 on: crate::types::ReactTo::Local,
+                every: None,
                 created_at: chrono::Utc::now(),
             },
         )

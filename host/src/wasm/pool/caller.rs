@@ -39,6 +39,9 @@ pub enum Caller {
     Resolver,
     /// A workflow run's compute steps, by the run's id.
     Workflow(String),
+    /// A behavior's periodic ticks (`"every"`), by the binding's name: a tick takes a free
+    /// slot or is skipped, never queued.
+    Tick(String),
 }
 
 /// The kinds of callers, for metrics and limits.
@@ -50,15 +53,17 @@ pub enum Class {
     Rule,
     Resolver,
     Workflow,
+    Tick,
 }
 
 impl Class {
-    pub const ALL: [Class; 5] = [
+    pub const ALL: [Class; 6] = [
         Class::Invoke,
         Class::Behavior,
         Class::Rule,
         Class::Resolver,
         Class::Workflow,
+        Class::Tick,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +73,7 @@ impl Class {
             Class::Rule => "rule",
             Class::Resolver => "resolver",
             Class::Workflow => "workflow",
+            Class::Tick => "tick",
         }
     }
 
@@ -84,10 +90,12 @@ impl Caller {
             Caller::Rule(_) => Class::Rule,
             Caller::Resolver => Class::Resolver,
             Caller::Workflow(_) => Class::Workflow,
+            Caller::Tick(_) => Class::Tick,
         }
     }
 
-    /// The key of the caller's queue: `invoke`, `behavior:<name>`, `rule:<name>`, `resolver`.
+    /// The key of the caller's queue: `invoke`, `behavior:<name>`, `rule:<name>`, `resolver`,
+    /// `workflow:<run>`, `tick:<name>`.
     pub fn key(&self) -> String {
         match self {
             Caller::Invoke => "invoke".into(),
@@ -95,6 +103,7 @@ impl Caller {
             Caller::Rule(n) => format!("rule:{n}"),
             Caller::Resolver => "resolver".into(),
             Caller::Workflow(run) => format!("workflow:{run}"),
+            Caller::Tick(n) => format!("tick:{n}"),
         }
     }
 
@@ -109,6 +118,8 @@ impl Caller {
             Caller::Resolver => Some(RESOLVER_PATIENCE),
             // Bounded by the step's own timeout.
             Caller::Workflow(_) => None,
+            // Skipped (and counted) when no slot is free: the next tick comes soon enough.
+            Caller::Tick(_) => Some(Duration::ZERO),
         }
     }
 }

@@ -9,15 +9,15 @@
 //! oversubscribed.
 //!
 //! Fairness: each caller key ([`Caller::key`]: `invoke`, `behavior:<name>`, `rule:<name>`,
-//! `resolver`) has its own FIFO queue, bounded by `queue_per_caller`; a freed slot goes to the
+//! `resolver`, `workflow:<run>`; `tick:<name>` never queues) has its own FIFO queue, bounded by `queue_per_caller`; a freed slot goes to the
 //! head of the next key's queue in round-robin order. A flood from one key therefore costs
 //! every other key at most one call's wait per round: invokes cannot starve behaviors, nor one
 //! behavior the others. A full queue answers [`Busy::QueueFull`] at once; a caller that waits
 //! past its class's patience ([`Caller::patience`]) gets [`Busy::NoSlot`]. Busy is never a
 //! guest failure: HTTP answers 429 with `Retry-After`.
 //!
-//! To add a caller (workflow steps, simulation ticks): a [`Caller`] variant and its [`Class`],
-//! with the patience that fits (`Some(Duration::ZERO)` for "skip, do not queue").
+//! To add a caller: a [`Caller`] variant and its [`Class`], with the patience that fits
+//! (`Some(Duration::ZERO)` for "skip, do not queue", as ticks do).
 //!
 //! Metrics: `twinhost_compute_pool_slots`, `twinhost_compute_pool_in_use`,
 //! `twinhost_compute_queue_depth` (total) and `twinhost_compute_class_queue_depth{class}`

@@ -1,0 +1,197 @@
+//! Periodic simulation: a behavior bound with `"every"` is also called once per interval for
+//! each twin it matches, with a `tick` event (a twin's model advanced in time by its own code).
+//!
+//! One ticker per such behavior. At the start of each round it takes the ids of the twins the
+//! binding matches (at most [`MAX_TICK_TWINS`]) and spreads their ticks evenly over the
+//! interval ([`offset`]), so 10,000 twins at `1s` tick ten to a millisecond, not all at once.
+//! A due tick goes to one of the behavior's tick workers, chosen by the twin (as its events
+//! choose a lane), so one twin's ticks never overlap and run in order. A worker calls the guest
+//! only if the compute pool has a free slot at that moment ([`Caller::Tick`] never queues):
+//! a tick that finds the pool busy is **skipped, not queued**, and so is one whose worker is
+//! still behind on earlier ticks, or a twin beyond the cap. Every skip is counted on the
+//! behavior (`ticks_skipped`) and in `/metrics`
+//! (`twinhost_behavior_ticks_skipped_total{reason="busy"|"behind"|"capped"}`).
+//!
+//! Ticks run beside the twin's events, not in their order: a tick sees the twin as stored when
+//! it starts. Only active twins tick. A tick is not logged: the guest's event has `seq` 0,
+//! `changed` `{}`. The behavior's patches and alerts go through the write path like those of
+//! any other call; its own patches do not trigger it again.
+//!
+//! Replacing or deleting the binding stops its ticker, as does the node stopping.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::behaviors::{lane_of, Behaviors, Counters};
+use crate::types::{Lifecycle, SetOnDrop, TwinId};
+
+/// Most twins one behavior ticks per round; the rest are skipped (counted as `capped`).
+pub const MAX_TICK_TWINS: usize = 100_000;
+/// Shortest interval a binding may ask for.
+pub const MIN_EVERY: Duration = Duration::from_millis(100);
+/// Longest interval a binding may ask for.
+pub const MAX_EVERY: Duration = Duration::from_secs(24 * 3600);
+/// Ticks waiting for one tick worker; more are skipped (counted as `behind`).
+const QUEUE_PER_WORKER: usize = 16;
+
+/// Parse and check a binding's `every`.
+pub fn parse_every(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| {
+        format!("every: {s:?} is not a duration ({e}); write it like \"1s\", \"500ms\" or \"10m\"")
+    })?;
+    if !(MIN_EVERY..=MAX_EVERY).contains(&d) {
+        return Err(format!(
+            "every: {s:?} is out of range: from {} to {}",
+            humantime::format_duration(MIN_EVERY),
+            humantime::format_duration(MAX_EVERY)
+        ));
+    }
+    Ok(d)
+}
+
+/// When, after its round's start, the `i`-th of `n` twins ticks: evenly over `interval`.
+pub fn offset(i: usize, n: usize, interval: Duration) -> Duration {
+    if n == 0 {
+        return Duration::ZERO;
+    }
+    let nanos = interval.as_nanos() * i as u128 / n as u128;
+    Duration::from_nanos(nanos as u64)
+}
+
+/// Which twins a binding ticks.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Type(String),
+    Twin(TwinId),
+}
+
+/// Count one skipped tick.
+fn skipped(counters: &Counters, reason: &'static str) {
+    counters.ticks_skipped.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("twinhost_behavior_ticks_skipped_total", "reason" => reason).increment(1);
+}
+
+/// The ticker of behavior `name`: runs until the returned task is aborted (the binding was
+/// replaced or deleted) or the node stops.
+pub(super) fn start(
+    behaviors: Behaviors,
+    name: String,
+    module: String,
+    target: Target,
+    every: Duration,
+    counters: Arc<Counters>,
+) -> tokio::task::JoinHandle<()> {
+    let ended = Arc::new(AtomicBool::new(false));
+    let workers: Vec<mpsc::Sender<TwinId>> = (0..behaviors.per_behavior())
+        .map(|_| {
+            let (tx, mut rx) = mpsc::channel::<TwinId>(QUEUE_PER_WORKER);
+            let (b, name, module, counters, ended) = (
+                behaviors.clone(),
+                name.clone(),
+                module.clone(),
+                counters.clone(),
+                ended.clone(),
+            );
+            tokio::spawn(async move {
+                while let Some(id) = rx.recv().await {
+                    if ended.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Ok(twin) = b.registry().get(&id) else {
+                        continue;
+                    };
+                    if twin.lifecycle != Lifecycle::Active {
+                        continue;
+                    }
+                    if !b.run_tick(&name, &module, &counters, twin).await {
+                        skipped(&counters, "busy");
+                    }
+                }
+            });
+            tx
+        })
+        .collect();
+    tokio::spawn(async move {
+        // Aborting this task drops the flag's guard: the workers then stop at their next tick.
+        let _ended = SetOnDrop(ended);
+        let log = behaviors.log().clone();
+        let mut warned = false;
+        loop {
+            let start = Instant::now();
+            let ids = match &target {
+                Target::Twin(id) => vec![*id],
+                Target::Type(et) => {
+                    let ids = behaviors.registry().ids_of_type(et, MAX_TICK_TWINS);
+                    if ids.len() == MAX_TICK_TWINS {
+                        let over = behaviors
+                            .registry()
+                            .count_of_type(et)
+                            .saturating_sub(MAX_TICK_TWINS);
+                        for _ in 0..over {
+                            skipped(&counters, "capped");
+                        }
+                        if over > 0 && !warned {
+                            warned = true;
+                            tracing::warn!(
+                                behavior = %name,
+                                "{over} twins of type {et} are not ticked: a behavior ticks at most {MAX_TICK_TWINS} twins"
+                            );
+                        }
+                    }
+                    ids
+                }
+            };
+            let n = ids.len();
+            for (i, id) in ids.into_iter().enumerate() {
+                let due = start + offset(i, n, every);
+                if due > Instant::now() + Duration::from_millis(1) {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due) => {}
+                        _ = log.closed() => return,
+                    }
+                }
+                match workers[lane_of(&id, workers.len())].try_send(id) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => skipped(&counters, "behind"),
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(start + every) => {}
+                _ = log.closed() => return,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_spread_evenly_over_the_interval() {
+        let every = Duration::from_secs(1);
+        assert_eq!(offset(0, 4, every), Duration::ZERO);
+        assert_eq!(offset(1, 4, every), Duration::from_millis(250));
+        assert_eq!(offset(3, 4, every), Duration::from_millis(750));
+        // 10,000 twins: ten per millisecond, the last one just before the next round.
+        assert_eq!(offset(10, 10_000, every), Duration::from_millis(1));
+        assert_eq!(offset(9_999, 10_000, every), Duration::from_micros(999_900));
+        assert_eq!(offset(0, 0, every), Duration::ZERO);
+    }
+
+    #[test]
+    fn every_is_checked() {
+        assert_eq!(parse_every("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_every("250ms"), Ok(Duration::from_millis(250)));
+        let e = parse_every("10ms").unwrap_err();
+        assert!(e.contains("out of range") && e.contains("100ms"), "{e}");
+        let e = parse_every("soon").unwrap_err();
+        assert!(e.contains("not a duration"), "{e}");
+        assert!(parse_every("2days").is_err());
+    }
+}
