@@ -17,6 +17,7 @@
 
 mod events;
 mod sync;
+mod tick;
 mod workflow;
 
 use std::path::PathBuf;
@@ -66,7 +67,10 @@ pub struct BenchArgs {
     /// run in this process: each holds them all.
     #[arg(long, default_value_t = 100_000)]
     pub sync_twins: usize,
-    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules,workflow,sync).
+    /// Machines ticking at 1 Hz in the tick phase.
+    #[arg(long, default_value_t = 10_000)]
+    pub tick_twins: usize,
+    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules,workflow,tick,sync).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -767,6 +771,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let r = workflow::workflow_phase(&args).await?;
         eprintln!("  {r}");
         report.insert("workflow".into(), r);
+    }
+    if want("tick") {
+        eprintln!(
+            "phase: {} machines simulated at 1 Hz (machine-sim ticks), compute calls through the pool",
+            args.tick_twins
+        );
+        let r = tick::tick_phase(&args).await?;
+        eprintln!("  {r}");
+        report.insert("tick".into(), r);
     }
     if want("sync") {
         eprintln!("phase: sync between two nodes over loopback WebSocket");

@@ -59,6 +59,8 @@ pub const MAX_BEHAVIORS: usize = 1000;
 pub const QUEUE_PER_BEHAVIOR: usize = 4096;
 /// Events waiting in each of a behavior's lanes (one lane per compute slot).
 const QUEUE_PER_LANE: usize = 64;
+/// How long one compute slot runs ticks back to back before it is given back.
+pub const TICK_TURN: Duration = Duration::from_millis(10);
 /// Event latencies each behavior keeps for its p50/p99.
 pub const LATENCY_SAMPLES: usize = 1024;
 
@@ -619,37 +621,67 @@ impl Behaviors {
         self.apply(name, counters, &trigger, out).await;
     }
 
-    /// Call behavior `name` with a `tick` event for `twin` if the compute pool has a free
-    /// slot now. False when it had none (the tick is skipped; the caller counts it).
-    pub(super) async fn run_tick(
+    /// Call behavior `name` with a `tick` event for each of `twins`, one after another on one
+    /// compute slot taken only if one is free now, for at most [`TICK_TURN`] (at least one
+    /// tick). Returns the patches the ticks ask for (for the caller to write with those of
+    /// other ticks; their alerts are raised here) and the twins whose turn did not come.
+    /// `Err(twins)` when the pool had no free slot: none of them ran (the caller counts the
+    /// skips).
+    pub(super) async fn run_ticks(
         &self,
         name: &str,
         module: &str,
         counters: &Counters,
-        twin: Twin,
-    ) -> bool {
-        let trigger = Trigger {
-            twin_id: twin.id,
-            entity_type: Some(twin.entity_type.clone()),
-            parent_id: twin.parent_id,
-            seq: None,
-            depth: 0,
+        twins: Vec<Twin>,
+    ) -> Result<(Vec<Update>, Vec<Twin>), Vec<Twin>> {
+        let now = Utc::now().timestamp_millis().max(0) as u64;
+        let events: Vec<wit::Event> = twins
+            .iter()
+            .map(|twin| wit::Event {
+                seq: 0,
+                kind: "tick".to_owned(),
+                twin: to_wit(twin),
+                changed: "{}".to_owned(),
+                ts_ms: now,
+            })
+            .collect();
+        let module = module.to_owned();
+        let outs = self
+            .inner
+            .runtime
+            .on_pool(&Caller::Tick(name.to_owned()), move |rt| {
+                let started = Instant::now();
+                let mut outs = Vec::with_capacity(events.len());
+                for e in &events {
+                    if !outs.is_empty() && started.elapsed() >= TICK_TURN {
+                        break;
+                    }
+                    outs.push(rt.call_behavior(&module, e));
+                }
+                Ok(outs)
+            })
+            .await;
+        let outs = match outs {
+            Ok(outs) => outs,
+            // No slot (busy), or the task running the calls failed: none of them ran.
+            Err(_) => return Err(twins),
         };
-        let event = wit::Event {
-            seq: 0,
-            kind: "tick".to_owned(),
-            twin: to_wit(&twin),
-            changed: "{}".to_owned(),
-            ts_ms: Utc::now().timestamp_millis().max(0) as u64,
-        };
-        let out = self.call(&Caller::Tick(name.to_owned()), module, event).await;
-        if matches!(out, Err(CallError::Busy(_))) {
-            return false;
+        let mut twins = twins.into_iter();
+        let mut updates = Vec::new();
+        for out in outs {
+            let twin = twins.next().expect("one result per tick made");
+            counters.ticks.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("twinhost_behavior_ticks_total").increment(1);
+            let trigger = Trigger {
+                twin_id: twin.id,
+                entity_type: Some(twin.entity_type),
+                parent_id: twin.parent_id,
+                seq: None,
+                depth: 0,
+            };
+            updates.extend(self.outcome(name, counters, &trigger, out));
         }
-        counters.ticks.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("twinhost_behavior_ticks_total").increment(1);
-        self.apply(name, counters, &trigger, out).await;
-        true
+        Ok((updates, twins.collect()))
     }
 
     /// Call `module` with `event` on the compute pool as `caller`.
@@ -674,11 +706,27 @@ impl Behaviors {
         trigger: &Trigger,
         out: Result<super::BehaviorOutput, CallError>,
     ) {
+        let updates = self.outcome(name, counters, trigger, out);
+        self.write_patches(name, counters, updates).await;
+    }
+
+    /// Count a call that ran, raise its alerts and return its patches as updates (none when
+    /// it failed or asked for something invalid, counted as an error).
+    fn outcome(
+        &self,
+        name: &str,
+        counters: &Counters,
+        trigger: &Trigger,
+        out: Result<super::BehaviorOutput, CallError>,
+    ) -> Vec<Update> {
         counters.runs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("twinhost_behavior_runs_total").increment(1);
         let out = match out {
             Ok(out) => out,
-            Err(err) => return self.failed(name, counters, err.to_string()),
+            Err(err) => {
+                self.failed(name, counters, err.to_string());
+                return Vec::new();
+            }
         };
         let twin_id = trigger.twin_id;
         let cause = Arc::new(Cause {
@@ -723,21 +771,23 @@ impl Behaviors {
                 None => twin_id,
                 Some(Ok(t)) => t,
                 Some(Err(_)) => {
-                    return self.failed(
+                    self.failed(
                         name,
                         counters,
                         format!("patch names twin {target:?}, which is not a UUID"),
                     );
+                    return Vec::new();
                 }
             };
             let patch: Properties = match serde_json::from_str(&props) {
                 Ok(Value::Object(m)) => m,
                 _ => {
-                    return self.failed(
+                    self.failed(
                         name,
                         counters,
                         "a patch's properties must be a JSON object".into(),
-                    )
+                    );
+                    return Vec::new();
                 }
             };
             updates.push(Update {
@@ -745,6 +795,11 @@ impl Behaviors {
                 ..Update::new(target, patch)
             });
         }
+        updates
+    }
+
+    /// Write a behavior's patches in one batch, counting them (and any refused).
+    pub(super) async fn write_patches(&self, name: &str, counters: &Counters, updates: Vec<Update>) {
         if updates.is_empty() {
             return;
         }

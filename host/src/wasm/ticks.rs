@@ -5,12 +5,19 @@
 //! binding matches (at most [`MAX_TICK_TWINS`]) and spreads their ticks evenly over the
 //! interval ([`offset`]), so 10,000 twins at `1s` tick ten to a millisecond, not all at once.
 //! A due tick goes to one of the behavior's tick workers, chosen by the twin (as its events
-//! choose a lane), so one twin's ticks never overlap and run in order. A worker calls the guest
-//! only if the compute pool has a free slot at that moment ([`Caller::Tick`] never queues):
+//! choose a lane), so one twin's ticks never overlap and run in order. A worker takes the
+//! ticks due to it so far and runs them back to back on one compute slot, for at most
+//! [`TICK_TURN`](super::behaviors::TICK_TURN) per turn, and it takes the slot only if the
+//! compute pool has a free one at that moment ([`Caller::Tick`] never queues):
 //! a tick that finds the pool busy is **skipped, not queued**, and so is one whose worker is
 //! still behind on earlier ticks, or a twin beyond the cap. Every skip is counted on the
 //! behavior (`ticks_skipped`) and in `/metrics`
 //! (`twinhost_behavior_ticks_skipped_total{reason="busy"|"behind"|"capped"}`).
+//!
+//! The patches of the ticks go to one writer per behavior, which writes them in batches (one
+//! commit for the patches of many ticks, in the order the ticks ended): a tick worker moves on
+//! to its next tick without waiting for the commit, and at most [`PATCHES_IN_FLIGHT`] ticks'
+//! patches wait to be written (more hold the workers back, and their ticks fall behind).
 //!
 //! Ticks run beside the twin's events, not in their order: a tick sees the twin as stored when
 //! it starts. Only active twins tick. A tick is not logged: the guest's event has `seq` 0,
@@ -27,7 +34,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::behaviors::{lane_of, Behaviors, Counters};
-use crate::types::{Lifecycle, SetOnDrop, TwinId};
+use crate::registry::Update;
+use crate::types::{Lifecycle, SetOnDrop, Twin, TwinId};
 
 /// Most twins one behavior ticks per round; the rest are skipped (counted as `capped`).
 pub const MAX_TICK_TWINS: usize = 100_000;
@@ -35,8 +43,14 @@ pub const MAX_TICK_TWINS: usize = 100_000;
 pub const MIN_EVERY: Duration = Duration::from_millis(100);
 /// Longest interval a binding may ask for.
 pub const MAX_EVERY: Duration = Duration::from_secs(24 * 3600);
-/// Ticks waiting for one tick worker; more are skipped (counted as `behind`).
-const QUEUE_PER_WORKER: usize = 16;
+/// Ticks waiting for one tick worker; more are skipped (counted as `behind`). The ticker
+/// wakes about once a millisecond (the timer's resolution) or later under load, and then hands
+/// out every tick due by then: the queue takes such bursts (at 10,000 ticks/s, tens of ms).
+const QUEUE_PER_WORKER: usize = 256;
+/// Ticks a worker takes for one turn on a slot.
+const TICKS_PER_TURN: usize = 64;
+/// Ticks whose patches wait for the behavior's patch writer.
+pub const PATCHES_IN_FLIGHT: usize = 1024;
 
 /// Parse and check a binding's `every`.
 pub fn parse_every(s: &str) -> Result<Duration, String> {
@@ -86,29 +100,56 @@ pub(super) fn start(
     counters: Arc<Counters>,
 ) -> tokio::task::JoinHandle<()> {
     let ended = Arc::new(AtomicBool::new(false));
+    let (patch_tx, mut patch_rx) = mpsc::channel::<Vec<Update>>(PATCHES_IN_FLIGHT);
+    {
+        let (b, name, counters) = (behaviors.clone(), name.clone(), counters.clone());
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            // Ends once every worker is gone and their patches are written.
+            while patch_rx.recv_many(&mut batch, PATCHES_IN_FLIGHT).await > 0 {
+                let updates: Vec<Update> = batch.drain(..).flatten().collect();
+                b.write_patches(&name, &counters, updates).await;
+            }
+        });
+    }
     let workers: Vec<mpsc::Sender<TwinId>> = (0..behaviors.per_behavior())
         .map(|_| {
             let (tx, mut rx) = mpsc::channel::<TwinId>(QUEUE_PER_WORKER);
-            let (b, name, module, counters, ended) = (
+            let (b, name, module, counters, ended, patches) = (
                 behaviors.clone(),
                 name.clone(),
                 module.clone(),
                 counters.clone(),
                 ended.clone(),
+                patch_tx.clone(),
             );
             tokio::spawn(async move {
-                while let Some(id) = rx.recv().await {
+                let mut ids = Vec::with_capacity(TICKS_PER_TURN);
+                while rx.recv_many(&mut ids, TICKS_PER_TURN).await > 0 {
                     if ended.load(Ordering::Relaxed) {
                         return;
                     }
-                    let Ok(twin) = b.registry().get(&id) else {
-                        continue;
-                    };
-                    if twin.lifecycle != Lifecycle::Active {
-                        continue;
-                    }
-                    if !b.run_tick(&name, &module, &counters, twin).await {
-                        skipped(&counters, "busy");
+                    // The due ticks of this worker, run back to back on one slot.
+                    let mut left: Vec<Twin> = ids
+                        .drain(..)
+                        .filter_map(|id| b.registry().get(&id).ok())
+                        .filter(|t| t.lifecycle == Lifecycle::Active)
+                        .collect();
+                    while !left.is_empty() {
+                        match b.run_ticks(&name, &module, &counters, left).await {
+                            Err(not_run) => {
+                                for _ in &not_run {
+                                    skipped(&counters, "busy");
+                                }
+                                break;
+                            }
+                            Ok((updates, rest)) => {
+                                if !updates.is_empty() && patches.send(updates).await.is_err() {
+                                    return;
+                                }
+                                left = rest;
+                            }
+                        }
                     }
                 }
             });
