@@ -70,8 +70,16 @@ pub async fn create(
 ) -> Result<axum::Json<BulkResult>, ApiError> {
     let ndjson = is_ndjson(req.headers());
     let body = body_bytes(req, &()).await?;
-    let (items, mut rejected) =
-        parse_off_thread(body, move |b| parse_items::<NewTwin>(b, ndjson, max)).await?;
+    let (items, mut rejected) = parse_off_thread(body, move |b| {
+        let (mut items, bad) = parse_items::<NewTwin>(b, ndjson, max)?;
+        // Ids are made here, beside the parsing, rather than one at a time on the single
+        // writer (each takes the OS's randomness).
+        for (_, n) in &mut items {
+            n.id.get_or_insert_with(TwinId::new_v7);
+        }
+        Ok((items, bad))
+    })
+    .await?;
     let total = items.len() + rejected.len();
     let (index, twins): (Vec<usize>, Vec<NewTwin>) = items.into_iter().unzip();
     let outcome = s.registry.provision(twins, p.upsert).await?;
