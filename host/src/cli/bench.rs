@@ -69,7 +69,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100_000)]
     pub sync_twins: usize,
     /// Twins provisioned by each run of the bulk phase.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 100_000)]
     pub bulk_twins: usize,
     /// Twins per request of the bulk phase.
     #[arg(long, default_value_t = super::import::DEFAULT_IMPORT_BATCH)]

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{bench_node, cpu_percent, proc_sample, serve_in_process, BenchArgs, Fleet};
+use super::{bench_node, cpu_percent, proc_sample, BenchArgs, Fleet};
+use crate::api::{self, Limits};
 use crate::registry::NewTwin;
 use crate::types::TwinId;
 
@@ -25,19 +26,39 @@ const BASELINE_CLIENTS: usize = 8;
 /// Longest the baseline runs: at a few thousand creates/s it needs no more to be stable.
 const BASELINE_SECS: f64 = 5.0;
 
-/// A fresh node with no twins, and the URL of its API served in this process.
-async fn fresh() -> anyhow::Result<(Fleet, String)> {
+/// A fresh node with no twins, its API served in this process until this is dropped (so a
+/// run's twins leave memory before the next run).
+struct Served {
+    url: String,
+    server: tokio::task::JoinHandle<()>,
+    fleet: Fleet,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn fresh_node() -> anyhow::Result<Fleet> {
     let dir = tempfile::tempdir()?;
     let node = bench_node(dir.path()).await?;
-    let url = serve_in_process(&node).await?;
-    Ok((
-        Fleet {
-            _dir: dir,
-            node,
-            ids: Vec::new(),
-        },
-        url,
-    ))
+    Ok(Fleet {
+        _dir: dir,
+        node,
+        ids: Vec::new(),
+    })
+}
+
+async fn fresh() -> anyhow::Result<Served> {
+    let fleet = fresh_node().await?;
+    let app = api::router(fleet.node.state.clone(), Limits::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(api::nodelay(listener), app).await;
+    });
+    Ok(Served { url, server, fleet })
 }
 
 /// The demo's machine `i` (5 properties) under `building`.
@@ -171,7 +192,7 @@ async fn in_process(bodies: &[bytes::Bytes]) -> anyhow::Result<Value> {
                 .collect::<Result<_, _>>()
         })
         .collect::<Result<_, _>>()?;
-    let (f, _url) = fresh().await?;
+    let f = fresh_node().await?;
     let started = Instant::now();
     let mut n = 0;
     for batch in batches {
@@ -191,8 +212,9 @@ pub(super) async fn bulk_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let bodies = bodies(args.bulk_twins, args.bulk_batch);
 
     let baseline = {
-        let (f, url) = fresh().await?;
-        let building = f
+        let s = fresh().await?;
+        let building = s
+            .fleet
             .node
             .registry
             .create(NewTwin {
@@ -201,18 +223,18 @@ pub(super) async fn bulk_phase(args: &BenchArgs) -> anyhow::Result<Value> {
             })
             .await?
             .id;
-        one_by_one(&url, building, args.seconds.min(BASELINE_SECS)).await?
+        one_by_one(&s.url, building, args.seconds.min(BASELINE_SECS)).await?
     };
     eprintln!("  one at a time: {baseline}");
     let base = baseline["creates_per_s"].as_f64().unwrap_or(f64::NAN);
     let mut runs = Vec::new();
     for clients in [1, 2] {
-        let (f, url) = fresh().await?;
-        let r = bulk_http(&url, &bodies, clients).await?;
+        let s = fresh().await?;
+        let r = bulk_http(&s.url, &bodies, clients).await?;
+        let n = s.fleet.node.registry.twin_count();
         anyhow::ensure!(
-            f.node.registry.twin_count() == args.bulk_twins,
-            "{} twins after the bulk run, not {}",
-            f.node.registry.twin_count(),
+            n == args.bulk_twins,
+            "{n} twins after the bulk run, not {}",
             args.bulk_twins
         );
         eprintln!("  bulk: {r}");
