@@ -80,9 +80,8 @@ async fn bad_items_are_rejected_by_index_and_the_rest_committed() {
     .into();
     assert_eq!(rejected(&r.body), want, "{}", r.text);
     // The model's complaint is the one a single create would get, details included.
-    assert_eq!(
+    assert!(
         r.body["rejected"][0]["error"]["details"]["temperature"].is_string(),
-        true,
         "{}",
         r.text
     );
