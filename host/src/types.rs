@@ -549,6 +549,14 @@ fn is_zero(n: &u64) -> bool {
 impl Twin {
     /// Serialize the persisted fields (children are derived on load).
     pub(crate) fn to_record_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128);
+        self.write_record(&mut out);
+        out
+    }
+
+    /// [`Twin::to_record_bytes`] appended to `out`: the log writes a record straight into
+    /// its frame, without a buffer of its own to grow and copy.
+    pub(crate) fn write_record(&self, out: &mut Vec<u8>) {
         let rec = TwinRecord {
             id: self.id,
             entity_type: &self.entity_type,
@@ -565,7 +573,7 @@ impl Twin {
             deleted_hlc: self.deleted_hlc,
             siblings: &self.siblings,
         };
-        serde_json::to_vec(&rec).expect("a twin always serializes: keys are strings")
+        serde_json::to_writer(out, &rec).expect("a twin always serializes: keys are strings")
     }
 }
 

@@ -6,7 +6,7 @@
 //!
 //! - [`common`]: starting, stopping, killing and restarting a server; the HTTP client and
 //!   the streaming (SSE, WebSocket) clients; guest components; shared data helpers.
-//! - API subjects: [`auth`], [`twins`], [`relationships`], [`query`], [`ingest`],
+//! - API subjects: [`auth`], [`twins`], [`bulk`], [`relationships`], [`query`], [`ingest`],
 //!   [`history`], [`limits`], [`changes`].
 //! - Events: [`events`] (live streams, resume, the stored log, crashes).
 //! - Guests: [`wasm`] (compute modules), [`sandbox`] (guests that wait), [`behaviors`],
@@ -24,6 +24,7 @@ mod common;
 
 mod auth;
 mod behaviors;
+mod bulk;
 mod changes;
 mod cli;
 mod conflicts;

@@ -1,10 +1,12 @@
 //! `POST /v1/ingest`: bulk property updates as a JSON array or NDJSON, applied with one
 //! durable commit per request. Items are parsed one by one so a bad item is rejected by index
-//! without stopping the rest.
+//! without stopping the rest. The parsing and the admission of bulk requests are shared with
+//! `POST /v1/twins/bulk` ([`super::bulk`]).
 
 use axum::extract::{Request, State};
 use axum::http::header;
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -67,7 +69,8 @@ pub struct IngestResult {
     pub rejected: Vec<Rejected>,
 }
 
-/// Admit an ingest request only while fewer than the configured number are running;
+/// Admit a bulk request (ingest or bulk provisioning) only while fewer than the configured
+/// number are running;
 /// otherwise answer 429 with `Retry-After` without parsing or applying anything.
 pub async fn admit(
     State(slots): State<std::sync::Arc<tokio::sync::Semaphore>>,
@@ -88,7 +91,8 @@ pub async fn admit(
                 }
             }
             Err(ApiError::Overloaded(
-                "too many ingest requests at once; retry after the Retry-After delay".into(),
+                "too many bulk requests (ingest, twins/bulk) at once; retry after the Retry-After delay"
+                    .into(),
             ))
         }
     }
@@ -98,23 +102,34 @@ pub async fn admit(
 const PARSE_INLINE_MAX: usize = 256 * 1024;
 
 /// Parsed items with their index in the body, and the items that did not parse.
-pub type Parsed = (Vec<(usize, Update)>, Vec<Rejected>);
+pub type Parsed<T> = (Vec<(usize, T)>, Vec<Rejected>);
 
-/// Parse a body into updates, collecting per-item errors.
-pub fn parse(body: &[u8], ndjson: bool) -> Result<Parsed, ApiError> {
+/// Whether the request says its body is NDJSON (else a JSON array is expected, though a body
+/// that does not start with `[` is read as NDJSON all the same).
+pub fn is_ndjson(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("ndjson") || ct.contains("jsonlines"))
+}
+
+/// Parse a body of items — a JSON array, or NDJSON (one item per line, blank lines skipped)
+/// — one item at a time, so a bad item is rejected by its index without stopping the rest.
+/// A body without items is a 400; one with more than `max_items` a 413.
+pub fn parse_items<T: DeserializeOwned>(
+    body: &[u8],
+    ndjson: bool,
+    max_items: usize,
+) -> Result<Parsed<T>, ApiError> {
+    let too_many = || {
+        ApiError::PayloadTooLarge(format!(
+            "the body holds more than {max_items} items; send at most {max_items} per request"
+        ))
+    };
     let mut ok = Vec::new();
     let mut bad = Vec::new();
-    let mut take = |i: usize, text: &[u8], r: Result<IngestItem, serde_json::Error>| match r {
-        Ok(it) => ok.push((
-            i,
-            Update {
-                twin_id: it.twin_id,
-                patch: it.properties,
-                ts: it.ts,
-                if_match: None,
-                cause: None,
-            },
-        )),
+    let mut take = |i: usize, text: &[u8], r: Result<T, serde_json::Error>| match r {
+        Ok(it) => ok.push((i, it)),
         Err(e) => bad.push(Rejected {
             index: i,
             error: json_error(text, e, "invalid item").body()["error"].clone(),
@@ -124,6 +139,9 @@ pub fn parse(body: &[u8], ndjson: bool) -> Result<Parsed, ApiError> {
     if !ndjson && first == Some(&b'[') {
         let items: Vec<&RawValue> = serde_json::from_slice(body)
             .map_err(|e| ApiError::InvalidJson(format!("malformed JSON array: {e}")))?;
+        if items.len() > max_items {
+            return Err(too_many());
+        }
         for (i, raw) in items.into_iter().enumerate() {
             take(i, raw.get().as_bytes(), serde_json::from_str(raw.get()));
         }
@@ -132,6 +150,9 @@ pub fn parse(body: &[u8], ndjson: bool) -> Result<Parsed, ApiError> {
         for line in body.split(|b| *b == b'\n') {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
+            }
+            if i == max_items {
+                return Err(too_many());
             }
             take(i, line, serde_json::from_slice(line));
             i += 1;
@@ -143,6 +164,39 @@ pub fn parse(body: &[u8], ndjson: bool) -> Result<Parsed, ApiError> {
     Ok((ok, bad))
 }
 
+/// Parse a body into updates, collecting per-item errors.
+pub fn parse(body: &[u8], ndjson: bool) -> Result<Parsed<Update>, ApiError> {
+    let (ok, bad) = parse_items::<IngestItem>(body, ndjson, usize::MAX)?;
+    let ok = ok
+        .into_iter()
+        .map(|(i, it)| {
+            let u = Update {
+                twin_id: it.twin_id,
+                patch: it.properties,
+                ts: it.ts,
+                if_match: None,
+                cause: None,
+            };
+            (i, u)
+        })
+        .collect();
+    Ok((ok, bad))
+}
+
+/// Run `parse` on `body`: inline when it is small, else on the blocking pool so a large body
+/// does not stall other requests.
+pub async fn parse_off_thread<R: Send + 'static>(
+    body: axum::body::Bytes,
+    parse: impl FnOnce(&[u8]) -> Result<R, ApiError> + Send + 'static,
+) -> Result<R, ApiError> {
+    if body.len() <= PARSE_INLINE_MAX {
+        return parse(&body);
+    }
+    tokio::task::spawn_blocking(move || parse(&body))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
 /// Bulk ingest. A 200 means every applied update is durable.
 #[utoipa::path(post, path = "/v1/ingest", tag = "twins",
     request_body(content = Vec<IngestItem>, description = "JSON array, or NDJSON with Content-Type application/x-ndjson"),
@@ -151,19 +205,9 @@ pub async fn ingest(
     State(s): State<AppState>,
     req: Request,
 ) -> Result<axum::Json<IngestResult>, ApiError> {
-    let ndjson = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.contains("ndjson") || ct.contains("jsonlines"));
+    let ndjson = is_ndjson(req.headers());
     let body = body_bytes(req, &()).await?;
-    let (items, mut rejected) = if body.len() > PARSE_INLINE_MAX {
-        tokio::task::spawn_blocking(move || parse(&body, ndjson))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??
-    } else {
-        parse(&body, ndjson)?
-    };
+    let (items, mut rejected) = parse_off_thread(body, move |b| parse(b, ndjson)).await?;
     let (index, updates): (Vec<usize>, Vec<Update>) = items.into_iter().unzip();
     let outcome = s.registry.apply_batch(updates).await?;
     rejected.extend(outcome.rejected.into_iter().map(|(i, e)| Rejected {
@@ -202,5 +246,18 @@ mod tests {
         assert_eq!((ok.len(), bad.len(), bad[0].index), (1, 1, 1));
         assert!(parse(b"[1,", false).is_err());
         assert!(parse(b"   ", false).is_err());
+    }
+
+    #[test]
+    fn more_items_than_the_bound_is_413_before_any_is_parsed() {
+        let code = |body: &[u8], ndjson| {
+            parse_items::<Value>(body, ndjson, 2)
+                .map(|(ok, bad)| (ok.len(), bad.len()))
+                .map_err(|e| e.code())
+        };
+        assert_eq!(code(b"1\n\n2\n", true), Ok((2, 0)));
+        assert_eq!(code(b"1\n2\n{bad", true), Err("payload_too_large"));
+        assert_eq!(code(b"[1, 2]", false), Ok((2, 0)));
+        assert_eq!(code(b"[1, 2, 3]", false), Err("payload_too_large"));
     }
 }

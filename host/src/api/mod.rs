@@ -6,6 +6,7 @@
 
 pub mod auth;
 mod behaviors;
+mod bulk;
 mod changes;
 mod conflicts;
 pub mod error;
@@ -48,12 +49,18 @@ pub const DEFAULT_MAX_INGEST_BYTES: usize = 64 * 1024 * 1024;
 /// this many times the body limit; more requests are answered 429 at once.
 pub const DEFAULT_MAX_CONCURRENT_INGEST: usize = 8;
 
+pub use bulk::DEFAULT_MAX_BULK_ITEMS;
+
 /// Limits the API enforces.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    /// Body limit of the bulk routes (`POST /v1/ingest`, `POST /v1/twins/bulk`).
     pub max_ingest_bytes: usize,
+    /// Bulk requests (ingest and bulk provisioning together) processed at once.
     pub max_concurrent_ingest: usize,
+    /// Items per `POST /v1/twins/bulk` request.
+    pub max_bulk_items: usize,
 }
 
 impl Default for Limits {
@@ -62,6 +69,7 @@ impl Default for Limits {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_ingest_bytes: DEFAULT_MAX_INGEST_BYTES,
             max_concurrent_ingest: DEFAULT_MAX_CONCURRENT_INGEST,
+            max_bulk_items: DEFAULT_MAX_BULK_ITEMS,
         }
     }
 }
@@ -194,6 +202,10 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .merge(
             Router::new()
                 .route("/ingest", post(twins::ingest))
+                .route("/twins/bulk", post(bulk::create))
+                .layer(axum::Extension(bulk::MaxItems(
+                    limits.max_bulk_items.max(1),
+                )))
                 .layer(DefaultBodyLimit::max(limits.max_ingest_bytes))
                 .layer(axum::middleware::from_fn_with_state(
                     Arc::new(tokio::sync::Semaphore::new(

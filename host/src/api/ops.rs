@@ -176,7 +176,7 @@ pub async fn create_token(
         super::twins::delete, super::twins::lifecycle, super::twins::children,
         super::twins::ancestors, super::twins::relationships, super::twins::put_relationship,
         super::twins::delete_relationship, super::twins::history, super::twins::query,
-        super::ingest::ingest, super::models::put, super::models::get_one, super::models::list,
+        super::ingest::ingest, super::bulk::create, super::models::put, super::models::get_one, super::models::list,
         super::models::delete, super::modules::put, super::modules::list, super::modules::get_one,
         super::modules::rollback, super::modules::delete, super::modules::invoke,
         super::behaviors::put, super::behaviors::list, super::behaviors::get_one, super::behaviors::delete,

@@ -13,8 +13,11 @@
 //! 7. WebAssembly compute calls (`wasm`), behaviors (`behavior`), event delivery and
 //!    subscribers (`events`) and rule evaluation (`rules`): see [`events`];
 //! 8. sync between two nodes (`sync`): catch-up, latency, replicated updates/s and bytes on
-//!    the wire: see [`sync`].
+//!    the wire: see [`sync`];
+//! 9. bulk provisioning (`bulk`) against creates one at a time: see [`bulk`];
+//! 10. periodic simulation and compute calls through the pool (`tick`): see [`tick`].
 
+mod bulk;
 mod events;
 mod sync;
 mod tick;
@@ -70,7 +73,13 @@ pub struct BenchArgs {
     /// Machines ticking at 1 Hz in the tick phase.
     #[arg(long, default_value_t = 10_000)]
     pub tick_twins: usize,
-    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules,workflow,tick,sync).
+    /// Twins provisioned by each run of the bulk phase.
+    #[arg(long, default_value_t = 100_000)]
+    pub bulk_twins: usize,
+    /// Twins per request of the bulk phase.
+    #[arg(long, default_value_t = super::import::DEFAULT_IMPORT_BATCH)]
+    pub bulk_batch: usize,
+    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules,workflow,tick,sync,bulk).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -780,6 +789,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let r = tick::tick_phase(&args).await?;
         eprintln!("  {r}");
         report.insert("tick".into(), r);
+    }
+    if want("bulk") {
+        eprintln!(
+            "phase: bulk provisioning of {} twins over loopback vs one POST at a time",
+            args.bulk_twins
+        );
+        let r = bulk::bulk_phase(&args).await?;
+        eprintln!("  {r}");
+        report.insert("bulk".into(), r);
     }
     if want("sync") {
         eprintln!("phase: sync between two nodes over loopback WebSocket");

@@ -1,12 +1,10 @@
 //! Client subcommands: thin wrappers over the HTTP API that print JSON.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -49,6 +47,20 @@ pub enum TwinCmd {
         /// Also delete everything below it.
         #[arg(long)]
         cascade: bool,
+    },
+    /// Create many twins from a JSON array or NDJSON file (`-`: stdin) of bodies as for
+    /// `twin create` (`entity_type`, `properties`, optional `id` and `parent_id`), in
+    /// batches (POST /v1/twins/bulk), with a progress bar. Items are applied in order: an item
+    /// may name as its parent a twin of an earlier item.
+    Import {
+        file: PathBuf,
+        /// Items per request (each request is one durable commit).
+        #[arg(long, default_value_t = super::import::DEFAULT_IMPORT_BATCH)]
+        batch: usize,
+        /// Update twins whose id exists (their properties merged as a PATCH) instead of
+        /// refusing them.
+        #[arg(long)]
+        upsert: bool,
     },
 }
 
@@ -348,6 +360,14 @@ pub async fn twin(conn: Conn, cmd: TwinCmd) -> anyhow::Result<()> {
             )
             .await?;
             eprintln!("deleted {id}");
+            Value::Null
+        }
+        TwinCmd::Import {
+            file,
+            batch,
+            upsert,
+        } => {
+            super::import::import(&c, &file, batch, upsert).await?;
             Value::Null
         }
     };
@@ -681,45 +701,17 @@ pub async fn token_create(conn: Conn, role: Role) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One ingest request: an NDJSON body, its item count, and the file bytes it covers.
-struct Chunk {
-    body: Vec<u8>,
-    items: usize,
-    bytes: u64,
-}
-
-type Chunks = Box<dyn Iterator<Item = anyhow::Result<Chunk>>>;
-
-/// Ingest a file in batches: NDJSON streams line by line; a JSON array is split into items.
+/// Ingest a file (or stdin, `-`) in batches: NDJSON streams line by line; a JSON array is
+/// split into items.
 pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<()> {
-    if batch == 0 {
-        bail!("--batch must be at least 1");
-    }
     let c = Client::new(&conn);
-    let size = std::fs::metadata(&file)
-        .with_context(|| format!("reading {}", file.display()))?
-        .len();
-    let mut reader = std::io::BufReader::new(std::fs::File::open(&file)?);
-    let first = reader
-        .fill_buf()?
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .copied();
-    let mut batches = if first == Some(b'[') {
-        array_chunks(reader, size, batch)?
-    } else {
-        ndjson_chunks(reader, batch)
-    };
-    let bar = ProgressBar::new(size);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg} ({eta})")
-            .expect("valid template"),
-    );
+    let (batches, size) = super::batches::open(&file, batch)?;
+    let bar = super::batches::progress_bar(size);
     let started = Instant::now();
     let (mut applied, mut offset) = (0u64, 0usize);
     let mut rejected: Vec<Value> = Vec::new();
-    for b in batches.by_ref() {
-        let Chunk {
+    for b in batches {
+        let super::batches::Chunk {
             body,
             items: n,
             bytes,
@@ -733,27 +725,14 @@ pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<(
             )
             .await?;
         applied += v["applied"].as_u64().unwrap_or(0);
-        for r in v["rejected"].as_array().into_iter().flatten() {
-            let mut r = r.clone();
-            r["index"] = json!(r["index"].as_u64().unwrap_or(0) + offset as u64);
-            rejected.push(r);
-        }
+        super::batches::collect_rejected(&v, offset, &mut rejected);
         offset += n;
         bar.inc(bytes);
         bar.set_message(format!("{applied} applied, {} rejected", rejected.len()));
     }
     bar.finish();
     let secs = started.elapsed().as_secs_f64();
-    for r in rejected.iter().take(20) {
-        eprintln!(
-            "item {}: {}",
-            r["index"],
-            r["error"]["message"].as_str().unwrap_or("")
-        );
-    }
-    if rejected.len() > 20 {
-        eprintln!("… and {} more rejected items", rejected.len() - 20);
-    }
+    super::batches::print_rejected(&rejected);
     println!(
         "{}",
         json!({"applied": applied, "rejected": rejected.len(), "seconds": (secs * 1000.0).round() / 1000.0,
@@ -768,59 +747,4 @@ pub async fn ingest(conn: Conn, file: PathBuf, batch: usize) -> anyhow::Result<(
         );
     }
     Ok(())
-}
-
-/// A JSON array file, read whole and split into NDJSON bodies of `batch` items.
-fn array_chunks(mut reader: impl std::io::Read, size: u64, batch: usize) -> anyhow::Result<Chunks> {
-    let mut text = String::new();
-    reader.read_to_string(&mut text)?;
-    let items: Vec<Value> = serde_json::from_str(&text).context("the file is not a JSON array")?;
-    let per_item = size / items.len().max(1) as u64;
-    let chunks: Vec<Chunk> = items
-        .chunks(batch)
-        .map(|ch| {
-            let mut body = Vec::new();
-            for it in ch {
-                // Compact: an item spread over several lines must stay one NDJSON line.
-                serde_json::to_writer(&mut body, it).expect("a Value serializes");
-                body.push(b'\n');
-            }
-            Chunk {
-                body,
-                items: ch.len(),
-                bytes: per_item * ch.len() as u64,
-            }
-        })
-        .collect();
-    Ok(Box::new(chunks.into_iter().map(Ok)))
-}
-
-/// An NDJSON file, streamed line by line into bodies of `batch` items.
-fn ndjson_chunks(reader: impl BufRead + 'static, batch: usize) -> Chunks {
-    let mut lines = reader.lines();
-    Box::new(std::iter::from_fn(move || {
-        let mut body = Vec::new();
-        let (mut n, mut bytes) = (0usize, 0u64);
-        for line in lines.by_ref() {
-            let line = match line {
-                Ok(l) => l,
-                Err(e) => return Some(Err(e.into())),
-            };
-            bytes += line.len() as u64 + 1;
-            if line.trim().is_empty() {
-                continue;
-            }
-            body.extend_from_slice(line.as_bytes());
-            body.push(b'\n');
-            n += 1;
-            if n == batch {
-                break;
-            }
-        }
-        (n > 0).then_some(Ok(Chunk {
-            body,
-            items: n,
-            bytes,
-        }))
-    }))
 }

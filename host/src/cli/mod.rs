@@ -4,8 +4,10 @@
 //! commands into either a server run or HTTP calls. Must never: reach into the store of a
 //! running server — client commands go through the HTTP API like any other client.
 
+mod batches;
 mod bench;
 mod client;
+mod import;
 pub(crate) mod serve;
 
 use std::net::SocketAddr;
@@ -112,7 +114,7 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Bulk-ingest a JSON array or NDJSON file of updates, with a progress bar.
+    /// Bulk-ingest a JSON array or NDJSON file (`-`: stdin) of updates, with a progress bar.
     Ingest {
         file: PathBuf,
         /// Items per request (each request is one durable commit).

@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// Ingest requests processed at once; more are answered 429.
     #[arg(long, env = "TWINHOST_MAX_CONCURRENT_INGEST", default_value_t = api::DEFAULT_MAX_CONCURRENT_INGEST)]
     pub max_concurrent_ingest: usize,
+    /// Items per `POST /v1/twins/bulk` request; more are answered 413.
+    #[arg(long, env = "TWINHOST_MAX_BULK_ITEMS", default_value_t = api::DEFAULT_MAX_BULK_ITEMS)]
+    pub max_bulk_items: usize,
     /// Drop history older than this (e.g. `7d`, `12h`).
     #[arg(long, env = "TWINHOST_HISTORY_MAX_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
     pub history_max_age: Duration,
@@ -307,6 +310,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_body_bytes: args.max_body_bytes,
             max_ingest_bytes: args.max_ingest_bytes,
             max_concurrent_ingest: args.max_concurrent_ingest,
+            max_bulk_items: args.max_bulk_items,
         },
     );
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -12,6 +12,7 @@
 //! Lock order: the index lock, then a twin's shard. Never take the index lock while holding a
 //! twin guard (clone the twin, drop the guard, then fill `children_ids`).
 
+mod bulk;
 pub mod conflict;
 #[cfg(test)]
 mod conflict_tests;
@@ -41,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+pub use bulk::ProvisionOutcome;
 pub use error::RegistryError;
 pub use feed::{FeedItem, Tombstone, DEFAULT_TOMBSTONE_RETENTION};
 pub use model::Model;

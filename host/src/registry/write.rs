@@ -268,91 +268,101 @@ impl Registry {
     ) -> Result<Vec<Result<Twin, RegistryError>>, RegistryError> {
         self.write(move |this, b, changes| {
             let now = Utc::now();
-            let wants = this.wants_changes();
             items
                 .into_iter()
-                .map(|mut n| {
-                    check_name("entity type", &n.entity_type)?;
-                    n.properties.retain(|_, v| !v.is_null());
-                    if n.properties.len() > MAX_PROPERTIES {
-                        return Err(RegistryError::BadRequest(format!(
-                            "a twin holds at most {MAX_PROPERTIES} properties"
-                        )));
-                    }
-                    check_depth(&n.properties)?;
-                    if let Some(m) = this.model_for(&n.entity_type) {
-                        m.validate_new(&n.properties)?;
-                    }
-                    let mut idx = this.inner.index.write();
-                    let id = n.id.unwrap_or_else(TwinId::new_v7);
-                    if idx.all.contains(&id) {
-                        return Err(RegistryError::Conflict(format!("twin {id} already exists")));
-                    }
-                    if let Some(d) = this.tombstone(&id) {
-                        return Err(RegistryError::Conflict(format!(
-                            "twin {id} was deleted at {}; its tombstone keeps the id until {}",
-                            d.deleted_at.to_rfc3339(),
-                            (d.deleted_at
-                                + chrono::Duration::from_std(this.tombstone_retention())
-                                    .unwrap_or(chrono::Duration::MAX))
-                            .to_rfc3339()
-                        )));
-                    }
-                    if this.inner.tombstones.write().remove(&id).is_some() {
-                        // An expired tombstone not swept yet: the id is free again.
-                        b.delete_key(keys::tombstone(&id).to_vec());
-                    }
-                    if let Some(p) = n.parent_id {
-                        if !idx.all.contains(&p) {
-                            return Err(RegistryError::NotFound(format!("parent twin {p}")));
-                        }
-                        if this.is_retired(&p) {
-                            return Err(RegistryError::Conflict(format!(
-                                "parent twin {p} is retired and takes no new children"
-                            )));
-                        }
-                    }
-                    let stamp = b.stamp(None);
-                    let mut twin = Twin {
-                        id,
-                        entity_type: n.entity_type,
-                        properties: n.properties,
-                        version: 1,
-                        vclock: BTreeMap::from([(this.inner.node_id.clone(), 1)]),
-                        parent_id: n.parent_id,
-                        children_ids: BTreeSet::new(),
-                        lifecycle: Lifecycle::Active,
-                        created_at: now,
-                        updated_at: now,
-                        hlc: stamp.hlc,
-                        lseq: stamp.lseq,
-                        clocks: Default::default(),
-                        deleted_hlc: 0,
-                        siblings: None,
-                    };
-                    let dot = Dot::of(&twin.vclock, &this.inner.node_id);
-                    twin.clocks
-                        .stamp(twin.properties.keys(), stamp.hlc, &this.inner.origin, dot);
-                    idx.insert(&twin);
-                    b.numbered(stamp.lseq, id);
-                    b.create(&twin);
-                    points(b, id, &twin.properties, now);
-                    if wants {
-                        changes.push(change(
-                            ChangeKind::Created,
-                            &twin,
-                            twin.properties.clone(),
-                            now,
-                            &stamp,
-                            &this.inner.origin,
-                        ));
-                    }
-                    this.inner.twins.0.insert(id, Arc::new(twin.clone()));
-                    Ok(twin)
-                })
+                .map(|n| this.create_one(n, now, b, changes).map(|t| (*t).clone()))
                 .collect()
         })
         .await
+    }
+
+    /// Validate and create one twin in memory, logging it. Runs on the writer thread. A
+    /// parent created earlier in the same job counts as existing.
+    pub(super) fn create_one(
+        &self,
+        mut n: NewTwin,
+        now: DateTime<Utc>,
+        b: &mut Batch,
+        changes: &mut Vec<Change>,
+    ) -> Result<Arc<Twin>, RegistryError> {
+        check_name("entity type", &n.entity_type)?;
+        n.properties.retain(|_, v| !v.is_null());
+        if n.properties.len() > MAX_PROPERTIES {
+            return Err(RegistryError::BadRequest(format!(
+                "a twin holds at most {MAX_PROPERTIES} properties"
+            )));
+        }
+        check_depth(&n.properties)?;
+        if let Some(m) = self.model_for(&n.entity_type) {
+            m.validate_new(&n.properties)?;
+        }
+        let mut idx = self.inner.index.write();
+        let id = n.id.unwrap_or_else(TwinId::new_v7);
+        if idx.all.contains(&id) {
+            return Err(RegistryError::Conflict(format!("twin {id} already exists")));
+        }
+        if let Some(d) = self.tombstone(&id) {
+            return Err(RegistryError::Conflict(format!(
+                "twin {id} was deleted at {}; its tombstone keeps the id until {}",
+                d.deleted_at.to_rfc3339(),
+                (d.deleted_at
+                    + chrono::Duration::from_std(self.tombstone_retention())
+                        .unwrap_or(chrono::Duration::MAX))
+                .to_rfc3339()
+            )));
+        }
+        if self.inner.tombstones.write().remove(&id).is_some() {
+            // An expired tombstone not swept yet: the id is free again.
+            b.delete_key(keys::tombstone(&id).to_vec());
+        }
+        if let Some(p) = n.parent_id {
+            if !idx.all.contains(&p) {
+                return Err(RegistryError::NotFound(format!("parent twin {p}")));
+            }
+            if self.is_retired(&p) {
+                return Err(RegistryError::Conflict(format!(
+                    "parent twin {p} is retired and takes no new children"
+                )));
+            }
+        }
+        let stamp = b.stamp(None);
+        let mut twin = Twin {
+            id,
+            entity_type: n.entity_type,
+            properties: n.properties,
+            version: 1,
+            vclock: BTreeMap::from([(self.inner.node_id.clone(), 1)]),
+            parent_id: n.parent_id,
+            children_ids: BTreeSet::new(),
+            lifecycle: Lifecycle::Active,
+            created_at: now,
+            updated_at: now,
+            hlc: stamp.hlc,
+            lseq: stamp.lseq,
+            clocks: Default::default(),
+            deleted_hlc: 0,
+            siblings: None,
+        };
+        let dot = Dot::of(&twin.vclock, &self.inner.node_id);
+        twin.clocks
+            .stamp(twin.properties.keys(), stamp.hlc, &self.inner.origin, dot);
+        idx.insert(&twin);
+        b.numbered(stamp.lseq, id);
+        b.create(&twin);
+        points(b, id, &twin.properties, now);
+        if self.wants_changes() {
+            changes.push(change(
+                ChangeKind::Created,
+                &twin,
+                twin.properties.clone(),
+                now,
+                &stamp,
+                &self.inner.origin,
+            ));
+        }
+        let twin = Arc::new(twin);
+        self.inner.twins.0.insert(id, twin.clone());
+        Ok(twin)
     }
 
     /// Apply one merge patch and return the updated twin.
@@ -397,7 +407,7 @@ impl Registry {
     }
 
     /// Validate and apply one update in memory, logging it. Runs on the writer thread.
-    fn apply_one(
+    pub(super) fn apply_one(
         &self,
         u: &mut Update,
         now: DateTime<Utc>,

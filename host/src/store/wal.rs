@@ -125,12 +125,21 @@ pub mod encode {
 
     pub fn create(buf: &mut Vec<u8>, twin: &Twin) {
         buf.push(T_CREATE);
-        bytes(buf, &twin.to_record_bytes());
+        record(buf, twin);
     }
 
     pub fn state(buf: &mut Vec<u8>, twin: &Twin) {
         buf.push(T_STATE);
-        bytes(buf, &twin.to_record_bytes());
+        record(buf, twin);
+    }
+
+    /// A twin's record with its length before it, written in place.
+    fn record(buf: &mut Vec<u8>, twin: &Twin) {
+        let len_at = buf.len();
+        buf.extend_from_slice(&[0; 4]);
+        twin.write_record(buf);
+        let len = (buf.len() - len_at - 4) as u32;
+        buf[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
     }
 
     pub fn delete(buf: &mut Vec<u8>, id: &TwinId) {

@@ -799,7 +799,12 @@ impl Behaviors {
     }
 
     /// Write a behavior's patches in one batch, counting them (and any refused).
-    pub(super) async fn write_patches(&self, name: &str, counters: &Counters, updates: Vec<Update>) {
+    pub(super) async fn write_patches(
+        &self,
+        name: &str,
+        counters: &Counters,
+        updates: Vec<Update>,
+    ) {
         if updates.is_empty() {
             return;
         }

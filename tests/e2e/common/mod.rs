@@ -37,6 +37,7 @@ const TWINHOST_ENV: &[&str] = &[
     "TWINHOST_INSECURE_NO_AUTH",
     "TWINHOST_MAX_BODY_BYTES",
     "TWINHOST_MAX_INGEST_BYTES",
+    "TWINHOST_MAX_BULK_ITEMS",
     "TWINHOST_HISTORY_MAX_AGE",
     "TWINHOST_HISTORY_MAX_POINTS",
     "TWINHOST_URL",
@@ -323,6 +324,22 @@ impl Server {
     /// Run a client subcommand to completion.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.cli_command(args).output().expect("running the CLI")
+    }
+
+    /// Run a client subcommand to completion with `input` on its stdin.
+    pub fn cli_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .cli_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the CLI");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin.write_all(input).expect("writing the CLI's stdin");
+        drop(stdin);
+        child.wait_with_output().expect("running the CLI")
     }
 
     /// Start a client subcommand with stdout and stderr piped, for reading as it runs.

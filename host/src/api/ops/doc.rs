@@ -174,10 +174,23 @@ fn merge_patch_bodies(doc: &mut Value) {
     s["maxProperties"] = json!(MAX_PROPERTIES);
 }
 
-/// `POST /v1/ingest` refuses a body without items.
+/// `POST /v1/ingest` and `POST /v1/twins/bulk` refuse a body without items; a bulk body
+/// holds at most `--max-bulk-items` (by default
+/// [`DEFAULT_MAX_BULK_ITEMS`](crate::api::DEFAULT_MAX_BULK_ITEMS)). Both take
+/// NDJSON as well.
 fn ingest(doc: &mut Value) {
-    let op = operation(doc, "/v1/ingest", "post");
-    op["requestBody"]["content"]["application/json"]["schema"]["minItems"] = json!(1);
+    for path in ["/v1/ingest", "/v1/twins/bulk"] {
+        let op = operation(doc, path, "post");
+        let content = &mut op["requestBody"]["content"];
+        let array = &mut content["application/json"]["schema"];
+        array["minItems"] = json!(1);
+        let item = array["items"].clone();
+        // Each line of an NDJSON body is one item (blank lines are skipped).
+        content["application/x-ndjson"] = json!({ "schema": item });
+    }
+    let op = operation(doc, "/v1/twins/bulk", "post");
+    op["requestBody"]["content"]["application/json"]["schema"]["maxItems"] =
+        json!(crate::api::DEFAULT_MAX_BULK_ITEMS);
 }
 
 fn new_twin(doc: &mut Value) {

@@ -1,0 +1,210 @@
+//! Bulk provisioning: many twins created — or, with `upsert`, updated when their id exists —
+//! in one job of the writer, so one durable commit covers the whole batch.
+//!
+//! Each item goes through the same steps as a single create ([`Registry::create_one`]) or a
+//! single patch ([`Registry::apply_one`]): validation against the model, version and clocks,
+//! the change feed, events and history. Items are applied in order, so an item may name as its
+//! parent a twin created by an earlier item of the same batch. A rejected item does not stop
+//! the rest.
+
+use chrono::Utc;
+
+use super::{check_patch, NewTwin, Registry, RegistryError, Update};
+use crate::types::TwinId;
+
+/// What became of a batch of twins.
+#[derive(Debug, Default)]
+pub struct ProvisionOutcome {
+    /// Twins created.
+    pub created: usize,
+    /// Existing twins updated (upsert only), including those whose patch changed nothing.
+    pub updated: usize,
+    /// The id of each item, by its position in the batch: the twin created or updated, or
+    /// `None` for a rejected item.
+    pub ids: Vec<Option<TwinId>>,
+    /// Why each rejected item was refused, by its position in the batch.
+    pub rejected: Vec<(usize, RegistryError)>,
+}
+
+impl Registry {
+    /// Create `items` in order with one durable commit. With `upsert`, an item whose `id`
+    /// names an existing twin updates it instead: its `properties` are a merge patch (as
+    /// `PATCH`; `null` removes), its `entity_type` must be the twin's, and its `parent_id`,
+    /// when given, the twin's parent (a twin is not moved here). Without `upsert` such an
+    /// item is refused as a duplicate.
+    pub async fn provision(
+        &self,
+        items: Vec<NewTwin>,
+        upsert: bool,
+    ) -> Result<ProvisionOutcome, RegistryError> {
+        self.write(move |this, b, changes| {
+            let now = Utc::now();
+            let mut out = ProvisionOutcome {
+                ids: Vec::with_capacity(items.len()),
+                ..Default::default()
+            };
+            for (i, n) in items.into_iter().enumerate() {
+                let existing = match (upsert, n.id) {
+                    (true, Some(id)) => this.inner.twins.0.get(&id).map(|t| {
+                        (id, t.entity_type == n.entity_type, t.parent_id)
+                    }),
+                    _ => None,
+                };
+                let r = match existing {
+                    Some((id, same_type, parent)) => {
+                        if !same_type {
+                            Err(RegistryError::Conflict(format!(
+                                "twin {id} exists with another entity type; an upsert cannot change it"
+                            )))
+                        } else if n.parent_id.is_some_and(|p| Some(p) != parent) {
+                            Err(RegistryError::Conflict(format!(
+                                "twin {id} exists under another parent; an upsert does not move a twin"
+                            )))
+                        } else {
+                            let mut u = Update::new(id, n.properties);
+                            check_patch(&u.patch)
+                                .and_then(|()| {
+                                    this.apply_one(&mut u, now, b, changes, false, false)
+                                })
+                                .map(|_| {
+                                    out.updated += 1;
+                                    id
+                                })
+                        }
+                    }
+                    None => this.create_one(n, now, b, changes).map(|t| {
+                        out.created += 1;
+                        t.id
+                    }),
+                };
+                match r {
+                    Ok(id) => out.ids.push(Some(id)),
+                    Err(e) => {
+                        out.ids.push(None);
+                        out.rejected.push((i, e));
+                    }
+                }
+            }
+            metrics::counter!("twinhost_twins_provisioned_total", "outcome" => "created")
+                .increment(out.created as u64);
+            metrics::counter!("twinhost_twins_provisioned_total", "outcome" => "updated")
+                .increment(out.updated as u64);
+            out
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::registry::{Change, ChangeKind};
+    use crate::store::Store;
+    use crate::types::Properties;
+
+    type Seen = Arc<parking_lot::Mutex<Vec<Change>>>;
+
+    /// A registry on `dir` whose committed changes are collected.
+    fn open(dir: &std::path::Path) -> (Registry, Seen) {
+        let store = Store::open(dir).expect("opening the store");
+        let registry = Registry::open(&store, "node-test").expect("opening the registry");
+        let seen = Seen::default();
+        let sink = seen.clone();
+        registry.set_change_sink(Arc::new(move |changes| sink.lock().extend(changes)));
+        (registry, seen)
+    }
+
+    fn kinds(seen: &Seen) -> Vec<ChangeKind> {
+        seen.lock().iter().map(|c| c.kind).collect()
+    }
+
+    fn props(v: serde_json::Value) -> Properties {
+        v.as_object().expect("an object").clone()
+    }
+
+    fn machine(id: Option<TwinId>, parent: Option<TwinId>, p: serde_json::Value) -> NewTwin {
+        NewTwin {
+            id,
+            entity_type: "machine".into(),
+            properties: props(p),
+            parent_id: parent,
+        }
+    }
+
+    #[tokio::test]
+    async fn items_apply_in_order_and_bad_ones_are_refused_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, seen) = open(dir.path());
+        let (building, dup) = (TwinId::new_v7(), TwinId::new_v7());
+        let items = vec![
+            NewTwin {
+                id: Some(building),
+                entity_type: "building".into(),
+                ..Default::default()
+            },
+            machine(None, Some(building), json!({"temperature": 70})),
+            machine(Some(dup), None, json!({})),
+            machine(Some(dup), None, json!({})),
+            machine(None, Some(TwinId::new_v7()), json!({})),
+        ];
+        let out = reg.provision(items, false).await.unwrap();
+        assert_eq!((out.created, out.updated), (3, 0));
+        let bad: Vec<usize> = out.rejected.iter().map(|r| r.0).collect();
+        assert_eq!(bad, [3, 4]);
+        assert!(matches!(out.rejected[0].1, RegistryError::Conflict(_)));
+        assert!(matches!(out.rejected[1].1, RegistryError::NotFound(_)));
+        let child = out.ids[1].expect("created");
+        assert_eq!(reg.get(&child).unwrap().parent_id, Some(building));
+        assert_eq!(reg.get(&building).unwrap().children_ids.len(), 1);
+        assert_eq!(out.ids[3], None);
+        // One change (an event, a feed entry) per twin created, none for the refused.
+        assert_eq!(kinds(&seen), [ChangeKind::Created; 3]);
+        reg.shutdown();
+    }
+
+    #[tokio::test]
+    async fn upsert_merges_into_existing_twins_and_creates_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, seen) = open(dir.path());
+        let id = reg
+            .create(machine(
+                None,
+                None,
+                json!({"temperature": 70, "status": "ok"}),
+            ))
+            .await
+            .unwrap()
+            .id;
+        let fresh = TwinId::new_v7();
+        let items = vec![
+            machine(Some(id), None, json!({"temperature": 71, "status": null})),
+            machine(Some(fresh), None, json!({"temperature": 1})),
+            NewTwin {
+                id: Some(id),
+                entity_type: "pump".into(),
+                ..Default::default()
+            },
+            machine(Some(id), Some(fresh), json!({})),
+        ];
+        let out = reg.provision(items, true).await.unwrap();
+        assert_eq!((out.created, out.updated), (1, 1), "{:?}", out.rejected);
+        assert_eq!(out.rejected.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3]);
+        let t = reg.get(&id).unwrap();
+        assert_eq!(Value::Object(t.properties), json!({"temperature": 71}));
+        assert_eq!(t.version, 2);
+        assert!(reg.get(&fresh).is_ok());
+        assert_eq!(
+            kinds(&seen),
+            [
+                ChangeKind::Created,
+                ChangeKind::Updated,
+                ChangeKind::Created
+            ]
+        );
+        reg.shutdown();
+    }
+}
