@@ -202,8 +202,10 @@ async fn burst_p99s(s: &Server, prefix: &str, entity_type: &str) -> Vec<f64> {
     let mut twins = Vec::new();
     for _ in 0..BURST {
         twins.push(
-            s.create_twin_id(&json!({"entity_type": entity_type, "properties": {"work_ms": WORK_MS}}))
-                .await,
+            s.create_twin_id(
+                &json!({"entity_type": entity_type, "properties": {"work_ms": WORK_MS}}),
+            )
+            .await,
         );
     }
     for i in 0..MANY {
@@ -228,7 +230,10 @@ async fn burst_p99s(s: &Server, prefix: &str, entity_type: &str) -> Vec<f64> {
             if b["runs"].as_u64() >= Some(BURST as u64) {
                 break b;
             }
-            assert!(Instant::now() < deadline, "behavior {name} made no progress: {b}");
+            assert!(
+                Instant::now() < deadline,
+                "behavior {name} made no progress: {b}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert_eq!(b["runs"], BURST, "{b}");
@@ -326,7 +331,10 @@ async fn a_hundred_behaviors_keep_their_latency_under_an_invoke_flood() {
          behaviors' p99 latency median {a50:.0} ms, worst {a99:.0} ms; under an invoke flood \
          ({ok} × 200, {busy} × 429) {flooded_took:?}, median {f50:.0} ms, worst {f99:.0} ms"
     );
-    assert!(ok > 0 && busy > 0, "the flood did not saturate the pool: {ok} × 200, {busy} × 429");
+    assert!(
+        ok > 0 && busy > 0,
+        "the flood did not saturate the pool: {ok} × 200, {busy} × 429"
+    );
     for (i, (a, f)) in alone.iter().zip(&flooded).enumerate() {
         assert!(
             *f <= 1.5 * a99 + 250.0,

@@ -26,7 +26,11 @@ async fn temperatures(s: &Server, ids: &[String]) -> Vec<f64> {
     let mut out = Vec::new();
     for id in ids {
         let t = s.get(&format!("/v1/twins/{id}")).await.body;
-        out.push(t["properties"]["temperature"].as_f64().expect("temperature"));
+        out.push(
+            t["properties"]["temperature"]
+                .as_f64()
+                .expect("temperature"),
+        );
     }
     out
 }
@@ -120,7 +124,10 @@ async fn ticks_run_at_the_interval_spread_over_it_and_survive_a_restart() {
         "a deleted behavior still ticks"
     );
     let m = s.get("/metrics").await.text;
-    assert!(m.contains("twinhost_behavior_ticks_total"), "no tick metric");
+    assert!(
+        m.contains("twinhost_behavior_ticks_total"),
+        "no tick metric"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +173,10 @@ async fn a_tick_that_finds_the_pool_busy_is_skipped_and_counted() {
     let during = s.get("/v1/behaviors/warm").await.body;
     let skipped = during["ticks_skipped"].as_u64().unwrap();
     // About twenty rounds of ten went by while the slot was taken.
-    assert!(skipped >= 50, "ticks skipped while the pool was full: {during}");
+    assert!(
+        skipped >= 50,
+        "ticks skipped while the pool was full: {during}"
+    );
     assert_eq!(during["errors"], 0, "{during}");
 
     // Once the load is over the ticks run again, and none is skipped.
