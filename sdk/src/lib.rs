@@ -192,7 +192,8 @@ pub trait Compute {
 pub struct Event {
     /// Position in the node's event log.
     pub seq: u64,
-    /// `twin.created`, `twin.updated`, `twin.deleted` or `twin.lifecycle`.
+    /// `twin.created`, `twin.updated`, `twin.deleted`, `twin.lifecycle`, or `tick` (a binding with
+    /// `every`: the periodic call, `seq` 0 and `changed` empty).
     pub kind: String,
     /// The twin after the change.
     pub twin: Twin,
