@@ -189,6 +189,9 @@ async fn an_invoke_flood_gets_200_or_429_while_behaviors_keep_running() {
     }
 }
 
+/// `busy-behavior` computes by the clock, so the fuel it burns grows with the CPU's speed:
+/// it gets the most fuel a module may have, for its calls to end by the clock, not the fuel.
+pub const BUSY_FUEL: &str = "?fuel=100000000000";
 /// Behaviors bound on one entity type, each call computing for [`WORK_MS`].
 const MANY: usize = 100;
 const WORK_MS: u64 = 20;
@@ -264,7 +267,7 @@ fn percentile(v: &[f64], q: f64) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hundred_behaviors_keep_their_latency_under_an_invoke_flood() {
     let s = Server::start_with(&["--compute-slots", "2"]);
-    s.upload("busy", &guest("busy_behavior"), "")
+    s.upload("busy", &guest("busy_behavior"), BUSY_FUEL)
         .await
         .expect(201);
     s.upload("ta", &guest("thermal_analysis"), "")

@@ -134,7 +134,7 @@ async fn ticks_run_at_the_interval_spread_over_it_and_survive_a_restart() {
 async fn a_tick_that_finds_the_pool_busy_is_skipped_and_counted() {
     let s = Server::start_with(&["--compute-slots", "1"]);
     s.upload("sim", &guest("machine_sim"), "").await.expect(201);
-    s.upload("busy", &guest("busy_behavior"), "")
+    s.upload("busy", &guest("busy_behavior"), crate::pool::BUSY_FUEL)
         .await
         .expect(201);
     let ids = machines(&s, json!({"temperature": 20.0, "target_temperature": 90.0})).await;

@@ -1,6 +1,7 @@
 //! `busy-behavior`: a test behavior that computes for the twin's `work_ms` milliseconds (by
 //! the host's clock) on every event and ticks, then answers with no action. It stands for a
-//! behavior whose model is expensive, for the tests of the compute pool's fairness.
+//! behavior whose model is expensive, for the tests of the compute pool's fairness. The fuel it
+//! burns grows with the CPU's speed: upload it with a large `fuel` (the tests give it the most).
 
 use twinhost_sdk::{now_ms, Action, Behavior, Event};
 
