@@ -564,6 +564,23 @@ fn read_guest(args: &BenchArgs, file: &str) -> anyhow::Result<Vec<u8>> {
     })
 }
 
+/// Upload the built guest `file` from `--guests` as module `name`, with default limits.
+async fn upload_guest(
+    rt: &Arc<crate::wasm::Runtime>,
+    args: &BenchArgs,
+    name: &str,
+    file: &str,
+) -> anyhow::Result<()> {
+    rt.upload(
+        name,
+        read_guest(args, file)?,
+        crate::wasm::Limits::default(),
+        false,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Calls through the host vs a raw wasmtime call, instantiation from `InstancePre` with
 /// pooling, restart with 20 cached modules vs compiling them, and calls/s on all cores.
 async fn wasm_phase(args: &BenchArgs) -> anyhow::Result<Value> {

@@ -774,19 +774,13 @@ impl Registry {
     // ---- queries ------------------------------------------------------------------------
 
     /// The ids of up to `limit` twins of `entity_type`, in id order (a copy of the index's
-    /// ids: the index lock is held only while copying).
-    pub fn ids_of_type(&self, entity_type: &str, limit: usize) -> Vec<TwinId> {
+    /// ids: the index lock is held only while copying), and how many twins of that type there
+    /// are in all.
+    pub fn ids_of_type(&self, entity_type: &str, limit: usize) -> (Vec<TwinId>, usize) {
         let idx = self.inner.index.read();
-        idx.by_type
-            .get(entity_type)
-            .map(|ids| ids.iter().take(limit).copied().collect())
-            .unwrap_or_default()
-    }
-
-    /// How many twins of `entity_type` there are.
-    pub fn count_of_type(&self, entity_type: &str) -> usize {
-        let idx = self.inner.index.read();
-        idx.by_type.get(entity_type).map_or(0, BTreeSet::len)
+        idx.by_type.get(entity_type).map_or((Vec::new(), 0), |ids| {
+            (ids.iter().take(limit).copied().collect(), ids.len())
+        })
     }
 
     /// Run a query. Candidates come from the most selective index (parent, ancestor, entity

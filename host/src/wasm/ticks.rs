@@ -83,10 +83,13 @@ pub enum Target {
     Twin(TwinId),
 }
 
-/// Count one skipped tick.
-fn skipped(counters: &Counters, reason: &'static str) {
-    counters.ticks_skipped.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("twinhost_behavior_ticks_skipped_total", "reason" => reason).increment(1);
+/// Count `n` skipped ticks.
+fn skipped(counters: &Counters, reason: &'static str, n: usize) {
+    counters
+        .ticks_skipped
+        .fetch_add(n as u64, Ordering::Relaxed);
+    metrics::counter!("twinhost_behavior_ticks_skipped_total", "reason" => reason)
+        .increment(n as u64);
 }
 
 /// The ticker of behavior `name`: runs until the returned task is aborted (the binding was
@@ -138,9 +141,7 @@ pub(super) fn start(
                     while !left.is_empty() {
                         match b.run_ticks(&name, &module, &counters, left).await {
                             Err(not_run) => {
-                                for _ in &not_run {
-                                    skipped(&counters, "busy");
-                                }
+                                skipped(&counters, "busy", not_run.len());
                                 break;
                             }
                             Ok((updates, rest)) => {
@@ -166,16 +167,11 @@ pub(super) fn start(
             let ids = match &target {
                 Target::Twin(id) => vec![*id],
                 Target::Type(et) => {
-                    let ids = behaviors.registry().ids_of_type(et, MAX_TICK_TWINS);
-                    if ids.len() == MAX_TICK_TWINS {
-                        let over = behaviors
-                            .registry()
-                            .count_of_type(et)
-                            .saturating_sub(MAX_TICK_TWINS);
-                        for _ in 0..over {
-                            skipped(&counters, "capped");
-                        }
-                        if over > 0 && !warned {
+                    let (ids, all) = behaviors.registry().ids_of_type(et, MAX_TICK_TWINS);
+                    let over = all - ids.len();
+                    if over > 0 {
+                        skipped(&counters, "capped", over);
+                        if !warned {
                             warned = true;
                             tracing::warn!(
                                 behavior = %name,
@@ -197,7 +193,7 @@ pub(super) fn start(
                 }
                 match workers[lane_of(&id, workers.len())].try_send(id) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => skipped(&counters, "behind"),
+                    Err(mpsc::error::TrySendError::Full(_)) => skipped(&counters, "behind", 1),
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
             }

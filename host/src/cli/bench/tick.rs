@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{bench_node, cpu_percent, proc_sample, props_of, read_guest, BenchArgs};
+use super::{bench_node, cpu_percent, proc_sample, props_of, upload_guest, BenchArgs};
 use crate::registry::NewTwin;
 use crate::wasm::behaviors::Binding;
 use crate::wasm::pool::Caller;
@@ -22,20 +22,8 @@ pub(super) async fn tick_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let dir = tempfile::tempdir()?;
     let node = bench_node(dir.path()).await?;
     let rt = node.state.runtime.clone();
-    rt.upload(
-        "machine-sim",
-        read_guest(args, "machine_sim.wasm")?,
-        crate::wasm::Limits::default(),
-        false,
-    )
-    .await?;
-    rt.upload(
-        "thermal-analysis",
-        read_guest(args, "thermal_analysis.wasm")?,
-        crate::wasm::Limits::default(),
-        false,
-    )
-    .await?;
+    upload_guest(&rt, args, "machine-sim", "machine_sim.wasm").await?;
+    upload_guest(&rt, args, "thermal-analysis", "thermal_analysis.wasm").await?;
     let twins = args.tick_twins;
     let mut first = None;
     for chunk in 0..twins.div_ceil(1000) {

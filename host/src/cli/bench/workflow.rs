@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use super::events::ms;
-use super::{fleet, read_guest, BenchArgs};
+use super::{fleet, upload_guest, BenchArgs};
 use crate::registry::Query;
 use crate::wasm::pool::Caller;
 use crate::workflow::{Spec, Status};
@@ -19,13 +19,7 @@ pub(super) async fn workflow_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     const RUNS: usize = 300;
     let f = fleet(MACHINES).await?;
     let rt = f.node.state.runtime.clone();
-    rt.upload(
-        "thermal-analysis",
-        read_guest(args, "thermal_analysis.wasm")?,
-        crate::wasm::Limits::default(),
-        false,
-    )
-    .await?;
+    upload_guest(&rt, args, "thermal-analysis", "thermal_analysis.wasm").await?;
     let building = f
         .node
         .registry
