@@ -57,7 +57,9 @@ async fn thermal_monitor_alerts_patches_and_does_not_retrigger_itself() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let b = loop {
         let b = s.get("/v1/behaviors/overheat").await.body;
-        if b["guarded"] == 2 || Instant::now() > deadline {
+        // The patches are counted once their commit returns, which may be after the events
+        // of the patches (and so the guard) were seen: wait for both.
+        if (b["guarded"] == 2 && b["patches"] == 2) || Instant::now() > deadline {
             break b;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
