@@ -7,10 +7,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
 
+use super::error::ErrorBody;
 use super::extract::{Json, Path};
 use super::{ApiError, AppState};
-use crate::workflow::{Def, Spec, Status, WorkflowError};
+use crate::workflow::{Def, Run, Spec, Status, WorkflowError};
 
 /// How long `?wait=true` waits for a run before answering with it as it stands.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -34,14 +36,31 @@ impl From<WorkflowError> for ApiError {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StartParams {
+    /// Answer once the run has finished (200 with the run; at most 5 minutes, then the run as
+    /// it stands), instead of at once (202).
     #[serde(default)]
     wait: bool,
 }
 
+/// What `POST /v1/workflows` answers without `?wait=true`.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documents a `json!` answer
+pub struct Started {
+    id: String,
+    status: Status,
+}
+
 /// Start a run: 202 `{"id", "status": "running"}`, or with `?wait=true` 200 and the finished
 /// run. A cycle → 409 naming it; unknown steps, modules or functions → 422 with every reason.
+#[utoipa::path(post, path = "/v1/workflows", tag = "workflows", params(StartParams), request_body = Spec,
+    responses((status = 202, body = Started, description = "started"),
+              (status = 200, body = Run, description = "finished (`?wait=true`)"),
+              (status = 409, body = ErrorBody, description = "the dependencies have a cycle, named"),
+              (status = 422, body = ErrorBody, description = "unknown steps, modules or functions: every reason"),
+              (status = 429, body = ErrorBody, description = "too many runs at once")))]
 pub async fn start(
     State(s): State<AppState>,
     Query(p): Query<StartParams>,
@@ -66,6 +85,8 @@ async fn started(s: &AppState, id: String, wait: bool) -> Result<Response, ApiEr
 }
 
 /// One run: its status, and each step's status, timestamps, attempts, result or error.
+#[utoipa::path(get, path = "/v1/workflows/{id}", tag = "workflows", params(("id" = String, Path)),
+    responses((status = 200, body = Run), (status = 404, body = ErrorBody)))]
 pub async fn get_one(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -75,6 +96,8 @@ pub async fn get_one(
 
 /// Cancel a run in flight: steps running stop, steps not started are cancelled. 409 when it
 /// has finished already.
+#[utoipa::path(post, path = "/v1/workflows/{id}/cancel", tag = "workflows", params(("id" = String, Path)),
+    responses((status = 200, body = Run), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn cancel(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -82,14 +105,23 @@ pub async fn cancel(
     Ok(axum::Json(s.workflows.cancel(&id).await?).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only runs in this state.
+    #[param(value_type = Option<Status>)]
     status: Option<String>,
+    /// `next_cursor` of the previous page (a run id).
     cursor: Option<String>,
+    /// At most this many (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
 /// Runs, newest first: `{"items": [summary…], "next_cursor"}`.
+#[utoipa::path(get, path = "/v1/workflows", tag = "workflows", params(ListParams),
+    responses((status = 200, description = "`{\"items\": [run without its spec and results…], \"next_cursor\": \"…\" | null}`", body = Object),
+              (status = 400, body = ErrorBody)))]
 pub async fn list(
     State(s): State<AppState>,
     Query(p): Query<ListParams>,
@@ -112,8 +144,19 @@ pub async fn list(
     Ok(axum::Json(json!({"items": items, "next_cursor": next})))
 }
 
+/// What the definition routes answer.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documents a `json!` answer
+pub struct NamedDef {
+    name: String,
+    definition: Def,
+}
+
 /// Store (or replace) a workflow definition: a spec, optionally `"every": "10m"`. 201 when
 /// new, 200 when replaced; the checks of a run (409 for a cycle, 422 with every reason).
+#[utoipa::path(put, path = "/v1/workflow-defs/{name}", tag = "workflows", params(("name" = String, Path)), request_body = Def,
+    responses((status = 201, body = NamedDef, description = "created"), (status = 200, body = NamedDef, description = "replaced"),
+              (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn put_def(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -133,6 +176,8 @@ pub async fn put_def(
         .into_response())
 }
 
+#[utoipa::path(get, path = "/v1/workflow-defs/{name}", tag = "workflows", params(("name" = String, Path)),
+    responses((status = 200, body = NamedDef), (status = 404, body = ErrorBody)))]
 pub async fn get_def(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -141,10 +186,14 @@ pub async fn get_def(
     Ok(axum::Json(json!({"name": name, "definition": *def})).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/workflow-defs", tag = "workflows",
+    responses((status = 200, description = "`{\"items\": [{\"name\", \"definition\"}…]}`", body = Object)))]
 pub async fn list_defs(State(s): State<AppState>) -> axum::Json<Value> {
     axum::Json(json!({"items": s.workflows.list_defs()}))
 }
 
+#[utoipa::path(delete, path = "/v1/workflow-defs/{name}", tag = "workflows", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
 pub async fn delete_def(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -153,8 +202,23 @@ pub async fn delete_def(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Start a run of a stored definition; the body (optional) is `{"input": …}`, given to every
-/// step as `parameters.input`. Answers like `POST /v1/workflows`.
+/// The optional body of `POST /v1/workflow-defs/{name}/run`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunInput {
+    /// Given to every step as `parameters.input`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    input: Option<Value>,
+}
+
+/// Start a run of a stored definition; the body (optional: empty or `null` will do) is
+/// `{"input": …}`, given to every step as `parameters.input`. Answers like `POST /v1/workflows`.
+#[utoipa::path(post, path = "/v1/workflow-defs/{name}/run", tag = "workflows", params(("name" = String, Path), StartParams),
+    request_body(content = Option<RunInput>, description = "optional"),
+    responses((status = 202, body = Started, description = "started"),
+              (status = 200, body = Run, description = "finished (`?wait=true`)"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn run_def(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -164,16 +228,11 @@ pub async fn run_def(
     let input = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        let v: Value = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::InvalidJson(format!("the body: {e}")))?;
-        match v {
-            Value::Object(mut m) if m.keys().all(|k| k == "input") => m.remove("input"),
-            _ => {
-                return Err(ApiError::BadRequest(
-                    "the body is {\"input\": …} or empty".into(),
-                ))
-            }
-        }
+        serde_json::from_slice::<Option<RunInput>>(&body)
+            .map_err(|e| {
+                ApiError::BadRequest(format!("the body is {{\"input\": …}} or empty: {e}"))
+            })?
+            .and_then(|b| b.input)
     };
     let id = s.workflows.start_def(&name, input).await?;
     started(&s, id, p.wait).await

@@ -23,9 +23,14 @@ pub(super) const DEF_PREFIX: u8 = b'g';
 const SCHEDULE_TICK: Duration = Duration::from_millis(250);
 
 /// A stored workflow: a spec, and optionally how often to start it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = WorkflowDef, example = json!({
+    "steps": [{"id": "count", "type": "aggregate", "function": "count",
+               "query": {"entity_type": "machine"}}],
+    "every": "10m"}))]
 pub struct Def {
+    #[schema(min_items = 1, max_items = 64)]
     pub steps: Vec<Step>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dependencies: BTreeMap<String, Vec<String>>,

@@ -15,6 +15,7 @@ pub mod defs;
 pub mod spec;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,8 +46,9 @@ pub const MAX_RESULT_BYTES: usize = 4 << 20;
 /// Key prefix of stored runs.
 const RUN_PREFIX: u8 = b'f';
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = WorkflowStatus)]
 pub enum Status {
     Pending,
     Running,
@@ -78,7 +80,8 @@ impl Status {
 }
 
 /// One step of a run.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = WorkflowStepRun)]
 pub struct StepRun {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,6 +91,7 @@ pub struct StepRun {
     /// Attempts made (more than one with a retry policy).
     #[serde(default)]
     pub attempts: u32,
+    /// What the step gave: an aggregate's value(s), a compute step's result per twin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -95,7 +99,8 @@ pub struct StepRun {
 }
 
 /// A workflow run as `GET /v1/workflows/{id}` shows it and the store keeps it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = WorkflowRun)]
 pub struct Run {
     pub id: String,
     pub status: Status,
@@ -122,8 +127,16 @@ impl Run {
             "created_at": self.created_at,
             "finished_at": self.finished_at,
             "error": self.error,
-            "steps": self.steps.iter().map(|(id, s)| (id.clone(), json!(s.status))).collect::<Map<_, _>>(),
+            "steps": self.step_statuses(),
         })
+    }
+
+    /// Each step's status, by step id.
+    fn step_statuses(&self) -> Map<String, Value> {
+        self.steps
+            .iter()
+            .map(|(id, s)| (id.clone(), json!(s.status)))
+            .collect()
     }
 }
 
@@ -173,6 +186,9 @@ struct Inner {
     defs: parking_lot::RwLock<BTreeMap<String, Arc<Def>>>,
     /// When each scheduled definition is due next.
     schedule: Mutex<HashMap<String, Instant>>,
+    /// Runs in the store (counted at open, then kept): a run's end trims only past
+    /// [`MAX_STORED`], without scanning the store each time.
+    stored: AtomicUsize,
 }
 
 /// The node's workflow runs.
@@ -189,8 +205,10 @@ impl Workflows {
     /// Open the runs of `deps.store`: runs a stop caught in flight are marked failed.
     pub async fn open(deps: Deps) -> Result<Workflows, WorkflowError> {
         let mut stale = Vec::new();
+        let mut stored = 0;
         for kv in deps.store.scan_prefix(&[RUN_PREFIX]) {
             let (_, v) = kv?;
+            stored += 1;
             let Ok(mut run) = serde_json::from_slice::<Run>(&v) else {
                 continue;
             };
@@ -223,6 +241,7 @@ impl Workflows {
             persist: tokio::sync::Mutex::new(()),
             defs: parking_lot::RwLock::new(defs::load(&deps_store)),
             schedule: Mutex::default(),
+            stored: AtomicUsize::new(stored),
         }));
         for run in stale {
             tracing::warn!(run = %run.id, "a workflow run was in flight when the server stopped; marked failed");
@@ -279,6 +298,7 @@ impl Workflows {
             spec,
         };
         self.store_run(&run).await?;
+        self.0.stored.fetch_add(1, Ordering::Relaxed);
         let (done_tx, done) = watch::channel(false);
         let cancel = CancellationToken::new();
         let run = Arc::new(Mutex::new(run));
@@ -554,7 +574,7 @@ impl Workflows {
                 "status": r.status,
                 "error": r.error,
                 "duration_ms": started.elapsed().as_millis() as u64,
-                "steps": r.steps.iter().map(|(id, s)| (id.clone(), json!(s.status))).collect::<Map<_, _>>(),
+                "steps": r.step_statuses(),
             });
             (r.status, event)
         };
@@ -576,6 +596,13 @@ impl Workflows {
 
     /// Drop the oldest finished runs past [`MAX_STORED`].
     async fn trim(&self) {
+        if self.0.stored.load(Ordering::Relaxed) <= MAX_STORED {
+            return;
+        }
+        // Held from the scan on, so two run ends do not trim the same runs. The count is set
+        // from what the scan saw: a run started meanwhile may be counted twice, which only
+        // makes the next run end scan again (and set the count right).
+        let _order = self.0.persist.lock().await;
         let keys: Vec<sled::IVec> = self
             .0
             .deps
@@ -585,6 +612,7 @@ impl Workflows {
             .map(|(k, _)| k)
             .collect();
         if keys.len() <= MAX_STORED {
+            self.0.stored.store(keys.len(), Ordering::Relaxed);
             return;
         }
         let live: BTreeSet<Vec<u8>> = self.0.live.lock().keys().map(|id| run_key(id)).collect();
@@ -595,10 +623,10 @@ impl Workflows {
             .map(|k| KvOp::Delete(k.to_vec()))
             .collect();
         let n = drop.len();
-        let _order = self.0.persist.lock().await;
         if let Err(e) = self.0.deps.store.write(drop).await {
             tracing::warn!(error = %e, "trimming stored workflow runs");
         } else {
+            self.0.stored.store(keys.len() - n, Ordering::Relaxed);
             tracing::debug!(dropped = n, "trimmed the oldest workflow runs");
         }
     }
@@ -864,3 +892,6 @@ pub fn aggregate(function: &str, params: &Value, twins: &[Twin]) -> Result<Value
         one(&all)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::registry::Query;
 use crate::types::TwinId;
@@ -23,9 +24,18 @@ pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const MAX_ATTEMPTS: u32 = 10;
 
 /// `POST /v1/workflows`: the seed's workflow spec.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = WorkflowSpec, example = json!({
+    "steps": [
+        {"id": "collect_temperatures", "type": "aggregate", "function": "collect_property",
+         "query": {"entity_type": "machine"}, "parameters": {"property": "temperature"}},
+        {"id": "hottest", "type": "aggregate", "function": "max",
+         "query": {"entity_type": "machine"}, "parameters": {"property": "temperature"},
+         "timeout": "10s", "retry": {"attempts": 2, "backoff": "100ms"}}],
+    "dependencies": {"hottest": ["collect_temperatures"]}}))]
 pub struct Spec {
+    #[schema(min_items = 1, max_items = 64)]
     pub steps: Vec<Step>,
     /// Step id → the steps it waits for.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -35,8 +45,9 @@ pub struct Spec {
     pub input: Option<Value>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = WorkflowStepKind)]
 pub enum StepKind {
     /// A built-in function over the step's twins (`collect_property`, `count`, `sum`, `avg`,
     /// `min`, `max`).
@@ -47,8 +58,11 @@ pub enum StepKind {
     Sync,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One step: its twins come from `twin_ids`, a `query` or `input_twin` (one of them, or none
+/// for a `compute` step called once with no twin).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = WorkflowStep)]
 pub struct Step {
     pub id: String,
     #[serde(rename = "type")]
@@ -64,7 +78,10 @@ pub struct Step {
     /// The aggregate function or the compute module.
     #[serde(default)]
     pub function: String,
+    /// For an aggregate: `property`, and optionally `group_by: "parent"`; for a compute step,
+    /// given to the module (with `inputs`: the results of the steps it depends on).
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub parameters: Value,
     /// e.g. `"30s"` (default 30 s, at most 1 h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,9 +91,11 @@ pub struct Step {
 }
 
 /// Try a failed step again: `attempts` in all (at most 10), `backoff` between them.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = WorkflowRetry)]
 pub struct Retry {
+    #[schema(minimum = 1, maximum = 10)]
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<String>,
