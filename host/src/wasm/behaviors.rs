@@ -625,15 +625,15 @@ impl Behaviors {
     /// compute slot taken only if one is free now, for at most [`TICK_TURN`] (at least one
     /// tick). Returns the patches the ticks ask for (for the caller to write with those of
     /// other ticks; their alerts are raised here) and the twins whose turn did not come.
-    /// `Err(twins)` when the pool had no free slot: none of them ran (the caller counts the
-    /// skips).
+    /// `Err((patches, twins))` when the pool had no free slot, or refused a call in the turn:
+    /// the twins from there on did not run (the caller counts them skipped).
     pub(super) async fn run_ticks(
         &self,
         name: &str,
         module: &str,
         counters: &Counters,
         twins: Vec<Twin>,
-    ) -> Result<(Vec<Update>, Vec<Twin>), Vec<Twin>> {
+    ) -> Result<(Vec<Update>, Vec<Twin>), (Vec<Update>, Vec<Twin>)> {
         let now = Utc::now().timestamp_millis().max(0) as u64;
         let events: Vec<wit::Event> = twins
             .iter()
@@ -656,7 +656,12 @@ impl Behaviors {
                     if !outs.is_empty() && started.elapsed() >= TICK_TURN {
                         break;
                     }
-                    outs.push(rt.call_behavior(&module, e));
+                    let out = rt.call_behavior(&module, e);
+                    let busy = matches!(out, Err(CallError::Busy(_)));
+                    outs.push(out);
+                    if busy {
+                        break;
+                    }
                 }
                 Ok(outs)
             })
@@ -664,12 +669,20 @@ impl Behaviors {
         let outs = match outs {
             Ok(outs) => outs,
             // No slot (busy), or the task running the calls failed: none of them ran.
-            Err(_) => return Err(twins),
+            Err(_) => return Err((Vec::new(), twins)),
         };
         let mut twins = twins.into_iter();
         let mut updates = Vec::new();
         for out in outs {
             let twin = twins.next().expect("one result per tick made");
+            if let Err(CallError::Busy(busy)) = &out {
+                // Refused before it ran (the instance pool is full, or the server stops):
+                // this tick and the rest of the turn are skipped, not errors.
+                tracing::debug!(behavior = name, reason = busy.reason(), "ticks skipped");
+                let mut not_run = vec![twin];
+                not_run.extend(twins);
+                return Err((updates, not_run));
+            }
             counters.ticks.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("twinhost_behavior_ticks_total").increment(1);
             let trigger = Trigger {

@@ -139,18 +139,21 @@ pub(super) fn start(
                         .filter(|t| t.lifecycle == Lifecycle::Active)
                         .collect();
                     while !left.is_empty() {
-                        match b.run_ticks(&name, &module, &counters, left).await {
-                            Err(not_run) => {
-                                skipped(&counters, "busy", not_run.len());
-                                break;
-                            }
-                            Ok((updates, rest)) => {
-                                if !updates.is_empty() && patches.send(updates).await.is_err() {
-                                    return;
+                        let (updates, rest, busy) =
+                            match b.run_ticks(&name, &module, &counters, left).await {
+                                Ok((updates, rest)) => (updates, rest, false),
+                                Err((updates, not_run)) => {
+                                    skipped(&counters, "busy", not_run.len());
+                                    (updates, Vec::new(), true)
                                 }
-                                left = rest;
-                            }
+                            };
+                        if !updates.is_empty() && patches.send(updates).await.is_err() {
+                            return;
                         }
+                        if busy {
+                            break;
+                        }
+                        left = rest;
                     }
                 }
             });
