@@ -3,7 +3,7 @@
 # (the edge node), start a second node in ./demo-data-cloud linked to it over WebSocket (the
 # cloud node), play the seed's factory floor against the edge over HTTP, show that the cloud
 # holds the same twins, merge a conflicting write on both nodes with the max-resolver component,
-# then stop both cleanly.
+# run the seed's workflow, watch a simulated machine warm up on ticks, then stop both cleanly.
 #   PORT=7878   edge listen port (the cloud listens on PORT+1)
 #   KEEP=1      leave the servers running afterwards
 set -euo pipefail
@@ -88,43 +88,13 @@ for p in json.load(sys.stdin)["items"]:
     print("   link with %s: %s, %s entries and %s alerts received, %s bytes, last lag %s ms"
           % (p["node_id"], p["state"], p.get("ops_in"), p.get("alerts_in"), p.get("bytes_in"), p.get("lag_ms")))'
 
-echo "== the seed's workflow on the edge: collect_temperatures -> analyze_patterns over the 100 machines"
-BUILDING=$(curl -fs -X POST -H "Authorization: Bearer $EDGE_TOKEN" -H 'content-type: application/json' \
-  -d '{"entity_type": "building", "limit": 1}' "http://127.0.0.1:$PORT/v1/query" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["id"])')
-WORKFLOW='{"steps": [
-  {"id": "collect_temperatures", "type": "aggregate", "function": "collect_property",
-   "query": {"entity_type": "machine", "parent_id": "'"$BUILDING"'", "limit": 1000},
-   "parameters": {"property": "temperature"}},
-  {"id": "hottest", "type": "aggregate", "function": "max", "parameters": {"property": "temperature", "group_by": "parent"},
-   "query": {"entity_type": "machine", "parent_id": "'"$BUILDING"'", "limit": 1000}},
-  {"id": "analyze_patterns", "type": "compute", "twin_ids": ["'"$BUILDING"'"], "function": "thermal-analysis",
-   "parameters": {"algorithm": "thermal_analysis"}}],
-  "dependencies": {"analyze_patterns": ["collect_temperatures"]}}'
-curl -fs -X POST -H "Authorization: Bearer $EDGE_TOKEN" -H 'content-type: application/json' \
-  -d "$WORKFLOW" "http://127.0.0.1:$PORT/v1/workflows?wait=true" | python3 -c '
-import json, sys
-from datetime import datetime
-run = json.load(sys.stdin)
-def ms(s):
-    t = lambda k: datetime.fromisoformat(s[k].replace("Z", "+00:00"))
-    return (t("finished_at") - t("started_at")).total_seconds() * 1000
-steps = run["steps"]
-a = steps["analyze_patterns"]["result"]
-r = next(iter(a.values()))
-print("   run %s: %s" % (run["id"], run["status"]))
-print("   collect_temperatures: %d machines (%.1f ms); hottest: %s (%.1f ms, in parallel)"
-      % (len(steps["collect_temperatures"]["result"]), ms(steps["collect_temperatures"]),
-         next(iter(steps["hottest"]["result"].values())), ms(steps["hottest"])))
-print("   analyze_patterns (thermal-analysis on the building, given the temperatures): "
-      "mean %.1f, max %.1f, %d over 85 (%.1f ms)" % (r["mean"], r["max"], r["over_threshold"], ms(steps["analyze_patterns"])))'
-
-echo "== a conflict: both nodes write one property while apart; the model's resolver merges it"
 api() { # method port token path [body] → response body
   curl -fs -X "$1" -H "Authorization: Bearer $3" -H 'content-type: application/json' \
     ${5:+-d "$5"} "http://127.0.0.1:$2$4"
 }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+
+echo "== a conflict: both nodes write one property while apart; the model's resolver merges it"
 # Modules stay per node: the resolver goes to both. The model, put on the edge, replicates.
 WASM=guests/target/wasm32-wasip2/release/max_resolver.wasm
 for p in "$PORT:$EDGE_TOKEN" "$CLOUD_PORT:$CLOUD_TOKEN"; do
@@ -167,6 +137,68 @@ import json, sys
 for c in json.load(sys.stdin)["items"]:
     print("   conflict %s on %s: %s, sides %s -> %s" % (c["id"], c["property"], c["strategy"],
           " and ".join("%s from %s" % (s["value"], s["origin"]) for s in c["sides"]), c["value"]))'
+
+
+echo "== the seed's workflow on the edge: collect_temperatures -> analyze_patterns over the 100 machines"
+BUILDING=$(curl -fs -X POST -H "Authorization: Bearer $EDGE_TOKEN" -H 'content-type: application/json' \
+  -d '{"entity_type": "building", "limit": 1}' "http://127.0.0.1:$PORT/v1/query" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["id"])')
+WORKFLOW='{"steps": [
+  {"id": "collect_temperatures", "type": "aggregate", "function": "collect_property",
+   "query": {"entity_type": "machine", "parent_id": "'"$BUILDING"'", "limit": 1000},
+   "parameters": {"property": "temperature"}},
+  {"id": "hottest", "type": "aggregate", "function": "max", "parameters": {"property": "temperature", "group_by": "parent"},
+   "query": {"entity_type": "machine", "parent_id": "'"$BUILDING"'", "limit": 1000}},
+  {"id": "analyze_patterns", "type": "compute", "twin_ids": ["'"$BUILDING"'"], "function": "thermal-analysis",
+   "parameters": {"algorithm": "thermal_analysis"}}],
+  "dependencies": {"analyze_patterns": ["collect_temperatures"]}}'
+curl -fs -X POST -H "Authorization: Bearer $EDGE_TOKEN" -H 'content-type: application/json' \
+  -d "$WORKFLOW" "http://127.0.0.1:$PORT/v1/workflows?wait=true" | python3 -c '
+import json, sys
+from datetime import datetime
+run = json.load(sys.stdin)
+def ms(s):
+    t = lambda k: datetime.fromisoformat(s[k].replace("Z", "+00:00"))
+    return (t("finished_at") - t("started_at")).total_seconds() * 1000
+steps = run["steps"]
+a = steps["analyze_patterns"]["result"]
+r = next(iter(a.values()))
+print("   run %s: %s" % (run["id"], run["status"]))
+print("   collect_temperatures: %d machines (%.1f ms); hottest: %s (%.1f ms, in parallel)"
+      % (len(steps["collect_temperatures"]["result"]), ms(steps["collect_temperatures"]),
+         next(iter(steps["hottest"]["result"].values())), ms(steps["hottest"])))
+print("   analyze_patterns (thermal-analysis on the building, given the temperatures): "
+      "mean %.1f, max %.1f, %d over 85 (%.1f ms)" % (r["mean"], r["max"], r["over_threshold"], ms(steps["analyze_patterns"])))'
+
+echo "== a simulated machine warms up on ticks: machine-sim bound with \"every\": \"200ms\""
+curl -fs -X PUT -H "Authorization: Bearer $EDGE_TOKEN" -H 'content-type: application/wasm' \
+  --data-binary @guests/target/wasm32-wasip2/release/machine_sim.wasm \
+  "http://127.0.0.1:$PORT/v1/modules/machine-sim" >/dev/null
+SIM=$(api POST "$PORT" "$EDGE_TOKEN" /v1/twins \
+  "{\"entity_type\": \"simulated-machine\", \"parent_id\": \"$BUILDING\", \"properties\": {\"temperature\": 20, \"target_temperature\": 80}}" |
+  field '["id"]')
+api PUT "$PORT" "$EDGE_TOKEN" /v1/behaviors/simulate \
+  '{"module": "machine-sim", "entity_type": "simulated-machine", "every": "200ms"}' >/dev/null
+TEMPS=""
+for _ in $(seq 1 8); do
+  TEMPS="$TEMPS $(api GET "$PORT" "$EDGE_TOKEN" "/v1/twins/$SIM" | field '["properties"]["temperature"]')"
+  sleep 0.4
+done
+echo "   temperature every 0.4 s on the edge:$TEMPS (target 80)"
+api GET "$PORT" "$EDGE_TOKEN" /v1/behaviors/simulate | python3 -c '
+import json, sys
+b = json.load(sys.stdin)
+print("   behavior simulate: %d ticks, %d skipped (the pool was busy), %d patches, %d errors"
+      % (b["ticks"], b["ticks_skipped"], b["patches"], b["errors"]))'
+# Unbound, the machine stops where it is; the cloud's copy catches up with it.
+api DELETE "$PORT" "$EDGE_TOKEN" /v1/behaviors/simulate >/dev/null
+temp() { api GET "$1" "$2" "/v1/twins/$SIM" 2>/dev/null | field '["properties"]["temperature"]' 2>/dev/null; }
+for _ in $(seq 1 50); do
+  [ "$(temp "$CLOUD_PORT" "$CLOUD_TOKEN")" = "$(temp "$PORT" "$EDGE_TOKEN")" ] && break
+  sleep 0.1
+done
+echo "   unbound: edge $(temp "$PORT" "$EDGE_TOKEN"), cloud $(temp "$CLOUD_PORT" "$CLOUD_TOKEN")" \
+  "(the ticks ran on the edge; their patches replicate)"
 
 if [ "${KEEP:-0}" = "1" ]; then
   trap - EXIT
