@@ -4,10 +4,12 @@
 //! One dispatcher follows the event log. For each twin event it finds the matching bindings
 //! and hands the event to each one's bounded queue. Every behavior has its own worker with
 //! one lane per slot of the compute pool; a twin's events always take the same lane and run
-//! one after another, in log order, so a guest sees its earlier patches. Each call takes a
-//! slot of the [compute pool](super::pool) under the behavior's own key
-//! (`behavior:<name>`), served round-robin with every other caller, and waits for it as long
-//! as it takes: a behavior the pool cannot keep up with backs up its own queue, which then
+//! one after another, in log order, so a guest sees its earlier patches. A lane takes a slot
+//! of the [compute pool](super::pool) under the behavior's own key (`behavior:<name>`),
+//! served round-robin with every other caller, and runs its waiting events back to back on
+//! it for a turn of at most [`EVENT_TURN`], one event per twin; the turn's patches are then
+//! written in one batch before the twin's next event runs. It waits for a slot as long as
+//! it takes: a behavior the pool cannot keep up with backs up its own queue, which then
 //! drops that behavior's events (counted as `dropped`), as a slow or hanging guest does —
 //! never another behavior's. An event whose call got no slot at all (the server is
 //! stopping, or wasmtime's instance pool refused the instance) is counted as `dropped` too,
@@ -58,9 +60,15 @@ pub const MAX_BEHAVIORS: usize = 1000;
 /// Events waiting for one behavior; more are dropped and counted.
 pub const QUEUE_PER_BEHAVIOR: usize = 4096;
 /// Events waiting in each of a behavior's lanes (one lane per compute slot).
-const QUEUE_PER_LANE: usize = 64;
+const QUEUE_PER_LANE: usize = 512;
 /// How long one compute slot runs ticks back to back before it is given back.
 pub const TICK_TURN: Duration = Duration::from_millis(10);
+/// How long one lane runs its waiting events back to back on one compute slot before it
+/// gives the slot back (at least one call): short, so a freed slot soon goes round-robin to
+/// the next caller; long enough to make a slot's hand-over rare next to calls of tens of µs.
+pub const EVENT_TURN: Duration = Duration::from_millis(2);
+/// Most events a lane takes from its queue at once.
+const LANE_BATCH: usize = 256;
 /// Event latencies each behavior keeps for its p50/p99.
 pub const LATENCY_SAMPLES: usize = 1024;
 
@@ -362,11 +370,14 @@ impl Behaviors {
                     ended.clone(),
                 );
                 tokio::spawn(async move {
-                    while let Some((e, queued)) = lane_rx.recv().await {
-                        if ended.load(Ordering::Relaxed) {
-                            return;
+                    let mut waiting = Vec::with_capacity(LANE_BATCH);
+                    while lane_rx.recv_many(&mut waiting, LANE_BATCH).await > 0 {
+                        while !waiting.is_empty() {
+                            if ended.load(Ordering::Relaxed) {
+                                return;
+                            }
+                            me.run_turn(&name, &module, &counters, &mut waiting).await;
                         }
-                        me.run_one(&name, &module, &counters, e, queued).await;
                     }
                 });
                 lane_tx
@@ -586,39 +597,104 @@ impl Behaviors {
             .await;
     }
 
-    async fn run_one(
+    /// Run the first of `waiting` (a lane's events, in log order) back to back on one
+    /// compute slot for at most [`EVENT_TURN`], one event per twin: a twin's next event
+    /// waits for the next turn, which begins once this turn's patches are written, so every
+    /// call sees the patches of the calls before it. Their patches go in one batch. What
+    /// ran is removed from `waiting`.
+    async fn run_turn(
         &self,
         name: &str,
         module: &str,
         counters: &Counters,
-        e: Arc<Event>,
-        queued: Instant,
+        waiting: &mut Vec<Queued>,
     ) {
-        let Some(twin_id) = e.twin_id else { return };
-        let event = self.wit_event(&e, twin_id);
-        let out = self
-            .call(&Caller::Behavior(name.to_owned()), module, event)
-            .await;
-        if let Err(CallError::Busy(busy)) = &out {
-            // The call did not run (the server is stopping, or the instance pool refused it):
-            // the event is shed like one that found the behavior's queue full.
-            counters.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                behavior = name,
-                reason = busy.reason(),
-                "behavior event dropped: no compute slot"
-            );
+        let mut seen = std::collections::HashSet::with_capacity(waiting.len());
+        let mut turn = Vec::new();
+        let mut events = Vec::new();
+        let mut i = 0;
+        while i < waiting.len() {
+            let Some(twin_id) = waiting[i].0.twin_id else {
+                waiting.remove(i);
+                continue;
+            };
+            if !seen.insert(twin_id) {
+                break;
+            }
+            events.push(self.wit_event(&waiting[i].0, twin_id));
+            turn.push(twin_id);
+            i += 1;
+        }
+        if events.is_empty() {
             return;
         }
-        counters.latency.record(queued.elapsed());
-        let trigger = Trigger {
-            twin_id,
-            entity_type: e.entity_type.clone(),
-            parent_id: e.parent_id,
-            seq: Some(e.seq),
-            depth: e.cause.as_ref().map_or(0, |c| c.depth),
+        let module = module.to_owned();
+        let outs = self
+            .inner
+            .runtime
+            .on_pool(&Caller::Behavior(name.to_owned()), move |rt| {
+                let started = Instant::now();
+                let mut outs = Vec::with_capacity(events.len());
+                for e in &events {
+                    if !outs.is_empty() && started.elapsed() >= EVENT_TURN {
+                        break;
+                    }
+                    let out = rt.call_behavior(&module, e);
+                    let busy = matches!(out, Err(CallError::Busy(_)));
+                    outs.push(out);
+                    if busy {
+                        break;
+                    }
+                }
+                Ok(outs)
+            })
+            .await;
+        let outs = match outs {
+            Ok(outs) => outs,
+            Err(e) => {
+                // No slot at all (the server is stopping), or the task running the calls
+                // failed: none of them ran.
+                let n = turn.len();
+                waiting.drain(..n);
+                match e {
+                    CallError::Busy(busy) => {
+                        counters.dropped.fetch_add(n as u64, Ordering::Relaxed);
+                        tracing::debug!(
+                            behavior = name,
+                            reason = busy.reason(),
+                            "behavior events dropped: no compute slot"
+                        );
+                    }
+                    e => self.failed(name, counters, format!("{n} calls not made: {e}")),
+                }
+                return;
+            }
         };
-        self.apply(name, counters, &trigger, out).await;
+        let ran = outs.len();
+        let mut updates = Vec::new();
+        for ((e, queued), out) in waiting.drain(..ran).zip(outs) {
+            if let Err(CallError::Busy(busy)) = &out {
+                // Refused before it ran (the instance pool): shed like an event that found
+                // the behavior's queue full.
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    behavior = name,
+                    reason = busy.reason(),
+                    "behavior event dropped: no compute slot"
+                );
+                continue;
+            }
+            counters.latency.record(queued.elapsed());
+            let trigger = Trigger {
+                twin_id: e.twin_id.expect("only events with a twin are called"),
+                entity_type: e.entity_type.clone(),
+                parent_id: e.parent_id,
+                seq: Some(e.seq),
+                depth: e.cause.as_ref().map_or(0, |c| c.depth),
+            };
+            updates.extend(self.outcome(name, counters, &trigger, out));
+        }
+        self.write_patches(name, counters, updates).await;
     }
 
     /// Call behavior `name` with a `tick` event for each of `twins`, one after another on one
@@ -695,32 +771,6 @@ impl Behaviors {
             updates.extend(self.outcome(name, counters, &trigger, out));
         }
         Ok((updates, twins.collect()))
-    }
-
-    /// Call `module` with `event` on the compute pool as `caller`.
-    async fn call(
-        &self,
-        caller: &Caller,
-        module: &str,
-        event: wit::Event,
-    ) -> Result<super::BehaviorOutput, CallError> {
-        let module = module.to_owned();
-        self.inner
-            .runtime
-            .on_pool(caller, move |rt| rt.call_behavior(&module, &event))
-            .await
-    }
-
-    /// Count a call that ran and carry out what it answered: its alerts, then its patches.
-    async fn apply(
-        &self,
-        name: &str,
-        counters: &Counters,
-        trigger: &Trigger,
-        out: Result<super::BehaviorOutput, CallError>,
-    ) {
-        let updates = self.outcome(name, counters, trigger, out);
-        self.write_patches(name, counters, updates).await;
     }
 
     /// Count a call that ran, raise its alerts and return its patches as updates (none when
