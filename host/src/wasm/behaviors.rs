@@ -628,26 +628,13 @@ impl Behaviors {
         if events.is_empty() {
             return;
         }
-        let module = module.to_owned();
         let outs = self
-            .inner
-            .runtime
-            .on_pool(&Caller::Behavior(name.to_owned()), move |rt| {
-                let started = Instant::now();
-                let mut outs = Vec::with_capacity(events.len());
-                for e in &events {
-                    if !outs.is_empty() && started.elapsed() >= EVENT_TURN {
-                        break;
-                    }
-                    let out = rt.call_behavior(&module, e);
-                    let busy = matches!(out, Err(CallError::Busy(_)));
-                    outs.push(out);
-                    if busy {
-                        break;
-                    }
-                }
-                Ok(outs)
-            })
+            .turn(
+                &Caller::Behavior(name.to_owned()),
+                module,
+                events,
+                EVENT_TURN,
+            )
             .await;
         let outs = match outs {
             Ok(outs) => outs,
@@ -721,26 +708,8 @@ impl Behaviors {
                 ts_ms: now,
             })
             .collect();
-        let module = module.to_owned();
         let outs = self
-            .inner
-            .runtime
-            .on_pool(&Caller::Tick(name.to_owned()), move |rt| {
-                let started = Instant::now();
-                let mut outs = Vec::with_capacity(events.len());
-                for e in &events {
-                    if !outs.is_empty() && started.elapsed() >= TICK_TURN {
-                        break;
-                    }
-                    let out = rt.call_behavior(&module, e);
-                    let busy = matches!(out, Err(CallError::Busy(_)));
-                    outs.push(out);
-                    if busy {
-                        break;
-                    }
-                }
-                Ok(outs)
-            })
+            .turn(&Caller::Tick(name.to_owned()), module, events, TICK_TURN)
             .await;
         let outs = match outs {
             Ok(outs) => outs,
@@ -771,6 +740,38 @@ impl Behaviors {
             updates.extend(self.outcome(name, counters, &trigger, out));
         }
         Ok((updates, twins.collect()))
+    }
+
+    /// Call `module` with `events` one after another on one compute slot taken as `caller`,
+    /// for at most `turn` (at least one call), stopping after a call the instance pool
+    /// refused. One answer per call made, in order.
+    async fn turn(
+        &self,
+        caller: &Caller,
+        module: &str,
+        events: Vec<wit::Event>,
+        turn: Duration,
+    ) -> Result<Vec<Result<super::BehaviorOutput, CallError>>, CallError> {
+        let module = module.to_owned();
+        self.inner
+            .runtime
+            .on_pool(caller, move |rt| {
+                let started = Instant::now();
+                let mut outs = Vec::with_capacity(events.len());
+                for e in &events {
+                    if !outs.is_empty() && started.elapsed() >= turn {
+                        break;
+                    }
+                    let out = rt.call_behavior(&module, e);
+                    let busy = matches!(out, Err(CallError::Busy(_)));
+                    outs.push(out);
+                    if busy {
+                        break;
+                    }
+                }
+                Ok(outs)
+            })
+            .await
     }
 
     /// Count a call that ran, raise its alerts and return its patches as updates (none when
