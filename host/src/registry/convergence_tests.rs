@@ -57,10 +57,10 @@ const DEFAULT_SEEDS: u64 = 100;
 const REPLAY: &str = "cargo test --release -p twinhost --lib registry::convergence_tests";
 
 /// splitmix64: a tiny deterministic generator (the run must depend on the seed alone).
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -68,20 +68,20 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
 
-    fn percent(&mut self, p: u64) -> bool {
+    pub(crate) fn percent(&mut self, p: u64) -> bool {
         self.next() % 100 < p
     }
 
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+    pub(crate) fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len())]
     }
 }
 
-fn pool() -> Vec<TwinId> {
+pub(crate) fn pool() -> Vec<TwinId> {
     (1..=ID_POOL)
         .map(|i| {
             format!("01900000-0000-7000-8000-{i:012}")
@@ -104,7 +104,7 @@ fn value(rng: &mut Rng) -> Value {
     }
 }
 
-fn properties(rng: &mut Rng, most: usize) -> Properties {
+pub(crate) fn properties(rng: &mut Rng, most: usize) -> Properties {
     (0..rng.below(most + 1))
         .map(|_| (rng.pick(&PROPERTY_NAMES).to_string(), value(rng)))
         .collect()
@@ -685,7 +685,7 @@ impl Sim {
 /// exists. Not compared: a twin's `version`, `lseq` and `updated_at` and a tombstone's `lseq`
 /// and `deleted_at`, which count and time this node's own changes (a merge is a new version
 /// here, made at this node's time).
-fn canonical(r: &Registry, ids: &[TwinId]) -> Vec<(String, Value)> {
+pub(crate) fn canonical(r: &Registry, ids: &[TwinId]) -> Vec<(String, Value)> {
     let mut state: Vec<(String, Value)> = ids
         .iter()
         .map(|id| {
@@ -730,7 +730,7 @@ fn bytes(state: &[(String, Value)]) -> Vec<u8> {
 }
 
 /// Where `states` (one per node) differ: each differing field with every node's value.
-fn diff(states: &[Vec<(String, Value)>], report: &mut String) {
+pub(crate) fn diff(states: &[Vec<(String, Value)>], report: &mut String) {
     for (i, (key, first)) in states[0].iter().enumerate() {
         if states.iter().all(|s| s[i].1 == *first) {
             continue;

@@ -17,7 +17,7 @@ pub mod conflict;
 #[cfg(test)]
 mod conflict_tests;
 #[cfg(test)]
-mod convergence_tests;
+pub(crate) mod convergence_tests;
 pub mod digest;
 mod error;
 pub mod feed;

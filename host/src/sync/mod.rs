@@ -24,6 +24,8 @@
 
 pub mod alerts;
 pub mod link;
+#[cfg(test)]
+mod link_convergence_tests;
 pub mod protocol;
 pub mod resolve;
 #[cfg(test)]
