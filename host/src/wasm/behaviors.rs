@@ -610,7 +610,6 @@ impl Behaviors {
         waiting: &mut Vec<Queued>,
     ) {
         let mut seen = std::collections::HashSet::with_capacity(waiting.len());
-        let mut turn = Vec::new();
         let mut events = Vec::new();
         let mut i = 0;
         while i < waiting.len() {
@@ -622,10 +621,10 @@ impl Behaviors {
                 break;
             }
             events.push(self.wit_event(&waiting[i].0, twin_id));
-            turn.push(twin_id);
             i += 1;
         }
-        if events.is_empty() {
+        let n = events.len();
+        if n == 0 {
             return;
         }
         let outs = self
@@ -641,7 +640,6 @@ impl Behaviors {
             Err(e) => {
                 // No slot at all (the server is stopping), or the task running the calls
                 // failed: none of them ran.
-                let n = turn.len();
                 waiting.drain(..n);
                 match e {
                     CallError::Busy(busy) => {
