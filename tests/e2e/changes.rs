@@ -86,7 +86,7 @@ async fn a_format_1_directory_is_upgraded_in_place() {
     let mut s = Server::start_from(unpack_v1, Some(FIXTURE_NODE), &[]);
     assert!(
         s.log()
-            .contains("upgrading the data directory from format 1 to 2"),
+            .contains("upgrading the data directory from format 1 to 3"),
         "{}",
         crate::common::tail(&s.log(), 20)
     );
@@ -391,4 +391,126 @@ async fn relationship_and_model_changes_are_numbered_events() {
         .await
         .body;
     assert_eq!(only["events"].as_array().unwrap().len(), 2, "{only}");
+}
+
+/// Unpack `tests/fixtures/v2-data.tar.gz` (see `make-v2-data.sh`) into `dir`.
+fn unpack_v2(dir: &Path) {
+    let fixture = format!(
+        "{}/../tests/fixtures/v2-data.tar.gz",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let st = Command::new("tar")
+        .args(["xzf", &fixture, "-C"])
+        .arg(dir)
+        .status()
+        .expect("running tar");
+    assert!(st.success(), "tar xzf {fixture}");
+}
+
+/// What the format-2 fixture holds, as the release that wrote it served it.
+async fn check_v2_twins(s: &Server) {
+    let m1 = s.get(&format!("/v1/twins/{M1}")).await;
+    m1.expect(200);
+    assert_eq!(m1.body["properties"]["temperature"], 74, "{}", m1.text);
+    assert_eq!(m1.body["version"], 5);
+    assert_eq!(m1.body["vclock"], json!({"edge-2": 5}));
+    // Numbers keep their kind: a float, and an integer above i64::MAX.
+    let m2 = s.get(&format!("/v1/twins/{M2}")).await.body;
+    assert_eq!(m2["properties"]["counter"], json!(u64::MAX), "{m2}");
+    // Only the write-ahead log held these (the old server was killed with -9).
+    assert_eq!(m2["properties"]["temperature"], 99, "{m2}");
+    s.get(&format!("/v1/twins/{M4}")).await.expect(200);
+    let m3 = s.get(&format!("/v1/twins/{M3}")).await.body;
+    assert_eq!(m3["lifecycle"], "suspended");
+    s.get(&format!("/v1/twins/{D}"))
+        .await
+        .expect_error(404, "not_found");
+    let b = s.get(&format!("/v1/twins/{B}")).await.body;
+    let mut kids: Vec<&str> = b["children_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    kids.sort();
+    assert_eq!(kids, [M1, M2, M3, M4], "{b}");
+    assert_eq!(
+        b["properties"]["site"],
+        json!({"floors": [1, 2.5, "roof"], "open": true, "manager": null}),
+        "{b}"
+    );
+    assert!(b["properties"]["site"]["floors"][1].is_f64());
+    let rels = s.get(&format!("/v1/twins/{M1}/relationships")).await;
+    assert_eq!(rels.body[0]["name"], "feeds", "{}", rels.text);
+    assert_eq!(rels.body[0]["target_id"], M2);
+    assert_eq!(rels.body[0]["properties"], json!({"belt": "A"}));
+    s.get("/v1/models/machine").await.expect(200);
+    let h = s
+        .get(&format!("/v1/twins/{M1}/history/temperature"))
+        .await
+        .body;
+    let points: Vec<f64> = h["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(points, vec![70.0, 71.0, 72.5, 73.0, 74.0]);
+    s.get("/v1/rules/hot").await.expect(200);
+}
+
+/// A data directory of format 2 (twin records as JSON) opens with this build: the same twins,
+/// values, versions, children and relationships, the log tail the old server left replayed;
+/// its records are rewritten in the compact form of format 3 once, and writes and a restart
+/// work as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_2_directory_with_json_records_still_opens() {
+    let mut s = Server::start_from(unpack_v2, Some("edge-2"), &[]);
+    assert!(
+        s.log()
+            .contains("upgrading the data directory from format 2 to 3"),
+        "{}",
+        crate::common::tail(&s.log(), 20)
+    );
+    check_v2_twins(&s).await;
+    let read = std::fs::read_to_string(s.data_dir.join("read.token")).unwrap();
+    s.with_token(read.trim())
+        .get(&format!("/v1/twins/{M1}"))
+        .await
+        .expect(200);
+    let m1 = s.get(&format!("/v1/twins/{M1}?meta=true")).await.body;
+    assert_eq!(m1["meta"]["properties"]["temperature"]["origin"], "edge-2");
+    // Writes after the upgrade, then a clean restart and a crash.
+    s.patch(&format!("/v1/twins/{M1}"), &json!({"temperature": 80.25}))
+        .await
+        .expect(200);
+    let m5 = s
+        .create_twin_id(&json!({"entity_type": "machine", "parent_id": B,
+                                "properties": {"status": "operational", "temperature": 61}}))
+        .await;
+    s.stop().expect("clean stop");
+    s.restart();
+    assert_eq!(
+        s.log()
+            .matches("upgrading the data directory from format 2")
+            .count(),
+        1,
+        "{}",
+        crate::common::tail(&s.log(), 20)
+    );
+    let m1 = s.get(&format!("/v1/twins/{M1}")).await;
+    assert_eq!(m1.body["properties"]["temperature"], 80.25, "{}", m1.text);
+    assert_eq!(m1.body["version"], 6);
+    let b = s.get(&format!("/v1/twins/{B}")).await.body;
+    assert_eq!(b["children_ids"].as_array().unwrap().len(), 5, "{b}");
+    s.patch(&format!("/v1/twins/{m5}"), &json!({"temperature": 62}))
+        .await
+        .expect(200);
+    s.kill9();
+    s.restart();
+    let m5 = s.get(&format!("/v1/twins/{m5}")).await.body;
+    assert_eq!(m5["properties"]["temperature"], 62, "{m5}");
+    assert_eq!(m5["version"], 2);
+    let m2 = s.get(&format!("/v1/twins/{M2}")).await.body;
+    assert_eq!(m2["properties"]["counter"], json!(u64::MAX), "{m2}");
 }

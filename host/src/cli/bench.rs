@@ -15,10 +15,13 @@
 //! 8. sync between two nodes (`sync`): catch-up, latency, replicated updates/s and bytes on
 //!    the wire: see [`sync`];
 //! 9. bulk provisioning (`bulk`) against creates one at a time: see [`bulk`];
-//! 10. periodic simulation and compute calls through the pool (`tick`): see [`tick`].
+//! 10. periodic simulation and compute calls through the pool (`tick`): see [`tick`];
+//! 11. a fleet of `--twins` on a server process of its own (`scale`, only when named in
+//!     `--only`): memory and disk per twin, restart time, updates at that size: see [`scale`].
 
 mod bulk;
 mod events;
+mod scale;
 mod sync;
 mod tick;
 mod workflow;
@@ -79,7 +82,8 @@ pub struct BenchArgs {
     /// Twins per request of the bulk phase.
     #[arg(long, default_value_t = super::import::DEFAULT_IMPORT_BATCH)]
     pub bulk_batch: usize,
-    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules,workflow,tick,sync,bulk).
+    /// Only run these phases (comma separated: inproc,fleet,http,patch,query,seed,wasm,behavior,events,rules,workflow,tick,sync,bulk,scale).
+    /// `scale` runs only when named here.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -815,6 +819,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let r = bulk::bulk_phase(&args).await?;
         eprintln!("  {r}");
         report.insert("bulk".into(), r);
+    }
+    if args.only.iter().any(|o| o == "scale") {
+        eprintln!(
+            "phase: scale: {} twins on a server process of its own",
+            args.twins
+        );
+        let r = scale::scale_phase(&args).await?;
+        eprintln!("  {r}");
+        report.insert("scale".into(), r);
     }
     if want("sync") {
         eprintln!("phase: sync between two nodes over loopback WebSocket");

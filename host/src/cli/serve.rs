@@ -87,6 +87,29 @@ pub struct ServeArgs {
     /// resolvers) may have waiting for a slot; more are refused as busy at once (HTTP 429).
     #[arg(long, env = "TWINHOST_COMPUTE_QUEUE", default_value_t = crate::wasm::pool::DEFAULT_QUEUE_PER_CALLER, value_parser = parse_positive)]
     pub compute_queue: usize,
+    /// sled's page cache, in MiB: what the store keeps of its files in memory beyond the
+    /// twins themselves (which are always in memory, compact).
+    #[arg(long, env = "TWINHOST_CACHE_MB", default_value_t = DEFAULT_CACHE_MB)]
+    pub cache_mb: u64,
+}
+
+/// `--cache-mb` when not given.
+pub const DEFAULT_CACHE_MB: u64 = crate::store::DEFAULT_CACHE_BYTES >> 20;
+
+/// How the store is opened: how often it checkpoints and how much of it sled caches.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreConfig {
+    pub checkpoint_every: Duration,
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            checkpoint_every: crate::store::commit::CHECKPOINT_EVERY,
+            cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+        }
+    }
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -133,20 +156,20 @@ pub async fn open_node(
     node_id: Option<&str>,
     insecure: bool,
     retention: Retention,
-    checkpoint_every: Duration,
+    store_config: StoreConfig,
     event_log: crate::events::LogConfig,
     compute: crate::wasm::PoolConfig,
 ) -> anyhow::Result<Node> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-    let store = Store::open(data_dir)
+    let store = Store::open_with_cache(data_dir, store_config.cache_bytes)
         .with_context(|| {
             format!(
                 "opening the store in {} (is another twinhost using it?)",
                 data_dir.display()
             )
         })?
-        .with_checkpoint_every(checkpoint_every);
+        .with_checkpoint_every(store_config.checkpoint_every);
     let node_id = resolve_node_id(&store, node_id)?;
     let registry = Registry::open(&store, &node_id)?;
     let events = crate::events::EventLog::open(store.clone(), &registry, &node_id, event_log)?;
@@ -235,7 +258,7 @@ pub async fn open_default_node(
         Some(node_id),
         insecure,
         Retention::default(),
-        crate::store::commit::CHECKPOINT_EVERY,
+        StoreConfig::default(),
         crate::events::LogConfig::default(),
         crate::wasm::PoolConfig::default(),
     )
@@ -279,7 +302,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.node_id.as_deref(),
         args.insecure_no_auth,
         retention,
-        args.checkpoint_every,
+        StoreConfig {
+            checkpoint_every: args.checkpoint_every,
+            cache_bytes: args.cache_mb.saturating_mul(1 << 20),
+        },
         crate::events::LogConfig {
             tail: args.event_tail,
             max_age: args.event_max_age,

@@ -45,8 +45,12 @@ impl Registry {
             };
             for (i, n) in items.into_iter().enumerate() {
                 let existing = match (upsert, n.id) {
-                    (true, Some(id)) => this.inner.twins.0.get(&id).map(|t| {
-                        (id, t.entity_type == n.entity_type, t.parent_id)
+                    (true, Some(id)) => this.inner.twins.with(&id, |b| {
+                        (
+                            id,
+                            crate::types::compact::entity_type_is(b, &n.entity_type),
+                            crate::types::compact::parent_id(b),
+                        )
                     }),
                     _ => None,
                 };

@@ -333,8 +333,8 @@ impl Registry {
         let mut out = Vec::new();
         let mut past = after.is_none();
         for id in ids {
-            // The stored twin itself: no copy, no children to look up.
-            let Some(t) = self.inner.twins.0.get(&id).map(|t| Arc::clone(&t)) else {
+            // The stored twin, decoded (no children to look up).
+            let Some(t) = self.inner.twins.get(&id) else {
                 continue;
             };
             let Some(map) = &t.siblings else { continue };
@@ -373,7 +373,7 @@ impl Registry {
     /// The twin and property of an open conflict.
     pub fn find_conflict(&self, id: &str) -> Option<(Arc<Twin>, String)> {
         self.inner.conflicted.iter().find_map(|e| {
-            let t = self.inner.twins.0.get(&*e).map(|t| Arc::clone(&t))?;
+            let t = Arc::new(self.inner.twins.get(&*e)?);
             let p = t
                 .siblings
                 .as_ref()?

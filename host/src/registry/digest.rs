@@ -78,70 +78,85 @@ fn tombstone_digest(d: &super::Tombstone) -> u64 {
 }
 
 impl Registry {
-    /// Every twin and tombstone, copied out of the maps (no lock is held while they are
-    /// hashed or encoded). Tombstones whose delete is older than half the retention are left
-    /// out: each node drops them at its own time, and comparing them would only send them
-    /// back and forth.
-    fn replicated(&self) -> Vec<FeedItem> {
-        let twins: Vec<Arc<crate::types::Twin>> = self
-            .inner
-            .twins
-            .0
-            .iter()
-            .map(|t| Arc::clone(t.value()))
-            .collect();
-        let rels = self.inner.rels.read();
-        let mut out: Vec<FeedItem> = twins
-            .into_iter()
-            .map(|t| {
-                let r = super::rels::records(rels.get(&t.id));
-                FeedItem::Twin(t, r)
-            })
-            .collect();
-        drop(rels);
+    /// The twins of the buckets `wanted` says, decoded one at a time, each with its
+    /// relationships (no lock is held while they are hashed or encoded).
+    fn replicated_twins(&self, wanted: &[bool], mut each: impl FnMut(FeedItem)) {
+        let ids = self.inner.twins.ids_where(|id, _| wanted[bucket_of(id)]);
+        for id in ids {
+            let Some(t) = self.inner.twins.get(&id) else {
+                continue;
+            };
+            let r = super::rels::records(self.inner.rels.read().get(&id));
+            each(FeedItem::Twin(Arc::new(t), r));
+        }
+    }
+
+    /// The tombstones of the buckets `wanted` says. Those whose delete is older than half
+    /// the retention are left out: each node drops them at its own time, and comparing them
+    /// would only send them back and forth.
+    fn replicated_tombstones(&self, wanted: &[bool]) -> Vec<FeedItem> {
         let half = self.tombstone_retention().as_millis() as u64 / 2;
         let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
         let cutoff = now_ms.saturating_sub(half) << crate::types::HLC_COUNTER_BITS;
-        out.extend(
-            self.inner
-                .tombstones
-                .read()
-                .values()
-                .filter(|d| d.hlc >= cutoff)
-                .map(|d| FeedItem::Tombstone(Arc::clone(d))),
-        );
-        out
-    }
-
-    /// The digest of the replicated state per bucket ([`BUCKETS`] of them). CPU-bound
-    /// (a hash per twin): run it off the async threads.
-    pub fn digest(&self) -> Vec<u64> {
-        self.buckets().into_iter().map(|(d, _)| d).collect()
-    }
-
-    /// The twins and tombstones of every bucket whose digest differs from `theirs` (one
-    /// list per bucket, empty where they agree), in one pass over the state: a caller
-    /// encodes and sends one bucket at a time.
-    pub fn differing_buckets(&self, theirs: &[u64]) -> Vec<Vec<FeedItem>> {
-        self.buckets()
-            .into_iter()
-            .zip(theirs)
-            .map(|((ours, items), t)| if ours == *t { Vec::new() } else { items })
+        self.inner
+            .tombstones
+            .read()
+            .values()
+            .filter(|d| d.hlc >= cutoff && wanted[bucket_of(&d.id)])
+            .map(|d| FeedItem::Tombstone(Arc::clone(d)))
             .collect()
     }
 
-    /// Each bucket's digest and entries.
-    fn buckets(&self) -> Vec<(u64, Vec<FeedItem>)> {
-        let mut out: Vec<(u64, Vec<FeedItem>)> = (0..BUCKETS).map(|_| (0, Vec::new())).collect();
-        for item in self.replicated() {
-            let (id, d) = match &item {
-                FeedItem::Twin(t, rels) => (t.id, twin_digest(t, rels)),
-                FeedItem::Tombstone(t) => (t.id, tombstone_digest(t)),
-            };
-            let (sum, items) = &mut out[bucket_of(&id)];
+    /// The digest of the replicated state per bucket ([`BUCKETS`] of them). CPU-bound
+    /// (a decode and a hash per twin): run it off the async threads. Twins are decoded one
+    /// at a time, so it holds no copy of the state.
+    pub fn digest(&self) -> Vec<u64> {
+        let all = [true; BUCKETS];
+        let mut out = vec![0u64; BUCKETS];
+        let mut add = |item: FeedItem| {
+            let (id, d) = item_digest(&item);
+            let sum = &mut out[bucket_of(&id)];
             *sum = sum.wrapping_add(d);
-            items.push(item);
+        };
+        self.replicated_twins(&all, &mut add);
+        for item in self.replicated_tombstones(&all) {
+            add(item);
         }
         out
+    }
+
+    /// The twins and tombstones of every bucket whose digest differs from `theirs` (one
+    /// list per bucket, empty where they agree): a caller encodes and sends one bucket at a
+    /// time. Only the differing buckets' twins are held.
+    pub fn differing_buckets(&self, theirs: &[u64]) -> Vec<Vec<FeedItem>> {
+        let ours = self.digest();
+        let mut wanted = [false; BUCKETS];
+        for (i, w) in wanted.iter_mut().enumerate() {
+            *w = theirs.get(i) != Some(&ours[i]);
+        }
+        let mut out: Vec<Vec<FeedItem>> = (0..BUCKETS).map(|_| Vec::new()).collect();
+        let mut put = |item: FeedItem| {
+            let id = item_id(&item);
+            out[bucket_of(&id)].push(item);
+        };
+        self.replicated_twins(&wanted, &mut put);
+        for item in self.replicated_tombstones(&wanted) {
+            put(item);
+        }
+        out
+    }
+}
+
+fn item_id(item: &FeedItem) -> TwinId {
+    match item {
+        FeedItem::Twin(t, _) => t.id,
+        FeedItem::Tombstone(t) => t.id,
+    }
+}
+
+fn item_digest(item: &FeedItem) -> (TwinId, u64) {
+    match item {
+        FeedItem::Twin(t, rels) => (t.id, twin_digest(t, rels)),
+        FeedItem::Tombstone(t) => (t.id, tombstone_digest(t)),
     }
 }

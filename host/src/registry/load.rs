@@ -5,14 +5,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use dashmap::DashMap;
-
 use super::{corrupt, feed, Indexes, Model, RegistryError, RelMap, Tombstone, TwinMap};
 use crate::store::wal::from_slice_unbounded;
 use crate::store::{keys, Store, Upgrade};
+use crate::types::compact::{self, Names};
 use crate::types::{hlc_at, Dot, Twin};
 
-/// Twin records rewritten per sled batch by the upgrade from format 1 (bounds its memory).
+/// Twin records rewritten per sled batch by the upgrade from format 1 or 2 (bounds its memory).
 const UPGRADE_CHUNK: usize = 10_000;
 
 /// The highest change number and HLC found so far.
@@ -80,17 +79,21 @@ pub(super) fn load(store: &Store, origin: &Arc<str>) -> Result<Loaded, RegistryE
     })
 }
 
-/// Load every twin and index it; a format-1 directory is upgraded in chunks as it loads.
+/// Load every twin and index it. Records of format 1 and 2 (JSON) are rewritten in the
+/// compact form of format 3 in chunks as they load (format 1's also get their clocks and
+/// change numbers); the directory says format 3 once all are.
 fn load_twins(
     store: &Store,
     origin: &Arc<str>,
     floors: &mut Floors,
 ) -> Result<(Arc<TwinMap>, Indexes), RegistryError> {
-    let twins = Arc::new(TwinMap(DashMap::with_hasher(rustc_hash::FxBuildHasher)));
+    let twins = Arc::new(TwinMap::new());
     let mut index = Indexes::default();
-    let upgrading = store.needs_upgrade();
+    let from = store.format();
+    let upgrading = from < keys::FORMAT_VERSION;
     let mut upgraded = Vec::new();
-    if upgrading {
+    let mut rewritten = 0usize;
+    if from == 1 {
         // Format 1 handed out event numbers below a reservation: continue above it.
         floors.lseq = floors.lseq.max(
             store
@@ -100,36 +103,34 @@ fn load_twins(
     }
     for kv in store.scan_prefix(&[keys::TWIN]) {
         let (k, v) = kv?;
-        let mut t: Twin = from_slice_unbounded(&v).map_err(|e| corrupt(&k, e))?;
-        if upgrading {
+        let id = keys::parse_twin(&k).ok_or_else(|| corrupt(&k, "bad key"))?;
+        let mut t = compact::decode_stored(id, &v).map_err(|e| corrupt(&k, e))?;
+        if from == 1 {
             upgrade_twin(&mut t, origin, floors);
-            upgraded.push((k.to_vec(), t.to_record_bytes()));
+        }
+        if upgrading && v.first() != Some(&compact::TAG) {
+            upgraded.push((k.to_vec(), compact::encode(&t, Names::Inline).into_vec()));
             if upgraded.len() == UPGRADE_CHUNK {
+                rewritten += UPGRADE_CHUNK;
                 store.upgrade_twins(std::mem::take(&mut upgraded))?;
-                if twins.0.len() % (UPGRADE_CHUNK * 20) < UPGRADE_CHUNK {
+                if rewritten % (UPGRADE_CHUNK * 20) == 0 {
                     tracing::info!(
-                        twins = twins.0.len(),
-                        "upgrading from format 1: twins rewritten"
+                        twins = rewritten,
+                        "upgrading from format {from}: twins rewritten"
                     );
                 }
-            }
-        }
-        // One shared origin string for this node's writes instead of one per property.
-        for c in t.clocks.values_mut() {
-            if *c.origin == **origin {
-                c.origin = origin.clone();
             }
         }
         floors.lseq = floors.lseq.max(t.lseq);
         floors.hlc = floors.hlc.max(t.hlc);
         index.insert(&t);
-        twins.0.insert(t.id, Arc::new(t));
+        twins.insert(&t);
     }
     if upgrading {
         tracing::info!(
-            twins = twins.0.len(),
+            twins = twins.len(),
             next_change = floors.lseq + 1,
-            "upgrading the data directory from format 1 to {}",
+            "upgrading the data directory from format {from} to {}",
             keys::FORMAT_VERSION
         );
         store.upgrade_twins(upgraded)?;
@@ -150,4 +151,78 @@ fn upgrade_twin(t: &mut Twin, origin: &Arc<str>, floors: &mut Floors) {
     t.clocks.stamp(t.properties.keys(), t.hlc, origin, dot);
     floors.lseq += 1;
     t.lseq = floors.lseq;
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::registry::{NewTwin, Registry, Update};
+    use crate::store::{keys, Store};
+    use crate::types::compact;
+
+    /// Open the store once the last run's threads have let go of it.
+    async fn reopen(dir: &std::path::Path) -> Store {
+        for _ in 0..500 {
+            if let Ok(s) = Store::open(dir) {
+                return s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the store stays locked")
+    }
+
+    /// A format-2 directory's JSON twin records are read, rewritten in the compact form and
+    /// the directory marked format 3; a checkpoint after a write keeps the compact form.
+    #[tokio::test]
+    async fn json_records_of_format_2_are_rewritten_compact() {
+        let dir = tempfile::tempdir().unwrap();
+        let twin = {
+            let store = Store::open(dir.path()).unwrap();
+            let reg = Registry::open(&store, "node-a").unwrap();
+            let props = json!({"temperature": 70.5, "big": u64::MAX, "nested": {"a": [1, -2]}});
+            let t = reg
+                .create(NewTwin {
+                    entity_type: "machine".into(),
+                    properties: props.as_object().unwrap().clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            reg.shutdown();
+            t
+        };
+        // Turn the directory into what format 2 wrote: JSON records.
+        let store = reopen(dir.path()).await;
+        store
+            .put_durable(&keys::twin(&twin.id), &twin.to_record_bytes())
+            .unwrap();
+        store
+            .put_durable(keys::META_FORMAT_VERSION, &2u64.to_be_bytes())
+            .unwrap();
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert!(store.needs_upgrade());
+        let reg = Registry::open(&store, "node-a").unwrap();
+        assert_eq!(store.format(), keys::FORMAT_VERSION);
+        let rec = store.get(&keys::twin(&twin.id)).unwrap().unwrap();
+        assert_eq!(rec[0], compact::TAG);
+        let back = reg.get(&twin.id).unwrap();
+        assert_eq!(back, twin);
+        reg.patch(Update::new(
+            twin.id,
+            json!({"temperature": 71}).as_object().unwrap().clone(),
+        ))
+        .await
+        .unwrap();
+        reg.shutdown();
+        drop((reg, store));
+        let store = reopen(dir.path()).await;
+        assert!(!store.needs_upgrade());
+        let reg = Registry::open(&store, "node-a").unwrap();
+        let t = reg.get(&twin.id).unwrap();
+        assert_eq!(t.properties["temperature"], json!(71));
+        assert_eq!(t.properties["big"], json!(u64::MAX));
+        assert_eq!(t.version, 2);
+    }
 }

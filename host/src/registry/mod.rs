@@ -29,6 +29,7 @@ pub mod query;
 pub mod rels;
 pub mod remote;
 mod replay;
+mod twins;
 mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -36,7 +37,6 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use dashmap::DashMap;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -48,9 +48,10 @@ pub use feed::{FeedItem, Tombstone, DEFAULT_TOMBSTONE_RETENTION};
 pub use model::Model;
 pub use query::{Page, Query, TwinRef};
 pub use remote::{RemoteChange, RemoteOutcome};
+pub(crate) use twins::TwinMap;
 pub use write::{check_patch, RemoteAlert};
 
-use crate::store::{CommitHandle, Numbering, StateSource, Store, StoreError};
+use crate::store::{CommitHandle, Numbering, Store, StoreError};
 use crate::types::{Cause, Hlc, Lifecycle, Properties, Twin, TwinId};
 
 /// Longest entity type, relationship or property name.
@@ -60,6 +61,10 @@ pub const MAX_PROPERTIES: usize = 4096;
 /// Deepest nesting of arrays and objects inside one property value. Events, history and
 /// the log embed values a few levels deeper, and every reader must be able to parse them back.
 pub const MAX_VALUE_DEPTH: usize = 32;
+/// Most ids a twin's JSON lists in `children_ids` (the first ones, in id order): a parent of
+/// a million machines must not serialize a million ids with every read. All of them are
+/// paged through with a query on `parent_id` (`POST /v1/query`).
+pub const MAX_CHILDREN_LISTED: usize = 1_000;
 /// Deepest hierarchy walked by ancestor queries (guards against corrupted parent chains).
 pub const MAX_DEPTH: usize = 10_000;
 
@@ -332,21 +337,6 @@ impl Indexes {
     }
 }
 
-/// Twins by id. Fx hashing: ids are UUIDs (uniform enough) and this map is on every update.
-///
-/// Twins are shared (`Arc`): readers take a reference instead of copying, and the writer's
-/// `Arc::make_mut` copies a twin only while a reader still holds the old one.
-struct TwinMap(DashMap<TwinId, Arc<Twin>, rustc_hash::FxBuildHasher>);
-
-impl StateSource for TwinMap {
-    fn twin_bytes(&self, id: &TwinId) -> Option<Vec<u8>> {
-        // Serialized outside the shard's lock: the checkpoint thread runs at a lower
-        // priority, and the writer must never wait for it on a twin of the same shard.
-        let twin = self.0.get(id).map(|t| Arc::clone(&t))?;
-        Some(twin.to_record_bytes())
-    }
-}
-
 /// Source → (name, target) → the relationship (or its tombstone), with its clock.
 type RelMap = BTreeMap<TwinId, BTreeMap<(String, TwinId), rels::RelState>>;
 
@@ -454,9 +444,9 @@ impl Registry {
             // Twins a format-1 log tail created get their number now (the first checkpoint
             // writes them, dirty from the replay).
             for id in r.unnumbered {
-                if let Some(mut t) = twins.0.get_mut(&id).filter(|t| t.lseq == 0) {
+                if let Some(mut t) = twins.get_mut(&id).filter(|t| t.lseq == 0) {
                     lseq_floor += 1;
-                    Arc::make_mut(&mut *t).lseq = lseq_floor;
+                    t.lseq = lseq_floor;
                 }
             }
             batch
@@ -467,9 +457,8 @@ impl Registry {
         };
         let feed = feed::Feed::build(
             twins
-                .0
-                .iter()
-                .map(|t| (t.lseq, t.id))
+                .numbered()
+                .into_iter()
                 .chain(tombstones.values().map(|d| (d.lseq, d.id)))
                 .collect(),
         );
@@ -486,10 +475,8 @@ impl Registry {
                 durable: Arc::new(tokio::sync::watch::Sender::new(lseq_floor)),
                 remote_model_mismatches: Default::default(),
                 conflicted: twins
-                    .0
-                    .iter()
-                    .filter(|t| t.siblings.is_some())
-                    .map(|t| t.id)
+                    .ids_where(|_, b| crate::types::compact::has_siblings(b))
+                    .into_iter()
                     .collect(),
                 twins,
                 index: RwLock::new(index),
@@ -515,13 +502,9 @@ impl Registry {
     pub async fn repair(&self) -> Result<usize, RegistryError> {
         let orphans: Vec<TwinId> = {
             let idx = self.inner.index.read();
-            self.inner
-                .twins
-                .0
-                .iter()
-                .filter(|t| t.parent_id.is_some_and(|p| !idx.all.contains(&p)))
-                .map(|t| t.id)
-                .collect()
+            self.inner.twins.ids_where(|_, b| {
+                crate::types::compact::parent_id(b).is_some_and(|p| !idx.all.contains(&p))
+            })
         };
         let mut n = 0;
         for id in orphans {
@@ -609,13 +592,16 @@ impl Registry {
                 let twin = self
                     .inner
                     .twins
-                    .0
-                    .get(&id)
-                    .filter(|t| t.lseq == lseq)
-                    .map(|t| Arc::clone(&t));
+                    .with(&id, |b| {
+                        (crate::types::compact::lseq(b) == lseq)
+                            .then(|| crate::types::compact::decode(id, b))
+                    })
+                    .flatten()
+                    .transpose()
+                    .expect("a twin blob encoded by this process decodes");
                 if let Some(t) = twin {
                     let rels = self.relationship_records(&id);
-                    out.push(FeedItem::Twin(t, rels));
+                    out.push(FeedItem::Twin(Arc::new(t), rels));
                 } else if let Some(d) = self.tombstone(&id).filter(|d| d.lseq == lseq) {
                     out.push(FeedItem::Tombstone(d));
                 }
@@ -639,7 +625,7 @@ impl Registry {
     }
 
     pub fn twin_count(&self) -> usize {
-        self.inner.twins.0.len()
+        self.inner.twins.len()
     }
 
     /// Requests waiting for the group-commit writer.
@@ -678,7 +664,7 @@ impl Registry {
 
     fn with_children(&self, mut t: Twin) -> Twin {
         if let Some(kids) = self.inner.index.read().children.get(&t.id) {
-            t.children_ids = kids.clone();
+            t.children_ids = kids.iter().take(MAX_CHILDREN_LISTED).copied().collect();
         }
         t
     }
@@ -709,20 +695,25 @@ impl Registry {
         let t = self
             .inner
             .twins
-            .0
             .get(id)
-            .map(|t| (**t).clone())
             .ok_or_else(|| RegistryError::twin_not_found(id))?;
         Ok(self.with_children(t))
     }
 
     pub fn children(&self, id: &TwinId) -> Result<Vec<Twin>, RegistryError> {
-        self.get(id).map(|t| {
-            t.children_ids
-                .iter()
-                .filter_map(|c| self.get(c).ok())
-                .collect()
-        })
+        if !self.inner.twins.contains(id) {
+            return Err(RegistryError::twin_not_found(id));
+        }
+        // Every child, not only the ones a twin's `children_ids` lists.
+        let ids: Vec<TwinId> = self
+            .inner
+            .index
+            .read()
+            .children
+            .get(id)
+            .map(|kids| kids.iter().copied().collect())
+            .unwrap_or_default();
+        Ok(ids.iter().filter_map(|c| self.get(c).ok()).collect())
     }
 
     /// Ancestors, nearest first.
@@ -814,9 +805,14 @@ impl Registry {
                 resume = Some(*id);
                 break;
             }
-            let matched = match self.inner.twins.0.get(id) {
-                Some(t) if from_type_index && q.matches_props(&t) => Arc::clone(&t),
-                Some(t) if !from_type_index && q.matches(&t) => Arc::clone(&t),
+            // Matched on the blob (only the properties asked about are decoded); only a
+            // match is decoded whole.
+            let matched = self.inner.twins.with(id, |b| {
+                q.matches_compact(b, !from_type_index)
+                    .then(|| crate::types::compact::decode(*id, b))
+            });
+            let matched = match matched {
+                Some(Some(t)) => Arc::new(t.expect("a twin blob encoded by this process decodes")),
                 _ => continue,
             };
             if walk_to.is_some_and(|a| !self.has_ancestor(&matched, a)) {
@@ -826,7 +822,12 @@ impl Registry {
                 resume = items.last().map(|t: &TwinRef| t.twin.id);
                 break;
             }
-            let children_ids = idx.children.get(&matched.id).cloned().unwrap_or_default();
+            let children_ids = idx
+                .children
+                .get(&matched.id)
+                .map_or_else(Default::default, |k| {
+                    k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
+                });
             items.push(TwinRef {
                 twin: matched,
                 children_ids,
@@ -857,7 +858,7 @@ impl Registry {
         for _ in 0..MAX_DEPTH {
             match cur {
                 Some(p) if p == a => return true,
-                Some(p) => cur = self.inner.twins.0.get(&p).and_then(|x| x.parent_id),
+                Some(p) => cur = self.inner.twins.parent_id(&p).flatten(),
                 None => return false,
             }
         }

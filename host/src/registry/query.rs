@@ -188,6 +188,38 @@ impl Query {
     }
 }
 
+impl Query {
+    /// [`Query::matches`] on a twin's compact blob, decoding only the properties the query
+    /// names; with `check_type` false, [`Query::matches_props`].
+    pub fn matches_compact(&self, b: &[u8], check_type: bool) -> bool {
+        use crate::types::compact;
+        if let Some(p) = self.parent_id {
+            if compact::parent_id(b) != Some(p) {
+                return false;
+            }
+        }
+        if let Some(et) = self.entity_type.as_deref().filter(|_| check_type) {
+            if !compact::entity_type_is(b, et) {
+                return false;
+            }
+        }
+        if self.properties.is_empty() && self.conditions.is_empty() {
+            return true;
+        }
+        let Ok(props) = compact::Props::of(b) else {
+            return false;
+        };
+        for (k, v) in &self.properties {
+            if !props.get(k).is_some_and(|x| json_eq(&x, v)) {
+                return false;
+            }
+        }
+        self.conditions
+            .iter()
+            .all(|c| condition_holds(c, props.get(&c.property).as_ref()))
+    }
+}
+
 fn condition_holds(c: &Condition, actual: Option<&Value>) -> bool {
     match c.op {
         Op::Exists => actual.is_some() != (c.value == Value::Bool(false)),

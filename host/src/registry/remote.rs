@@ -300,7 +300,7 @@ impl Registry {
             put_tombstone(b, &mut tombstones, tomb);
             return Step::Changed;
         }
-        let Some(t) = self.inner.twins.0.get(&id).map(|t| Arc::clone(&t)) else {
+        let Some(t) = self.inner.twins.get(&id) else {
             // Never seen here: remember the delete, so an older write arriving later does
             // not bring the twin back.
             let stamp = b.stamp(None);
@@ -328,7 +328,7 @@ impl Registry {
         if !survives {
             let mut idx = self.inner.index.write();
             let stamp = b.stamp(None);
-            self.inner.twins.0.remove(&id);
+            self.inner.twins.remove(&id);
             self.inner.conflicted.remove(&id);
             self.inner.rels.write().remove(&id);
             idx.remove(&t);
@@ -364,7 +364,7 @@ impl Registry {
             return Step::Changed;
         }
         drop(tombstones);
-        let mut nt = (*t).clone();
+        let mut nt = t.clone();
         let mut patch = Properties::new();
         outlive_delete(&mut nt, rc.hlc, &mut patch);
         let policy = self.policy_for(&nt.entity_type);
@@ -395,7 +395,7 @@ impl Registry {
         let mut tombstones = self.inner.tombstones.write();
         let tomb = tombstones.get(&id).cloned();
         let tomb_hlc = tomb.as_ref().map(|d| d.hlc);
-        let current = self.inner.twins.0.get(&id).map(|t| Arc::clone(&t));
+        let current = self.inner.twins.get(&id);
         // Only writes after every delete seen here or there count: against a tombstone, or a
         // twin that outlived a delete.
         let floor = tomb_hlc
@@ -404,7 +404,7 @@ impl Registry {
             .max(rc.deleted_hlc);
         let after_delete = |c: &PropClock| c.hlc > floor;
         let mut nt = match &current {
-            Some(t) => (**t).clone(),
+            Some(t) => t.clone(),
             None => {
                 if let Some(d) = tomb.as_ref().filter(|_| {
                     rc.hlc <= floor
@@ -493,7 +493,7 @@ impl Registry {
             Some(t) if identity_changed => self.inner.index.write().reidentify(t, &nt),
             Some(_) => {}
         }
-        self.finish_remote(nt, current.as_deref(), patch, notes, b, out, &stamp);
+        self.finish_remote(nt, current.as_ref(), patch, notes, b, out, &stamp);
         self.apply_rels(id, rel_merge, b, out);
         Step::Changed
     }
@@ -604,7 +604,7 @@ impl Registry {
         if !notes.is_empty() {
             self.conflict_events(b, out, &nt, notes);
         }
-        self.inner.twins.0.insert(nt.id, Arc::new(nt));
+        self.inner.twins.insert(&nt);
     }
 }
 

@@ -174,7 +174,7 @@ impl Replay<'_> {
             self.b.mark_dirty(id);
         }
         if let Some(s) = st {
-            let c = self.twins.0.get(&id).map(|t| {
+            let c = self.twins.get(&id).map(|t| {
                 let mut c = change(ChangeKind::Updated, &t, patch, ts, &s, &origin);
                 c.version = version;
                 c
@@ -199,7 +199,7 @@ impl Replay<'_> {
             c.version = 1;
             self.recovered.push(c);
         }
-        if self.twins.0.contains_key(&t.id) {
+        if self.twins.contains(&t.id) {
             return;
         }
         if t.hlc == 0 {
@@ -210,14 +210,14 @@ impl Replay<'_> {
             self.found.unnumbered.push(t.id);
         }
         self.index.insert(&t);
-        self.twins.0.insert(t.id, Arc::new(t));
+        self.twins.insert(&t);
     }
 
     fn delete(&mut self, id: TwinId) {
         let st = self.stamp.take();
         let tomb = self.tombstone.take().filter(|(t, _)| *t == id);
-        let gone = self.twins.0.remove(&id);
-        if let (Some(s), Some((_, t))) = (&st, &gone) {
+        let gone = self.twins.remove(&id);
+        if let (Some(s), Some(t)) = (&st, &gone) {
             // Without its tombstone (a log older than tombstones) the delete was local.
             let by = match &tomb {
                 Some((_, vclock)) => {
@@ -238,7 +238,7 @@ impl Replay<'_> {
                 &by,
             ));
         }
-        if let Some((_, t)) = gone {
+        if let Some(t) = gone {
             self.index.remove(&t);
         }
         self.b.forget_points(id);
@@ -263,7 +263,7 @@ impl Replay<'_> {
             self.b.mark_dirty(id);
         }
         if let Some(s) = st {
-            let c = self.twins.0.get(&id).map(|t| {
+            let c = self.twins.get(&id).map(|t| {
                 let mut c = change(
                     ChangeKind::Lifecycle,
                     &t,
@@ -283,7 +283,7 @@ impl Replay<'_> {
     /// A merged remote change: the whole state, newer than what sled holds unless a
     /// checkpoint already wrote a later one.
     fn state(&mut self, t: Twin) {
-        let cur = self.twins.0.get(&t.id).map(|cur| Arc::clone(&cur));
+        let cur = self.twins.get(&t.id);
         if let Some(s) = self.stamp.take() {
             let kind = if t.version == 1 {
                 ChangeKind::Created
@@ -302,10 +302,10 @@ impl Replay<'_> {
         let newer = cur.is_none_or(|cur| cur.lseq < t.lseq);
         if newer {
             self.b.mark_dirty(t.id);
-            if !self.twins.0.contains_key(&t.id) {
+            if !self.twins.contains(&t.id) {
                 self.index.insert(&t);
             }
-            self.twins.0.insert(t.id, Arc::new(t));
+            self.twins.insert(&t);
         }
     }
 
@@ -343,13 +343,13 @@ fn replay_change(
     origin: &str,
     f: impl FnOnce(&mut Twin),
 ) -> bool {
-    let Some(mut entry) = twins.0.get_mut(&id) else {
+    let Some(mut entry) = twins.get_mut(&id) else {
         return false;
     };
     if entry.created_at != born {
         return false;
     }
-    let t = Arc::make_mut(&mut *entry);
+    let t = &mut *entry;
     if t.version < version {
         f(t);
         t.version = version;
@@ -432,7 +432,7 @@ mod tests {
         let (entries, _) = wal::read_after(&dir.path().join("wal"), 0).unwrap();
         let mut recovered = Vec::new();
         replay(
-            &TwinMap(Default::default()),
+            &TwinMap::new(),
             &mut Indexes::default(),
             &Arc::from("here"),
             entries,

@@ -84,11 +84,7 @@ pub(super) fn change(
 
 impl Registry {
     fn is_retired(&self, id: &TwinId) -> bool {
-        self.inner
-            .twins
-            .0
-            .get(id)
-            .is_some_and(|t| t.lifecycle == Lifecycle::Retired)
+        self.inner.twins.lifecycle(id) == Some(Lifecycle::Retired)
     }
 }
 
@@ -172,14 +168,14 @@ impl Registry {
         if self.inner.feed.lock().len() <= 1 << 16 {
             return;
         }
-        let live = self.inner.twins.0.len() + self.inner.tombstones.read().len();
+        let live = self.inner.twins.len() + self.inner.tombstones.read().len();
         let mut feed = self.inner.feed.lock();
         if !feed.wants_compaction(live) {
             return;
         }
         let tombstones = self.inner.tombstones.read();
         feed.compact(|lseq, id| {
-            self.inner.twins.0.get(&id).is_some_and(|t| t.lseq == lseq)
+            self.inner.twins.lseq(&id) == Some(lseq)
                 || tombstones.get(&id).is_some_and(|d| d.lseq == lseq)
         });
     }
@@ -270,7 +266,7 @@ impl Registry {
             let now = Utc::now();
             items
                 .into_iter()
-                .map(|n| this.create_one(n, now, b, changes).map(|t| (*t).clone()))
+                .map(|n| this.create_one(n, now, b, changes))
                 .collect()
         })
         .await
@@ -284,7 +280,7 @@ impl Registry {
         now: DateTime<Utc>,
         b: &mut Batch,
         changes: &mut Vec<Change>,
-    ) -> Result<Arc<Twin>, RegistryError> {
+    ) -> Result<Twin, RegistryError> {
         check_name("entity type", &n.entity_type)?;
         n.properties.retain(|_, v| !v.is_null());
         if n.properties.len() > MAX_PROPERTIES {
@@ -360,8 +356,7 @@ impl Registry {
                 &self.inner.origin,
             ));
         }
-        let twin = Arc::new(twin);
-        self.inner.twins.0.insert(id, twin.clone());
+        self.inner.twins.insert(&twin);
         Ok(twin)
     }
 
@@ -419,28 +414,26 @@ impl Registry {
         let mut entry = self
             .inner
             .twins
-            .0
             .get_mut(&u.twin_id)
             .ok_or_else(|| RegistryError::twin_not_found(u.twin_id))?;
-        let t = Arc::make_mut(&mut *entry);
-        if t.lifecycle == Lifecycle::Retired && !settling {
+        if entry.lifecycle == Lifecycle::Retired && !settling {
             return Err(RegistryError::Conflict(format!(
                 "twin {} is retired and refuses updates",
                 u.twin_id
             )));
         }
-        if let Some(expected) = u.if_match {
-            if expected != t.version {
-                return Err(RegistryError::VersionMismatch {
-                    expected,
-                    current: t.version,
-                });
-            }
+        if let Some(expected) = u.if_match.filter(|e| *e != entry.version) {
+            return Err(RegistryError::VersionMismatch {
+                expected,
+                current: entry.version,
+            });
         }
         if u.patch.is_empty() {
             // `{}` changes nothing: no new version, no event.
-            return Ok(want_twin.then(|| t.clone()));
+            return Ok(want_twin.then(|| entry.clone()));
         }
+        // Borrowed mutably from here: the guard re-encodes the twin when it goes.
+        let t = &mut *entry;
         if let Some(m) = self.model_for(&t.entity_type) {
             m.validate_patch(&u.patch)?;
         }
@@ -514,7 +507,7 @@ impl Registry {
             let doomed: BTreeSet<TwinId> = below.into_iter().chain([id]).collect();
             for d in &doomed {
                 let stamp = b.stamp(None);
-                if let Some((_, t)) = this.inner.twins.0.remove(d) {
+                if let Some(t) = this.inner.twins.remove(d) {
                     idx.remove(&t);
                     this.inner.conflicted.remove(d);
                     let mut vclock = t.vclock.clone();
@@ -561,18 +554,17 @@ impl Registry {
                 let mut entry = this
                     .inner
                     .twins
-                    .0
                     .get_mut(&id)
                     .ok_or_else(|| RegistryError::twin_not_found(id))?;
                 if entry.lifecycle == state {
-                    return Ok((**entry).clone());
+                    return Ok(entry.clone());
                 }
-                let t = Arc::make_mut(&mut *entry);
-                if t.lifecycle == Lifecycle::Retired {
+                if entry.lifecycle == Lifecycle::Retired {
                     return Err(RegistryError::Conflict(format!(
                         "twin {id} is retired; retirement is final"
                     )));
                 }
+                let t = &mut *entry;
                 let now = Utc::now();
                 let stamp = b.stamp(None);
                 t.lifecycle = state;
@@ -772,8 +764,8 @@ impl Registry {
         state: RelState,
     ) -> Option<RelState> {
         b.put(keys::rel(&src, &target, &name), rels::encode(&state));
-        if let Some(mut entry) = self.inner.twins.0.get_mut(&src) {
-            let t = Arc::make_mut(&mut *entry);
+        if let Some(mut entry) = self.inner.twins.get_mut(&src) {
+            let t = &mut *entry;
             t.lseq = stamp.lseq;
             b.state(t);
             b.numbered(stamp.lseq, src);
@@ -932,7 +924,7 @@ pub(super) fn rel_change(
     stamp: &Stamp,
     origin: &Arc<str>,
 ) -> Change {
-    let et = twins.0.get(&src).map(|t| t.entity_type.clone());
+    let et = twins.entity_type(&src);
     Change::config(
         ChangeKind::Relationship,
         Some(src),

@@ -100,6 +100,9 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
                         .sum(),
                     Ordering::Relaxed,
                 );
+                if ck.dirty.len() >= TRIM_AFTER_TWINS {
+                    give_back_memory();
+                }
                 tracing::debug!(
                     upto = ck.upto,
                     twins = ck.dirty.len(),
@@ -126,6 +129,29 @@ fn lower_priority() {
         libc::setpriority(libc::PRIO_PROCESS, tid, CHECKPOINT_NICE);
     }
 }
+
+/// Checkpoints that wrote at least this many twins hand freed memory back to the system
+/// afterwards: a big one (a bulk load, the first after an upgrade) frees many buffers at
+/// once, which glibc would otherwise keep as resident memory. Small ones skip it, since
+/// trimming walks the whole heap.
+const TRIM_AFTER_TWINS: usize = TWIN_BATCH;
+
+/// Return free heap memory to the system (glibc keeps it otherwise), so resident memory
+/// drops back after a big checkpoint.
+fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers and only releases memory malloc holds free.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Twin records per sled batch: a checkpoint of a million twins stages ten thousand at a
+/// time instead of all of them (bounded memory). The batches before the last are not atomic
+/// with the checkpoint's marker; a crash between them leaves sled with twins newer than the
+/// marker, which the log replay recognises (it applies a logged change only to an older
+/// version of the twin).
+pub(super) const TWIN_BATCH: usize = 10_000;
 
 /// Nice value of the checkpoint thread.
 const CHECKPOINT_NICE: libc::c_int = 10;
@@ -166,16 +192,21 @@ fn write_checkpoint(
         }
     }
     let mut present: HashSet<TwinId, FxBuildHasher> = HashSet::default();
-    for id in &ck.dirty {
+    let mut twins = sled::Batch::default();
+    for (i, id) in ck.dirty.iter().enumerate() {
+        if i > 0 && i % TWIN_BATCH == 0 {
+            db.apply_batch(std::mem::take(&mut twins))?;
+        }
         let key = keys::twin(id);
         match source.twin_bytes(id) {
             Some(bytes) => {
                 present.insert(*id);
-                b.insert(&key[..], bytes);
+                twins.insert(&key[..], bytes);
             }
-            None => b.remove(&key[..]),
+            None => twins.remove(&key[..]),
         }
     }
+    db.apply_batch(twins)?;
     let seq = ck.upto.to_be_bytes();
     // Samples per twin, from every map this checkpoint covers.
     let mut per_twin: HashMap<TwinId, Vec<&Sample>, FxBuildHasher> = HashMap::default();

@@ -35,7 +35,10 @@ pub const TOMBSTONE: u8 = b'd';
 /// change has a change number in the write-ahead log (which numbers the events); the
 /// checkpoint records the highest change number and HLC it covers. Format 1 (no clocks, event
 /// numbers from a reservation) is upgraded in place on open.
-pub const FORMAT_VERSION: u64 = 2;
+///
+/// 3: twin records are the compact binary form (`types::compact`, names spelled out) instead
+/// of JSON. Formats 1 and 2 are upgraded in place on open (the log's records stay JSON).
+pub const FORMAT_VERSION: u64 = 3;
 pub const META_FORMAT_VERSION: &[u8] = b"xformat_version";
 pub const META_NODE_ID: &[u8] = b"xnode_id";
 /// Number of the last write-ahead-log segment whose changes are all in sled.
@@ -70,6 +73,14 @@ pub fn twin(id: &TwinId) -> [u8; 17] {
     k[0] = TWIN;
     k[1..].copy_from_slice(id.as_bytes());
     k
+}
+
+/// The id of a twin record's key.
+pub fn parse_twin(key: &[u8]) -> Option<TwinId> {
+    match key {
+        [TWIN, id @ ..] => uuid::Uuid::from_slice(id).ok().map(TwinId),
+        _ => None,
+    }
 }
 
 pub fn tombstone(id: &TwinId) -> [u8; 17] {

@@ -30,7 +30,7 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error(
         "the data directory has format version {found}, this build reads versions 1 to {expected} \
-         (and upgrades 1 in place); use a newer twinhost release or a new --data-dir"
+         (and upgrades older ones in place); use a newer twinhost release or a new --data-dir"
     )]
     FormatVersion { found: u64, expected: u64 },
     /// A file of the data directory could not be read or written; `what` names it.
@@ -81,6 +81,9 @@ pub struct Store {
     config: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// sled's page cache when no size is given (`serve --cache-mb` sets it).
+pub const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+
 /// What [`Store::recover`] found after the last checkpoint.
 pub struct Recovered {
     /// The log entries after the checkpoint, in order, for the registry to replay.
@@ -98,17 +101,24 @@ pub struct Upgrade {
 }
 
 impl Store {
-    /// Open (or create) the database under `dir`, checking the format version. A format-1
-    /// directory opens for the registry to upgrade ([`Store::needs_upgrade`]).
+    /// Open (or create) the database under `dir` with sled's default cache
+    /// ([`DEFAULT_CACHE_BYTES`]); see [`Store::open_with_cache`].
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Open (or create) the database under `dir`, checking the format version, with a
+    /// page cache of `cache_bytes` (`serve --cache-mb`). A directory of an older format
+    /// opens for the registry to upgrade ([`Store::needs_upgrade`]).
     ///
     /// # Errors
     /// [`StoreError::FormatVersion`] for a format this build cannot read; sled and I/O errors.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir.join("db"))
             // Group commit flushes explicitly; sled's own periodic flush is only a backstop.
             .flush_every_ms(Some(1000))
-            .cache_capacity(512 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .open()?;
         let format = match db.get(keys::META_FORMAT_VERSION)? {
             Some(v) => {
@@ -118,7 +128,7 @@ impl Store {
                         reason: "not 8 bytes".into(),
                     }
                 })?;
-                if found != keys::FORMAT_VERSION && found != 1 {
+                if !(1..=keys::FORMAT_VERSION).contains(&found) {
                     return Err(StoreError::FormatVersion {
                         found,
                         expected: keys::FORMAT_VERSION,
@@ -150,15 +160,21 @@ impl Store {
         })
     }
 
-    /// Whether this is a format-1 directory the registry must upgrade before writing.
+    /// Whether this is a directory of an older format the registry must upgrade before
+    /// writing.
     pub fn needs_upgrade(&self) -> bool {
-        self.format.load(std::sync::atomic::Ordering::Relaxed) == 1
+        self.format() < keys::FORMAT_VERSION
     }
 
-    /// Write a chunk of twin records rewritten by the upgrade from format 1. Until
-    /// [`Store::finish_upgrade`] the directory stays format 1: a crash in between leaves
-    /// records of both shapes, which the current one reads, and the upgrade, which derives
-    /// the same clocks and numbers from the same data, runs again.
+    /// The format version of the directory (the one found on open until an upgrade ends).
+    pub fn format(&self) -> u64 {
+        self.format.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Write a chunk of twin records rewritten by the upgrade from format 1 or 2. Until
+    /// [`Store::finish_upgrade`] the directory keeps its old format: a crash in between
+    /// leaves records of both shapes, which the current one reads, and the upgrade, which
+    /// derives the same clocks and numbers from the same data, runs again.
     pub fn upgrade_twins(&self, chunk: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), StoreError> {
         let mut b = sled::Batch::default();
         for (k, v) in chunk {
@@ -168,7 +184,7 @@ impl Store {
         Ok(())
     }
 
-    /// Finish the upgrade from format 1 once every twin is rewritten: the numbering floor and
+    /// Finish the upgrade from format 1 or 2 once every twin is rewritten: the numbering floor and
     /// the new format version, flushed after the rewritten records.
     pub fn finish_upgrade(&self, up: Upgrade) -> Result<(), StoreError> {
         self.db.flush()?;

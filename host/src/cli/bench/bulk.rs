@@ -71,7 +71,7 @@ fn machine(i: usize, building: TwinId) -> Value {
 /// `twins` items as NDJSON bodies of `batch` items: buildings among them, each before its
 /// machines and in the same body (a body opens with a building), so bodies sent at once by
 /// several clients do not depend on each other.
-fn bodies(twins: usize, batch: usize) -> Vec<bytes::Bytes> {
+pub(super) fn bodies(twins: usize, batch: usize) -> Vec<bytes::Bytes> {
     let mut out = Vec::new();
     let mut body = String::new();
     let (mut building, mut in_body, mut in_building, mut machines) = (TwinId::new_v7(), 0, 0, 0);

@@ -4,6 +4,9 @@
 //! `parent_id`, `children_ids`, `lifecycle`, `created_at`, `updated_at`). They carry no
 //! behaviour beyond small helpers, so every subsystem can depend on them.
 
+pub mod compact;
+pub mod intern;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
@@ -338,24 +341,10 @@ pub type Siblings = Option<Box<BTreeMap<String, Vec<Sibling>>>>;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Clocks(Vec<(std::sync::Arc<str>, PropClock)>);
 
-/// Distinct property names shared by every twin's clocks, up to [`MAX_SHARED_NAMES`]; past
-/// that each twin keeps its own copy (the set is never trimmed, so it must stay bounded).
+/// Property names are shared through the interner (one copy of each name for all twins).
 fn shared_name(name: &str) -> std::sync::Arc<str> {
-    use std::sync::{Arc, LazyLock};
-    static NAMES: LazyLock<dashmap::DashMap<Box<str>, Arc<str>, rustc_hash::FxBuildHasher>> =
-        LazyLock::new(Default::default);
-    if let Some(n) = NAMES.get(name) {
-        return n.clone();
-    }
-    let n: Arc<str> = Arc::from(name);
-    if NAMES.len() < MAX_SHARED_NAMES {
-        NAMES.insert(name.into(), n.clone());
-    }
-    n
+    intern::shared(name)
 }
-
-/// Most property names [`Clocks`] share.
-const MAX_SHARED_NAMES: usize = 100_000;
 
 impl Clocks {
     pub fn new() -> Clocks {
@@ -547,7 +536,9 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl Twin {
-    /// Serialize the persisted fields (children are derived on load).
+    /// Serialize the persisted fields (children are derived on load): the record of formats
+    /// 1 and 2 (the tests make such records).
+    #[cfg(test)]
     pub(crate) fn to_record_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(128);
         self.write_record(&mut out);

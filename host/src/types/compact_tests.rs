@@ -1,0 +1,223 @@
+use super::*;
+use proptest::prelude::*;
+use serde_json::json;
+
+fn machine() -> Twin {
+    let now = DateTime::from_timestamp(1_780_000_000, 123_456_789).unwrap();
+    let origin: Arc<str> = Arc::from("edge-1");
+    let mut t = Twin {
+        id: TwinId::new_v7(),
+        entity_type: "machine".into(),
+        properties: json!({
+            "temperature": 71.5, "status": "operational", "rpm": 1200,
+            "vibration": 0.37, "line": "A"
+        })
+        .as_object()
+        .unwrap()
+        .clone(),
+        version: 6,
+        vclock: BTreeMap::from([("edge-1".to_owned(), 6)]),
+        parent_id: Some(TwinId::new_v7()),
+        children_ids: BTreeSet::new(),
+        lifecycle: Lifecycle::Active,
+        created_at: now,
+        updated_at: now + chrono::Duration::milliseconds(4_321),
+        hlc: 116_654_080_000 << 16,
+        lseq: 41,
+        clocks: Clocks::new(),
+        deleted_hlc: 0,
+        siblings: None,
+    };
+    let names: Vec<String> = t.properties.keys().cloned().collect();
+    t.clocks
+        .stamp(&names, t.hlc - 5, &origin, crate::types::Dot { n: 6, v: 6 });
+    t
+}
+
+#[test]
+fn a_machine_twin_round_trips_in_about_140_bytes() {
+    let t = machine();
+    let b = encode(&t, Names::Interned);
+    assert!(b.len() <= 150, "{} bytes", b.len());
+    assert_eq!(decode(t.id, &b).unwrap(), t);
+    let disk = encode(&t, Names::Inline);
+    assert_eq!(decode(t.id, &disk).unwrap(), t);
+    assert_eq!(decode_stored(t.id, &disk).unwrap(), t);
+    // The JSON record of formats 1 and 2 still reads.
+    assert_eq!(decode_stored(t.id, &t.to_record_bytes()).unwrap(), t);
+}
+
+#[test]
+fn the_head_reads_without_decoding() {
+    let mut t = machine();
+    t.lifecycle = Lifecycle::Suspended;
+    let b = encode(&t, Names::Interned);
+    assert_eq!(lseq(&b), 41);
+    assert_eq!(hlc(&b), t.hlc);
+    assert_eq!(lifecycle(&b), Lifecycle::Suspended);
+    assert_eq!(parent_id(&b), t.parent_id);
+    assert_eq!(entity_type(&b), "machine");
+    assert!(!has_siblings(&b));
+    let props = Props::of(&b).unwrap();
+    assert_eq!(props.get("rpm"), Some(json!(1200)));
+    assert_eq!(props.get("line"), Some(json!("A")));
+    assert_eq!(props.get("nope"), None);
+    t.parent_id = None;
+    assert_eq!(parent_id(&encode(&t, Names::Interned)), None);
+}
+
+#[test]
+fn numbers_keep_their_kind_and_every_odd_part_comes_back() {
+    let mut t = machine();
+    t.properties = json!({
+        "u": u64::MAX, "big": (i64::MAX as u64) + 1, "neg": i64::MIN, "minus1": -1,
+        "zero": 0, "small": 111, "edge": 112, "float_int": 70.0, "tiny": 1e-300, "neg0": -0.0,
+        "f32": 0.5, "pi": std::f64::consts::PI,
+        "nested": {"z": [1, [2.5, {"a": null}], "x"], "a": {"b": true, "c": false}},
+        "long": "x".repeat(300), "empty": "", "uni": "żółw 🐢",
+        "arr": []
+    })
+    .as_object()
+    .unwrap()
+    .clone();
+    t.deleted_hlc = 77;
+    t.lifecycle = Lifecycle::Retired;
+    t.vclock.insert("cloud".into(), u64::MAX);
+    let origin: Arc<str> = Arc::from("cloud");
+    t.clocks.insert(
+        "gone",
+        PropClock {
+            hlc: t.hlc + 99,
+            origin: origin.clone(),
+            n: 0,
+            v: 0,
+        },
+    );
+    t.siblings = Some(Box::new(BTreeMap::from([(
+        "temperature".to_owned(),
+        vec![
+            Sibling {
+                value: json!(80),
+                clock: PropClock {
+                    hlc: 1,
+                    origin: origin.clone(),
+                    n: 3,
+                    v: 9,
+                },
+            },
+            Sibling {
+                value: Value::Null,
+                clock: PropClock {
+                    hlc: u64::MAX,
+                    origin,
+                    n: 1,
+                    v: 2,
+                },
+            },
+        ],
+    )])));
+    for names in [Names::Interned, Names::Inline] {
+        let b = encode(&t, names);
+        let back = decode(t.id, &b).unwrap();
+        assert_eq!(back, t);
+        // Integer vs float, exactly.
+        assert!(back.properties["float_int"].is_f64());
+        assert!(back.properties["big"].is_u64());
+        assert!(back.properties["neg"].is_i64());
+        assert_eq!(
+            serde_json::to_string(&back.properties).unwrap(),
+            serde_json::to_string(&t.properties).unwrap()
+        );
+        assert!(has_siblings(&b));
+    }
+}
+
+#[test]
+fn corrupt_bytes_are_an_error_not_a_panic() {
+    let t = machine();
+    let b = encode(&t, Names::Inline);
+    for cut in 0..b.len() {
+        assert!(decode(t.id, &b[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut bad = b.to_vec();
+    bad.push(0);
+    assert!(decode(t.id, &bad).is_err());
+    assert!(decode_stored(t.id, b"{not json").is_err());
+}
+
+fn arb_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<u64>().prop_map(|n| json!(n)),
+        any::<i64>().prop_map(|n| json!(n)),
+        (-1e300f64..1e300).prop_map(|f| json!(f)),
+        any::<f32>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f as f64)),
+        ".{0,40}".prop_map(Value::String),
+        ".{120,200}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-z]{0,6}", inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #[test]
+    fn any_twin_round_trips(
+        props in proptest::collection::btree_map("[a-zA-Z_]{1,12}", arb_value(), 0..8),
+        version in any::<u64>(),
+        lseq in any::<u64>(),
+        hlc in any::<u64>(),
+        clock_hlcs in proptest::collection::vec(any::<u64>(), 0..8),
+        deleted_hlc in any::<u64>(),
+        secs in -10_000_000_000i64..10_000_000_000,
+        nanos in 0u32..1_000_000_000,
+        later in -1_000_000i64..1_000_000_000,
+        life in 0u8..3,
+        parent in any::<bool>(),
+        sib in proptest::option::of(arb_value()),
+    ) {
+        let mut t = machine();
+        t.properties = props.into_iter().collect();
+        t.version = version;
+        t.lseq = lseq;
+        t.hlc = hlc;
+        t.deleted_hlc = deleted_hlc;
+        t.created_at = DateTime::from_timestamp(secs, nanos).unwrap();
+        t.updated_at = DateTime::from_timestamp(secs + later, nanos / 2).unwrap();
+        t.lifecycle = lifecycle_of(life).unwrap();
+        if !parent {
+            t.parent_id = None;
+        }
+        t.clocks = Clocks::new();
+        for (i, h) in clock_hlcs.iter().enumerate() {
+            t.clocks.insert(&format!("p{i}"), PropClock { hlc: *h, origin: Arc::from(format!("n{i}").as_str()), n: i as u64, v: *h >> 3 });
+        }
+        t.siblings = sib.map(|v| Box::new(BTreeMap::from([("p0".to_owned(), vec![
+            Sibling { value: v, clock: PropClock { hlc: 1, origin: Arc::from("a"), n: 1, v: 1 } },
+            Sibling { value: Value::Null, clock: PropClock { hlc: 2, origin: Arc::from("b"), n: 1, v: 1 } },
+        ])])));
+        for names in [Names::Interned, Names::Inline] {
+            let b = encode(&t, names);
+            let back = decode(t.id, &b).unwrap();
+            prop_assert_eq!(&back, &t);
+            prop_assert_eq!(
+                serde_json::to_string(&back.properties).unwrap(),
+                serde_json::to_string(&t.properties).unwrap()
+            );
+            prop_assert_eq!(lseq(&b), t.lseq);
+            prop_assert_eq!(hlc(&b), t.hlc);
+            prop_assert_eq!(parent_id(&b), t.parent_id);
+            let p = Props::of(&b).unwrap();
+            for (k, v) in &t.properties {
+                prop_assert_eq!(p.get(k).as_ref(), Some(v));
+            }
+        }
+    }
+}
