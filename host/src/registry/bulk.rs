@@ -211,4 +211,47 @@ mod tests {
         );
         reg.shutdown();
     }
+
+    /// A twin's JSON lists at most [`crate::registry::MAX_CHILDREN_LISTED`] children (the
+    /// first in id order); the children call and a query on `parent_id` give every one.
+    #[tokio::test]
+    async fn a_parent_lists_its_first_thousand_children_and_queries_page_through_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, _) = open(dir.path());
+        let building = TwinId::new_v7();
+        let mut items = vec![NewTwin {
+            id: Some(building),
+            entity_type: "building".into(),
+            ..Default::default()
+        }];
+        let n = crate::registry::MAX_CHILDREN_LISTED + 234;
+        items.extend((0..n).map(|i| machine(None, Some(building), json!({"i": i}))));
+        let out = reg.provision(items, false).await.unwrap();
+        assert_eq!(out.created, n + 1);
+        let listed = reg.get(&building).unwrap().children_ids;
+        assert_eq!(listed.len(), crate::registry::MAX_CHILDREN_LISTED);
+        let mut all: Vec<TwinId> = out.ids[1..].iter().map(|i| i.unwrap()).collect();
+        all.sort();
+        assert_eq!(
+            listed.iter().copied().collect::<Vec<_>>(),
+            all[..crate::registry::MAX_CHILDREN_LISTED]
+        );
+        assert_eq!(reg.children(&building).unwrap().len(), n);
+        let mut q = crate::registry::Query {
+            parent_id: Some(building),
+            limit: Some(500),
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = reg.query(&q).unwrap();
+            seen.extend(page.items.iter().map(|t| t.twin.id));
+            match page.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, all);
+        reg.shutdown();
+    }
 }

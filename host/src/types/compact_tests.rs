@@ -211,12 +211,12 @@ proptest! {
                 serde_json::to_string(&back.properties).unwrap(),
                 serde_json::to_string(&t.properties).unwrap()
             );
-            prop_assert_eq!(lseq(&b), t.lseq);
-            prop_assert_eq!(hlc(&b), t.hlc);
+            prop_assert_eq!(super::lseq(&b), t.lseq);
+            prop_assert_eq!(super::hlc(&b), t.hlc);
             prop_assert_eq!(parent_id(&b), t.parent_id);
             let p = Props::of(&b).unwrap();
             for (k, v) in &t.properties {
-                prop_assert_eq!(p.get(k).as_ref(), Some(v));
+                prop_assert_eq!(p.get(k), Some(v.clone()));
             }
         }
     }
