@@ -373,7 +373,7 @@ impl Registry {
     /// The twin and property of an open conflict.
     pub fn find_conflict(&self, id: &str) -> Option<(Arc<Twin>, String)> {
         self.inner.conflicted.iter().find_map(|e| {
-            let t = Arc::new(self.inner.twins.get(&*e)?);
+            let t = Arc::new(self.inner.twins.get(&e)?);
             let p = t
                 .siblings
                 .as_ref()?

@@ -113,7 +113,7 @@ fn load_twins(
             if upgraded.len() == UPGRADE_CHUNK {
                 rewritten += UPGRADE_CHUNK;
                 store.upgrade_twins(std::mem::take(&mut upgraded))?;
-                if rewritten % (UPGRADE_CHUNK * 20) == 0 {
+                if rewritten.is_multiple_of(UPGRADE_CHUNK * 20) {
                     tracing::info!(
                         twins = rewritten,
                         "upgrading from format {from}: twins rewritten"

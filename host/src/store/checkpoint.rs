@@ -194,7 +194,7 @@ fn write_checkpoint(
     let mut present: HashSet<TwinId, FxBuildHasher> = HashSet::default();
     let mut twins = sled::Batch::default();
     for (i, id) in ck.dirty.iter().enumerate() {
-        if i > 0 && i % TWIN_BATCH == 0 {
+        if i > 0 && i.is_multiple_of(TWIN_BATCH) {
             db.apply_batch(std::mem::take(&mut twins))?;
         }
         let key = keys::twin(id);

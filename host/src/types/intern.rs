@@ -21,9 +21,12 @@ const FIRST_CHUNK: u32 = 1024;
 /// Enough chunks for [`MAX_INTERNED`] names: 1024 · (2^7 − 1) = 130,048.
 const CHUNKS: usize = 7;
 
+/// A chunk of names, each cell set once.
+type Chunk = Box<[OnceLock<Arc<str>>]>;
+
 struct Interner {
     ids: DashMap<Arc<str>, u32, FxBuildHasher>,
-    chunks: [OnceLock<Box<[OnceLock<Arc<str>>]>>; CHUNKS],
+    chunks: [OnceLock<Chunk>; CHUNKS],
     /// Held while a name is added (numbers are handed out in order).
     adding: parking_lot::Mutex<u32>,
 }

@@ -5,7 +5,8 @@
 //! memory per twin live and after a restart, disk bytes per twin, the restart time (process
 //! start until a twin is served), update throughput and PATCH latency at that size, PATCH
 //! latency while a big checkpoint runs, and a full-scan range query. Indexed range queries
-//! are not built yet: reported as null with the reason.
+//! are not built yet: reported as null with the reason. `TWINHOST_SCALE_SERVER` names another
+//! `twinhost` binary to serve (an earlier build: the baseline of the same run).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +42,11 @@ struct Server {
 
 impl Server {
     fn spawn(dir: &std::path::Path, port: u16) -> anyhow::Result<Child> {
-        Ok(Command::new(std::env::current_exe()?)
+        let exe = match std::env::var_os("TWINHOST_SCALE_SERVER") {
+            Some(p) => std::path::PathBuf::from(p),
+            None => std::env::current_exe()?,
+        };
+        Ok(Command::new(exe)
             .args(["serve", "--insecure-no-auth", "--node-id", "bench-scale"])
             .arg("--data-dir")
             .arg(dir)
