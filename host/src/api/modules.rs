@@ -288,7 +288,7 @@ async fn compute(
             .query(&q)?
             .items
             .into_iter()
-            .map(|t| (*t.twin).clone())
+            .map(|t| t.twin())
             .collect(),
         _ => {
             return Err(ApiError::BadRequest(

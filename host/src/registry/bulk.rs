@@ -245,7 +245,7 @@ mod tests {
         let mut seen = Vec::new();
         loop {
             let page = reg.query(&q).unwrap();
-            seen.extend(page.items.iter().map(|t| t.twin.id));
+            seen.extend(page.items.iter().map(|t| t.id));
             match page.next_cursor {
                 Some(c) => q.cursor = Some(c),
                 None => break,

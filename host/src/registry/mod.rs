@@ -805,37 +805,31 @@ impl Registry {
                 resume = Some(*id);
                 break;
             }
-            // Matched on the blob (only the properties asked about are decoded); only a
-            // match is decoded whole.
+            // Matched on the blob (only the properties asked about are decoded); a match
+            // is copied as it is and served from its bytes.
             let matched = self.inner.twins.with(id, |b| {
                 q.matches_compact(b, !from_type_index)
-                    .then(|| crate::types::compact::decode(*id, b))
+                    .then(|| Box::<[u8]>::from(b))
             });
-            let matched = match matched {
-                Some(Some(t)) => Arc::new(t.expect("a twin blob encoded by this process decodes")),
-                _ => continue,
+            let Some(Some(blob)) = matched else {
+                continue;
             };
-            if walk_to.is_some_and(|a| !self.has_ancestor(&matched, a)) {
+            let parent = crate::types::compact::parent_id(&blob);
+            if walk_to.is_some_and(|a| !self.is_under(parent, a)) {
                 continue;
             }
             if items.len() == limit {
-                resume = items.last().map(|t: &TwinRef| t.twin.id);
+                resume = items.last().map(|t: &TwinRef| t.id);
                 break;
             }
-            let children_ids = idx
-                .children
-                .get(&matched.id)
-                .map_or_else(Default::default, |k| {
-                    k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
-                });
-            items.push(TwinRef {
-                twin: matched,
-                children_ids,
+            let children_ids = idx.children.get(id).map_or_else(Default::default, |k| {
+                k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
             });
+            items.push(TwinRef::new(*id, blob, children_ids));
         }
         // The budget stopped the scan at `id` before examining it: resume just before it.
         let next_cursor = resume.map(|id| {
-            if items.last().map(|t| t.twin.id) == Some(id) {
+            if items.last().map(|t| t.id) == Some(id) {
                 id
             } else {
                 source
@@ -863,11 +857,5 @@ impl Registry {
             }
         }
         false
-    }
-
-    /// Whether `a` is above `t` in the hierarchy. Takes no index lock and no guard is held
-    /// on `t` (it is a copy), so it may be called while holding the index lock.
-    fn has_ancestor(&self, t: &Twin, a: TwinId) -> bool {
-        self.is_under(t.parent_id, a)
     }
 }

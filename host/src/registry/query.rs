@@ -90,40 +90,44 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
-/// A shared twin with its children, serialized exactly like [`Twin`] without copying it.
+/// A twin of a query's result: a copy of its compact blob with its children, serialized
+/// exactly like [`Twin`] straight from the blob (no decoded twin, no tree of JSON values).
 #[derive(Clone, Debug)]
 pub struct TwinRef {
-    pub twin: std::sync::Arc<Twin>,
+    pub id: TwinId,
+    blob: Box<[u8]>,
     pub children_ids: std::collections::BTreeSet<TwinId>,
+}
+
+impl TwinRef {
+    /// `blob`: the twin's compact form, names interned (as the registry holds it).
+    pub(crate) fn new(
+        id: TwinId,
+        blob: Box<[u8]>,
+        children_ids: std::collections::BTreeSet<TwinId>,
+    ) -> TwinRef {
+        TwinRef {
+            id,
+            blob,
+            children_ids,
+        }
+    }
+
+    /// The twin, decoded (with its children).
+    pub fn twin(&self) -> Twin {
+        let mut t = crate::types::compact::decode(self.id, &self.blob)
+            .expect("a twin blob encoded by this process decodes");
+        t.children_ids = self.children_ids.clone();
+        t
+    }
 }
 
 impl Serialize for TwinRef {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct View<'a> {
-            id: TwinId,
-            entity_type: &'a str,
-            properties: &'a Properties,
-            version: u64,
-            vclock: &'a crate::types::VClock,
-            parent_id: Option<TwinId>,
-            children_ids: &'a std::collections::BTreeSet<TwinId>,
-            lifecycle: crate::types::Lifecycle,
-            created_at: chrono::DateTime<chrono::Utc>,
-            updated_at: chrono::DateTime<chrono::Utc>,
-        }
-        let t = &*self.twin;
-        View {
-            id: t.id,
-            entity_type: &t.entity_type,
-            properties: &t.properties,
-            version: t.version,
-            vclock: &t.vclock,
-            parent_id: t.parent_id,
+        crate::types::compact::Served {
+            id: self.id,
+            blob: &self.blob,
             children_ids: &self.children_ids,
-            lifecycle: t.lifecycle,
-            created_at: t.created_at,
-            updated_at: t.updated_at,
         }
         .serialize(s)
     }

@@ -600,6 +600,167 @@ pub fn entity_type_is(b: &[u8], et: &str) -> bool {
     r.head().is_ok() && r.name_is(et, intern::lookup(et)).unwrap_or(false)
 }
 
+// ---- serving without decoding -----------------------------------------------------------
+
+impl<'a> Reader<'a> {
+    /// A name, borrowed (interned names live as long as the process).
+    fn name_ref(&mut self) -> R<&'a str> {
+        match self.varint()? {
+            0 => {
+                let n = self.len()?;
+                self.str(n)
+            }
+            id => intern::name((id - 1) as u32)
+                .map(|n| &**n)
+                .ok_or(DecodeError("unknown name number")),
+        }
+    }
+
+    /// The bytes of the next value (stepped over).
+    fn value_bytes(&mut self, depth: usize) -> R<&'a [u8]> {
+        let start = self.at;
+        self.skip_value(depth)?;
+        Ok(&self.b[start..self.at])
+    }
+}
+
+/// One encoded value, serialized as the JSON value it stands for.
+struct ValueSer<'a>(&'a [u8], usize);
+
+impl serde::Serialize for ValueSer<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeMap, SerializeSeq};
+        let e = |d: DecodeError| S::Error::custom(d);
+        let mut r = Reader { b: self.0, at: 0 };
+        let depth = self.1;
+        match r.byte().map_err(e)? {
+            V_NULL => s.serialize_unit(),
+            V_FALSE => s.serialize_bool(false),
+            V_TRUE => s.serialize_bool(true),
+            V_U64 => s.serialize_u64(r.varint().map_err(e)?),
+            V_NEG => s.serialize_i64(!r.varint().map_err(e)? as i64),
+            V_F64 => s.serialize_f64(f64::from_le_bytes(
+                r.bytes(8).map_err(e)?.try_into().expect("8 bytes"),
+            )),
+            V_F32 => s.serialize_f64(f32::from_le_bytes(
+                r.bytes(4).map_err(e)?.try_into().expect("4 bytes"),
+            ) as f64),
+            V_STR => {
+                let n = r.len().map_err(e)?;
+                s.serialize_str(r.str(n).map_err(e)?)
+            }
+            V_ARR => {
+                let n = r.len().map_err(e)?;
+                let mut seq = s.serialize_seq(Some(n))?;
+                for _ in 0..n {
+                    seq.serialize_element(&ValueSer(
+                        r.value_bytes(depth + 1).map_err(e)?,
+                        depth + 1,
+                    ))?;
+                }
+                seq.end()
+            }
+            V_OBJ => {
+                let n = r.len().map_err(e)?;
+                let mut map = s.serialize_map(Some(n))?;
+                for _ in 0..n {
+                    let k = r.len().map_err(e)?;
+                    let k = r.str(k).map_err(e)?;
+                    map.serialize_entry(
+                        k,
+                        &ValueSer(r.value_bytes(depth + 1).map_err(e)?, depth + 1),
+                    )?;
+                }
+                map.end()
+            }
+            t if t >= V_SHORT_STR => s.serialize_str(r.str((t - V_SHORT_STR) as usize).map_err(e)?),
+            t if t >= V_SMALL_INT => s.serialize_u64((t - V_SMALL_INT) as u64),
+            _ => Err(S::Error::custom("unknown value tag")),
+        }
+    }
+}
+
+/// The properties section of a compact twin (at its count), serialized as a JSON object.
+struct PropsSer<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl serde::Serialize for PropsSer<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeMap};
+        let e = |d: DecodeError| S::Error::custom(d);
+        let mut r = Reader {
+            b: self.b,
+            at: self.at,
+        };
+        let n = r.len().map_err(e)?;
+        let mut map = s.serialize_map(Some(n))?;
+        for _ in 0..n {
+            let k = r.name_ref().map_err(e)?;
+            map.serialize_entry(k, &ValueSer(r.value_bytes(0).map_err(e)?, 0))?;
+        }
+        map.end()
+    }
+}
+
+/// A compact twin served as its JSON (the fields of [`Twin`]'s served form, in its order),
+/// written straight from the blob: no decoded twin, no tree of JSON values.
+pub struct Served<'a> {
+    pub id: TwinId,
+    pub blob: &'a [u8],
+    pub children_ids: &'a BTreeSet<TwinId>,
+}
+
+impl serde::Serialize for Served<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeStruct};
+        let e = |d: DecodeError| S::Error::custom(d);
+        let mut r = Reader {
+            b: self.blob,
+            at: 0,
+        };
+        let h = r.head().map_err(e)?;
+        let entity_type = r.name_ref().map_err(e)?;
+        let version = r.varint().map_err(e)?;
+        let created_at = r.time(0).map_err(e)?;
+        let updated_at = r.time(created_at.timestamp()).map_err(e)?;
+        if h.flags & F_DELETED != 0 {
+            r.varint().map_err(e)?;
+        }
+        let n = r.len().map_err(e)?;
+        let mut vclock = Vec::with_capacity(n);
+        for _ in 0..n {
+            let node = r.name_ref().map_err(e)?;
+            vclock.push((node, r.varint().map_err(e)?));
+        }
+        struct VClockSer<'a>(Vec<(&'a str, u64)>);
+        impl serde::Serialize for VClockSer<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+            }
+        }
+        let mut st = s.serialize_struct("Twin", 10)?;
+        st.serialize_field("id", &self.id)?;
+        st.serialize_field("entity_type", entity_type)?;
+        st.serialize_field(
+            "properties",
+            &PropsSer {
+                b: self.blob,
+                at: r.at,
+            },
+        )?;
+        st.serialize_field("version", &version)?;
+        st.serialize_field("vclock", &VClockSer(vclock))?;
+        st.serialize_field("parent_id", &h.parent_id)?;
+        st.serialize_field("children_ids", self.children_ids)?;
+        st.serialize_field("lifecycle", &lifecycle_of(h.flags).map_err(e)?)?;
+        st.serialize_field("created_at", &created_at)?;
+        st.serialize_field("updated_at", &updated_at)?;
+        st.end()
+    }
+}
+
 /// Property lookups on a compact twin that decode only the values asked for.
 pub struct Props<'a> {
     b: &'a [u8],

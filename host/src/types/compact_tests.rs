@@ -129,6 +129,16 @@ fn numbers_keep_their_kind_and_every_odd_part_comes_back() {
             serde_json::to_string(&t.properties).unwrap()
         );
         assert!(has_siblings(&b));
+        let none = BTreeSet::new();
+        assert_eq!(
+            serde_json::to_string(&Served {
+                id: t.id,
+                blob: &b,
+                children_ids: &none
+            })
+            .unwrap(),
+            serde_json::to_string(&t).unwrap()
+        );
     }
 }
 
@@ -214,6 +224,14 @@ proptest! {
             prop_assert_eq!(super::lseq(&b), t.lseq);
             prop_assert_eq!(super::hlc(&b), t.hlc);
             prop_assert_eq!(parent_id(&b), t.parent_id);
+            // Served straight from the blob: the same JSON as the decoded twin's.
+            let kids = BTreeSet::from([TwinId::new_v7(), TwinId::new_v7()]);
+            let mut with_kids = t.clone();
+            with_kids.children_ids = kids.clone();
+            prop_assert_eq!(
+                serde_json::to_string(&Served { id: t.id, blob: &b, children_ids: &kids }).unwrap(),
+                serde_json::to_string(&with_kids).unwrap()
+            );
             let p = Props::of(&b).unwrap();
             for (k, v) in &t.properties {
                 prop_assert_eq!(p.get(k), Some(v.clone()));

@@ -54,7 +54,7 @@ pub(super) async fn workflow_phase(args: &BenchArgs) -> anyhow::Result<Value> {
             .query(&q)?
             .items
             .into_iter()
-            .map(|t| (*t.twin).clone())
+            .map(|t| t.twin())
             .collect();
         let temps = crate::workflow::aggregate(
             "collect_property",
