@@ -116,9 +116,12 @@ async fn a_node_gets_a_peers_changes_and_resumes_after_kill_9() {
     assert_eq!(r.status, 404, "the deleted twin on B: {}", r.text);
     // A merged change is readable before its commit returns and is counted: wait for the
     // count too.
-    eventually(&b, "/v1/metrics", "sync_operations counting the 52 merged", |m| {
-        m["sync_operations"].as_u64().unwrap_or(0) >= 52
-    })
+    eventually(
+        &b,
+        "/v1/metrics",
+        "sync_operations counting the 52 merged",
+        |m| m["sync_operations"].as_u64().unwrap_or(0) >= 52,
+    )
     .await;
     let m = b.get("/v1/metrics").await.body;
     assert_eq!(m["sync_errors"], 0, "{m}");

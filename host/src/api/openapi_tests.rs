@@ -147,6 +147,8 @@ impl Gen<'_> {
                     Some("uuid") if name == "id" => json!(Uuid::new_v4()),
                     Some("uuid") => json!(self.twin),
                     Some("date-time") => json!(chrono::Utc::now().to_rfc3339()),
+                    // Cursors come from the server: a first page has none.
+                    _ if name == "cursor" && s["type"].is_array() => Value::Null,
                     _ => json!("x".repeat(s["minLength"].as_u64().unwrap_or(1) as usize)),
                 }
             }

@@ -26,6 +26,9 @@ pub mod model;
 pub mod models_sync;
 mod origin;
 pub mod query;
+pub mod range_index;
+#[cfg(test)]
+mod range_index_tests;
 pub mod rels;
 pub mod remote;
 mod replay;
@@ -488,6 +491,7 @@ impl Registry {
                 sink: std::sync::OnceLock::new(),
             }),
         };
+        reg.reindex_all();
         tracing::info!(
             twins = reg.twin_count(),
             models = reg.inner.models.read().len(),
@@ -778,6 +782,20 @@ impl Registry {
     /// type, else all twins), in id order starting after the cursor.
     pub fn query(&self, q: &Query) -> Result<Page, RegistryError> {
         let (cursor, limit) = q.check().map_err(RegistryError::BadRequest)?;
+        let plan = self.inner.twins.ranges.plan(q);
+        let cursor = match (cursor, &plan) {
+            (Some(query::Cursor::Index(p)), Some(plan)) => {
+                return Ok(self.query_indexed(q, plan, Some(p), limit));
+            }
+            (None, Some(plan)) => return Ok(self.query_indexed(q, plan, None, limit)),
+            (Some(query::Cursor::Id(id)), _) => Some(id),
+            (None, None) => None,
+            (Some(query::Cursor::Index(_)), None) => {
+                return Err(RegistryError::BadRequest(
+                    "the cursor points into a range index this query no longer uses (the model changed): start again without a cursor".into(),
+                ))
+            }
+        };
         let idx = self.inner.index.read();
         let lower = cursor.map_or(Bound::Unbounded, Bound::Excluded);
         let empty = BTreeSet::new();
@@ -845,6 +863,85 @@ impl Registry {
 }
 
 impl Registry {
+    /// A query answered from a range index (`plan`), in index order, from `after`.
+    fn query_indexed(
+        &self,
+        q: &Query,
+        plan: &range_index::Plan,
+        after: Option<range_index::Position>,
+        limit: usize,
+    ) -> Page {
+        let idx = self.inner.index.read();
+        let (items, next_cursor) = plan.page(after, limit, query::MAX_EXAMINED_PER_PAGE, |id| {
+            // Every condition is checked on the twin itself: the index entry may be a moment
+            // older than the twin, and other conditions narrow the match further.
+            let blob = self.inner.twins.with(&id, |b| {
+                q.matches_compact(b, true).then(|| Box::<[u8]>::from(b))
+            })??;
+            let parent = crate::types::compact::parent_id(&blob);
+            if q.ancestor_id.is_some_and(|a| !self.is_under(parent, a)) {
+                return None;
+            }
+            let children_ids = idx.children.get(&id).map_or_else(Default::default, |k| {
+                k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
+            });
+            Some(TwinRef::new(id, blob, children_ids))
+        });
+        Page { items, next_cursor }
+    }
+
+    /// Bring the range indexes of `entity_type` in line with its model: an index for each
+    /// property marked `"indexed": true`, built from the twins of that type (queries use it
+    /// once built), and none for the others. Writes made meanwhile keep it up to date.
+    pub(crate) fn reindex(&self, entity_type: &str) {
+        let wanted: Vec<String> = self
+            .inner
+            .models
+            .read()
+            .get(entity_type)
+            .map(|m| m.indexed().into_iter().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        let ranges = &self.inner.twins.ranges;
+        let fresh = ranges.set_indexed(entity_type, &wanted);
+        if fresh.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let ids: Vec<TwinId> = self
+            .inner
+            .index
+            .read()
+            .by_type
+            .get(entity_type)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for id in &ids {
+            // Read and added under the twin's shard lock, so no write of it comes between.
+            self.inner.twins.with(id, |b| {
+                if !crate::types::compact::entity_type_is(b, entity_type) {
+                    return;
+                }
+                let Ok(props) = crate::types::compact::Props::of(b) else {
+                    return;
+                };
+                for p in &fresh {
+                    ranges.fill(entity_type, p, *id, props.get(p).as_ref());
+                }
+            });
+        }
+        for p in &fresh {
+            ranges.mark_ready(entity_type, p);
+        }
+        tracing::info!(
+            entity_type,
+            properties = ?fresh,
+            twins = ids.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "range index built"
+        );
+    }
+
     /// Whether `a` is `parent` or above it in the hierarchy (for a twin whose parent is
     /// `parent`). Reads only twin shards, never the index lock.
     pub fn is_under(&self, parent: Option<TwinId>, a: TwinId) -> bool {

@@ -42,6 +42,11 @@ pub struct PropertySpec {
     #[serde(default, rename = "enum", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<Object>>)]
     pub allowed: Option<Vec<Value>>,
+    /// Keep an ordered index of this property: `where` conditions on it (`=`, `<`, `<=`,
+    /// `>`, `>=`, `in`) and `properties` equality in a query that names the entity type read
+    /// the index instead of scanning. Number, integer, string and boolean properties only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub indexed: bool,
 }
 
 /// How concurrent writes from two nodes to one property are merged (used by sync).
@@ -91,6 +96,15 @@ fn yes() -> bool {
 pub const MAX_MODEL_PROPERTIES: usize = 1024;
 
 impl Model {
+    /// The properties marked `"indexed": true`, in name order.
+    pub fn indexed(&self) -> Vec<&str> {
+        self.properties
+            .iter()
+            .filter(|(_, s)| s.indexed)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
     /// Check that the model itself makes sense; every problem is reported at once.
     pub fn check(&self) -> Result<(), RegistryError> {
         let mut bad = BTreeMap::new();
@@ -112,6 +126,12 @@ impl Model {
                 bad.insert(
                     name.clone(),
                     "min/max apply only to number or integer".into(),
+                );
+            }
+            if spec.indexed && matches!(spec.ty, PropType::Object | PropType::Array) {
+                bad.insert(
+                    name.clone(),
+                    "indexed applies only to number, integer, string or boolean".into(),
                 );
             }
             if let Some(vals) = &spec.allowed {

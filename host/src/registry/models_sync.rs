@@ -85,7 +85,20 @@ impl Registry {
 
     /// Count a durable model change.
     pub(super) fn models_changed(&self) {
+        self.reindex_all();
         self.inner.models_version.send_modify(|v| *v += 1);
+    }
+
+    /// [`Registry::reindex`] every entity type that has a model or an index (a new index is
+    /// built here, before the model's put returns; kept indexes cost nothing).
+    pub(super) fn reindex_all(&self) {
+        let mut types: Vec<String> = self.inner.models.read().keys().cloned().collect();
+        types.extend(self.inner.twins.ranges.types());
+        types.sort();
+        types.dedup();
+        for et in types {
+            self.reindex(&et);
+        }
     }
 
     /// Every model and model tombstone with its clock, for a peer.

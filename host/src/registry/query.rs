@@ -76,10 +76,18 @@ pub struct Query {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 10_000)]
     pub limit: Option<usize>,
-    /// `next_cursor` of the previous page (a twin id).
+    /// `next_cursor` of the previous page, as it was returned (a twin id, or a position in
+    /// a range index for a query answered from one).
     #[serde(default)]
-    #[schema(format = Uuid)]
     pub cursor: Option<String>,
+}
+
+/// Where a page goes on from: after a twin id (a scan in id order) or after an entry of a
+/// range index (a query answered from an index, in index order).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Cursor {
+    Id(TwinId),
+    Index(super::range_index::Position),
 }
 
 /// One page of results.
@@ -135,7 +143,7 @@ impl Serialize for TwinRef {
 
 impl Query {
     /// Shape checks that need no data; returns the parsed cursor and limit.
-    pub fn check(&self) -> Result<(Option<TwinId>, usize), String> {
+    pub fn check(&self) -> Result<(Option<Cursor>, usize), String> {
         if self.conditions.len() > MAX_CONDITIONS {
             return Err(format!("at most {MAX_CONDITIONS} where conditions"));
         }
@@ -156,10 +164,14 @@ impl Query {
         }
         let cursor = match &self.cursor {
             None => None,
-            Some(c) => Some(
-                c.parse::<TwinId>()
-                    .map_err(|_| "cursor is not one this server returned".to_string())?,
-            ),
+            Some(c) => match super::range_index::parse_cursor(c)? {
+                Some(p) => Some(Cursor::Index(p)),
+                None => {
+                    Some(Cursor::Id(c.parse::<TwinId>().map_err(|_| {
+                        "cursor is not one this server returned".to_string()
+                    })?))
+                }
+            },
         };
         Ok((cursor, limit))
     }
@@ -181,14 +193,19 @@ impl Query {
                 return false;
             }
         }
+        self.matches_props_of(&t.properties)
+    }
+
+    /// Whether `properties` satisfy the query's equalities and `where` conditions.
+    pub fn matches_props_of(&self, properties: &Properties) -> bool {
         for (k, v) in &self.properties {
-            if !t.properties.get(k).is_some_and(|x| json_eq(x, v)) {
+            if !properties.get(k).is_some_and(|x| json_eq(x, v)) {
                 return false;
             }
         }
         self.conditions
             .iter()
-            .all(|c| condition_holds(c, t.properties.get(&c.property)))
+            .all(|c| condition_holds(c, properties.get(&c.property)))
     }
 }
 

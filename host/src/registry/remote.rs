@@ -1058,6 +1058,13 @@ mod tests {
             });
             r.shutdown();
         }
+        // Tasks of the first registry left on the runtime could still hold the store (the
+        // suite once failed here under load with sled's lock taken): a fresh runtime.
+        drop(rt);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let store = Store::open(dir.path()).unwrap();
         let r = Registry::open(&store, "local").unwrap();
         let t = r.get(&id).unwrap();

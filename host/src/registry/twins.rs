@@ -17,6 +17,7 @@ use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
 
+use super::range_index::{Lookup, RangeIndexes};
 use crate::store::StateSource;
 use crate::types::compact::{self, Names};
 use crate::types::{Lifecycle, Twin, TwinId};
@@ -25,6 +26,9 @@ use crate::types::{Lifecycle, Twin, TwinId};
 /// this map is on every update.
 pub(crate) struct TwinMap {
     map: DashMap<TwinId, Box<[u8]>, FxBuildHasher>,
+    /// Ordered indexes of the properties models mark `"indexed": true`, kept in step by
+    /// [`TwinMap::changed`].
+    pub(crate) ranges: RangeIndexes,
 }
 
 /// A blob this map encoded: decoding it cannot fail short of a bug.
@@ -36,14 +40,33 @@ impl TwinMap {
     pub(crate) fn new() -> TwinMap {
         TwinMap {
             map: DashMap::with_hasher(FxBuildHasher),
+            ranges: RangeIndexes::default(),
         }
     }
 
     /// The one place every change of a twin in memory passes: `old` is the blob before
     /// (`None` for a new twin), `new` the blob after (`None` for a removal). Called with the
-    /// twin's shard locked, so changes of one twin arrive here in order. Nothing is kept up
-    /// to date here yet; a range index of property values would be.
-    fn changed(&self, _id: &TwinId, _old: Option<&[u8]>, _new: Option<&[u8]>) {}
+    /// twin's shard locked, so changes of one twin arrive here in order: the range indexes
+    /// are kept up to date here.
+    fn changed(&self, id: &TwinId, old: Option<&[u8]>, new: Option<&[u8]>) {
+        if self.ranges.is_empty() {
+            return;
+        }
+        let (ot, nt) = (old.map(compact::entity_type), new.map(compact::entity_type));
+        let (op, np) = (
+            old.and_then(|b| compact::Props::of(b).ok()),
+            new.and_then(|b| compact::Props::of(b).ok()),
+        );
+        let (ol, nl) = (
+            op.map(|p| move |k: &str| p.get(k)),
+            np.map(|p| move |k: &str| p.get(k)),
+        );
+        self.ranges.update(
+            *id,
+            ot.as_deref().zip(ol.as_ref().map(|f| f as Lookup)),
+            nt.as_deref().zip(nl.as_ref().map(|f| f as Lookup)),
+        );
+    }
 
     pub(crate) fn len(&self) -> usize {
         self.map.len()

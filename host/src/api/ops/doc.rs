@@ -272,8 +272,9 @@ fn invoke_body(doc: &mut Value) {
     });
 }
 
-/// A model's property spec: `min`/`max` only for numbers and integers, `enum` values of the
-/// property's type (`Model::check`); `merge` needs a resolver.
+/// A model's property spec: `min`/`max` only for numbers and integers, `indexed` not for
+/// objects and arrays, `enum` values of the property's type (`Model::check`); `merge` needs a
+/// resolver.
 fn model(doc: &mut Value) {
     let spec = schema(doc, "PropertySpec").clone();
     let base = spec["properties"]
@@ -287,6 +288,9 @@ fn model(doc: &mut Value) {
         if !numeric {
             p.remove("min");
             p.remove("max");
+        }
+        if matches!(ty, "object" | "array") {
+            p.remove("indexed");
         }
         json!({"type": "object", "additionalProperties": false, "required": ["type"],
                "properties": p})
