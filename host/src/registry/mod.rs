@@ -282,7 +282,8 @@ pub struct BatchOutcome {
 struct Indexes {
     all: BTreeSet<TwinId>,
     by_type: HashMap<String, BTreeSet<TwinId>>,
-    children: HashMap<TwinId, BTreeSet<TwinId>>,
+    /// Fx hashing: looked up for every twin a query returns (its `children_ids`).
+    children: HashMap<TwinId, BTreeSet<TwinId>, rustc_hash::FxBuildHasher>,
 }
 
 impl Indexes {

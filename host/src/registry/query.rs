@@ -231,7 +231,14 @@ impl Query {
             return false;
         };
         for (k, v) in &self.properties {
-            if !props.get(k).is_some_and(|x| json_eq(&x, v)) {
+            // Scalars are compared in place (the seed's query: no string built per twin).
+            let equal = match props.scalar(k) {
+                None => false,
+                Some(x) => x
+                    .eq_json(v)
+                    .unwrap_or_else(|| props.get(k).is_some_and(|x| json_eq(&x, v))),
+            };
+            if !equal {
                 return false;
             }
         }

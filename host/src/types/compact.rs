@@ -762,6 +762,32 @@ impl serde::Serialize for Served<'_> {
 }
 
 /// Property lookups on a compact twin that decode only the values asked for.
+/// A property value read in place by [`Props::scalar`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scalar<'a> {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(&'a str),
+    /// An array or an object: decode it ([`Props::get`]) to look inside.
+    Other,
+}
+
+impl Scalar<'_> {
+    /// Whether the value equals `v` as the query's equality has it (`1` = `1.0`); `None` for
+    /// [`Scalar::Other`], which this cannot tell.
+    pub fn eq_json(self, v: &Value) -> Option<bool> {
+        Some(match (self, v) {
+            (Scalar::Other, _) => return None,
+            (Scalar::Null, Value::Null) => true,
+            (Scalar::Bool(a), Value::Bool(b)) => a == *b,
+            (Scalar::Num(a), Value::Number(b)) => a.is_finite() && b.as_f64() == Some(a),
+            (Scalar::Str(a), Value::String(b)) => a == b,
+            _ => false,
+        })
+    }
+}
+
 pub struct Props<'a> {
     b: &'a [u8],
     /// Where the property count is.
@@ -786,6 +812,42 @@ impl<'a> Props<'a> {
             r.varint()?;
         }
         Ok(Props { b, at: r.at })
+    }
+
+    /// The value of property `name` read in place, without building it: scalars as they
+    /// are, arrays and objects as [`Scalar::Other`]; `None` when the twin has no such property.
+    pub fn scalar(&self, name: &str) -> Option<Scalar<'a>> {
+        let id = intern::lookup(name);
+        let mut r = Reader {
+            b: self.b,
+            at: self.at,
+        };
+        let n = r.len().ok()?;
+        for _ in 0..n {
+            if r.name_is(name, id).ok()? {
+                return Some(match r.byte().ok()? {
+                    V_NULL => Scalar::Null,
+                    V_FALSE => Scalar::Bool(false),
+                    V_TRUE => Scalar::Bool(true),
+                    V_U64 => Scalar::Num(r.varint().ok()? as f64),
+                    V_NEG => Scalar::Num((!r.varint().ok()? as i64) as f64),
+                    V_F64 => Scalar::Num(f64::from_le_bytes(r.bytes(8).ok()?.try_into().ok()?)),
+                    V_F32 => {
+                        Scalar::Num(f32::from_le_bytes(r.bytes(4).ok()?.try_into().ok()?) as f64)
+                    }
+                    V_STR => {
+                        let n = r.len().ok()?;
+                        Scalar::Str(r.str(n).ok()?)
+                    }
+                    V_ARR | V_OBJ => Scalar::Other,
+                    t if t >= V_SHORT_STR => Scalar::Str(r.str((t - V_SHORT_STR) as usize).ok()?),
+                    t if t >= V_SMALL_INT => Scalar::Num((t - V_SMALL_INT) as f64),
+                    _ => return None,
+                });
+            }
+            r.skip_value(0).ok()?;
+        }
+        None
     }
 
     /// The value of property `name`, decoded; `None` when the twin has no such property.

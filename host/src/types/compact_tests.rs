@@ -239,3 +239,59 @@ proptest! {
         }
     }
 }
+
+/// A property read in place equals a query value exactly when its decoded value does, for
+/// every kind of value the encoding has (small and large integers, negatives, f32- and
+/// f64-sized floats, short and long strings, booleans, null, arrays, objects).
+#[test]
+fn scalars_read_in_place_compare_like_decoded_values() {
+    let values = [
+        json!(0),
+        json!(7),
+        json!(200),
+        json!(u64::MAX),
+        json!(-3),
+        json!(i64::MIN),
+        json!(0.5),
+        json!(71.5),
+        json!(0.1),
+        json!(1e300),
+        json!(-0.0),
+        json!(""),
+        json!("operational"),
+        json!("x".repeat(300)),
+        json!(true),
+        json!(false),
+        Value::Null,
+        json!([1, 2]),
+        json!({"a": 1}),
+    ];
+    let probes: Vec<Value> = values
+        .iter()
+        .cloned()
+        .chain([json!(7.0), json!(200.0), json!(-3.0), json!("7"), json!(0)])
+        .collect();
+    for v in &values {
+        let mut t = machine();
+        t.properties.insert("p".into(), v.clone());
+        let b = encode(&t, Names::Interned);
+        let props = Props::of(&b).unwrap();
+        let decoded = props.get("p").unwrap();
+        let scalar = props.scalar("p").unwrap();
+        assert_eq!(
+            scalar == Scalar::Other,
+            v.is_array() || v.is_object(),
+            "{v}"
+        );
+        for probe in &probes {
+            let want = match (&decoded, probe) {
+                (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+                _ => &decoded == probe,
+            };
+            if let Some(got) = scalar.eq_json(probe) {
+                assert_eq!(got, want, "{v} (stored) = {probe}");
+            }
+        }
+        assert_eq!(props.scalar("missing"), None);
+    }
+}
