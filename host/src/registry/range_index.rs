@@ -289,6 +289,11 @@ pub struct RangeIndexes {
 pub type Lookup<'a> = &'a dyn Fn(&str) -> Option<Value>;
 
 impl RangeIndexes {
+    /// The index of `entity_type`'s `prop`, ready or not.
+    fn prop_index(&self, entity_type: &str, prop: &str) -> Option<Arc<PropIndex>> {
+        self.types.read().get(entity_type)?.get(prop).cloned()
+    }
+
     /// The entity types that have an index.
     pub fn types(&self) -> Vec<String> {
         self.types.read().keys().map(|t| t.to_string()).collect()
@@ -380,32 +385,21 @@ impl RangeIndexes {
     /// no write of the twin runs between reading its value and adding it (a write after the
     /// index was made maintains it through [`RangeIndexes::update`]; adding twice is harmless).
     pub fn fill(&self, entity_type: &str, prop: &str, id: TwinId, value: Option<&Value>) {
-        let p = self
-            .types
-            .read()
-            .get(entity_type)
-            .and_then(|t| t.get(prop).cloned());
-        if let (Some(p), Some(k)) = (p, value.and_then(Key::of)) {
+        if let (Some(p), Some(k)) = (self.prop_index(entity_type, prop), value.and_then(Key::of)) {
             p.entries.write().insert((k, id));
         }
     }
 
     /// Let queries use the index of `entity_type`'s `prop` (every twin has been added).
     pub fn mark_ready(&self, entity_type: &str, prop: &str) {
-        if let Some(p) = self
-            .types
-            .read()
-            .get(entity_type)
-            .and_then(|t| t.get(prop).cloned())
-        {
+        if let Some(p) = self.prop_index(entity_type, prop) {
             p.ready.store(true, AtomicOrdering::Release);
         }
     }
 
     /// How many entries the index of `entity_type`'s `prop` holds (for metrics and tests).
     pub fn entries(&self, entity_type: &str, prop: &str) -> Option<usize> {
-        let p = self.types.read().get(entity_type)?.get(prop)?.clone();
-        let n = p.entries.read().len();
+        let n = self.prop_index(entity_type, prop)?.entries.read().len();
         Some(n)
     }
 
@@ -421,8 +415,6 @@ impl RangeIndexes {
                 .filter(|p| p.ready.load(AtomicOrdering::Acquire))
                 .cloned()
         };
-        let point =
-            |v: &Value| Key::of(v).map(|k| vec![(Bound::Included(k.clone()), Bound::Included(k))]);
         // Exact equality first: the seed's `properties` shape, then `=` and `in`.
         for (name, v) in &q.properties {
             if let (Some(p), Some(ranges)) = (ready(name), point(v)) {
@@ -445,14 +437,17 @@ impl RangeIndexes {
     }
 }
 
+/// The one key range of the values equal to `v` (`None`: `v` is not indexed).
+fn point(v: &Value) -> Option<Vec<(Bound<Key>, Bound<Key>)>> {
+    let k = Key::of(v)?;
+    Some(vec![(Bound::Included(k.clone()), Bound::Included(k))])
+}
+
 /// The key ranges that hold every value satisfying `c`, in index order; `None` when the
 /// index cannot answer `c` (an operator it does not serve, or a value it does not index).
 fn ranges_of(c: &Condition) -> Option<Vec<(Bound<Key>, Bound<Key>)>> {
     match c.op {
-        Op::Eq => {
-            let k = Key::of(&c.value)?;
-            Some(vec![(Bound::Included(k.clone()), Bound::Included(k))])
-        }
+        Op::Eq => point(&c.value),
         Op::In => {
             let mut keys = c
                 .value

@@ -52,7 +52,10 @@ impl TwinMap {
         if self.ranges.is_empty() {
             return;
         }
-        let (ot, nt) = (old.map(compact::entity_type), new.map(compact::entity_type));
+        let (ot, nt) = (
+            old.map(compact::entity_type_ref),
+            new.map(compact::entity_type_ref),
+        );
         let (op, np) = (
             old.and_then(|b| compact::Props::of(b).ok()),
             new.and_then(|b| compact::Props::of(b).ok()),
@@ -63,8 +66,8 @@ impl TwinMap {
         );
         self.ranges.update(
             *id,
-            ot.as_deref().zip(ol.as_ref().map(|f| f as Lookup)),
-            nt.as_deref().zip(nl.as_ref().map(|f| f as Lookup)),
+            ot.zip(ol.as_ref().map(|f| f as Lookup)),
+            nt.zip(nl.as_ref().map(|f| f as Lookup)),
         );
     }
 

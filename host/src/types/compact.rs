@@ -590,8 +590,13 @@ pub fn parent_id(b: &[u8]) -> Option<TwinId> {
 
 /// A compact twin's entity type.
 pub fn entity_type(b: &[u8]) -> String {
+    entity_type_ref(b).to_owned()
+}
+
+/// A compact twin's entity type, borrowed (no allocation: for hot paths).
+pub fn entity_type_ref(b: &[u8]) -> &str {
     let mut r = Reader { b, at: 0 };
-    r.head().and_then(|_| r.name_string()).unwrap_or_default()
+    r.head().and_then(|_| r.name_ref()).unwrap_or_default()
 }
 
 /// Whether a compact twin's entity type is `et` (compares interned numbers when it can).
@@ -814,9 +819,8 @@ impl<'a> Props<'a> {
         Ok(Props { b, at: r.at })
     }
 
-    /// The value of property `name` read in place, without building it: scalars as they
-    /// are, arrays and objects as [`Scalar::Other`]; `None` when the twin has no such property.
-    pub fn scalar(&self, name: &str) -> Option<Scalar<'a>> {
+    /// A reader at the value of property `name`; `None` when the twin has no such property.
+    fn find(&self, name: &str) -> Option<Reader<'a>> {
         let id = intern::lookup(name);
         let mut r = Reader {
             b: self.b,
@@ -825,46 +829,39 @@ impl<'a> Props<'a> {
         let n = r.len().ok()?;
         for _ in 0..n {
             if r.name_is(name, id).ok()? {
-                return Some(match r.byte().ok()? {
-                    V_NULL => Scalar::Null,
-                    V_FALSE => Scalar::Bool(false),
-                    V_TRUE => Scalar::Bool(true),
-                    V_U64 => Scalar::Num(r.varint().ok()? as f64),
-                    V_NEG => Scalar::Num((!r.varint().ok()? as i64) as f64),
-                    V_F64 => Scalar::Num(f64::from_le_bytes(r.bytes(8).ok()?.try_into().ok()?)),
-                    V_F32 => {
-                        Scalar::Num(f32::from_le_bytes(r.bytes(4).ok()?.try_into().ok()?) as f64)
-                    }
-                    V_STR => {
-                        let n = r.len().ok()?;
-                        Scalar::Str(r.str(n).ok()?)
-                    }
-                    V_ARR | V_OBJ => Scalar::Other,
-                    t if t >= V_SHORT_STR => Scalar::Str(r.str((t - V_SHORT_STR) as usize).ok()?),
-                    t if t >= V_SMALL_INT => Scalar::Num((t - V_SMALL_INT) as f64),
-                    _ => return None,
-                });
+                return Some(r);
             }
             r.skip_value(0).ok()?;
         }
         None
     }
 
+    /// The value of property `name` read in place, without building it: scalars as they
+    /// are, arrays and objects as [`Scalar::Other`]; `None` when the twin has no such property.
+    pub fn scalar(&self, name: &str) -> Option<Scalar<'a>> {
+        let mut r = self.find(name)?;
+        Some(match r.byte().ok()? {
+            V_NULL => Scalar::Null,
+            V_FALSE => Scalar::Bool(false),
+            V_TRUE => Scalar::Bool(true),
+            V_U64 => Scalar::Num(r.varint().ok()? as f64),
+            V_NEG => Scalar::Num((!r.varint().ok()? as i64) as f64),
+            V_F64 => Scalar::Num(f64::from_le_bytes(r.bytes(8).ok()?.try_into().ok()?)),
+            V_F32 => Scalar::Num(f32::from_le_bytes(r.bytes(4).ok()?.try_into().ok()?) as f64),
+            V_STR => {
+                let n = r.len().ok()?;
+                Scalar::Str(r.str(n).ok()?)
+            }
+            V_ARR | V_OBJ => Scalar::Other,
+            t if t >= V_SHORT_STR => Scalar::Str(r.str((t - V_SHORT_STR) as usize).ok()?),
+            t if t >= V_SMALL_INT => Scalar::Num((t - V_SMALL_INT) as f64),
+            _ => return None,
+        })
+    }
+
     /// The value of property `name`, decoded; `None` when the twin has no such property.
     pub fn get(&self, name: &str) -> Option<Value> {
-        let id = intern::lookup(name);
-        let mut r = Reader {
-            b: self.b,
-            at: self.at,
-        };
-        let n = r.len().ok()?;
-        for _ in 0..n {
-            if r.name_is(name, id).ok()? {
-                return r.value(0).ok();
-            }
-            r.skip_value(0).ok()?;
-        }
-        None
+        self.find(name)?.value(0).ok()
     }
 }
 

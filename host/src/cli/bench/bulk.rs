@@ -112,19 +112,7 @@ async fn bulk_http(url: &str, bodies: &[bytes::Bytes], clients: usize) -> anyhow
         let (client, url, created) = (client.clone(), url.to_owned(), created.clone());
         tasks.spawn(async move {
             for body in mine {
-                let r = client
-                    .post(format!("{url}/v1/twins/bulk"))
-                    .header("content-type", "application/x-ndjson")
-                    .body(body)
-                    .send()
-                    .await?;
-                anyhow::ensure!(r.status().is_success(), "bulk answered {}", r.status());
-                let v: Value = r.json().await?;
-                anyhow::ensure!(
-                    v["rejected"].as_array().is_some_and(Vec::is_empty),
-                    "bulk refused items: {}",
-                    v["rejected"]
-                );
+                let v = post_bulk(&client, &url, body).await?;
                 created.fetch_add(v["created"].as_u64().unwrap_or(0), Ordering::Relaxed);
             }
             anyhow::Ok(())
@@ -253,4 +241,26 @@ pub(super) async fn bulk_phase(args: &BenchArgs) -> anyhow::Result<Value> {
         "bulk_in_process": inproc,
         "ratio_bulk_to_one_at_a_time": ((best / base) * 10.0).round() / 10.0,
     }))
+}
+
+/// Send one NDJSON body to `POST /v1/twins/bulk`; its answer, once every item was created.
+pub(super) async fn post_bulk(
+    client: &reqwest::Client,
+    url: &str,
+    body: bytes::Bytes,
+) -> anyhow::Result<Value> {
+    let r = client
+        .post(format!("{url}/v1/twins/bulk"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "bulk answered {}", r.status());
+    let v: Value = r.json().await?;
+    anyhow::ensure!(
+        v["rejected"].as_array().is_some_and(Vec::is_empty),
+        "bulk refused items: {}",
+        v["rejected"]
+    );
+    Ok(v)
 }

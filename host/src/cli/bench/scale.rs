@@ -145,19 +145,7 @@ async fn provision(url: &str, twins: usize) -> anyhow::Result<(Vec<TwinId>, f64)
         tasks.spawn(async move {
             let mut ids = Vec::new();
             for body in mine {
-                let r = client
-                    .post(format!("{url}/v1/twins/bulk"))
-                    .header("content-type", "application/x-ndjson")
-                    .body(body)
-                    .send()
-                    .await?;
-                anyhow::ensure!(r.status().is_success(), "bulk answered {}", r.status());
-                let v: Value = r.json().await?;
-                anyhow::ensure!(
-                    v["rejected"].as_array().is_some_and(Vec::is_empty),
-                    "bulk refused items: {}",
-                    v["rejected"]
-                );
+                let v = super::bulk::post_bulk(&client, &url, body).await?;
                 let n = v["created"].as_u64().unwrap_or(0);
                 // Machines, and a building per 1,000 of them.
                 ids.extend(
