@@ -180,14 +180,19 @@ pub fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(args) => {
-            init_tracing();
+            init_tracing("info,tower_http=info,sled=warn");
             let r = rt.block_on(serve::run(args));
             // Writes are drained and flushed by now; a guest call still running on a
             // blocking thread (past the drain timeout) is not waited for.
             rt.shutdown_timeout(std::time::Duration::from_millis(500));
             r
         }
-        Command::Bench(args) => rt.block_on(bench::run(args)),
+        Command::Bench(args) => {
+            // Quiet by default (the bench prints its own progress); RUST_LOG shows the
+            // nodes' logs, e.g. `RUST_LOG=twinhost::store=debug` for checkpoint times.
+            init_tracing("warn");
+            rt.block_on(bench::run(args))
+        }
         Command::Twin { cmd, conn } => rt.block_on(client::twin(conn, cmd)),
         Command::Query { query, conn } => rt.block_on(client::query(conn, query)),
         Command::Model { cmd, conn } => rt.block_on(client::model(conn, cmd)),
@@ -212,10 +217,10 @@ pub fn main() -> anyhow::Result<()> {
     }
 }
 
-fn init_tracing() {
+/// Log to stderr, filtered by `RUST_LOG` or else by `default`.
+fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=info,sled=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());

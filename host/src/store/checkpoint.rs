@@ -100,9 +100,6 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
                         .sum(),
                     Ordering::Relaxed,
                 );
-                if ck.dirty.len() >= TRIM_AFTER_TWINS {
-                    give_back_memory();
-                }
                 tracing::debug!(
                     upto = ck.upto,
                     twins = ck.dirty.len(),
@@ -127,22 +124,6 @@ fn lower_priority() {
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, CHECKPOINT_NICE);
-    }
-}
-
-/// Checkpoints that wrote at least this many twins hand freed memory back to the system
-/// afterwards: a big one (a bulk load, the first after an upgrade) frees many buffers at
-/// once, which glibc would otherwise keep as resident memory. Small ones skip it, since
-/// trimming walks the whole heap.
-const TRIM_AFTER_TWINS: usize = TWIN_BATCH;
-
-/// Return free heap memory to the system (glibc keeps it otherwise), so resident memory
-/// drops back after a big checkpoint.
-fn give_back_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes no pointers and only releases memory malloc holds free.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
@@ -191,6 +172,7 @@ fn write_checkpoint(
             None => b.remove(k),
         }
     }
+    let t0 = Instant::now();
     let mut present: HashSet<TwinId, FxBuildHasher> = HashSet::default();
     let mut twins = sled::Batch::default();
     for (i, id) in ck.dirty.iter().enumerate() {
@@ -207,6 +189,7 @@ fn write_checkpoint(
         }
     }
     db.apply_batch(twins)?;
+    let twins_ms = t0.elapsed().as_millis() as u64;
     let seq = ck.upto.to_be_bytes();
     // Samples per twin, from every map this checkpoint covers.
     let mut per_twin: HashMap<TwinId, Vec<&Sample>, FxBuildHasher> = HashMap::default();
@@ -239,7 +222,16 @@ fn write_checkpoint(
         b.insert(keys::META_HLC, &ck.hlc.to_be_bytes());
     }
     b.insert(keys::META_WAL_CHECKPOINT, &ck.upto.to_be_bytes());
+    let t1 = Instant::now();
     db.apply_batch(b)?;
+    let history_ms = t1.elapsed().as_millis() as u64;
+    let t2 = Instant::now();
     db.flush()?;
+    tracing::debug!(
+        twins_ms,
+        history_ms,
+        flush_ms = t2.elapsed().as_millis() as u64,
+        "checkpoint written"
+    );
     Ok(())
 }
