@@ -86,7 +86,7 @@ async fn a_format_1_directory_is_upgraded_in_place() {
     let mut s = Server::start_from(unpack_v1, Some(FIXTURE_NODE), &[]);
     assert!(
         s.log()
-            .contains("upgrading the data directory from format 1 to 3"),
+            .contains("upgrading the data directory from format 1 to 4"),
         "{}",
         crate::common::tail(&s.log(), 20)
     );
@@ -395,10 +395,17 @@ async fn relationship_and_model_changes_are_numbered_events() {
 
 /// Unpack `tests/fixtures/v2-data.tar.gz` (see `make-v2-data.sh`) into `dir`.
 fn unpack_v2(dir: &Path) {
-    let fixture = format!(
-        "{}/../tests/fixtures/v2-data.tar.gz",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    unpack("v2-data.tar.gz", dir);
+}
+
+/// The format-3 fixture: the same steps as the format-2 one (`make-v3-data.sh`), written by
+/// the last build of format 3.
+fn unpack_v3(dir: &Path) {
+    unpack("v3-data.tar.gz", dir);
+}
+
+fn unpack(name: &str, dir: &Path) {
+    let fixture = format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     let st = Command::new("tar")
         .args(["xzf", &fixture, "-C"])
         .arg(dir)
@@ -459,19 +466,32 @@ async fn check_v2_twins(s: &Server) {
     s.get("/v1/rules/hot").await.expect(200);
 }
 
-/// A data directory of format 2 (twin records as JSON) opens with this build: the same twins,
-/// values, versions, children and relationships, the log tail the old server left replayed;
-/// its records are rewritten in the compact form of format 3 once, and writes and a restart
-/// work as usual.
+/// A data directory of format 2 (twin records as JSON in sled) opens with this build: the
+/// same twins, values, versions, children and relationships, the log tail the old server left
+/// replayed; its twins move into twin files once, and writes and a restart work as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_format_2_directory_with_json_records_still_opens() {
-    let mut s = Server::start_from(unpack_v2, Some("edge-2"), &[]);
+    an_older_directory_opens(2, unpack_v2).await;
+}
+
+/// The same for format 3 (compact twin records, one sled key each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_3_directory_with_a_sled_key_per_twin_still_opens() {
+    an_older_directory_opens(3, unpack_v3).await;
+}
+
+async fn an_older_directory_opens(format: u64, unpack: fn(&Path)) {
+    let mut s = Server::start_from(unpack, Some("edge-2"), &[]);
     assert!(
-        s.log()
-            .contains("upgrading the data directory from format 2 to 3"),
+        s.log().contains(&format!(
+            "upgrading the data directory from format {format} to 4"
+        )),
         "{}",
         crate::common::tail(&s.log(), 20)
     );
+    let files = std::fs::read_dir(s.data_dir.join("twins")).unwrap().count();
+    // The upgrade's file of every twin, and soon the first checkpoint's of the replayed tail.
+    assert!((1..=2).contains(&files), "{files} twin files");
     check_v2_twins(&s).await;
     let read = std::fs::read_to_string(s.data_dir.join("read.token")).unwrap();
     s.with_token(read.trim())
@@ -492,7 +512,9 @@ async fn a_format_2_directory_with_json_records_still_opens() {
     s.restart();
     assert_eq!(
         s.log()
-            .matches("upgrading the data directory from format 2")
+            .matches(&format!(
+                "upgrading the data directory from format {format}"
+            ))
             .count(),
         1,
         "{}",

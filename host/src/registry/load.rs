@@ -1,18 +1,20 @@
-//! Loading the registry from sled at start: twins (upgrading a format-1 directory on the
-//! way), models, relationships and tombstones, and the highest change number and clock
+//! Loading the registry at start: twins from their files (upgrading a directory of format 1-3,
+//! which kept them in sled, on the way), models, relationships and tombstones, and the highest change number and clock
 //! stored, above which the node continues.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+
+use rustc_hash::FxBuildHasher;
 
 use super::{corrupt, feed, Indexes, Model, RegistryError, RelMap, Tombstone, TwinMap};
 use crate::store::wal::from_slice_unbounded;
 use crate::store::{keys, Store, Upgrade};
-use crate::types::compact::{self, Names};
-use crate::types::{hlc_at, Dot, Twin};
+use crate::types::compact;
+use crate::types::{hlc_at, Dot, Twin, TwinId};
 
-/// Twin records rewritten per sled batch by the upgrade from format 1 or 2 (bounds its memory).
-const UPGRADE_CHUNK: usize = 10_000;
+/// A line of progress every this many twins loaded.
+const PROGRESS_EVERY: usize = 1_000_000;
 
 /// The highest change number and HLC found so far.
 #[derive(Clone, Copy, Default)]
@@ -90,55 +92,72 @@ fn load_twins(
     let twins = Arc::new(TwinMap::new());
     let mut index = Indexes::default();
     let from = store.format();
-    let upgrading = from < keys::FORMAT_VERSION;
-    let mut upgraded = Vec::new();
-    let mut rewritten = 0usize;
-    if from == 1 {
-        // Format 1 handed out event numbers below a reservation: continue above it.
-        floors.lseq = floors.lseq.max(
-            store
-                .get_u64(keys::META_EVENT_SEQ_RESERVED)?
-                .saturating_sub(1),
-        );
-    }
-    for kv in store.scan_prefix(&[keys::TWIN]) {
-        let (k, v) = kv?;
-        let id = keys::parse_twin(&k).ok_or_else(|| corrupt(&k, "bad key"))?;
-        let mut t = compact::decode_stored(id, &v).map_err(|e| corrupt(&k, e))?;
-        if from == 1 {
-            upgrade_twin(&mut t, origin, floors);
-        }
-        if upgrading && v.first() != Some(&compact::TAG) {
-            upgraded.push((k.to_vec(), compact::encode(&t, Names::Inline).into_vec()));
-            if upgraded.len() == UPGRADE_CHUNK {
-                rewritten += UPGRADE_CHUNK;
-                store.upgrade_twins(std::mem::take(&mut upgraded))?;
-                if rewritten.is_multiple_of(UPGRADE_CHUNK * 20) {
-                    tracing::info!(
-                        twins = rewritten,
-                        "upgrading from format {from}: twins rewritten"
-                    );
-                }
-            }
-        }
+    let mut loaded = |t: Twin, floors: &mut Floors| {
         floors.lseq = floors.lseq.max(t.lseq);
         floors.hlc = floors.hlc.max(t.hlc);
         index.insert(&t);
         twins.insert(&t);
-    }
-    if upgrading {
+        if twins.len().is_multiple_of(PROGRESS_EVERY) {
+            tracing::info!(twins = twins.len(), "loading twins");
+        }
+    };
+    if from < keys::FORMAT_VERSION {
+        // Formats 1-3: one sled key per twin (JSON, then compact), all written into the first
+        // twin file by the upgrade.
+        if from == 1 {
+            // Format 1 handed out event numbers below a reservation: continue above it.
+            floors.lseq = floors.lseq.max(
+                store
+                    .get_u64(keys::META_EVENT_SEQ_RESERVED)?
+                    .saturating_sub(1),
+            );
+        }
+        for kv in store.scan_prefix(&[keys::TWIN]) {
+            let (k, v) = kv?;
+            let id = keys::parse_twin(&k).ok_or_else(|| corrupt(&k, "bad key"))?;
+            let mut t = compact::decode_stored(id, &v).map_err(|e| corrupt(&k, e))?;
+            if from == 1 {
+                upgrade_twin(&mut t, origin, floors);
+            }
+            loaded(t, floors);
+        }
         tracing::info!(
             twins = twins.len(),
             next_change = floors.lseq + 1,
             "upgrading the data directory from format {from} to {}",
             keys::FORMAT_VERSION
         );
-        store.upgrade_twins(upgraded)?;
-        store.finish_upgrade(Upgrade {
-            lseq: floors.lseq,
-            hlc: floors.hlc,
-        })?;
+        store.finish_upgrade(
+            Upgrade {
+                lseq: floors.lseq,
+                hlc: floors.hlc,
+            },
+            &*twins,
+        )?;
+        return Ok((twins, index));
     }
+    // What an upgrade interrupted after its commit left of the old per-twin keys.
+    if store.scan_prefix(&[keys::TWIN]).next().is_some() {
+        store.remove_legacy_twin_keys()?;
+    }
+    // Newest record first: a twin already loaded, or deleted in a newer file, is skipped.
+    let mut deleted: HashSet<TwinId, FxBuildHasher> = HashSet::default();
+    store.read_twins(|id, record| {
+        if deleted.contains(&id) || twins.contains(&id) {
+            return Ok(());
+        }
+        match record {
+            None => {
+                deleted.insert(id);
+            }
+            Some(r) => {
+                let t = compact::decode_stored(id, r)
+                    .map_err(|e| corrupt(format!("twin {id}").as_bytes(), e))?;
+                loaded(t, floors);
+            }
+        }
+        Ok(())
+    })?;
     Ok((twins, index))
 }
 
@@ -172,57 +191,173 @@ mod tests {
         panic!("the store stays locked")
     }
 
-    /// A format-2 directory's JSON twin records are read, rewritten in the compact form and
-    /// the directory marked format 3; a checkpoint after a write keeps the compact form.
+    /// Directories of format 2 (JSON records in sled) and 3 (compact records in sled) are
+    /// upgraded: their twins move into the first twin file, the sled keys go, and the
+    /// directory says format 4; writes after that survive a restart.
     #[tokio::test]
-    async fn json_records_of_format_2_are_rewritten_compact() {
-        let dir = tempfile::tempdir().unwrap();
-        let twin = {
-            let store = Store::open(dir.path()).unwrap();
+    async fn twin_records_of_formats_2_and_3_move_into_twin_files() {
+        for (format, json) in [(2u64, true), (3, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let twin = {
+                let store = Store::open(dir.path()).unwrap();
+                let reg = Registry::open(&store, "node-a").unwrap();
+                let props = json!({"temperature": 70.5, "big": u64::MAX, "nested": {"a": [1, -2]}});
+                let t = reg
+                    .create(NewTwin {
+                        entity_type: "machine".into(),
+                        properties: props.as_object().unwrap().clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                reg.shutdown();
+                t
+            };
+            // Turn the directory into what that format wrote: a record per sled key, and
+            // no twin files.
+            let store = reopen(dir.path()).await;
+            let record = if json {
+                twin.to_record_bytes()
+            } else {
+                compact::encode(&twin, compact::Names::Inline).into_vec()
+            };
+            store.put_durable(&keys::twin(&twin.id), &record).unwrap();
+            store.put_durable(keys::META_TWIN_FILES, b"").unwrap();
+            store
+                .put_durable(keys::META_FORMAT_VERSION, &format.to_be_bytes())
+                .unwrap();
+            drop(store);
+            let store = reopen(dir.path()).await;
+            assert!(store.needs_upgrade());
             let reg = Registry::open(&store, "node-a").unwrap();
-            let props = json!({"temperature": 70.5, "big": u64::MAX, "nested": {"a": [1, -2]}});
+            assert_eq!(store.format(), keys::FORMAT_VERSION);
+            assert!(store.get(&keys::twin(&twin.id)).unwrap().is_none());
+            assert_eq!(store.twin_files().files.len(), 1, "format {format}");
+            assert_eq!(reg.get(&twin.id).unwrap(), twin, "format {format}");
+            reg.patch(Update::new(
+                twin.id,
+                json!({"temperature": 71}).as_object().unwrap().clone(),
+            ))
+            .await
+            .unwrap();
+            reg.shutdown();
+            drop((reg, store));
+            let store = reopen(dir.path()).await;
+            assert!(!store.needs_upgrade());
+            let reg = Registry::open(&store, "node-a").unwrap();
+            let t = reg.get(&twin.id).unwrap();
+            assert_eq!(t.properties["temperature"], json!(71));
+            assert_eq!(t.properties["big"], json!(u64::MAX));
+            assert_eq!(t.version, 2);
+            reg.shutdown();
+        }
+    }
+
+    /// Every checkpoint adds a twin file of what changed; once the files hold more than twice
+    /// the twins, one checkpoint writes them all into a single new file and the rest go. The
+    /// newest record of each twin wins on open, a deletion included, and a file no manifest
+    /// names (a crash mid-checkpoint) is removed.
+    #[tokio::test]
+    async fn checkpoints_add_twin_files_and_a_compaction_folds_them_into_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |dir: std::path::PathBuf| async move {
+            let store = reopen(&dir).await.with_compact_slack(0);
+            let reg = Registry::open(&store, "node-a").unwrap();
+            (store, reg)
+        };
+        let (store, reg) = open(dir.path().into()).await;
+        let mut ids = Vec::new();
+        for i in 0..40 {
             let t = reg
                 .create(NewTwin {
                     entity_type: "machine".into(),
-                    properties: props.as_object().unwrap().clone(),
+                    properties: json!({"n": i}).as_object().unwrap().clone(),
                     ..Default::default()
                 })
                 .await
                 .unwrap();
-            reg.shutdown();
-            t
-        };
-        // Turn the directory into what format 2 wrote: JSON records.
-        let store = reopen(dir.path()).await;
-        store
-            .put_durable(&keys::twin(&twin.id), &twin.to_record_bytes())
-            .unwrap();
-        store
-            .put_durable(keys::META_FORMAT_VERSION, &2u64.to_be_bytes())
-            .unwrap();
-        drop(store);
-        let store = reopen(dir.path()).await;
-        assert!(store.needs_upgrade());
-        let reg = Registry::open(&store, "node-a").unwrap();
-        assert_eq!(store.format(), keys::FORMAT_VERSION);
-        let rec = store.get(&keys::twin(&twin.id)).unwrap().unwrap();
-        assert_eq!(rec[0], compact::TAG);
-        let back = reg.get(&twin.id).unwrap();
-        assert_eq!(back, twin);
-        reg.patch(Update::new(
-            twin.id,
-            json!({"temperature": 71}).as_object().unwrap().clone(),
-        ))
-        .await
-        .unwrap();
+            ids.push(t.id);
+        }
         reg.shutdown();
         drop((reg, store));
+        let mut files_seen = Vec::new();
+        let mut expected = std::collections::HashMap::new();
+        for round in 1..=4 {
+            let (store, reg) = open(dir.path().into()).await;
+            files_seen.push(store.twin_files().files.len());
+            for (i, id) in ids.iter().enumerate() {
+                let n = round * 100 + i;
+                reg.patch(Update::new(
+                    *id,
+                    json!({"n": n}).as_object().unwrap().clone(),
+                ))
+                .await
+                .unwrap();
+                expected.insert(*id, n);
+            }
+            if round == 2 {
+                for id in ids.drain(30..) {
+                    reg.delete(id, false).await.unwrap();
+                    expected.remove(&id);
+                }
+            }
+            reg.shutdown();
+            drop((reg, store));
+        }
+        // 40 records, then +40 (80 ≤ 2 × 40: a second file); round 2 deletes 10 twins, so
+        // its checkpoint finds 80 > 2 × 30 and compacts into one file of 30; +30 again.
+        assert_eq!(files_seen, vec![1, 2, 1, 2]);
+        std::fs::write(
+            dir.path().join("twins/99999999-999999999999.twins"),
+            b"junk",
+        )
+        .unwrap();
+        let (store, reg) = open(dir.path().into()).await;
+        assert_eq!(store.twin_files().files.len(), 3);
+        assert!(!dir
+            .path()
+            .join("twins/99999999-999999999999.twins")
+            .exists());
+        assert_eq!(reg.twin_count(), 30);
+        for (id, n) in &expected {
+            assert_eq!(reg.get(id).unwrap().properties["n"], json!(n));
+        }
+        let on_disk = std::fs::read_dir(dir.path().join("twins")).unwrap().count();
+        assert_eq!(on_disk, 3, "the files a compaction replaced are gone");
+        reg.shutdown();
+    }
+
+    /// A twin file that does not read back whole stops the node from starting, naming it.
+    #[tokio::test]
+    async fn a_damaged_twin_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let reg = Registry::open(&store, "node-a").unwrap();
+            reg.create(NewTwin {
+                entity_type: "machine".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            reg.shutdown();
+        }
         let store = reopen(dir.path()).await;
-        assert!(!store.needs_upgrade());
-        let reg = Registry::open(&store, "node-a").unwrap();
-        let t = reg.get(&twin.id).unwrap();
-        assert_eq!(t.properties["temperature"], json!(71));
-        assert_eq!(t.properties["big"], json!(u64::MAX));
-        assert_eq!(t.version, 2);
+        let manifest = store.get(keys::META_TWIN_FILES).unwrap().unwrap();
+        let name = crate::store::twin_files::Manifest::decode(&manifest)
+            .unwrap()
+            .files
+            .pop()
+            .unwrap();
+        let path = dir.path().join("twins").join(name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 0xFF;
+        std::fs::write(&path, bytes).unwrap();
+        let err = Registry::open(&store, "node-a").err().unwrap().to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("checksum"),
+            "{err}"
+        );
     }
 }

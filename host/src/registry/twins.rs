@@ -177,6 +177,18 @@ impl StateSource for TwinMap {
         compact::encode_into(&decode(*id, &blob), &mut out, Names::Inline);
         Some(out)
     }
+
+    fn contains(&self, id: &TwinId) -> bool {
+        self.map.contains_key(id)
+    }
+
+    fn twin_count(&self) -> usize {
+        self.map.len()
+    }
+
+    fn twin_ids(&self) -> Vec<TwinId> {
+        self.map.iter().map(|e| *e.key()).collect()
+    }
 }
 
 /// A twin being changed in place (see [`TwinMap::get_mut`]). Holds the twin's shard locked.

@@ -1,8 +1,9 @@
-//! Checkpoints: the background thread that folds what the log holds into sled — the current
-//! bytes of each dirty twin, raw key/value changes in order, one history chunk per series
-//! — as one atomic batch with the checkpoint marker, flushes, and deletes the covered log
-//! segments. A failed checkpoint is carried into the next; no segment goes before one
-//! succeeds.
+//! Checkpoints: the background thread that folds what the log holds into the data directory
+//! — the current record of each dirty twin into a new twin file ([`super::twin_files`]),
+//! then raw key/value changes in order, one history chunk per series, the manifest naming
+//! the new file and the checkpoint marker as one atomic sled batch — flushes, and deletes
+//! the covered log segments. A failed checkpoint is carried into the next; no segment goes
+//! before one succeeds.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use rustc_hash::FxBuildHasher;
 
 use super::batch::{KvOp, PendingHistory, Sample, SeriesMap};
 use super::commit::{CheckpointHook, CommitStats, StateSource};
+use super::twin_files::{self, FileWriter, Manifest};
 use super::{keys, wal, StoreError};
 use crate::types::TwinId;
 
@@ -47,6 +49,9 @@ impl Checkpoint {
 pub(super) struct Checkpointer {
     pub(super) db: sled::Db,
     pub(super) wal_dir: PathBuf,
+    pub(super) twins_dir: PathBuf,
+    pub(super) manifest: Arc<parking_lot::Mutex<Manifest>>,
+    pub(super) compact_slack: u64,
     pub(super) source: Arc<dyn StateSource>,
     pub(super) pending: Arc<parking_lot::Mutex<PendingHistory>>,
     pub(super) busy: Arc<AtomicBool>,
@@ -58,6 +63,9 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
     let Checkpointer {
         db,
         wal_dir,
+        twins_dir,
+        manifest,
+        compact_slack,
         source,
         pending,
         busy,
@@ -79,7 +87,12 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
             Some(h) => h(ck.lseq).map_err(StoreError::Checkpoint),
             None => Ok(()),
         };
-        match hooked.and_then(|()| write_checkpoint(&db, source.as_ref(), &ck)) {
+        let files = Files {
+            dir: &twins_dir,
+            manifest: &manifest,
+            slack: compact_slack,
+        };
+        match hooked.and_then(|()| write_checkpoint(&db, &files, source.as_ref(), &ck)) {
             Ok(()) => {
                 pending.lock().checkpointing.clear();
                 if let Err(e) = wal::remove_upto(&wal_dir, ck.upto) {
@@ -127,18 +140,91 @@ fn lower_priority() {
     }
 }
 
-/// Twin records per sled batch: a checkpoint of a million twins stages ten thousand at a
-/// time instead of all of them (bounded memory). The batches before the last are not atomic
-/// with the checkpoint's marker; a crash between them leaves sled with twins newer than the
-/// marker, which the log replay recognises (it applies a logged change only to an older
-/// version of the twin).
-pub(super) const TWIN_BATCH: usize = 10_000;
-
 /// Nice value of the checkpoint thread.
 const CHECKPOINT_NICE: libc::c_int = 10;
 
+/// Where the twin files go, and the manifest naming them.
+struct Files<'a> {
+    dir: &'a std::path::Path,
+    manifest: &'a parking_lot::Mutex<Manifest>,
+    slack: u64,
+}
+
+/// Write the twin file of a checkpoint: the dirty twins' records, or every twin when the
+/// files hold too many superseded records (a compaction, starting a new generation).
+/// Returns the file's writer, finished by the caller once the rest is staged, the manifest to
+/// commit with the marker, and the dirty twins that exist (their history is kept).
+fn write_twins(
+    files: &Files<'_>,
+    source: &dyn StateSource,
+    dirty: &HashSet<TwinId, FxBuildHasher>,
+) -> Result<
+    (
+        Option<(FileWriter, Manifest)>,
+        HashSet<TwinId, FxBuildHasher>,
+    ),
+    StoreError,
+> {
+    let mut present: HashSet<TwinId, FxBuildHasher> = HashSet::default();
+    let current = files.manifest.lock().clone();
+    let ids = current
+        .wants_compaction(source.twin_count(), files.slack)
+        .then(|| source.twin_ids());
+    let compacting = ids.is_some();
+    if dirty.is_empty() && !compacting {
+        return Ok((None, present));
+    }
+    let generation = if compacting {
+        current.generation + 1
+    } else {
+        current.generation.max(1)
+    };
+    let name = current.next_name(generation);
+    let mut w = FileWriter::create(files.dir, &name)?;
+    let written = (|| {
+        if let Some(ids) = ids {
+            for id in dirty {
+                if source.contains(id) {
+                    present.insert(*id);
+                }
+            }
+            for id in ids {
+                if let Some(rec) = source.twin_bytes(&id) {
+                    w.push(&id, Some(&rec))?;
+                }
+            }
+        } else {
+            for id in dirty {
+                let rec = source.twin_bytes(id);
+                if rec.is_some() {
+                    present.insert(*id);
+                }
+                w.push(id, rec.as_deref())?;
+            }
+        }
+        Ok::<_, StoreError>(())
+    })();
+    if let Err(e) = written {
+        w.abandon();
+        return Err(e);
+    }
+    let mut next = current.clone();
+    next.next += 1;
+    if compacting {
+        next.generation = generation;
+        next.files = vec![name];
+        next.records = w.records();
+    } else {
+        next.generation = generation;
+        next.files.push(name);
+        next.records += w.records();
+    }
+    Ok((Some((w, next)), present))
+}
+
 fn write_checkpoint(
     db: &sled::Db,
+    files: &Files<'_>,
     source: &dyn StateSource,
     ck: &Checkpoint,
 ) -> Result<(), StoreError> {
@@ -173,22 +259,16 @@ fn write_checkpoint(
         }
     }
     let t0 = Instant::now();
-    let mut present: HashSet<TwinId, FxBuildHasher> = HashSet::default();
-    let mut twins = sled::Batch::default();
-    for (i, id) in ck.dirty.iter().enumerate() {
-        if i > 0 && i.is_multiple_of(TWIN_BATCH) {
-            db.apply_batch(std::mem::take(&mut twins))?;
+    let (file, present) = write_twins(files, source, &ck.dirty)?;
+    // The file is durable before the manifest naming it commits.
+    let manifest = match file {
+        Some((w, m)) => {
+            w.finish()?;
+            b.insert(keys::META_TWIN_FILES, m.encode());
+            Some(m)
         }
-        let key = keys::twin(id);
-        match source.twin_bytes(id) {
-            Some(bytes) => {
-                present.insert(*id);
-                twins.insert(&key[..], bytes);
-            }
-            None => twins.remove(&key[..]),
-        }
-    }
-    db.apply_batch(twins)?;
+        None => None,
+    };
     let twins_ms = t0.elapsed().as_millis() as u64;
     let seq = ck.upto.to_be_bytes();
     // Samples per twin, from every map this checkpoint covers.
@@ -223,15 +303,22 @@ fn write_checkpoint(
     }
     b.insert(keys::META_WAL_CHECKPOINT, &ck.upto.to_be_bytes());
     let t1 = Instant::now();
-    db.apply_batch(b)?;
+    let committed = db.apply_batch(b).and_then(|()| db.flush().map(drop));
+    if let Err(e) = committed {
+        // The new file is named by no committed manifest: the next open removes it.
+        return Err(e.into());
+    }
     let history_ms = t1.elapsed().as_millis() as u64;
-    let t2 = Instant::now();
-    db.flush()?;
-    tracing::debug!(
-        twins_ms,
-        history_ms,
-        flush_ms = t2.elapsed().as_millis() as u64,
-        "checkpoint written"
-    );
+    if let Some(m) = manifest {
+        let compacted = m.files.len() == 1;
+        *files.manifest.lock() = m.clone();
+        if compacted {
+            // Only now are the older files named by no committed manifest.
+            if let Err(e) = twin_files::remove_unlisted(files.dir, &m.files) {
+                tracing::warn!(error = %e, "could not remove twin files a compaction replaced");
+            }
+        }
+    }
+    tracing::debug!(twins_ms, history_ms, "checkpoint written");
     Ok(())
 }

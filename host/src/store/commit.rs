@@ -52,7 +52,14 @@ pub const MAX_SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Supplies the current persisted bytes of a twin (`None` when it no longer exists).
 pub trait StateSource: Send + Sync + 'static {
+    /// The twin's record as stored (`None`: no such twin now).
     fn twin_bytes(&self, id: &TwinId) -> Option<Vec<u8>>;
+    /// Whether the twin exists now.
+    fn contains(&self, id: &TwinId) -> bool;
+    /// How many twins there are now.
+    fn twin_count(&self) -> usize;
+    /// Every twin's id (a compaction writes them all).
+    fn twin_ids(&self) -> Vec<TwinId>;
 }
 
 /// Runs before a checkpoint lets the log segments it covers be deleted, with the highest
@@ -206,6 +213,9 @@ impl WeakCommitHandle {
 pub(super) struct Start {
     pub db: sled::Db,
     pub wal_dir: PathBuf,
+    pub twins_dir: PathBuf,
+    pub manifest: Arc<parking_lot::Mutex<super::twin_files::Manifest>>,
+    pub compact_slack: u64,
     pub next_segment: u64,
     pub source: Arc<dyn StateSource>,
     pub pending: Arc<parking_lot::Mutex<PendingHistory>>,
@@ -231,6 +241,9 @@ pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
         let c = Checkpointer {
             db: s.db.clone(),
             wal_dir: s.wal_dir.clone(),
+            twins_dir: s.twins_dir.clone(),
+            manifest: s.manifest.clone(),
+            compact_slack: s.compact_slack,
             source: s.source.clone(),
             pending: s.pending.clone(),
             busy: busy.clone(),
@@ -552,4 +565,4 @@ fn publish_points(pending: &parking_lot::Mutex<PendingHistory>, batch: &mut Batc
 
 #[cfg(test)]
 #[path = "commit_tests.rs"]
-mod tests;
+pub(super) mod tests;

@@ -11,11 +11,20 @@ use crate::store::{wal, Store, StoreError};
 use crate::types::TwinId;
 
 /// No twins: these tests write raw keys only.
-struct NoTwins;
+pub(crate) struct NoTwins;
 
 impl StateSource for NoTwins {
     fn twin_bytes(&self, _: &TwinId) -> Option<Vec<u8>> {
         None
+    }
+    fn contains(&self, _: &TwinId) -> bool {
+        false
+    }
+    fn twin_count(&self) -> usize {
+        0
+    }
+    fn twin_ids(&self) -> Vec<TwinId> {
+        Vec::new()
     }
 }
 

@@ -3,7 +3,8 @@
 
 use crate::types::TwinId;
 
-/// Twins: `t` + 16-byte id → JSON twin record.
+/// Twins, formats 1-3: `t` + 16-byte id → the twin's record (JSON, then compact). Format 4
+/// keeps twins in files (`store::twin_files`); an upgrade reads these and removes them.
 pub const TWIN: u8 = b't';
 /// Models: `m` + entity type → JSON model.
 pub const MODEL: u8 = b'm';
@@ -38,7 +39,10 @@ pub const TOMBSTONE: u8 = b'd';
 ///
 /// 3: twin records are the compact binary form (`types::compact`, names spelled out) instead
 /// of JSON. Formats 1 and 2 are upgraded in place on open (the log's records stay JSON).
-pub const FORMAT_VERSION: u64 = 3;
+///
+/// 4: twins at rest are files of records under `<data-dir>/twins/` named by a manifest
+/// ([`META_TWIN_FILES`]), not one sled key each. Formats 1-3 are upgraded on open.
+pub const FORMAT_VERSION: u64 = 4;
 pub const META_FORMAT_VERSION: &[u8] = b"xformat_version";
 pub const META_NODE_ID: &[u8] = b"xnode_id";
 /// Number of the last write-ahead-log segment whose changes are all in sled.
@@ -48,6 +52,9 @@ pub const META_WAL_CHECKPOINT: &[u8] = b"xwal_checkpoint";
 pub const META_EVENT_SEQ_RESERVED: &[u8] = b"xevent_seq_reserved";
 /// The highest change number the last checkpoint covers (8 bytes BE).
 pub const META_LSEQ: &[u8] = b"xlseq";
+/// Format 4: the twin files at rest and what they hold (`store::twin_files::Manifest`),
+/// written with each checkpoint's marker.
+pub const META_TWIN_FILES: &[u8] = b"xtwin_files";
 /// The highest HLC the last checkpoint covers (8 bytes BE).
 pub const META_HLC: &[u8] = b"xhlc";
 /// Prefix of the change number of each peer's feed merged through here, by its node id.

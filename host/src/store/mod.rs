@@ -12,6 +12,7 @@ mod batch;
 mod checkpoint;
 pub mod commit;
 pub mod keys;
+pub mod twin_files;
 pub mod wal;
 
 use std::path::{Path, PathBuf};
@@ -69,6 +70,11 @@ impl StoreError {
 pub struct Store {
     db: sled::Db,
     wal_dir: PathBuf,
+    /// `<data-dir>/twins`: the twins at rest ([`twin_files`]).
+    twins_dir: PathBuf,
+    /// The twin files the manifest names (read on open, updated by each checkpoint).
+    manifest: Arc<parking_lot::Mutex<twin_files::Manifest>>,
+    compact_slack: u64,
     pending: Arc<parking_lot::Mutex<PendingHistory>>,
     checkpoint_every: std::time::Duration,
     /// The format version found on open (1 until the registry's upgrade finishes).
@@ -148,9 +154,15 @@ impl Store {
         let wal_dir = dir.join("wal");
         std::fs::create_dir_all(&wal_dir)
             .map_err(StoreError::io(format!("creating {}", wal_dir.display())))?;
+        let twins_dir = dir.join(twin_files::DIR);
+        std::fs::create_dir_all(&twins_dir)
+            .map_err(StoreError::io(format!("creating {}", twins_dir.display())))?;
         Ok(Store {
             db,
             wal_dir,
+            twins_dir,
+            manifest: Arc::default(),
+            compact_slack: twin_files::COMPACT_SLACK,
             pending: Arc::default(),
             checkpoint_every: commit::CHECKPOINT_EVERY,
             format: Arc::new(format.into()),
@@ -171,36 +183,89 @@ impl Store {
         self.format.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Write a chunk of twin records rewritten by the upgrade from format 1 or 2. Until
-    /// [`Store::finish_upgrade`] the directory keeps its old format: a crash in between
-    /// leaves records of both shapes, which the current one reads, and the upgrade, which
-    /// derives the same clocks and numbers from the same data, runs again.
-    pub fn upgrade_twins(&self, chunk: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), StoreError> {
-        let mut b = sled::Batch::default();
-        for (k, v) in chunk {
-            b.insert(k, v);
+    /// Every twin at rest, newest record first: `f` gets each twin's current record once
+    /// (`None`: deleted since an older file had it, and nothing older of it follows). Files
+    /// the manifest does not name (left over from a crash) are removed first. Format 4 only:
+    /// older directories keep one sled key per twin (`keys::TWIN`), read by the registry's
+    /// upgrade.
+    pub fn read_twins(
+        &self,
+        mut f: impl FnMut(crate::types::TwinId, Option<&[u8]>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let manifest = match self.db.get(keys::META_TWIN_FILES)? {
+            Some(v) => twin_files::Manifest::decode(&v).map_err(|reason| StoreError::Corrupt {
+                key: String::from_utf8_lossy(keys::META_TWIN_FILES).into_owned(),
+                reason,
+            })?,
+            None => twin_files::Manifest::default(),
+        };
+        let removed = twin_files::remove_unlisted(&self.twins_dir, &manifest.files)?;
+        if removed > 0 {
+            tracing::info!(
+                files = removed,
+                "removed twin files left over from an interrupted checkpoint"
+            );
         }
-        self.db.apply_batch(b)?;
+        for name in manifest.files.iter().rev() {
+            twin_files::read_file(&self.twins_dir.join(name), &mut f)?;
+        }
+        *self.manifest.lock() = manifest;
         Ok(())
     }
 
-    /// Finish the upgrade from format 1 or 2 once every twin is rewritten: the numbering floor and
-    /// the new format version, flushed after the rewritten records.
-    pub fn finish_upgrade(&self, up: Upgrade) -> Result<(), StoreError> {
-        self.db.flush()?;
+    /// Finish the upgrade from format 1, 2 or 3: write every twin `source` holds (the records
+    /// just read from sled) into the first twin file, then the numbering floor, the manifest
+    /// and the new format version in one batch; then drop the old per-twin keys. A crash
+    /// before that batch leaves the old format (the upgrade runs again; the file is removed
+    /// as unlisted); a crash after it leaves some old keys, which the next open removes.
+    pub fn finish_upgrade(&self, up: Upgrade, source: &dyn StateSource) -> Result<(), StoreError> {
+        let mut manifest = twin_files::Manifest {
+            generation: 1,
+            next: 1,
+            ..Default::default()
+        };
+        let name = manifest.next_name(1);
+        let mut w = twin_files::FileWriter::create(&self.twins_dir, &name)?;
+        for id in source.twin_ids() {
+            if let Some(rec) = source.twin_bytes(&id) {
+                w.push(&id, Some(&rec))?;
+            }
+        }
+        manifest.records = w.finish()?;
+        manifest.files.push(name);
+        manifest.next += 1;
         let mut b = sled::Batch::default();
         b.insert(keys::META_LSEQ, &up.lseq.to_be_bytes());
         b.insert(keys::META_HLC, &up.hlc.to_be_bytes());
         b.remove(keys::META_EVENT_SEQ_RESERVED);
+        b.insert(keys::META_TWIN_FILES, manifest.encode());
         b.insert(
             keys::META_FORMAT_VERSION,
             &keys::FORMAT_VERSION.to_be_bytes(),
         );
         self.db.apply_batch(b)?;
         self.db.flush()?;
+        *self.manifest.lock() = manifest;
         self.format
             .store(keys::FORMAT_VERSION, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        self.remove_legacy_twin_keys()
+    }
+
+    /// Remove the per-twin sled keys of formats 1-3 (after an upgrade, or what an interrupted
+    /// one left), 10,000 per batch.
+    pub fn remove_legacy_twin_keys(&self) -> Result<(), StoreError> {
+        loop {
+            let mut b = sled::Batch::default();
+            let mut n = 0;
+            for k in self.db.scan_prefix([keys::TWIN]).keys().take(10_000) {
+                b.remove(k?);
+                n += 1;
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            self.db.apply_batch(b)?;
+        }
     }
 
     /// Read an 8-byte big-endian counter (0 when absent).
@@ -222,6 +287,18 @@ impl Store {
     pub fn with_checkpoint_every(mut self, every: std::time::Duration) -> Self {
         self.checkpoint_every = every.max(std::time::Duration::from_millis(10));
         self
+    }
+
+    /// Superseded twin records the twin files may hold beyond the live twins before a
+    /// checkpoint compacts them (default [`twin_files::COMPACT_SLACK`]; tests set it low).
+    pub fn with_compact_slack(mut self, slack: u64) -> Self {
+        self.compact_slack = slack;
+        self
+    }
+
+    /// The twin files the manifest names now.
+    pub fn twin_files(&self) -> twin_files::Manifest {
+        self.manifest.lock().clone()
     }
 
     /// The last checkpointed log segment (0 before the first checkpoint).
@@ -331,6 +408,9 @@ impl Store {
         let handle = commit::start(commit::Start {
             db: self.db.clone(),
             wal_dir: self.wal_dir.clone(),
+            twins_dir: self.twins_dir.clone(),
+            manifest: self.manifest.clone(),
+            compact_slack: self.compact_slack,
             next_segment: last_segment + 1,
             source,
             pending: self.pending.clone(),
@@ -412,14 +492,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::TwinId;
 
-    struct NoTwins;
-    impl StateSource for NoTwins {
-        fn twin_bytes(&self, _: &TwinId) -> Option<Vec<u8>> {
-            None
-        }
-    }
+    use crate::store::commit::tests::NoTwins;
 
     fn started(dir: &Path) -> (Store, CommitHandle) {
         let store = Store::open(dir).unwrap();
