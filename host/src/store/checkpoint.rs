@@ -99,9 +99,9 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
                     tracing::warn!(error = %e, "could not remove checkpointed log segments");
                 }
                 stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .checkpoint_micros
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let took = started.elapsed().as_micros() as u64;
+                stats.checkpoint_micros.fetch_add(took, Ordering::Relaxed);
+                stats.last_checkpoint_micros.store(took, Ordering::Relaxed);
                 stats
                     .twin_writes
                     .fetch_add(ck.dirty.len() as u64, Ordering::Relaxed);

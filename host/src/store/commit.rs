@@ -90,6 +90,8 @@ pub struct CommitStats {
     pub commit_micros: AtomicU64,
     pub checkpoints: AtomicU64,
     pub checkpoint_micros: AtomicU64,
+    /// How long the last checkpoint took (the next waits at least twice that).
+    pub last_checkpoint_micros: AtomicU64,
     pub twin_writes: AtomicU64,
     pub points: AtomicU64,
 }
@@ -463,8 +465,12 @@ fn syncer(sy: Syncer, rx: std::sync::mpsc::Receiver<Commit>, mut segment: Segmen
         for d in commit.dones {
             d(Ok(seq));
         }
+        // Under load a checkpoint waits at least twice as long as the last one took: the
+        // checkpoint thread then works at most half the time, and each checkpoint folds more
+        // updates per twin and per series (their cost is per twin and series, not per update).
+        let last = Duration::from_micros(sy.stats.last_checkpoint_micros.load(Ordering::Relaxed));
         let due = commit.checkpoint_now
-            || last_checkpoint.elapsed() >= sy.checkpoint_every
+            || last_checkpoint.elapsed() >= sy.checkpoint_every.max(2 * last)
             || segment.bytes >= MAX_SEGMENT_BYTES;
         if due && sy.checkpoint(&mut segment, &mut since, commit.closing) {
             last_checkpoint = Instant::now();
