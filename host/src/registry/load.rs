@@ -360,4 +360,79 @@ mod tests {
             "{err}"
         );
     }
+
+    /// History samples go into the journal at each checkpoint: readable from memory, read
+    /// back from the journal files after a restart, folded into sled's chunks (the journal
+    /// files then go), and the samples of a twin deleted meanwhile are not folded.
+    #[tokio::test]
+    async fn history_goes_through_the_journal_into_sled() {
+        use crate::history::{History, Retention};
+        let dir = tempfile::tempdir().unwrap();
+        let temp = |v: f64| json!({"temperature": v}).as_object().unwrap().clone();
+        let open = |fold: std::time::Duration| {
+            let dir = dir.path().to_path_buf();
+            async move {
+                let store = reopen(&dir).await.with_fold_every(fold);
+                let reg = Registry::open(&store, "node-a").unwrap();
+                (store, reg)
+            }
+        };
+        let never = std::time::Duration::from_secs(3600);
+        let (store, reg) = open(never).await;
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let t = reg
+                .create(NewTwin {
+                    entity_type: "machine".into(),
+                    properties: temp(1.0),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            ids.push(t.id);
+        }
+        for v in 2..=5 {
+            for id in &ids {
+                reg.patch(Update::new(*id, temp(v as f64))).await.unwrap();
+            }
+        }
+        reg.shutdown();
+        assert_eq!(
+            store.journal_files().len(),
+            1,
+            "the final checkpoint's journal"
+        );
+        drop((reg, store));
+        // Read back from the journal after a restart; a deletion; then every checkpoint folds.
+        let (store, reg) = open(never).await;
+        let h = History::new(store.clone(), Retention::default());
+        assert_eq!(
+            h.points(&ids[0], "temperature", None, None).unwrap().len(),
+            5
+        );
+        reg.delete(ids[1], false).await.unwrap();
+        reg.shutdown();
+        drop((reg, store, h));
+        let (store, reg) = open(std::time::Duration::ZERO).await;
+        reg.patch(Update::new(ids[0], temp(6.0))).await.unwrap();
+        reg.shutdown();
+        assert!(store.journal_files().is_empty(), "folded");
+        let files = std::fs::read_dir(dir.path().join("history"))
+            .unwrap()
+            .count();
+        assert_eq!(files, 0);
+        drop((reg, store));
+        let (store, reg) = open(never).await;
+        let h = History::new(store.clone(), Retention::default());
+        let points = h.points(&ids[0], "temperature", None, None).unwrap();
+        let values: Vec<f64> = points.iter().map(|p| p.value).collect();
+        assert_eq!(values, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let gone = keys::history_twin_prefix(&ids[1]);
+        assert_eq!(
+            store.scan_prefix(&gone).count(),
+            0,
+            "a deleted twin's samples"
+        );
+        reg.shutdown();
+    }
 }

@@ -76,12 +76,26 @@ pub struct PendingHistory {
     /// Samples handed to a checkpoint that has not succeeded yet (more than one after a
     /// failed checkpoint, whose samples are carried into the next).
     pub(super) checkpointing: Vec<Arc<SeriesMap>>,
+    /// Samples in the history journal, not yet folded into sled's chunks
+    /// ([`super::journal`]), oldest first.
+    pub(super) journaled: Vec<Arc<SeriesMap>>,
+    pub(super) journaled_samples: usize,
+    /// When the oldest journaled samples were journaled (or loaded).
+    pub(super) journaled_since: Option<std::time::Instant>,
+    /// Twins deleted since their samples were journaled: those samples are not read or folded.
+    pub(super) journal_deleted: std::collections::HashSet<TwinId, FxBuildHasher>,
 }
 
 impl PendingHistory {
-    /// Pending samples of one series (unordered).
+    /// Samples not in sled's chunks yet, of one series (unordered).
     pub fn samples(&self, id: TwinId, property: &str) -> Vec<(i64, f64)> {
-        let maps = std::iter::once(&self.current).chain(self.checkpointing.iter().map(|m| &**m));
+        let journaled = (!self.journal_deleted.contains(&id))
+            .then_some(self.journaled.iter())
+            .into_iter()
+            .flatten();
+        let maps = std::iter::once(&self.current)
+            .chain(self.checkpointing.iter().map(|m| &**m))
+            .chain(journaled.map(|m| &**m));
         maps.filter_map(|m| m.get(&id))
             .flatten()
             .filter(|(name, _, _)| &**name == property)

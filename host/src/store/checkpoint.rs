@@ -5,7 +5,7 @@
 //! the covered log segments. A failed checkpoint is carried into the next; no segment goes
 //! before one succeeds.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,8 +13,9 @@ use std::time::Instant;
 
 use rustc_hash::FxBuildHasher;
 
-use super::batch::{KvOp, PendingHistory, Sample, SeriesMap};
+use super::batch::{KvOp, PendingHistory, SeriesMap};
 use super::commit::{CheckpointHook, CommitStats, StateSource};
+use super::journal;
 use super::twin_files::{self, FileWriter, Manifest};
 use super::{keys, wal, StoreError};
 use crate::types::TwinId;
@@ -51,6 +52,9 @@ pub(super) struct Checkpointer {
     pub(super) wal_dir: PathBuf,
     pub(super) twins_dir: PathBuf,
     pub(super) manifest: Arc<parking_lot::Mutex<Manifest>>,
+    pub(super) history_dir: PathBuf,
+    pub(super) journal: Arc<parking_lot::Mutex<Manifest>>,
+    pub(super) fold_every: std::time::Duration,
     pub(super) compact_slack: u64,
     pub(super) source: Arc<dyn StateSource>,
     pub(super) pending: Arc<parking_lot::Mutex<PendingHistory>>,
@@ -65,6 +69,9 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
         wal_dir,
         twins_dir,
         manifest,
+        history_dir,
+        journal,
+        fold_every,
         compact_slack,
         source,
         pending,
@@ -87,17 +94,51 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
             Some(h) => h(ck.lseq).map_err(StoreError::Checkpoint),
             None => Ok(()),
         };
+        let hook_ms = started.elapsed().as_millis() as u64;
         let files = Files {
             dir: &twins_dir,
             manifest: &manifest,
             slack: compact_slack,
+            history_dir: &history_dir,
+            journal: &journal,
         };
         match hooked.and_then(|()| write_checkpoint(&db, &files, source.as_ref(), &ck)) {
             Ok(()) => {
-                pending.lock().checkpointing.clear();
+                let written_ms = started.elapsed().as_millis() as u64;
+                {
+                    // Journaled now: readable from memory until the fold.
+                    let mut p = pending.lock();
+                    let maps = std::mem::take(&mut p.checkpointing);
+                    let n: usize = maps.iter().flat_map(|m| m.values()).map(Vec::len).sum();
+                    if n > 0 {
+                        p.journaled.extend(maps);
+                        p.journaled_samples += n;
+                        p.journaled_since.get_or_insert_with(Instant::now);
+                    }
+                }
+                let fold_due = {
+                    let p = pending.lock();
+                    p.journaled_samples >= journal::FOLD_SAMPLES
+                        || p.journaled_since.is_some_and(|t| t.elapsed() >= fold_every)
+                };
+                if fold_due {
+                    let folded = Instant::now();
+                    match fold(&db, &files, source.as_ref(), &pending, ck.upto) {
+                        Ok(n) => tracing::debug!(
+                            samples = n,
+                            ms = folded.elapsed().as_millis() as u64,
+                            "history journal folded"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "folding the history journal failed; retried after the next checkpoint")
+                        }
+                    }
+                }
+                let t_wal = Instant::now();
                 if let Err(e) = wal::remove_upto(&wal_dir, ck.upto) {
                     tracing::warn!(error = %e, "could not remove checkpointed log segments");
                 }
+                let wal_ms = t_wal.elapsed().as_millis() as u64;
                 stats.checkpoints.fetch_add(1, Ordering::Relaxed);
                 let took = started.elapsed().as_micros() as u64;
                 stats.checkpoint_micros.fetch_add(took, Ordering::Relaxed);
@@ -117,6 +158,9 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
                     upto = ck.upto,
                     twins = ck.dirty.len(),
                     ms = started.elapsed().as_millis() as u64,
+                    hook_ms,
+                    written_ms,
+                    wal_ms,
                     "checkpoint"
                 );
             }
@@ -143,11 +187,16 @@ fn lower_priority() {
 /// Nice value of the checkpoint thread.
 const CHECKPOINT_NICE: libc::c_int = 10;
 
+/// A set of twin ids.
+type Ids = HashSet<TwinId, FxBuildHasher>;
+
 /// Where the twin files go, and the manifest naming them.
 struct Files<'a> {
     dir: &'a std::path::Path,
     manifest: &'a parking_lot::Mutex<Manifest>,
     slack: u64,
+    history_dir: &'a std::path::Path,
+    journal: &'a parking_lot::Mutex<Manifest>,
 }
 
 /// Write the twin file of a checkpoint: the dirty twins' records, or every twin when the
@@ -157,14 +206,8 @@ struct Files<'a> {
 fn write_twins(
     files: &Files<'_>,
     source: &dyn StateSource,
-    dirty: &HashSet<TwinId, FxBuildHasher>,
-) -> Result<
-    (
-        Option<(FileWriter, Manifest)>,
-        HashSet<TwinId, FxBuildHasher>,
-    ),
-    StoreError,
-> {
+    dirty: &Ids,
+) -> Result<(Option<(FileWriter, Manifest)>, Ids), StoreError> {
     let mut present: HashSet<TwinId, FxBuildHasher> = HashSet::default();
     let current = files.manifest.lock().clone();
     let ids = current
@@ -270,38 +313,31 @@ fn write_checkpoint(
         None => None,
     };
     let twins_ms = t0.elapsed().as_millis() as u64;
-    let seq = ck.upto.to_be_bytes();
-    // Samples per twin, from every map this checkpoint covers.
-    let mut per_twin: HashMap<TwinId, Vec<&Sample>, FxBuildHasher> = HashMap::default();
-    for map in &ck.points {
-        for (id, samples) in map.iter() {
-            per_twin.entry(*id).or_default().extend(samples.iter());
-        }
-    }
-    for (id, mut samples) in per_twin {
-        // Every twin with samples is dirty; one gone by now (deleted) keeps no history.
-        if !present.contains(&id) {
-            continue;
-        }
-        // One chunk per property: group this twin's samples by name, each group by time.
-        samples.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
-        for group in samples.chunk_by(|a, b| a.0 == b.0) {
-            let mut key = keys::history_series(&id, &group[0].0);
-            key.extend_from_slice(&keys::ts_bytes(group[0].1));
-            key.extend_from_slice(&seq);
-            let mut val = Vec::with_capacity(group.len() * 16);
-            for (_, ts, v) in group {
-                val.extend_from_slice(&ts.to_le_bytes());
-                val.extend_from_slice(&v.to_le_bytes());
+    // The history samples it covers, into the journal (folded into sled's chunks later).
+    let t_journal = Instant::now();
+    let journal_manifest = {
+        let mut m = files.journal.lock().clone();
+        let name = journal::name(m.next);
+        match journal::write(files.history_dir, &name, &ck.points, |id| {
+            present.contains(id)
+        })? {
+            Some((w, samples)) => {
+                w.finish()?;
+                m.files.push(name);
+                m.next += 1;
+                m.records += samples;
+                b.insert(keys::META_HISTORY_FILES, m.encode());
+                Some(m)
             }
-            b.insert(key, val);
+            None => None,
         }
-    }
+    };
     if ck.lseq > 0 {
         b.insert(keys::META_LSEQ, &ck.lseq.to_be_bytes());
         b.insert(keys::META_HLC, &ck.hlc.to_be_bytes());
     }
     b.insert(keys::META_WAL_CHECKPOINT, &ck.upto.to_be_bytes());
+    let journal_ms = t_journal.elapsed().as_millis() as u64;
     let t1 = Instant::now();
     let committed = db.apply_batch(b).and_then(|()| db.flush().map(drop));
     if let Err(e) = committed {
@@ -309,16 +345,75 @@ fn write_checkpoint(
         return Err(e.into());
     }
     let history_ms = t1.elapsed().as_millis() as u64;
+    if let Some(m) = journal_manifest {
+        *files.journal.lock() = m;
+    }
     if let Some(m) = manifest {
         let compacted = m.files.len() == 1;
         *files.manifest.lock() = m.clone();
         if compacted {
             // Only now are the older files named by no committed manifest.
-            if let Err(e) = twin_files::remove_unlisted(files.dir, &m.files) {
+            if let Err(e) = twin_files::remove_unlisted(files.dir, twin_files::EXT, &m.files) {
                 tracing::warn!(error = %e, "could not remove twin files a compaction replaced");
             }
         }
     }
-    tracing::debug!(twins_ms, history_ms, "checkpoint written");
+    tracing::debug!(
+        twins_ms,
+        journal_ms,
+        sled_ms = history_ms,
+        "checkpoint written"
+    );
     Ok(())
 }
+
+/// Fold the journaled history samples into sled's chunks (one per series for the whole
+/// span, keyed with `seq`), then drop the journal files. Returns the samples folded.
+fn fold(
+    db: &sled::Db,
+    files: &Files<'_>,
+    source: &dyn StateSource,
+    pending: &parking_lot::Mutex<PendingHistory>,
+    seq: u64,
+) -> Result<usize, StoreError> {
+    let (maps, deleted) = {
+        let p = pending.lock();
+        (p.journaled.clone(), p.journal_deleted.clone())
+    };
+    let chunks = journal::chunks(&maps, seq, |id| {
+        !deleted.contains(id) && source.contains(id)
+    });
+    for part in chunks.chunks(FOLD_BATCH) {
+        let mut b = sled::Batch::default();
+        for (k, v) in part {
+            b.insert(&k[..], &v[..]);
+        }
+        db.apply_batch(b)?;
+    }
+    drop(chunks);
+    let mut m = files.journal.lock().clone();
+    let old = std::mem::take(&mut m.files);
+    m.records = 0;
+    db.insert(keys::META_HISTORY_FILES, m.encode())?;
+    db.flush()?;
+    *files.journal.lock() = m;
+    for name in old {
+        if let Err(e) = std::fs::remove_file(files.history_dir.join(&name)) {
+            tracing::warn!(error = %e, file = name, "could not remove a folded history journal file");
+        }
+    }
+    let mut p = pending.lock();
+    p.journaled.drain(..maps.len());
+    p.journaled_samples = p
+        .journaled
+        .iter()
+        .flat_map(|m| m.values())
+        .map(Vec::len)
+        .sum();
+    p.journal_deleted.clear();
+    p.journaled_since = None;
+    Ok(maps.iter().flat_map(|m| m.values()).map(Vec::len).sum())
+}
+
+/// History chunks per sled batch when the journal is folded (bounds the batch's memory).
+const FOLD_BATCH: usize = 20_000;

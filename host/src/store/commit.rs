@@ -217,6 +217,9 @@ pub(super) struct Start {
     pub wal_dir: PathBuf,
     pub twins_dir: PathBuf,
     pub manifest: Arc<parking_lot::Mutex<super::twin_files::Manifest>>,
+    pub history_dir: PathBuf,
+    pub journal: Arc<parking_lot::Mutex<super::twin_files::Manifest>>,
+    pub fold_every: Duration,
     pub compact_slack: u64,
     pub next_segment: u64,
     pub source: Arc<dyn StateSource>,
@@ -245,6 +248,9 @@ pub(super) fn start(s: Start) -> Result<CommitHandle, StoreError> {
             wal_dir: s.wal_dir.clone(),
             twins_dir: s.twins_dir.clone(),
             manifest: s.manifest.clone(),
+            history_dir: s.history_dir.clone(),
+            journal: s.journal.clone(),
+            fold_every: s.fold_every,
             compact_slack: s.compact_slack,
             source: s.source.clone(),
             pending: s.pending.clone(),
@@ -561,6 +567,9 @@ fn publish_points(pending: &parking_lot::Mutex<PendingHistory>, batch: &mut Batc
     for id in batch.deleted.drain(..) {
         if let Some(gone) = p.current.remove(&id) {
             p.current_samples -= gone.len();
+        }
+        if !p.journaled.is_empty() {
+            p.journal_deleted.insert(id);
         }
     }
     p.current_samples += batch.points.len();

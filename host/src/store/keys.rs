@@ -55,6 +55,9 @@ pub const META_LSEQ: &[u8] = b"xlseq";
 /// Format 4: the twin files at rest and what they hold (`store::twin_files::Manifest`),
 /// written with each checkpoint's marker.
 pub const META_TWIN_FILES: &[u8] = b"xtwin_files";
+/// Format 4: the history journal's files (`store::journal`), in the same manifest form,
+/// written with each checkpoint's marker.
+pub const META_HISTORY_FILES: &[u8] = b"xhistory_files";
 /// The highest HLC the last checkpoint covers (8 bytes BE).
 pub const META_HLC: &[u8] = b"xhlc";
 /// Prefix of the change number of each peer's feed merged through here, by its node id.

@@ -11,6 +11,7 @@
 mod batch;
 mod checkpoint;
 pub mod commit;
+pub mod journal;
 pub mod keys;
 pub mod twin_files;
 pub mod wal;
@@ -74,6 +75,10 @@ pub struct Store {
     twins_dir: PathBuf,
     /// The twin files the manifest names (read on open, updated by each checkpoint).
     manifest: Arc<parking_lot::Mutex<twin_files::Manifest>>,
+    /// `<data-dir>/history`: the history journal ([`journal`]), and its manifest.
+    history_dir: PathBuf,
+    journal: Arc<parking_lot::Mutex<twin_files::Manifest>>,
+    fold_every: std::time::Duration,
     compact_slack: u64,
     pending: Arc<parking_lot::Mutex<PendingHistory>>,
     checkpoint_every: std::time::Duration,
@@ -155,15 +160,36 @@ impl Store {
         std::fs::create_dir_all(&wal_dir)
             .map_err(StoreError::io(format!("creating {}", wal_dir.display())))?;
         let twins_dir = dir.join(twin_files::DIR);
-        std::fs::create_dir_all(&twins_dir)
-            .map_err(StoreError::io(format!("creating {}", twins_dir.display())))?;
+        let history_dir = dir.join(journal::DIR);
+        for d in [&twins_dir, &history_dir] {
+            std::fs::create_dir_all(d)
+                .map_err(StoreError::io(format!("creating {}", d.display())))?;
+        }
+        // The history journal's samples are readable from memory until folded into sled.
+        let journal_manifest = match db.get(keys::META_HISTORY_FILES)? {
+            Some(v) => twin_files::Manifest::decode(&v).map_err(|reason| StoreError::Corrupt {
+                key: String::from_utf8_lossy(keys::META_HISTORY_FILES).into_owned(),
+                reason,
+            })?,
+            None => twin_files::Manifest::default(),
+        };
+        let (journaled, journaled_samples) = journal::read(&history_dir, &journal_manifest)?;
+        let pending = PendingHistory {
+            journaled_since: (!journaled.is_empty()).then(std::time::Instant::now),
+            journaled,
+            journaled_samples,
+            ..PendingHistory::default()
+        };
         Ok(Store {
             db,
             wal_dir,
             twins_dir,
             manifest: Arc::default(),
+            history_dir,
+            journal: Arc::new(parking_lot::Mutex::new(journal_manifest)),
+            fold_every: journal::FOLD_EVERY,
             compact_slack: twin_files::COMPACT_SLACK,
-            pending: Arc::default(),
+            pending: Arc::new(parking_lot::Mutex::new(pending)),
             checkpoint_every: commit::CHECKPOINT_EVERY,
             format: Arc::new(format.into()),
             before_checkpoint: Arc::default(),
@@ -199,7 +225,8 @@ impl Store {
             })?,
             None => twin_files::Manifest::default(),
         };
-        let removed = twin_files::remove_unlisted(&self.twins_dir, &manifest.files)?;
+        let removed =
+            twin_files::remove_unlisted(&self.twins_dir, twin_files::EXT, &manifest.files)?;
         if removed > 0 {
             tracing::info!(
                 files = removed,
@@ -294,6 +321,18 @@ impl Store {
     pub fn with_compact_slack(mut self, slack: u64) -> Self {
         self.compact_slack = slack;
         self
+    }
+
+    /// How often the history journal is folded into sled (default [`journal::FOLD_EVERY`];
+    /// tests set it to zero: after every checkpoint).
+    pub fn with_fold_every(mut self, every: std::time::Duration) -> Self {
+        self.fold_every = every;
+        self
+    }
+
+    /// The history journal's files now (empty right after a fold).
+    pub fn journal_files(&self) -> Vec<String> {
+        self.journal.lock().files.clone()
     }
 
     /// The twin files the manifest names now.
@@ -410,6 +449,9 @@ impl Store {
             wal_dir: self.wal_dir.clone(),
             twins_dir: self.twins_dir.clone(),
             manifest: self.manifest.clone(),
+            history_dir: self.history_dir.clone(),
+            journal: self.journal.clone(),
+            fold_every: self.fold_every,
             compact_slack: self.compact_slack,
             next_segment: last_segment + 1,
             source,

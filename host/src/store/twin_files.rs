@@ -33,6 +33,8 @@ use super::StoreError;
 
 /// The directory of the files, under the data directory.
 pub const DIR: &str = "twins";
+/// The extension of twin files.
+pub const EXT: &str = ".twins";
 const MAGIC: &[u8; 4] = b"TWF1";
 const TWIN: u8 = 1;
 const DELETED: u8 = 2;
@@ -94,7 +96,7 @@ impl Manifest {
 
     /// The name of the next file (of generation `generation`).
     pub fn next_name(&self, generation: u64) -> String {
-        format!("{generation:08}-{:012}.twins", self.next)
+        format!("{generation:08}-{:012}{EXT}", self.next)
     }
 }
 
@@ -272,15 +274,15 @@ pub fn read_file(
     }
 }
 
-/// Remove the files of `dir` that `keep` does not name (left over from a crash or a
-/// compaction), ignoring other files.
-pub fn remove_unlisted(dir: &Path, keep: &[String]) -> Result<usize, StoreError> {
+/// Remove the files of `dir` ending in `ext` that `keep` does not name (left over from a
+/// crash or a compaction), ignoring other files.
+pub fn remove_unlisted(dir: &Path, ext: &str, keep: &[String]) -> Result<usize, StoreError> {
     let what = format!("listing {}", dir.display());
     let mut removed = 0;
     for entry in std::fs::read_dir(dir).map_err(StoreError::io(what.clone()))? {
         let entry = entry.map_err(StoreError::io(what.clone()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".twins") && !keep.contains(&name) {
+        if name.ends_with(ext) && !keep.contains(&name) {
             std::fs::remove_file(entry.path()).map_err(StoreError::io(format!(
                 "removing {}",
                 entry.path().display()
@@ -370,7 +372,10 @@ mod tests {
         for n in ["a.twins", "b.twins", "notes.txt"] {
             std::fs::write(dir.path().join(n), b"x").unwrap();
         }
-        assert_eq!(remove_unlisted(dir.path(), &["a.twins".into()]).unwrap(), 1);
+        assert_eq!(
+            remove_unlisted(dir.path(), EXT, &["a.twins".into()]).unwrap(),
+            1
+        );
         assert!(dir.path().join("a.twins").exists());
         assert!(!dir.path().join("b.twins").exists());
         assert!(dir.path().join("notes.txt").exists());
