@@ -116,24 +116,6 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
                         p.journaled_since.get_or_insert_with(Instant::now);
                     }
                 }
-                let fold_due = {
-                    let p = pending.lock();
-                    p.journaled_samples >= journal::FOLD_SAMPLES
-                        || p.journaled_since.is_some_and(|t| t.elapsed() >= fold_every)
-                };
-                if fold_due {
-                    let folded = Instant::now();
-                    match fold(&db, &files, source.as_ref(), &pending, ck.upto) {
-                        Ok(n) => tracing::debug!(
-                            samples = n,
-                            ms = folded.elapsed().as_millis() as u64,
-                            "history journal folded"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "folding the history journal failed; retried after the next checkpoint")
-                        }
-                    }
-                }
                 let t_wal = Instant::now();
                 if let Err(e) = wal::remove_upto(&wal_dir, ck.upto) {
                     tracing::warn!(error = %e, "could not remove checkpointed log segments");
@@ -163,6 +145,24 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
                     wal_ms,
                     "checkpoint"
                 );
+                let fold_due = {
+                    let p = pending.lock();
+                    p.journaled_samples >= journal::FOLD_SAMPLES
+                        || p.journaled_since.is_some_and(|t| t.elapsed() >= fold_every)
+                };
+                if fold_due {
+                    let folded = Instant::now();
+                    match fold(&db, &files, source.as_ref(), &pending, ck.upto) {
+                        Ok(n) => tracing::debug!(
+                            samples = n,
+                            ms = folded.elapsed().as_millis() as u64,
+                            "history journal folded"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "folding the history journal failed; retried after the next checkpoint")
+                        }
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "checkpoint failed; its changes stay in the log and are retried with the next");
