@@ -48,7 +48,8 @@ pub struct ServeArgs {
     /// Drop history older than this (e.g. `7d`, `12h`).
     #[arg(long, env = "TWINHOST_HISTORY_MAX_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
     pub history_max_age: Duration,
-    /// Fold the write-ahead log into the store this often (bounds replay time after a crash).
+    /// Fold the write-ahead log into the store at most this often (bounds replay time after a
+    /// crash); under load each checkpoint waits at least twice as long as the last one took.
     #[arg(long, env = "TWINHOST_CHECKPOINT_EVERY", default_value = "2s", value_parser = humantime::parse_duration)]
     pub checkpoint_every: Duration,
     /// Keep at most this many points per property series.
