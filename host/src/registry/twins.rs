@@ -187,7 +187,7 @@ impl StateSource for TwinMap {
     }
 
     fn twin_ids(&self) -> Vec<TwinId> {
-        self.map.iter().map(|e| *e.key()).collect()
+        self.ids_where(|_, _| true)
     }
 }
 

@@ -208,7 +208,7 @@ fn write_twins(
     source: &dyn StateSource,
     dirty: &Ids,
 ) -> Result<(Option<(FileWriter, Manifest)>, Ids), StoreError> {
-    let mut present: HashSet<TwinId, FxBuildHasher> = HashSet::default();
+    let mut present = Ids::default();
     let current = files.manifest.lock().clone();
     let ids = current
         .wants_compaction(source.twin_count(), files.slack)
@@ -231,11 +231,7 @@ fn write_twins(
                     present.insert(*id);
                 }
             }
-            for id in ids {
-                if let Some(rec) = source.twin_bytes(&id) {
-                    w.push(&id, Some(&rec))?;
-                }
-            }
+            w.push_all(source, ids)?;
         } else {
             for id in dirty {
                 let rec = source.twin_bytes(id);
@@ -251,14 +247,13 @@ fn write_twins(
         w.abandon();
         return Err(e);
     }
-    let mut next = current.clone();
+    let mut next = current;
     next.next += 1;
+    next.generation = generation;
     if compacting {
-        next.generation = generation;
         next.files = vec![name];
         next.records = w.records();
     } else {
-        next.generation = generation;
         next.files.push(name);
         next.records += w.records();
     }

@@ -60,23 +60,27 @@ fn decode(
     names: &mut HashMap<String, Arc<str>>,
     out: &mut Vec<Sample>,
 ) -> Result<(), String> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if b.len() < n {
+            return Err("a history journal record ends early".into());
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
     while !b.is_empty() {
-        let take = |b: &mut &[u8], n: usize| -> Result<Vec<u8>, String> {
-            if b.len() < n {
-                return Err("a history journal record ends early".into());
-            }
-            let (head, rest) = b.split_at(n);
-            *b = rest;
-            Ok(head.to_vec())
-        };
         let len = u16::from_le_bytes(take(&mut b, 2)?.try_into().expect("2 bytes")) as usize;
-        let name = String::from_utf8(take(&mut b, len)?).map_err(|e| e.to_string())?;
+        let name = std::str::from_utf8(take(&mut b, len)?).map_err(|e| e.to_string())?;
         let ts = i64::from_le_bytes(take(&mut b, 8)?.try_into().expect("8 bytes"));
         let v = f64::from_le_bytes(take(&mut b, 8)?.try_into().expect("8 bytes"));
-        let name = names
-            .entry(name)
-            .or_insert_with_key(|k| Arc::from(k.as_str()))
-            .clone();
+        let name = match names.get(name) {
+            Some(n) => n.clone(),
+            None => {
+                let n: Arc<str> = Arc::from(name);
+                names.insert(name.to_owned(), n.clone());
+                n
+            }
+        };
         out.push((name, ts, v));
     }
     Ok(())

@@ -166,13 +166,7 @@ impl Store {
                 .map_err(StoreError::io(format!("creating {}", d.display())))?;
         }
         // The history journal's samples are readable from memory until folded into sled.
-        let journal_manifest = match db.get(keys::META_HISTORY_FILES)? {
-            Some(v) => twin_files::Manifest::decode(&v).map_err(|reason| StoreError::Corrupt {
-                key: String::from_utf8_lossy(keys::META_HISTORY_FILES).into_owned(),
-                reason,
-            })?,
-            None => twin_files::Manifest::default(),
-        };
+        let journal_manifest = twin_files::Manifest::stored(&db, keys::META_HISTORY_FILES)?;
         let (journaled, journaled_samples) = journal::read(&history_dir, &journal_manifest)?;
         let pending = PendingHistory {
             journaled_since: (!journaled.is_empty()).then(std::time::Instant::now),
@@ -218,13 +212,7 @@ impl Store {
         &self,
         mut f: impl FnMut(crate::types::TwinId, Option<&[u8]>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let manifest = match self.db.get(keys::META_TWIN_FILES)? {
-            Some(v) => twin_files::Manifest::decode(&v).map_err(|reason| StoreError::Corrupt {
-                key: String::from_utf8_lossy(keys::META_TWIN_FILES).into_owned(),
-                reason,
-            })?,
-            None => twin_files::Manifest::default(),
-        };
+        let manifest = twin_files::Manifest::stored(&self.db, keys::META_TWIN_FILES)?;
         let removed =
             twin_files::remove_unlisted(&self.twins_dir, twin_files::EXT, &manifest.files)?;
         if removed > 0 {
@@ -253,11 +241,7 @@ impl Store {
         };
         let name = manifest.next_name(1);
         let mut w = twin_files::FileWriter::create(&self.twins_dir, &name)?;
-        for id in source.twin_ids() {
-            if let Some(rec) = source.twin_bytes(&id) {
-                w.push(&id, Some(&rec))?;
-            }
-        }
+        w.push_all(source, source.twin_ids())?;
         manifest.records = w.finish()?;
         manifest.files.push(name);
         manifest.next += 1;

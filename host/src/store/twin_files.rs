@@ -88,6 +88,17 @@ impl Manifest {
         })
     }
 
+    /// The manifest stored under `key` (empty when there is none).
+    pub fn stored(db: &sled::Db, key: &[u8]) -> Result<Manifest, StoreError> {
+        match db.get(key)? {
+            Some(v) => Manifest::decode(&v).map_err(|reason| StoreError::Corrupt {
+                key: String::from_utf8_lossy(key).into_owned(),
+                reason,
+            }),
+            None => Ok(Manifest::default()),
+        }
+    }
+
     /// Whether the next checkpoint should write every twin into a new generation: the files
     /// hold more than twice the `twins` plus `slack` records, or too many files.
     pub fn wants_compaction(&self, twins: usize, slack: u64) -> bool {
@@ -153,6 +164,21 @@ impl FileWriter {
         }
         self.write(&crc.finalize().to_le_bytes())?;
         self.records += 1;
+        Ok(())
+    }
+
+    /// Add the current record of each of `ids` that `source` still holds (a compaction, an
+    /// upgrade: every twin).
+    pub fn push_all(
+        &mut self,
+        source: &dyn super::StateSource,
+        ids: impl IntoIterator<Item = TwinId>,
+    ) -> Result<(), StoreError> {
+        for id in ids {
+            if let Some(rec) = source.twin_bytes(&id) {
+                self.push(&id, Some(&rec))?;
+            }
+        }
         Ok(())
     }
 

@@ -112,7 +112,7 @@ async fn bulk_http(url: &str, bodies: &[bytes::Bytes], clients: usize) -> anyhow
         let (client, url, created) = (client.clone(), url.to_owned(), created.clone());
         tasks.spawn(async move {
             for body in mine {
-                let v = post_bulk(&client, &url, body).await?;
+                let v = post_bulk(&client, &url, "", body).await?;
                 created.fetch_add(v["created"].as_u64().unwrap_or(0), Ordering::Relaxed);
             }
             anyhow::Ok(())
@@ -243,14 +243,16 @@ pub(super) async fn bulk_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     }))
 }
 
-/// Send one NDJSON body to `POST /v1/twins/bulk`; its answer, once every item was created.
+/// Send one NDJSON body to `POST /v1/twins/bulk` (with `query`, e.g. `?upsert=true`); its
+/// answer, once every item was accepted.
 pub(super) async fn post_bulk(
     client: &reqwest::Client,
     url: &str,
-    body: bytes::Bytes,
+    query: &str,
+    body: impl Into<reqwest::Body>,
 ) -> anyhow::Result<Value> {
     let r = client
-        .post(format!("{url}/v1/twins/bulk"))
+        .post(format!("{url}/v1/twins/bulk{query}"))
         .header("content-type", "application/x-ndjson")
         .body(body)
         .send()

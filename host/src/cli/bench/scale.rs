@@ -145,7 +145,7 @@ async fn provision(url: &str, twins: usize) -> anyhow::Result<(Vec<TwinId>, f64)
         tasks.spawn(async move {
             let mut ids = Vec::new();
             for body in mine {
-                let v = super::bulk::post_bulk(&client, &url, body).await?;
+                let v = super::bulk::post_bulk(&client, &url, "", body).await?;
                 let n = v["created"].as_u64().unwrap_or(0);
                 // Machines, and a building per 1,000 of them.
                 ids.extend(
@@ -222,13 +222,7 @@ async fn dirty_many(url: &str, ids: &[TwinId]) -> anyhow::Result<usize> {
             );
             body.push('\n');
         }
-        let r = client
-            .post(format!("{url}/v1/twins/bulk?upsert=true"))
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "upsert answered {}", r.status());
+        super::bulk::post_bulk(&client, url, "?upsert=true", body).await?;
     }
     Ok(n)
 }
