@@ -10,7 +10,8 @@
 //! Must never: call layers above it (events, wasm, sync, api) — they subscribe to the feed.
 //!
 //! Lock order: the index lock, then a twin's shard. Never take the index lock while holding a
-//! twin guard (clone the twin, drop the guard, then fill `children_ids`).
+//! twin guard (clone the twin, drop the guard, then fill `children_ids`). Models: the clocks
+//! lock (`model_clocks`), then the models lock, for readers as for the writer.
 
 mod bulk;
 pub mod conflict;

@@ -103,8 +103,9 @@ impl Registry {
 
     /// Every model and model tombstone with its clock, for a peer.
     pub fn models_state(&self) -> Vec<RemoteModel> {
-        let models = self.inner.models.read();
+        // Lock order: clocks, then models, as the writer takes them (a put, a merge).
         let clocks = self.inner.model_clocks.read();
+        let models = self.inner.models.read();
         let mut out: Vec<RemoteModel> = clocks
             .iter()
             .map(|(et, c)| RemoteModel {
@@ -261,6 +262,51 @@ mod tests {
             r.model("legacy").unwrap().conflict.strategy,
             super::super::model::Strategy::Lww
         );
+        r.shutdown();
+    }
+
+    /// `models_state` (a peer link's send loop) and merging a peer's models (the writer) take
+    /// the model and clock locks in the same order: in opposite orders they deadlocked, and
+    /// with the writer queued for the model lock every reader of models (`GET /v1/models`)
+    /// hung too (seen as a whole node going silent in an end-to-end test).
+    #[test]
+    fn reading_the_models_state_while_peers_models_merge_does_not_deadlock() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let r = Registry::open(&store, "here").unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (r, stop) = (r.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = r.models_state();
+                    }
+                })
+            })
+            .collect();
+        let merged = rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                for hlc in 1..=3000u64 {
+                    let m = remote("machine", Some(model("lww")), hlc << 16, "peer");
+                    r.apply_remote_models(vec![m]).await.unwrap();
+                }
+            })
+            .await
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            merged.is_ok(),
+            "merging models deadlocked with models_state"
+        );
+        for t in readers {
+            t.join().unwrap();
+        }
         r.shutdown();
     }
 }

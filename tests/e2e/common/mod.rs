@@ -371,6 +371,15 @@ impl std::ops::Deref for Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // A failing test shows what each of its servers logged last (the data directory,
+        // and the log with it, goes away with the server).
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of the server at {} ---\n{}",
+                self.url,
+                tail(&self.log(), 40)
+            );
+        }
         self.kill9();
     }
 }
