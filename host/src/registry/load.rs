@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use rustc_hash::FxBuildHasher;
 
-use super::{corrupt, feed, Indexes, Model, RegistryError, RelMap, Tombstone, TwinMap};
+use super::{
+    corrupt, feed, IndexBuilder, Indexes, Model, RegistryError, RelMap, Tombstone, TwinMap,
+};
 use crate::store::wal::from_slice_unbounded;
 use crate::store::{keys, Store, Upgrade};
 use crate::types::compact;
@@ -90,13 +92,14 @@ fn load_twins(
     floors: &mut Floors,
 ) -> Result<(Arc<TwinMap>, Indexes), RegistryError> {
     let twins = Arc::new(TwinMap::new());
-    let mut index = Indexes::default();
+    let mut index = IndexBuilder::default();
     let from = store.format();
-    let mut loaded = |t: Twin, floors: &mut Floors| {
-        floors.lseq = floors.lseq.max(t.lseq);
-        floors.hlc = floors.hlc.max(t.hlc);
-        index.insert(&t);
-        twins.insert(&t);
+    // Each twin arrives as its compact blob with names interned, and is indexed from it.
+    let mut loaded = |id: TwinId, blob: Box<[u8]>, floors: &mut Floors| {
+        floors.lseq = floors.lseq.max(compact::lseq(&blob));
+        floors.hlc = floors.hlc.max(compact::hlc(&blob));
+        index.add_blob(id, &blob);
+        twins.insert_blob(id, blob);
         if twins.len().is_multiple_of(PROGRESS_EVERY) {
             tracing::info!(twins = twins.len(), "loading twins");
         }
@@ -119,7 +122,7 @@ fn load_twins(
             if from == 1 {
                 upgrade_twin(&mut t, origin, floors);
             }
-            loaded(t, floors);
+            loaded(id, compact::encode(&t, compact::Names::Interned), floors);
         }
         tracing::info!(
             twins = twins.len(),
@@ -134,14 +137,17 @@ fn load_twins(
             },
             &*twins,
         )?;
-        return Ok((twins, index));
+        return Ok((twins, index.finish()));
     }
     // What an upgrade interrupted after its commit left of the old per-twin keys.
     if store.scan_prefix(&[keys::TWIN]).next().is_some() {
         store.remove_legacy_twin_keys()?;
     }
     // Newest record first: a twin already loaded, or deleted in a newer file, is skipped.
+    // Records are compact with names spelled out: transcoded to interned names (through a
+    // scratch buffer, so each blob is allocated once at its size), never decoded.
     let mut deleted: HashSet<TwinId, FxBuildHasher> = HashSet::default();
+    let mut scratch = Vec::with_capacity(512);
     store.read_twins(|id, record| {
         if deleted.contains(&id) || twins.contains(&id) {
             return Ok(());
@@ -151,14 +157,15 @@ fn load_twins(
                 deleted.insert(id);
             }
             Some(r) => {
-                let t = compact::decode_stored(id, r)
+                scratch.clear();
+                compact::transcode(r, compact::Names::Interned, &mut scratch)
                     .map_err(|e| corrupt(format!("twin {id}").as_bytes(), e))?;
-                loaded(t, floors);
+                loaded(id, Box::from(&scratch[..]), floors);
             }
         }
         Ok(())
     })?;
-    Ok((twins, index))
+    Ok((twins, index.finish()))
 }
 
 /// Format 1 kept no clocks: every property was last written at the twin's last update, on

@@ -56,7 +56,7 @@ pub(crate) use twins::TwinMap;
 pub use write::{check_patch, RemoteAlert};
 
 use crate::store::{CommitHandle, Numbering, Store, StoreError};
-use crate::types::{Cause, Hlc, Lifecycle, Properties, Twin, TwinId};
+use crate::types::{compact, Cause, Hlc, Lifecycle, Properties, Twin, TwinId};
 
 /// Longest entity type, relationship or property name.
 pub const MAX_NAME_LEN: usize = 128;
@@ -277,6 +277,50 @@ pub struct Relationship {
 pub struct BatchOutcome {
     pub applied: usize,
     pub rejected: Vec<(usize, RegistryError)>,
+}
+
+/// The [`Indexes`] of a load, gathered in lists and sorted once at the end: ten million
+/// inserts into ordered sets, each a walk down a tree that no longer fits in the cache, were
+/// a fifth of a restart's time.
+#[derive(Default)]
+struct IndexBuilder {
+    all: Vec<TwinId>,
+    by_type: HashMap<String, Vec<TwinId>>,
+    children: HashMap<TwinId, Vec<TwinId>, rustc_hash::FxBuildHasher>,
+}
+
+impl IndexBuilder {
+    /// Index a twin by its compact blob (read in place, not decoded).
+    fn add_blob(&mut self, id: TwinId, blob: &[u8]) {
+        self.all.push(id);
+        let et = compact::entity_type_ref(blob);
+        match self.by_type.get_mut(et) {
+            Some(ids) => ids.push(id),
+            None => {
+                self.by_type.insert(et.to_owned(), vec![id]);
+            }
+        }
+        if let Some(p) = compact::parent_id(blob) {
+            self.children.entry(p).or_default().push(id);
+        }
+    }
+
+    fn finish(self) -> Indexes {
+        // `BTreeSet::from_iter` sorts, then builds the tree bottom-up.
+        Indexes {
+            all: self.all.into_iter().collect(),
+            by_type: self
+                .by_type
+                .into_iter()
+                .map(|(k, v)| (k, v.into_iter().collect()))
+                .collect(),
+            children: self
+                .children
+                .into_iter()
+                .map(|(k, v)| (k, v.into_iter().collect()))
+                .collect(),
+        }
+    }
 }
 
 #[derive(Default)]

@@ -174,7 +174,8 @@ impl StateSource for TwinMap {
         // shard. On disk names are spelled out (interned numbers belong to this process).
         let blob = self.map.get(id).map(|b| b.to_vec())?;
         let mut out = Vec::with_capacity(blob.len() + 64);
-        compact::encode_into(&decode(*id, &blob), &mut out, Names::Inline);
+        compact::transcode(&blob, Names::Inline, &mut out)
+            .unwrap_or_else(|e| panic!("twin {id} in memory: {e}"));
         Some(out)
     }
 

@@ -236,6 +236,96 @@ pub fn encode(t: &Twin, names: Names) -> Box<[u8]> {
     out.into_boxed_slice()
 }
 
+/// Append `b` (a compact twin, names interned or inline) to `out` with its names written as
+/// `to` says, without decoding the twin: values, clocks and times are copied as they are.
+/// This is how a twin goes to disk (checkpoints) and comes back (the load), each a copy plus
+/// a look-up per name where decoding and encoding built the whole twin.
+pub fn transcode(b: &[u8], to: Names, out: &mut Vec<u8>) -> R<()> {
+    let mut t = Transcoder {
+        r: Reader { b, at: 0 },
+        from: 0,
+        to,
+        out,
+    };
+    let h = t.r.head()?;
+    t.name()?; // entity type
+    t.r.varint()?; // version
+    for _ in 0..4 {
+        t.r.varint()?; // created and updated: seconds, nanoseconds
+    }
+    if h.flags & F_DELETED != 0 {
+        t.r.varint()?;
+    }
+    for _ in 0..t.r.len()? {
+        t.name()?;
+        t.r.varint()?;
+    }
+    for _ in 0..t.r.len()? {
+        t.name()?;
+        t.r.skip_value(0)?;
+    }
+    for _ in 0..t.r.len()? {
+        t.name()?;
+        t.clock()?;
+    }
+    if h.flags & F_SIBLINGS != 0 {
+        for _ in 0..t.r.len()? {
+            t.name()?;
+            for _ in 0..t.r.len()? {
+                t.r.skip_value(0)?;
+                t.clock()?;
+            }
+        }
+    }
+    if t.r.at != b.len() {
+        return Err(DecodeError("trailing bytes"));
+    }
+    t.out.extend_from_slice(&b[t.from..]);
+    Ok(())
+}
+
+/// [`transcode`]'s state: `r` reads, and the bytes from `from` to `r.at` are still to copy.
+struct Transcoder<'a, 'o> {
+    r: Reader<'a>,
+    from: usize,
+    to: Names,
+    out: &'o mut Vec<u8>,
+}
+
+impl Transcoder<'_, '_> {
+    /// Copy what was read up to here, then the next name in the wanted form.
+    fn name(&mut self) -> R<()> {
+        let start = self.r.at;
+        self.out.extend_from_slice(&self.r.b[self.from..start]);
+        match self.r.varint()? {
+            0 => {
+                let n = self.r.len()?;
+                let s = self.r.str(n)?;
+                if self.to == Names::Inline {
+                    self.out.extend_from_slice(&self.r.b[start..self.r.at]);
+                } else {
+                    name(self.out, s, Names::Interned);
+                }
+            }
+            id => {
+                let s = intern::name((id - 1) as u32).ok_or(DecodeError("unknown name number"))?;
+                name(self.out, s, self.to);
+            }
+        }
+        self.from = self.r.at;
+        Ok(())
+    }
+
+    /// A property clock: its HLC offset, origin (a name) and dot.
+    fn clock(&mut self) -> R<()> {
+        self.r.varint()?;
+        self.name()?;
+        self.r.varint()?;
+        self.r.varint()?;
+        Ok(())
+    }
+}
+
 // ---- decoding ---------------------------------------------------------------------------
 
 struct Reader<'a> {

@@ -148,10 +148,12 @@ fn corrupt_bytes_are_an_error_not_a_panic() {
     let b = encode(&t, Names::Inline);
     for cut in 0..b.len() {
         assert!(decode(t.id, &b[..cut]).is_err(), "cut at {cut}");
+        assert!(transcode(&b[..cut], Names::Interned, &mut Vec::new()).is_err());
     }
     let mut bad = b.to_vec();
     bad.push(0);
     assert!(decode(t.id, &bad).is_err());
+    assert!(transcode(&bad, Names::Interned, &mut Vec::new()).is_err());
     assert!(decode_stored(t.id, b"{not json").is_err());
 }
 
@@ -235,6 +237,13 @@ proptest! {
             let p = Props::of(&b).unwrap();
             for (k, v) in &t.properties {
                 prop_assert_eq!(p.get(k), Some(v.clone()));
+            }
+            // Transcoded into either form without decoding: the bytes the encoder writes
+            // for that form.
+            for to in [Names::Interned, Names::Inline] {
+                let mut out = vec![7];
+                transcode(&b, to, &mut out).unwrap();
+                prop_assert_eq!(&out[1..], &encode(&t, to)[..], "{:?} to {:?}", names, to);
             }
         }
     }
