@@ -86,7 +86,7 @@ async fn a_format_1_directory_is_upgraded_in_place() {
     let mut s = Server::start_from(unpack_v1, Some(FIXTURE_NODE), &[]);
     assert!(
         s.log()
-            .contains("upgrading the data directory from format 1 to 4"),
+            .contains("upgrading the data directory from format 1 to 5"),
         "{}",
         crate::common::tail(&s.log(), 20)
     );
@@ -404,6 +404,12 @@ fn unpack_v3(dir: &Path) {
     unpack("v3-data.tar.gz", dir);
 }
 
+/// The format-4 fixture (`make-v4-data.sh`): the same steps, written by the last build of
+/// format 4.
+fn unpack_v4(dir: &Path) {
+    unpack("v4-data.tar.gz", dir);
+}
+
 fn unpack(name: &str, dir: &Path) {
     let fixture = format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     let st = Command::new("tar")
@@ -480,11 +486,18 @@ async fn a_format_3_directory_with_a_sled_key_per_twin_still_opens() {
     an_older_directory_opens(3, unpack_v3).await;
 }
 
+/// The same for format 4 (twin files; the log tail's created twin is JSON, which format 5
+/// writes compact).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_4_directory_with_a_json_log_tail_still_opens() {
+    an_older_directory_opens(4, unpack_v4).await;
+}
+
 async fn an_older_directory_opens(format: u64, unpack: fn(&Path)) {
     let mut s = Server::start_from(unpack, Some("edge-2"), &[]);
     assert!(
         s.log().contains(&format!(
-            "upgrading the data directory from format {format} to 4"
+            "upgrading the data directory from format {format} to 5"
         )),
         "{}",
         crate::common::tail(&s.log(), 20)

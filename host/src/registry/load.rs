@@ -104,7 +104,7 @@ fn load_twins(
             tracing::info!(twins = twins.len(), "loading twins");
         }
     };
-    if from < keys::FORMAT_VERSION {
+    if from < keys::TWIN_FILES_FORMAT {
         // Formats 1-3: one sled key per twin (JSON, then compact), all written into the first
         // twin file by the upgrade.
         if from == 1 {
@@ -200,7 +200,7 @@ mod tests {
 
     /// Directories of format 2 (JSON records in sled) and 3 (compact records in sled) are
     /// upgraded: their twins move into the first twin file, the sled keys go, and the
-    /// directory says format 4; writes after that survive a restart.
+    /// directory says the current format; writes after that survive a restart.
     #[tokio::test]
     async fn twin_records_of_formats_2_and_3_move_into_twin_files() {
         for (format, json) in [(2u64, true), (3, false)] {

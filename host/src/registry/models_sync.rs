@@ -85,19 +85,21 @@ impl Registry {
 
     /// Count a durable model change.
     pub(super) fn models_changed(&self) {
-        self.reindex_all();
+        self.reindex_all(false);
         self.inner.models_version.send_modify(|v| *v += 1);
     }
 
     /// [`Registry::reindex`] every entity type that has a model or an index (a new index is
     /// built here, before the model's put returns; kept indexes cost nothing).
-    pub(super) fn reindex_all(&self) {
+    /// `alone`: nothing else reads or writes twins yet (the load), so new indexes are built
+    /// in one sorted pass ([`Registry::reindex`]).
+    pub(super) fn reindex_all(&self, alone: bool) {
         let mut types: Vec<String> = self.inner.models.read().keys().cloned().collect();
         types.extend(self.inner.twins.ranges.types());
         types.sort();
         types.dedup();
         for et in types {
-            self.reindex(&et);
+            self.reindex(&et, alone);
         }
     }
 

@@ -390,6 +390,23 @@ impl RangeIndexes {
         }
     }
 
+    /// Add many twins to a new index of its type at once (sorted, then built bottom-up when
+    /// the index is empty). Only while nothing writes twins: unlike [`RangeIndexes::fill`],
+    /// a value read earlier could be out of date by now.
+    pub fn fill_all(&self, entity_type: &str, prop: &str, entries: Vec<Position>) {
+        if entries.is_empty() {
+            return;
+        }
+        if let Some(p) = self.prop_index(entity_type, prop) {
+            let mut set = p.entries.write();
+            if set.is_empty() {
+                *set = entries.into_iter().collect();
+            } else {
+                set.extend(entries);
+            }
+        }
+    }
+
     /// Let queries use the index of `entity_type`'s `prop` (every twin has been added).
     pub fn mark_ready(&self, entity_type: &str, prop: &str) {
         if let Some(p) = self.prop_index(entity_type, prop) {

@@ -42,7 +42,13 @@ pub const TOMBSTONE: u8 = b'd';
 ///
 /// 4: twins at rest are files of records under `<data-dir>/twins/` named by a manifest
 /// ([`META_TWIN_FILES`]), not one sled key each. Formats 1-3 are upgraded on open.
-pub const FORMAT_VERSION: u64 = 4;
+///
+/// 5: the write-ahead log's create and state entries hold the twin's compact form instead of
+/// JSON. A format-4 directory is marked 5 on open: nothing is rewritten (its log tail's JSON
+/// entries still replay), and a format-4 build then refuses it rather than misread the log.
+pub const FORMAT_VERSION: u64 = 5;
+/// The first format with twins at rest in files (older ones keep a sled key per twin).
+pub const TWIN_FILES_FORMAT: u64 = 4;
 pub const META_FORMAT_VERSION: &[u8] = b"xformat_version";
 pub const META_NODE_ID: &[u8] = b"xnode_id";
 /// Number of the last write-ahead-log segment whose changes are all in sled.

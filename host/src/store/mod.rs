@@ -145,7 +145,22 @@ impl Store {
                         expected: keys::FORMAT_VERSION,
                     });
                 }
-                found
+                if found >= keys::TWIN_FILES_FORMAT && found < keys::FORMAT_VERSION {
+                    // Formats 4 and later differ only in what new log entries look like, and
+                    // the old entries still read: marking the directory is the upgrade.
+                    tracing::info!(
+                        "upgrading the data directory from format {found} to {}",
+                        keys::FORMAT_VERSION
+                    );
+                    db.insert(
+                        keys::META_FORMAT_VERSION,
+                        &keys::FORMAT_VERSION.to_be_bytes(),
+                    )?;
+                    db.flush()?;
+                    keys::FORMAT_VERSION
+                } else {
+                    found
+                }
             }
             None => {
                 db.insert(

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, TimeZone, Utc};
 
-use crate::types::{Cause, Lifecycle, Properties, Twin, TwinId};
+use crate::types::{compact, Cause, Lifecycle, Properties, Twin, TwinId};
 
 /// The place of a committed change in the node's order: its change number, its HLC, and who
 /// made it when it was a behavior or a rule. Logged right before the entry it numbers.
@@ -73,6 +73,11 @@ const T_DELETE_PREFIX: u8 = b'Z';
 const T_STAMP: u8 = b'S';
 const T_ALERT: u8 = b'A';
 const T_STATE: u8 = b'T';
+/// Format 5: a create and a state carry the twin's id and its compact form (names spelled
+/// out) instead of JSON, which was most of the writer's time for bulk creates and merges.
+/// `T_CREATE` and `T_STATE` (JSON) are still read: a format-4 log tail replays.
+const T_CREATE_COMPACT: u8 = b'c';
+const T_STATE_COMPACT: u8 = b't';
 
 fn micros(t: DateTime<Utc>) -> [u8; 8] {
     t.timestamp_micros().to_le_bytes()
@@ -124,20 +129,22 @@ pub mod encode {
     }
 
     pub fn create(buf: &mut Vec<u8>, twin: &Twin) {
-        buf.push(T_CREATE);
+        buf.push(T_CREATE_COMPACT);
         record(buf, twin);
     }
 
     pub fn state(buf: &mut Vec<u8>, twin: &Twin) {
-        buf.push(T_STATE);
+        buf.push(T_STATE_COMPACT);
         record(buf, twin);
     }
 
-    /// A twin's record with its length before it, written in place.
+    /// A twin's id, then its compact form (names spelled out) with its length before it,
+    /// written in place.
     fn record(buf: &mut Vec<u8>, twin: &Twin) {
+        buf.extend_from_slice(twin.id.as_bytes());
         let len_at = buf.len();
         buf.extend_from_slice(&[0; 4]);
-        twin.write_record(buf);
+        compact::encode_into(twin, buf, compact::Names::Inline);
         let len = (buf.len() - len_at - 4) as u32;
         buf[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
     }
@@ -239,6 +246,12 @@ impl<'a> Cur<'a> {
         let n = u32::from_le_bytes(self.take(4)?.try_into().ok()?) as usize;
         self.take(n)
     }
+    /// A twin as [`encode::create`] writes it: its id, then its compact form.
+    fn twin(&mut self) -> Option<Twin> {
+        let id = self.id()?;
+        compact::decode(id, self.bytes()?).ok()
+    }
+
     fn stamp(&mut self) -> Option<Stamp> {
         let lseq = self.u64()?;
         let hlc = self.u64()?;
@@ -270,6 +283,8 @@ fn decode(payload: &[u8], out: &mut Vec<Entry>) -> Option<()> {
                 ts: c.time()?,
                 patch: from_slice_unbounded(c.bytes()?).ok()?,
             },
+            T_CREATE_COMPACT => Entry::Create(Box::new(c.twin()?)),
+            T_STATE_COMPACT => Entry::State(Box::new(c.twin()?)),
             T_CREATE => Entry::Create(Box::new(from_slice_unbounded(c.bytes()?).ok()?)),
             T_STATE => Entry::State(Box::new(from_slice_unbounded(c.bytes()?).ok()?)),
             T_DELETE => Entry::Delete(c.id()?),
@@ -464,6 +479,64 @@ pub fn remove_upto(dir: &Path, upto: u64) -> io::Result<()> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Creates and states are written compact (format 5) and read back whole; the JSON
+    /// entries of a format-4 log still read.
+    #[test]
+    fn twins_in_the_log_round_trip_compact_and_old_json_entries_still_read() {
+        let now = Utc.timestamp_nanos(1_780_000_000_123_456_789);
+        let origin: std::sync::Arc<str> = "edge-1".into();
+        let mut t = Twin {
+            id: TwinId::new_v7(),
+            entity_type: "machine".into(),
+            properties: json!({"temperature": 70.5, "big": u64::MAX, "nested": {"a": [1, -2]}})
+                .as_object()
+                .unwrap()
+                .clone(),
+            version: 3,
+            vclock: [("edge-1".to_owned(), 3)].into(),
+            parent_id: Some(TwinId::new_v7()),
+            children_ids: Default::default(),
+            lifecycle: Lifecycle::Suspended,
+            created_at: now,
+            updated_at: now + chrono::Duration::milliseconds(42),
+            hlc: 1 << 40,
+            lseq: 7,
+            clocks: crate::types::Clocks::new(),
+            deleted_hlc: 0,
+            siblings: None,
+        };
+        let names: Vec<String> = t.properties.keys().cloned().collect();
+        t.clocks
+            .stamp(&names, t.hlc, &origin, crate::types::Dot { n: 3, v: 3 });
+        let mut buf = Vec::new();
+        encode::create(&mut buf, &t);
+        encode::state(&mut buf, &t);
+        assert_eq!(buf[0], T_CREATE_COMPACT);
+        // The old entries, as format 4 wrote them.
+        for tag in [T_CREATE, T_STATE] {
+            buf.push(tag);
+            let mut json = Vec::new();
+            t.write_record(&mut json);
+            buf.extend_from_slice(&(json.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&json);
+        }
+        let mut out = Vec::new();
+        decode(&buf, &mut out).expect("entries decode");
+        assert_eq!(out.len(), 4);
+        for (i, e) in out.iter().enumerate() {
+            match e {
+                Entry::Create(back) | Entry::State(back) => assert_eq!(**back, t, "entry {i}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(out[1], Entry::State(_)) && matches!(out[3], Entry::State(_)));
+        // A truncated compact twin is a malformed frame, not a panic.
+        let mut cut = Vec::new();
+        encode::create(&mut cut, &t);
+        cut.truncate(cut.len() - 3);
+        assert!(decode(&cut, &mut Vec::new()).is_none());
+    }
 
     #[test]
     fn frames_round_trip_and_a_torn_tail_is_cut() {

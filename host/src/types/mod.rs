@@ -509,8 +509,10 @@ pub struct Twin {
     pub siblings: Siblings,
 }
 
-/// The on-disk form of a twin: the served form without the derived `children_ids`, with
-/// the clocks.
+/// The JSON record of a twin that formats 1 and 2 kept in sled and formats up to 4 wrote in
+/// the log (still read; the tests make such records): the served form without the derived
+/// `children_ids`, with the clocks.
+#[cfg(test)]
 #[derive(Serialize)]
 pub(crate) struct TwinRecord<'a> {
     pub id: TwinId,
@@ -535,18 +537,17 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+#[cfg(test)]
 impl Twin {
-    /// Serialize the persisted fields (children are derived on load): the record of formats
-    /// 1 and 2 (the tests make such records).
-    #[cfg(test)]
+    /// Serialize the persisted fields (children are derived on load): the JSON record of
+    /// the older formats ([`TwinRecord`]).
     pub(crate) fn to_record_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(128);
         self.write_record(&mut out);
         out
     }
 
-    /// [`Twin::to_record_bytes`] appended to `out`: the log writes a record straight into
-    /// its frame, without a buffer of its own to grow and copy.
+    /// [`Twin::to_record_bytes`] appended to `out`.
     pub(crate) fn write_record(&self, out: &mut Vec<u8>) {
         let rec = TwinRecord {
             id: self.id,
