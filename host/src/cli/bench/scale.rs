@@ -8,6 +8,8 @@
 //! scanning, then from the index once the model marks the temperature indexed (with the
 //! index's build time). `TWINHOST_SCALE_SERVER` names another
 //! `twinhost` binary to serve (an earlier build: the baseline of the same run).
+//! `TWINHOST_SCALE_KEEP=1` keeps the data directory (its path is printed), to time or profile
+//! more restarts of it with `twinhost serve --data-dir`.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -306,6 +308,9 @@ pub(super) async fn scale_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_restarted = server.rss();
     server.stop()?;
+    if std::env::var_os("TWINHOST_SCALE_KEEP").is_some_and(|v| v == "1") {
+        eprintln!("  kept the data directory: {}", dir.keep().display());
+    }
 
     let n = args.twins as f64;
     let per_twin = |b: u64| (b as f64 / n).round();
