@@ -145,7 +145,7 @@ impl Store {
                         expected: keys::FORMAT_VERSION,
                     });
                 }
-                if found >= keys::TWIN_FILES_FORMAT && found < keys::FORMAT_VERSION {
+                if (keys::TWIN_FILES_FORMAT..keys::FORMAT_VERSION).contains(&found) {
                     // Formats 4 and later differ only in what new log entries look like, and
                     // the old entries still read: marking the directory is the upgrade.
                     tracing::info!(
