@@ -92,15 +92,21 @@ fn load_twins(
     floors: &mut Floors,
 ) -> Result<(Arc<TwinMap>, Indexes), RegistryError> {
     let twins = Arc::new(TwinMap::new());
-    let mut index = IndexBuilder::default();
     let from = store.format();
-    // Each twin arrives as its compact blob with names interned, and is indexed from it.
+    let mut index = IndexBuilder::with_capacity(if from < keys::TWIN_FILES_FORMAT {
+        0
+    } else {
+        store.stored_twin_records()? as usize
+    });
+    // Each twin arrives as its compact blob with names interned, and is indexed from it. A
+    // twin already loaded (from a newer record) is left as it is.
     let mut loaded = |id: TwinId, blob: Box<[u8]>, floors: &mut Floors| {
-        floors.lseq = floors.lseq.max(compact::lseq(&blob));
-        floors.hlc = floors.hlc.max(compact::hlc(&blob));
-        index.add_blob(id, &blob);
-        twins.insert_blob(id, blob);
-        if twins.len().is_multiple_of(PROGRESS_EVERY) {
+        let added = twins.insert_new(id, blob, |blob| {
+            floors.lseq = floors.lseq.max(compact::lseq(blob));
+            floors.hlc = floors.hlc.max(compact::hlc(blob));
+            index.add_blob(id, blob);
+        });
+        if added && twins.len().is_multiple_of(PROGRESS_EVERY) {
             tracing::info!(twins = twins.len(), "loading twins");
         }
     };
@@ -149,7 +155,7 @@ fn load_twins(
     let mut deleted: HashSet<TwinId, FxBuildHasher> = HashSet::default();
     let mut scratch = Vec::with_capacity(512);
     store.read_twins(|id, record| {
-        if deleted.contains(&id) || twins.contains(&id) {
+        if deleted.contains(&id) {
             return Ok(());
         }
         match record {

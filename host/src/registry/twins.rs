@@ -89,6 +89,14 @@ impl TwinMap {
         self.map.get(id).map(|b| f(&b))
     }
 
+    /// Call `f` with every twin's id and blob, in the map's order (memory order: no lookup
+    /// per twin). Each shard is read-locked while it is walked.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&TwinId, &[u8])) {
+        for e in self.map.iter() {
+            f(e.key(), e.value());
+        }
+    }
+
     /// The change number of the twin's last change.
     pub(crate) fn lseq(&self, id: &TwinId) -> Option<u64> {
         self.with(id, compact::lseq)
@@ -124,6 +132,20 @@ impl TwinMap {
     pub(crate) fn insert(&self, t: &Twin) {
         let new = compact::encode(t, Names::Interned);
         self.insert_blob(t.id, new);
+    }
+
+    /// Add a twin by its compact blob (names interned) unless the id is here already (one
+    /// look-up); `added` sees the blob first. Returns whether it was added.
+    pub(crate) fn insert_new(&self, id: TwinId, new: Box<[u8]>, added: impl FnOnce(&[u8])) -> bool {
+        match self.map.entry(id) {
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(e) => {
+                added(&new);
+                self.changed(&id, None, Some(&new[..]));
+                e.insert(new);
+                true
+            }
+        }
     }
 
     /// Add or replace a twin by its compact blob (names interned).
