@@ -184,13 +184,51 @@ pub async fn lifecycle(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/twins/{id}/children", tag = "twins", params(("id" = uuid::Uuid, Path)),
-    responses((status = 200, body = Vec<Twin>), (status = 404, body = ErrorBody)))]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ChildrenParams {
+    /// Page size (default 1,000).
+    #[param(minimum = 1, maximum = 10_000)]
+    limit: Option<usize>,
+    /// The `X-Next-Cursor` of the previous page (a child's id).
+    #[param(format = Uuid)]
+    cursor: Option<TwinId>,
+}
+
+/// Children of a twin, in id order, one page at a time: when there are more, the
+/// `X-Next-Cursor` header holds the `cursor` of the next page and `Link` its URL.
+#[utoipa::path(get, path = "/v1/twins/{id}/children", tag = "twins", params(("id" = uuid::Uuid, Path), ChildrenParams),
+    responses((status = 200, body = Vec<Twin>, headers(("X-Next-Cursor" = String, description = "cursor of the next page, when there is one"))),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn children(
     State(s): State<AppState>,
     Path(id): Path<TwinId>,
-) -> Result<axum::Json<Vec<Twin>>, ApiError> {
-    Ok(axum::Json(s.registry.children(&id)?))
+    Query(p): Query<ChildrenParams>,
+) -> Result<Response, ApiError> {
+    let limit = p.limit.unwrap_or(crate::registry::MAX_CHILDREN_LISTED);
+    if !(1..=crate::registry::query::MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1..={}",
+            crate::registry::query::MAX_LIMIT
+        )));
+    }
+    let (page, next) = s.registry.children(&id, p.cursor, limit)?;
+    let mut r = axum::Json(page).into_response();
+    if let Some(next) = next {
+        let h = r.headers_mut();
+        h.insert(
+            "x-next-cursor",
+            HeaderValue::from_str(&next.to_string()).expect("a uuid is a valid header"),
+        );
+        h.insert(
+            header::LINK,
+            HeaderValue::from_str(&format!(
+                "</v1/twins/{id}/children?limit={limit}&cursor={next}>; rel=\"next\""
+            ))
+            .expect("a path of uuids is a valid header"),
+        );
+    }
+    Ok(r)
 }
 
 /// Ancestors, nearest first.

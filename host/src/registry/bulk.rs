@@ -236,7 +236,7 @@ mod tests {
             listed.iter().copied().collect::<Vec<_>>(),
             all[..crate::registry::MAX_CHILDREN_LISTED]
         );
-        assert_eq!(reg.children(&building).unwrap().len(), n);
+        assert_eq!(reg.children(&building, None, n).unwrap().0.len(), n);
         let mut q = crate::registry::Query {
             parent_id: Some(building),
             limit: Some(500),
@@ -252,6 +252,135 @@ mod tests {
             }
         }
         assert_eq!(seen, all);
+        reg.shutdown();
+    }
+
+    /// A parent with more children than a cascading delete removes per commit (the
+    /// issue's million children, scaled down): its children are listed in pages, an
+    /// `ancestor_id` query too big to gather pages through every twin of the subtree, and
+    /// the delete goes leaves first, in chunks, until the parent itself is gone.
+    #[tokio::test]
+    async fn a_parent_of_many_children_pages_them_and_a_cascade_deletes_in_chunks() {
+        use crate::registry::write::DELETE_CHUNK;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let reg = Registry::open(&store, "node-test").unwrap();
+        // The changes, and how many each commit handed over.
+        let (seen, commits) = (Seen::default(), Arc::new(parking_lot::Mutex::new(Vec::new())));
+        let (sink, sizes) = (seen.clone(), commits.clone());
+        reg.set_change_sink(Arc::new(move |changes: Vec<Change>| {
+            sizes.lock().push(changes.len());
+            sink.lock().extend(changes)
+        }));
+        let (site, building) = (TwinId::new_v7(), TwinId::new_v7());
+        let n = 2 * DELETE_CHUNK + 500;
+        assert!(n > crate::registry::query::MAX_SUBTREE_GATHERED);
+        let mut items = vec![
+            NewTwin {
+                id: Some(site),
+                entity_type: "site".into(),
+                ..Default::default()
+            },
+            NewTwin {
+                id: Some(building),
+                entity_type: "building".into(),
+                parent_id: Some(site),
+                ..Default::default()
+            },
+        ];
+        items.extend((0..n).map(|i| machine(None, Some(building), json!({"i": i}))));
+        let out = reg.provision(items, false).await.unwrap();
+        let mut machines: Vec<TwinId> = out.ids[2..].iter().map(|i| i.unwrap()).collect();
+        machines.sort();
+        // Three grandchildren under the first machine.
+        let sensors: Vec<NewTwin> = (0..3)
+            .map(|_| NewTwin {
+                entity_type: "sensor".into(),
+                parent_id: Some(machines[0]),
+                ..Default::default()
+            })
+            .collect();
+        let sensors: Vec<TwinId> = (reg.provision(sensors, false).await.unwrap().ids)
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
+
+        // The children call pages in id order.
+        let (mut listed, mut after) = (Vec::new(), None);
+        loop {
+            let (page, next) = reg.children(&building, after, 7_000).unwrap();
+            assert!(page.len() <= 7_000);
+            listed.extend(page.iter().map(|t| t.id));
+            match next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(listed, machines);
+
+        // The site's subtree is too big to gather: the query walks up from every machine.
+        let mut q = crate::registry::Query {
+            ancestor_id: Some(site),
+            entity_type: Some("machine".into()),
+            limit: Some(10_000),
+            ..Default::default()
+        };
+        let mut found = Vec::new();
+        loop {
+            let page = reg.query(&q).unwrap();
+            found.extend(page.items.iter().map(|t| t.id));
+            match page.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(found, machines);
+        // A small subtree is still answered (gathered).
+        q.ancestor_id = Some(machines[0]);
+        q.entity_type = Some("sensor".into());
+        q.cursor = None;
+        assert_eq!(reg.query(&q).unwrap().items.len(), 3);
+
+        // A chunk of the subtree holds children before their parents, the root last.
+        {
+            let idx = reg.inner.index.read();
+            let chunk = idx.leaves_first(site, 5);
+            let mut first: Vec<TwinId> = chunk[..3].to_vec();
+            first.sort();
+            let mut want = sensors.clone();
+            want.sort();
+            assert_eq!((first, chunk[3..].to_vec()), (want, vec![machines[0], machines[1]]));
+            let all = idx.leaves_first(site, usize::MAX);
+            assert_eq!((all.len(), all.last()), (n + 5, Some(&site)));
+        }
+
+        // Without cascade the delete is refused and counts the subtree.
+        match reg.delete(site, false).await {
+            Err(RegistryError::HasDescendants { count, .. }) => assert_eq!(count, n + 4),
+            other => panic!("expected HasDescendants, got {other:?}"),
+        }
+        seen.lock().clear();
+        commits.lock().clear();
+        assert_eq!(reg.delete(site, true).await.unwrap(), n + 5);
+        // In chunks: no commit removed more than a chunk.
+        let sizes = commits.lock().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), n + 5);
+        assert!(sizes.len() >= 3 && sizes.iter().all(|&k| k <= DELETE_CHUNK), "{sizes:?}");
+        assert!(reg.get(&site).is_err() && reg.get(&building).is_err());
+        assert_eq!(reg.ids_of_type("machine", 1).1, 0);
+        assert_eq!(reg.ids_of_type("sensor", 1).1, 0);
+        // Every twin's delete event, each after those of its children.
+        let deleted: Vec<TwinId> = seen
+            .lock()
+            .iter()
+            .filter(|c| c.kind == ChangeKind::Deleted)
+            .filter_map(|c| c.twin_id)
+            .collect();
+        assert_eq!(deleted.len(), n + 5);
+        let at = |id: &TwinId| deleted.iter().position(|d| d == id).unwrap();
+        assert_eq!(at(&site), n + 4);
+        assert!(at(&building) > at(&machines[n - 1]));
+        assert!(sensors.iter().all(|s| at(s) < at(&machines[0])));
         reg.shutdown();
     }
 }

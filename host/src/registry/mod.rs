@@ -379,18 +379,62 @@ impl Indexes {
     }
 
     /// Every twin below `root`, in no particular order.
-    fn descendants(&self, root: TwinId) -> Vec<TwinId> {
+    /// Up to `max` twins of `root`'s subtree, children before their parents, `root` last
+    /// when the whole subtree fits. Memory is the depth of the tree, not its size.
+    fn leaves_first(&self, root: TwinId, max: usize) -> Vec<TwinId> {
+        let kids = |id: &TwinId| self.children.get(id).map(|k| k.iter());
+        let mut out = Vec::new();
+        let mut stack = vec![(root, kids(&root))];
+        while let Some((id, next)) = stack.last_mut() {
+            if out.len() == max {
+                break;
+            }
+            match next.as_mut().and_then(Iterator::next) {
+                Some(k) => stack.push((*k, kids(k))),
+                None => {
+                    out.push(*id);
+                    stack.pop();
+                }
+            }
+        }
+        out
+    }
+
+    /// How many twins are under `root` (counted, not collected).
+    fn count_descendants(&self, root: TwinId) -> usize {
+        let kids = |id: &TwinId| self.children.get(id).map(|k| k.iter());
+        let mut n = 0;
+        let mut stack = vec![kids(&root)];
+        while let Some(next) = stack.last_mut() {
+            match next.as_mut().and_then(Iterator::next) {
+                Some(k) => {
+                    n += 1;
+                    stack.push(kids(k));
+                }
+                None => {
+                    stack.pop();
+                }
+            }
+        }
+        n
+    }
+
+    /// The twins under `root`, or `None` when there are more than `max`.
+    fn descendants_upto(&self, root: TwinId, max: usize) -> Option<Vec<TwinId>> {
         let mut out = Vec::new();
         let mut stack = vec![root];
         while let Some(id) = stack.pop() {
             if let Some(kids) = self.children.get(&id) {
+                if out.len() + kids.len() > max {
+                    return None;
+                }
                 for k in kids {
                     out.push(*k);
                     stack.push(*k);
                 }
             }
         }
-        out
+        Some(out)
     }
 }
 
@@ -758,20 +802,34 @@ impl Registry {
         Ok(self.with_children(t))
     }
 
-    pub fn children(&self, id: &TwinId) -> Result<Vec<Twin>, RegistryError> {
+    /// Up to `limit` children of `id` in id order, after the child `after`, and the last
+    /// one's id when there are more (the next page's cursor).
+    pub fn children(
+        &self,
+        id: &TwinId,
+        after: Option<TwinId>,
+        limit: usize,
+    ) -> Result<(Vec<Twin>, Option<TwinId>), RegistryError> {
         if !self.inner.twins.contains(id) {
             return Err(RegistryError::twin_not_found(id));
         }
-        // Every child, not only the ones a twin's `children_ids` lists.
-        let ids: Vec<TwinId> = self
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        // Every child, not only the ones a twin's `children_ids` lists; the index lock is
+        // held while the page's ids are copied.
+        let (ids, more) = self
             .inner
             .index
             .read()
             .children
             .get(id)
-            .map(|kids| kids.iter().copied().collect())
+            .map(|kids| {
+                let mut page = kids.range((lower, Bound::Unbounded));
+                let ids: Vec<TwinId> = page.by_ref().take(limit).copied().collect();
+                (ids, page.next().is_some())
+            })
             .unwrap_or_default();
-        Ok(ids.iter().filter_map(|c| self.get(c).ok()).collect())
+        let next = ids.last().copied().filter(|_| more);
+        Ok((ids.iter().filter_map(|c| self.get(c).ok()).collect(), next))
     }
 
     /// Ancestors, nearest first.
@@ -854,10 +912,18 @@ impl Registry {
         let lower = cursor.map_or(Bound::Unbounded, Bound::Excluded);
         let empty = BTreeSet::new();
         let descendants: BTreeSet<TwinId>;
+        // A small subtree is gathered and read in id order; a big one (a building of a
+        // million machines) is not copied for every page: the candidates are then every
+        // twin (of the type), each checked by walking up from it.
+        let mut subtree = q
+            .ancestor_id
+            .filter(|_| q.parent_id.is_none())
+            .map(|a| idx.descendants_upto(a, query::MAX_SUBTREE_GATHERED));
+        let big_subtree = matches!(subtree, Some(None));
         let source: &BTreeSet<TwinId> = if let Some(p) = q.parent_id {
             idx.children.get(&p).unwrap_or(&empty)
-        } else if let Some(a) = q.ancestor_id {
-            descendants = idx.descendants(a).into_iter().collect();
+        } else if let Some(d) = subtree.take().flatten() {
+            descendants = d.into_iter().collect();
             &descendants
         } else if let Some(et) = &q.entity_type {
             idx.by_type.get(et).unwrap_or(&empty)
@@ -866,8 +932,11 @@ impl Registry {
         };
         let from_type_index =
             q.parent_id.is_none() && q.ancestor_id.is_none() && q.entity_type.is_some();
-        // With both filters the source is the parent's children; check the ancestor by walking up.
-        let walk_to = q.ancestor_id.filter(|_| q.parent_id.is_some());
+        // With both filters the source is the parent's children, and for a big subtree every
+        // twin: check the ancestor by walking up.
+        let walk_to = q
+            .ancestor_id
+            .filter(|_| q.parent_id.is_some() || big_subtree);
         let mut items = Vec::with_capacity(limit.min(1024));
         // Where to resume: after the last returned twin, or after the last examined one when
         // the scan budget ran out first (a page may then hold fewer than `limit` items).

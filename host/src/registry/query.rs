@@ -16,6 +16,9 @@ pub const MAX_LIMIT: usize = 10_000;
 /// Most twins one page examines. A query that matches few twins stops here and returns the
 /// matches so far with a cursor, so no request holds the index for long (writes wait on it).
 pub const MAX_EXAMINED_PER_PAGE: usize = 100_000;
+/// Most twins of an `ancestor_id` subtree gathered for one page; a bigger subtree is read by
+/// checking the ancestors of every twin (of the entity type) instead.
+pub const MAX_SUBTREE_GATHERED: usize = 10_000;
 /// Most `where` conditions in one query.
 pub const MAX_CONDITIONS: usize = 64;
 

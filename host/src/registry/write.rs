@@ -21,6 +21,9 @@ use crate::store::wal::Stamp;
 use crate::store::{keys, Batch, KvOp};
 use crate::types::{Dot, Lifecycle, Properties, Twin, TwinId, VClock};
 
+/// Twins a cascading delete removes per durable commit.
+pub const DELETE_CHUNK: usize = 10_000;
+
 /// Record a history sample for each numeric property of `props`.
 pub(super) fn points(batch: &mut Batch, id: TwinId, props: &Properties, ts: DateTime<Utc>) {
     let us = ts.timestamp_micros();
@@ -490,61 +493,80 @@ impl Registry {
     }
 
     /// Delete a twin; with `cascade`, its whole subtree. Returns how many twins were removed.
+    ///
+    /// A subtree is deleted leaves first, [`DELETE_CHUNK`] twins per durable commit, so a
+    /// parent of a million children costs a chunk's memory at a time, not the subtree's. A
+    /// crash between chunks leaves the rest of the subtree whole (a parent goes only after
+    /// its children); deleting it again finishes the job.
     pub async fn delete(&self, id: TwinId, cascade: bool) -> Result<usize, RegistryError> {
-        self.write(move |this, b, changes| {
-            let now = Utc::now();
-            let mut idx = this.inner.index.write();
-            if !idx.all.contains(&id) {
-                return Err(RegistryError::twin_not_found(id));
-            }
-            let below = idx.descendants(id);
-            if !below.is_empty() && !cascade {
-                return Err(RegistryError::HasDescendants {
-                    id,
-                    count: below.len(),
-                });
-            }
-            let doomed: BTreeSet<TwinId> = below.into_iter().chain([id]).collect();
-            for d in &doomed {
-                let stamp = b.stamp(None);
-                if let Some(t) = this.inner.twins.remove(d) {
-                    idx.remove(&t);
-                    this.inner.conflicted.remove(d);
-                    let mut vclock = t.vclock.clone();
-                    bump(&mut vclock, &this.inner.node_id);
-                    let tomb = Tombstone {
-                        id: *d,
-                        entity_type: t.entity_type.clone(),
-                        hlc: stamp.hlc,
-                        vclock,
-                        deleted_at: now,
-                        lseq: stamp.lseq,
-                    };
-                    put_tombstone(b, &mut this.inner.tombstones.write(), tomb);
-                    if this.wants_changes() {
-                        changes.push(change(
-                            ChangeKind::Deleted,
-                            &t,
-                            Properties::new(),
-                            now,
-                            &stamp,
-                            &this.inner.origin,
-                        ));
+        let mut removed = 0;
+        loop {
+            let first = removed == 0;
+            let (n, done) = self
+                .write(move |this, b, changes| {
+                    let now = Utc::now();
+                    let mut idx = this.inner.index.write();
+                    if !idx.all.contains(&id) {
+                        // Gone meanwhile (another delete) once this one has begun.
+                        return if first {
+                            Err(RegistryError::twin_not_found(id))
+                        } else {
+                            Ok((0, true))
+                        };
                     }
-                }
-                b.delete(*d);
-                b.delete_prefix(keys::history_twin_prefix(d));
-                b.delete_prefix(keys::rel_prefix(d));
+                    if !cascade && idx.children.get(&id).is_some_and(|k| !k.is_empty()) {
+                        return Err(RegistryError::HasDescendants {
+                            id,
+                            count: idx.count_descendants(id),
+                        });
+                    }
+                    let doomed = idx.leaves_first(id, DELETE_CHUNK);
+                    let done = doomed.last() == Some(&id);
+                    for d in &doomed {
+                        let stamp = b.stamp(None);
+                        if let Some(t) = this.inner.twins.remove(d) {
+                            idx.remove(&t);
+                            this.inner.conflicted.remove(d);
+                            let mut vclock = t.vclock.clone();
+                            bump(&mut vclock, &this.inner.node_id);
+                            let tomb = Tombstone {
+                                id: *d,
+                                entity_type: t.entity_type.clone(),
+                                hlc: stamp.hlc,
+                                vclock,
+                                deleted_at: now,
+                                lseq: stamp.lseq,
+                            };
+                            put_tombstone(b, &mut this.inner.tombstones.write(), tomb);
+                            if this.wants_changes() {
+                                changes.push(change(
+                                    ChangeKind::Deleted,
+                                    &t,
+                                    Properties::new(),
+                                    now,
+                                    &stamp,
+                                    &this.inner.origin,
+                                ));
+                            }
+                        }
+                        b.delete(*d);
+                        b.delete_prefix(keys::history_twin_prefix(d));
+                        b.delete_prefix(keys::rel_prefix(d));
+                    }
+                    // Their relationships go with them (those pointing at them stay with
+                    // their sources, unlisted: see `rels`).
+                    let mut rels = this.inner.rels.write();
+                    for d in &doomed {
+                        rels.remove(d);
+                    }
+                    Ok((doomed.len(), done))
+                })
+                .await??;
+            removed += n;
+            if done {
+                return Ok(removed);
             }
-            // Their relationships go with them (those pointing at them stay with their
-            // sources, unlisted: see `rels`).
-            let mut rels = this.inner.rels.write();
-            for d in &doomed {
-                rels.remove(d);
-            }
-            Ok(doomed.len())
-        })
-        .await?
+        }
     }
 
     /// Change the lifecycle state. `retired` is final.

@@ -230,3 +230,57 @@ async fn deeply_nested_values_are_refused_and_the_log_stays_readable() {
     );
     assert_eq!(evs.len(), 3, "created, a=2, deep: {}", log.text);
 }
+
+/// `GET /v1/twins/{id}/children` pages (1,000 by default): `X-Next-Cursor` and `Link` lead
+/// to the next page; a bad limit or cursor is a 400.
+#[tokio::test]
+async fn children_are_listed_in_pages_with_a_next_cursor() {
+    let s = App::start().await;
+    let parent = s.create_twin_id(&json!({"entity_type": "building"})).await;
+    let mut body = String::new();
+    for i in 0..1_005 {
+        body.push_str(&format!(
+            "{}\n",
+            json!({"entity_type": "machine", "parent_id": parent, "properties": {"i": i}})
+        ));
+    }
+    s.post_raw("/v1/twins/bulk", body.as_bytes(), "application/x-ndjson")
+        .await
+        .expect(200);
+
+    let first = s.get(&format!("/v1/twins/{parent}/children")).await;
+    first.expect(200);
+    assert_eq!(first.body.as_array().unwrap().len(), 1_000);
+    let next = first.header("x-next-cursor").expect("a next cursor");
+    assert_eq!(first.body[999]["id"], next.as_str());
+    assert_eq!(
+        first.header("link"),
+        Some(format!(
+            "</v1/twins/{parent}/children?limit=1000&cursor={next}>; rel=\"next\""
+        ))
+    );
+    let rest = s
+        .get(&format!("/v1/twins/{parent}/children?cursor={next}"))
+        .await;
+    rest.expect(200);
+    assert_eq!(rest.body.as_array().unwrap().len(), 5);
+    assert_eq!(rest.header("x-next-cursor"), None);
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_owned()).collect()
+    };
+    let mut all = ids(&first.body);
+    all.extend(ids(&rest.body));
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!((all.len(), &all), (1_005, &sorted));
+
+    let small = s.get(&format!("/v1/twins/{parent}/children?limit=2")).await;
+    assert_eq!(small.body.as_array().unwrap().len(), 2);
+    assert!(small.header("link").unwrap().contains("limit=2&"));
+    for bad in ["limit=0", "limit=10001", "cursor=nope"] {
+        s.get(&format!("/v1/twins/{parent}/children?{bad}"))
+            .await
+            .expect_error(400, "bad_request");
+    }
+}
