@@ -266,7 +266,10 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let reg = Registry::open(&store, "node-test").unwrap();
         // The changes, and how many each commit handed over.
-        let (seen, commits) = (Seen::default(), Arc::new(parking_lot::Mutex::new(Vec::new())));
+        let (seen, commits) = (
+            Seen::default(),
+            Arc::new(parking_lot::Mutex::new(Vec::new())),
+        );
         let (sink, sizes) = (seen.clone(), commits.clone());
         reg.set_change_sink(Arc::new(move |changes: Vec<Change>| {
             sizes.lock().push(changes.len());
@@ -349,7 +352,10 @@ mod tests {
             first.sort();
             let mut want = sensors.clone();
             want.sort();
-            assert_eq!((first, chunk[3..].to_vec()), (want, vec![machines[0], machines[1]]));
+            assert_eq!(
+                (first, chunk[3..].to_vec()),
+                (want, vec![machines[0], machines[1]])
+            );
             let all = idx.leaves_first(site, usize::MAX);
             assert_eq!((all.len(), all.last()), (n + 5, Some(&site)));
         }
@@ -365,7 +371,10 @@ mod tests {
         // In chunks: no commit removed more than a chunk.
         let sizes = commits.lock().clone();
         assert_eq!(sizes.iter().sum::<usize>(), n + 5);
-        assert!(sizes.len() >= 3 && sizes.iter().all(|&k| k <= DELETE_CHUNK), "{sizes:?}");
+        assert!(
+            sizes.len() >= 3 && sizes.iter().all(|&k| k <= DELETE_CHUNK),
+            "{sizes:?}"
+        );
         assert!(reg.get(&site).is_err() && reg.get(&building).is_err());
         assert_eq!(reg.ids_of_type("machine", 1).1, 0);
         assert_eq!(reg.ids_of_type("sensor", 1).1, 0);

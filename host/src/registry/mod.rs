@@ -1051,8 +1051,9 @@ impl Registry {
             // Every twin in the map's memory order (a lookup per id, in id order, missed the
             // cache each time: 11 s at 10M twins).
             let room = self.inner.twins.len();
-            let mut gathered: Vec<Vec<range_index::Position>> =
-                (0..fresh.len()).map(|_| Vec::with_capacity(room)).collect();
+            let mut gathered: Vec<range_index::Gathered> = (0..fresh.len())
+                .map(|_| range_index::Gathered::with_capacity(room))
+                .collect();
             self.inner.twins.for_each(|id, b| {
                 if !crate::types::compact::entity_type_is(b, entity_type) {
                     return;

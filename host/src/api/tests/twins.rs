@@ -266,7 +266,11 @@ async fn children_are_listed_in_pages_with_a_next_cursor() {
     assert_eq!(rest.body.as_array().unwrap().len(), 5);
     assert_eq!(rest.header("x-next-cursor"), None);
     let ids = |v: &Value| -> Vec<String> {
-        v.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_owned()).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect()
     };
     let mut all = ids(&first.body);
     all.extend(ids(&rest.body));
