@@ -86,7 +86,7 @@ async fn a_format_1_directory_is_upgraded_in_place() {
     let mut s = Server::start_from(unpack_v1, Some(FIXTURE_NODE), &[]);
     assert!(
         s.log()
-            .contains("upgrading the data directory from format 1 to 5"),
+            .contains("upgrading the data directory from format 1 to 6"),
         "{}",
         crate::common::tail(&s.log(), 20)
     );
@@ -410,6 +410,13 @@ fn unpack_v4(dir: &Path) {
     unpack("v4-data.tar.gz", dir);
 }
 
+/// The format-5 fixture (`make-v5-data.sh`): the same steps, written by the last build of
+/// format 5 (twins in the compact layout before format 6's short updated time and unnamed
+/// clocks, in twin files and in the log tail).
+fn unpack_v5(dir: &Path) {
+    unpack("v5-data.tar.gz", dir);
+}
+
 fn unpack(name: &str, dir: &Path) {
     let fixture = format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     let st = Command::new("tar")
@@ -487,17 +494,24 @@ async fn a_format_3_directory_with_a_sled_key_per_twin_still_opens() {
 }
 
 /// The same for format 4 (twin files; the log tail's created twin is JSON, which format 5
-/// writes compact).
+/// and later write compact).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_format_4_directory_with_a_json_log_tail_still_opens() {
     an_older_directory_opens(4, unpack_v4).await;
+}
+
+/// The same for format 5 (compact twins without format 6's flags, at rest and in the log
+/// tail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_5_directory_with_the_older_compact_layout_still_opens() {
+    an_older_directory_opens(5, unpack_v5).await;
 }
 
 async fn an_older_directory_opens(format: u64, unpack: fn(&Path)) {
     let mut s = Server::start_from(unpack, Some("edge-2"), &[]);
     assert!(
         s.log().contains(&format!(
-            "upgrading the data directory from format {format} to 5"
+            "upgrading the data directory from format {format} to 6"
         )),
         "{}",
         crate::common::tail(&s.log(), 20)

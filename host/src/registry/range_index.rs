@@ -974,7 +974,10 @@ mod tests {
         );
         out.clear();
         assert!(e.scan(&lo, &hi, &mut out, 100));
-        assert_eq!(out.iter().map(|p| p.0.clone()).collect::<Vec<_>>(), keys[4..6]);
+        assert_eq!(
+            out.iter().map(|p| p.0.clone()).collect::<Vec<_>>(),
+            keys[4..6]
+        );
         out.clear();
         assert!(!e.scan(&Bound::Unbounded, &Bound::Unbounded, &mut out, 4));
         assert_eq!(out.len(), 4);

@@ -146,30 +146,19 @@ impl Store {
                     });
                 }
                 if (keys::TWIN_FILES_FORMAT..keys::FORMAT_VERSION).contains(&found) {
-                    // Formats 4 and later differ only in what new log entries look like, and
-                    // the old entries still read: marking the directory is the upgrade.
+                    // Formats 4 and later differ only in how new twins and log entries are
+                    // written, and the old ones still read: marking the directory is the
+                    // upgrade.
                     tracing::info!(
                         "upgrading the data directory from format {found} to {}",
                         keys::FORMAT_VERSION
                     );
-                    db.insert(
-                        keys::META_FORMAT_VERSION,
-                        &keys::FORMAT_VERSION.to_be_bytes(),
-                    )?;
-                    db.flush()?;
-                    keys::FORMAT_VERSION
+                    mark_current_format(&db)?
                 } else {
                     found
                 }
             }
-            None => {
-                db.insert(
-                    keys::META_FORMAT_VERSION,
-                    &keys::FORMAT_VERSION.to_be_bytes(),
-                )?;
-                db.flush()?;
-                keys::FORMAT_VERSION
-            }
+            None => mark_current_format(&db)?,
         };
         let wal_dir = dir.join("wal");
         std::fs::create_dir_all(&wal_dir)
@@ -534,6 +523,17 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
+}
+
+/// Record that `db` holds this build's format (durably: a directory half marked is still the
+/// old format, which this build also reads).
+fn mark_current_format(db: &sled::Db) -> Result<u64, StoreError> {
+    db.insert(
+        keys::META_FORMAT_VERSION,
+        &keys::FORMAT_VERSION.to_be_bytes(),
+    )?;
+    db.flush()?;
+    Ok(keys::FORMAT_VERSION)
 }
 
 #[cfg(test)]

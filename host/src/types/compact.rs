@@ -1,16 +1,20 @@
 //! The compact binary form of a [`Twin`]: how the registry holds every twin in memory and how
-//! the store keeps it on disk (format 3), about 140 bytes for a machine with five properties
-//! where the parsed form took kilobytes.
+//! the store keeps it on disk (formats 3 and later), 121 bytes for the demo's machine with
+//! five properties where the parsed form took kilobytes.
 //!
 //! Layout (integers are LEB128 varints unless said otherwise):
 //! ```text
 //! TAG | flags | lseq u64 LE | hlc u64 LE | [parent 16 B] | entity_type: name | version
-//!     | created secs (zigzag) nanos | updated − created secs (zigzag) nanos | [deleted_hlc]
+//!     | created secs (zigzag) nanos | updated | [deleted_hlc]
 //!     | vclock: n (origin: name, count)* | properties: n (name, value)*
-//!     | clocks: n (name, hlc − twin hlc (zigzag), origin: name, n, v)*
+//!     | clocks: [n] ([name] hlc − twin hlc (zigzag), origin: name, n, v)*
 //!     | [siblings: n (name, m (value, clock)*)*]
 //! ```
-//! `flags` holds the lifecycle (bits 0–1) and which optional parts are present. The fixed
+//! `flags` holds the lifecycle (bits 0–1) and which optional parts are present. `updated` is
+//! `(updated − created secs (zigzag)) << 1 | 1` when it has the created time's nanoseconds,
+//! else `… << 1` then its nanoseconds ([`F_UPDATED_SHORT`]; blobs of store formats 3–5
+//! lack the flag and hold `secs nanos`). Clocks that follow the properties one for one are
+//! written without count and names ([`F_CLOCKS_ALIGNED`]). The fixed
 //! head lets [`lseq`], [`hlc`], [`lifecycle`] and [`parent_id`] read a blob without
 //! decoding it. A *name* is `0, len, bytes` (inline) or `1 + number` (interned, see
 //! [`super::intern`]): in memory names are interned, on disk ([`Names::Inline`]) they are
@@ -35,6 +39,12 @@ pub const TAG: u8 = 0xC3;
 const F_PARENT: u8 = 1 << 2;
 const F_DELETED: u8 = 1 << 3;
 const F_SIBLINGS: u8 = 1 << 4;
+/// `updated` is written as one varint, `(updated − created seconds (zigzag)) << 1 | 1` when
+/// its nanoseconds are `created`'s (then not written), else `… << 1` and the nanoseconds.
+/// Set by every encoder since store format 6; blobs without it hold two varints.
+const F_UPDATED_SHORT: u8 = 1 << 5;
+/// The clocks are one per property, in the properties' order, without count or names.
+const F_CLOCKS_ALIGNED: u8 = 1 << 6;
 const HEAD: usize = 18;
 
 /// Deepest nesting a decoder follows (values are checked at 32 levels on the way in; this
@@ -104,6 +114,19 @@ fn name(out: &mut Vec<u8>, s: &str, names: Names) {
 fn time(out: &mut Vec<u8>, t: &DateTime<Utc>, base: i64) {
     varint(out, zigzag(t.timestamp().wrapping_sub(base)));
     varint(out, t.timestamp_subsec_nanos() as u64);
+}
+
+/// `updated` after `created` (see [`F_UPDATED_SHORT`]): a twin never changed since its
+/// creation takes one byte where it took six.
+fn updated_time(out: &mut Vec<u8>, updated: &DateTime<Utc>, created: &DateTime<Utc>) {
+    let secs = zigzag(updated.timestamp().wrapping_sub(created.timestamp()));
+    let nanos = updated.timestamp_subsec_nanos();
+    if nanos == created.timestamp_subsec_nanos() {
+        varint(out, secs << 1 | 1);
+    } else {
+        varint(out, secs << 1);
+        varint(out, nanos as u64);
+    }
 }
 
 fn value(out: &mut Vec<u8>, v: &Value) {
@@ -187,6 +210,17 @@ pub fn encode_into(t: &Twin, out: &mut Vec<u8>, names: Names) {
     if t.siblings.is_some() {
         flags |= F_SIBLINGS;
     }
+    flags |= F_UPDATED_SHORT;
+    // Clocks named as the properties, in their order (a twin whose every property has a
+    // clock): the names are not written again.
+    let aligned = t.clocks.len() == t.properties.len()
+        && t.clocks
+            .keys()
+            .zip(t.properties.keys())
+            .all(|(c, p)| c == p);
+    if aligned {
+        flags |= F_CLOCKS_ALIGNED;
+    }
     out.push(TAG);
     out.push(flags);
     out.extend_from_slice(&t.lseq.to_le_bytes());
@@ -197,7 +231,7 @@ pub fn encode_into(t: &Twin, out: &mut Vec<u8>, names: Names) {
     name(out, &t.entity_type, names);
     varint(out, t.version);
     time(out, &t.created_at, 0);
-    time(out, &t.updated_at, t.created_at.timestamp());
+    updated_time(out, &t.updated_at, &t.created_at);
     if t.deleted_hlc != 0 {
         varint(out, t.deleted_hlc);
     }
@@ -211,9 +245,13 @@ pub fn encode_into(t: &Twin, out: &mut Vec<u8>, names: Names) {
         name(out, k, names);
         value(out, v);
     }
-    varint(out, t.clocks.len() as u64);
+    if !aligned {
+        varint(out, t.clocks.len() as u64);
+    }
     for (k, c) in t.clocks.iter() {
-        name(out, k, names);
+        if !aligned {
+            name(out, k, names);
+        }
         clock(out, c, t.hlc, names);
     }
     if let Some(s) = &t.siblings {
@@ -250,9 +288,7 @@ pub fn transcode(b: &[u8], to: Names, out: &mut Vec<u8>) -> R<()> {
     let h = t.r.head()?;
     t.name()?; // entity type
     t.r.varint()?; // version
-    for _ in 0..4 {
-        t.r.varint()?; // created and updated: seconds, nanoseconds
-    }
+    t.r.times(h.flags)?;
     if h.flags & F_DELETED != 0 {
         t.r.varint()?;
     }
@@ -260,13 +296,20 @@ pub fn transcode(b: &[u8], to: Names, out: &mut Vec<u8>) -> R<()> {
         t.name()?;
         t.r.varint()?;
     }
-    for _ in 0..t.r.len()? {
+    let props = t.r.len()?;
+    for _ in 0..props {
         t.name()?;
         t.r.skip_value(0)?;
     }
-    for _ in 0..t.r.len()? {
-        t.name()?;
-        t.clock()?;
+    if h.flags & F_CLOCKS_ALIGNED != 0 {
+        for _ in 0..props {
+            t.clock()?;
+        }
+    } else {
+        for _ in 0..t.r.len()? {
+            t.name()?;
+            t.clock()?;
+        }
     }
     if h.flags & F_SIBLINGS != 0 {
         for _ in 0..t.r.len()? {
@@ -422,6 +465,24 @@ impl<'a> Reader<'a> {
         DateTime::from_timestamp(secs, nanos).ok_or(DecodeError("time out of range"))
     }
 
+    /// The created and updated times (written as `flags` says).
+    fn times(&mut self, flags: u8) -> R<(DateTime<Utc>, DateTime<Utc>)> {
+        let created = self.time(0)?;
+        if flags & F_UPDATED_SHORT == 0 {
+            return Ok((created, self.time(created.timestamp())?));
+        }
+        let v = self.varint()?;
+        let secs = unzigzag(v >> 1).wrapping_add(created.timestamp());
+        let nanos = if v & 1 == 1 {
+            created.timestamp_subsec_nanos()
+        } else {
+            u32::try_from(self.varint()?).map_err(|_| DecodeError("nanoseconds"))?
+        };
+        let updated =
+            DateTime::from_timestamp(secs, nanos).ok_or(DecodeError("time out of range"))?;
+        Ok((created, updated))
+    }
+
     fn value(&mut self, depth: usize) -> R<Value> {
         if depth > MAX_DECODE_DEPTH {
             return Err(DecodeError("nested too deep"));
@@ -566,8 +627,7 @@ pub fn decode(id: TwinId, b: &[u8]) -> R<Twin> {
     let h = r.head()?;
     let entity_type = r.name_string()?;
     let version = r.varint()?;
-    let created_at = r.time(0)?;
-    let updated_at = r.time(created_at.timestamp())?;
+    let (created_at, updated_at) = r.times(h.flags)?;
     let deleted_hlc = if h.flags & F_DELETED != 0 {
         r.varint()?
     } else {
@@ -579,16 +639,34 @@ pub fn decode(id: TwinId, b: &[u8]) -> R<Twin> {
         vclock.insert(node, r.varint()?);
     }
     let mut properties = Map::new();
+    let aligned = h.flags & F_CLOCKS_ALIGNED != 0;
+    // With aligned clocks, the properties' names are the clocks' too.
+    let mut names = Vec::new();
     for _ in 0..r.len()? {
-        let k = r.name_string()?;
+        let k = if aligned {
+            let k = r.name()?;
+            names.push(k.clone());
+            k.to_string()
+        } else {
+            r.name_string()?
+        };
         properties.insert(k, r.value(0)?);
     }
-    let n = r.len()?;
-    let mut clocks = Vec::with_capacity(n);
-    for _ in 0..n {
-        let k = r.name()?;
-        clocks.push((k, r.clock(h.hlc)?));
-    }
+    let clocks = if aligned {
+        let mut clocks = Vec::with_capacity(names.len());
+        for k in names {
+            clocks.push((k, r.clock(h.hlc)?));
+        }
+        clocks
+    } else {
+        let n = r.len()?;
+        let mut clocks = Vec::with_capacity(n);
+        for _ in 0..n {
+            let k = r.name()?;
+            clocks.push((k, r.clock(h.hlc)?));
+        }
+        clocks
+    };
     let siblings = if h.flags & F_SIBLINGS != 0 {
         let mut s = BTreeMap::new();
         for _ in 0..r.len()? {
@@ -818,8 +896,7 @@ impl serde::Serialize for Served<'_> {
         let h = r.head().map_err(e)?;
         let entity_type = r.name_ref().map_err(e)?;
         let version = r.varint().map_err(e)?;
-        let created_at = r.time(0).map_err(e)?;
-        let updated_at = r.time(created_at.timestamp()).map_err(e)?;
+        let (created_at, updated_at) = r.times(h.flags).map_err(e)?;
         if h.flags & F_DELETED != 0 {
             r.varint().map_err(e)?;
         }
@@ -896,9 +973,7 @@ impl<'a> Props<'a> {
         let h = r.head()?;
         r.name_is("", None)?;
         r.varint()?;
-        for _ in 0..4 {
-            r.varint()?; // created and updated: seconds, nanoseconds
-        }
+        r.times(h.flags)?;
         if h.flags & F_DELETED != 0 {
             r.varint()?;
         }
