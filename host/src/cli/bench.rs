@@ -295,6 +295,8 @@ async fn fleet_paced(
     let (mut sent, mut owed, mut k) = (0u64, 0.0f64, 0usize);
     let (mut waiting, mut shed) = (0usize, 0u64);
     let (mut rss_mb_max, mut ticks) = (0.0f64, 0u64);
+    // RSS every 10 s, to show whether it stays flat over a long run (`--seconds`).
+    let mut rss_every_10s = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     type Done = (
@@ -320,7 +322,11 @@ async fn fleet_paced(
         ticks += 1;
         if ticks % 100 == 0 {
             // Once a second: the peak, to show whether memory stays flat under the load.
-            rss_mb_max = rss_mb_max.max(rss_mb("VmRSS:"));
+            let rss = rss_mb("VmRSS:");
+            rss_mb_max = rss_mb_max.max(rss);
+            if ticks % 1000 == 0 {
+                rss_every_10s.push(rss.round());
+            }
         }
         if waiting + n > MAX_WAITING {
             shed += n as u64;
@@ -350,7 +356,7 @@ async fn fleet_paced(
               "durable_latency_p50_ms": hist.value_at_quantile(0.5) as f64 / 1000.0,
               "durable_latency_p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0,
               "cpu_percent": cpu_percent(p0, p1).round(), "rss_mb": rss_end.round(),
-              "rss_mb_max": rss_mb_max.max(rss_end).round()}),
+              "rss_mb_max": rss_mb_max.max(rss_end).round(), "rss_mb_every_10s": rss_every_10s}),
     )
 }
 

@@ -941,6 +941,7 @@ impl Registry {
         // Where to resume: after the last returned twin, or after the last examined one when
         // the scan budget ran out first (a page may then hold fewer than `limit` items).
         let mut resume: Option<TwinId> = None;
+        let matcher = q.matcher();
         for (examined, id) in source.range((lower, Bound::Unbounded)).enumerate() {
             if examined == query::MAX_EXAMINED_PER_PAGE {
                 resume = Some(*id);
@@ -949,7 +950,8 @@ impl Registry {
             // Matched on the blob (only the properties asked about are decoded); a match
             // is copied as it is and served from its bytes.
             let matched = self.inner.twins.with(id, |b| {
-                q.matches_compact(b, !from_type_index)
+                matcher
+                    .matches(b, !from_type_index)
                     .then(|| Box::<[u8]>::from(b))
             });
             let Some(Some(blob)) = matched else {
@@ -995,11 +997,12 @@ impl Registry {
         limit: usize,
     ) -> Page {
         let idx = self.inner.index.read();
+        let matcher = q.matcher();
         let (items, next_cursor) = plan.page(after, limit, query::MAX_EXAMINED_PER_PAGE, |id| {
             // Every condition is checked on the twin itself: the index entry may be a moment
             // older than the twin, and other conditions narrow the match further.
             let blob = self.inner.twins.with(&id, |b| {
-                q.matches_compact(b, true).then(|| Box::<[u8]>::from(b))
+                matcher.matches(b, true).then(|| Box::<[u8]>::from(b))
             })??;
             let parent = crate::types::compact::parent_id(&blob);
             if q.ancestor_id.is_some_and(|a| !self.is_under(parent, a)) {

@@ -216,26 +216,69 @@ impl Query {
     /// [`Query::matches`] on a twin's compact blob, decoding only the properties the query
     /// names; with `check_type` false, [`Query::matches_props`].
     pub fn matches_compact(&self, b: &[u8], check_type: bool) -> bool {
+        self.matcher().matches(b, check_type)
+    }
+
+    /// The query's conditions ready to check many twins: the interned numbers of the names
+    /// it compares are looked up once, not once per twin.
+    pub fn matcher(&self) -> Matcher<'_> {
+        use crate::types::intern;
+        Matcher {
+            q: self,
+            entity_type: self
+                .entity_type
+                .as_deref()
+                .map(|et| (et, intern::lookup(et))),
+            equal: self
+                .properties
+                .iter()
+                .map(|(k, v)| (k.as_str(), intern::lookup(k), v))
+                .collect(),
+        }
+    }
+}
+
+/// A [`Query`]'s checks on compact twins, with names looked up once ([`Query::matcher`]).
+pub struct Matcher<'q> {
+    q: &'q Query,
+    entity_type: Option<(&'q str, Option<u32>)>,
+    /// `properties` equality: each name, its interned number and the value.
+    equal: Vec<(&'q str, Option<u32>, &'q Value)>,
+}
+
+impl Matcher<'_> {
+    /// Whether compact twin `b` matches the query's filters (its entity type only when
+    /// `check_type`: a caller reading the type's index knows it already).
+    pub fn matches(&self, b: &[u8], check_type: bool) -> bool {
         use crate::types::compact;
-        if let Some(p) = self.parent_id {
+        if let Some(p) = self.q.parent_id {
             if compact::parent_id(b) != Some(p) {
                 return false;
             }
         }
-        if let Some(et) = self.entity_type.as_deref().filter(|_| check_type) {
-            if !compact::entity_type_is(b, et) {
+        if let Some((et, number)) = self.entity_type.filter(|_| check_type) {
+            if !compact::entity_type_is_numbered(b, et, number) {
                 return false;
             }
         }
-        if self.properties.is_empty() && self.conditions.is_empty() {
+        if self.equal.is_empty() && self.q.conditions.is_empty() {
             return true;
         }
         let Ok(props) = compact::Props::of(b) else {
             return false;
         };
-        for (k, v) in &self.properties {
-            // Scalars are compared in place (the seed's query: no string built per twin).
-            let equal = match props.scalar(k) {
+        for &(k, number, v) in &self.equal {
+            // Strings (the seed's query) compare as bytes in place; other scalars are read
+            // in place; only arrays and objects are decoded.
+            if let Value::String(want) = v {
+                if let Some(equal) = props.str_is(k, number, want) {
+                    if !equal {
+                        return false;
+                    }
+                    continue;
+                }
+            }
+            let equal = match props.scalar_numbered(k, number) {
                 None => false,
                 Some(x) => x
                     .eq_json(v)
@@ -245,7 +288,8 @@ impl Query {
                 return false;
             }
         }
-        self.conditions
+        self.q
+            .conditions
             .iter()
             .all(|c| condition_holds(c, props.get(&c.property).as_ref()))
     }

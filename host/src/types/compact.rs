@@ -377,12 +377,14 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline]
     fn byte(&mut self) -> R<u8> {
         let x = *self.b.get(self.at).ok_or(DecodeError("truncated"))?;
         self.at += 1;
         Ok(x)
     }
 
+    #[inline]
     fn bytes(&mut self, n: usize) -> R<&'a [u8]> {
         let end = self.at.checked_add(n).ok_or(DecodeError("length"))?;
         let s = self.b.get(self.at..end).ok_or(DecodeError("truncated"))?;
@@ -390,7 +392,19 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    /// A varint; one byte (most of them: counts, names, small numbers) without a loop.
+    #[inline]
     fn varint(&mut self) -> R<u64> {
+        match self.b.get(self.at) {
+            Some(&x) if x < 0x80 => {
+                self.at += 1;
+                Ok(x as u64)
+            }
+            _ => self.varint_long(),
+        }
+    }
+
+    fn varint_long(&mut self) -> R<u64> {
         let mut n = 0u64;
         for shift in (0..64).step_by(7) {
             let x = self.byte()?;
@@ -402,6 +416,7 @@ impl<'a> Reader<'a> {
         Err(DecodeError("varint too long"))
     }
 
+    #[inline]
     fn len(&mut self) -> R<usize> {
         let n = self.varint()? as usize;
         // Every item takes at least one byte: a count beyond what is left is corrupt (and
@@ -449,6 +464,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Whether the next name is `want` (its number, when interned), consuming it.
+    #[inline]
     fn name_is(&mut self, want: &str, want_id: Option<u32>) -> R<bool> {
         match self.varint()? {
             0 => {
@@ -463,6 +479,19 @@ impl<'a> Reader<'a> {
         let secs = unzigzag(self.varint()?).wrapping_add(base);
         let nanos = u32::try_from(self.varint()?).map_err(|_| DecodeError("nanoseconds"))?;
         DateTime::from_timestamp(secs, nanos).ok_or(DecodeError("time out of range"))
+    }
+
+    /// Past the created and updated times without building them.
+    fn skip_times(&mut self, flags: u8) -> R<()> {
+        self.varint()?; // created: seconds, nanoseconds
+        self.varint()?;
+        if flags & F_UPDATED_SHORT == 0 {
+            self.varint()?; // updated: seconds, nanoseconds
+            self.varint()?;
+        } else if self.varint()? & 1 == 0 {
+            self.varint()?; // updated nanoseconds, not the created ones
+        }
+        Ok(())
     }
 
     /// The created and updated times (written as `flags` says).
@@ -769,8 +798,14 @@ pub fn entity_type_ref(b: &[u8]) -> &str {
 
 /// Whether a compact twin's entity type is `et` (compares interned numbers when it can).
 pub fn entity_type_is(b: &[u8], et: &str) -> bool {
+    entity_type_is_numbered(b, et, intern::lookup(et))
+}
+
+/// [`entity_type_is`] with `et`'s interned number looked up once by the caller (for a
+/// loop over many twins).
+pub fn entity_type_is_numbered(b: &[u8], et: &str, number: Option<u32>) -> bool {
     let mut r = Reader { b, at: 0 };
-    r.head().is_ok() && r.name_is(et, intern::lookup(et)).unwrap_or(false)
+    r.head().is_ok() && r.name_is(et, number).unwrap_or(false)
 }
 
 // ---- serving without decoding -----------------------------------------------------------
@@ -973,7 +1008,7 @@ impl<'a> Props<'a> {
         let h = r.head()?;
         r.name_is("", None)?;
         r.varint()?;
-        r.times(h.flags)?;
+        r.skip_times(h.flags)?;
         if h.flags & F_DELETED != 0 {
             r.varint()?;
         }
@@ -985,8 +1020,7 @@ impl<'a> Props<'a> {
     }
 
     /// A reader at the value of property `name`; `None` when the twin has no such property.
-    fn find(&self, name: &str) -> Option<Reader<'a>> {
-        let id = intern::lookup(name);
+    fn find(&self, name: &str, id: Option<u32>) -> Option<Reader<'a>> {
         let mut r = Reader {
             b: self.b,
             at: self.at,
@@ -1004,7 +1038,12 @@ impl<'a> Props<'a> {
     /// The value of property `name` read in place, without building it: scalars as they
     /// are, arrays and objects as [`Scalar::Other`]; `None` when the twin has no such property.
     pub fn scalar(&self, name: &str) -> Option<Scalar<'a>> {
-        let mut r = self.find(name)?;
+        self.scalar_numbered(name, intern::lookup(name))
+    }
+
+    /// [`Props::scalar`] with `name`'s interned number looked up once by the caller.
+    pub fn scalar_numbered(&self, name: &str, number: Option<u32>) -> Option<Scalar<'a>> {
+        let mut r = self.find(name, number)?;
         Some(match r.byte().ok()? {
             V_NULL => Scalar::Null,
             V_FALSE => Scalar::Bool(false),
@@ -1024,9 +1063,22 @@ impl<'a> Props<'a> {
         })
     }
 
+    /// Whether string property `name` (interned as `number`) is `want`, compared as bytes
+    /// in place; `None` when the twin has no such property or it is not a string.
+    pub fn str_is(&self, name: &str, number: Option<u32>, want: &str) -> Option<bool> {
+        let mut r = self.find(name, number)?;
+        let n = match r.byte().ok()? {
+            V_STR => r.len().ok()?,
+            t if t >= V_SHORT_STR => (t - V_SHORT_STR) as usize,
+            _ => return None,
+        };
+        // Equal bytes are `want`'s, valid UTF-8: no need to check them first.
+        Some(r.bytes(n).ok()? == want.as_bytes())
+    }
+
     /// The value of property `name`, decoded; `None` when the twin has no such property.
     pub fn get(&self, name: &str) -> Option<Value> {
-        self.find(name)?.value(0).ok()
+        self.find(name, intern::lookup(name))?.value(0).ok()
     }
 }
 
