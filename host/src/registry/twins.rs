@@ -141,11 +141,16 @@ impl TwinMap {
             dashmap::Entry::Occupied(_) => false,
             dashmap::Entry::Vacant(e) => {
                 added(&new);
-                self.changed(&id, None, Some(&new[..]));
-                e.insert(new);
+                self.insert_vacant(e, new);
                 true
             }
         }
+    }
+
+    /// Put a new twin in its vacant place, telling [`TwinMap::changed`].
+    fn insert_vacant(&self, e: dashmap::VacantEntry<'_, TwinId, Box<[u8]>>, new: Box<[u8]>) {
+        self.changed(e.key(), None, Some(&new[..]));
+        e.insert(new);
     }
 
     /// Add or replace a twin by its compact blob (names interned).
@@ -155,10 +160,7 @@ impl TwinMap {
                 self.changed(&id, Some(&e.get()[..]), Some(&new[..]));
                 e.insert(new);
             }
-            dashmap::Entry::Vacant(e) => {
-                self.changed(&id, None, Some(&new[..]));
-                e.insert(new);
-            }
+            dashmap::Entry::Vacant(e) => self.insert_vacant(e, new),
         }
     }
 
