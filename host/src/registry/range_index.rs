@@ -1,6 +1,7 @@
 //! Ordered indexes of the model properties marked `"indexed": true`.
 //!
-//! Owns: per entity type, per indexed property, an ordered set of `(value, twin id)`.
+//! Owns: per entity type, per indexed property, ordered sets of `(value, twin id)`, one per
+//! kind of value (numbers as order-preserving `u64` bits: 24 bytes an entry).
 //! Exposes: [`RangeIndexes::update`] (called by the twin map on every change of a twin, while
 //! it holds the twin's shard), [`RangeIndexes::plan`] (which `where` condition of a query an
 //! index can answer) and [`RangeIndexes::scan`] (the next entries of a plan, in index order).
