@@ -392,4 +392,70 @@ mod tests {
         assert!(sensors.iter().all(|s| at(s) < at(&machines[0])));
         reg.shutdown();
     }
+
+    /// Queries over more candidates than a page's scan budget: pages of every size give each
+    /// match once, in id order, and a page that runs out of its budget first ends early with
+    /// a cursor that goes on.
+    #[tokio::test]
+    async fn queries_page_through_many_candidates_in_order_within_the_budget() {
+        use crate::registry::query::MAX_EXAMINED_PER_PAGE;
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, _) = open(dir.path());
+        let n = MAX_EXAMINED_PER_PAGE + 20_000;
+        let items = (0..n)
+            .map(|i| {
+                let status = if i % 3 == 0 { "operational" } else { "idle" };
+                machine(None, None, json!({"i": i, "status": status}))
+            })
+            .collect();
+        let out = reg.provision(items, false).await.unwrap();
+        let ids: Vec<TwinId> = out.ids.into_iter().map(Option::unwrap).collect();
+        // Ids are v7: creation order is id order.
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, ids);
+        let pages = |q: &mut crate::registry::Query| {
+            let (mut all, mut sizes) = (Vec::new(), Vec::new());
+            loop {
+                let page = reg.query(q).unwrap();
+                sizes.push(page.items.len());
+                all.extend(page.items.iter().map(|t| t.id));
+                match page.next_cursor {
+                    Some(c) => q.cursor = Some(c),
+                    None => return (all, sizes),
+                }
+            }
+        };
+        let operational: Vec<TwinId> = ids.iter().step_by(3).copied().collect();
+        for limit in [1, 100, 1_500, 10_000] {
+            let mut q: crate::registry::Query = serde_json::from_value(json!({
+                "entity_type": "machine", "properties": {"status": "operational"},
+                "limit": limit}))
+            .unwrap();
+            if limit == 1 {
+                // One twin a page through 40K matches is slow: start near the end.
+                q.cursor = Some(operational[operational.len() - 5].to_string());
+                let (all, _) = pages(&mut q);
+                assert_eq!(all, operational[operational.len() - 4..]);
+                continue;
+            }
+            let (all, sizes) = pages(&mut q);
+            assert_eq!(all, operational, "limit {limit}");
+            assert!(sizes.iter().all(|&k| k <= limit));
+        }
+        // Matches only past the budget: the first page is empty and its cursor goes on.
+        let mut q: crate::registry::Query = serde_json::from_value(json!({
+            "entity_type": "machine", "limit": 50,
+            "where": [{"property": "i", "op": ">=", "value": n - 10}]}))
+        .unwrap();
+        let first = reg.query(&q).unwrap();
+        assert!(first.items.is_empty());
+        assert_eq!(
+            first.next_cursor.as_deref(),
+            Some(ids[MAX_EXAMINED_PER_PAGE - 1].to_string().as_str())
+        );
+        let (all, _) = pages(&mut q);
+        assert_eq!(all, ids[n - 10..]);
+        reg.shutdown();
+    }
 }
