@@ -378,45 +378,46 @@ impl Indexes {
         self.insert(new);
     }
 
-    /// Every twin below `root`, in no particular order.
-    /// Up to `max` twins of `root`'s subtree, children before their parents, `root` last
-    /// when the whole subtree fits. Memory is the depth of the tree, not its size.
-    fn leaves_first(&self, root: TwinId, max: usize) -> Vec<TwinId> {
+    /// Visit `root`'s subtree children before their parents, `root` last, until `visit`
+    /// returns false. Memory is the depth of the tree, not its size.
+    fn walk_leaves_first(&self, root: TwinId, mut visit: impl FnMut(TwinId) -> bool) {
         let kids = |id: &TwinId| self.children.get(id).map(|k| k.iter());
-        let mut out = Vec::new();
         let mut stack = vec![(root, kids(&root))];
         while let Some((id, next)) = stack.last_mut() {
-            if out.len() == max {
-                break;
-            }
             match next.as_mut().and_then(Iterator::next) {
                 Some(k) => stack.push((*k, kids(k))),
                 None => {
-                    out.push(*id);
+                    if !visit(*id) {
+                        return;
+                    }
                     stack.pop();
                 }
             }
         }
+    }
+
+    /// Up to `max` twins of `root`'s subtree, children before their parents, `root` last
+    /// when the whole subtree fits.
+    fn leaves_first(&self, root: TwinId, max: usize) -> Vec<TwinId> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return out;
+        }
+        self.walk_leaves_first(root, |id| {
+            out.push(id);
+            out.len() < max
+        });
         out
     }
 
     /// How many twins are under `root` (counted, not collected).
     fn count_descendants(&self, root: TwinId) -> usize {
-        let kids = |id: &TwinId| self.children.get(id).map(|k| k.iter());
         let mut n = 0;
-        let mut stack = vec![kids(&root)];
-        while let Some(next) = stack.last_mut() {
-            match next.as_mut().and_then(Iterator::next) {
-                Some(k) => {
-                    n += 1;
-                    stack.push(kids(k));
-                }
-                None => {
-                    stack.pop();
-                }
-            }
-        }
-        n
+        self.walk_leaves_first(root, |_| {
+            n += 1;
+            true
+        });
+        n - 1
     }
 
     /// The twins under `root`, or `None` when there are more than `max`.
@@ -915,14 +916,14 @@ impl Registry {
         // A small subtree is gathered and read in id order; a big one (a building of a
         // million machines) is not copied for every page: the candidates are then every
         // twin (of the type), each checked by walking up from it.
-        let mut subtree = q
+        let subtree = q
             .ancestor_id
             .filter(|_| q.parent_id.is_none())
             .map(|a| idx.descendants_upto(a, query::MAX_SUBTREE_GATHERED));
         let big_subtree = matches!(subtree, Some(None));
         let source: &BTreeSet<TwinId> = if let Some(p) = q.parent_id {
             idx.children.get(&p).unwrap_or(&empty)
-        } else if let Some(d) = subtree.take().flatten() {
+        } else if let Some(Some(d)) = subtree {
             descendants = d.into_iter().collect();
             &descendants
         } else if let Some(et) = &q.entity_type {
@@ -1038,20 +1039,13 @@ impl Registry {
             return;
         }
         let started = std::time::Instant::now();
-        // The values of the new indexes' properties of `b`, a twin of `entity_type`, as
-        // `(property, value)`, or nothing for a twin of another type.
-        let values_of = |b: &[u8], f: &mut dyn FnMut(&Arc<str>, Option<Value>)| -> bool {
-            if !crate::types::compact::entity_type_is(b, entity_type) {
-                return false;
-            }
-            let Ok(props) = crate::types::compact::Props::of(b) else {
-                return false;
-            };
-            for p in &fresh {
-                f(p, props.get(p));
-            }
-            true
-        };
+        // The properties of `b` when it is a twin of `entity_type`.
+        fn typed<'b>(b: &'b [u8], et: &str) -> Option<crate::types::compact::Props<'b>> {
+            use crate::types::compact;
+            compact::entity_type_is(b, et)
+                .then(|| compact::Props::of(b).ok())
+                .flatten()
+        }
         let mut twins = 0;
         if alone {
             // Every twin in the map's memory order (a lookup per id, in id order, missed the
@@ -1061,14 +1055,15 @@ impl Registry {
                 .map(|_| range_index::Gathered::with_capacity(room))
                 .collect();
             self.inner.twins.for_each(|id, b| {
-                let mut at = 0;
-                let mut add = |_: &Arc<str>, v: Option<Value>| {
-                    if let Some(k) = v.as_ref().and_then(range_index::Key::of) {
-                        gathered[at].push((k, *id));
-                    }
-                    at += 1;
+                let Some(props) = typed(b, entity_type) else {
+                    return;
                 };
-                twins += usize::from(values_of(b, &mut add));
+                twins += 1;
+                for (p, all) in fresh.iter().zip(&mut gathered) {
+                    if let Some(k) = props.get(p).as_ref().and_then(range_index::Key::of) {
+                        all.push((k, *id));
+                    }
+                }
             });
             for (p, all) in fresh.iter().zip(gathered) {
                 ranges.fill_all(entity_type, p, all);
@@ -1086,10 +1081,13 @@ impl Registry {
                 // Read and added under the twin's shard lock, so no write of it comes
                 // between.
                 self.inner.twins.with(id, |b| {
-                    let mut add = |p: &Arc<str>, v: Option<Value>| {
-                        ranges.fill(entity_type, p, *id, v.as_ref())
+                    let Some(props) = typed(b, entity_type) else {
+                        return;
                     };
-                    twins += usize::from(values_of(b, &mut add));
+                    twins += 1;
+                    for p in &fresh {
+                        ranges.fill(entity_type, p, *id, props.get(p).as_ref());
+                    }
                 });
             }
         }

@@ -213,14 +213,8 @@ impl Query {
 }
 
 impl Query {
-    /// [`Query::matches`] on a twin's compact blob, decoding only the properties the query
-    /// names; with `check_type` false, [`Query::matches_props`].
-    pub fn matches_compact(&self, b: &[u8], check_type: bool) -> bool {
-        self.matcher().matches(b, check_type)
-    }
-
-    /// The query's conditions ready to check many twins: the interned numbers of the names
-    /// it compares are looked up once, not once per twin.
+    /// [`Query::matches`] for compact twins, ready to check many: the interned numbers of
+    /// the names it compares are looked up once, not once per twin.
     pub fn matcher(&self) -> Matcher<'_> {
         use crate::types::intern;
         Matcher {
@@ -247,8 +241,9 @@ pub struct Matcher<'q> {
 }
 
 impl Matcher<'_> {
-    /// Whether compact twin `b` matches the query's filters (its entity type only when
-    /// `check_type`: a caller reading the type's index knows it already).
+    /// Whether compact twin `b` matches the query's filters, decoding only the properties
+    /// the query names (its entity type only when `check_type`: a caller reading the type's
+    /// index knows it already; without it, [`Query::matches_props`]).
     pub fn matches(&self, b: &[u8], check_type: bool) -> bool {
         use crate::types::compact;
         if let Some(p) = self.q.parent_id {

@@ -323,13 +323,13 @@ impl Store {
         self.journal.lock().files.clone()
     }
 
-    /// The twin files the manifest names now.
     /// How many records the twin files hold (what a load may read at most, before it has
     /// read them: to size its lists once).
     pub fn stored_twin_records(&self) -> Result<u64, StoreError> {
         Ok(twin_files::Manifest::stored(&self.db, keys::META_TWIN_FILES)?.records)
     }
 
+    /// The twin files the manifest names now.
     pub fn twin_files(&self) -> twin_files::Manifest {
         self.manifest.lock().clone()
     }

@@ -288,7 +288,7 @@ pub fn transcode(b: &[u8], to: Names, out: &mut Vec<u8>) -> R<()> {
     let h = t.r.head()?;
     t.name()?; // entity type
     t.r.varint()?; // version
-    t.r.times(h.flags)?;
+    t.r.skip_times(h.flags)?;
     if h.flags & F_DELETED != 0 {
         t.r.varint()?;
     }
