@@ -80,6 +80,24 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
         hook,
     } = c;
     lower_priority();
+    // The history journal is folded into sled on a thread of its own: a fold of millions of
+    // samples takes a minute, and checkpoints go on meanwhile.
+    let (fold_tx, fold_rx) = std::sync::mpsc::sync_channel::<u64>(1);
+    let stop: Arc<std::sync::OnceLock<Instant>> = Arc::default();
+    let folder = {
+        let f = Folder {
+            db: db.clone(),
+            history_dir: history_dir.clone(),
+            journal: journal.clone(),
+            source: source.clone(),
+            pending: pending.clone(),
+            stop: stop.clone(),
+        };
+        std::thread::Builder::new()
+            .name("twinhost-fold".into())
+            .spawn(move || folder(f, fold_rx))
+            .expect("spawning the history fold thread")
+    };
     // A failed checkpoint's changes exist only in the log segments it covers; they are
     // carried into the next checkpoint, and no segment is deleted until one succeeds.
     let mut carry: Option<Checkpoint> = None;
@@ -102,20 +120,10 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
             history_dir: &history_dir,
             journal: &journal,
         };
-        match hooked.and_then(|()| write_checkpoint(&db, &files, source.as_ref(), &ck)) {
+        match hooked.and_then(|()| write_checkpoint(&db, &files, source.as_ref(), &pending, &ck))
+        {
             Ok(()) => {
                 let written_ms = started.elapsed().as_millis() as u64;
-                {
-                    // Journaled now: readable from memory until the fold.
-                    let mut p = pending.lock();
-                    let maps = std::mem::take(&mut p.checkpointing);
-                    let n: usize = maps.iter().flat_map(|m| m.values()).map(Vec::len).sum();
-                    if n > 0 {
-                        p.journaled.extend(maps);
-                        p.journaled_samples += n;
-                        p.journaled_since.get_or_insert_with(Instant::now);
-                    }
-                }
                 let t_wal = Instant::now();
                 if let Err(e) = wal::remove_upto(&wal_dir, ck.upto) {
                     tracing::warn!(error = %e, "could not remove checkpointed log segments");
@@ -145,23 +153,26 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
                     wal_ms,
                     "checkpoint"
                 );
-                let fold_due = {
+                let (fold_due, over) = {
                     let p = pending.lock();
-                    p.journaled_samples >= journal::FOLD_SAMPLES
-                        || p.journaled_since.is_some_and(|t| t.elapsed() >= fold_every)
+                    (
+                        p.journaled_samples >= journal::FOLD_SAMPLES
+                            || p.journaled_since.is_some_and(|t| t.elapsed() >= fold_every),
+                        p.journaled_samples >= journal::MAX_JOURNALED,
+                    )
                 };
-                if fold_due {
-                    let folded = Instant::now();
-                    match fold(&db, &files, source.as_ref(), &pending, ck.upto) {
-                        Ok(n) => tracing::debug!(
-                            samples = n,
-                            ms = folded.elapsed().as_millis() as u64,
-                            "history journal folded"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "folding the history journal failed; retried after the next checkpoint")
-                        }
-                    }
+                if over {
+                    // The fold fell behind: wait until it takes this request (it finishes the
+                    // one in progress first), so the journal held in memory stays bounded.
+                    let waited = Instant::now();
+                    let _ = fold_tx.send(ck.upto);
+                    tracing::debug!(
+                        ms = waited.elapsed().as_millis() as u64,
+                        "checkpoint waited for the history fold"
+                    );
+                } else if fold_due {
+                    // At most one fold waits behind the one running.
+                    let _ = fold_tx.try_send(ck.upto);
                 }
             }
             Err(e) => {
@@ -170,6 +181,57 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
             }
         }
         busy.store(false, Ordering::Release);
+    }
+    // Stopping: a fold asked for (the last checkpoint's) or in progress gets a moment to
+    // finish; what it leaves stays in the journal, read back at the next start.
+    let _ = stop.set(Instant::now() + STOP_FOLD_GRACE);
+    drop(fold_tx);
+    let _ = folder.join();
+}
+
+/// How long a clean stop lets a history fold go on before leaving the rest in the journal.
+const STOP_FOLD_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What the fold thread works with.
+struct Folder {
+    db: sled::Db,
+    history_dir: PathBuf,
+    journal: Arc<parking_lot::Mutex<Manifest>>,
+    source: Arc<dyn StateSource>,
+    pending: Arc<parking_lot::Mutex<PendingHistory>>,
+    /// Set when the store stops: a fold still going at this time gives up.
+    stop: Arc<std::sync::OnceLock<Instant>>,
+}
+
+/// Folds the history journal each time the checkpoint thread asks (with the log position the
+/// chunks are keyed with), until the checkpoint thread goes.
+fn folder(f: Folder, rx: std::sync::mpsc::Receiver<u64>) {
+    lower_priority();
+    let give_up = || f.stop.get().is_some_and(|at| Instant::now() >= *at);
+    for seq in rx {
+        let started = Instant::now();
+        match fold(
+            &f.db,
+            &f.history_dir,
+            &f.journal,
+            f.source.as_ref(),
+            &f.pending,
+            seq,
+            &give_up,
+        ) {
+            Ok(Some(n)) => tracing::debug!(
+                samples = n,
+                ms = started.elapsed().as_millis() as u64,
+                "history journal folded"
+            ),
+            Ok(None) => tracing::info!(
+                ms = started.elapsed().as_millis() as u64,
+                "stopping: the history fold in progress was left for the next start (its samples stay in the journal)"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "folding the history journal failed; retried after the next checkpoint")
+            }
+        }
     }
 }
 
@@ -264,6 +326,7 @@ fn write_checkpoint(
     db: &sled::Db,
     files: &Files<'_>,
     source: &dyn StateSource,
+    pending: &parking_lot::Mutex<PendingHistory>,
     ck: &Checkpoint,
 ) -> Result<(), StoreError> {
     // Stage raw changes in order so a prefix delete also removes keys put earlier in it.
@@ -309,9 +372,13 @@ fn write_checkpoint(
     };
     let twins_ms = t0.elapsed().as_millis() as u64;
     // The history samples it covers, into the journal (folded into sled's chunks later).
+    // The journal's manifest is held from here until it is published with the samples it
+    // names moved to `journaled`: the fold thread, which removes the files it folded from the
+    // same manifest, sees either both or neither.
     let t_journal = Instant::now();
+    let mut journal_guard = files.journal.lock();
     let journal_manifest = {
-        let mut m = files.journal.lock().clone();
+        let mut m = journal_guard.clone();
         let name = journal::name(m.next);
         match journal::write(files.history_dir, &name, &ck.points, |id| {
             present.contains(id)
@@ -341,8 +408,20 @@ fn write_checkpoint(
     }
     let history_ms = t1.elapsed().as_millis() as u64;
     if let Some(m) = journal_manifest {
-        *files.journal.lock() = m;
+        *journal_guard = m;
     }
+    {
+        // Journaled now: readable from memory until the fold.
+        let mut p = pending.lock();
+        let maps = std::mem::take(&mut p.checkpointing);
+        let n: usize = maps.iter().flat_map(|m| m.values()).map(Vec::len).sum();
+        if n > 0 {
+            p.journaled.extend(maps);
+            p.journaled_samples += n;
+            p.journaled_since.get_or_insert_with(Instant::now);
+        }
+    }
+    drop(journal_guard);
     if let Some(m) = manifest {
         let compacted = m.files.len() == 1;
         *files.manifest.lock() = m.clone();
@@ -363,22 +442,38 @@ fn write_checkpoint(
 }
 
 /// Fold the journaled history samples into sled's chunks (one per series for the whole
-/// span, keyed with `seq`), then drop the journal files. Returns the samples folded.
+/// span, keyed with `seq`), then drop the journal files they came from. Returns the samples
+/// folded, or `None` when `give_up` said to stop first (the journal is then left as it was:
+/// chunks already written are written again by the next fold, and readers return identical
+/// samples once).
+///
+/// Checkpoints go on meanwhile and add journal files and samples: the fold takes the files
+/// and the samples journaled when it starts, together (checkpoints publish both under the
+/// journal's lock), and at the end removes only those.
 fn fold(
     db: &sled::Db,
-    files: &Files<'_>,
+    history_dir: &std::path::Path,
+    journal: &parking_lot::Mutex<Manifest>,
     source: &dyn StateSource,
     pending: &parking_lot::Mutex<PendingHistory>,
     seq: u64,
-) -> Result<usize, StoreError> {
-    let (maps, deleted) = {
+    give_up: &dyn Fn() -> bool,
+) -> Result<Option<usize>, StoreError> {
+    let (folding, maps, deleted) = {
+        let j = journal.lock();
         let p = pending.lock();
-        (p.journaled.clone(), p.journal_deleted.clone())
+        (j.files.clone(), p.journaled.clone(), p.journal_deleted.clone())
     };
+    if maps.is_empty() && folding.is_empty() {
+        return Ok(Some(0));
+    }
     let chunks = journal::chunks(&maps, seq, |id| {
         !deleted.contains(id) && source.contains(id)
     });
     for part in chunks.chunks(FOLD_BATCH) {
+        if give_up() {
+            return Ok(None);
+        }
         let mut b = sled::Batch::default();
         for (k, v) in part {
             b.insert(&k[..], &v[..]);
@@ -386,31 +481,235 @@ fn fold(
         db.apply_batch(b)?;
     }
     drop(chunks);
-    let mut m = files.journal.lock().clone();
-    let old = std::mem::take(&mut m.files);
-    m.records = 0;
-    db.insert(keys::META_HISTORY_FILES, m.encode())?;
+    let samples: usize = maps.iter().flat_map(|m| m.values()).map(Vec::len).sum();
+    {
+        let mut j = journal.lock();
+        let mut m = j.clone();
+        // Checkpoints only append to the list: the files folded are still its head.
+        debug_assert!(m.files.starts_with(&folding));
+        m.files.drain(..folding.len().min(m.files.len()));
+        m.records = m.records.saturating_sub(samples as u64);
+        db.insert(keys::META_HISTORY_FILES, m.encode())?;
+        *j = m;
+    }
+    // The files go only once a manifest without them is durable.
     db.flush()?;
-    *files.journal.lock() = m;
-    for name in old {
-        if let Err(e) = std::fs::remove_file(files.history_dir.join(&name)) {
+    for name in folding {
+        if let Err(e) = std::fs::remove_file(history_dir.join(&name)) {
             tracing::warn!(error = %e, file = name, "could not remove a folded history journal file");
         }
     }
     let mut p = pending.lock();
     p.journaled.drain(..maps.len());
-    p.journaled_samples = p
-        .journaled
-        .iter()
-        .flat_map(|m| m.values())
-        .map(Vec::len)
-        .sum();
-    p.journal_deleted.clear();
-    p.journaled_since = None;
-    Ok(maps.iter().flat_map(|m| m.values()).map(Vec::len).sum())
+    p.journaled_samples = p.journaled_samples.saturating_sub(samples);
+    let PendingHistory {
+        journaled,
+        checkpointing,
+        journal_deleted,
+        journaled_since,
+        ..
+    } = &mut *p;
+    // A deleted twin stays hidden while samples of it may still be journaled.
+    journal_deleted.retain(|id| {
+        journaled
+            .iter()
+            .chain(checkpointing.iter())
+            .any(|m| m.contains_key(id))
+    });
+    *journaled_since = (!journaled.is_empty()).then(Instant::now);
+    Ok(Some(samples))
 }
 
 /// History chunks per sled batch when the journal is folded. Small: sled holds a lock that
 /// stops every other write to the store while it applies a batch (20,000 chunks held it for
 /// ~400 ms at a million twins, and a peer's merge, which writes its cursor, waited).
 const FOLD_BATCH: usize = 500;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every twin exists.
+    struct AllTwins;
+
+    impl StateSource for AllTwins {
+        fn twin_bytes(&self, _: &TwinId) -> Option<Vec<u8>> {
+            None
+        }
+        fn contains(&self, _: &TwinId) -> bool {
+            true
+        }
+        fn twin_count(&self) -> usize {
+            0
+        }
+        fn twin_ids(&self) -> Vec<TwinId> {
+            Vec::new()
+        }
+    }
+
+    /// A journal of one file per map, in `dir`, named from number 1, with a manifest.
+    fn journaled(dir: &std::path::Path, maps: &[SeriesMap], first: u64) -> Vec<String> {
+        maps.iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let name = journal::name(first + i as u64);
+                let (w, _) = journal::write(dir, &name, &[Arc::new(m.clone())], |_| true)
+                    .unwrap()
+                    .unwrap();
+                w.finish().unwrap();
+                name
+            })
+            .collect()
+    }
+
+    fn samples(id: TwinId, n: usize) -> SeriesMap {
+        let t: Arc<str> = Arc::from("temperature");
+        let mut m = SeriesMap::default();
+        m.insert(id, (0..n).map(|i| (t.clone(), i as i64, i as f64)).collect());
+        m
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        db: sled::Db,
+        history: PathBuf,
+        journal: parking_lot::Mutex<Manifest>,
+        pending: parking_lot::Mutex<PendingHistory>,
+    }
+
+    /// A store with `maps` journaled, one file each.
+    fn fixture(maps: &[SeriesMap]) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let history = dir.path().join("history");
+        std::fs::create_dir_all(&history).unwrap();
+        let files = journaled(&history, maps, 1);
+        let journal = parking_lot::Mutex::new(Manifest {
+            next: files.len() as u64 + 1,
+            files,
+            ..Default::default()
+        });
+        let pending = parking_lot::Mutex::new(PendingHistory {
+            journaled: maps.iter().cloned().map(Arc::new).collect(),
+            journaled_samples: maps.iter().flat_map(|m| m.values()).map(Vec::len).sum(),
+            journaled_since: Some(Instant::now()),
+            ..Default::default()
+        });
+        Fixture {
+            _dir: dir,
+            db,
+            history,
+            journal,
+            pending,
+        }
+    }
+
+    fn chunks_in_sled(db: &sled::Db) -> usize {
+        db.scan_prefix([keys::HISTORY]).count()
+    }
+
+    /// A checkpoint that journals a file while a fold runs keeps its file and samples: the
+    /// fold removes only what it folded.
+    #[test]
+    fn a_fold_keeps_what_a_checkpoint_journals_meanwhile() {
+        let (a, b, c) = (TwinId::new_v7(), TwinId::new_v7(), TwinId::new_v7());
+        let f = fixture(&[samples(a, 3), samples(b, 2)]);
+        let (first, second) = {
+            let j = f.journal.lock();
+            (j.files[0].clone(), j.files[1].clone())
+        };
+        let later = samples(c, 4);
+        let checkpointed = std::cell::Cell::new(false);
+        // Called between the fold's sled batches: the first call journals one more file, as a
+        // checkpoint would (file, manifest and samples under the journal's lock).
+        let meanwhile = || {
+            if !checkpointed.replace(true) {
+                let mut j = f.journal.lock();
+                let name = journaled(&f.history, std::slice::from_ref(&later), j.next).remove(0);
+                j.files.push(name);
+                j.next += 1;
+                let mut p = f.pending.lock();
+                p.journaled.push(Arc::new(later.clone()));
+                p.journaled_samples += 4;
+            }
+            false
+        };
+        let folded = fold(
+            &f.db,
+            &f.history,
+            &f.journal,
+            &AllTwins,
+            &f.pending,
+            9,
+            &meanwhile,
+        )
+        .unwrap();
+        assert_eq!(folded, Some(5), "the samples journaled when it started");
+        assert!(checkpointed.get());
+        assert_eq!(chunks_in_sled(&f.db), 2, "one chunk per series it folded");
+        let j = f.journal.lock().clone();
+        assert_eq!(j.files, vec![journal::name(3)], "only the later file is left");
+        assert_eq!(
+            Manifest::stored(&f.db, keys::META_HISTORY_FILES).unwrap().files,
+            j.files,
+            "and that is what sled holds"
+        );
+        assert!(!f.history.join(&first).exists() && !f.history.join(&second).exists());
+        assert!(f.history.join(journal::name(3)).exists());
+        let p = f.pending.lock();
+        assert_eq!(p.journaled.len(), 1);
+        assert_eq!(*p.journaled[0], later);
+        assert_eq!(p.journaled_samples, 4);
+        assert!(p.journaled_since.is_some(), "samples are still journaled");
+    }
+
+    /// A fold told to give up (the store is stopping) leaves the journal as it was: its
+    /// files, its manifest and the samples readable from memory.
+    #[test]
+    fn a_fold_that_gives_up_leaves_the_journal_whole() {
+        let (a, b) = (TwinId::new_v7(), TwinId::new_v7());
+        let f = fixture(&[samples(a, 3), samples(b, 2)]);
+        let before = f.journal.lock().clone();
+        let folded = fold(
+            &f.db,
+            &f.history,
+            &f.journal,
+            &AllTwins,
+            &f.pending,
+            9,
+            &|| true,
+        )
+        .unwrap();
+        assert_eq!(folded, None);
+        assert_eq!(*f.journal.lock(), before);
+        assert!(before.files.iter().all(|n| f.history.join(n).exists()));
+        let p = f.pending.lock();
+        assert_eq!(p.journaled.len(), 2);
+        assert_eq!(p.journaled_samples, 5);
+        drop(p);
+        // The next fold takes all of it.
+        assert_eq!(
+            fold(&f.db, &f.history, &f.journal, &AllTwins, &f.pending, 9, &|| false).unwrap(),
+            Some(5)
+        );
+        assert!(f.journal.lock().files.is_empty());
+        assert!(f.pending.lock().journaled.is_empty());
+        assert!(f.pending.lock().journaled_since.is_none());
+    }
+
+    /// A deleted twin stays hidden while samples of it are still journaled, and is forgotten
+    /// once none are.
+    #[test]
+    fn a_deleted_twin_is_forgotten_only_when_none_of_its_samples_are_left() {
+        let (a, b) = (TwinId::new_v7(), TwinId::new_v7());
+        let f = fixture(&[samples(a, 3)]);
+        f.pending.lock().journal_deleted.extend([a, b]);
+        // b's samples are on their way to the journal with a checkpoint.
+        f.pending.lock().checkpointing.push(Arc::new(samples(b, 1)));
+        fold(&f.db, &f.history, &f.journal, &AllTwins, &f.pending, 9, &|| false).unwrap();
+        let p = f.pending.lock();
+        assert!(!p.journal_deleted.contains(&a));
+        assert!(p.journal_deleted.contains(&b));
+        assert_eq!(chunks_in_sled(&f.db), 0, "a deleted twin's samples are not folded");
+    }
+}

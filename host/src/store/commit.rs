@@ -568,7 +568,8 @@ fn publish_points(pending: &parking_lot::Mutex<PendingHistory>, batch: &mut Batc
         if let Some(gone) = p.current.remove(&id) {
             p.current_samples -= gone.len();
         }
-        if !p.journaled.is_empty() {
+        // Its samples may be journaled, or be on their way there with a checkpoint.
+        if !p.journaled.is_empty() || !p.checkpointing.is_empty() {
             p.journal_deleted.insert(id);
         }
     }

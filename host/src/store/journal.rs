@@ -1,9 +1,12 @@
 //! The history journal: each checkpoint writes the history samples it covers into one file
 //! under `<data-dir>/history/` (a twin file's layout: one record per twin holding its
 //! samples), and the samples stay readable in memory ([`super::PendingHistory`]). Every
-//! [`FOLD_EVERY`], or once [`FOLD_SAMPLES`] samples are journaled, the checkpoint thread folds
+//! [`FOLD_EVERY`], or once [`FOLD_SAMPLES`] samples are journaled, a thread of its own folds
 //! them into sled's history chunks — one chunk per series for the whole span — and drops the
-//! journal files.
+//! journal files. Checkpoints go on during a fold (a fold of 5M samples took 77 s, and
+//! checkpoints waiting for it stopped every write at 8M pending samples); they wait for it
+//! only past [`MAX_JOURNALED`] samples, which bounds the memory the journal holds. A clean
+//! stop gives a fold in progress two seconds, then leaves the rest in the journal.
 //!
 //! Why: a checkpoint used to insert one sled key per series it covered, and sled's cost is
 //! per key (it copies a 16-entry leaf on each insert). A fleet of 100K twins with 2 numeric
@@ -34,6 +37,9 @@ pub const EXT: &str = ".history";
 pub const FOLD_EVERY: Duration = Duration::from_secs(30);
 /// …or once this many are journaled (they are held in memory until then: ~40 bytes each).
 pub const FOLD_SAMPLES: usize = 4_000_000;
+/// Checkpoints wait for the fold once this many samples are journaled and not folded yet
+/// (the fold runs beside the checkpoints and may fall behind a burst of new twins).
+pub const MAX_JOURNALED: usize = 2 * FOLD_SAMPLES;
 
 /// The name of journal file number `n`.
 pub fn name(n: u64) -> String {
@@ -187,6 +193,9 @@ pub fn chunks(
             out.push((key, val));
         }
     }
+    // In key order: sled inserts keys in order twice as fast as in a hash map's order
+    // (2M chunks: 4.2 µs each against 8.7 µs).
+    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
