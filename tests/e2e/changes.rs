@@ -86,7 +86,7 @@ async fn a_format_1_directory_is_upgraded_in_place() {
     let mut s = Server::start_from(unpack_v1, Some(FIXTURE_NODE), &[]);
     assert!(
         s.log()
-            .contains("upgrading the data directory from format 1 to 6"),
+            .contains("upgrading the data directory from format 1 to 7"),
         "{}",
         crate::common::tail(&s.log(), 20)
     );
@@ -417,6 +417,12 @@ fn unpack_v5(dir: &Path) {
     unpack("v5-data.tar.gz", dir);
 }
 
+/// The format-6 fixture (`make-v6-data.sh`): the same steps, written by the last build of
+/// format 6.
+fn unpack_v6(dir: &Path) {
+    unpack("v6-data.tar.gz", dir);
+}
+
 fn unpack(name: &str, dir: &Path) {
     let fixture = format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     let st = Command::new("tar")
@@ -507,11 +513,59 @@ async fn a_format_5_directory_with_the_older_compact_layout_still_opens() {
     an_older_directory_opens(5, unpack_v5).await;
 }
 
+/// The same for format 6 (history folded into a sled key per series; this directory's
+/// history is in its journal, which format 7 folds into blocks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_6_directory_opens_and_its_history_folds_into_blocks() {
+    an_older_directory_opens(6, unpack_v6).await;
+    // Folded at every checkpoint: the journal's samples go into history blocks, and are read
+    // from there, before and after a restart.
+    let mut s = Server::start_from(unpack_v6, Some("edge-2"), &["--history-fold-every", "0s"]);
+    let journal = s.data_dir.join("history");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_dir(&journal).unwrap().count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the journal was not folded: {}",
+            crate::common::tail(&s.log(), 20)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let temperatures = |h: &serde_json::Value| -> Vec<f64> {
+        h["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["value"].as_f64().unwrap())
+            .collect()
+    };
+    let path = format!("/v1/twins/{M1}/history/temperature");
+    assert_eq!(
+        temperatures(&s.get(&path).await.body),
+        vec![70.0, 71.0, 72.5, 73.0, 74.0]
+    );
+    s.patch(&format!("/v1/twins/{M1}"), &json!({"temperature": 75}))
+        .await
+        .expect(200);
+    s.stop().expect("clean stop");
+    s.restart();
+    assert_eq!(
+        temperatures(&s.get(&path).await.body),
+        vec![70.0, 71.0, 72.5, 73.0, 74.0, 75.0]
+    );
+    let two = s
+        .get(&format!(
+            "{path}?from=1970-01-01T00:00:00Z&to=2100-01-01T00:00:00Z"
+        ))
+        .await;
+    assert_eq!(temperatures(&two.body).len(), 6, "{}", two.text);
+}
+
 async fn an_older_directory_opens(format: u64, unpack: fn(&Path)) {
     let mut s = Server::start_from(unpack, Some("edge-2"), &[]);
     assert!(
         s.log().contains(&format!(
-            "upgrading the data directory from format {format} to 6"
+            "upgrading the data directory from format {format} to 7"
         )),
         "{}",
         crate::common::tail(&s.log(), 20)

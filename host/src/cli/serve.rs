@@ -52,9 +52,14 @@ pub struct ServeArgs {
     /// crash); under load each checkpoint waits at least twice as long as the last one took.
     #[arg(long, env = "TWINHOST_CHECKPOINT_EVERY", default_value = "2s", value_parser = humantime::parse_duration)]
     pub checkpoint_every: Duration,
-    /// Keep at most this many points per property series.
+    /// Keep at most this many points per property series (history written before store
+    /// format 7; newer history is bounded by `--history-max-age`).
     #[arg(long, env = "TWINHOST_HISTORY_MAX_POINTS", default_value_t = 100_000)]
     pub history_max_points: u64,
+    /// Fold the history journal into the store's history blocks at least this often (and
+    /// whenever 4M samples wait); until then its samples are held in memory.
+    #[arg(long, env = "TWINHOST_HISTORY_FOLD_EVERY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub history_fold_every: Duration,
     /// Events kept for resumption (in memory and persisted).
     #[arg(long, env = "TWINHOST_EVENT_TAIL", default_value_t = crate::events::log::DEFAULT_TAIL)]
     pub event_tail: usize,
@@ -102,6 +107,8 @@ pub const DEFAULT_CACHE_MB: u64 = crate::store::DEFAULT_CACHE_BYTES >> 20;
 pub struct StoreConfig {
     pub checkpoint_every: Duration,
     pub cache_bytes: u64,
+    /// How often the history journal is folded (`--history-fold-every`).
+    pub fold_every: Duration,
 }
 
 impl Default for StoreConfig {
@@ -109,6 +116,7 @@ impl Default for StoreConfig {
         StoreConfig {
             checkpoint_every: crate::store::commit::CHECKPOINT_EVERY,
             cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+            fold_every: crate::store::journal::FOLD_EVERY,
         }
     }
 }
@@ -170,7 +178,8 @@ pub async fn open_node(
                 data_dir.display()
             )
         })?
-        .with_checkpoint_every(store_config.checkpoint_every);
+        .with_checkpoint_every(store_config.checkpoint_every)
+        .with_fold_every(store_config.fold_every);
     let node_id = resolve_node_id(&store, node_id)?;
     let registry = Registry::open(&store, &node_id)?;
     let events = crate::events::EventLog::open(store.clone(), &registry, &node_id, event_log)?;
@@ -306,6 +315,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         StoreConfig {
             checkpoint_every: args.checkpoint_every,
             cache_bytes: args.cache_mb.saturating_mul(1 << 20),
+            fold_every: args.history_fold_every,
         },
         crate::events::LogConfig {
             tail: args.event_tail,

@@ -1,8 +1,9 @@
 //! Time-series history of numeric twin properties.
 //!
-//! Owns: reading history — sled's chunks (one packed chunk per series per checkpoint, keyed
-//! by series then time, written by the store's checkpoint thread) merged with the samples not
-//! yet checkpointed — with optional bucketing, and the retention sweep.
+//! Owns: reading history — sled's history blocks (a record per twin per fold of the history
+//! journal, see `store::blocks`), the older layout's chunks (one per series per fold, formats
+//! 1-6) and the samples not folded yet, merged — with optional bucketing, and the retention
+//! sweep.
 //! Exposes: [`History`]. Must never: write twin state; samples are recorded by the registry's
 //! write path alongside the change they come from.
 
@@ -12,7 +13,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::store::{keys, Store, StoreError};
+use crate::store::{blocks, keys, Store, StoreError};
 use crate::types::TwinId;
 
 /// Retention of history: a bound on age and on points per series, so it cannot grow without
@@ -96,8 +97,34 @@ impl History {
         let prefix = keys::history_series(id, property);
         // Samples still waiting for a checkpoint, read before sled: a checkpoint finishing
         // between the two reads then shows a sample twice (merged below), never not at all.
-        let mut out: Vec<(i64, f64)> = self.store.pending_history().lock().samples(*id, property);
+        let (mut out, folds) = {
+            let p = self.store.pending_history().lock();
+            (p.samples(*id, property), p.folds_within(lo, hi))
+        };
         out.retain(|(t, _)| *t >= lo && *t <= hi);
+        // History blocks: in each fold that may hold samples in range, the block that would
+        // hold this twin (the last one starting at or below its id).
+        for fold in folds {
+            let start = keys::history_fold_blocks(fold);
+            let mut end = keys::history_block(fold, id);
+            end.push(0);
+            let Some(kv) = self.store.range(&start, &end).next_back() else {
+                continue;
+            };
+            let (k, block) = kv?;
+            let corrupt = |reason: String| StoreError::Corrupt {
+                key: format!("history block {k:?}"),
+                reason,
+            };
+            if let Some(record) = blocks::find(&block, id).map_err(corrupt)? {
+                blocks::samples_of(record, property, |t, v| {
+                    if t >= lo && t <= hi {
+                        out.push((t, v));
+                    }
+                })
+                .map_err(corrupt)?;
+            }
+        }
         // Chunks are keyed by their first sample, so a chunk that starts after `hi` holds
         // nothing in range; earlier chunks may still reach into it.
         let mut end = prefix.clone();
@@ -163,7 +190,7 @@ impl History {
     /// chunks were removed.
     pub fn sweep(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
         let cutoff = now.timestamp_micros() - self.retention.max_age.as_micros() as i64;
-        let mut removed = 0u64;
+        let mut removed = self.sweep_folds(cutoff)?;
         let mut doomed = Vec::new();
         // Walk series by series (keys sort by series, then time).
         let mut series: Option<Vec<u8>> = None;
@@ -196,6 +223,46 @@ impl History {
         flush(&mut chunks, &mut doomed);
         removed += doomed.len() as u64;
         self.store.remove_keys(doomed)?;
+        Ok(removed)
+    }
+}
+
+impl History {
+    /// Retention of history blocks: a fold whose newest sample is older than `cutoff` goes
+    /// whole (its blocks, then its span). Returns how many blocks were removed. The bound on
+    /// points per series applies to the older layout's chunks only: a block holds a fold's
+    /// samples of many series, so the age bound is what limits them.
+    fn sweep_folds(&self, cutoff: i64) -> Result<u64, StoreError> {
+        let mut removed = 0u64;
+        let mut old = Vec::new();
+        for kv in self.store.scan_prefix(&[keys::HISTORY_FOLD]) {
+            let (k, v) = kv?;
+            let n = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
+            if let (Some(n), Some((_, last))) = (n, blocks::decode_span(&v)) {
+                if last < cutoff {
+                    old.push(n);
+                }
+            }
+        }
+        for n in old {
+            // Readers stop looking in it first; its blocks go in batches, its span last (a
+            // sweep stopped half way finds it again).
+            self.store.pending_history().lock().forget_fold(n);
+            let mut doomed = Vec::new();
+            for kv in self.store.scan_prefix(&keys::history_fold_blocks(n)) {
+                doomed.push(kv?.0);
+                if doomed.len() >= 10_000 {
+                    removed += doomed.len() as u64;
+                    self.store.remove_keys(doomed.drain(..))?;
+                }
+            }
+            removed += doomed.len() as u64;
+            doomed.push(keys::history_fold(n).into());
+            self.store.remove_keys(doomed)?;
+        }
         Ok(removed)
     }
 }
@@ -264,5 +331,77 @@ mod tests {
         assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 10);
         assert_eq!(buckets[0].min, 0.0);
         assert_eq!(buckets.last().unwrap().max, 9.0);
+    }
+
+    /// History blocks and the older layout's chunks are read together; a fold's blocks go
+    /// whole once its newest sample is past the age bound.
+    #[test]
+    fn blocks_and_older_chunks_read_together_and_old_folds_are_swept() {
+        use crate::store::blocks::{encode_span, BlockWriter};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let now = Utc::now();
+        let us = now.timestamp_micros();
+        let hour = 3_600_000_000i64;
+        let t: Arc<str> = Arc::from("t");
+        let mut ids: Vec<TwinId> = (0..600).map(|_| TwinId::new_v7()).collect();
+        ids.sort();
+        let (a, b) = (ids[0], ids[599]);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            // The older layout: a chunk of a, 3 hours old.
+            chunk(&store, &a, "t", us - 3 * hour, 2, 1);
+            // Fold 1, two days old, and fold 2, an hour old: 600 twins in 3 blocks each.
+            for (fold, at) in [(1u64, us - 48 * hour), (2, us - hour)] {
+                let mut w = BlockWriter::default();
+                let mut keys_written = 0;
+                for (i, id) in ids.iter().enumerate() {
+                    let s = [(t.clone(), at, i as f64), (t.clone(), at + 1, -(i as f64))];
+                    w.push(id, &s.iter().collect::<Vec<_>>());
+                    if w.full() || i == ids.len() - 1 {
+                        let (first, bytes) = w.take().unwrap();
+                        store
+                            .put_durable(&keys::history_block(fold, &first), &bytes)
+                            .unwrap();
+                        keys_written += 1;
+                    }
+                }
+                assert_eq!(keys_written, 3);
+                store
+                    .put_durable(&keys::history_fold(fold), &encode_span((at, at + 1)))
+                    .unwrap();
+            }
+        }
+        // Reopened: the folds are known from their spans.
+        let store = Store::open(dir.path()).unwrap();
+        let h = History::new(store, Retention::default());
+        let values = |id: &TwinId, from: Option<i64>| -> Vec<f64> {
+            h.points(id, "t", from.map(micros_to_time), None)
+                .unwrap()
+                .iter()
+                .map(|s| s.value)
+                .collect()
+        };
+        // a: fold 1, the older chunk, fold 2 (in time order); b: the last twin of a block.
+        assert_eq!(values(&a, None), vec![0.0, -0.0, 0.0, 1.0, 0.0, -0.0]);
+        assert_eq!(values(&b, None), vec![599.0, -599.0, 599.0, -599.0]);
+        assert_eq!(values(&ids[300], Some(us - 2 * hour)), vec![300.0, -300.0]);
+        assert!(
+            values(&TwinId::new_v7(), None).is_empty(),
+            "a twin no block holds"
+        );
+        assert!(h.points(&a, "other", None, None).unwrap().is_empty());
+        // A day's retention: fold 1's three blocks go, the rest stays.
+        let h = History::new(
+            h.store.clone(),
+            Retention {
+                max_age: Duration::from_secs(24 * 3600),
+                max_points_per_series: 100,
+            },
+        );
+        assert_eq!(h.sweep(now).unwrap(), 3);
+        assert_eq!(values(&a, None), vec![0.0, 1.0, 0.0, -0.0]);
+        assert_eq!(values(&b, None), vec![599.0, -599.0]);
+        assert_eq!(h.store.scan_prefix(&[keys::HISTORY_FOLD]).count(), 1);
     }
 }

@@ -84,9 +84,26 @@ pub struct PendingHistory {
     pub(super) journaled_since: Option<std::time::Instant>,
     /// Twins deleted since their samples were journaled: those samples are not read or folded.
     pub(super) journal_deleted: std::collections::HashSet<TwinId, FxBuildHasher>,
+    /// The folds in sled's history blocks ([`super::blocks`]), by number: the first and last
+    /// time of their samples (µs).
+    pub(super) folds: std::collections::BTreeMap<u64, (i64, i64)>,
 }
 
 impl PendingHistory {
+    /// The folds with samples in `[lo, hi]` (µs), oldest first.
+    pub fn folds_within(&self, lo: i64, hi: i64) -> Vec<u64> {
+        self.folds
+            .iter()
+            .filter(|(_, (first, last))| *first <= hi && *last >= lo)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Forget fold `n` (retention removed it).
+    pub fn forget_fold(&mut self, n: u64) {
+        self.folds.remove(&n);
+    }
+
     /// Samples not in sled's chunks yet, of one series (unordered).
     pub fn samples(&self, id: TwinId, property: &str) -> Vec<(i64, f64)> {
         let journaled = (!self.journal_deleted.contains(&id))

@@ -13,10 +13,10 @@ use std::time::Instant;
 
 use rustc_hash::FxBuildHasher;
 
-use super::batch::{KvOp, PendingHistory, SeriesMap};
+use super::batch::{KvOp, PendingHistory, Sample, SeriesMap};
 use super::commit::{CheckpointHook, CommitStats, StateSource};
-use super::journal;
 use super::twin_files::{self, FileWriter, Manifest};
+use super::{blocks, journal};
 use super::{keys, wal, StoreError};
 use crate::types::TwinId;
 
@@ -82,7 +82,7 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
     lower_priority();
     // The history journal is folded into sled on a thread of its own: a fold of millions of
     // samples takes a minute, and checkpoints go on meanwhile.
-    let (fold_tx, fold_rx) = std::sync::mpsc::sync_channel::<u64>(1);
+    let (fold_tx, fold_rx) = std::sync::mpsc::sync_channel::<()>(1);
     let stop: Arc<std::sync::OnceLock<Instant>> = Arc::default();
     let folder = {
         let f = Folder {
@@ -120,8 +120,7 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
             history_dir: &history_dir,
             journal: &journal,
         };
-        match hooked.and_then(|()| write_checkpoint(&db, &files, source.as_ref(), &pending, &ck))
-        {
+        match hooked.and_then(|()| write_checkpoint(&db, &files, source.as_ref(), &pending, &ck)) {
             Ok(()) => {
                 let written_ms = started.elapsed().as_millis() as u64;
                 let t_wal = Instant::now();
@@ -165,14 +164,14 @@ pub(super) fn checkpointer(c: Checkpointer, rx: std::sync::mpsc::Receiver<Checkp
                     // The fold fell behind: wait until it takes this request (it finishes the
                     // one in progress first), so the journal held in memory stays bounded.
                     let waited = Instant::now();
-                    let _ = fold_tx.send(ck.upto);
+                    let _ = fold_tx.send(());
                     tracing::debug!(
                         ms = waited.elapsed().as_millis() as u64,
                         "checkpoint waited for the history fold"
                     );
                 } else if fold_due {
                     // At most one fold waits behind the one running.
-                    let _ = fold_tx.try_send(ck.upto);
+                    let _ = fold_tx.try_send(());
                 }
             }
             Err(e) => {
@@ -203,12 +202,12 @@ struct Folder {
     stop: Arc<std::sync::OnceLock<Instant>>,
 }
 
-/// Folds the history journal each time the checkpoint thread asks (with the log position the
-/// chunks are keyed with), until the checkpoint thread goes.
-fn folder(f: Folder, rx: std::sync::mpsc::Receiver<u64>) {
+/// Folds the history journal each time the checkpoint thread asks, until the checkpoint
+/// thread goes.
+fn folder(f: Folder, rx: std::sync::mpsc::Receiver<()>) {
     lower_priority();
     let give_up = || f.stop.get().is_some_and(|at| Instant::now() >= *at);
-    for seq in rx {
+    for () in rx {
         let started = Instant::now();
         match fold(
             &f.db,
@@ -216,7 +215,6 @@ fn folder(f: Folder, rx: std::sync::mpsc::Receiver<u64>) {
             &f.journal,
             f.source.as_ref(),
             &f.pending,
-            seq,
             &give_up,
         ) {
             Ok(Some(n)) => tracing::debug!(
@@ -441,8 +439,9 @@ fn write_checkpoint(
     Ok(())
 }
 
-/// Fold the journaled history samples into sled's chunks (one per series for the whole
-/// span, keyed with `seq`), then drop the journal files they came from. Returns the samples
+/// Fold the journaled history samples into sled's history blocks ([`blocks`]: the next fold
+/// number, each twin's samples of the whole span in one record), then drop the journal files
+/// they came from. Returns the samples
 /// folded, or `None` when `give_up` said to stop first (the journal is then left as it was:
 /// chunks already written are written again by the next fold, and readers return identical
 /// samples once).
@@ -456,43 +455,71 @@ fn fold(
     journal: &parking_lot::Mutex<Manifest>,
     source: &dyn StateSource,
     pending: &parking_lot::Mutex<PendingHistory>,
-    seq: u64,
     give_up: &dyn Fn() -> bool,
 ) -> Result<Option<usize>, StoreError> {
     let (folding, maps, deleted) = {
         let j = journal.lock();
         let p = pending.lock();
-        (j.files.clone(), p.journaled.clone(), p.journal_deleted.clone())
+        (
+            j.files.clone(),
+            p.journaled.clone(),
+            p.journal_deleted.clone(),
+        )
     };
     if maps.is_empty() && folding.is_empty() {
         return Ok(Some(0));
     }
-    // Made twin by twin in key order and written FOLD_BATCH at a time: a fold of 8M
-    // samples holds their twins' ids, not 8M chunks (which took about 1 GB).
-    let mut part = Vec::with_capacity(FOLD_BATCH + 16);
-    let write = |part: &mut Vec<(Vec<u8>, Vec<u8>)>| {
-        let mut b = sled::Batch::default();
-        for (k, v) in part.drain(..) {
-            b.insert(k, v);
-        }
-        db.apply_batch(b)
-    };
+    // The fold's number and span go first: retention finds its blocks by them, even if a
+    // crash stops the fold half way (the next fold then writes those samples again).
+    let span = maps
+        .iter()
+        .flat_map(|m| m.values())
+        .flatten()
+        .fold((i64::MAX, i64::MIN), |(lo, hi), s| {
+            (lo.min(s.1), hi.max(s.1))
+        });
+    let number = pending
+        .lock()
+        .folds
+        .last_key_value()
+        .map_or(1, |(n, _)| n + 1);
+    if span.0 <= span.1 {
+        db.insert(keys::history_fold(number), &blocks::encode_span(span))?;
+    }
+    // Blocks of twins in id order, made one at a time and written a few at a time: a fold of
+    // 8M samples holds their twins' ids and a batch of blocks, not every block at once.
+    let mut block = blocks::BlockWriter::default();
+    let mut batch = sled::Batch::default();
+    let mut in_batch = 0usize;
+    let mut samples: Vec<&Sample> = Vec::new();
     for id in journal::twins_in_order(&maps) {
         if deleted.contains(&id) || !source.contains(&id) {
             continue;
         }
-        journal::twin_chunks(&maps, &id, seq, &mut part);
-        if part.len() >= FOLD_BATCH {
-            if give_up() {
-                return Ok(None);
+        samples.clear();
+        samples.extend(maps.iter().filter_map(|m| m.get(&id)).flatten());
+        samples.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        block.push(&id, &samples);
+        if block.full() {
+            let (first, bytes) = block.take().expect("a full block");
+            in_batch += bytes.len();
+            batch.insert(keys::history_block(number, &first), bytes);
+            if in_batch >= FOLD_BATCH_BYTES {
+                if give_up() {
+                    return Ok(None);
+                }
+                db.apply_batch(std::mem::take(&mut batch))?;
+                in_batch = 0;
             }
-            write(&mut part)?;
         }
     }
     if give_up() {
         return Ok(None);
     }
-    write(&mut part)?;
+    if let Some((first, bytes)) = block.take() {
+        batch.insert(keys::history_block(number, &first), bytes);
+    }
+    db.apply_batch(batch)?;
     let samples: usize = maps.iter().flat_map(|m| m.values()).map(Vec::len).sum();
     {
         let mut j = journal.lock();
@@ -512,6 +539,9 @@ fn fold(
         }
     }
     let mut p = pending.lock();
+    if span.0 <= span.1 {
+        p.folds.insert(number, span);
+    }
     p.journaled.drain(..maps.len());
     p.journaled_samples = p.journaled_samples.saturating_sub(samples);
     let PendingHistory {
@@ -532,10 +562,10 @@ fn fold(
     Ok(Some(samples))
 }
 
-/// History chunks per sled batch when the journal is folded. Small: sled holds a lock that
-/// stops every other write to the store while it applies a batch (20,000 chunks held it for
-/// ~400 ms at a million twins, and a peer's merge, which writes its cursor, waited).
-const FOLD_BATCH: usize = 500;
+/// History block bytes per sled batch when the journal is folded. Small: sled holds a lock
+/// that stops every other write to the store while it applies a batch (20,000 series chunks
+/// held it for ~400 ms at a million twins, and a peer's merge, which writes its cursor, waited).
+const FOLD_BATCH_BYTES: usize = 512 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -577,7 +607,10 @@ mod tests {
     fn samples(id: TwinId, n: usize) -> SeriesMap {
         let t: Arc<str> = Arc::from("temperature");
         let mut m = SeriesMap::default();
-        m.insert(id, (0..n).map(|i| (t.clone(), i as i64, i as f64)).collect());
+        m.insert(
+            id,
+            (0..n).map(|i| (t.clone(), i as i64, i as f64)).collect(),
+        );
         m
     }
 
@@ -616,8 +649,8 @@ mod tests {
         }
     }
 
-    fn chunks_in_sled(db: &sled::Db) -> usize {
-        db.scan_prefix([keys::HISTORY]).count()
+    fn blocks_in_sled(db: &sled::Db) -> usize {
+        db.scan_prefix([keys::HISTORY_BLOCK]).count()
     }
 
     /// A checkpoint that journals a file while a fold runs keeps its file and samples: the
@@ -647,22 +680,31 @@ mod tests {
             false
         };
         let folded = fold(
-            &f.db,
-            &f.history,
-            &f.journal,
-            &AllTwins,
-            &f.pending,
-            9,
-            &meanwhile,
+            &f.db, &f.history, &f.journal, &AllTwins, &f.pending, &meanwhile,
         )
         .unwrap();
         assert_eq!(folded, Some(5), "the samples journaled when it started");
         assert!(checkpointed.get());
-        assert_eq!(chunks_in_sled(&f.db), 2, "one chunk per series it folded");
-        let j = f.journal.lock().clone();
-        assert_eq!(j.files, vec![journal::name(3)], "only the later file is left");
         assert_eq!(
-            Manifest::stored(&f.db, keys::META_HISTORY_FILES).unwrap().files,
+            blocks_in_sled(&f.db),
+            1,
+            "one block of the two twins it folded"
+        );
+        assert_eq!(
+            f.pending.lock().folds_within(0, 2),
+            vec![1],
+            "fold 1, samples at 0..2"
+        );
+        let j = f.journal.lock().clone();
+        assert_eq!(
+            j.files,
+            vec![journal::name(3)],
+            "only the later file is left"
+        );
+        assert_eq!(
+            Manifest::stored(&f.db, keys::META_HISTORY_FILES)
+                .unwrap()
+                .files,
             j.files,
             "and that is what sled holds"
         );
@@ -688,7 +730,6 @@ mod tests {
             &f.journal,
             &AllTwins,
             &f.pending,
-            9,
             &|| true,
         )
         .unwrap();
@@ -701,7 +742,15 @@ mod tests {
         drop(p);
         // The next fold takes all of it.
         assert_eq!(
-            fold(&f.db, &f.history, &f.journal, &AllTwins, &f.pending, 9, &|| false).unwrap(),
+            fold(
+                &f.db,
+                &f.history,
+                &f.journal,
+                &AllTwins,
+                &f.pending,
+                &|| false
+            )
+            .unwrap(),
             Some(5)
         );
         assert!(f.journal.lock().files.is_empty());
@@ -718,10 +767,22 @@ mod tests {
         f.pending.lock().journal_deleted.extend([a, b]);
         // b's samples are on their way to the journal with a checkpoint.
         f.pending.lock().checkpointing.push(Arc::new(samples(b, 1)));
-        fold(&f.db, &f.history, &f.journal, &AllTwins, &f.pending, 9, &|| false).unwrap();
+        fold(
+            &f.db,
+            &f.history,
+            &f.journal,
+            &AllTwins,
+            &f.pending,
+            &|| false,
+        )
+        .unwrap();
         let p = f.pending.lock();
         assert!(!p.journal_deleted.contains(&a));
         assert!(p.journal_deleted.contains(&b));
-        assert_eq!(chunks_in_sled(&f.db), 0, "a deleted twin's samples are not folded");
+        assert_eq!(
+            blocks_in_sled(&f.db),
+            0,
+            "a deleted twin's samples are not folded"
+        );
     }
 }

@@ -2,8 +2,8 @@
 //! under `<data-dir>/history/` (a twin file's layout: one record per twin holding its
 //! samples), and the samples stay readable in memory ([`super::PendingHistory`]). Every
 //! [`FOLD_EVERY`], or once [`FOLD_SAMPLES`] samples are journaled, a thread of its own folds
-//! them into sled's history chunks — one chunk per series for the whole span — and drops the
-//! journal files. Checkpoints go on during a fold (a fold of 5M samples took 77 s, and
+//! them into sled's history blocks ([`super::blocks`]: each twin's samples of the whole span
+//! in one record, 256 twins per key) and drops the journal files. Checkpoints go on during a fold (a fold of 5M samples took 77 s, and
 //! checkpoints waiting for it stopped every write at 8M pending samples); they wait for it
 //! only past [`MAX_JOURNALED`] samples, which bounds the memory the journal holds. A clean
 //! stop gives a fold in progress two seconds, then leaves the rest in the journal.
@@ -160,42 +160,12 @@ pub fn read(dir: &Path, manifest: &Manifest) -> Result<(Vec<Arc<SeriesMap>>, usi
     Ok((maps, total))
 }
 
-/// The twins with samples in `maps`, each once, in id order (the order of their history
-/// keys: sled inserts keys in order twice as fast as in a hash map's order, 2M chunks taking
-/// 4.2 µs each against 8.7 µs).
+/// The twins with samples in `maps`, each once, in id order (the order of history blocks).
 pub fn twins_in_order(maps: &[Arc<SeriesMap>]) -> Vec<TwinId> {
     let mut ids: Vec<TwinId> = maps.iter().flat_map(|m| m.keys().copied()).collect();
     ids.sort_unstable();
     ids.dedup();
     ids
-}
-
-/// Append the history chunks of twin `id` from journaled `maps` to `out`, in key order: one
-/// per series, its samples ordered by time, keyed by series, first sample time and `seq`.
-/// A fold makes them twin by twin, so it never holds more than a batch of chunks.
-pub fn twin_chunks(
-    maps: &[Arc<SeriesMap>],
-    id: &TwinId,
-    seq: u64,
-    out: &mut Vec<(Vec<u8>, Vec<u8>)>,
-) {
-    let mut samples: Vec<&Sample> = maps.iter().filter_map(|m| m.get(id)).flatten().collect();
-    // One chunk per property: group this twin's samples by name, each group by time.
-    samples.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
-    let first = out.len();
-    for group in samples.chunk_by(|a, b| a.0 == b.0) {
-        let mut key = super::keys::history_series(id, &group[0].0);
-        key.extend_from_slice(&super::keys::ts_bytes(group[0].1));
-        key.extend_from_slice(&seq.to_be_bytes());
-        let mut val = Vec::with_capacity(group.len() * 16);
-        for (_, ts, v) in group {
-            val.extend_from_slice(&ts.to_le_bytes());
-            val.extend_from_slice(&v.to_le_bytes());
-        }
-        out.push((key, val));
-    }
-    // Keys hold the name after its length: order them as sled will.
-    out[first..].sort_unstable_by(|a, b| a.0.cmp(&b.0));
 }
 
 #[cfg(test)]
@@ -227,13 +197,7 @@ mod tests {
         assert_eq!(maps[0][&a], m[&a]);
         assert!(!maps[0].contains_key(&b));
         assert!(!dir.path().join(name(2)).exists());
-        // Folded: one chunk per series, samples in time order, keys in order.
-        let mut chunks = Vec::new();
-        for id in twins_in_order(&maps) {
-            twin_chunks(&maps, &id, 7, &mut chunks);
-        }
-        assert_eq!(chunks.len(), 2);
-        assert!(chunks.is_sorted_by(|x, y| x.0 < y.0));
+        assert_eq!(twins_in_order(&maps), vec![a]);
         assert!(write(dir.path(), &name(3), &[], |_| true)
             .unwrap()
             .is_none());

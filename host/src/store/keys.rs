@@ -12,8 +12,15 @@ pub const MODEL: u8 = b'm';
 pub const REL: u8 = b'r';
 /// API tokens: `k` + sha256(token) hex → JSON token record.
 pub const TOKEN: u8 = b'k';
-/// History chunks: `h` + series + time + commit sequence → packed points.
+/// History chunks, formats 1-6: `h` + series + time + commit sequence → packed points. Still
+/// read (and swept) in format 7, which writes [`HISTORY_BLOCK`]s instead.
 pub const HISTORY: u8 = b'h';
+/// History blocks, format 7: `H` + fold number (8 bytes BE) + first twin id → the samples of
+/// up to 256 twins of one fold of the history journal (`store::blocks`).
+pub const HISTORY_BLOCK: u8 = b'H';
+/// History folds, format 7: `i` + fold number (8 bytes BE) → the first and last time of its
+/// samples (`store::blocks`).
+pub const HISTORY_FOLD: u8 = b'i';
 /// Module metadata: `w` + module name → JSON (versions, active version, limits).
 pub const MODULE: u8 = b'w';
 /// Module bytes as uploaded: `b` + sha256 hex → the component.
@@ -53,7 +60,12 @@ pub const TOMBSTONE: u8 = b'd';
 /// allocator's 128-byte class instead of 160). Blobs without the flags still read, so a
 /// format-4 or -5 directory is marked 6 on open and nothing is rewritten; earlier builds then
 /// refuse it rather than misread the new twins.
-pub const FORMAT_VERSION: u64 = 6;
+///
+/// 7: a fold of the history journal writes blocks of twins (`store::blocks`), one sled key
+/// per 256 twins, instead of one key per series. Chunks of the older layout still read and
+/// are swept as before, so a format-4 to -6 directory is marked 7 on open; earlier builds then
+/// refuse it rather than miss the history in blocks.
+pub const FORMAT_VERSION: u64 = 7;
 /// The first format with twins at rest in files (older ones keep a sled key per twin).
 pub const TWIN_FILES_FORMAT: u64 = 4;
 pub const META_FORMAT_VERSION: &[u8] = b"xformat_version";
@@ -159,6 +171,23 @@ pub fn parse_rel(key: &[u8]) -> Option<(TwinId, TwinId, String)> {
     let dst = uuid::Uuid::from_slice(&key[17..33]).ok()?;
     let name = std::str::from_utf8(&key[33..]).ok()?.to_owned();
     Some((TwinId(src), TwinId(dst), name))
+}
+
+/// The key of the history block of fold `fold` that starts with twin `first`.
+pub fn history_block(fold: u64, first: &TwinId) -> Vec<u8> {
+    let mut k = history_fold_blocks(fold);
+    k.extend_from_slice(first.as_bytes());
+    k
+}
+
+/// Prefix of every history block of fold `fold`.
+pub fn history_fold_blocks(fold: u64) -> Vec<u8> {
+    prefixed(HISTORY_BLOCK, &fold.to_be_bytes())
+}
+
+/// The key of fold `fold`'s span.
+pub fn history_fold(fold: u64) -> Vec<u8> {
+    prefixed(HISTORY_FOLD, &fold.to_be_bytes())
 }
 
 /// Prefix of every history series of one twin.

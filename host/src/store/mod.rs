@@ -9,6 +9,7 @@
 //! the store only makes it durable.
 
 mod batch;
+pub mod blocks;
 mod checkpoint;
 pub mod commit;
 pub mod journal;
@@ -146,8 +147,8 @@ impl Store {
                     });
                 }
                 if (keys::TWIN_FILES_FORMAT..keys::FORMAT_VERSION).contains(&found) {
-                    // Formats 4 and later differ only in how new twins and log entries are
-                    // written, and the old ones still read: marking the directory is the
+                    // Formats 4 and later differ only in how new twins, log entries and
+                    // history are written, and the old ones still read: marking the directory is the
                     // upgrade.
                     tracing::info!(
                         "upgrading the data directory from format {found} to {}",
@@ -172,7 +173,28 @@ impl Store {
         // The history journal's samples are readable from memory until folded into sled.
         let journal_manifest = twin_files::Manifest::stored(&db, keys::META_HISTORY_FILES)?;
         let (journaled, journaled_samples) = journal::read(&history_dir, &journal_manifest)?;
+        // The folds in history blocks, by number, with their spans.
+        let mut folds = std::collections::BTreeMap::new();
+        for kv in db.scan_prefix([keys::HISTORY_FOLD]) {
+            let (k, v) = kv?;
+            let n = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
+            match (n, blocks::decode_span(&v)) {
+                (Some(n), Some(span)) => {
+                    folds.insert(n, span);
+                }
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        key: format!("history fold {k:?}"),
+                        reason: "not a fold number and span".into(),
+                    })
+                }
+            }
+        }
         let pending = PendingHistory {
+            folds,
             journaled_since: (!journaled.is_empty()).then(std::time::Instant::now),
             journaled,
             journaled_samples,
