@@ -48,6 +48,54 @@ async fn deleted_twin_history_does_not_come_back_with_a_reused_id() {
     );
 }
 
+/// The same once the deleted twin's samples are folded into history blocks (which keep them
+/// until retention): the new twin with its id shows none of them, also after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folded_history_of_a_deleted_twin_does_not_come_back_with_a_reused_id() {
+    let mut s = Server::start_with(&[
+        "--tombstone-retention",
+        "0s",
+        "--checkpoint-every",
+        "100ms",
+        "--history-fold-every",
+        "0s",
+    ]);
+    let id = uuid::Uuid::new_v4().to_string();
+    let path = format!("/v1/twins/{id}");
+    let history = format!("{path}/history/temperature");
+    s.create_twin(&json!({"id": id, "entity_type": "machine", "properties": {"temperature": 1}}))
+        .await;
+    for t in 2..=4 {
+        s.patch(&path, &json!({"temperature": t})).await.expect(200);
+    }
+    // Checkpoints every 100 ms fold at once: after a second the samples are in blocks and
+    // the journal is empty.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let journal = s.data_dir.join("history");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_dir(&journal).unwrap().count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "never folded");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let points = |body: &Value| body["points"].as_array().map_or(0, Vec::len);
+    assert_eq!(
+        points(&s.get(&history).await.body),
+        4,
+        "read from the blocks"
+    );
+    s.delete(&path).await.expect(204);
+    s.create_twin(&json!({"id": id, "entity_type": "machine"}))
+        .await;
+    assert_eq!(points(&s.get(&history).await.body), 0);
+    s.patch(&path, &json!({"temperature": 9})).await.expect(200);
+    assert_eq!(points(&s.get(&history).await.body), 1);
+    s.stop().expect("clean stop");
+    s.restart();
+    let h = s.get(&history).await;
+    assert_eq!(points(&h.body), 1, "{}", h.text);
+    assert_eq!(h.body["points"][0]["value"], 9.0);
+}
+
 // ---- history ---------------------------------------------------------------------------
 
 #[tokio::test]

@@ -103,7 +103,20 @@ impl History {
         };
         out.retain(|(t, _)| *t >= lo && *t <= hi);
         // History blocks: in each fold that may hold samples in range, the block that would
-        // hold this twin (the last one starting at or below its id).
+        // hold this twin (the last one starting at or below its id), after its cut (a twin
+        // deleted before with the same id).
+        let cut =
+            match self.store.get(&keys::history_cut(id))? {
+                Some(v) => v.as_ref().try_into().map(i64::from_be_bytes).map_err(|_| {
+                    StoreError::Corrupt {
+                        key: format!("history cut of {id}"),
+                        reason: "not 8 bytes".into(),
+                    }
+                })?,
+                None => i64::MIN,
+            };
+        let lo_blocks = lo.max(cut.saturating_add(1));
+        let folds = if lo_blocks > hi { Vec::new() } else { folds };
         for fold in folds {
             let start = keys::history_fold_blocks(fold);
             let mut end = keys::history_block(fold, id);
@@ -118,7 +131,7 @@ impl History {
             };
             if let Some(record) = blocks::find(&block, id).map_err(corrupt)? {
                 blocks::samples_of(record, property, |t, v| {
-                    if t >= lo && t <= hi {
+                    if t >= lo_blocks && t <= hi {
                         out.push((t, v));
                     }
                 })
@@ -263,6 +276,29 @@ impl History {
             doomed.push(keys::history_fold(n).into());
             self.store.remove_keys(doomed)?;
         }
+        // A cut older than every fold left hides nothing any more.
+        let oldest = {
+            let p = self.store.pending_history().lock();
+            p.folds_within(i64::MIN, i64::MAX)
+                .into_iter()
+                .filter_map(|n| p.fold_span(n))
+                .map(|(first, _)| first)
+                .min()
+                .unwrap_or(i64::MAX)
+        };
+        let mut cuts = Vec::new();
+        for kv in self.store.scan_prefix(&[keys::HISTORY_CUT]) {
+            let (k, v) = kv?;
+            let at = v
+                .as_ref()
+                .try_into()
+                .map(i64::from_be_bytes)
+                .unwrap_or(i64::MAX);
+            if at < oldest {
+                cuts.push(k);
+            }
+        }
+        self.store.remove_keys(cuts)?;
         Ok(removed)
     }
 }
@@ -371,6 +407,13 @@ mod tests {
                     .put_durable(&keys::history_fold(fold), &encode_span((at, at + 1)))
                     .unwrap();
             }
+            // Twin 2 was deleted (and its id used again) at fold 2's first sample; twin 3 long
+            // before every fold.
+            for (i, at) in [(2, us - hour), (3, us - 72 * hour)] {
+                store
+                    .put_durable(&keys::history_cut(&ids[i]), &at.to_be_bytes())
+                    .unwrap();
+            }
         }
         // Reopened: the folds are known from their spans.
         let store = Store::open(dir.path()).unwrap();
@@ -391,6 +434,12 @@ mod tests {
             "a twin no block holds"
         );
         assert!(h.points(&a, "other", None, None).unwrap().is_empty());
+        assert_eq!(
+            values(&ids[2], None),
+            vec![-2.0],
+            "only what follows its cut"
+        );
+        assert_eq!(values(&ids[3], None), vec![3.0, -3.0, 3.0, -3.0]);
         // A day's retention: fold 1's three blocks go, the rest stays.
         let h = History::new(
             h.store.clone(),
@@ -403,5 +452,8 @@ mod tests {
         assert_eq!(values(&a, None), vec![0.0, 1.0, 0.0, -0.0]);
         assert_eq!(values(&b, None), vec![599.0, -599.0]);
         assert_eq!(h.store.scan_prefix(&[keys::HISTORY_FOLD]).count(), 1);
+        // The cut older than every fold left is gone; the other still hides.
+        assert_eq!(h.store.scan_prefix(&[keys::HISTORY_CUT]).count(), 1);
+        assert_eq!(values(&ids[2], None), vec![-2.0]);
     }
 }

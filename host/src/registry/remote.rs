@@ -344,7 +344,7 @@ impl Registry {
             };
             put_tombstone(b, &mut tombstones, tomb);
             b.delete(id);
-            b.delete_prefix(keys::history_twin_prefix(&id));
+            b.delete_history(&id, Utc::now());
             b.delete_prefix(keys::rel_prefix(&id));
             if self.wants_changes() {
                 let before = Before {

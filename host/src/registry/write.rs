@@ -552,7 +552,7 @@ impl Registry {
                             }
                         }
                         b.delete(*d);
-                        b.delete_prefix(keys::history_twin_prefix(d));
+                        b.delete_history(d, now);
                         b.delete_prefix(keys::rel_prefix(d));
                     }
                     // Their relationships go with them (those pointing at them stay with

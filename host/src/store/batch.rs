@@ -87,6 +87,9 @@ pub struct PendingHistory {
     /// The folds in sled's history blocks ([`super::blocks`]), by number: the first and last
     /// time of their samples (µs).
     pub(super) folds: std::collections::BTreeMap<u64, (i64, i64)>,
+    /// The next fold's number: above every fold ever numbered in this process, also those
+    /// retention has removed since (a number is never used twice).
+    pub(super) next_fold: u64,
 }
 
 impl PendingHistory {
@@ -97,6 +100,11 @@ impl PendingHistory {
             .filter(|(_, (first, last))| *first <= hi && *last >= lo)
             .map(|(n, _)| *n)
             .collect()
+    }
+
+    /// The first and last sample time of fold `n`.
+    pub fn fold_span(&self, n: u64) -> Option<(i64, i64)> {
+        self.folds.get(&n).copied()
     }
 
     /// Forget fold `n` (retention removed it).
@@ -266,6 +274,15 @@ impl Batch {
     pub fn delete_key(&mut self, key: Vec<u8>) {
         encode::delete_key(&mut self.frame, &key);
         self.kv.push(KvOp::Delete(key));
+    }
+
+    /// Delete twin `id`'s history: its chunks of the older layout at the checkpoint, and a
+    /// cut at `at` (written to sled once the frame is durable, before the delete is
+    /// acknowledged) that hides its samples in history blocks from then on.
+    pub fn delete_history(&mut self, id: &TwinId, at: chrono::DateTime<chrono::Utc>) {
+        self.delete_prefix(super::keys::history_twin_prefix(id));
+        let at = at.timestamp_micros().to_be_bytes().to_vec();
+        self.config(KvOp::Put(super::keys::history_cut(id), at));
     }
 
     pub fn delete_prefix(&mut self, prefix: Vec<u8>) {

@@ -478,14 +478,22 @@ fn fold(
         .fold((i64::MAX, i64::MIN), |(lo, hi), s| {
             (lo.min(s.1), hi.max(s.1))
         });
-    let number = pending
-        .lock()
-        .folds
-        .last_key_value()
-        .map_or(1, |(n, _)| n + 1);
-    if span.0 <= span.1 {
-        db.insert(keys::history_fold(number), &blocks::encode_span(span))?;
+    if span.0 > span.1 {
+        // No samples (only empty series): nothing to write.
+        return finish_fold(db, history_dir, journal, pending, &folding, maps.len(), 0);
     }
+    // A number of its own, known to readers from here on: a fold that fails or gives up
+    // half way leaves blocks no later fold writes over.
+    let number = {
+        let mut p = pending.lock();
+        let n = p
+            .next_fold
+            .max(p.folds.last_key_value().map_or(1, |(n, _)| n + 1));
+        p.next_fold = n + 1;
+        n
+    };
+    db.insert(keys::history_fold(number), &blocks::encode_span(span))?;
+    pending.lock().folds.insert(number, span);
     // Blocks of twins in id order, made one at a time and written a few at a time: a fold of
     // 8M samples holds their twins' ids and a batch of blocks, not every block at once.
     let mut block = blocks::BlockWriter::default();
@@ -498,6 +506,9 @@ fn fold(
         }
         samples.clear();
         samples.extend(maps.iter().filter_map(|m| m.get(&id)).flatten());
+        if samples.is_empty() {
+            continue;
+        }
         samples.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
         block.push(&id, &samples);
         if block.full() {
@@ -521,11 +532,34 @@ fn fold(
     }
     db.apply_batch(batch)?;
     let samples: usize = maps.iter().flat_map(|m| m.values()).map(Vec::len).sum();
+    finish_fold(
+        db,
+        history_dir,
+        journal,
+        pending,
+        &folding,
+        maps.len(),
+        samples,
+    )
+}
+
+/// The end of a fold that took `folding` (the journal files) and the first `maps` journaled
+/// maps, holding `samples`: remove them from the manifest, then (once that is durable) the
+/// files, and from memory.
+fn finish_fold(
+    db: &sled::Db,
+    history_dir: &std::path::Path,
+    journal: &parking_lot::Mutex<Manifest>,
+    pending: &parking_lot::Mutex<PendingHistory>,
+    folding: &[String],
+    maps: usize,
+    samples: usize,
+) -> Result<Option<usize>, StoreError> {
     {
         let mut j = journal.lock();
         let mut m = j.clone();
         // Checkpoints only append to the list: the files folded are still its head.
-        debug_assert!(m.files.starts_with(&folding));
+        debug_assert!(m.files.starts_with(folding));
         m.files.drain(..folding.len().min(m.files.len()));
         m.records = m.records.saturating_sub(samples as u64);
         db.insert(keys::META_HISTORY_FILES, m.encode())?;
@@ -534,15 +568,12 @@ fn fold(
     // The files go only once a manifest without them is durable.
     db.flush()?;
     for name in folding {
-        if let Err(e) = std::fs::remove_file(history_dir.join(&name)) {
+        if let Err(e) = std::fs::remove_file(history_dir.join(name)) {
             tracing::warn!(error = %e, file = name, "could not remove a folded history journal file");
         }
     }
     let mut p = pending.lock();
-    if span.0 <= span.1 {
-        p.folds.insert(number, span);
-    }
-    p.journaled.drain(..maps.len());
+    p.journaled.drain(..maps);
     p.journaled_samples = p.journaled_samples.saturating_sub(samples);
     let PendingHistory {
         journaled,

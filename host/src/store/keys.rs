@@ -21,6 +21,10 @@ pub const HISTORY_BLOCK: u8 = b'H';
 /// History folds, format 7: `i` + fold number (8 bytes BE) → the first and last time of its
 /// samples (`store::blocks`).
 pub const HISTORY_FOLD: u8 = b'i';
+/// History cuts, format 7: `j` + twin id → the time (µs, 8 bytes BE) the twin was deleted.
+/// History blocks keep a deleted twin's samples until retention drops their fold; reads
+/// skip those at or before the cut, so a new twin with the same id starts afresh.
+pub const HISTORY_CUT: u8 = b'j';
 /// Module metadata: `w` + module name → JSON (versions, active version, limits).
 pub const MODULE: u8 = b'w';
 /// Module bytes as uploaded: `b` + sha256 hex → the component.
@@ -183,6 +187,11 @@ pub fn history_block(fold: u64, first: &TwinId) -> Vec<u8> {
 /// Prefix of every history block of fold `fold`.
 pub fn history_fold_blocks(fold: u64) -> Vec<u8> {
     prefixed(HISTORY_BLOCK, &fold.to_be_bytes())
+}
+
+/// The key of twin `id`'s history cut.
+pub fn history_cut(id: &TwinId) -> Vec<u8> {
+    prefixed(HISTORY_CUT, id.as_bytes())
 }
 
 /// The key of fold `fold`'s span.
