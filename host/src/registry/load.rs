@@ -375,7 +375,7 @@ mod tests {
     }
 
     /// History samples go into the journal at each checkpoint: readable from memory, read
-    /// back from the journal files after a restart, folded into sled's chunks (the journal
+    /// back from the journal files after a restart, folded into history blocks (the journal
     /// files then go), and the samples of a twin deleted meanwhile are not folded.
     #[tokio::test]
     async fn history_goes_through_the_journal_into_sled() {

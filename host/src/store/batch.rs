@@ -68,7 +68,7 @@ pub(super) type SeriesMap = HashMap<TwinId, Vec<Sample>, FxBuildHasher>;
 /// One history sample: property, time in µs, value.
 pub(super) type Sample = (Arc<str>, i64, f64);
 
-/// History samples not yet checkpointed; readers merge them with sled's chunks.
+/// History samples not yet checkpointed; readers merge them with what sled holds.
 #[derive(Default)]
 pub struct PendingHistory {
     pub(super) current: SeriesMap,
@@ -76,7 +76,7 @@ pub struct PendingHistory {
     /// Samples handed to a checkpoint that has not succeeded yet (more than one after a
     /// failed checkpoint, whose samples are carried into the next).
     pub(super) checkpointing: Vec<Arc<SeriesMap>>,
-    /// Samples in the history journal, not yet folded into sled's chunks
+    /// Samples in the history journal, not yet folded into history blocks
     /// ([`super::journal`]), oldest first.
     pub(super) journaled: Vec<Arc<SeriesMap>>,
     pub(super) journaled_samples: usize,
@@ -112,7 +112,7 @@ impl PendingHistory {
         self.folds.remove(&n);
     }
 
-    /// Samples not in sled's chunks yet, of one series (unordered).
+    /// Samples not folded into sled yet, of one series (unordered).
     pub fn samples(&self, id: TwinId, property: &str) -> Vec<(i64, f64)> {
         let journaled = (!self.journal_deleted.contains(&id))
             .then_some(self.journaled.iter())

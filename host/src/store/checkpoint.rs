@@ -1,9 +1,12 @@
 //! Checkpoints: the background thread that folds what the log holds into the data directory
-//! — the current record of each dirty twin into a new twin file ([`super::twin_files`]),
-//! then raw key/value changes in order, one history chunk per series, the manifest naming
-//! the new file and the checkpoint marker as one atomic sled batch — flushes, and deletes
-//! the covered log segments. A failed checkpoint is carried into the next; no segment goes
-//! before one succeeds.
+//! — the current record of each dirty twin into a new twin file ([`super::twin_files`]), the
+//! history samples into a history journal file ([`super::journal`]), then raw key/value
+//! changes in order, the manifests naming the new files and the checkpoint marker as one
+//! atomic sled batch — flushes, and deletes the covered log segments. A failed checkpoint is
+//! carried into the next; no segment goes before one succeeds.
+//!
+//! Beside it, the fold thread moves the history journal into history blocks
+//! ([`super::blocks`]) every `fold_every` or once [`journal::FOLD_SAMPLES`] wait.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -369,7 +372,7 @@ fn write_checkpoint(
         None => None,
     };
     let twins_ms = t0.elapsed().as_millis() as u64;
-    // The history samples it covers, into the journal (folded into sled's chunks later).
+    // The history samples it covers, into the journal (folded into history blocks later).
     // The journal's manifest is held from here until it is published with the samples it
     // names moved to `journaled`: the fold thread, which removes the files it folded from the
     // same manifest, sees either both or neither.
@@ -680,6 +683,21 @@ mod tests {
         }
     }
 
+    impl Fixture {
+        /// Fold this store's journal (every twin exists), giving up when `give_up` says.
+        fn fold(&self, give_up: &dyn Fn() -> bool) -> Option<usize> {
+            fold(
+                &self.db,
+                &self.history,
+                &self.journal,
+                &AllTwins,
+                &self.pending,
+                give_up,
+            )
+            .unwrap()
+        }
+    }
+
     fn blocks_in_sled(db: &sled::Db) -> usize {
         db.scan_prefix([keys::HISTORY_BLOCK]).count()
     }
@@ -710,10 +728,7 @@ mod tests {
             }
             false
         };
-        let folded = fold(
-            &f.db, &f.history, &f.journal, &AllTwins, &f.pending, &meanwhile,
-        )
-        .unwrap();
+        let folded = f.fold(&meanwhile);
         assert_eq!(folded, Some(5), "the samples journaled when it started");
         assert!(checkpointed.get());
         assert_eq!(
@@ -755,15 +770,7 @@ mod tests {
         let (a, b) = (TwinId::new_v7(), TwinId::new_v7());
         let f = fixture(&[samples(a, 3), samples(b, 2)]);
         let before = f.journal.lock().clone();
-        let folded = fold(
-            &f.db,
-            &f.history,
-            &f.journal,
-            &AllTwins,
-            &f.pending,
-            &|| true,
-        )
-        .unwrap();
+        let folded = f.fold(&|| true);
         assert_eq!(folded, None);
         assert_eq!(*f.journal.lock(), before);
         assert!(before.files.iter().all(|n| f.history.join(n).exists()));
@@ -772,18 +779,7 @@ mod tests {
         assert_eq!(p.journaled_samples, 5);
         drop(p);
         // The next fold takes all of it.
-        assert_eq!(
-            fold(
-                &f.db,
-                &f.history,
-                &f.journal,
-                &AllTwins,
-                &f.pending,
-                &|| false
-            )
-            .unwrap(),
-            Some(5)
-        );
+        assert_eq!(f.fold(&|| false), Some(5));
         assert!(f.journal.lock().files.is_empty());
         assert!(f.pending.lock().journaled.is_empty());
         assert!(f.pending.lock().journaled_since.is_none());
@@ -798,15 +794,7 @@ mod tests {
         f.pending.lock().journal_deleted.extend([a, b]);
         // b's samples are on their way to the journal with a checkpoint.
         f.pending.lock().checkpointing.push(Arc::new(samples(b, 1)));
-        fold(
-            &f.db,
-            &f.history,
-            &f.journal,
-            &AllTwins,
-            &f.pending,
-            &|| false,
-        )
-        .unwrap();
+        f.fold(&|| false);
         let p = f.pending.lock();
         assert!(!p.journal_deleted.contains(&a));
         assert!(p.journal_deleted.contains(&b));
