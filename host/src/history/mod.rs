@@ -276,7 +276,8 @@ impl History {
             doomed.push(keys::history_fold(n).into());
             self.store.remove_keys(doomed)?;
         }
-        // A cut older than every fold left hides nothing any more.
+        // A cut older than every fold left hides nothing any more. One newer than the age
+        // bound is kept in any case: a fold may be about to write the samples it hides.
         let oldest = {
             let p = self.store.pending_history().lock();
             p.folds_within(i64::MIN, i64::MAX)
@@ -294,7 +295,7 @@ impl History {
                 .try_into()
                 .map(i64::from_be_bytes)
                 .unwrap_or(i64::MAX);
-            if at < oldest {
+            if at < oldest.min(cutoff) {
                 cuts.push(k);
             }
         }
@@ -409,7 +410,9 @@ mod tests {
             }
             // Twin 2 was deleted (and its id used again) at fold 2's first sample; twin 3 long
             // before every fold.
-            for (i, at) in [(2, us - hour), (3, us - 72 * hour)] {
+            // Twin 4 two hours ago: older than every fold the sweep leaves, but within the
+            // age bound, so kept.
+            for (i, at) in [(2, us - hour), (3, us - 72 * hour), (4, us - 2 * hour)] {
                 store
                     .put_durable(&keys::history_cut(&ids[i]), &at.to_be_bytes())
                     .unwrap();
@@ -440,6 +443,7 @@ mod tests {
             "only what follows its cut"
         );
         assert_eq!(values(&ids[3], None), vec![3.0, -3.0, 3.0, -3.0]);
+        assert_eq!(values(&ids[4], None), vec![4.0, -4.0]);
         // A day's retention: fold 1's three blocks go, the rest stays.
         let h = History::new(
             h.store.clone(),
@@ -452,8 +456,9 @@ mod tests {
         assert_eq!(values(&a, None), vec![0.0, 1.0, 0.0, -0.0]);
         assert_eq!(values(&b, None), vec![599.0, -599.0]);
         assert_eq!(h.store.scan_prefix(&[keys::HISTORY_FOLD]).count(), 1);
-        // The cut older than every fold left is gone; the other still hides.
-        assert_eq!(h.store.scan_prefix(&[keys::HISTORY_CUT]).count(), 1);
+        // The cut older than every fold left and the age bound is gone; the others stay.
+        assert_eq!(h.store.scan_prefix(&[keys::HISTORY_CUT]).count(), 2);
+        assert_eq!(values(&ids[4], None), vec![4.0, -4.0]);
         assert_eq!(values(&ids[2], None), vec![-2.0]);
     }
 }
