@@ -247,23 +247,17 @@ impl History {
     /// samples of many series, so the age bound is what limits them.
     fn sweep_folds(&self, cutoff: i64) -> Result<u64, StoreError> {
         let mut removed = 0u64;
-        let mut old = Vec::new();
-        for kv in self.store.scan_prefix(&[keys::HISTORY_FOLD]) {
-            let (k, v) = kv?;
-            let n = k
-                .get(1..9)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes);
-            if let (Some(n), Some((_, last))) = (n, blocks::decode_span(&v)) {
-                if last < cutoff {
-                    old.push(n);
-                }
-            }
-        }
+        let old: Vec<u64> = {
+            let p = self.store.pending_history().lock();
+            p.folds
+                .iter()
+                .filter(|(_, (_, last))| *last < cutoff)
+                .map(|(n, _)| *n)
+                .collect()
+        };
         for n in old {
-            // Readers stop looking in it first; its blocks go in batches, its span last (a
-            // sweep stopped half way finds it again).
-            self.store.pending_history().lock().forget_fold(n);
+            // Its blocks go in batches, then its span, and only then is it forgotten: a sweep
+            // stopped half way finds it again (readers meanwhile see what is left of it).
             let mut doomed = Vec::new();
             for kv in self.store.scan_prefix(&keys::history_fold_blocks(n)) {
                 doomed.push(kv?.0);
@@ -275,18 +269,19 @@ impl History {
             removed += doomed.len() as u64;
             doomed.push(keys::history_fold(n).into());
             self.store.remove_keys(doomed)?;
+            self.store.pending_history().lock().forget_fold(n);
         }
         // A cut older than every fold left hides nothing any more. One newer than the age
         // bound is kept in any case: a fold may be about to write the samples it hides.
-        let oldest = {
-            let p = self.store.pending_history().lock();
-            p.folds_within(i64::MIN, i64::MAX)
-                .into_iter()
-                .filter_map(|n| p.fold_span(n))
-                .map(|(first, _)| first)
-                .min()
-                .unwrap_or(i64::MAX)
-        };
+        let oldest = self
+            .store
+            .pending_history()
+            .lock()
+            .folds
+            .values()
+            .map(|(first, _)| *first)
+            .min()
+            .unwrap_or(i64::MAX);
         let mut cuts = Vec::new();
         for kv in self.store.scan_prefix(&[keys::HISTORY_CUT]) {
             let (k, v) = kv?;

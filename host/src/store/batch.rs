@@ -86,7 +86,7 @@ pub struct PendingHistory {
     pub(super) journal_deleted: std::collections::HashSet<TwinId, FxBuildHasher>,
     /// The folds in sled's history blocks ([`super::blocks`]), by number: the first and last
     /// time of their samples (µs).
-    pub(super) folds: std::collections::BTreeMap<u64, (i64, i64)>,
+    pub(crate) folds: std::collections::BTreeMap<u64, (i64, i64)>,
     /// The next fold's number: above every fold ever numbered in this process, also those
     /// retention has removed since (a number is never used twice).
     pub(super) next_fold: u64,
@@ -100,11 +100,6 @@ impl PendingHistory {
             .filter(|(_, (first, last))| *first <= hi && *last >= lo)
             .map(|(n, _)| *n)
             .collect()
-    }
-
-    /// The first and last sample time of fold `n`.
-    pub fn fold_span(&self, n: u64) -> Option<(i64, i64)> {
-        self.folds.get(&n).copied()
     }
 
     /// Forget fold `n` (retention removed it).

@@ -444,10 +444,9 @@ fn write_checkpoint(
 
 /// Fold the journaled history samples into sled's history blocks ([`blocks`]: the next fold
 /// number, each twin's samples of the whole span in one record), then drop the journal files
-/// they came from. Returns the samples
-/// folded, or `None` when `give_up` said to stop first (the journal is then left as it was:
-/// chunks already written are written again by the next fold, and readers return identical
-/// samples once).
+/// they came from. Returns the samples folded, or `None` when `give_up` said to stop first
+/// (the journal is then left as it was: its samples are folded again by the next fold, and
+/// readers return identical samples once).
 ///
 /// Checkpoints go on meanwhile and add journal files and samples: the fold takes the files
 /// and the samples journaled when it starts, together (checkpoints publish both under the

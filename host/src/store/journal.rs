@@ -3,10 +3,11 @@
 //! samples), and the samples stay readable in memory ([`super::PendingHistory`]). Every
 //! [`FOLD_EVERY`], or once [`FOLD_SAMPLES`] samples are journaled, a thread of its own folds
 //! them into sled's history blocks ([`super::blocks`]: each twin's samples of the whole span
-//! in one record, 256 twins per key) and drops the journal files. Checkpoints go on during a fold (a fold of 5M samples took 77 s, and
-//! checkpoints waiting for it stopped every write at 8M pending samples); they wait for it
-//! only past [`MAX_JOURNALED`] samples, which bounds the memory the journal holds. A clean
-//! stop gives a fold in progress two seconds, then leaves the rest in the journal.
+//! in one record, 256 twins per key) and drops the journal files. Checkpoints go on during a
+//! fold (a fold of 5M samples took 77 s, and checkpoints waiting for it stopped every write at
+//! 8M pending samples); they wait for it only past [`MAX_JOURNALED`] samples, which bounds
+//! the memory the journal holds. A clean stop gives a fold in progress two seconds, then
+//! leaves the rest in the journal.
 //!
 //! Why: a checkpoint used to insert one sled key per series it covered, and sled's cost is
 //! per key (it copies a 16-entry leaf on each insert). A fleet of 100K twins with 2 numeric

@@ -148,8 +148,8 @@ impl Store {
                 }
                 if (keys::TWIN_FILES_FORMAT..keys::FORMAT_VERSION).contains(&found) {
                     // Formats 4 and later differ only in how new twins, log entries and
-                    // history are written, and the old ones still read: marking the directory is the
-                    // upgrade.
+                    // history are written, and the old ones still read: marking the directory
+                    // is the upgrade.
                     tracing::info!(
                         "upgrading the data directory from format {found} to {}",
                         keys::FORMAT_VERSION
