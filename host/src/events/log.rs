@@ -515,16 +515,17 @@ impl EventLog {
         };
         let mut new_chunk = None;
         if let (Some(first), Some(last)) = (fresh.first(), fresh.last()) {
-            let mut body = String::with_capacity(fresh.len() * 256);
-            body.push('[');
+            let mut body = Vec::with_capacity(fresh.len() * 256);
+            body.push(b'[');
             for (i, e) in fresh.iter().enumerate() {
                 if i > 0 {
-                    body.push(',');
+                    body.push(b',');
                 }
-                // The compact form (no CloudEvents attributes: they are derived on read).
-                body.push_str(&serde_json::to_string(&**e).expect("events serialize"));
+                // The compact form (no CloudEvents attributes: they are derived on read),
+                // written straight into the chunk's buffer.
+                serde_json::to_writer(&mut body, &**e).expect("events serialize");
             }
-            body.push(']');
+            body.push(b']');
             // Age by when the chunk was written: event times come from clients and may be
             // far in the past.
             let meta = ChunkMeta {
@@ -535,7 +536,7 @@ impl EventLog {
             let path = chunk_path(&self.inner.dir, first.seq, meta);
             let tmp = path.with_extension("tmp");
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            std::io::Write::write_all(&mut f, body.as_bytes()).map_err(io)?;
+            std::io::Write::write_all(&mut f, &body).map_err(io)?;
             // Synced: a crash takes at most the last interval from the tail.
             f.sync_data().map_err(io)?;
             std::fs::rename(&tmp, &path).map_err(io)?;

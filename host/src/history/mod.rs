@@ -413,8 +413,16 @@ mod tests {
                     .unwrap();
             }
         }
-        // Reopened: the folds are known from their spans.
-        let store = Store::open(dir.path()).unwrap();
+        // Reopened (once the first handle's threads have let go of the directory: sled's
+        // lock outlives the handle by a moment): the folds are known from their spans.
+        let store = (0..500)
+            .find_map(|_| {
+                Store::open(dir.path()).ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    None
+                })
+            })
+            .expect("the store stays locked");
         let h = History::new(store, Retention::default());
         let values = |id: &TwinId, from: Option<i64>| -> Vec<f64> {
             h.points(id, "t", from.map(micros_to_time), None)

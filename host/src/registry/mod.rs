@@ -803,6 +803,12 @@ impl Registry {
         Ok(self.with_children(t))
     }
 
+    /// Run `f` on the twin's compact blob (no decoding; keep `f` short: its shard is
+    /// read-locked meanwhile); `None` when the twin does not exist.
+    pub(crate) fn with_blob<R>(&self, id: &TwinId, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        self.inner.twins.with(id, f)
+    }
+
     /// Up to `limit` children of `id` in id order, after the child `after`, and the last
     /// one's id when there are more (the next page's cursor).
     pub fn children(

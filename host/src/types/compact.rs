@@ -968,6 +968,33 @@ impl serde::Serialize for Served<'_> {
     }
 }
 
+/// What a guest is handed of a twin (`twin` of the WIT interface): its type, version, parent
+/// and properties as JSON text, read straight from the blob (no decoded twin, no tree of
+/// JSON values: a behavior's event is built from this on every call).
+pub struct Outline<'a> {
+    pub entity_type: &'a str,
+    pub version: u64,
+    pub parent_id: Option<TwinId>,
+    pub properties_json: String,
+}
+
+/// The [`Outline`] of compact twin `b`.
+pub fn outline(b: &[u8]) -> R<Outline<'_>> {
+    let mut r = Reader { b, at: 0 };
+    let h = r.head()?;
+    let entity_type = r.name_ref()?;
+    let version = r.varint()?;
+    let props = Props::of(b)?;
+    let properties_json = serde_json::to_string(&PropsSer { b, at: props.at })
+        .map_err(|_| DecodeError("properties"))?;
+    Ok(Outline {
+        entity_type,
+        version,
+        parent_id: h.parent_id,
+        properties_json,
+    })
+}
+
 /// Property lookups on a compact twin that decode only the values asked for.
 /// A property value read in place by [`Props::scalar`].
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -243,6 +243,12 @@ proptest! {
                 serde_json::to_string(&Served { id: t.id, blob: &b, children_ids: &kids }).unwrap(),
                 serde_json::to_string(&with_kids).unwrap()
             );
+            // What a behavior's event carries, read from the blob: as from the decoded twin.
+            let o = outline(&b).unwrap();
+            prop_assert_eq!(o.entity_type, t.entity_type.as_str());
+            prop_assert_eq!(o.version, t.version);
+            prop_assert_eq!(o.parent_id, t.parent_id);
+            prop_assert_eq!(o.properties_json, serde_json::to_string(&t.properties).unwrap());
             let p = Props::of(&b).unwrap();
             for (k, v) in &t.properties {
                 prop_assert_eq!(p.get(k), Some(v.clone()));

@@ -561,27 +561,26 @@ impl Behaviors {
                 has_behaviors,
                 |e| {
                     let local = e.is_local(inner.registry.node_id());
-                    let matching: Vec<(String, mpsc::Sender<Queued>, Arc<Counters>)> = {
-                        let entries = inner.entries.read();
-                        if entries.is_empty() {
-                            return false;
+                    let depth = e.cause.as_ref().map_or(0, |c| c.depth);
+                    let by = e.cause.as_ref().and_then(|c| c.by.behavior());
+                    // Handed over under the read lock (a queue's `try_send` does not wait):
+                    // nothing is cloned per behavior but the event's `Arc`.
+                    let entries = inner.entries.read();
+                    if entries.is_empty() {
+                        return false;
+                    }
+                    let now = Instant::now();
+                    for (name, en) in entries.iter() {
+                        if !en.binding.matches(&e, local) {
+                            continue;
                         }
-                        entries
-                            .iter()
-                            .filter(|(_, en)| en.binding.matches(&e, local))
-                            .map(|(n, en)| (n.clone(), en.queue.clone(), en.counters.clone()))
-                            .collect()
-                    };
-                    for (name, queue, counters) in matching {
-                        let depth = e.cause.as_ref().map_or(0, |c| c.depth);
-                        let own = e.cause.as_ref().and_then(|c| c.by.behavior()) == Some(&name);
-                        if own || depth >= MAX_CHAIN_DEPTH
-                        {
+                        let counters = &en.counters;
+                        if by == Some(name.as_str()) || depth >= MAX_CHAIN_DEPTH {
                             counters.guarded.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
                         if let Err(mpsc::error::TrySendError::Full(_)) =
-                            queue.try_send((e.clone(), Instant::now()))
+                            en.queue.try_send((e.clone(), now))
                         {
                             if counters.dropped.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
                                 tracing::warn!(
@@ -888,22 +887,34 @@ impl Behaviors {
         }
     }
 
+    /// The event as the guest gets it, the twin read from its blob as it is now.
     fn wit_event(&self, e: &Event, twin_id: TwinId) -> wit::Event {
-        let twin = match self.inner.registry.get(&twin_id) {
-            Ok(t) => to_wit(&t),
-            Err(_) => wit::Twin {
+        use crate::types::compact;
+        let twin = self
+            .inner
+            .registry
+            .with_blob(&twin_id, |b| {
+                compact::outline(b).ok().map(|o| wit::Twin {
+                    id: twin_id.to_string(),
+                    entity_type: o.entity_type.to_owned(),
+                    properties: o.properties_json,
+                    version: o.version,
+                    parent_id: o.parent_id.map(|p| p.to_string()),
+                })
+            })
+            .flatten()
+            .unwrap_or_else(|| wit::Twin {
                 id: twin_id.to_string(),
                 entity_type: e.entity_type.clone().unwrap_or_default(),
                 properties: "{}".into(),
                 version: e.version.unwrap_or(0),
                 parent_id: e.parent_id.map(|p| p.to_string()),
-            },
-        };
+            });
         wit::Event {
             seq: e.seq,
             kind: e.kind.as_str().to_owned(),
             twin,
-            changed: Value::Object(e.changed.clone()).to_string(),
+            changed: serde_json::to_string(&e.changed).expect("a JSON map serializes"),
             ts_ms: e.ts.timestamp_millis().max(0) as u64,
         }
     }

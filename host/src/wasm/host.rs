@@ -255,7 +255,7 @@ pub fn to_wit(t: &RegTwin) -> types::Twin {
     types::Twin {
         id: t.id.to_string(),
         entity_type: t.entity_type.clone(),
-        properties: serde_json::Value::Object(t.properties.clone()).to_string(),
+        properties: serde_json::to_string(&t.properties).expect("a JSON map serializes"),
         version: t.version,
         parent_id: t.parent_id.map(|p| p.to_string()),
     }
