@@ -494,6 +494,20 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    /// From just after the version, past the times, the deletion clock and the vector
+    /// clock: to the property count.
+    fn skip_to_props(&mut self, flags: u8) -> R<()> {
+        self.skip_times(flags)?;
+        if flags & F_DELETED != 0 {
+            self.varint()?;
+        }
+        for _ in 0..self.len()? {
+            self.name_is("", None)?;
+            self.varint()?;
+        }
+        Ok(())
+    }
+
     /// The created and updated times (written as `flags` says).
     fn times(&mut self, flags: u8) -> R<(DateTime<Utc>, DateTime<Utc>)> {
         let created = self.time(0)?;
@@ -984,9 +998,9 @@ pub fn outline(b: &[u8]) -> R<Outline<'_>> {
     let h = r.head()?;
     let entity_type = r.name_ref()?;
     let version = r.varint()?;
-    let props = Props::of(b)?;
-    let properties_json = serde_json::to_string(&PropsSer { b, at: props.at })
-        .map_err(|_| DecodeError("properties"))?;
+    r.skip_to_props(h.flags)?;
+    let properties_json =
+        serde_json::to_string(&PropsSer { b, at: r.at }).map_err(|_| DecodeError("properties"))?;
     Ok(Outline {
         entity_type,
         version,
@@ -1035,14 +1049,7 @@ impl<'a> Props<'a> {
         let h = r.head()?;
         r.name_is("", None)?;
         r.varint()?;
-        r.skip_times(h.flags)?;
-        if h.flags & F_DELETED != 0 {
-            r.varint()?;
-        }
-        for _ in 0..r.len()? {
-            r.name_is("", None)?;
-            r.varint()?;
-        }
+        r.skip_to_props(h.flags)?;
         Ok(Props { b, at: r.at })
     }
 

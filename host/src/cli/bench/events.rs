@@ -472,9 +472,7 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
             },
         )
         .await?;
-    // Feed updates, keeping at most a few thousand events ahead of the behavior, from a few
-    // batches committing at once (one batch at a time left the cores idle while each waited
-    // for its durable commit: the producer, not the behavior, set the pace).
+    // Feed updates, keeping at most a few thousand events ahead of the behavior.
     // Events run or dropped (a full queue) so far.
     let runs = || {
         node.state
@@ -483,18 +481,12 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
             .map(|b| b.runs + b.dropped)
             .unwrap_or(0)
     };
-    const IN_FLIGHT: usize = 3;
     let secs = args.seconds.min(5.0);
     let p0 = proc_sample();
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let mut sent = 0u64;
     let mut k = 0usize;
-    let mut committing = tokio::task::JoinSet::new();
     while Instant::now() < end {
-        if committing.len() >= IN_FLIGHT {
-            committing.join_next().await.expect("a batch in flight")??;
-            continue;
-        }
         if sent.saturating_sub(runs()) > 3000 {
             tokio::time::sleep(Duration::from_micros(200)).await;
             continue;
@@ -512,11 +504,7 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
             .collect();
         k += 500;
         sent += 500;
-        let reg = node.registry.clone();
-        committing.spawn(async move { reg.apply_batch(batch).await });
-    }
-    while let Some(r) = committing.join_next().await {
-        r??;
+        node.registry.apply_batch(batch).await?;
     }
     let drain_end = Instant::now() + Duration::from_secs(10);
     while runs() < sent && Instant::now() < drain_end {
