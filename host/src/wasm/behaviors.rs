@@ -741,7 +741,8 @@ impl Behaviors {
 
     /// Call `module` with `events` one after another on one compute slot taken as `caller`,
     /// for at most `turn` (at least one call), stopping after a call the instance pool
-    /// refused. One answer per call made, in order.
+    /// refused; the calls share an instance while it stays sound
+    /// ([`Runtime::call_behaviors`]). One answer per call made, in order.
     async fn turn(
         &self,
         caller: &Caller,
@@ -753,20 +754,7 @@ impl Behaviors {
         self.inner
             .runtime
             .on_pool(caller, move |rt| {
-                let started = Instant::now();
-                let mut outs = Vec::with_capacity(events.len());
-                for e in &events {
-                    if !outs.is_empty() && started.elapsed() >= turn {
-                        break;
-                    }
-                    let out = rt.call_behavior(&module, e);
-                    let busy = matches!(out, Err(CallError::Busy(_)));
-                    outs.push(out);
-                    if busy {
-                        break;
-                    }
-                }
-                Ok(outs)
+                Ok(rt.call_behaviors(&module, &events, turn))
             })
             .await
     }

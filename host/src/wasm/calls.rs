@@ -9,6 +9,7 @@
 //! Must never: let a guest's failure escape its own call.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -16,11 +17,12 @@ use tokio_util::sync::CancellationToken;
 use wasmtime::component::Component;
 use wasmtime::{Store as WasmStore, Trap, UpdateDeadline};
 
+use super::bindings::behavior::{Behavior, BehaviorPre};
 use super::bindings::twinhost::platform::types;
 use super::host::{to_wit, Cancelled, HostState, Interrupt};
-use super::modules::{internal, Pre, Runtime};
+use super::modules::{internal, Active, Counters, Pre, Runtime};
 use super::pool::Busy;
-use super::{World, MAX_RESULT_BYTES};
+use super::{Limits, World, MAX_RESULT_BYTES};
 use crate::types::{Severity, Twin};
 
 /// One write of a property in a conflict a resolver merges.
@@ -77,53 +79,87 @@ impl Runtime {
                 return Err(wrong_world(name, World::Behavior));
             };
             let bindings = pre.instantiate(&mut *store).map_err(guest_error)?;
-            let actions = bindings
-                .call_on_event(&mut *store, event)
-                .map_err(guest_error)?
-                .map_err(|m| CallError::Guest {
-                    kind: "guest_error",
-                    message: m.chars().take(4096).collect(),
-                })?;
-            let emitted = std::mem::take(&mut store.data_mut().alerts);
-            if actions.len() + emitted.len() > super::MAX_ACTIONS_PER_CALL {
-                return Err(CallError::Guest {
-                    kind: "output_too_large",
-                    message: format!(
-                        "{} actions; at most {}",
-                        actions.len() + emitted.len(),
-                        super::MAX_ACTIONS_PER_CALL
-                    ),
-                });
-            }
-            let mut out = BehaviorOutput::default();
-            let mut bytes = 0;
-            for a in actions {
-                match a {
-                    types::Action::Patch(p) => {
-                        bytes += p.properties.len();
-                        out.patches.push(GuestPatch {
-                            twin_id: p.twin_id,
-                            properties: p.properties,
-                        });
-                    }
-                    types::Action::Alert(a) => {
-                        bytes += a.message.len() + a.data.len();
-                        out.alerts.push(guest_alert(a)?);
-                    }
-                }
-            }
-            for a in emitted {
-                bytes += a.message.len() + a.data.len();
-                out.alerts.push(guest_alert(a)?);
-            }
-            if bytes > MAX_RESULT_BYTES {
-                return Err(CallError::Guest {
-                    kind: "output_too_large",
-                    message: format!("the actions hold {bytes} bytes; at most {MAX_RESULT_BYTES}"),
-                });
-            }
-            Ok(out)
+            on_event(store, &bindings, event).0
         })
+    }
+
+    /// Call `on-event` of the active version of `name` with `events` one after another, for
+    /// at most `turn` (at least one event), stopping after a call the instance pool refused.
+    /// One answer per call made, in order. Blocking.
+    ///
+    /// Each event is a call of its own (its own fuel, wall-clock deadline, host-call budget
+    /// and alerts, counted as a call), but the calls of a turn share one instance while it
+    /// stays sound: an instance serves the next event only when its last call returned (with
+    /// actions or the guest's own error). After a trap (fuel, deadline, memory, a panic, the
+    /// host-call limit) the next event gets a fresh instance. Instantiating and tearing down
+    /// an instance is most of what a fresh call costs, so a busy behavior pays it once a turn
+    /// instead of once an event. A guest can therefore see global state left by its previous
+    /// event of the same turn; behaviors must not rely on it either way.
+    pub fn call_behaviors(
+        &self,
+        name: &str,
+        events: &[types::Event],
+        turn: Duration,
+    ) -> Vec<Result<BehaviorOutput, CallError>> {
+        let started = Instant::now();
+        let mut outs = Vec::with_capacity(events.len());
+        let (active, counters) = match self.active(name) {
+            Ok(a) => a,
+            Err(e) => return vec![Err(e)],
+        };
+        let Pre::Behavior(pre) = &active.pre else {
+            return vec![Err(wrong_world(name, World::Behavior))];
+        };
+        // The store and instance serving the turn's events while they stay sound.
+        let mut live = None;
+        for event in events {
+            if !outs.is_empty() && started.elapsed() >= turn {
+                break;
+            }
+            let call_started = Instant::now();
+            let result = self.turn_call(name, pre, &active.info.limits, &mut live, event);
+            self.count(name, active.info.version, &counters, call_started, &result);
+            let busy = matches!(result, Err(CallError::Busy(_)));
+            outs.push(result);
+            if busy {
+                break;
+            }
+        }
+        outs
+    }
+
+    /// One call of a turn on `live`'s instance, or on a fresh one when there is none; `live`
+    /// keeps the instance afterwards only if the call returned.
+    fn turn_call(
+        &self,
+        name: &str,
+        pre: &BehaviorPre<HostState>,
+        limits: &Limits,
+        live: &mut Option<(WasmStore<HostState>, Behavior)>,
+        event: &types::Event,
+    ) -> Result<BehaviorOutput, CallError> {
+        let deadline = Instant::now() + Duration::from_millis(limits.timeout_ms);
+        let (mut store, bindings) = match live.take() {
+            Some((mut store, bindings)) => {
+                store.data_mut().begin_call(deadline);
+                store.set_epoch_deadline(1);
+                store.data().interrupt.check().map_err(guest_error)?;
+                store.set_fuel(limits.fuel).map_err(internal)?;
+                (store, bindings)
+            }
+            None => {
+                let mut store = self.new_store(name, limits, deadline, None);
+                store.data().interrupt.check().map_err(guest_error)?;
+                store.set_fuel(limits.fuel).map_err(internal)?;
+                let bindings = pre.instantiate(&mut store).map_err(guest_error)?;
+                (store, bindings)
+            }
+        };
+        let (result, returned) = on_event(&mut store, &bindings, event);
+        if returned {
+            *live = Some((store, bindings));
+        }
+        result
     }
 
     /// Call `resolve` of the resolver module `name`. `a` and `b` are `(value, hlc, origin)`;
@@ -176,23 +212,48 @@ impl Runtime {
         caller: Option<CancellationToken>,
         f: impl FnOnce(&mut WasmStore<HostState>, &Pre) -> Result<R, CallError>,
     ) -> Result<R, CallError> {
-        let (active, counters) = {
-            let modules = self.modules.read();
-            let e = modules
-                .get(name)
-                .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
-            (e.active.clone(), e.counters.clone())
-        };
+        let (active, counters) = self.active(name)?;
         let started = Instant::now();
         let limits = active.info.limits;
+        let deadline = started + Duration::from_millis(limits.timeout_ms);
+        let mut store = self.new_store(name, &limits, deadline, caller);
+        let result = match store.data().interrupt.check() {
+            Err(e) => Err(guest_error(e)),
+            Ok(()) => store
+                .set_fuel(limits.fuel)
+                .map_err(internal)
+                .and_then(|()| f(&mut store, &active.pre)),
+        };
+        self.count(name, active.info.version, &counters, started, &result);
+        result
+    }
+
+    /// The active version of `name` and its counters.
+    fn active(&self, name: &str) -> Result<(Arc<Active>, Arc<Counters>), CallError> {
+        let modules = self.modules.read();
+        let e = modules
+            .get(name)
+            .ok_or_else(|| CallError::NotFound(name.to_owned()))?;
+        Ok((e.active.clone(), e.counters.clone()))
+    }
+
+    /// A fresh store for a call of `name` within `limits`, ending at `deadline`, when the
+    /// runtime stops or when `caller` is cancelled.
+    fn new_store(
+        &self,
+        name: &str,
+        limits: &Limits,
+        deadline: Instant,
+        caller: Option<CancellationToken>,
+    ) -> WasmStore<HostState> {
         let interrupt = Interrupt {
-            deadline: started + Duration::from_millis(limits.timeout_ms),
+            deadline,
             stop: self.stop.clone(),
             caller,
         };
         let mut store = WasmStore::new(
             &self.engine,
-            HostState::new(name, self.registry.clone(), &limits, interrupt),
+            HostState::new(name, self.registry.clone(), limits, interrupt),
         );
         store.limiter(|s| &mut s.limits);
         // Every epoch tick while the guest runs its own code: stop it at its deadline or
@@ -202,31 +263,106 @@ impl Runtime {
             Ok(UpdateDeadline::Continue(1))
         });
         store.set_epoch_deadline(1);
-        let result = match store.data().interrupt.check() {
-            Err(e) => Err(guest_error(e)),
-            Ok(()) => store
-                .set_fuel(limits.fuel)
-                .map_err(internal)
-                .and_then(|()| f(&mut store, &active.pre)),
-        };
+        store
+    }
+
+    /// Count a call of `name` that started at `started`, and its failure.
+    fn count<R>(
+        &self,
+        name: &str,
+        version: u32,
+        counters: &Counters,
+        started: Instant,
+        result: &Result<R, CallError>,
+    ) {
         counters.calls.fetch_add(1, Ordering::Relaxed);
         counters
             .micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        match &result {
+        match result {
             // Not the guest's failure: the instance pool had no room (counted by the pool).
             Err(e @ CallError::Busy(_)) => {
-                tracing::warn!(module = name, version = active.info.version, error = %e, "guest call not run");
+                tracing::warn!(module = name, version, error = %e, "guest call not run");
             }
             Err(e) => {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(module = name, version = active.info.version, error = %e, "guest call failed");
+                tracing::warn!(module = name, version, error = %e, "guest call failed");
             }
             Ok(_) => {}
         }
-        result
     }
+}
+
+/// Call `on-event` on a behavior instance and check its actions. The flag tells whether the
+/// guest returned (with actions or its own error), so that its instance may serve another
+/// call; after a trap it may not.
+fn on_event(
+    store: &mut WasmStore<HostState>,
+    bindings: &Behavior,
+    event: &types::Event,
+) -> (Result<BehaviorOutput, CallError>, bool) {
+    let actions = match bindings.call_on_event(&mut *store, event) {
+        Err(e) => return (Err(guest_error(e)), false),
+        Ok(Err(m)) => {
+            return (
+                Err(CallError::Guest {
+                    kind: "guest_error",
+                    message: m.chars().take(4096).collect(),
+                }),
+                true,
+            )
+        }
+        Ok(Ok(actions)) => actions,
+    };
+    let emitted = std::mem::take(&mut store.data_mut().alerts);
+    (behavior_output(actions, emitted), true)
+}
+
+/// A behavior call's actions and the alerts it raised through the host, checked against the
+/// limits on a call's output.
+fn behavior_output(
+    actions: Vec<types::Action>,
+    emitted: Vec<types::Alert>,
+) -> Result<BehaviorOutput, CallError> {
+    if actions.len() + emitted.len() > super::MAX_ACTIONS_PER_CALL {
+        return Err(CallError::Guest {
+            kind: "output_too_large",
+            message: format!(
+                "{} actions; at most {}",
+                actions.len() + emitted.len(),
+                super::MAX_ACTIONS_PER_CALL
+            ),
+        });
+    }
+    let mut out = BehaviorOutput::default();
+    let mut bytes = 0;
+    for a in actions {
+        match a {
+            types::Action::Patch(p) => {
+                bytes += p.properties.len();
+                out.patches.push(GuestPatch {
+                    twin_id: p.twin_id,
+                    properties: p.properties,
+                });
+            }
+            types::Action::Alert(a) => {
+                bytes += a.message.len() + a.data.len();
+                out.alerts.push(guest_alert(a)?);
+            }
+        }
+    }
+    for a in emitted {
+        bytes += a.message.len() + a.data.len();
+        out.alerts.push(guest_alert(a)?);
+    }
+    if bytes > MAX_RESULT_BYTES {
+        return Err(CallError::Guest {
+            kind: "output_too_large",
+            message: format!("the actions hold {bytes} bytes; at most {MAX_RESULT_BYTES}"),
+        });
+    }
+    Ok(out)
 }
 
 fn wrong_world(name: &str, want: World) -> CallError {
@@ -437,6 +573,30 @@ pub mod measure {
             let started = Instant::now();
             for _ in 0..n {
                 self.call_behavior(name, &event)?;
+            }
+            Ok(started.elapsed().as_micros() as f64 / n as f64)
+        }
+
+        /// Microseconds per behavior call inside turns of at most `turn` (as the behavior
+        /// engine runs them: the calls of a turn share an instance), over `n` calls.
+        pub fn behavior_turn_call_micros(
+            &self,
+            name: &str,
+            twin: &Twin,
+            changed: &Value,
+            n: u32,
+            turn: Duration,
+        ) -> Result<f64, CallError> {
+            let events = vec![bench_event(twin, changed); n as usize];
+            let started = Instant::now();
+            let mut left = &events[..];
+            while !left.is_empty() {
+                let outs = self.call_behaviors(name, left, turn);
+                let made = outs.len();
+                if let Some(e) = outs.into_iter().find_map(Result::err) {
+                    return Err(e);
+                }
+                left = &left[made..];
             }
             Ok(started.elapsed().as_micros() as f64 / n as f64)
         }

@@ -231,6 +231,14 @@ impl HostState {
         }
     }
 
+    /// Start another call on this store (an instance serving several events of a turn):
+    /// its own deadline, host-call budget and alerts.
+    pub fn begin_call(&mut self, deadline: Instant) {
+        self.interrupt.deadline = deadline;
+        self.host_calls = 0;
+        self.alerts.clear();
+    }
+
     /// Count a host call; a guest spamming the host is stopped with a trap.
     fn charge(&mut self) -> wasmtime::Result<()> {
         self.host_calls += 1;

@@ -30,6 +30,8 @@ mod modules;
 pub mod pool;
 mod pooled;
 pub mod ticks;
+#[cfg(test)]
+mod turn_tests;
 
 pub use crate::types::World;
 pub use calls::{measure, GuestFailure, Write};

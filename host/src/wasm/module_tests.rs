@@ -9,7 +9,7 @@ use crate::wasm::behaviors::Binding;
 use crate::wasm::{CallError, Limits};
 
 /// A guest component built by `scripts/build-guests.sh`.
-fn guest(file: &str) -> Vec<u8> {
+pub(super) fn guest(file: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../guests/target/wasm32-wasip2/release")
         .join(file);
