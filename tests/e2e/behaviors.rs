@@ -570,3 +570,108 @@ async fn cli_behavior_rule_and_events_tail() {
     sources.sort();
     assert_eq!(sources, ["behavior", "rule"]);
 }
+
+/// Through the real server, a behavior's calls share an instance within a turn and a trap in
+/// one call costs only that event: 400 probes updated in one ingest, every tenth update
+/// asking the guest to panic, give 360 answers and 40 errors (an instance reused after its
+/// trap would refuse every later call of the turn), and some answers come from an instance
+/// that had already handled earlier events of its turn.
+#[tokio::test]
+async fn a_trap_in_a_turn_costs_only_its_own_event() {
+    let s = Server::start();
+    s.upload("turn", &guest("turn_behavior"), "")
+        .await
+        .expect(201);
+    s.put(
+        "/v1/behaviors/probe",
+        &json!({"module": "turn", "entity_type": "probe"}),
+    )
+    .await
+    .expect(201);
+    const PROBES: usize = 400;
+    let items: Vec<Value> = (0..PROBES)
+        .map(|i| json!({"entity_type": "probe", "properties": {"n": i}}))
+        .collect();
+    s.post("/v1/twins/bulk", &json!(items)).await.expect(200);
+    let r = s
+        .post("/v1/query", &json!({"entity_type": "probe", "limit": 1000}))
+        .await;
+    r.expect(200);
+    let ids: Vec<String> = r.body["items"]
+        .as_array()
+        .expect("a query answers with items")
+        .iter()
+        .map(|t| t["id"].as_str().expect("a twin has an id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), PROBES, "{}", r.text);
+    // The creations ran the behavior too: wait for them before the burst.
+    let runs = |b: &Value| b["runs"].as_u64().unwrap_or(0) as usize;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while runs(&s.get("/v1/behaviors/probe").await.body) < PROBES {
+        assert!(Instant::now() < deadline, "the creations never all ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The burst's events come after this number.
+    let start = s.get("/v1/events/log?limit=1").await.body["next_seq"]
+        .as_u64()
+        .expect("the log tells its next number");
+    let batch: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            if i % 10 == 0 {
+                json!({"twin_id": id, "properties": {"panic": true}})
+            } else {
+                json!({"twin_id": id, "properties": {"n": i + 1}})
+            }
+        })
+        .collect();
+    s.post("/v1/ingest", &json!(batch)).await.expect(200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let b = loop {
+        let b = s.get("/v1/behaviors/probe").await.body;
+        if runs(&b) >= 2 * PROBES || Instant::now() > deadline {
+            break b;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(runs(&b), 2 * PROBES, "{b}");
+    assert_eq!(b["errors"], PROBES / 10, "{b}");
+    assert_eq!(b["alerts"], 2 * PROBES - PROBES / 10, "{b}");
+    assert_eq!(b["dropped"], 0, "{b}");
+    assert!(
+        b["last_error"].as_str().unwrap_or("").contains("trap"),
+        "{b}"
+    );
+    // The burst's answers: how many events each one's instance had handled.
+    let expected = PROBES - PROBES / 10;
+    let mut seen = Vec::new();
+    let mut after = start;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < expected && Instant::now() < deadline {
+        let page = s
+            .get(&format!(
+                "/v1/events/log?types=alert&after={after}&limit=1000"
+            ))
+            .await
+            .body;
+        for e in page["events"].as_array().into_iter().flatten() {
+            if e["data"]["trigger_seq"].as_u64() >= Some(start) {
+                seen.push(e["data"]["data"]["seen"].as_u64().unwrap_or(0));
+            }
+        }
+        let next = page["next_after"]
+            .as_u64()
+            .expect("a page tells where to go on");
+        if next == after {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        after = next;
+    }
+    assert_eq!(seen.len(), PROBES - PROBES / 10, "{seen:?}");
+    assert!(seen.iter().all(|&n| n >= 1), "{seen:?}");
+    assert!(
+        seen.iter().any(|&n| n > 1),
+        "no call shared its instance with an earlier one of its turn: {seen:?}"
+    );
+}
