@@ -2,7 +2,8 @@
 //! temperature > 85 and patches through the write path without re-triggering itself; a twin's
 //! events run in log order; a failing or hanging behavior holds up no other; modules in use
 //! refuse deletion; the max resolver merges in canonical order; the Python thermal-analysis
-//! answers exactly as the Rust one.
+//! answers exactly as the Rust one; a trap in a turn of calls sharing an instance costs only
+//! its own event.
 
 use std::time::{Duration, Instant};
 

@@ -37,7 +37,7 @@ mod twins;
 mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ops::Bound;
+use std::ops::{Bound, ControlFlow};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -949,33 +949,56 @@ impl Registry {
         // the scan budget ran out first (a page may then hold fewer than `limit` items).
         let mut resume: Option<TwinId> = None;
         let matcher = q.matcher();
-        for (examined, id) in source.range((lower, Bound::Unbounded)).enumerate() {
-            if examined == query::MAX_EXAMINED_PER_PAGE {
-                resume = Some(*id);
-                break;
-            }
-            // Matched on the blob (only the properties asked about are decoded); a match
-            // is copied as it is and served from its bytes.
-            let matched = self.inner.twins.with(id, |b| {
-                matcher
-                    .matches(b, !from_type_index)
-                    .then(|| Box::<[u8]>::from(b))
-            });
-            let Some(Some(blob)) = matched else {
-                continue;
+        let mut examined = 0;
+        // Matched on the blob (only the properties asked about are decoded); a match is
+        // copied as it is and served from its bytes.
+        let mut visit =
+            |id: &TwinId, blob: Option<&[u8]>, walk: &dyn Fn(Option<TwinId>) -> bool| {
+                if examined == query::MAX_EXAMINED_PER_PAGE {
+                    resume = Some(*id);
+                    return ControlFlow::Break(());
+                }
+                examined += 1;
+                let Some(b) = blob.filter(|b| matcher.matches(b, !from_type_index)) else {
+                    return ControlFlow::Continue(());
+                };
+                if !walk(crate::types::compact::parent_id(b)) {
+                    return ControlFlow::Continue(());
+                }
+                if items.len() == limit {
+                    resume = items.last().map(|t: &TwinRef| t.id);
+                    return ControlFlow::Break(());
+                }
+                let children_ids = idx.children.get(id).map_or_else(Default::default, |k| {
+                    k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
+                });
+                items.push(TwinRef::new(*id, Box::from(b), children_ids));
+                ControlFlow::Continue(())
             };
-            let parent = crate::types::compact::parent_id(&blob);
-            if walk_to.is_some_and(|a| !self.is_under(parent, a)) {
-                continue;
+        let ids = source.range((lower, Bound::Unbounded));
+        match walk_to {
+            // Walking up reads other twins: one lock per twin, none held while walking.
+            Some(a) => {
+                for id in ids {
+                    let blob = self
+                        .inner
+                        .twins
+                        .with(id, |b| {
+                            matcher
+                                .matches(b, !from_type_index)
+                                .then(|| Box::<[u8]>::from(b))
+                        })
+                        .flatten();
+                    let under = |parent| self.is_under(parent, a);
+                    if visit(id, blob.as_deref(), &under).is_break() {
+                        break;
+                    }
+                }
             }
-            if items.len() == limit {
-                resume = items.last().map(|t: &TwinRef| t.id);
-                break;
-            }
-            let children_ids = idx.children.get(id).map_or_else(Default::default, |k| {
-                k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
-            });
-            items.push(TwinRef::new(*id, blob, children_ids));
+            None => self
+                .inner
+                .twins
+                .with_each(ids, |id, blob| visit(id, blob, &|_| true)),
         }
         // The budget stopped the scan at `id` before examining it: resume just before it.
         let next_cursor = resume.map(|id| {
