@@ -34,4 +34,5 @@ build_python_guest() { # NAME WORLD: guests/python/NAME/app.py -> $out/NAME_py.w
   "$venv/bin/componentize-py" -d wit -w "$2" componentize app -p "$src" -o "$out/$1_py.wasm"
 }
 build_python_guest thermal_analysis compute
+build_python_guest turn_monitor behavior
 ls -l "$out"/*.wasm

@@ -212,3 +212,53 @@ async fn every_call_of_a_turn_gets_its_own_deadline() {
     assert_eq!(kind(&outs[3]), "deadline_exceeded");
     assert_eq!(seen(&outs[4]), 1);
 }
+
+/// The same with a guest whose runtime nobody here wrote: componentize-py's CPython keeps its
+/// module globals between the calls of a turn, the guest's own `Err` keeps the instance, and
+/// an uncaught exception (a trap) gives the next event a fresh interpreter.
+#[tokio::test]
+async fn a_python_behavior_shares_its_instance_within_a_turn_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open_default_node(dir.path(), "test", true).await.unwrap();
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../guests/target/python/turn_monitor_py.wasm");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; build the guests first (scripts/build-guests.sh)",
+            path.display()
+        )
+    });
+    let rt = node.state.runtime.clone();
+    rt.upload("turn", bytes, Limits::default(), false)
+        .await
+        .unwrap();
+    let twin = node
+        .registry
+        .create(NewTwin {
+            entity_type: "machine".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let e = json!({});
+    let outs = turn(
+        &rt,
+        &twin,
+        &[
+            e.clone(),
+            e.clone(),
+            json!({"fail": true}),
+            e.clone(),
+            json!({"panic": true}),
+            e.clone(),
+            e,
+        ],
+        WHOLE,
+    )
+    .await;
+    assert_eq!((seen(&outs[0]), seen(&outs[1])), (1, 2));
+    assert_eq!(kind(&outs[2]), "guest_error");
+    assert_eq!(seen(&outs[3]), 4);
+    assert_eq!(kind(&outs[4]), "trap");
+    assert_eq!((seen(&outs[5]), seen(&outs[6])), (1, 2));
+}

@@ -524,6 +524,7 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let p1 = proc_sample();
     let elapsed = p1.at.duration_since(p0.at).as_secs_f64();
     let info = node.state.behaviors.get("overheat")?;
+    let python = python_behavior(args, &rt, &twin).await?;
     node.registry.shutdown();
     node.events.shutdown();
     let events_per_s = info.runs as f64 / elapsed;
@@ -543,5 +544,49 @@ pub(super) async fn behavior_phase(args: &BenchArgs) -> anyhow::Result<Value> {
         "of_what_a_call_allows": of_bound(host_us),
         "of_what_a_call_in_turn_allows": of_bound(turn_us),
         "cpu_percent": super::cpu_percent(p0, p1).round(),
+        "python_turn_monitor": python,
+    }))
+}
+
+/// A fresh call and a call inside turns (as the engine runs them) of the Python behavior
+/// `turn-monitor` (CPython in the component), when scripts/build-guests.sh has built it.
+async fn python_behavior(
+    args: &BenchArgs,
+    rt: &std::sync::Arc<crate::wasm::Runtime>,
+    twin: &crate::types::Twin,
+) -> anyhow::Result<Value> {
+    const CALLS: u32 = 200;
+    let path = args.guests.join("../../python/turn_monitor_py.wasm");
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(json!(format!(
+            "{} not found: build the guests with scripts/build-guests.sh",
+            path.display()
+        )));
+    };
+    rt.upload(
+        "turn-monitor-py",
+        bytes,
+        crate::wasm::Limits::default(),
+        false,
+    )
+    .await?;
+    let (rt, twin) = (rt.clone(), twin.clone());
+    let (fresh, in_turn) = tokio::task::spawn_blocking(move || {
+        let changed = json!({"temperature": 91});
+        anyhow::Ok((
+            rt.behavior_call_micros("turn-monitor-py", &twin, &changed, CALLS)?,
+            rt.behavior_turn_call_micros(
+                "turn-monitor-py",
+                &twin,
+                &changed,
+                CALLS,
+                crate::wasm::behaviors::EVENT_TURN,
+            )?,
+        ))
+    })
+    .await??;
+    Ok(json!({
+        "host_behavior_call_us": fresh.round(),
+        "host_behavior_call_in_turn_us": (in_turn * 10.0).round() / 10.0,
     }))
 }
