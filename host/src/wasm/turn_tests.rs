@@ -16,9 +16,19 @@ use crate::types::Twin;
 /// Long enough that every test's events run in one turn.
 const WHOLE: Duration = Duration::from_secs(60);
 
+/// A node with the Rust `turn-behavior` uploaded as `turn`, and a machine.
 async fn setup(dir: &std::path::Path, limits: Limits) -> (Node, Twin) {
+    setup_with(
+        dir,
+        super::module_tests::guest("turn_behavior.wasm"),
+        limits,
+    )
+    .await
+}
+
+/// A node with the behavior component `bytes` uploaded as `turn`, and a machine.
+async fn setup_with(dir: &std::path::Path, bytes: Vec<u8>, limits: Limits) -> (Node, Twin) {
     let node = open_default_node(dir, "test", true).await.unwrap();
-    let bytes = super::module_tests::guest("turn_behavior.wasm");
     node.state
         .runtime
         .upload("turn", bytes, limits, false)
@@ -90,30 +100,8 @@ async fn a_turn_shares_an_instance_until_a_call_traps() {
     let dir = tempfile::tempdir().unwrap();
     let (node, twin) = setup(dir.path(), Limits::default()).await;
     let rt = node.state.runtime.clone();
+    shares_until_a_trap(&rt, &twin).await;
     let e = json!({});
-    let outs = turn(
-        &rt,
-        &twin,
-        &[
-            e.clone(),
-            e.clone(),
-            json!({"fail": true}),
-            e.clone(),
-            json!({"panic": true}),
-            e.clone(),
-            e.clone(),
-        ],
-        WHOLE,
-    )
-    .await;
-    assert_eq!(outs.len(), 7);
-    assert_eq!((seen(&outs[0]), seen(&outs[1])), (1, 2));
-    // The guest's own error is an answer: its instance serves the next event.
-    assert_eq!(kind(&outs[2]), "guest_error");
-    assert_eq!(seen(&outs[3]), 4);
-    // A trap ends the instance: the next event gets a fresh one.
-    assert_eq!(kind(&outs[4]), "trap");
-    assert_eq!((seen(&outs[5]), seen(&outs[6])), (1, 2));
     // Every event was a call, and the two failures count as errors.
     let info = rt.info("turn").unwrap();
     assert_eq!((info.calls, info.errors), (7, 2));
@@ -219,7 +207,6 @@ async fn every_call_of_a_turn_gets_its_own_deadline() {
 #[tokio::test]
 async fn a_python_behavior_shares_its_instance_within_a_turn_too() {
     let dir = tempfile::tempdir().unwrap();
-    let node = open_default_node(dir.path(), "test", true).await.unwrap();
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../guests/target/python/turn_monitor_py.wasm");
     let bytes = std::fs::read(&path).unwrap_or_else(|e| {
@@ -228,22 +215,17 @@ async fn a_python_behavior_shares_its_instance_within_a_turn_too() {
             path.display()
         )
     });
-    let rt = node.state.runtime.clone();
-    rt.upload("turn", bytes, Limits::default(), false)
-        .await
-        .unwrap();
-    let twin = node
-        .registry
-        .create(NewTwin {
-            entity_type: "machine".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (node, twin) = setup_with(dir.path(), bytes, Limits::default()).await;
+    shares_until_a_trap(&node.state.runtime, &twin).await;
+}
+
+/// One turn of `{}`, `{}`, `fail`, `{}`, `panic`, `{}`, `{}`: the instance is shared, kept
+/// after the guest's own error and replaced after the trap.
+async fn shares_until_a_trap(rt: &std::sync::Arc<Runtime>, twin: &Twin) {
     let e = json!({});
     let outs = turn(
-        &rt,
-        &twin,
+        rt,
+        twin,
         &[
             e.clone(),
             e.clone(),
@@ -251,14 +233,17 @@ async fn a_python_behavior_shares_its_instance_within_a_turn_too() {
             e.clone(),
             json!({"panic": true}),
             e.clone(),
-            e,
+            e.clone(),
         ],
         WHOLE,
     )
     .await;
+    assert_eq!(outs.len(), 7);
     assert_eq!((seen(&outs[0]), seen(&outs[1])), (1, 2));
+    // The guest's own error is an answer: its instance serves the next event.
     assert_eq!(kind(&outs[2]), "guest_error");
     assert_eq!(seen(&outs[3]), 4);
+    // A trap ends the instance: the next event gets a fresh one.
     assert_eq!(kind(&outs[4]), "trap");
     assert_eq!((seen(&outs[5]), seen(&outs[6])), (1, 2));
 }
