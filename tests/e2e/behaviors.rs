@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::common::{alerts_until, guest, guest_file, twin_until, Body, Server};
+use crate::common::{
+    alerts_until, behavior_until, guest, guest_file, ids, twin_until, Body, Server,
+};
 
 #[tokio::test]
 async fn thermal_monitor_alerts_patches_and_does_not_retrigger_itself() {
@@ -598,25 +600,16 @@ async fn a_trap_in_a_turn_costs_only_its_own_event() {
         .post("/v1/query", &json!({"entity_type": "probe", "limit": 1000}))
         .await;
     r.expect(200);
-    let ids: Vec<String> = r.body["items"]
-        .as_array()
-        .expect("a query answers with items")
-        .iter()
-        .map(|t| t["id"].as_str().expect("a twin has an id").to_owned())
-        .collect();
-    assert_eq!(ids.len(), PROBES, "{}", r.text);
+    let probes = ids(&r.body["items"]);
+    assert_eq!(probes.len(), PROBES, "{}", r.text);
     // The creations ran the behavior too: wait for them before the burst.
     let runs = |b: &Value| b["runs"].as_u64().unwrap_or(0) as usize;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while runs(&s.get("/v1/behaviors/probe").await.body) < PROBES {
-        assert!(Instant::now() < deadline, "the creations never all ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    behavior_until(&s, "probe", |b| runs(b) >= PROBES).await;
     // The burst's events come after this number.
     let start = s.get("/v1/events/log?limit=1").await.body["next_seq"]
         .as_u64()
         .expect("the log tells its next number");
-    let batch: Vec<Value> = ids
+    let batch: Vec<Value> = probes
         .iter()
         .enumerate()
         .map(|(i, id)| {
@@ -628,14 +621,7 @@ async fn a_trap_in_a_turn_costs_only_its_own_event() {
         })
         .collect();
     s.post("/v1/ingest", &json!(batch)).await.expect(200);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let b = loop {
-        let b = s.get("/v1/behaviors/probe").await.body;
-        if runs(&b) >= 2 * PROBES || Instant::now() > deadline {
-            break b;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let b = behavior_until(&s, "probe", |b| runs(b) >= 2 * PROBES).await;
     assert_eq!(runs(&b), 2 * PROBES, "{b}");
     assert_eq!(b["errors"], PROBES / 10, "{b}");
     assert_eq!(b["alerts"], 2 * PROBES - PROBES / 10, "{b}");

@@ -36,6 +36,7 @@ mod replay;
 mod twins;
 mod write;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::{Bound, ControlFlow};
 use std::sync::Arc;
@@ -950,19 +951,20 @@ impl Registry {
         let mut resume: Option<TwinId> = None;
         let matcher = q.matcher();
         let mut examined = 0;
-        // Matched on the blob (only the properties asked about are decoded); a match is
-        // copied as it is and served from its bytes.
+        // Each twin is matched on its blob (only the properties asked about are decoded);
+        // `visit` gets the blob of a match (`None`: no match, or no such twin) and keeps a
+        // copy of it, served from its bytes.
         let mut visit =
-            |id: &TwinId, blob: Option<&[u8]>, walk: &dyn Fn(Option<TwinId>) -> bool| {
+            |id: &TwinId, matched: Option<Cow<'_, [u8]>>, walk: &dyn Fn(Option<TwinId>) -> bool| {
                 if examined == query::MAX_EXAMINED_PER_PAGE {
                     resume = Some(*id);
                     return ControlFlow::Break(());
                 }
                 examined += 1;
-                let Some(b) = blob.filter(|b| matcher.matches(b, !from_type_index)) else {
+                let Some(b) = matched else {
                     return ControlFlow::Continue(());
                 };
-                if !walk(crate::types::compact::parent_id(b)) {
+                if !walk(crate::types::compact::parent_id(&b)) {
                     return ControlFlow::Continue(());
                 }
                 if items.len() == limit {
@@ -972,33 +974,36 @@ impl Registry {
                 let children_ids = idx.children.get(id).map_or_else(Default::default, |k| {
                     k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
                 });
-                items.push(TwinRef::new(*id, Box::from(b), children_ids));
+                items.push(TwinRef::new(
+                    *id,
+                    b.into_owned().into_boxed_slice(),
+                    children_ids,
+                ));
                 ControlFlow::Continue(())
             };
+        let matches = |b: &[u8]| matcher.matches(b, !from_type_index);
         let ids = source.range((lower, Bound::Unbounded));
         match walk_to {
-            // Walking up reads other twins: one lock per twin, none held while walking.
+            // Walking up reads other twins: one lock per twin, none held while walking, so a
+            // match is copied out first.
             Some(a) => {
                 for id in ids {
-                    let blob = self
+                    let matched = self
                         .inner
                         .twins
-                        .with(id, |b| {
-                            matcher
-                                .matches(b, !from_type_index)
-                                .then(|| Box::<[u8]>::from(b))
-                        })
+                        .with(id, |b| matches(b).then(|| b.to_vec()))
                         .flatten();
                     let under = |parent| self.is_under(parent, a);
-                    if visit(id, blob.as_deref(), &under).is_break() {
+                    if visit(id, matched.map(Cow::Owned), &under).is_break() {
                         break;
                     }
                 }
             }
-            None => self
-                .inner
-                .twins
-                .with_each(ids, |id, blob| visit(id, blob, &|_| true)),
+            None => self.inner.twins.with_each(ids, |id, blob| {
+                visit(id, blob.filter(|b| matches(b)).map(Cow::Borrowed), &|_| {
+                    true
+                })
+            }),
         }
         // The budget stopped the scan at `id` before examining it: resume just before it.
         let next_cursor = resume.map(|id| {

@@ -68,19 +68,16 @@ impl Runtime {
         })
     }
 
-    /// Call `on-event` of the behavior module `name`. Blocking.
+    /// Call `on-event` of the behavior module `name` once, on a fresh instance (a turn of
+    /// one call). Blocking.
     pub fn call_behavior(
         &self,
         name: &str,
         event: &types::Event,
     ) -> Result<BehaviorOutput, CallError> {
-        self.call(name, None, |store, pre| {
-            let Pre::Behavior(pre) = pre else {
-                return Err(wrong_world(name, World::Behavior));
-            };
-            let bindings = pre.instantiate(&mut *store).map_err(guest_error)?;
-            on_event(store, &bindings, event).0
-        })
+        self.call_behaviors(name, std::slice::from_ref(event), Duration::ZERO)
+            .pop()
+            .expect("a turn makes at least one call")
     }
 
     /// Call `on-event` of the active version of `name` with `events` one after another, for
@@ -143,17 +140,14 @@ impl Runtime {
             Some((mut store, bindings)) => {
                 store.data_mut().begin_call(deadline);
                 store.set_epoch_deadline(1);
-                store.data().interrupt.check().map_err(guest_error)?;
-                store.set_fuel(limits.fuel).map_err(internal)?;
-                (store, bindings)
+                (store, Some(bindings))
             }
-            None => {
-                let mut store = self.new_store(name, limits, deadline, None);
-                store.data().interrupt.check().map_err(guest_error)?;
-                store.set_fuel(limits.fuel).map_err(internal)?;
-                let bindings = pre.instantiate(&mut store).map_err(guest_error)?;
-                (store, bindings)
-            }
+            None => (self.new_store(name, limits, deadline, None), None),
+        };
+        start(&mut store, limits)?;
+        let bindings = match bindings {
+            Some(b) => b,
+            None => pre.instantiate(&mut store).map_err(guest_error)?,
         };
         let (result, returned) = on_event(&mut store, &bindings, event);
         if returned {
@@ -217,13 +211,7 @@ impl Runtime {
         let limits = active.info.limits;
         let deadline = started + Duration::from_millis(limits.timeout_ms);
         let mut store = self.new_store(name, &limits, deadline, caller);
-        let result = match store.data().interrupt.check() {
-            Err(e) => Err(guest_error(e)),
-            Ok(()) => store
-                .set_fuel(limits.fuel)
-                .map_err(internal)
-                .and_then(|()| f(&mut store, &active.pre)),
-        };
+        let result = start(&mut store, &limits).and_then(|()| f(&mut store, &active.pre));
         self.count(name, active.info.version, &counters, started, &result);
         result
     }
@@ -292,6 +280,13 @@ impl Runtime {
             Ok(_) => {}
         }
     }
+}
+
+/// Before a call on `store`: refuse it if it is already interrupted (its deadline passed,
+/// the runtime stopping, its caller gone), then give it the call's fuel.
+fn start(store: &mut WasmStore<HostState>, limits: &Limits) -> Result<(), CallError> {
+    store.data().interrupt.check().map_err(guest_error)?;
+    store.set_fuel(limits.fuel).map_err(internal)
 }
 
 /// Call `on-event` on a behavior instance and check its actions. The flag tells whether the

@@ -8,11 +8,16 @@ use crate::store::keys;
 use crate::wasm::behaviors::Binding;
 use crate::wasm::{CallError, Limits};
 
-/// A guest component built by `scripts/build-guests.sh`.
+/// A Rust guest component built by `scripts/build-guests.sh`.
 pub(super) fn guest(file: &str) -> Vec<u8> {
+    guest_file(&format!("wasm32-wasip2/release/{file}"))
+}
+
+/// A file `scripts/build-guests.sh` built, by its path under `guests/target`.
+pub(super) fn guest_file(rel: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../guests/target/wasm32-wasip2/release")
-        .join(file);
+        .join("../guests/target")
+        .join(rel);
     std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e}; build the guests first (scripts/build-guests.sh)",

@@ -207,14 +207,7 @@ async fn every_call_of_a_turn_gets_its_own_deadline() {
 #[tokio::test]
 async fn a_python_behavior_shares_its_instance_within_a_turn_too() {
     let dir = tempfile::tempdir().unwrap();
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../guests/target/python/turn_monitor_py.wasm");
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; build the guests first (scripts/build-guests.sh)",
-            path.display()
-        )
-    });
+    let bytes = super::module_tests::guest_file("python/turn_monitor_py.wasm");
     let (node, twin) = setup_with(dir.path(), bytes, Limits::default()).await;
     shares_until_a_trap(&node.state.runtime, &twin).await;
 }

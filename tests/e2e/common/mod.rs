@@ -521,15 +521,42 @@ pub async fn alerts_until(s: &Server, twin: &str, pred: impl Fn(&[Value]) -> boo
     }
 }
 
-/// Poll `twin` until `pred` holds for it (or fail after 10 s).
-pub async fn twin_until(s: &Server, twin: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// Poll `GET path` every 50 ms until `pred` holds for its body (or fail after `within`).
+async fn poll_until(
+    s: &Server,
+    path: &str,
+    within: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + within;
     loop {
-        let t = s.get(&format!("/v1/twins/{twin}")).await.body;
-        if pred(&t) {
-            return t;
+        let body = s.get(path).await.body;
+        if pred(&body) {
+            return body;
         }
-        assert!(Instant::now() < deadline, "twin never matched: {t}");
+        assert!(Instant::now() < deadline, "{path} never matched: {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Poll the behavior `name` until `pred` holds for it (or fail after 30 s).
+pub async fn behavior_until(s: &Server, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    poll_until(
+        s,
+        &format!("/v1/behaviors/{name}"),
+        Duration::from_secs(30),
+        pred,
+    )
+    .await
+}
+
+/// Poll `twin` until `pred` holds for it (or fail after 10 s).
+pub async fn twin_until(s: &Server, twin: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    poll_until(
+        s,
+        &format!("/v1/twins/{twin}"),
+        Duration::from_secs(10),
+        pred,
+    )
+    .await
 }
