@@ -546,7 +546,14 @@ async fn seed_comparison(args: &BenchArgs) -> anyhow::Result<Value> {
         hits == TWINS,
         "the full-result query found {hits} of {TWINS} machines"
     );
-    let mut out = json!({"twinhost": {"updates_per_s": ours_updates.round(), "full_result_queries_per_s": ours_queries.round()}});
+    // The same on one core: a scan splits big windows over the cores (see registry::scan).
+    let one_core = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let (one_core_queries, _) = one_core.install(|| query_rate(reg, &seed_query(TWINS), 2.0))?;
+    let mut out = json!({"twinhost": {
+        "updates_per_s": ours_updates.round(),
+        "full_result_queries_per_s": ours_queries.round(),
+        "full_result_queries_per_s_one_core": one_core_queries.round(),
+    }});
     if args.no_seed {
         return Ok(out);
     }
@@ -577,6 +584,8 @@ async fn seed_comparison(args: &BenchArgs) -> anyhow::Result<Value> {
             out["seed"] = seed;
             out["ratio_updates"] = json!(((ours_updates / su) * 10.0).round() / 10.0);
             out["ratio_full_result_queries"] = json!(((ours_queries / sq) * 10.0).round() / 10.0);
+            out["ratio_full_result_queries_one_core"] =
+                json!(((one_core_queries / sq) * 10.0).round() / 10.0);
         }
         Ok(o) => {
             out["seed"] = json!(format!(

@@ -33,12 +33,12 @@ mod range_index_tests;
 pub mod rels;
 pub mod remote;
 mod replay;
+mod scan;
 mod twins;
 mod write;
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ops::{Bound, ControlFlow};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -945,77 +945,56 @@ impl Registry {
         let walk_to = q
             .ancestor_id
             .filter(|_| q.parent_id.is_some() || big_subtree);
-        let mut items = Vec::with_capacity(limit.min(1024));
-        // Where to resume: after the last returned twin, or after the last examined one when
-        // the scan budget ran out first (a page may then hold fewer than `limit` items).
-        let mut resume: Option<TwinId> = None;
         let matcher = q.matcher();
-        let mut examined = 0;
-        // Each twin is matched on its blob (only the properties asked about are decoded);
-        // `visit` gets the blob of a match (`None`: no match, or no such twin) and keeps a
-        // copy of it, served from its bytes.
-        let mut visit =
-            |id: &TwinId, matched: Option<Cow<'_, [u8]>>, walk: &dyn Fn(Option<TwinId>) -> bool| {
-                if examined == query::MAX_EXAMINED_PER_PAGE {
-                    resume = Some(*id);
-                    return ControlFlow::Break(());
-                }
-                examined += 1;
-                let Some(b) = matched else {
-                    return ControlFlow::Continue(());
-                };
-                if !walk(crate::types::compact::parent_id(&b)) {
-                    return ControlFlow::Continue(());
-                }
-                if items.len() == limit {
-                    resume = items.last().map(|t: &TwinRef| t.id);
-                    return ControlFlow::Break(());
-                }
-                let children_ids = idx.children.get(id).map_or_else(Default::default, |k| {
-                    k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
-                });
-                items.push(TwinRef::new(
-                    *id,
-                    b.into_owned().into_boxed_slice(),
-                    children_ids,
-                ));
-                ControlFlow::Continue(())
-            };
         let matches = |b: &[u8]| matcher.matches(b, !from_type_index);
+        // Each twin is matched on its blob (only the properties asked about are decoded); a
+        // match is kept shared, not copied, and served from its bytes.
+        let children = |id: &TwinId| {
+            idx.children.get(id).map_or_else(Default::default, |k| {
+                k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
+            })
+        };
         let ids = source.range((lower, Bound::Unbounded));
-        match walk_to {
-            // Walking up reads other twins: one lock per twin, none held while walking, so a
-            // match is copied out first.
+        let budget = query::MAX_EXAMINED_PER_PAGE;
+        let found = match walk_to {
+            // Walking up reads other twins: one lock per twin, none held while walking (the
+            // blob is shared out first).
             Some(a) => {
+                let mut part = scan::Part::new(limit.min(1024));
                 for id in ids {
                     let matched = self
                         .inner
                         .twins
-                        .with(id, |b| matches(b).then(|| b.to_vec()))
-                        .flatten();
-                    let under = |parent| self.is_under(parent, a);
-                    if visit(id, matched.map(Cow::Owned), &under).is_break() {
+                        .blob(id)
+                        .filter(|b| matches(b) && self.is_under(compact::parent_id(b), a));
+                    if part
+                        .visit(id, matched.as_ref(), limit, budget, &children)
+                        .is_break()
+                    {
                         break;
                     }
                 }
+                part
             }
-            None => self.inner.twins.with_each(ids, |id, blob| {
-                visit(id, blob.filter(|b| matches(b)).map(Cow::Borrowed), &|_| {
-                    true
-                })
-            }),
-        }
-        // The budget stopped the scan at `id` before examining it: resume just before it.
-        let next_cursor = resume.map(|id| {
-            if items.last().map(|t| t.id) == Some(id) {
-                id
-            } else {
-                source
-                    .range((lower, Bound::Excluded(id)))
-                    .next_back()
-                    .copied()
-                    .unwrap_or(id)
+            None => scan::Scan {
+                twins: &self.inner.twins,
+                matches: &matches,
+                children: &children,
+                limit,
+                budget,
+                split_from: scan::SPLIT_FROM,
             }
+            .run(ids),
+        };
+        let items = found.items;
+        let next_cursor = found.stop.map(|stop| match stop {
+            scan::Stop::Full => items.last().expect("a full page has items").id,
+            // The budget stopped the scan at `id` before examining it: resume just before it.
+            scan::Stop::Budget(id) => source
+                .range((lower, Bound::Excluded(id)))
+                .next_back()
+                .copied()
+                .unwrap_or(id),
         });
         let next_cursor = next_cursor.map(|id| id.to_string());
         Ok(Page { items, next_cursor })
@@ -1036,9 +1015,11 @@ impl Registry {
         let (items, next_cursor) = plan.page(after, limit, query::MAX_EXAMINED_PER_PAGE, |id| {
             // Every condition is checked on the twin itself: the index entry may be a moment
             // older than the twin, and other conditions narrow the match further.
-            let blob = self.inner.twins.with(&id, |b| {
-                matcher.matches(b, true).then(|| Box::<[u8]>::from(b))
-            })??;
+            let blob = self
+                .inner
+                .twins
+                .blob(&id)
+                .filter(|b| matcher.matches(b, true))?;
             let parent = crate::types::compact::parent_id(&blob);
             if q.ancestor_id.is_some_and(|a| !self.is_under(parent, a)) {
                 return None;

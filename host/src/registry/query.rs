@@ -101,12 +101,13 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
-/// A twin of a query's result: a copy of its compact blob with its children, serialized
+/// A twin of a query's result: its compact blob (shared with the registry, which replaces a
+/// changed twin's blob and never writes into it) with its children, serialized
 /// exactly like [`Twin`] straight from the blob (no decoded twin, no tree of JSON values).
 #[derive(Clone, Debug)]
 pub struct TwinRef {
     pub id: TwinId,
-    blob: Box<[u8]>,
+    blob: super::twins::Blob,
     pub children_ids: std::collections::BTreeSet<TwinId>,
 }
 
@@ -114,7 +115,7 @@ impl TwinRef {
     /// `blob`: the twin's compact form, names interned (as the registry holds it).
     pub(crate) fn new(
         id: TwinId,
-        blob: Box<[u8]>,
+        blob: super::twins::Blob,
         children_ids: std::collections::BTreeSet<TwinId>,
     ) -> TwinRef {
         TwinRef {

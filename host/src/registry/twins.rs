@@ -13,6 +13,8 @@
 //! A guard holds its shard's write lock like the `RefMut` it wraps, so the write path keeps
 //! one writer per twin; see the lock order in the registry's module doc.
 
+use std::sync::Arc;
+
 use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
@@ -22,10 +24,15 @@ use crate::store::StateSource;
 use crate::types::compact::{self, Names};
 use crate::types::{Lifecycle, Twin, TwinId};
 
+/// A twin's compact blob as the map holds it: shared, so that a query's result refers to
+/// the blobs it found instead of copying them (a change replaces a twin's blob, never
+/// writes into it).
+pub(crate) type Blob = Arc<[u8]>;
+
 /// Twins by id, each as its compact blob. Fx hashing: ids are UUIDs (uniform enough) and
 /// this map is on every update.
 pub(crate) struct TwinMap {
-    map: DashMap<TwinId, Box<[u8]>, FxBuildHasher>,
+    map: DashMap<TwinId, Blob, FxBuildHasher>,
     /// Ordered indexes of the properties models mark `"indexed": true`, kept in step by
     /// [`TwinMap::changed`].
     pub(crate) ranges: RangeIndexes,
@@ -94,6 +101,11 @@ impl TwinMap {
         self.map.get(id).map(|b| f(&b))
     }
 
+    /// The twin's blob, shared (no copy).
+    pub(crate) fn blob(&self, id: &TwinId) -> Option<Blob> {
+        self.map.get(id).map(|b| b.clone())
+    }
+
     /// Call `f` with each of `ids` and its blob (`None`: no such twin), in the order given,
     /// until it breaks. Runs of [`SCAN_RUN`] ids are read with every shard read-locked once
     /// for the run instead of once per twin: a lock and an unlock are two locked atomic
@@ -105,7 +117,7 @@ impl TwinMap {
     pub(crate) fn with_each<'i>(
         &self,
         ids: impl Iterator<Item = &'i TwinId>,
-        mut f: impl FnMut(&TwinId, Option<&[u8]>) -> std::ops::ControlFlow<()>,
+        mut f: impl FnMut(&TwinId, Option<&Blob>) -> std::ops::ControlFlow<()>,
     ) {
         let mut ids = ids.peekable();
         while ids.peek().is_some() {
@@ -113,7 +125,7 @@ impl TwinMap {
             match shards {
                 Some(shards) => {
                     let mut left = SCAN_RUN;
-                    let mut group: [(Option<&TwinId>, Option<&[u8]>); LOOKUP_GROUP] =
+                    let mut group: [(Option<&TwinId>, Option<&Blob>); LOOKUP_GROUP] =
                         [(None, None); LOOKUP_GROUP];
                     while left > 0 && ids.peek().is_some() {
                         // The lookups of a group run back to back, so that their cache
@@ -130,7 +142,7 @@ impl TwinMap {
                                         // which stays read-locked (nothing can remove or
                                         // move it) until the run ends.
                                         let (_, v) = unsafe { b.as_ref() };
-                                        &v.get()[..]
+                                        v.get()
                                     });
                                     (Some(id), blob)
                                 }
@@ -147,7 +159,7 @@ impl TwinMap {
                 None => {
                     for id in ids.by_ref().take(SCAN_RUN) {
                         let r = self.map.get(id);
-                        if f(id, r.as_ref().map(|b| &b[..])).is_break() {
+                        if f(id, r.as_deref()).is_break() {
                             return;
                         }
                     }
@@ -215,9 +227,9 @@ impl TwinMap {
     }
 
     /// Put a new twin in its vacant place, telling [`TwinMap::changed`].
-    fn insert_vacant(&self, e: dashmap::VacantEntry<'_, TwinId, Box<[u8]>>, new: Box<[u8]>) {
+    fn insert_vacant(&self, e: dashmap::VacantEntry<'_, TwinId, Blob>, new: Box<[u8]>) {
         self.changed(e.key(), None, Some(&new[..]));
-        e.insert(new);
+        e.insert(Blob::from(new));
     }
 
     /// Add or replace a twin by its compact blob (names interned).
@@ -225,7 +237,7 @@ impl TwinMap {
         match self.map.entry(id) {
             dashmap::Entry::Occupied(mut e) => {
                 self.changed(&id, Some(&e.get()[..]), Some(&new[..]));
-                e.insert(new);
+                e.insert(Blob::from(new));
             }
             dashmap::Entry::Vacant(e) => self.insert_vacant(e, new),
         }
@@ -286,7 +298,7 @@ impl StateSource for TwinMap {
 /// A twin being changed in place (see [`TwinMap::get_mut`]). Holds the twin's shard locked.
 pub(crate) struct TwinGuard<'a> {
     map: &'a TwinMap,
-    entry: RefMut<'a, TwinId, Box<[u8]>>,
+    entry: RefMut<'a, TwinId, Blob>,
     twin: Twin,
     touched: bool,
 }
@@ -314,7 +326,7 @@ impl Drop for TwinGuard<'_> {
         if new[..] != self.entry[..] {
             self.map
                 .changed(&self.twin.id, Some(&self.entry[..]), Some(&new[..]));
-            *self.entry = new;
+            *self.entry = Blob::from(new);
         }
     }
 }
@@ -387,7 +399,7 @@ mod tests {
     fn each(m: &TwinMap, ids: &[TwinId], stop_after: usize) -> Vec<(TwinId, Option<Box<[u8]>>)> {
         let mut seen = Vec::new();
         m.with_each(ids.iter(), |id, blob| {
-            seen.push((*id, blob.map(Box::from)));
+            seen.push((*id, blob.map(|b| Box::from(&b[..]))));
             if seen.len() == stop_after {
                 std::ops::ControlFlow::Break(())
             } else {
