@@ -229,6 +229,11 @@ impl Query {
                 .iter()
                 .map(|(k, v)| (k.as_str(), intern::lookup(k), v))
                 .collect(),
+            conditions: self
+                .conditions
+                .iter()
+                .map(|c| (c, intern::lookup(&c.property)))
+                .collect(),
         }
     }
 }
@@ -239,6 +244,8 @@ pub struct Matcher<'q> {
     entity_type: Option<(&'q str, Option<u32>)>,
     /// `properties` equality: each name, its interned number and the value.
     equal: Vec<(&'q str, Option<u32>, &'q Value)>,
+    /// `where` conditions, each with its property's interned number.
+    conditions: Vec<(&'q Condition, Option<u32>)>,
 }
 
 impl Matcher<'_> {
@@ -284,10 +291,40 @@ impl Matcher<'_> {
                 return false;
             }
         }
-        self.q
-            .conditions
+        self.conditions
             .iter()
-            .all(|c| condition_holds(c, props.get(&c.property).as_ref()))
+            .all(|&(c, number)| holds_on(c, number, &props))
+    }
+}
+
+/// [`condition_holds`] on a compact twin's properties: scalars compared where they lie,
+/// only arrays and objects decoded.
+fn holds_on(c: &Condition, number: Option<u32>, props: &crate::types::compact::Props<'_>) -> bool {
+    use crate::types::compact::Scalar;
+    let actual = props.scalar_numbered(&c.property, number);
+    let equal = |v: &Value| match actual {
+        None => false,
+        Some(x) => x.eq_json(v).unwrap_or_else(|| {
+            props
+                .get_numbered(&c.property, number)
+                .is_some_and(|a| json_eq(&a, v))
+        }),
+    };
+    match c.op {
+        Op::Exists => actual.is_some() != (c.value == Value::Bool(false)),
+        Op::Eq => equal(&c.value),
+        Op::Ne => !equal(&c.value),
+        Op::In => c.value.as_array().is_some_and(|vs| vs.iter().any(equal)),
+        Op::Lt | Op::Le | Op::Gt | Op::Ge => {
+            let ord = match (actual, &c.value) {
+                (Some(Scalar::Num(a)), Value::Number(b)) => {
+                    b.as_f64().and_then(|b| a.partial_cmp(&b))
+                }
+                (Some(Scalar::Str(a)), Value::String(b)) => Some(a.cmp(b.as_str())),
+                _ => None,
+            };
+            ord.is_some_and(|ord| ordered(c.op, ord))
+        }
     }
 }
 
@@ -302,17 +339,19 @@ fn condition_holds(c: &Condition, actual: Option<&Value>) -> bool {
         }
         Op::Eq => actual.is_some_and(|a| json_eq(a, &c.value)),
         Op::Ne => !actual.is_some_and(|a| json_eq(a, &c.value)),
-        Op::Lt | Op::Le | Op::Gt | Op::Ge => {
-            let Some(ord) = actual.and_then(|a| compare(a, &c.value)) else {
-                return false;
-            };
-            match c.op {
-                Op::Lt => ord == Ordering::Less,
-                Op::Le => ord != Ordering::Greater,
-                Op::Gt => ord == Ordering::Greater,
-                _ => ord != Ordering::Less,
-            }
-        }
+        Op::Lt | Op::Le | Op::Gt | Op::Ge => actual
+            .and_then(|a| compare(a, &c.value))
+            .is_some_and(|ord| ordered(c.op, ord)),
+    }
+}
+
+/// Whether `ord` (the twin's value against the condition's) satisfies ordering `op`.
+fn ordered(op: Op, ord: Ordering) -> bool {
+    match op {
+        Op::Lt => ord == Ordering::Less,
+        Op::Le => ord != Ordering::Greater,
+        Op::Gt => ord == Ordering::Greater,
+        _ => ord != Ordering::Less,
     }
 }
 
@@ -389,6 +428,56 @@ mod tests {
         for c in no {
             assert!(!q(json!({"where": [c.clone()]})).matches(&t), "{c}");
         }
+    }
+
+    /// The matcher on compact blobs (scalars compared in place) answers every condition as
+    /// the check on decoded twins does.
+    #[test]
+    fn conditions_on_blobs_agree_with_decoded_twins() {
+        use crate::types::compact::{self, Names};
+        let values = [
+            json!(90),
+            json!(90.0),
+            json!(90.5),
+            json!(-3),
+            json!(u64::MAX),
+            json!(0),
+            json!("operational"),
+            json!("fault"),
+            json!(""),
+            json!(true),
+            json!(false),
+            json!(null),
+            json!([1, "a"]),
+            json!({"a": 1}),
+        ];
+        let ops = ["=", "!=", "<", "<=", ">", ">=", "in", "exists"];
+        let mut compared = 0;
+        for actual in values.iter().map(Some).chain([None]) {
+            let mut props = json!({"other": 1});
+            if let Some(a) = actual {
+                props["p"] = a.clone();
+            }
+            let t = twin(props);
+            let blob = compact::encode(&t, Names::Interned);
+            for op in ops {
+                let wanted: Vec<Value> = match op {
+                    "in" => vec![json!([90, "fault"]), json!([[1, "a"]]), json!([])],
+                    "exists" => vec![json!(null), json!(true), json!(false)],
+                    _ => values.to_vec(),
+                };
+                for v in wanted {
+                    let query = q(json!({"where": [{"property": "p", "op": op, "value": v}]}));
+                    assert_eq!(
+                        query.matcher().matches(&blob, true),
+                        query.matches(&t),
+                        "{actual:?} {op} {v}"
+                    );
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, 15 * (6 * 14 + 3 + 3));
     }
 
     #[test]

@@ -1112,7 +1112,12 @@ impl<'a> Props<'a> {
 
     /// The value of property `name`, decoded; `None` when the twin has no such property.
     pub fn get(&self, name: &str) -> Option<Value> {
-        self.find(name, intern::lookup(name))?.value(0).ok()
+        self.get_numbered(name, intern::lookup(name))
+    }
+
+    /// [`Props::get`] with `name`'s interned number looked up once by the caller.
+    pub fn get_numbered(&self, name: &str, number: Option<u32>) -> Option<Value> {
+        self.find(name, number)?.value(0).ok()
     }
 }
 
