@@ -183,7 +183,6 @@ impl Scan<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Lifecycle, Twin};
     use serde_json::json;
 
     /// `n` twins with property `i` = 0..n, and every id (every `missing_every`th missing
@@ -192,24 +191,8 @@ mod tests {
         let m = TwinMap::new();
         let ids = (0..n)
             .map(|i| {
-                let now = chrono::Utc::now();
-                let t = Twin {
-                    id: TwinId::new_v7(),
-                    entity_type: "machine".into(),
-                    properties: json!({"i": i}).as_object().unwrap().clone(),
-                    version: 1,
-                    vclock: Default::default(),
-                    parent_id: None,
-                    children_ids: Default::default(),
-                    lifecycle: Lifecycle::Active,
-                    created_at: now,
-                    updated_at: now,
-                    hlc: 1,
-                    lseq: 1,
-                    clocks: Default::default(),
-                    deleted_hlc: 0,
-                    siblings: None,
-                };
+                let mut t = crate::registry::twins::tests::twin();
+                t.properties = json!({"i": i}).as_object().unwrap().clone();
                 if i % missing_every != missing_every - 1 {
                     m.insert(&t);
                 }

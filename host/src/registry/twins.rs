@@ -332,11 +332,12 @@ impl Drop for TwinGuard<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn twin() -> Twin {
+    /// A machine with a temperature (fresh id).
+    pub(in crate::registry) fn twin() -> Twin {
         let now = chrono::Utc::now();
         Twin {
             id: TwinId::new_v7(),
