@@ -737,6 +737,12 @@ async fn query_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let f = fleet(args.query_twins).await?;
     let secs = args.seconds.min(3.0);
     let (seed_shape, hits) = query_rate(&f.node.registry, &seed_query(100), secs)?;
+    // A full page out of many more matches: the scan must not read (or split) far past it.
+    let (full_page, _) = query_rate(
+        &f.node.registry,
+        &seed_query(crate::registry::query::MAX_LIMIT),
+        secs,
+    )?;
     let hot: Query = serde_json::from_value(json!({"entity_type": "machine",
         "where": [{"property": "temperature", "op": ">", "value": 85}], "limit": 100}))?;
     let (scan, _) = query_rate(&f.node.registry, &hot, secs)?;
@@ -748,6 +754,7 @@ async fn query_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     Ok(
         json!({"twins": args.query_twins, "page": 100, "hits_per_page": hits,
         "seed_shape_per_s": seed_shape.round(), "parent_index_per_s": parent.round(),
+        "seed_shape_page_10000_per_s": full_page.round(),
         "where_temperature_gt_85_full_scan_per_s": scan.round(), "seed_shape_http_per_s": http.round()}),
     )
 }

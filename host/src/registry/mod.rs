@@ -965,8 +965,8 @@ impl Registry {
                     let matched = self
                         .inner
                         .twins
-                        .blob(id)
-                        .filter(|b| matches(b) && self.is_under(compact::parent_id(b), a));
+                        .blob_if(id, |b| matches(b))
+                        .filter(|b| self.is_under(compact::parent_id(b), a));
                     if part
                         .visit(id, matched.as_ref(), limit, budget, &children)
                         .is_break()
@@ -1018,8 +1018,7 @@ impl Registry {
             let blob = self
                 .inner
                 .twins
-                .blob(&id)
-                .filter(|b| matcher.matches(b, true))?;
+                .blob_if(&id, |b| matcher.matches(b, true))?;
             let parent = crate::types::compact::parent_id(&blob);
             if q.ancestor_id.is_some_and(|a| !self.is_under(parent, a)) {
                 return None;

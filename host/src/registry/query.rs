@@ -439,12 +439,15 @@ mod tests {
             json!(90),
             json!(90.0),
             json!(90.5),
+            json!(0.1),
+            json!(-2.5),
             json!(-3),
             json!(u64::MAX),
             json!(0),
             json!("operational"),
             json!("fault"),
             json!(""),
+            json!("long ".repeat(40)),
             json!(true),
             json!(false),
             json!(null),
@@ -477,7 +480,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(compared, 15 * (6 * 14 + 3 + 3));
+        assert_eq!(compared, 18 * (6 * 17 + 3 + 3));
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! A query's scan of candidate twins: ids read in id order, in windows that grow while the
-//! page is not full; a big window of a big page (a full-result query over thousands of
-//! twins) is split in two halves matched on two cores at once, and the halves' results
-//! joined as if one scan had read them in order.
+//! A query's scan of candidate twins: ids read in id order, in windows sized to what the page
+//! still needs at the match rate seen so far; a big window of a big page (a full-result
+//! query over thousands of twins) is split in two halves matched on two cores at once, and
+//! the halves' results joined as if one scan had read them in order.
 //!
 //! Owns: the paging rules of a scan — at most `limit` items, at most `budget` twins examined,
 //! and where the next page resumes ([`Stop`]). Exposes: [`Scan`] and [`Part`].
@@ -16,7 +16,9 @@ use super::query::TwinRef;
 use super::twins::{Blob, TwinMap};
 use crate::types::TwinId;
 
-/// The first window of ids (grows ×2 per window, and is at least twice the items missing).
+/// The smallest window of ids. The first holds the items the page needs (as if every id
+/// matched) and one eighth more; later ones the ids it still needs at the match rate seen so
+/// far, and one eighth more; while nothing has matched they double.
 const FIRST_WINDOW: usize = 256;
 /// The largest window (its ids are copied out of the index: 16 bytes each).
 const MAX_WINDOW: usize = 32_768;
@@ -125,10 +127,15 @@ impl Scan<'_> {
         while acc.stop.is_none() && ids.peek().is_some() {
             let need = self.limit - acc.items.len();
             let budget = self.budget - acc.examined;
-            // One id past the budget, so that a scan stopped by it says where.
-            let take = size
-                .max(need.saturating_mul(2))
-                .min(MAX_WINDOW)
+            // Sized to fill the page, not more: a split window's second half is then needed
+            // (a dense match would otherwise fill the page in the first half and waste the
+            // second). One id past the budget, so that a scan stopped by it says where.
+            let expected = match acc.items.len() {
+                0 => size.max(need),
+                found => need.saturating_mul(acc.examined) / found,
+            };
+            let take = (expected + expected / 8)
+                .clamp(FIRST_WINDOW, MAX_WINDOW)
                 .min(budget + 1);
             // Only a window to split is copied out; a smaller one is read as it comes. A page
             // still missing few items stays on one core: a rare match's scan measured slower
@@ -157,7 +164,7 @@ impl Scan<'_> {
                 self.part(ids.by_ref().take(take), need, budget, need.min(take))
             };
             acc = acc.then(part, self.limit);
-            size = size.saturating_mul(2);
+            size = take.saturating_mul(2);
         }
         acc
     }
@@ -240,13 +247,18 @@ mod tests {
             }
         };
         let no_children = |_: &TwinId| BTreeSet::new();
+        // Two threads whatever the machine has, so that the windows do split.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
         let mut compared = 0;
         for k in [1, 3, 50, 2_000, 10_000] {
             let matches = every(k);
             for limit in [1, 2, 10, 100, 999, 1_000, 2_571, 10_000] {
                 for budget in [0, 1, 5, 300, 1_500, 2_999, 3_000, 100_000] {
                     let want = one_by_one(&m, &ids, &matches, limit, budget);
-                    // Split from windows of 64: the first windows (256, 512 …) are all split.
+                    // Split from 64 ids: every window of a page still missing 32 items or more splits.
                     for split_from in [usize::MAX, 64, 300] {
                         let scan = Scan {
                             twins: &m,
@@ -256,7 +268,7 @@ mod tests {
                             budget,
                             split_from,
                         };
-                        let got = scan.run(ids.iter());
+                        let got = pool.install(|| scan.run(ids.iter()));
                         let got_ids: Vec<TwinId> = got.items.iter().map(|t| t.id).collect();
                         assert_eq!(
                             (got_ids, got.stop),

@@ -101,9 +101,10 @@ impl TwinMap {
         self.map.get(id).map(|b| f(&b))
     }
 
-    /// The twin's blob, shared (no copy).
-    pub(crate) fn blob(&self, id: &TwinId) -> Option<Blob> {
-        self.map.get(id).map(|b| b.clone())
+    /// The twin's blob, shared (no copy), when `keep` takes it (the others' counts are not
+    /// touched).
+    pub(crate) fn blob_if(&self, id: &TwinId, keep: impl FnOnce(&[u8]) -> bool) -> Option<Blob> {
+        self.map.get(id).and_then(|b| keep(&b).then(|| b.clone()))
     }
 
     /// Call `f` with each of `ids` and its blob (`None`: no such twin), in the order given,
