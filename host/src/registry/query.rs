@@ -264,7 +264,7 @@ impl Matcher<'_> {
                 return false;
             }
         }
-        if self.equal.is_empty() && self.q.conditions.is_empty() {
+        if self.equal.is_empty() && self.conditions.is_empty() {
             return true;
         }
         let Ok(props) = compact::Props::of(b) else {
@@ -281,13 +281,7 @@ impl Matcher<'_> {
                     continue;
                 }
             }
-            let equal = match props.scalar_numbered(k, number) {
-                None => false,
-                Some(x) => x
-                    .eq_json(v)
-                    .unwrap_or_else(|| props.get(k).is_some_and(|x| json_eq(&x, v))),
-            };
-            if !equal {
+            if !equals_on(&props, k, number, props.scalar_numbered(k, number), v) {
                 return false;
             }
         }
@@ -297,19 +291,31 @@ impl Matcher<'_> {
     }
 }
 
+/// Whether property `name` (interned as `number`, read in place as `actual`) equals `v` as
+/// the query's equality has it (`1` = `1.0`): scalars compared where they lie, arrays and
+/// objects decoded. Serves `properties` equality and the `=`, `!=` and `in` conditions.
+fn equals_on(
+    props: &crate::types::compact::Props<'_>,
+    name: &str,
+    number: Option<u32>,
+    actual: Option<crate::types::compact::Scalar<'_>>,
+    v: &Value,
+) -> bool {
+    actual.is_some_and(|x| {
+        x.eq_json(v).unwrap_or_else(|| {
+            props
+                .get_numbered(name, number)
+                .is_some_and(|a| json_eq(&a, v))
+        })
+    })
+}
+
 /// [`condition_holds`] on a compact twin's properties: scalars compared where they lie,
 /// only arrays and objects decoded.
 fn holds_on(c: &Condition, number: Option<u32>, props: &crate::types::compact::Props<'_>) -> bool {
     use crate::types::compact::Scalar;
     let actual = props.scalar_numbered(&c.property, number);
-    let equal = |v: &Value| match actual {
-        None => false,
-        Some(x) => x.eq_json(v).unwrap_or_else(|| {
-            props
-                .get_numbered(&c.property, number)
-                .is_some_and(|a| json_eq(&a, v))
-        }),
-    };
+    let equal = |v: &Value| equals_on(props, &c.property, number, actual, v);
     match c.op {
         Op::Exists => actual.is_some() != (c.value == Value::Bool(false)),
         Op::Eq => equal(&c.value),
