@@ -53,7 +53,7 @@ pub use feed::{FeedItem, Tombstone, DEFAULT_TOMBSTONE_RETENTION};
 pub use model::Model;
 pub use query::{Page, Query, TwinRef};
 pub use remote::{RemoteChange, RemoteOutcome};
-pub(crate) use twins::TwinMap;
+pub(crate) use twins::{Blob, TwinMap};
 pub use write::{check_patch, RemoteAlert};
 
 use crate::store::{CommitHandle, Numbering, Store, StoreError};
@@ -946,7 +946,7 @@ impl Registry {
             .ancestor_id
             .filter(|_| q.parent_id.is_some() || big_subtree);
         let matcher = q.matcher();
-        let matches = |b: &[u8]| matcher.matches(b, !from_type_index);
+        let matches = |b: &Blob| matcher.matches_blob(b, !from_type_index);
         // Each twin is matched on its blob (only the properties asked about are decoded); a
         // match is kept shared, not copied, and served from its bytes.
         let children = |id: &TwinId| {
@@ -1018,7 +1018,7 @@ impl Registry {
             let blob = self
                 .inner
                 .twins
-                .blob_if(&id, |b| matcher.matches(b, true))?;
+                .blob_if(&id, |b| matcher.matches_blob(b, true))?;
             let parent = crate::types::compact::parent_id(&blob);
             if q.ancestor_id.is_some_and(|a| !self.is_under(parent, a)) {
                 return None;

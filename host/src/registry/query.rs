@@ -253,6 +253,21 @@ impl Matcher<'_> {
     /// the query names (its entity type only when `check_type`: a caller reading the type's
     /// index knows it already; without it, [`Query::matches_props`]).
     pub fn matches(&self, b: &[u8], check_type: bool) -> bool {
+        self.matches_with(b, || crate::types::compact::Props::of(b).ok(), check_type)
+    }
+
+    /// [`Matcher::matches`] on a blob of the registry's map, which knows where its
+    /// properties are.
+    pub(crate) fn matches_blob(&self, b: &super::twins::Blob, check_type: bool) -> bool {
+        self.matches_with(b, || b.props(), check_type)
+    }
+
+    fn matches_with<'b>(
+        &self,
+        b: &'b [u8],
+        props: impl FnOnce() -> Option<crate::types::compact::Props<'b>>,
+        check_type: bool,
+    ) -> bool {
         use crate::types::compact;
         if let Some(p) = self.q.parent_id {
             if compact::parent_id(b) != Some(p) {
@@ -267,7 +282,7 @@ impl Matcher<'_> {
         if self.equal.is_empty() && self.conditions.is_empty() {
             return true;
         }
-        let Ok(props) = compact::Props::of(b) else {
+        let Some(props) = props() else {
             return false;
         };
         for &(k, number, v) in &self.equal {
@@ -469,6 +484,8 @@ mod tests {
             }
             let t = twin(props);
             let blob = compact::encode(&t, Names::Interned);
+            // As the registry's map holds it: with where its properties begin.
+            let held = super::super::twins::Blob::new(&blob);
             for op in ops {
                 let wanted: Vec<Value> = match op {
                     "in" => vec![json!([90, "fault"]), json!([[1, "a"]]), json!([])],
@@ -477,11 +494,13 @@ mod tests {
                 };
                 for v in wanted {
                     let query = q(json!({"where": [{"property": "p", "op": op, "value": v}]}));
+                    let want = query.matches(&t);
                     assert_eq!(
                         query.matcher().matches(&blob, true),
-                        query.matches(&t),
+                        want,
                         "{actual:?} {op} {v}"
                     );
+                    assert_eq!(query.matcher().matches_blob(&held, true), want);
                     compared += 1;
                 }
             }

@@ -109,7 +109,7 @@ impl Part {
 /// One query's scan: how twins are matched and listed, and the page's bounds.
 pub(super) struct Scan<'a> {
     pub(super) twins: &'a TwinMap,
-    pub(super) matches: &'a (dyn Fn(&[u8]) -> bool + Sync),
+    pub(super) matches: &'a (dyn Fn(&Blob) -> bool + Sync),
     pub(super) children: &'a Children<'a>,
     pub(super) limit: usize,
     pub(super) budget: usize,
@@ -213,7 +213,7 @@ mod tests {
     fn one_by_one(
         m: &TwinMap,
         ids: &[TwinId],
-        matches: &dyn Fn(&[u8]) -> bool,
+        matches: &dyn Fn(&Blob) -> bool,
         limit: usize,
         budget: usize,
     ) -> (Vec<TwinId>, Option<Stop>) {
@@ -223,7 +223,7 @@ mod tests {
                 return (items, Some(Stop::Budget(*id)));
             }
             examined += 1;
-            if m.with(id, matches) == Some(true) {
+            if m.blob_if(id, matches).is_some() {
                 if items.len() == limit {
                     return (items, Some(Stop::Full));
                 }
@@ -238,9 +238,8 @@ mod tests {
         let n = 3_000;
         let (m, ids) = twins(n, 7);
         let every = |k: u64| {
-            move |b: &[u8]| {
-                crate::types::compact::Props::of(b)
-                    .ok()
+            move |b: &Blob| {
+                b.props()
                     .and_then(|p| p.get("i"))
                     .and_then(|v| v.as_u64())
                     .is_some_and(|i| i % k == 0)
@@ -286,7 +285,7 @@ mod tests {
     #[test]
     fn a_part_after_a_stopped_one_adds_nothing() {
         let (m, ids) = twins(10, usize::MAX);
-        let all = |_: &[u8]| true;
+        let all = |_: &Blob| true;
         let no_children = |_: &TwinId| BTreeSet::new();
         let scan = Scan {
             twins: &m,

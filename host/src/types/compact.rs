@@ -1009,7 +1009,11 @@ pub fn outline(b: &[u8]) -> R<Outline<'_>> {
     })
 }
 
-/// Property lookups on a compact twin that decode only the values asked for.
+/// Where the property count of compact twin `b` is (see [`Props::at`]).
+pub fn props_offset(b: &[u8]) -> R<usize> {
+    Props::of(b).map(|p| p.at)
+}
+
 /// A property value read in place by [`Props::scalar`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Scalar<'a> {
@@ -1036,6 +1040,7 @@ impl Scalar<'_> {
     }
 }
 
+/// Property lookups on a compact twin that decode only the values asked for.
 pub struct Props<'a> {
     b: &'a [u8],
     /// Where the property count is.
@@ -1051,6 +1056,14 @@ impl<'a> Props<'a> {
         r.varint()?;
         r.skip_to_props(h.flags)?;
         Ok(Props { b, at: r.at })
+    }
+
+    /// The properties of compact twin `b` whose property count is at `at`, as
+    /// [`props_offset`] found it (a holder of many twins keeps it with each, so that a query
+    /// does not walk every twin's head again). A wrong `at` reads wrong values, never out of
+    /// bounds.
+    pub fn at(b: &'a [u8], at: usize) -> Props<'a> {
+        Props { b, at }
     }
 
     /// A reader at the value of property `name`; `None` when the twin has no such property.
