@@ -283,13 +283,7 @@ async fn compute(
                 .map(|id| s.registry.get(id))
                 .collect::<Result<Vec<_>, _>>()?
         }
-        (None, Some(q)) => s
-            .registry
-            .query(&q)?
-            .items
-            .into_iter()
-            .map(|t| t.twin())
-            .collect(),
+        (None, Some(q)) => s.registry.query(&q)?.twins(),
         _ => {
             return Err(ApiError::BadRequest(
                 "give exactly one of twin_ids or query".into(),

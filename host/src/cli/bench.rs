@@ -461,7 +461,7 @@ fn query_rate(reg: &Registry, q: &Query, secs: f64) -> anyhow::Result<(f64, usiz
     let start = Instant::now();
     let (mut n, mut hits) = (0u64, 0usize);
     while start.elapsed().as_secs_f64() < secs {
-        hits = reg.query(q)?.items.len();
+        hits = reg.query(q)?.len();
         n += 1;
     }
     Ok((n as f64 / start.elapsed().as_secs_f64(), hits))

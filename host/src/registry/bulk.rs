@@ -245,7 +245,7 @@ mod tests {
         let mut seen = Vec::new();
         loop {
             let page = reg.query(&q).unwrap();
-            seen.extend(page.items.iter().map(|t| t.id));
+            seen.extend(page.iter().map(|t| t.id));
             match page.next_cursor {
                 Some(c) => q.cursor = Some(c),
                 None => break,
@@ -331,7 +331,7 @@ mod tests {
         let mut found = Vec::new();
         loop {
             let page = reg.query(&q).unwrap();
-            found.extend(page.items.iter().map(|t| t.id));
+            found.extend(page.iter().map(|t| t.id));
             match page.next_cursor {
                 Some(c) => q.cursor = Some(c),
                 None => break,
@@ -342,7 +342,7 @@ mod tests {
         q.ancestor_id = Some(machines[0]);
         q.entity_type = Some("sensor".into());
         q.cursor = None;
-        assert_eq!(reg.query(&q).unwrap().items.len(), 3);
+        assert_eq!(reg.query(&q).unwrap().len(), 3);
 
         // A chunk of the subtree holds children before their parents, the root last.
         {
@@ -418,8 +418,8 @@ mod tests {
             let (mut all, mut sizes) = (Vec::new(), Vec::new());
             loop {
                 let page = reg.query(q).unwrap();
-                sizes.push(page.items.len());
-                all.extend(page.items.iter().map(|t| t.id));
+                sizes.push(page.len());
+                all.extend(page.iter().map(|t| t.id));
                 match page.next_cursor {
                     Some(c) => q.cursor = Some(c),
                     None => return (all, sizes),
@@ -449,7 +449,7 @@ mod tests {
             "where": [{"property": "i", "op": ">=", "value": n - 10}]}))
         .unwrap();
         let first = reg.query(&q).unwrap();
-        assert!(first.items.is_empty());
+        assert!(first.is_empty());
         assert_eq!(
             first.next_cursor.as_deref(),
             Some(ids[MAX_EXAMINED_PER_PAGE - 1].to_string().as_str())

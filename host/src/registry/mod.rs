@@ -965,10 +965,11 @@ impl Registry {
                     let matched = self
                         .inner
                         .twins
-                        .blob_if(id, |b| matches(b))
+                        .with_blob(id, |b| matches(b).then(|| b.to_vec()))
+                        .flatten()
                         .filter(|b| self.is_under(compact::parent_id(b), a));
                     if part
-                        .visit(id, matched.as_ref(), limit, budget, &children)
+                        .visit(id, matched.as_deref(), limit, budget, &children)
                         .is_break()
                     {
                         break;
@@ -986,9 +987,9 @@ impl Registry {
             }
             .run(ids),
         };
-        let items = found.items;
+        let mut page = found.items;
         let next_cursor = found.stop.map(|stop| match stop {
-            scan::Stop::Full => items.last().expect("a full page has items").id,
+            scan::Stop::Full => page.last_id().expect("a full page has items"),
             // The budget stopped the scan at `id` before examining it: resume just before it.
             scan::Stop::Budget(id) => source
                 .range((lower, Bound::Excluded(id)))
@@ -996,8 +997,8 @@ impl Registry {
                 .copied()
                 .unwrap_or(id),
         });
-        let next_cursor = next_cursor.map(|id| id.to_string());
-        Ok(Page { items, next_cursor })
+        page.next_cursor = next_cursor.map(|id| id.to_string());
+        Ok(page)
     }
 }
 
@@ -1012,23 +1013,40 @@ impl Registry {
     ) -> Page {
         let idx = self.inner.index.read();
         let matcher = q.matcher();
-        let (items, next_cursor) = plan.page(after, limit, query::MAX_EXAMINED_PER_PAGE, |id| {
+        let mut page = Page::with_capacity(limit.min(1024));
+        let (_, next_cursor) = plan.page(after, limit, query::MAX_EXAMINED_PER_PAGE, |id| {
             // Every condition is checked on the twin itself: the index entry may be a moment
-            // older than the twin, and other conditions narrow the match further.
+            // older than the twin, and other conditions narrow the match further. A match
+            // is copied into the page under its shard's lock, or its parent read there when
+            // the ancestor is to be checked (which reads other twins: no lock held).
+            let children_ids = || {
+                idx.children.get(&id).map_or_else(Default::default, |k| {
+                    k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
+                })
+            };
+            let Some(a) = q.ancestor_id else {
+                let pushed = self.inner.twins.with_blob(&id, |b| {
+                    matcher.matches_blob(b, true) && {
+                        page.push(id, b, children_ids());
+                        true
+                    }
+                });
+                return pushed.filter(|p| *p).map(|_| ());
+            };
             let blob = self
                 .inner
                 .twins
-                .blob_if(&id, |b| matcher.matches_blob(b, true))?;
-            let parent = crate::types::compact::parent_id(&blob);
-            if q.ancestor_id.is_some_and(|a| !self.is_under(parent, a)) {
+                .with_blob(&id, |b| matcher.matches_blob(b, true).then(|| b.to_vec()))??;
+            if !self.is_under(crate::types::compact::parent_id(&blob), a) {
                 return None;
             }
-            let children_ids = idx.children.get(&id).map_or_else(Default::default, |k| {
-                k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
-            });
-            Some(TwinRef::new(id, blob, children_ids))
+            page.push(id, &blob, children_ids());
+            Some(())
         });
-        Page { items, next_cursor }
+        // The match that showed the page full was added too: not the page's.
+        page.truncate(limit);
+        page.next_cursor = next_cursor;
+        page
     }
 
     /// Bring the range indexes of `entity_type` in line with its model: an index for each

@@ -2,6 +2,7 @@
 //! conditions, hierarchy filters and cursor paging in id order.
 
 use std::cmp::Ordering;
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -93,55 +94,168 @@ pub enum Cursor {
     Index(super::range_index::Position),
 }
 
-/// One page of results.
-#[derive(Clone, Debug, Serialize, ToSchema)]
+/// One page of results: the matching twins' compact bytes, copied into a few buffers (one
+/// per part of the scan that found them), served straight from those bytes (no decoded
+/// twin, no tree of JSON values). A copy is a consistent snapshot of each twin, costs the
+/// registry nothing once made (no count on each twin's blob to raise and lower), and the
+/// page is freed as a few buffers.
+#[derive(Clone, Debug, Default, ToSchema)]
 pub struct Page {
     #[schema(value_type = Vec<Twin>)]
-    pub items: Vec<TwinRef>,
+    items: Vec<Item>,
+    #[schema(ignore)]
+    buffers: Vec<Vec<u8>>,
     pub next_cursor: Option<String>,
 }
 
-/// A twin of a query's result: its compact blob (shared with the registry, which replaces a
-/// changed twin's blob and never writes into it) with its children, serialized
-/// exactly like [`Twin`] straight from the blob (no decoded twin, no tree of JSON values).
+/// Where one twin of a [`Page`] is.
 #[derive(Clone, Debug)]
-pub struct TwinRef {
-    pub id: TwinId,
-    blob: super::twins::Blob,
-    pub children_ids: std::collections::BTreeSet<TwinId>,
+struct Item {
+    id: TwinId,
+    /// Its bytes: `buffers[buffer][at..at + len]`.
+    at: usize,
+    buffer: u32,
+    len: u32,
+    children_ids: BTreeSet<TwinId>,
 }
 
-impl TwinRef {
-    /// `blob`: the twin's compact form, names interned (as the registry holds it).
-    pub(crate) fn new(
-        id: TwinId,
-        blob: super::twins::Blob,
-        children_ids: std::collections::BTreeSet<TwinId>,
-    ) -> TwinRef {
-        TwinRef {
-            id,
-            blob,
-            children_ids,
-        }
-    }
+/// A twin of a [`Page`]: its compact bytes (names interned) with its children, serialized
+/// exactly like [`Twin`] straight from the bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct TwinRef<'p> {
+    pub id: TwinId,
+    blob: &'p [u8],
+    pub children_ids: &'p BTreeSet<TwinId>,
+}
 
+impl TwinRef<'_> {
     /// The twin, decoded (with its children).
     pub fn twin(&self) -> Twin {
-        let mut t = crate::types::compact::decode(self.id, &self.blob)
+        let mut t = crate::types::compact::decode(self.id, self.blob)
             .expect("a twin blob encoded by this process decodes");
         t.children_ids = self.children_ids.clone();
         t
     }
 }
 
-impl Serialize for TwinRef {
+impl Serialize for TwinRef<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         crate::types::compact::Served {
             id: self.id,
-            blob: &self.blob,
-            children_ids: &self.children_ids,
+            blob: self.blob,
+            children_ids: self.children_ids,
         }
         .serialize(s)
+    }
+}
+
+impl Page {
+    /// An empty page with room for `capacity` twins.
+    pub(super) fn with_capacity(capacity: usize) -> Page {
+        Page {
+            items: Vec::with_capacity(capacity),
+            buffers: Vec::new(),
+            next_cursor: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The page's twins, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = TwinRef<'_>> + '_ {
+        self.items.iter().map(|i| self.twin_ref(i))
+    }
+
+    /// The `n`th twin.
+    pub fn get(&self, n: usize) -> Option<TwinRef<'_>> {
+        self.items.get(n).map(|i| self.twin_ref(i))
+    }
+
+    /// The page's twins, decoded.
+    pub fn twins(&self) -> Vec<Twin> {
+        self.iter().map(|t| t.twin()).collect()
+    }
+
+    /// The id of the last twin.
+    pub(super) fn last_id(&self) -> Option<TwinId> {
+        self.items.last().map(|i| i.id)
+    }
+
+    fn twin_ref<'p>(&'p self, i: &'p Item) -> TwinRef<'p> {
+        TwinRef {
+            id: i.id,
+            blob: &self.buffers[i.buffer as usize][i.at..i.at + i.len as usize],
+            children_ids: &i.children_ids,
+        }
+    }
+
+    /// Add twin `id` (compact bytes `blob`), copying it into the last buffer; a full buffer
+    /// is followed by one twice its size (nothing is moved).
+    pub(super) fn push(&mut self, id: TwinId, blob: &[u8], children_ids: BTreeSet<TwinId>) {
+        let room = self.buffers.last().map(|b| b.capacity() - b.len());
+        if room.is_none_or(|room| room < blob.len()) {
+            let size = match self.buffers.last() {
+                // The first: for the twins the page has room for, at this one's size and
+                // an eighth more, at most 16 MiB (room a scan of rare matches does not fill
+                // is not touched, so it takes no memory).
+                None => (self.items.capacity().max(1) * (blob.len() + blob.len() / 8)).min(1 << 24),
+                Some(last) => last.capacity() * 2,
+            };
+            self.buffers.push(Vec::with_capacity(size.max(blob.len())));
+        }
+        let buffer = self.buffers.len() - 1;
+        let bytes = &mut self.buffers[buffer];
+        let at = bytes.len();
+        bytes.extend_from_slice(blob);
+        self.items.push(Item {
+            id,
+            at,
+            buffer: buffer as u32,
+            len: u32::try_from(blob.len()).expect("a twin is smaller than 4 GiB"),
+            children_ids,
+        });
+    }
+
+    /// Drop the twins after the first `n`.
+    pub(super) fn truncate(&mut self, n: usize) {
+        self.items.truncate(n);
+    }
+
+    /// Add `next`'s twins after this page's (their buffers are moved, not copied).
+    pub(super) fn append(&mut self, next: Page) {
+        if self.items.is_empty() {
+            self.items = next.items;
+            self.buffers = next.buffers;
+            return;
+        }
+        let shift = self.buffers.len() as u32;
+        self.buffers.extend(next.buffers);
+        self.items.extend(next.items.into_iter().map(|mut i| {
+            i.buffer += shift;
+            i
+        }));
+    }
+}
+
+impl Serialize for Page {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Items<'p>(&'p Page);
+        impl Serialize for Items<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.iter())
+            }
+        }
+        let mut st = s.serialize_struct("Page", 2)?;
+        st.serialize_field("items", &Items(self))?;
+        st.serialize_field("next_cursor", &self.next_cursor)?;
+        st.end()
     }
 }
 

@@ -49,7 +49,7 @@ fn run(reg: &Registry, q: &Value, page: usize) -> (BTreeSet<TwinId>, bool) {
     let (mut out, mut indexed) = (BTreeSet::new(), false);
     loop {
         let p = reg.query(&q).unwrap();
-        for t in &p.items {
+        for t in p.iter() {
             assert!(out.insert(t.id), "twin {} came twice", t.id);
         }
         match p.next_cursor {
@@ -69,7 +69,6 @@ fn brute(reg: &Registry, q: &Value) -> BTreeSet<TwinId> {
         serde_json::from_value(json!({"entity_type": "machine", "limit": 10000})).unwrap();
     reg.query(&all)
         .unwrap()
-        .items
         .iter()
         .map(|t| reg.get(&t.id).unwrap())
         .filter(|t| query.matches(t))

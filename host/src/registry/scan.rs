@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
-use super::query::TwinRef;
+use super::query::Page;
 use super::twins::{Blob, TwinMap};
 use crate::types::TwinId;
 
@@ -39,7 +39,8 @@ pub(super) enum Stop {
 /// What scanning a run of ids found.
 #[derive(Debug)]
 pub(super) struct Part {
-    pub(super) items: Vec<TwinRef>,
+    /// The matches (the page without its cursor).
+    pub(super) items: Page,
     /// Ids examined (found or not, matching or not).
     pub(super) examined: usize,
     pub(super) stop: Option<Stop>,
@@ -51,18 +52,18 @@ pub(super) type Children<'a> = dyn Fn(&TwinId) -> BTreeSet<TwinId> + Sync + 'a;
 impl Part {
     pub(super) fn new(capacity: usize) -> Part {
         Part {
-            items: Vec::with_capacity(capacity),
+            items: Page::with_capacity(capacity),
             examined: 0,
             stop: None,
         }
     }
 
-    /// Examine `id` (`matched`: its blob when it matches the query) as the next candidate of
+    /// Examine `id` (`matched`: its bytes when it matches the query) as the next candidate of
     /// a page of `limit` items and `budget` examined twins; breaks when the part stops.
     pub(super) fn visit(
         &mut self,
         id: &TwinId,
-        matched: Option<&Blob>,
+        matched: Option<&[u8]>,
         limit: usize,
         budget: usize,
         children: &Children<'_>,
@@ -79,7 +80,7 @@ impl Part {
             self.stop = Some(Stop::Full);
             return ControlFlow::Break(());
         }
-        self.items.push(TwinRef::new(*id, b.clone(), children(id)));
+        self.items.push(*id, b, children(id));
         ControlFlow::Continue(())
     }
 
@@ -91,11 +92,7 @@ impl Part {
             return self;
         }
         self.examined += next.examined;
-        if self.items.is_empty() {
-            self.items = next.items;
-        } else {
-            self.items.extend(next.items);
-        }
+        self.items.append(next.items);
         if self.items.len() > limit {
             self.items.truncate(limit);
             self.stop = Some(Stop::Full);
@@ -181,7 +178,7 @@ impl Scan<'_> {
         let mut part = Part::new(capacity);
         self.twins.with_each(ids, |id, blob| {
             let matched = blob.filter(|b| (self.matches)(b));
-            part.visit(id, matched, limit, budget, self.children)
+            part.visit(id, matched.map(|b| &b[..]), limit, budget, self.children)
         });
         part
     }
@@ -223,7 +220,7 @@ mod tests {
                 return (items, Some(Stop::Budget(*id)));
             }
             examined += 1;
-            if m.blob_if(id, matches).is_some() {
+            if m.with_blob(id, matches) == Some(true) {
                 if items.len() == limit {
                     return (items, Some(Stop::Full));
                 }
@@ -269,6 +266,16 @@ mod tests {
                         };
                         let got = pool.install(|| scan.run(ids.iter()));
                         let got_ids: Vec<TwinId> = got.items.iter().map(|t| t.id).collect();
+                        // Each item's bytes are its twin's.
+                        for t in got.items.iter() {
+                            assert_eq!(
+                                Some(t.twin()),
+                                m.get(&t.id).map(|mut x| {
+                                    x.children_ids = Default::default();
+                                    x
+                                })
+                            );
+                        }
                         assert_eq!(
                             (got_ids, got.stop),
                             want,
@@ -299,6 +306,6 @@ mod tests {
         assert_eq!((first.items.len(), first.stop), (3, Some(Stop::Full)));
         let joined = first.then(scan.part(ids[5..].iter(), 3, 95, 3), 3);
         assert_eq!(joined.items.len(), 3);
-        assert_eq!(joined.items[2].id, ids[2]);
+        assert_eq!(joined.items.get(2).map(|t| t.id), Some(ids[2]));
     }
 }

@@ -13,8 +13,6 @@
 //! A guard holds its shard's write lock like the `RefMut` it wraps, so the write path keeps
 //! one writer per twin; see the lock order in the registry's module doc.
 
-use std::sync::Arc;
-
 use dashmap::mapref::one::RefMut;
 use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
@@ -24,17 +22,15 @@ use crate::store::StateSource;
 use crate::types::compact::{self, Names};
 use crate::types::{Lifecycle, Twin, TwinId};
 
-/// A twin's compact blob as the map holds it: shared, so that a query's result refers to
-/// the blobs it found instead of copying them (a change replaces a twin's blob, never
-/// writes into it), and with where its properties begin, found once when the blob is made
-/// instead of by every query that reads them (walking the head's varints was a sixth of a
-/// full-result query). Derefs to the compact bytes.
-#[derive(Clone)]
+/// A twin's compact blob as the map holds it, with where its properties begin, found once
+/// when the blob is made instead of by every query that reads them (walking the head's
+/// varints was a sixth of a full-result query). Derefs to the compact bytes. A change
+/// replaces a twin's blob; a query copies the blobs it returns.
 pub(crate) struct Blob(
     /// The property count's offset (u16 little-endian; 0: not kept, find it), then the
     /// compact bytes. Two bytes more do not change the allocation's size class for the
-    /// demo's twin (121 bytes and the counts' 16).
-    Arc<[u8]>,
+    /// demo's twin (121 bytes: 128).
+    Box<[u8]>,
 );
 
 /// Bytes before the compact twin in a [`Blob`].
@@ -92,18 +88,17 @@ const SCAN_RUN: usize = 256;
 /// Lookups made back to back in [`TwinMap::with_each`] before their twins are visited.
 const LOOKUP_GROUP: usize = 16;
 
-/// Ask the CPU to bring `blob` (its counts and its first bytes: the head, and the
-/// properties of a small twin) into the cache, so that reading a group of blobs waits for
+/// Ask the CPU to bring `blob` (its first bytes: the head, and the properties of a small
+/// twin) into the cache, so that reading a group of blobs waits for
 /// their cache misses at once instead of one after the other.
 #[inline]
 fn prefetch(blob: &Blob) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let start = Arc::as_ptr(&blob.0) as *const u8 as *const i8;
-        // The counts sit just before the bytes; a line is 64 bytes.
-        let end = start.wrapping_add(blob.0.len());
-        let mut at = start.wrapping_sub(16);
+        // Lines of 64 bytes: the head, and the properties of a small twin.
+        let mut at = blob.0.as_ptr() as *const i8;
+        let end = at.wrapping_add(blob.0.len());
         for _ in 0..3 {
             if at >= end {
                 break;
@@ -173,10 +168,10 @@ impl TwinMap {
         self.map.get(id).map(|b| f(&b))
     }
 
-    /// The twin's blob, shared (no copy), when `keep` takes it (the others' counts are not
-    /// touched).
-    pub(crate) fn blob_if(&self, id: &TwinId, keep: impl FnOnce(&Blob) -> bool) -> Option<Blob> {
-        self.map.get(id).and_then(|b| keep(&b).then(|| b.clone()))
+    /// Run `f` on the twin's blob (which knows where its properties are), under its shard's
+    /// read lock (keep `f` short).
+    pub(crate) fn with_blob<R>(&self, id: &TwinId, f: impl FnOnce(&Blob) -> R) -> Option<R> {
+        self.map.get(id).map(|b| f(&b))
     }
 
     /// Call `f` with each of `ids` and its blob (`None`: no such twin), in the order given,

@@ -300,7 +300,7 @@ impl host::Host for HostState {
             Err(e) => return Ok(Err(format!("query: {e}"))),
         };
         Ok(match self.registry.query(&q) {
-            Ok(page) => Ok(page.items.iter().map(|t| to_wit(&t.twin())).collect()),
+            Ok(page) => Ok(page.iter().map(|t| to_wit(&t.twin())).collect()),
             Err(e) => Err(e.to_string()),
         })
     }

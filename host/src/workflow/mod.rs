@@ -802,7 +802,7 @@ impl Workflows {
                     .max(1),
             );
             let page = reg.query(&q).map_err(|e| e.to_string())?;
-            out.extend(page.items.iter().map(|t| t.twin()));
+            out.extend(page.twins());
             match page.next_cursor {
                 Some(c) if out.len() < spec::MAX_STEP_TWINS => q.cursor = Some(c),
                 Some(_) => {

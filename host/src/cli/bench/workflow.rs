@@ -48,14 +48,7 @@ pub(super) async fn workflow_phase(args: &BenchArgs) -> anyhow::Result<Value> {
     let building_twin = f.node.registry.get(&building)?;
     for _ in 0..RUNS {
         let t0 = Instant::now();
-        let twins: Vec<_> = f
-            .node
-            .registry
-            .query(&q)?
-            .items
-            .into_iter()
-            .map(|t| t.twin())
-            .collect();
+        let twins: Vec<_> = f.node.registry.query(&q)?.twins();
         let temps = crate::workflow::aggregate(
             "collect_property",
             &json!({"property": "temperature"}),
