@@ -105,19 +105,31 @@ pub struct Page {
     items: Vec<Item>,
     #[schema(ignore)]
     buffers: Vec<Vec<u8>>,
+    /// The children of the twins that have any ([`Item::children`]).
+    #[schema(ignore)]
+    children: Vec<BTreeSet<TwinId>>,
     pub next_cursor: Option<String>,
 }
 
-/// Where one twin of a [`Page`] is.
-#[derive(Clone, Debug)]
+/// Where one twin of a [`Page`] is: 32 bytes (a page of 10,000 writes these and the twins'
+/// bytes, and a full-result query was bound by those writes).
+#[derive(Clone, Copy, Debug)]
 struct Item {
     id: TwinId,
     /// Its bytes: `buffers[buffer][at..at + len]`.
-    at: usize,
-    buffer: u32,
+    at: u32,
     len: u32,
-    children_ids: BTreeSet<TwinId>,
+    buffer: u32,
+    /// Its children: `children[children]`, or none ([`NO_CHILDREN`]).
+    children: u32,
 }
+
+/// [`Item::children`] of a twin without children.
+const NO_CHILDREN: u32 = u32::MAX;
+/// The largest buffer of a page (so that an offset in one fits in 32 bits).
+const MAX_BUFFER: usize = 1 << 30;
+/// No children, for the twins that have none.
+static NONE: BTreeSet<TwinId> = BTreeSet::new();
 
 /// A twin of a [`Page`]: its compact bytes (names interned) with its children, serialized
 /// exactly like [`Twin`] straight from the bytes.
@@ -154,8 +166,7 @@ impl Page {
     pub(super) fn with_capacity(capacity: usize) -> Page {
         Page {
             items: Vec::with_capacity(capacity),
-            buffers: Vec::new(),
-            next_cursor: None,
+            ..Page::default()
         }
     }
 
@@ -188,10 +199,14 @@ impl Page {
     }
 
     fn twin_ref<'p>(&'p self, i: &'p Item) -> TwinRef<'p> {
+        let at = i.at as usize;
         TwinRef {
             id: i.id,
-            blob: &self.buffers[i.buffer as usize][i.at..i.at + i.len as usize],
-            children_ids: &i.children_ids,
+            blob: &self.buffers[i.buffer as usize][at..at + i.len as usize],
+            children_ids: match i.children {
+                NO_CHILDREN => &NONE,
+                n => &self.children[n as usize],
+            },
         }
     }
 
@@ -207,18 +222,26 @@ impl Page {
                 None => (self.items.capacity().max(1) * (blob.len() + blob.len() / 8)).min(1 << 24),
                 Some(last) => last.capacity() * 2,
             };
-            self.buffers.push(Vec::with_capacity(size.max(blob.len())));
+            let size = size.min(MAX_BUFFER).max(blob.len());
+            assert!(size <= MAX_BUFFER, "a twin of over 1 GiB");
+            self.buffers.push(Vec::with_capacity(size));
         }
         let buffer = self.buffers.len() - 1;
         let bytes = &mut self.buffers[buffer];
         let at = bytes.len();
         bytes.extend_from_slice(blob);
+        let children = if children_ids.is_empty() {
+            NO_CHILDREN
+        } else {
+            self.children.push(children_ids);
+            self.children.len() as u32 - 1
+        };
         self.items.push(Item {
             id,
-            at,
+            at: at as u32,
+            len: blob.len() as u32,
             buffer: buffer as u32,
-            len: u32::try_from(blob.len()).expect("a twin is smaller than 4 GiB"),
-            children_ids,
+            children,
         });
     }
 
@@ -232,12 +255,17 @@ impl Page {
         if self.items.is_empty() {
             self.items = next.items;
             self.buffers = next.buffers;
+            self.children = next.children;
             return;
         }
-        let shift = self.buffers.len() as u32;
+        let (buffers, children) = (self.buffers.len() as u32, self.children.len() as u32);
         self.buffers.extend(next.buffers);
+        self.children.extend(next.children);
         self.items.extend(next.items.into_iter().map(|mut i| {
-            i.buffer += shift;
+            i.buffer += buffers;
+            if i.children != NO_CHILDREN {
+                i.children += children;
+            }
             i
         }));
     }
@@ -620,6 +648,37 @@ mod tests {
             }
         }
         assert_eq!(compared, 18 * (6 * 17 + 3 + 3));
+    }
+
+    /// A page serves each twin as it was added (bytes and children), across the buffers
+    /// it grows into, after another page is appended, and after truncation.
+    #[test]
+    fn a_page_serves_each_twin_as_it_was_added() {
+        use crate::types::compact::{self, Names};
+        // Room for one twin at first: the others go to new buffers.
+        let (mut a, mut b) = (Page::with_capacity(1), Page::with_capacity(2));
+        let mut want = Vec::new();
+        for i in 0..9 {
+            let mut t = twin(json!({"i": i, "s": "x".repeat(i * 40)}));
+            let kids: BTreeSet<TwinId> = (0..i % 3).map(|_| TwinId::new_v7()).collect();
+            let blob = compact::encode(&t, Names::Interned);
+            let page = if i < 4 { &mut a } else { &mut b };
+            page.push(t.id, &blob, kids.clone());
+            t.children_ids = kids;
+            want.push(t);
+        }
+        assert!(a.buffers.len() > 1 && b.buffers.len() > 1);
+        a.append(b);
+        assert_eq!(a.len(), 9);
+        assert_eq!(a.twins(), want);
+        assert_eq!(
+            serde_json::to_value(&a).unwrap(),
+            json!({"items": want, "next_cursor": null})
+        );
+        a.truncate(5);
+        assert_eq!(a.twins(), want[..5]);
+        assert_eq!(a.get(4).map(|t| t.id), Some(want[4].id));
+        assert!(a.get(5).is_none());
     }
 
     #[test]
