@@ -1009,6 +1009,39 @@ pub fn outline(b: &[u8]) -> R<Outline<'_>> {
     })
 }
 
+/// The varint at `at` in `b` and where it ends (one byte without a loop).
+#[inline(always)]
+fn varint_at(b: &[u8], at: usize) -> Option<(u64, usize)> {
+    match b.get(at) {
+        Some(&x) if x < 0x80 => Some((x as u64, at + 1)),
+        _ => {
+            let mut r = Reader { b, at };
+            let v = r.varint_long().ok()?;
+            Some((v, r.at))
+        }
+    }
+}
+
+/// Where the value at `at` in `b` ends: scalars and short strings inline, the rest by
+/// [`Reader::skip_value`].
+#[inline(always)]
+fn skip_value_at(b: &[u8], at: usize) -> Option<usize> {
+    let fixed = match *b.get(at)? {
+        t if t >= V_SHORT_STR => (t - V_SHORT_STR) as usize,
+        t if t >= V_SMALL_INT => 0,
+        V_NULL | V_FALSE | V_TRUE => 0,
+        V_F32 => 4,
+        V_F64 => 8,
+        _ => {
+            let mut r = Reader { b, at };
+            r.skip_value(0).ok()?;
+            return Some(r.at);
+        }
+    };
+    let end = at + 1 + fixed;
+    (end <= b.len()).then_some(end)
+}
+
 /// Where the property count of compact twin `b` is (see [`Props::at`]).
 pub fn props_offset(b: &[u8]) -> R<usize> {
     Props::of(b).map(|p| p.at)
@@ -1067,21 +1100,40 @@ impl<'a> Props<'a> {
     }
 
     /// A reader at the value of property `name`; `None` when the twin has no such property.
+    #[inline]
     fn find(&self, name: &str, id: Option<u32>) -> Option<Reader<'a>> {
-        let mut r = Reader {
+        Some(Reader {
             b: self.b,
-            at: self.at,
-        };
-        let n = r.len().ok()?;
+            at: self.find_at(name, id)?,
+        })
+    }
+
+    /// Where the value of property `name` (interned as `id`) is. Every query reads twins
+    /// through here, so the common cases (one-byte varints, interned names, scalars and
+    /// short strings) are stepped over inline, without a [`Reader`].
+    #[inline]
+    fn find_at(&self, name: &str, id: Option<u32>) -> Option<usize> {
+        let b = self.b;
+        let (n, mut at) = varint_at(b, self.at)?;
         for _ in 0..n {
-            if r.name_is(name, id).ok()? {
-                return Some(r);
+            let (k, next) = varint_at(b, at)?;
+            at = next;
+            let hit = match k {
+                0 => {
+                    let (len, next) = varint_at(b, at)?;
+                    let end = next.checked_add(usize::try_from(len).ok()?)?;
+                    at = end;
+                    b.get(next..end)? == name.as_bytes()
+                }
+                k => id.is_some_and(|id| u64::from(id) + 1 == k),
+            };
+            if hit {
+                return Some(at);
             }
-            r.skip_value(0).ok()?;
+            at = skip_value_at(b, at)?;
         }
         None
     }
-
     /// The value of property `name` read in place, without building it: scalars as they
     /// are, arrays and objects as [`Scalar::Other`]; `None` when the twin has no such property.
     pub fn scalar(&self, name: &str) -> Option<Scalar<'a>> {
@@ -1113,14 +1165,18 @@ impl<'a> Props<'a> {
     /// Whether string property `name` (interned as `number`) is `want`, compared as bytes
     /// in place; `None` when the twin has no such property or it is not a string.
     pub fn str_is(&self, name: &str, number: Option<u32>, want: &str) -> Option<bool> {
-        let mut r = self.find(name, number)?;
-        let n = match r.byte().ok()? {
-            V_STR => r.len().ok()?,
-            t if t >= V_SHORT_STR => (t - V_SHORT_STR) as usize,
+        let b = self.b;
+        let at = self.find_at(name, number)?;
+        let (start, n) = match *b.get(at)? {
+            t if t >= V_SHORT_STR => (at + 1, (t - V_SHORT_STR) as usize),
+            V_STR => {
+                let (n, start) = varint_at(b, at + 1)?;
+                (start, usize::try_from(n).ok()?)
+            }
             _ => return None,
         };
         // Equal bytes are `want`'s, valid UTF-8: no need to check them first.
-        Some(r.bytes(n).ok()? == want.as_bytes())
+        Some(b.get(start..start.checked_add(n)?)? == want.as_bytes())
     }
 
     /// The value of property `name`, decoded; `None` when the twin has no such property.

@@ -250,9 +250,19 @@ proptest! {
             prop_assert_eq!(o.parent_id, t.parent_id);
             prop_assert_eq!(o.properties_json, serde_json::to_string(&t.properties).unwrap());
             let p = Props::of(&b).unwrap();
+            let at = Props::at(&b, props_offset(&b).unwrap());
             for (k, v) in &t.properties {
                 prop_assert_eq!(p.get(k), Some(v.clone()));
+                prop_assert_eq!(at.get(k), Some(v.clone()));
+                // A string compared in place: equal to itself, not to itself and more.
+                let number = intern::lookup(k);
+                let want = v.is_string().then_some(true);
+                prop_assert_eq!(p.str_is(k, number, v.as_str().unwrap_or("")), want);
+                if let Some(s) = v.as_str() {
+                    prop_assert_eq!(p.str_is(k, number, &format!("{s}.")), Some(false));
+                }
             }
+            prop_assert_eq!(p.get("no such property"), None);
             // Transcoded into either form without decoding: the bytes the encoder writes
             // for that form.
             for to in [Names::Interned, Names::Inline] {
