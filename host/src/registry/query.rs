@@ -245,6 +245,11 @@ impl Page {
         });
     }
 
+    /// Make room for `n` more twins' places (not their bytes).
+    pub(super) fn reserve(&mut self, n: usize) {
+        self.items.reserve(n);
+    }
+
     /// Drop the twins after the first `n`.
     pub(super) fn truncate(&mut self, n: usize) {
         self.items.truncate(n);

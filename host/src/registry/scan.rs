@@ -1,7 +1,7 @@
 //! A query's scan of candidate twins: ids read in id order, in windows sized to what the page
 //! still needs at the match rate seen so far; a big window of a big page (a full-result
-//! query over thousands of twins) is split in two halves matched on two cores at once, and
-//! the halves' results joined as if one scan had read them in order.
+//! query over thousands of twins) is split in pieces matched on the cores at once, and the
+//! pieces' results joined as if one scan had read them in order.
 //!
 //! Owns: the paging rules of a scan — at most `limit` items, at most `budget` twins examined,
 //! and where the next page resumes ([`Stop`]). Exposes: [`Scan`] and [`Part`].
@@ -23,9 +23,12 @@ const FIRST_WINDOW: usize = 256;
 /// The largest window (its ids are copied out of the index: 16 bytes each).
 const MAX_WINDOW: usize = 32_768;
 /// A window of at least this many ids, for a page still missing at least half as many
-/// items, is matched in two halves at once (each half then takes over 100 µs, against a few
-/// for handing it to another core).
+/// items, is matched in [`PIECES`] pieces at once (each then takes tens of µs, against a
+/// few for handing it to another core).
 pub(super) const SPLIT_FROM: usize = 4_096;
+/// How many pieces a window to split is matched in: more than the cores, so that a core
+/// woken late still takes a share (in two halves, one core often did both).
+const PIECES: usize = 8;
 
 /// Why a scan stopped before its candidates ran out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,9 +127,9 @@ impl Scan<'_> {
         while acc.stop.is_none() && ids.peek().is_some() {
             let need = self.limit - acc.items.len();
             let budget = self.budget - acc.examined;
-            // Sized to fill the page, not more: a split window's second half is then needed
-            // (a dense match would otherwise fill the page in the first half and waste the
-            // second). One id past the budget, so that a scan stopped by it says where.
+            // Sized to fill the page, not more: a split window's last pieces are then needed
+            // (a dense match would otherwise fill the page in the first ones and waste the
+            // others). One id past the budget, so that a scan stopped by it says where.
             let expected = match acc.items.len() {
                 0 => size.max(need),
                 found => need.saturating_mul(acc.examined) / found,
@@ -142,21 +145,26 @@ impl Scan<'_> {
                 && rayon::current_num_threads() > 1;
             let part = if split {
                 window.clear();
+                window.reserve(take);
                 window.extend(ids.by_ref().take(take).copied());
-                let (a, b) = window.split_at(window.len() / 2);
-                // The first half's items get room for the second's (joined onto them).
-                let (pa, pb) = rayon::join(
-                    || self.part(a.iter(), need, budget, need.min(window.len())),
-                    || {
-                        self.part(
-                            b.iter(),
-                            need,
-                            budget.saturating_sub(a.len()),
-                            need.min(b.len()),
-                        )
-                    },
-                );
-                pa.then(pb, need)
+                // Each piece is scanned as if the ones before it examined every id (the
+                // join ignores what follows a piece that stopped).
+                use rayon::prelude::*;
+                let piece = window.len().div_ceil(PIECES);
+                let parts: Vec<Part> = window
+                    .par_chunks(piece)
+                    .enumerate()
+                    .map(|(i, ids)| {
+                        let budget = budget.saturating_sub(i * piece);
+                        self.part(ids.iter(), need, budget, need.min(ids.len()))
+                    })
+                    .collect();
+                let mut parts = parts.into_iter();
+                let mut first = parts.next().unwrap_or_else(|| Part::new(0));
+                first
+                    .items
+                    .reserve(parts.as_slice().iter().map(|p| p.items.len()).sum());
+                parts.fold(first, |a, b| a.then(b, need))
             } else {
                 self.part(ids.by_ref().take(take), need, budget, need.min(take))
             };
