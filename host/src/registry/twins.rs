@@ -89,24 +89,42 @@ const SCAN_RUN: usize = 256;
 const LOOKUP_GROUP: usize = 16;
 
 /// Ask the CPU to bring `blob` (its first bytes: the head, and the properties of a small
-/// twin) into the cache, so that reading a group of blobs waits for
-/// their cache misses at once instead of one after the other.
+/// twin) into the cache, so that reading a group of blobs waits for their cache misses at
+/// once instead of one after the other.
 #[inline]
 fn prefetch(blob: &Blob) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // Lines of 64 bytes: the head, and the properties of a small twin.
-        let mut at = blob.0.as_ptr() as *const i8;
-        let end = at.wrapping_add(blob.0.len());
-        for _ in 0..3 {
-            if at >= end {
-                break;
-            }
-            // SAFETY: a prefetch is a hint: it never faults and reads nothing back.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(at) };
-            at = at.wrapping_add(64);
+    // Lines of 64 bytes: the head, and the properties of a small twin.
+    let mut at = blob.0.as_ptr();
+    let end = at.wrapping_add(blob.0.len());
+    for _ in 0..3 {
+        if at >= end {
+            break;
         }
+        prefetch_line(at);
+        at = at.wrapping_add(64);
+    }
+}
+
+/// Ask the CPU for the control bytes and the first bucket of the probe for `hash` in a
+/// table of `buckets` whose data ends at `data_end` (the layout of hashbrown's table:
+/// buckets downwards from there, control bytes upwards; a wrong guess only wastes a
+/// prefetch).
+#[inline]
+fn prefetch_slot<T>(data_end: std::ptr::NonNull<T>, buckets: usize, hash: usize) {
+    let pos = hash & (buckets - 1);
+    let end = data_end.as_ptr().cast_const();
+    prefetch_line(end.cast::<u8>().wrapping_add(pos));
+    prefetch_line(end.wrapping_sub(pos + 1).cast::<u8>());
+}
+
+/// Ask the CPU to bring the cache line at `at` in (any address: nothing is read back).
+#[inline]
+fn prefetch_line(at: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults and reads nothing back.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(at.cast());
     }
 }
 
@@ -195,28 +213,32 @@ impl TwinMap {
                     let mut left = SCAN_RUN;
                     let mut group: [(Option<&TwinId>, Option<&Blob>); LOOKUP_GROUP] =
                         [(None, None); LOOKUP_GROUP];
+                    let mut hashes = [0usize; LOOKUP_GROUP];
                     while left > 0 && ids.peek().is_some() {
-                        // The lookups of a group run back to back, so that their cache
-                        // misses overlap, before `f` sees any of them.
-                        for slot in group.iter_mut() {
-                            *slot = match ids.next_if(|_| left > 0) {
-                                None => (None, None),
-                                Some(id) => {
-                                    left -= 1;
-                                    let hash = self.map.hash_usize(id);
-                                    let shard = &shards[self.map.determine_shard(hash)];
-                                    let blob = shard.find(hash as u64, |(k, _)| k == id).map(|b| {
-                                        // SAFETY: the bucket was just found in this shard,
-                                        // which stays read-locked (nothing can remove or
-                                        // move it) until the run ends.
-                                        let (_, v) = unsafe { b.as_ref() };
-                                        let v = v.get();
-                                        prefetch(v);
-                                        v
-                                    });
-                                    (Some(id), blob)
-                                }
-                            };
+                        // A group's slots in the table are asked for first (their control
+                        // bytes and the bucket their probe starts at), then the lookups run
+                        // back to back and ask for the blobs, so that the cache misses of a
+                        // group overlap, before `f` sees any of them.
+                        for (slot, hash) in group.iter_mut().zip(hashes.iter_mut()) {
+                            *slot = (ids.next_if(|_| left > 0), None);
+                            let Some(id) = slot.0 else { break };
+                            left -= 1;
+                            *hash = self.map.hash_usize(id);
+                            let table = &*shards[self.map.determine_shard(*hash)];
+                            prefetch_slot(table.data_end(), table.buckets(), *hash);
+                        }
+                        for (slot, &hash) in group.iter_mut().zip(hashes.iter()) {
+                            let Some(id) = slot.0 else { break };
+                            let shard = &shards[self.map.determine_shard(hash)];
+                            slot.1 = shard.find(hash as u64, |(k, _)| k == id).map(|b| {
+                                // SAFETY: the bucket was just found in this shard, which
+                                // stays read-locked (nothing can remove or move it) until
+                                // the run ends.
+                                let (_, v) = unsafe { b.as_ref() };
+                                let v = v.get();
+                                prefetch(v);
+                                v
+                            });
                         }
                         for (id, blob) in group {
                             let Some(id) = id else { break };
