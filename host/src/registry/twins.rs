@@ -128,6 +128,27 @@ fn prefetch_line(at: *const u8) {
     }
 }
 
+thread_local! {
+    /// Where this thread encodes a twin before its blob is made ([`with_encoded`]).
+    static ENCODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on `t` encoded (names interned) in this thread's buffer: a change makes one
+/// allocation, its blob, where encoding into a fresh vector, fitting it and copying it
+/// into the blob took three. `f` must not encode again.
+fn with_encoded<R>(t: &Twin, f: impl FnOnce(&[u8]) -> R) -> R {
+    ENCODED.with_borrow_mut(|buf| {
+        buf.clear();
+        compact::encode_into(t, buf, Names::Interned);
+        let r = f(buf);
+        // A huge twin's room is not kept.
+        if buf.capacity() > 1 << 16 {
+            *buf = Vec::new();
+        }
+        r
+    })
+}
+
 /// A blob this map encoded: decoding it cannot fail short of a bug.
 fn decode(id: TwinId, b: &[u8]) -> Twin {
     compact::decode(id, b).expect("a twin blob encoded by this process decodes")
@@ -301,8 +322,7 @@ impl TwinMap {
 
     /// Add or replace a twin.
     pub(crate) fn insert(&self, t: &Twin) {
-        let new = compact::encode(t, Names::Interned);
-        self.insert_blob(t.id, new);
+        with_encoded(t, |new| self.insert_blob(t.id, new));
     }
 
     /// Add a twin by its compact blob (names interned) unless the id is here already (one
@@ -312,24 +332,24 @@ impl TwinMap {
             dashmap::Entry::Occupied(_) => false,
             dashmap::Entry::Vacant(e) => {
                 added(&new);
-                self.insert_vacant(e, new);
+                self.insert_vacant(e, &new);
                 true
             }
         }
     }
 
     /// Put a new twin in its vacant place, telling [`TwinMap::changed`].
-    fn insert_vacant(&self, e: dashmap::VacantEntry<'_, TwinId, Blob>, new: Box<[u8]>) {
-        self.changed(e.key(), None, Some(&new[..]));
-        e.insert(Blob::new(&new));
+    fn insert_vacant(&self, e: dashmap::VacantEntry<'_, TwinId, Blob>, new: &[u8]) {
+        self.changed(e.key(), None, Some(new));
+        e.insert(Blob::new(new));
     }
 
     /// Add or replace a twin by its compact blob (names interned).
-    pub(crate) fn insert_blob(&self, id: TwinId, new: Box<[u8]>) {
+    fn insert_blob(&self, id: TwinId, new: &[u8]) {
         match self.map.entry(id) {
             dashmap::Entry::Occupied(mut e) => {
-                self.changed(&id, Some(&e.get()[..]), Some(&new[..]));
-                e.insert(Blob::new(&new));
+                self.changed(&id, Some(&e.get()[..]), Some(new));
+                e.insert(Blob::new(new));
             }
             dashmap::Entry::Vacant(e) => self.insert_vacant(e, new),
         }
@@ -414,12 +434,13 @@ impl Drop for TwinGuard<'_> {
         if !self.touched {
             return;
         }
-        let new = compact::encode(&self.twin, Names::Interned);
-        if new[..] != self.entry[..] {
-            self.map
-                .changed(&self.twin.id, Some(&self.entry[..]), Some(&new[..]));
-            *self.entry = Blob::new(&new);
-        }
+        let (map, entry) = (self.map, &mut self.entry);
+        with_encoded(&self.twin, |new| {
+            if new != &entry[..] {
+                map.changed(&self.twin.id, Some(&entry[..]), Some(new));
+                **entry = Blob::new(new);
+            }
+        });
     }
 }
 
