@@ -948,7 +948,7 @@ impl Registry {
         let matcher = q.matcher();
         let matches = |b: &Blob| matcher.matches_blob(b, !from_type_index);
         // Each twin is matched on its blob (only the properties asked about are decoded); a
-        // match is kept shared, not copied, and served from its bytes.
+        // match's bytes are copied into the page and served from there.
         let children = |id: &TwinId| {
             idx.children.get(id).map_or_else(Default::default, |k| {
                 k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
@@ -957,8 +957,8 @@ impl Registry {
         let ids = source.range((lower, Bound::Unbounded));
         let budget = query::MAX_EXAMINED_PER_PAGE;
         let found = match walk_to {
-            // Walking up reads other twins: one lock per twin, none held while walking (the
-            // blob is shared out first).
+            // Walking up reads other twins: one lock per twin, none held while walking (a
+            // match's bytes are copied out first).
             Some(a) => {
                 let mut part = scan::Part::new(limit.min(1024));
                 for id in ids {

@@ -114,7 +114,8 @@ pub(super) struct Scan<'a> {
     pub(super) children: &'a Children<'a>,
     pub(super) limit: usize,
     pub(super) budget: usize,
-    /// Windows of at least this many ids are split over two cores (`usize::MAX`: never).
+    /// Windows of at least this many ids are split in pieces matched on the pool's cores
+    /// (`usize::MAX`: never).
     pub(super) split_from: usize,
 }
 
