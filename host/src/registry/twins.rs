@@ -37,18 +37,16 @@ pub(crate) struct Blob(
 const PREFIX: usize = 2;
 
 impl Blob {
-    /// A blob of compact twin `b` (one allocation, counts included).
+    /// A blob of compact twin `b` (one allocation).
     pub(crate) fn new(b: &[u8]) -> Blob {
         let at = compact::props_offset(b)
             .ok()
             .and_then(|at| u16::try_from(at).ok())
             .unwrap_or(0);
-        Blob(
-            at.to_le_bytes()
-                .into_iter()
-                .chain(b.iter().copied())
-                .collect(),
-        )
+        let mut bytes = Vec::with_capacity(PREFIX + b.len());
+        bytes.extend_from_slice(&at.to_le_bytes());
+        bytes.extend_from_slice(b);
+        Blob(bytes.into_boxed_slice())
     }
 
     /// The twin's properties, for lookups (`None`: not a readable compact twin).

@@ -1009,17 +1009,12 @@ pub fn outline(b: &[u8]) -> R<Outline<'_>> {
     })
 }
 
-/// The varint at `at` in `b` and where it ends (one byte without a loop).
+/// The varint at `at` in `b` and where it ends ([`Reader::varint`]).
 #[inline(always)]
 fn varint_at(b: &[u8], at: usize) -> Option<(u64, usize)> {
-    match b.get(at) {
-        Some(&x) if x < 0x80 => Some((x as u64, at + 1)),
-        _ => {
-            let mut r = Reader { b, at };
-            let v = r.varint_long().ok()?;
-            Some((v, r.at))
-        }
-    }
+    let mut r = Reader { b, at };
+    let v = r.varint().ok()?;
+    Some((v, r.at))
 }
 
 /// Where the value at `at` in `b` ends: scalars and short strings inline, the rest by
