@@ -341,6 +341,13 @@ struct Indexes {
 }
 
 impl Indexes {
+    /// The children a twin's JSON lists: at most [`MAX_CHILDREN_LISTED`], in id order.
+    fn listed_children(&self, id: &TwinId) -> BTreeSet<TwinId> {
+        self.children.get(id).map_or_else(Default::default, |k| {
+            k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
+        })
+    }
+
     fn insert(&mut self, t: &Twin) {
         self.all.insert(t.id);
         self.by_type
@@ -767,9 +774,7 @@ impl Registry {
     }
 
     fn with_children(&self, mut t: Twin) -> Twin {
-        if let Some(kids) = self.inner.index.read().children.get(&t.id) {
-            t.children_ids = kids.iter().take(MAX_CHILDREN_LISTED).copied().collect();
-        }
+        t.children_ids = self.inner.index.read().listed_children(&t.id);
         t
     }
 
@@ -949,11 +954,7 @@ impl Registry {
         let matches = |b: &Blob| matcher.matches_blob(b, !from_type_index);
         // Each twin is matched on its blob (only the properties asked about are decoded); a
         // match's bytes are copied into the page and served from there.
-        let children = |id: &TwinId| {
-            idx.children.get(id).map_or_else(Default::default, |k| {
-                k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
-            })
-        };
+        let children = |id: &TwinId| idx.listed_children(id);
         let ids = source.range((lower, Bound::Unbounded));
         let budget = query::MAX_EXAMINED_PER_PAGE;
         let found = match walk_to {
@@ -1019,15 +1020,10 @@ impl Registry {
             // older than the twin, and other conditions narrow the match further. A match
             // is copied into the page under its shard's lock, or its parent read there when
             // the ancestor is to be checked (which reads other twins: no lock held).
-            let children_ids = || {
-                idx.children.get(&id).map_or_else(Default::default, |k| {
-                    k.iter().take(MAX_CHILDREN_LISTED).copied().collect()
-                })
-            };
             let Some(a) = q.ancestor_id else {
                 let pushed = self.inner.twins.with_blob(&id, |b| {
                     matcher.matches_blob(b, true) && {
-                        page.push(id, b, children_ids());
+                        page.push(id, b, idx.listed_children(&id));
                         true
                     }
                 });
@@ -1040,7 +1036,7 @@ impl Registry {
             if !self.is_under(crate::types::compact::parent_id(&blob), a) {
                 return None;
             }
-            page.push(id, &blob, children_ids());
+            page.push(id, &blob, idx.listed_children(&id));
             Some(())
         });
         // The match that showed the page full was added too: not the page's.
