@@ -393,6 +393,63 @@ mod tests {
         reg.shutdown();
     }
 
+    /// A big query over an unchanged type reads a segment of its twins (made by the second
+    /// such query); any change after that is seen by the next query (which reads the map),
+    /// and the segment made again after it holds the change.
+    #[tokio::test]
+    async fn a_query_after_a_change_sees_it_whether_or_not_a_segment_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, _) = open(dir.path());
+        let n = crate::registry::segment::MIN_TWINS + 100;
+        let status = json!({"status": "operational"});
+        let items = (0..n)
+            .map(|_| machine(None, None, status.clone()))
+            .collect();
+        let out = reg.provision(items, false).await.unwrap();
+        let mut ids: Vec<TwinId> = out.ids.into_iter().map(Option::unwrap).collect();
+        ids.sort();
+        let q: crate::registry::Query = serde_json::from_value(json!({
+            "entity_type": "machine", "properties": {"status": "operational"}, "limit": 10_000}))
+        .unwrap();
+        let found = |reg: &Registry| -> Vec<TwinId> {
+            reg.query(&q).unwrap().iter().map(|t| t.id).collect()
+        };
+        let twins = reg.inner.twins.clone();
+        assert_eq!(found(&reg), ids);
+        assert_eq!(twins.segment_bytes(), 0, "the first big query makes none");
+        assert_eq!(found(&reg), ids);
+        assert!(twins.segment_bytes() > 0, "the second makes one");
+        // Served from the segment: the same twins, the same JSON as a decoded twin.
+        let page = reg.query(&q).unwrap();
+        assert_eq!(
+            page.get(7).map(|t| t.twin()),
+            Some(reg.get(&ids[7]).unwrap())
+        );
+        // A change: one machine stops, one is added, one is deleted.
+        let stopped = ids[10];
+        let upsert = machine(Some(stopped), None, json!({"status": "stopped"}));
+        reg.provision(vec![upsert], true).await.unwrap();
+        let added = reg
+            .create(machine(None, None, status.clone()))
+            .await
+            .unwrap()
+            .id;
+        let deleted = ids[20];
+        reg.delete(deleted, false).await.unwrap();
+        let want: Vec<TwinId> = ids
+            .iter()
+            .copied()
+            .filter(|id| *id != stopped && *id != deleted)
+            .chain([added])
+            .collect();
+        assert_eq!(found(&reg), want);
+        assert_eq!(twins.segment_bytes(), 0, "the stale segment is dropped");
+        assert_eq!(found(&reg), want);
+        assert!(twins.segment_bytes() > 0);
+        assert_eq!(found(&reg), want, "read from the new segment");
+        reg.shutdown();
+    }
+
     /// Queries over more candidates than a page's scan budget: pages of every size give each
     /// match once, in id order, and a page that runs out of its budget first ends early with
     /// a cursor that goes on.

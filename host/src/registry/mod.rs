@@ -34,6 +34,7 @@ pub mod rels;
 pub mod remote;
 mod replay;
 mod scan;
+mod segment;
 mod twins;
 mod write;
 
@@ -53,7 +54,7 @@ pub use feed::{FeedItem, Tombstone, DEFAULT_TOMBSTONE_RETENTION};
 pub use model::Model;
 pub use query::{Page, Query, TwinRef};
 pub use remote::{RemoteChange, RemoteOutcome};
-pub(crate) use twins::{Blob, TwinMap};
+pub(crate) use twins::TwinMap;
 pub use write::{check_patch, RemoteAlert};
 
 use crate::store::{CommitHandle, Numbering, Store, StoreError};
@@ -951,42 +952,54 @@ impl Registry {
             .ancestor_id
             .filter(|_| q.parent_id.is_some() || big_subtree);
         let matcher = q.matcher();
-        let matches = |b: &Blob| matcher.matches_blob(b, !from_type_index);
+        let matches = |b: &[u8], props_at: u16| matcher.matches_at(b, props_at, !from_type_index);
         // Each twin is matched on its blob (only the properties asked about are decoded); a
         // match's bytes are copied into the page and served from there.
         let children = |id: &TwinId| idx.listed_children(id);
-        let ids = source.range((lower, Bound::Unbounded));
         let budget = query::MAX_EXAMINED_PER_PAGE;
         let found = match walk_to {
             // Walking up reads other twins: one lock per twin, none held while walking (a
             // match's bytes are copied out first).
             Some(a) => {
                 let mut part = scan::Part::new(limit.min(1024));
-                for id in ids {
+                for id in source.range((lower, Bound::Unbounded)) {
                     let matched = self
                         .inner
                         .twins
-                        .with_blob(id, |b| matches(b).then(|| b.to_vec()))
+                        .with_blob(id, |b| matches(b, b.props_at()).then(|| b.to_vec()))
                         .flatten()
                         .filter(|b| self.is_under(compact::parent_id(b), a));
-                    if part
-                        .visit(id, matched.as_deref(), limit, budget, &children)
-                        .is_break()
-                    {
+                    let found = matched.as_deref().map(scan::Found::Bytes);
+                    if part.visit(id, found, limit, budget, &children).is_break() {
                         break;
                     }
                 }
                 part
             }
-            None => scan::Scan {
-                twins: &self.inner.twins,
-                matches: &matches,
-                children: &children,
-                limit,
-                budget,
-                split_from: scan::SPLIT_FROM,
+            None => {
+                let scan = scan::Scan {
+                    twins: &self.inner.twins,
+                    matches: &matches,
+                    children: &children,
+                    limit,
+                    budget,
+                    split_from: scan::SPLIT_FROM,
+                };
+                // A type's twins are read from its segment while the map has not changed
+                // since it was made (see registry::segment); a big page over them makes one.
+                let segment = q
+                    .entity_type
+                    .as_ref()
+                    .filter(|_| from_type_index)
+                    .and_then(|et| {
+                        let big = limit >= scan::SPLIT_FROM / 2;
+                        self.inner.twins.segment(et, source, big)
+                    });
+                match segment {
+                    Some(seg) => scan.run_segment(&seg, seg.position(lower)),
+                    None => scan.run(source, lower),
+                }
             }
-            .run(ids),
         };
         let mut page = found.items;
         let next_cursor = found.stop.map(|stop| match stop {
@@ -1023,7 +1036,7 @@ impl Registry {
             let Some(a) = q.ancestor_id else {
                 let pushed = self.inner.twins.with_blob(&id, |b| {
                     matcher.matches_blob(b, true) && {
-                        page.push(id, b, idx.listed_children(&id));
+                        page.push(id, scan::Found::Bytes(b), idx.listed_children(&id));
                         true
                     }
                 });
@@ -1036,7 +1049,7 @@ impl Registry {
             if !self.is_under(crate::types::compact::parent_id(&blob), a) {
                 return None;
             }
-            page.push(id, &blob, idx.listed_children(&id));
+            page.push(id, scan::Found::Bytes(&blob), idx.listed_children(&id));
             Some(())
         });
         // The match that showed the page full was added too: not the page's.

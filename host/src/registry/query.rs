@@ -3,11 +3,13 @@
 
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::segment::Segment;
 use crate::types::{Properties, Twin, TwinId};
 
 /// Page size when a query gives no `limit`.
@@ -95,28 +97,47 @@ pub enum Cursor {
 }
 
 /// One page of results: the matching twins' compact bytes, copied into a few buffers (one
-/// per part of the scan that found them), served straight from those bytes (no decoded
-/// twin, no tree of JSON values). A copy is a consistent snapshot of each twin, costs the
-/// registry nothing once made (no count on each twin's blob to raise and lower), and the
-/// page is freed as a few buffers.
+/// run of them per part of the scan that found them), served straight from those bytes (no
+/// decoded twin, no tree of JSON values). A copy is a consistent snapshot of each twin, costs
+/// the registry nothing once made (no count on each twin's blob to raise and lower), and the
+/// page is freed as a few buffers. Pages are joined by moving their chunks (nothing copied).
 #[derive(Clone, Debug, Default, ToSchema)]
 pub struct Page {
     #[schema(value_type = Vec<Twin>)]
-    items: Vec<Item>,
+    chunks: Vec<Chunk>,
+    /// Twins in all the chunks.
     #[schema(ignore)]
-    buffers: Vec<Vec<u8>>,
-    /// The children of the twins that have any ([`Item::children`]).
-    #[schema(ignore)]
-    children: Vec<BTreeSet<TwinId>>,
+    len: usize,
     pub next_cursor: Option<String>,
 }
 
-/// Where one twin of a [`Page`] is: 32 bytes (a page of 10,000 writes these and the twins'
+/// Twins of a [`Page`] found by one part of a scan.
+#[derive(Clone, Debug, Default)]
+struct Chunk {
+    items: Vec<Item>,
+    buffers: Vec<Vec<u8>>,
+    /// The segment its twins are in, when they were found in one (not copied).
+    segment: Option<Arc<Segment>>,
+    /// The children of the twins that have any ([`Item::children`]).
+    children: Vec<BTreeSet<TwinId>>,
+}
+
+/// A twin a scan found, to add to a page.
+#[derive(Clone, Copy)]
+pub(super) enum Found<'a> {
+    /// Its compact bytes (copied into the page).
+    Bytes(&'a [u8]),
+    /// The twin at this position of this segment (the page refers to it).
+    In(&'a Arc<Segment>, usize),
+}
+
+/// Where one twin of a [`Chunk`] is: 32 bytes (a page of 10,000 writes these and the twins'
 /// bytes, and a full-result query was bound by those writes).
 #[derive(Clone, Copy, Debug)]
 struct Item {
     id: TwinId,
-    /// Its bytes: `buffers[buffer][at..at + len]`.
+    /// Its bytes: `buffers[buffer][at..at + len]`, or the segment's twin at position `at`
+    /// ([`IN_SEGMENT`]).
     at: u32,
     len: u32,
     buffer: u32,
@@ -124,6 +145,8 @@ struct Item {
     children: u32,
 }
 
+/// [`Item::buffer`] of a twin in the chunk's segment.
+const IN_SEGMENT: u32 = u32::MAX;
 /// [`Item::children`] of a twin without children.
 const NO_CHILDREN: u32 = u32::MAX;
 /// The largest buffer of a page (so that an offset in one fits in 32 bits).
@@ -161,62 +184,14 @@ impl Serialize for TwinRef<'_> {
     }
 }
 
-impl Page {
-    /// An empty page with room for `capacity` twins.
-    pub(super) fn with_capacity(capacity: usize) -> Page {
-        Page {
-            items: Vec::with_capacity(capacity),
-            ..Page::default()
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    /// The page's twins, in order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = TwinRef<'_>> + '_ {
-        self.items.iter().map(|i| self.twin_ref(i))
-    }
-
-    /// The `n`th twin.
-    pub fn get(&self, n: usize) -> Option<TwinRef<'_>> {
-        self.items.get(n).map(|i| self.twin_ref(i))
-    }
-
-    /// The page's twins, decoded.
-    pub fn twins(&self) -> Vec<Twin> {
-        self.iter().map(|t| t.twin()).collect()
-    }
-
-    /// The id of the last twin.
-    pub(super) fn last_id(&self) -> Option<TwinId> {
-        self.items.last().map(|i| i.id)
-    }
-
-    fn twin_ref<'p>(&'p self, i: &'p Item) -> TwinRef<'p> {
-        let at = i.at as usize;
-        TwinRef {
-            id: i.id,
-            blob: &self.buffers[i.buffer as usize][at..at + i.len as usize],
-            children_ids: match i.children {
-                NO_CHILDREN => &NONE,
-                n => &self.children[n as usize],
-            },
-        }
-    }
-
-    /// Add twin `id` (compact bytes `blob`), copying it into the last buffer; a full buffer
-    /// is followed by one twice its size (nothing is moved).
-    pub(super) fn push(&mut self, id: TwinId, blob: &[u8], children_ids: BTreeSet<TwinId>) {
+impl Chunk {
+    /// Copy `blob` into the last buffer (a full one is followed by one twice its size);
+    /// returns where it is there.
+    fn copy(&mut self, blob: &[u8]) -> usize {
         let room = self.buffers.last().map(|b| b.capacity() - b.len());
         if room.is_none_or(|room| room < blob.len()) {
             let size = match self.buffers.last() {
-                // The first: for the twins the page has room for, at this one's size and
+                // The first: for the twins the chunk has room for, at this one's size and
                 // an eighth more, at most 16 MiB (room a scan of rare matches does not fill
                 // is not touched, so it takes no memory).
                 None => (self.items.capacity().max(1) * (blob.len() + blob.len() / 8)).min(1 << 24),
@@ -226,53 +201,146 @@ impl Page {
             assert!(size <= MAX_BUFFER, "a twin of over 1 GiB");
             self.buffers.push(Vec::with_capacity(size));
         }
-        let buffer = self.buffers.len() - 1;
-        let bytes = &mut self.buffers[buffer];
+        let bytes = self.buffers.last_mut().expect("a buffer");
         let at = bytes.len();
         bytes.extend_from_slice(blob);
+        at
+    }
+
+    fn twin_ref<'p>(&'p self, i: &'p Item) -> TwinRef<'p> {
+        let at = i.at as usize;
+        TwinRef {
+            id: i.id,
+            blob: match (i.buffer, &self.segment) {
+                (IN_SEGMENT, Some(s)) => s.twin(at).0,
+                (b, _) => &self.buffers[b as usize][at..at + i.len as usize],
+            },
+            children_ids: match i.children {
+                NO_CHILDREN => &NONE,
+                n => &self.children[n as usize],
+            },
+        }
+    }
+}
+
+impl Page {
+    /// An empty page with room for `capacity` twins.
+    pub(super) fn with_capacity(capacity: usize) -> Page {
+        Page {
+            chunks: vec![Chunk {
+                items: Vec::with_capacity(capacity),
+                ..Chunk::default()
+            }],
+            ..Page::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The page's twins, in order.
+    pub fn iter(&self) -> impl Iterator<Item = TwinRef<'_>> + '_ {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.items.iter().map(|i| c.twin_ref(i)))
+    }
+
+    /// The `n`th twin.
+    pub fn get(&self, mut n: usize) -> Option<TwinRef<'_>> {
+        for c in &self.chunks {
+            match c.items.get(n) {
+                Some(i) => return Some(c.twin_ref(i)),
+                None => n -= c.items.len(),
+            }
+        }
+        None
+    }
+
+    /// The page's twins, decoded.
+    pub fn twins(&self) -> Vec<Twin> {
+        self.iter().map(|t| t.twin()).collect()
+    }
+
+    /// The id of the last twin.
+    pub(super) fn last_id(&self) -> Option<TwinId> {
+        self.chunks
+            .iter()
+            .rev()
+            .find_map(|c| c.items.last())
+            .map(|i| i.id)
+    }
+
+    /// Add twin `id`: its bytes are copied into the last buffer (a full buffer is followed by
+    /// one twice its size, nothing is moved), or a twin of a segment is referred to.
+    pub(super) fn push(&mut self, id: TwinId, found: Found<'_>, children_ids: BTreeSet<TwinId>) {
+        let segment = match found {
+            Found::In(s, _) => Some(s),
+            Found::Bytes(_) => None,
+        };
+        let same = |c: &Chunk| match (&c.segment, segment) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => c.items.is_empty() && c.buffers.is_empty(),
+        };
+        if !self.chunks.last().is_some_and(same) {
+            self.chunks.push(Chunk::default());
+        }
+        let chunk = self.chunks.last_mut().expect("a chunk");
+        let (at, len, buffer) = match found {
+            Found::In(s, i) => {
+                if chunk.segment.is_none() {
+                    chunk.segment = Some(s.clone());
+                }
+                (i, 0, IN_SEGMENT as usize)
+            }
+            Found::Bytes(blob) => (chunk.copy(blob), blob.len(), chunk.buffers.len() - 1),
+        };
         let children = if children_ids.is_empty() {
             NO_CHILDREN
         } else {
-            self.children.push(children_ids);
-            self.children.len() as u32 - 1
+            chunk.children.push(children_ids);
+            chunk.children.len() as u32 - 1
         };
-        self.items.push(Item {
+        chunk.items.push(Item {
             id,
             at: at as u32,
-            len: blob.len() as u32,
+            len: len as u32,
             buffer: buffer as u32,
             children,
         });
+        self.len += 1;
     }
 
-    /// Make room for `n` more twins' places (not their bytes).
-    pub(super) fn reserve(&mut self, n: usize) {
-        self.items.reserve(n);
-    }
-
-    /// Drop the twins after the first `n`.
+    /// Drop the twins after the first `n` (and the chunks that held only those).
     pub(super) fn truncate(&mut self, n: usize) {
-        self.items.truncate(n);
+        let mut kept = 0;
+        let mut chunks = 0;
+        for c in &mut self.chunks {
+            if kept == n {
+                break;
+            }
+            c.items.truncate(n - kept);
+            kept += c.items.len();
+            chunks += 1;
+        }
+        self.chunks.truncate(chunks);
+        self.len = kept;
     }
 
-    /// Add `next`'s twins after this page's (their buffers are moved, not copied).
+    /// Add `next`'s twins after this page's (its chunks are moved, nothing is copied).
     pub(super) fn append(&mut self, next: Page) {
-        if self.items.is_empty() {
-            self.items = next.items;
-            self.buffers = next.buffers;
-            self.children = next.children;
+        if next.is_empty() {
             return;
         }
-        let (buffers, children) = (self.buffers.len() as u32, self.children.len() as u32);
-        self.buffers.extend(next.buffers);
-        self.children.extend(next.children);
-        self.items.extend(next.items.into_iter().map(|mut i| {
-            i.buffer += buffers;
-            if i.children != NO_CHILDREN {
-                i.children += children;
-            }
-            i
-        }));
+        self.chunks.retain(|c| !c.items.is_empty());
+        self.chunks
+            .extend(next.chunks.into_iter().filter(|c| !c.items.is_empty()));
+        self.len += next.len;
     }
 }
 
@@ -407,6 +475,12 @@ impl Matcher<'_> {
     /// properties are.
     pub(crate) fn matches_blob(&self, b: &super::twins::Blob, check_type: bool) -> bool {
         self.matches_with(b, || b.props(), check_type)
+    }
+
+    /// [`Matcher::matches`] on compact twin `b` whose properties begin at `props_at` (0: not
+    /// known), as the map's blobs and segments keep it.
+    pub(crate) fn matches_at(&self, b: &[u8], props_at: u16, check_type: bool) -> bool {
+        self.matches_with(b, || super::twins::props_at(b, props_at), check_type)
     }
 
     fn matches_with<'b>(
@@ -668,13 +742,14 @@ mod tests {
             let kids: BTreeSet<TwinId> = (0..i % 3).map(|_| TwinId::new_v7()).collect();
             let blob = compact::encode(&t, Names::Interned);
             let page = if i < 4 { &mut a } else { &mut b };
-            page.push(t.id, &blob, kids.clone());
+            page.push(t.id, Found::Bytes(&blob), kids.clone());
             t.children_ids = kids;
             want.push(t);
         }
-        assert!(a.buffers.len() > 1 && b.buffers.len() > 1);
+        assert!(a.chunks[0].buffers.len() > 1 && b.chunks[0].buffers.len() > 1);
+        a.append(Page::default());
         a.append(b);
-        assert_eq!(a.len(), 9);
+        assert_eq!((a.len(), a.chunks.len()), (9, 2));
         assert_eq!(a.twins(), want);
         assert_eq!(
             serde_json::to_value(&a).unwrap(),
@@ -684,6 +759,18 @@ mod tests {
         assert_eq!(a.twins(), want[..5]);
         assert_eq!(a.get(4).map(|t| t.id), Some(want[4].id));
         assert!(a.get(5).is_none());
+        // A cut at the end of a chunk drops the chunks after it.
+        a.truncate(4);
+        assert_eq!((a.len(), a.chunks.len()), (4, 1));
+        assert_eq!(a.last_id(), Some(want[3].id));
+        a.truncate(0);
+        assert!(a.is_empty() && a.iter().next().is_none() && a.last_id().is_none());
+        a.push(
+            want[8].id,
+            Found::Bytes(&compact::encode(&want[8], Names::Interned)),
+            BTreeSet::new(),
+        );
+        assert_eq!((a.len(), a.get(0).map(|t| t.id)), (1, Some(want[8].id)));
     }
 
     #[test]

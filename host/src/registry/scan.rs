@@ -10,11 +10,15 @@
 //! (small pages stay on one core).
 
 use std::collections::BTreeSet;
-use std::ops::ControlFlow;
+use std::ops::{Bound, ControlFlow};
 use std::sync::OnceLock;
 
+use std::sync::Arc;
+
+pub(super) use super::query::Found;
 use super::query::Page;
-use super::twins::{Blob, TwinMap};
+use super::segment::Segment;
+use super::twins::TwinMap;
 use crate::types::TwinId;
 
 /// The smallest window of ids. The first holds the items the page needs (as if every id
@@ -62,12 +66,12 @@ impl Part {
         }
     }
 
-    /// Examine `id` (`matched`: its bytes when it matches the query) as the next candidate of
+    /// Examine `id` (`matched`: the twin when it matches the query) as the next candidate of
     /// a page of `limit` items and `budget` examined twins; breaks when the part stops.
     pub(super) fn visit(
         &mut self,
         id: &TwinId,
-        matched: Option<&[u8]>,
+        matched: Option<Found<'_>>,
         limit: usize,
         budget: usize,
         children: &Children<'_>,
@@ -107,10 +111,20 @@ impl Part {
     }
 }
 
+/// The parts of a window's pieces (each set unless one before it was not), joined in order
+/// as one part of `limit` items.
+fn join(slots: Vec<OnceLock<Part>>, limit: usize) -> Part {
+    let mut parts = slots.into_iter().map_while(OnceLock::into_inner);
+    let first = parts.next().unwrap_or_else(|| Part::new(0));
+    parts.fold(first, |a, b| a.then(b, limit))
+}
+
 /// One query's scan: how twins are matched and listed, and the page's bounds.
 pub(super) struct Scan<'a> {
     pub(super) twins: &'a TwinMap,
-    pub(super) matches: &'a (dyn Fn(&Blob) -> bool + Sync),
+    /// Whether a twin's compact bytes, whose properties begin at the offset given (0: not
+    /// known), match the query.
+    pub(super) matches: &'a (dyn Fn(&[u8], u16) -> bool + Sync),
     pub(super) children: &'a Children<'a>,
     pub(super) limit: usize,
     pub(super) budget: usize,
@@ -120,60 +134,55 @@ pub(super) struct Scan<'a> {
 }
 
 impl Scan<'_> {
-    /// Scan `ids` (in id order) until the page is full, the budget runs out or the ids do.
-    pub(super) fn run<'i>(&self, ids: impl Iterator<Item = &'i TwinId>) -> Part {
-        let mut ids = ids.peekable();
+    /// Scan the ids of `source` after `lower` (in id order) until the page is full, the
+    /// budget runs out or the ids do.
+    pub(super) fn run(&self, source: &BTreeSet<TwinId>, lower: Bound<TwinId>) -> Part {
+        let mut pos = lower;
         let mut acc = Part::new(0);
         let mut size = FIRST_WINDOW;
-        while acc.stop.is_none() && ids.peek().is_some() {
-            let need = self.limit - acc.items.len();
-            let budget = self.budget - acc.examined;
-            // Sized to fill the page, not more: a split window's last pieces are then needed
-            // (a dense match would otherwise fill the page in the first ones and waste the
-            // others). One id past the budget, so that a scan stopped by it says where.
-            let expected = match acc.items.len() {
-                0 => size.max(need),
-                found => need.saturating_mul(acc.examined) / found,
-            };
-            let take = (expected + expected / 8)
-                .clamp(FIRST_WINDOW, MAX_WINDOW)
-                .min(budget + 1);
-            // Only a window to split is copied out; a smaller one is read as it comes. A page
-            // still missing few items stays on one core: a rare match's scan measured slower
-            // split (the halves gain little here, and the ids are copied out for them).
-            let split = take >= self.split_from
-                && need >= self.split_from / 2
-                && rayon::current_num_threads() > 1;
+        while acc.stop.is_none() {
+            let mut ids = source.range((pos, Bound::Unbounded)).peekable();
+            if ids.peek().is_none() {
+                break;
+            }
+            let (need, budget, take) = self.window(&acc, size);
+            let split = self.splits(take, need);
             let part = if split {
                 // Each piece is scanned as if the ones before it examined every id (the
-                // join ignores what follows a piece that stopped). This thread copies the
-                // pieces' ids out of the index (a walk of its nodes, a fifth of the time of
-                // matching them) while the pool matches the pieces already copied.
+                // join ignores what follows a piece that stopped). This thread walks the
+                // index to where each piece ends (a walk of its nodes, nothing copied: a
+                // copy of the ids cost a fifth of matching them) and hands the piece, a
+                // range of the index, to the pool while the pool matches those before it.
                 let piece = take.div_ceil(PIECES);
                 let slots: Vec<OnceLock<Part>> = (0..PIECES).map(|_| OnceLock::new()).collect();
                 rayon::in_place_scope(|s| {
                     for (i, slot) in slots.iter().enumerate() {
                         let n = piece.min(take - (i * piece).min(take));
-                        let ids: Vec<TwinId> = ids.by_ref().take(n).copied().collect();
-                        if ids.is_empty() {
+                        let Some(last) = ids.by_ref().take(n).last().copied() else {
                             break;
-                        }
+                        };
+                        let range = source.range((pos, Bound::Included(last)));
+                        pos = Bound::Excluded(last);
                         let budget = budget.saturating_sub(i * piece);
                         s.spawn(move |_| {
-                            let part = self.part(ids.iter(), need, budget, need.min(ids.len()));
-                            let _ = slot.set(part);
+                            let _ = slot.set(self.part(range, need, budget, need.min(n)));
                         });
                     }
                 });
-                let mut parts = slots.into_iter().map_while(OnceLock::into_inner);
-                let mut first = parts.next().unwrap_or_else(|| Part::new(0));
-                let parts: Vec<Part> = parts.collect();
-                first
-                    .items
-                    .reserve(parts.iter().map(|p| p.items.len()).sum());
-                parts.into_iter().fold(first, |a, b| a.then(b, need))
+                join(slots, need)
             } else {
-                self.part(ids.by_ref().take(take), need, budget, need.min(take))
+                let mut last = None;
+                let part = self.part(
+                    ids.take(take).inspect(|id| last = Some(**id)),
+                    need,
+                    budget,
+                    need.min(take),
+                );
+                match last {
+                    Some(id) => pos = Bound::Excluded(id),
+                    None => break,
+                }
+                part
             };
             acc = acc.then(part, self.limit);
             size = take.saturating_mul(2);
@@ -192,10 +201,97 @@ impl Scan<'_> {
     ) -> Part {
         let mut part = Part::new(capacity);
         self.twins.with_each(ids, |id, blob| {
-            let matched = blob.filter(|b| (self.matches)(b));
-            part.visit(id, matched.map(|b| &b[..]), limit, budget, self.children)
+            let matched = blob.filter(|b| (self.matches)(b, b.props_at()));
+            let found = matched.map(|b| Found::Bytes(b));
+            part.visit(id, found, limit, budget, self.children)
         });
         part
+    }
+
+    /// Scan the twins of segment `seg` from position `from` until the page is full, the
+    /// budget runs out or the twins do: [`Scan::run`] on the segment's ids, with windows and
+    /// pieces found by position (the page refers to the twins instead of copying them).
+    pub(super) fn run_segment(&self, seg: &Arc<Segment>, from: usize) -> Part {
+        let mut pos = from;
+        let mut acc = Part::new(0);
+        let mut size = FIRST_WINDOW;
+        while acc.stop.is_none() && pos < seg.len() {
+            let (need, budget, take) = self.window(&acc, size);
+            let take = take.min(seg.len() - pos);
+            let part = if self.splits(take, need) {
+                let piece = take.div_ceil(PIECES);
+                let slots: Vec<OnceLock<Part>> = (0..PIECES).map(|_| OnceLock::new()).collect();
+                rayon::in_place_scope(|s| {
+                    for (i, slot) in slots.iter().enumerate() {
+                        let start = pos + (i * piece).min(take);
+                        let end = pos + ((i + 1) * piece).min(take);
+                        if start == end {
+                            break;
+                        }
+                        let budget = budget.saturating_sub(i * piece);
+                        s.spawn(move |_| {
+                            let part = self.segment_part(seg, start..end, need, budget);
+                            let _ = slot.set(part);
+                        });
+                    }
+                });
+                join(slots, need)
+            } else {
+                self.segment_part(seg, pos..pos + take, need, budget)
+            };
+            pos += take;
+            acc = acc.then(part, self.limit);
+            size = take.saturating_mul(2);
+        }
+        acc
+    }
+
+    /// Scan the segment's twins at `range` as a page of `limit` items and `budget` examined
+    /// twins.
+    fn segment_part(
+        &self,
+        seg: &Arc<Segment>,
+        range: std::ops::Range<usize>,
+        limit: usize,
+        budget: usize,
+    ) -> Part {
+        let mut part = Part::new(limit.min(range.len()));
+        for i in range {
+            let (b, props) = seg.twin(i);
+            let found = (self.matches)(b, props).then_some(Found::In(seg, i));
+            if part
+                .visit(seg.id(i), found, limit, budget, self.children)
+                .is_break()
+            {
+                break;
+            }
+        }
+        part
+    }
+
+    /// The next window of a scan that has found `acc`, after one of `size`: the items the
+    /// page still needs, the budget left and how many candidates to read.
+    fn window(&self, acc: &Part, size: usize) -> (usize, usize, usize) {
+        let need = self.limit - acc.items.len();
+        let budget = self.budget - acc.examined;
+        // Sized to fill the page, not more: a split window's last pieces are then needed
+        // (a dense match would otherwise fill the page in the first ones and waste the
+        // others). One id past the budget, so that a scan stopped by it says where.
+        let expected = match acc.items.len() {
+            0 => size.max(need),
+            found => need.saturating_mul(acc.examined) / found,
+        };
+        let take = (expected + expected / 8)
+            .clamp(FIRST_WINDOW, MAX_WINDOW)
+            .min(budget + 1);
+        (need, budget, take)
+    }
+
+    /// Whether a window of `take` candidates for a page still missing `need` items is
+    /// matched in pieces. A page still missing few items stays on one core: a rare match's
+    /// scan measured slower split (the halves gain little here).
+    fn splits(&self, take: usize, need: usize) -> bool {
+        take >= self.split_from && need >= self.split_from / 2 && rayon::current_num_threads() > 1
     }
 }
 
@@ -225,7 +321,7 @@ mod tests {
     fn one_by_one(
         m: &TwinMap,
         ids: &[TwinId],
-        matches: &dyn Fn(&Blob) -> bool,
+        matches: &dyn Fn(&[u8], u16) -> bool,
         limit: usize,
         budget: usize,
     ) -> (Vec<TwinId>, Option<Stop>) {
@@ -235,7 +331,7 @@ mod tests {
                 return (items, Some(Stop::Budget(*id)));
             }
             examined += 1;
-            if m.with_blob(id, matches) == Some(true) {
+            if m.with_blob(id, |b| matches(b, b.props_at())) == Some(true) {
                 if items.len() == limit {
                     return (items, Some(Stop::Full));
                 }
@@ -245,13 +341,31 @@ mod tests {
         (items, None)
     }
 
+    /// The ids and stop of a part, after checking that each item's bytes are its twin's.
+    fn got(m: &TwinMap, part: Part) -> (Vec<TwinId>, Option<Stop>) {
+        for t in part.items.iter() {
+            let mut want = m.get(&t.id).expect("a twin of the map");
+            want.children_ids = Default::default();
+            assert_eq!(t.twin(), want);
+        }
+        (part.items.iter().map(|t| t.id).collect(), part.stop)
+    }
+
+    /// Every paging case of a scan of the map's ids, and of a segment of its twins, against
+    /// reading them one by one.
     #[test]
     fn a_scan_in_windows_and_split_halves_pages_exactly_as_one_by_one() {
         let n = 3_000;
         let (m, ids) = twins(n, 7);
+        let source: BTreeSet<TwinId> = ids.iter().copied().collect();
+        let ids: Vec<TwinId> = source.iter().copied().collect();
+        // A segment holds the twins there are (an id the map lacks is not examined there).
+        let segment = Arc::new(Segment::of(&m, &source));
+        let present: Vec<TwinId> = ids.iter().copied().filter(|id| m.contains(id)).collect();
+        assert_eq!(segment.len(), present.len());
         let every = |k: u64| {
-            move |b: &Blob| {
-                b.props()
+            move |b: &[u8], at: u16| {
+                crate::registry::twins::props_at(b, at)
                     .and_then(|p| p.get("i"))
                     .and_then(|v| v.as_u64())
                     .is_some_and(|i| i % k == 0)
@@ -268,46 +382,49 @@ mod tests {
             let matches = every(k);
             for limit in [1, 2, 10, 100, 999, 1_000, 2_571, 10_000] {
                 for budget in [0, 1, 5, 300, 1_500, 2_999, 3_000, 100_000] {
-                    let want = one_by_one(&m, &ids, &matches, limit, budget);
-                    // Split from 64 ids: every window of a page still missing 32 items or more splits.
-                    for split_from in [usize::MAX, 64, 300] {
-                        let scan = Scan {
-                            twins: &m,
-                            matches: &matches,
-                            children: &no_children,
-                            limit,
-                            budget,
-                            split_from,
+                    // From the first id, and after the 1,000th (a cursor).
+                    for from in [0, 1_000] {
+                        let lower = match from {
+                            0 => Bound::Unbounded,
+                            n => Bound::Excluded(ids[n - 1]),
                         };
-                        let got = pool.install(|| scan.run(ids.iter()));
-                        let got_ids: Vec<TwinId> = got.items.iter().map(|t| t.id).collect();
-                        // Each item's bytes are its twin's.
-                        for t in got.items.iter() {
-                            assert_eq!(
-                                Some(t.twin()),
-                                m.get(&t.id).map(|mut x| {
-                                    x.children_ids = Default::default();
-                                    x
-                                })
+                        let after = |id: &&TwinId| from == 0 || **id > ids[from - 1];
+                        let want = one_by_one(&m, &ids[from..], &matches, limit, budget);
+                        let in_segment: Vec<TwinId> =
+                            present.iter().filter(after).copied().collect();
+                        let want_segment = one_by_one(&m, &in_segment, &matches, limit, budget);
+                        // Split from 64 ids: every window of a page still missing 32 items
+                        // or more splits.
+                        for split_from in [usize::MAX, 64, 300] {
+                            let scan = Scan {
+                                twins: &m,
+                                matches: &matches,
+                                children: &no_children,
+                                limit,
+                                budget,
+                                split_from,
+                            };
+                            let case = format!(
+                                "every {k}, limit {limit}, budget {budget}, from {from}, split from {split_from}"
                             );
+                            let part = pool.install(|| scan.run(&source, lower));
+                            assert_eq!(got(&m, part), want, "{case}");
+                            let at = segment.position(lower);
+                            let part = pool.install(|| scan.run_segment(&segment, at));
+                            assert_eq!(got(&m, part), want_segment, "segment: {case}");
+                            compared += 1;
                         }
-                        assert_eq!(
-                            (got_ids, got.stop),
-                            want,
-                            "every {k}, limit {limit}, budget {budget}, split from {split_from}"
-                        );
-                        compared += 1;
                     }
                 }
             }
         }
-        assert_eq!(compared, 5 * 8 * 8 * 3);
+        assert_eq!(compared, 5 * 8 * 8 * 2 * 3);
     }
 
     #[test]
     fn a_part_after_a_stopped_one_adds_nothing() {
         let (m, ids) = twins(10, usize::MAX);
-        let all = |_: &Blob| true;
+        let all = |_: &[u8], _: u16| true;
         let no_children = |_: &TwinId| BTreeSet::new();
         let scan = Scan {
             twins: &m,

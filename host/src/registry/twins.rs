@@ -51,10 +51,22 @@ impl Blob {
 
     /// The twin's properties, for lookups (`None`: not a readable compact twin).
     pub(crate) fn props(&self) -> Option<compact::Props<'_>> {
-        match u16::from_le_bytes([self.0[0], self.0[1]]) {
-            0 => compact::Props::of(self).ok(),
-            at => Some(compact::Props::at(self, at as usize)),
-        }
+        props_at(self, self.props_at())
+    }
+
+    /// Where the twin's properties begin (0: not kept).
+    #[inline]
+    pub(crate) fn props_at(&self) -> u16 {
+        u16::from_le_bytes([self.0[0], self.0[1]])
+    }
+}
+
+/// The properties of compact twin `b`, which begin at `at` (0: not known, find them).
+#[inline]
+pub(crate) fn props_at(b: &[u8], at: u16) -> Option<compact::Props<'_>> {
+    match at {
+        0 => compact::Props::of(b).ok(),
+        at => Some(compact::Props::at(b, at as usize)),
     }
 }
 
@@ -79,6 +91,10 @@ pub(crate) struct TwinMap {
     /// Ordered indexes of the properties models mark `"indexed": true`, kept in step by
     /// [`TwinMap::changed`].
     pub(crate) ranges: RangeIndexes,
+    /// Raised by [`TwinMap::changed`] before each change of a twin is written: a segment
+    /// made at one version holds the twins as they are while it lasts.
+    pub(super) version: std::sync::atomic::AtomicU64,
+    pub(super) segments: parking_lot::Mutex<super::segment::Segments>,
 }
 
 /// Ids read per locking of every shard in [`TwinMap::with_each`].
@@ -157,14 +173,19 @@ impl TwinMap {
         TwinMap {
             map: DashMap::with_hasher(FxBuildHasher),
             ranges: RangeIndexes::default(),
+            version: Default::default(),
+            segments: Default::default(),
         }
     }
 
     /// The one place every change of a twin in memory passes: `old` is the blob before
     /// (`None` for a new twin), `new` the blob after (`None` for a removal). Called with the
     /// twin's shard locked, so changes of one twin arrive here in order: the range indexes
-    /// are kept up to date here.
+    /// are kept up to date here, and the map's version raised (before the change is
+    /// written, so that a segment made meanwhile is known stale).
     fn changed(&self, id: &TwinId, old: Option<&[u8]>, new: Option<&[u8]>) {
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.ranges.is_empty() {
             return;
         }

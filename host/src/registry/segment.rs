@@ -1,0 +1,283 @@
+//! Segments: read-optimized copies of one entity type's twins, for the big queries that
+//! read them all again and again (the seed's full-result query, a dashboard's listing).
+//!
+//! A segment holds the type's twins' compact bytes back to back in id order, with their ids
+//! and where each one's properties begin in arrays beside them: a scan reads it front to
+//! back (no hash probe, no tree walk, no blob behind a pointer per twin) and a page refers
+//! to its twins instead of copying them (the page keeps the segment alive).
+//!
+//! Owns: the segments of the [`TwinMap`] and when they are made and dropped. A segment is
+//! used only while the map has not changed since it was made (the map's version, raised by
+//! every change of a twin before the change is written): a query reading one sees the
+//! twins as they all were at its start. One is made by a big query that finds the map
+//! unchanged since the previous big query over the type (a type whose twins change between
+//! such queries never pays for one: those queries read the map); a stale one is dropped by
+//! the next big query over its type. Together they hold at most [`MAX_BYTES`].
+//! Must never: serve a twin from a segment made before a change of the map; hold more than
+//! its budget.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::twins::TwinMap;
+use crate::types::TwinId;
+
+/// The most bytes all segments hold together (twins' bytes, ids and spans).
+pub(crate) const MAX_BYTES: usize = 256 << 20;
+/// A type with fewer twins gets no segment (its scans are short anyway).
+pub(crate) const MIN_TWINS: usize = 4_096;
+
+/// One entity type's twins as they were at one version of the map.
+pub(crate) struct Segment {
+    /// The map's version it was made at.
+    version: u64,
+    ids: Vec<TwinId>,
+    spans: Vec<Span>,
+    bytes: Vec<u8>,
+}
+
+/// Where one twin of a [`Segment`] is.
+#[derive(Clone, Copy)]
+struct Span {
+    at: u32,
+    len: u32,
+    /// Where its properties begin (as the map's blob keeps it; 0: find them).
+    props: u16,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Segment({} twins, {} bytes, version {})",
+            self.len(),
+            self.bytes.len(),
+            self.version
+        )
+    }
+}
+
+impl Segment {
+    pub(crate) fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The id of the twin at position `i`.
+    #[inline]
+    pub(crate) fn id(&self, i: usize) -> &TwinId {
+        &self.ids[i]
+    }
+
+    /// The compact bytes of the twin at position `i` and where its properties begin.
+    #[inline]
+    pub(crate) fn twin(&self, i: usize) -> (&[u8], u16) {
+        let s = self.spans[i];
+        let at = s.at as usize;
+        (&self.bytes[at..at + s.len as usize], s.props)
+    }
+
+    /// The position of the first twin after `lower`.
+    pub(crate) fn position(&self, lower: Bound<TwinId>) -> usize {
+        match lower {
+            Bound::Unbounded => 0,
+            Bound::Included(id) => self.ids.partition_point(|x| *x < id),
+            Bound::Excluded(id) => self.ids.partition_point(|x| *x <= id),
+        }
+    }
+
+    /// The twins of `ids` as `map` holds them now.
+    #[cfg(test)]
+    pub(crate) fn of(map: &TwinMap, ids: &BTreeSet<TwinId>) -> Self {
+        let version = map.version.load(Ordering::SeqCst);
+        Segment::make(map, ids, version, usize::MAX).expect("no budget")
+    }
+
+    /// Bytes it holds.
+    fn size(&self) -> usize {
+        self.bytes.capacity()
+            + self.ids.capacity() * size_of::<TwinId>()
+            + self.spans.capacity() * size_of::<Span>()
+    }
+
+    /// The twins of `ids` as `map` holds them, or `None` when they would take over `budget`
+    /// bytes or a twin is over 4 GiB in all.
+    fn make(map: &TwinMap, ids: &BTreeSet<TwinId>, version: u64, budget: usize) -> Option<Self> {
+        let mut s = Segment {
+            version,
+            ids: Vec::with_capacity(ids.len()),
+            spans: Vec::with_capacity(ids.len()),
+            bytes: Vec::new(),
+        };
+        let mut fits = true;
+        map.with_each(ids.iter(), |id, blob| {
+            let Some(b) = blob else {
+                return std::ops::ControlFlow::Continue(());
+            };
+            if s.bytes.is_empty() {
+                // Room for every twin at the first one's size and an eighth more.
+                s.bytes
+                    .reserve((ids.len() * (b.len() + b.len() / 8)).min(budget));
+            }
+            let at = s.bytes.len();
+            fits = at + b.len() <= budget.min(u32::MAX as usize);
+            if !fits {
+                return std::ops::ControlFlow::Break(());
+            }
+            s.bytes.extend_from_slice(b);
+            s.ids.push(*id);
+            s.spans.push(Span {
+                at: at as u32,
+                len: b.len() as u32,
+                props: b.props_at(),
+            });
+            std::ops::ControlFlow::Continue(())
+        });
+        s.bytes.shrink_to_fit();
+        (fits && s.size() <= budget).then_some(s)
+    }
+}
+
+/// The segments of a [`TwinMap`], by entity type.
+#[derive(Default)]
+pub(crate) struct Segments {
+    by_type: HashMap<String, Arc<Segment>>,
+    /// The map's version when a big query over the type last found no segment for it.
+    asked: HashMap<String, u64>,
+    /// Bytes the segments hold.
+    bytes: usize,
+}
+
+impl TwinMap {
+    /// The current segment of `entity_type`'s twins (`ids`, from the type index), if there is
+    /// one; for a `big` query, one is made when the map has not changed since the previous
+    /// big query over the type found none.
+    pub(crate) fn segment(
+        &self,
+        entity_type: &str,
+        ids: &BTreeSet<TwinId>,
+        big: bool,
+    ) -> Option<Arc<Segment>> {
+        let version = self.version.load(Ordering::SeqCst);
+        let stale = {
+            let mut segs = self.segments.lock();
+            match segs.by_type.get(entity_type) {
+                Some(s) if s.version == version => return Some(s.clone()),
+                Some(_) if big => {
+                    let s = segs.by_type.remove(entity_type).expect("just found");
+                    segs.bytes -= s.size();
+                    Some(s)
+                }
+                _ => None,
+            }
+        };
+        // A stale segment is freed outside the lock (its last page may hold it still).
+        drop(stale);
+        if !big || ids.len() < MIN_TWINS {
+            return None;
+        }
+        {
+            let mut segs = self.segments.lock();
+            if segs.asked.insert(entity_type.to_owned(), version) != Some(version) {
+                return None;
+            }
+        }
+        let budget = MAX_BYTES.saturating_sub(self.segments.lock().bytes);
+        let s = Arc::new(Segment::make(self, ids, version, budget)?);
+        // A change while it was made (the version is raised before a change is written):
+        // it may hold that twin as it was before.
+        if self.version.load(Ordering::SeqCst) != version {
+            return None;
+        }
+        let mut segs = self.segments.lock();
+        if segs.bytes + s.size() > MAX_BYTES {
+            return None;
+        }
+        segs.bytes += s.size();
+        if let Some(old) = segs.by_type.insert(entity_type.to_owned(), s.clone()) {
+            segs.bytes -= old.size();
+        }
+        Some(s)
+    }
+
+    /// Bytes the segments hold (for tests and stats).
+    #[cfg(test)]
+    pub(crate) fn segment_bytes(&self) -> usize {
+        self.segments.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn machines(m: &TwinMap, n: usize) -> BTreeSet<TwinId> {
+        (0..n)
+            .map(|i| {
+                let mut t = crate::registry::twins::tests::twin();
+                t.properties = json!({"i": i}).as_object().unwrap().clone();
+                m.insert(&t);
+                t.id
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_segment_is_made_on_the_second_quiet_big_query_and_used_until_a_change() {
+        let m = TwinMap::new();
+        let ids = machines(&m, MIN_TWINS);
+        // Small queries never make one; the first big one only notes the version.
+        assert!(m.segment("machine", &ids, false).is_none());
+        assert!(m.segment("machine", &ids, true).is_none());
+        let s = m
+            .segment("machine", &ids, true)
+            .expect("made on the second");
+        assert_eq!(s.len(), ids.len());
+        assert!(ids.iter().enumerate().all(|(i, id)| s.id(i) == id));
+        for (i, id) in ids.iter().enumerate().step_by(97) {
+            let (bytes, props) = s.twin(i);
+            assert_eq!(
+                m.with_blob(id, |b| (b.to_vec(), b.props_at())),
+                Some((bytes.to_vec(), props))
+            );
+        }
+        assert_eq!(m.segment_bytes(), s.size());
+        // Small queries use it too.
+        assert!(m
+            .segment("machine", &ids, false)
+            .is_some_and(|x| Arc::ptr_eq(&x, &s)));
+        // A change of any twin: no longer used; the next big query drops it, the one after
+        // makes a new one that holds the change.
+        let first = *ids.first().unwrap();
+        let mut t = m.get(&first).unwrap();
+        t.properties.insert("i".into(), json!(-1));
+        m.insert(&t);
+        assert!(m.segment("machine", &ids, false).is_none());
+        assert!(m.segment("machine", &ids, true).is_none());
+        assert_eq!(m.segment_bytes(), 0);
+        let s = m.segment("machine", &ids, true).expect("made again");
+        assert_eq!(s.twin(0).0, &m.with(&first, |b| b.to_vec()).unwrap()[..]);
+        // A type too small gets none.
+        let few: BTreeSet<TwinId> = ids.iter().take(MIN_TWINS - 1).copied().collect();
+        assert!(m.segment("building", &few, true).is_none());
+        assert!(m.segment("building", &few, true).is_none());
+    }
+
+    #[test]
+    fn a_segment_over_the_budget_is_not_made() {
+        let m = TwinMap::new();
+        let ids = machines(&m, 100);
+        let v = m.version.load(Ordering::SeqCst);
+        assert!(Segment::make(&m, &ids, v, 1_000).is_none());
+        let s = Segment::make(&m, &ids, v, 1 << 20).expect("fits");
+        assert_eq!(
+            (s.len(), s.position(Bound::Excluded(*ids.last().unwrap()))),
+            (100, 100)
+        );
+        let tenth = *ids.iter().nth(10).unwrap();
+        assert_eq!(s.position(Bound::Excluded(tenth)), 11);
+        assert_eq!(s.position(Bound::Included(tenth)), 10);
+    }
+}
