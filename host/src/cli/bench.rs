@@ -549,10 +549,32 @@ async fn seed_comparison(args: &BenchArgs) -> anyhow::Result<Value> {
     // The same on one core: a scan splits big windows over the cores (see registry::scan).
     let one_core = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     let (one_core_queries, _) = one_core.install(|| query_rate(reg, &seed_query(TWINS), 2.0))?;
+    // The same while 100 updates a millisecond at most go on (a segment of the machines is
+    // then never current: every query reads the map; see registry::segment).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let updater = {
+        let (reg, ids, stop) = (reg.clone(), f.ids.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let batch = (k..k + 100).map(|k| update(&ids, k, 2)).collect();
+                reg.apply_batch(batch).await?;
+                k += 100;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            anyhow::Ok(k)
+        })
+    };
+    let start = Instant::now();
+    let (busy_queries, _) = query_rate(reg, &seed_query(TWINS), 2.0)?;
+    stop.store(true, Ordering::Relaxed);
+    let busy_updates = updater.await?? as f64 / start.elapsed().as_secs_f64();
     let mut out = json!({"twinhost": {
         "updates_per_s": ours_updates.round(),
         "full_result_queries_per_s": ours_queries.round(),
         "full_result_queries_per_s_one_core": one_core_queries.round(),
+        "full_result_queries_per_s_while_updating": busy_queries.round(),
+        "updates_per_s_meanwhile": busy_updates.round(),
     }});
     if args.no_seed {
         return Ok(out);
@@ -586,6 +608,8 @@ async fn seed_comparison(args: &BenchArgs) -> anyhow::Result<Value> {
             out["ratio_full_result_queries"] = json!(((ours_queries / sq) * 10.0).round() / 10.0);
             out["ratio_full_result_queries_one_core"] =
                 json!(((one_core_queries / sq) * 10.0).round() / 10.0);
+            out["ratio_full_result_queries_while_updating"] =
+                json!(((busy_queries / sq) * 10.0).round() / 10.0);
         }
         Ok(o) => {
             out["seed"] = json!(format!(

@@ -408,6 +408,13 @@ mod tests {
         let out = reg.provision(items, false).await.unwrap();
         let mut ids: Vec<TwinId> = out.ids.into_iter().map(Option::unwrap).collect();
         ids.sort();
+        // One machine has a child (a sensor): its JSON lists it, from a segment too.
+        let sensor = NewTwin {
+            entity_type: "sensor".into(),
+            parent_id: Some(ids[5]),
+            ..Default::default()
+        };
+        let sensor = reg.create(sensor).await.unwrap().id;
         let q: crate::registry::Query = serde_json::from_value(json!({
             "entity_type": "machine", "properties": {"status": "operational"}, "limit": 10_000}))
         .unwrap();
@@ -421,9 +428,15 @@ mod tests {
         assert!(twins.segment_bytes() > 0, "the second makes one");
         // Served from the segment: the same twins, the same JSON as a decoded twin.
         let page = reg.query(&q).unwrap();
+        for i in [5, 7] {
+            assert_eq!(
+                page.get(i).map(|t| t.twin()),
+                Some(reg.get(&ids[i]).unwrap())
+            );
+        }
         assert_eq!(
-            page.get(7).map(|t| t.twin()),
-            Some(reg.get(&ids[7]).unwrap())
+            page.get(5).map(|t| t.children_ids.clone()),
+            Some([sensor].into())
         );
         // A change: one machine stops, one is added, one is deleted.
         let stopped = ids[10];

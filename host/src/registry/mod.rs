@@ -993,7 +993,8 @@ impl Registry {
                     .filter(|_| from_type_index)
                     .and_then(|et| {
                         let big = limit >= scan::SPLIT_FROM / 2;
-                        self.inner.twins.segment(et, source, big)
+                        let has_children = |id: &TwinId| idx.children.contains_key(id);
+                        self.inner.twins.segment(et, source, &has_children, big)
                     });
                 match segment {
                     Some(seg) => scan.run_segment(&seg, seg.position(lower)),

@@ -74,7 +74,7 @@ impl Part {
         matched: Option<Found<'_>>,
         limit: usize,
         budget: usize,
-        children: &Children<'_>,
+        children: impl FnOnce(&TwinId) -> BTreeSet<TwinId>,
     ) -> ControlFlow<()> {
         if self.examined == budget {
             self.stop = Some(Stop::Budget(*id));
@@ -259,8 +259,13 @@ impl Scan<'_> {
         for i in range {
             let (b, props) = seg.twin(i);
             let found = (self.matches)(b, props).then_some(Found::In(seg, i));
+            // Only a twin with children has them looked up.
+            let children = |id: &TwinId| match seg.has_children(i) {
+                true => (self.children)(id),
+                false => BTreeSet::new(),
+            };
             if part
-                .visit(seg.id(i), found, limit, budget, self.children)
+                .visit(seg.id(i), found, limit, budget, children)
                 .is_break()
             {
                 break;
@@ -360,7 +365,7 @@ mod tests {
         let source: BTreeSet<TwinId> = ids.iter().copied().collect();
         let ids: Vec<TwinId> = source.iter().copied().collect();
         // A segment holds the twins there are (an id the map lacks is not examined there).
-        let segment = Arc::new(Segment::of(&m, &source));
+        let segment = Arc::new(Segment::of(&m, &source, &|_| false));
         let present: Vec<TwinId> = ids.iter().copied().filter(|id| m.contains(id)).collect();
         assert_eq!(segment.len(), present.len());
         let every = |k: u64| {

@@ -36,6 +36,9 @@ pub(crate) struct Segment {
     ids: Vec<TwinId>,
     spans: Vec<Span>,
     bytes: Vec<u8>,
+    /// A bit per twin: set for those that have children (the others' JSON lists none, and a
+    /// scan does not look them up: a child's change is a change of the map).
+    parents: Vec<u64>,
 }
 
 /// Where one twin of a [`Segment`] is.
@@ -78,6 +81,12 @@ impl Segment {
         (&self.bytes[at..at + s.len as usize], s.props)
     }
 
+    /// Whether the twin at position `i` has children.
+    #[inline]
+    pub(crate) fn has_children(&self, i: usize) -> bool {
+        self.parents[i / 64] & (1 << (i % 64)) != 0
+    }
+
     /// The position of the first twin after `lower`.
     pub(crate) fn position(&self, lower: Bound<TwinId>) -> usize {
         match lower {
@@ -89,9 +98,13 @@ impl Segment {
 
     /// The twins of `ids` as `map` holds them now.
     #[cfg(test)]
-    pub(crate) fn of(map: &TwinMap, ids: &BTreeSet<TwinId>) -> Self {
+    pub(crate) fn of(
+        map: &TwinMap,
+        ids: &BTreeSet<TwinId>,
+        has_children: &dyn Fn(&TwinId) -> bool,
+    ) -> Self {
         let version = map.version.load(Ordering::SeqCst);
-        Segment::make(map, ids, version, usize::MAX).expect("no budget")
+        Segment::make(map, ids, has_children, version, usize::MAX).expect("no budget")
     }
 
     /// Bytes it holds.
@@ -99,16 +112,24 @@ impl Segment {
         self.bytes.capacity()
             + self.ids.capacity() * size_of::<TwinId>()
             + self.spans.capacity() * size_of::<Span>()
+            + self.parents.capacity() * size_of::<u64>()
     }
 
-    /// The twins of `ids` as `map` holds them, or `None` when they would take over `budget`
-    /// bytes or a twin is over 4 GiB in all.
-    fn make(map: &TwinMap, ids: &BTreeSet<TwinId>, version: u64, budget: usize) -> Option<Self> {
+    /// The twins of `ids` as `map` holds them (`has_children`: whether one has any), or
+    /// `None` when they would take over `budget` bytes or 4 GiB.
+    fn make(
+        map: &TwinMap,
+        ids: &BTreeSet<TwinId>,
+        has_children: &dyn Fn(&TwinId) -> bool,
+        version: u64,
+        budget: usize,
+    ) -> Option<Self> {
         let mut s = Segment {
             version,
             ids: Vec::with_capacity(ids.len()),
             spans: Vec::with_capacity(ids.len()),
             bytes: Vec::new(),
+            parents: vec![0; ids.len().div_ceil(64)],
         };
         let mut fits = true;
         map.with_each(ids.iter(), |id, blob| {
@@ -126,6 +147,10 @@ impl Segment {
                 return std::ops::ControlFlow::Break(());
             }
             s.bytes.extend_from_slice(b);
+            if has_children(id) {
+                let i = s.ids.len();
+                s.parents[i / 64] |= 1 << (i % 64);
+            }
             s.ids.push(*id);
             s.spans.push(Span {
                 at: at as u32,
@@ -152,11 +177,13 @@ pub(crate) struct Segments {
 impl TwinMap {
     /// The current segment of `entity_type`'s twins (`ids`, from the type index), if there is
     /// one; for a `big` query, one is made when the map has not changed since the previous
-    /// big query over the type found none.
+    /// big query over the type found none (`has_children`: whether a twin has any, from the
+    /// hierarchy index).
     pub(crate) fn segment(
         &self,
         entity_type: &str,
         ids: &BTreeSet<TwinId>,
+        has_children: &dyn Fn(&TwinId) -> bool,
         big: bool,
     ) -> Option<Arc<Segment>> {
         let version = self.version.load(Ordering::SeqCst);
@@ -184,7 +211,7 @@ impl TwinMap {
             }
         }
         let budget = MAX_BYTES.saturating_sub(self.segments.lock().bytes);
-        let s = Arc::new(Segment::make(self, ids, version, budget)?);
+        let s = Arc::new(Segment::make(self, ids, has_children, version, budget)?);
         // A change while it was made (the version is raised before a change is written):
         // it may hold that twin as it was before.
         if self.version.load(Ordering::SeqCst) != version {
@@ -228,11 +255,12 @@ mod tests {
     fn a_segment_is_made_on_the_second_quiet_big_query_and_used_until_a_change() {
         let m = TwinMap::new();
         let ids = machines(&m, MIN_TWINS);
+        let none = |_: &TwinId| false;
         // Small queries never make one; the first big one only notes the version.
-        assert!(m.segment("machine", &ids, false).is_none());
-        assert!(m.segment("machine", &ids, true).is_none());
+        assert!(m.segment("machine", &ids, &none, false).is_none());
+        assert!(m.segment("machine", &ids, &none, true).is_none());
         let s = m
-            .segment("machine", &ids, true)
+            .segment("machine", &ids, &none, true)
             .expect("made on the second");
         assert_eq!(s.len(), ids.len());
         assert!(ids.iter().enumerate().all(|(i, id)| s.id(i) == id));
@@ -246,7 +274,7 @@ mod tests {
         assert_eq!(m.segment_bytes(), s.size());
         // Small queries use it too.
         assert!(m
-            .segment("machine", &ids, false)
+            .segment("machine", &ids, &none, false)
             .is_some_and(|x| Arc::ptr_eq(&x, &s)));
         // A change of any twin: no longer used; the next big query drops it, the one after
         // makes a new one that holds the change.
@@ -254,15 +282,15 @@ mod tests {
         let mut t = m.get(&first).unwrap();
         t.properties.insert("i".into(), json!(-1));
         m.insert(&t);
-        assert!(m.segment("machine", &ids, false).is_none());
-        assert!(m.segment("machine", &ids, true).is_none());
+        assert!(m.segment("machine", &ids, &none, false).is_none());
+        assert!(m.segment("machine", &ids, &none, true).is_none());
         assert_eq!(m.segment_bytes(), 0);
-        let s = m.segment("machine", &ids, true).expect("made again");
+        let s = m.segment("machine", &ids, &none, true).expect("made again");
         assert_eq!(s.twin(0).0, &m.with(&first, |b| b.to_vec()).unwrap()[..]);
         // A type too small gets none.
         let few: BTreeSet<TwinId> = ids.iter().take(MIN_TWINS - 1).copied().collect();
-        assert!(m.segment("building", &few, true).is_none());
-        assert!(m.segment("building", &few, true).is_none());
+        assert!(m.segment("building", &few, &none, true).is_none());
+        assert!(m.segment("building", &few, &none, true).is_none());
     }
 
     #[test]
@@ -270,13 +298,15 @@ mod tests {
         let m = TwinMap::new();
         let ids = machines(&m, 100);
         let v = m.version.load(Ordering::SeqCst);
-        assert!(Segment::make(&m, &ids, v, 1_000).is_none());
-        let s = Segment::make(&m, &ids, v, 1 << 20).expect("fits");
+        let tenth = *ids.iter().nth(10).unwrap();
+        let parent = |id: &TwinId| *id == tenth;
+        assert!(Segment::make(&m, &ids, &parent, v, 1_000).is_none());
+        let s = Segment::make(&m, &ids, &parent, v, 1 << 20).expect("fits");
+        assert!((0..100).all(|i| s.has_children(i) == (i == 10)));
         assert_eq!(
             (s.len(), s.position(Bound::Excluded(*ids.last().unwrap()))),
             (100, 100)
         );
-        let tenth = *ids.iter().nth(10).unwrap();
         assert_eq!(s.position(Bound::Excluded(tenth)), 11);
         assert_eq!(s.position(Bound::Included(tenth)), 10);
     }
