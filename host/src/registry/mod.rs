@@ -970,7 +970,7 @@ impl Registry {
                         .flatten()
                         .filter(|b| self.is_under(compact::parent_id(b), a));
                     let found = matched.as_deref().map(scan::Found::Bytes);
-                    if part.visit(id, found, limit, budget, &children).is_break() {
+                    if part.visit(id, found, limit, budget, children).is_break() {
                         break;
                     }
                 }
