@@ -226,6 +226,9 @@ impl Chunk {
 impl Page {
     /// An empty page with room for `capacity` twins.
     pub(super) fn with_capacity(capacity: usize) -> Page {
+        if capacity == 0 {
+            return Page::default();
+        }
         Page {
             chunks: vec![Chunk {
                 items: Vec::with_capacity(capacity),
@@ -335,6 +338,11 @@ impl Page {
     /// Add `next`'s twins after this page's (its chunks are moved, nothing is copied).
     pub(super) fn append(&mut self, next: Page) {
         if next.is_empty() {
+            return;
+        }
+        if self.is_empty() {
+            self.chunks = next.chunks;
+            self.len = next.len;
             return;
         }
         self.chunks.retain(|c| !c.items.is_empty());
