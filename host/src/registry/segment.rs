@@ -7,12 +7,13 @@
 //! to its twins instead of copying them (the page keeps the segment alive).
 //!
 //! Owns: the segments of the [`TwinMap`] and when they are made and dropped. A segment is
-//! used only while the map has not changed since it was made (the map's version, raised by
-//! every change of a twin before the change is written): a query reading one sees the
-//! twins as they all were at its start. One is made by a big query that finds the map
-//! unchanged since the previous big query over the type (a type whose twins change between
-//! such queries never pays for one: those queries read the map); a stale one is dropped by
-//! the next big query over its type. Together they hold at most [`MAX_BYTES`].
+//! used only while no twin of its type has changed since it was made (the type's version in
+//! the map, raised by every change of a twin of the type before the change is written; the
+//! types share [`VERSIONS`] versions by a hash of their names): a query reading one sees the
+//! twins as they all were at its start. One is made by a big query that finds the type
+//! unchanged since the previous big query over it (a type whose twins change between such
+//! queries never pays for one: those queries read the map); a stale one is dropped by the
+//! next big query over its type. Together they hold at most [`MAX_BYTES`].
 //! Must never: serve a twin from a segment made before a change of the map; hold more than
 //! its budget.
 
@@ -23,6 +24,17 @@ use std::sync::Arc;
 
 use super::twins::TwinMap;
 use crate::types::TwinId;
+
+/// How many versions the map keeps for the entity types ([`bucket`]): a change of a twin
+/// makes stale the segments of the types in its bucket (its own, and the few that share it).
+pub(crate) const VERSIONS: usize = 64;
+
+/// The map's version that the twins of `entity_type` share.
+#[inline]
+pub(crate) fn bucket(entity_type: &str) -> usize {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(entity_type) as usize % VERSIONS
+}
 
 /// The most bytes all segments hold together (twins' bytes, ids and spans).
 pub(crate) const MAX_BYTES: usize = 256 << 20;
@@ -103,8 +115,7 @@ impl Segment {
         ids: &BTreeSet<TwinId>,
         has_children: &dyn Fn(&TwinId) -> bool,
     ) -> Self {
-        let version = map.version.load(Ordering::SeqCst);
-        Segment::make(map, ids, has_children, version, usize::MAX).expect("no budget")
+        Segment::make(map, ids, has_children, 0, usize::MAX).expect("no budget")
     }
 
     /// Bytes it holds.
@@ -186,7 +197,11 @@ impl TwinMap {
         has_children: &dyn Fn(&TwinId) -> bool,
         big: bool,
     ) -> Option<Arc<Segment>> {
-        let version = self.version.load(Ordering::SeqCst);
+        if !big && self.segment_count.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let versions = &self.versions[bucket(entity_type)];
+        let version = versions.load(Ordering::SeqCst);
         let stale = {
             let mut segs = self.segments.lock();
             match segs.by_type.get(entity_type) {
@@ -194,6 +209,7 @@ impl TwinMap {
                 Some(_) if big => {
                     let s = segs.by_type.remove(entity_type).expect("just found");
                     segs.bytes -= s.size();
+                    self.segment_count.fetch_sub(1, Ordering::Relaxed);
                     Some(s)
                 }
                 _ => None,
@@ -214,7 +230,7 @@ impl TwinMap {
         let s = Arc::new(Segment::make(self, ids, has_children, version, budget)?);
         // A change while it was made (the version is raised before a change is written):
         // it may hold that twin as it was before.
-        if self.version.load(Ordering::SeqCst) != version {
+        if versions.load(Ordering::SeqCst) != version {
             return None;
         }
         let mut segs = self.segments.lock();
@@ -222,8 +238,11 @@ impl TwinMap {
             return None;
         }
         segs.bytes += s.size();
-        if let Some(old) = segs.by_type.insert(entity_type.to_owned(), s.clone()) {
-            segs.bytes -= old.size();
+        match segs.by_type.insert(entity_type.to_owned(), s.clone()) {
+            Some(old) => segs.bytes -= old.size(),
+            None => {
+                self.segment_count.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Some(s)
     }
@@ -276,6 +295,18 @@ mod tests {
         assert!(m
             .segment("machine", &ids, &none, false)
             .is_some_and(|x| Arc::ptr_eq(&x, &s)));
+        // A change of a twin of a type that does not share the machines' version leaves it
+        // current.
+        let other = ["building", "site", "pump"]
+            .into_iter()
+            .find(|t| bucket(t) != bucket("machine"))
+            .unwrap();
+        let mut b = crate::registry::twins::tests::twin();
+        b.entity_type = other.into();
+        m.insert(&b);
+        assert!(m
+            .segment("machine", &ids, &none, true)
+            .is_some_and(|x| Arc::ptr_eq(&x, &s)));
         // A change of any twin: no longer used; the next big query drops it, the one after
         // makes a new one that holds the change.
         let first = *ids.first().unwrap();
@@ -297,7 +328,7 @@ mod tests {
     fn a_segment_over_the_budget_is_not_made() {
         let m = TwinMap::new();
         let ids = machines(&m, 100);
-        let v = m.version.load(Ordering::SeqCst);
+        let v = 0;
         let tenth = *ids.iter().nth(10).unwrap();
         let parent = |id: &TwinId| *id == tenth;
         assert!(Segment::make(&m, &ids, &parent, v, 1_000).is_none());

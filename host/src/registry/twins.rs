@@ -91,10 +91,13 @@ pub(crate) struct TwinMap {
     /// Ordered indexes of the properties models mark `"indexed": true`, kept in step by
     /// [`TwinMap::changed`].
     pub(crate) ranges: RangeIndexes,
-    /// Raised by [`TwinMap::changed`] before each change of a twin is written: a segment
-    /// made at one version holds the twins as they are while it lasts.
-    pub(super) version: std::sync::atomic::AtomicU64,
+    /// Versions of the twins of each entity type (by [`super::segment::bucket`] of the type),
+    /// raised by [`TwinMap::changed`] before a change of a twin of that type is written: a
+    /// segment made at one version holds the type's twins as they are while it lasts.
+    pub(super) versions: [std::sync::atomic::AtomicU64; super::segment::VERSIONS],
     pub(super) segments: parking_lot::Mutex<super::segment::Segments>,
+    /// How many segments there are (read without the lock by small queries).
+    pub(super) segment_count: std::sync::atomic::AtomicUsize,
 }
 
 /// Ids read per locking of every shard in [`TwinMap::with_each`].
@@ -173,19 +176,23 @@ impl TwinMap {
         TwinMap {
             map: DashMap::with_hasher(FxBuildHasher),
             ranges: RangeIndexes::default(),
-            version: Default::default(),
+            versions: std::array::from_fn(|_| Default::default()),
             segments: Default::default(),
+            segment_count: Default::default(),
         }
     }
 
     /// The one place every change of a twin in memory passes: `old` is the blob before
     /// (`None` for a new twin), `new` the blob after (`None` for a removal). Called with the
     /// twin's shard locked, so changes of one twin arrive here in order: the range indexes
-    /// are kept up to date here, and the map's version raised (before the change is
-    /// written, so that a segment made meanwhile is known stale).
+    /// are kept up to date here, and the versions of the twin's entity types raised (before
+    /// the change is written, so that a segment made meanwhile is known stale).
     fn changed(&self, id: &TwinId, old: Option<&[u8]>, new: Option<&[u8]>) {
-        self.version
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let bucket = |b: &[u8]| super::segment::bucket(compact::entity_type_ref(b));
+        let (ob, nb) = (old.map(bucket), new.map(bucket));
+        for k in [ob, nb.filter(|k| Some(*k) != ob)].into_iter().flatten() {
+            self.versions[k].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         if self.ranges.is_empty() {
             return;
         }
