@@ -74,6 +74,19 @@ fn document_is_valid_openapi_31() {
     }
 }
 
+/// A query's page is documented by the fields its JSON has (it serializes by hand: the
+/// struct's own fields are not those).
+#[test]
+fn a_query_page_is_documented_by_its_json_fields() {
+    let doc = document();
+    let keys = |v: &Value| -> BTreeSet<String> { v.as_object().unwrap().keys().cloned().collect() };
+    let page = serde_json::to_value(crate::registry::query::Page::default()).unwrap();
+    assert_eq!(
+        keys(&doc["components"]["schemas"]["Page"]["properties"]),
+        keys(&page)
+    );
+}
+
 fn collect_patterns(v: &Value, out: &mut BTreeSet<String>) {
     match v {
         Value::Object(m) => {

@@ -549,8 +549,9 @@ async fn seed_comparison(args: &BenchArgs) -> anyhow::Result<Value> {
     // The same on one core: a scan splits big windows over the cores (see registry::scan).
     let one_core = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     let (one_core_queries, _) = one_core.install(|| query_rate(reg, &seed_query(TWINS), 2.0))?;
-    // The same while 100 updates a millisecond at most go on (a segment of the machines is
-    // then never current: every query reads the map; see registry::segment).
+    // The same while 100 updates a millisecond at most go on: a query that finds the
+    // machines changed reads the map, and a segment is made again between bursts when two
+    // queries in a row find them unchanged (see registry::segment).
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let updater = {
         let (reg, ids, stop) = (reg.clone(), f.ids.clone(), stop.clone());

@@ -460,6 +460,21 @@ mod tests {
         assert_eq!(found(&reg), want);
         assert!(twins.segment_bytes() > 0);
         assert_eq!(found(&reg), want, "read from the new segment");
+        // A child added under a machine of the segment (a twin of another type): the
+        // machine's JSON lists it at once.
+        let child = NewTwin {
+            entity_type: "sensor".into(),
+            parent_id: Some(ids[6]),
+            ..Default::default()
+        };
+        let child = reg.create(child).await.unwrap().id;
+        let listed = |reg: &Registry| {
+            let page = reg.query(&q).unwrap();
+            page.get(6).map(|t| t.children_ids.clone())
+        };
+        assert_eq!(listed(&reg), Some([child].into()));
+        assert_eq!(listed(&reg), Some([child].into()), "from a segment again");
+        assert!(twins.segment_bytes() > 0);
         reg.shutdown();
     }
 

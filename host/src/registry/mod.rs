@@ -329,6 +329,7 @@ impl IndexBuilder {
                 .into_iter()
                 .map(|(k, v)| (k, v.into_iter().collect()))
                 .collect(),
+            version: 0,
         }
     }
 }
@@ -339,6 +340,9 @@ struct Indexes {
     by_type: HashMap<String, BTreeSet<TwinId>>,
     /// Fx hashing: looked up for every twin a query returns (its `children_ids`).
     children: HashMap<TwinId, BTreeSet<TwinId>, rustc_hash::FxBuildHasher>,
+    /// Raised by every twin added or removed: a segment (`registry::segment`) made at one
+    /// version lists the twins of its type and knows which have children while it lasts.
+    version: u64,
 }
 
 impl Indexes {
@@ -350,6 +354,7 @@ impl Indexes {
     }
 
     fn insert(&mut self, t: &Twin) {
+        self.version += 1;
         self.all.insert(t.id);
         self.by_type
             .entry(t.entity_type.clone())
@@ -361,6 +366,7 @@ impl Indexes {
     }
 
     fn remove(&mut self, t: &Twin) {
+        self.version += 1;
         self.all.remove(&t.id);
         if let Some(set) = self.by_type.get_mut(&t.entity_type) {
             set.remove(&t.id);
@@ -954,7 +960,8 @@ impl Registry {
         let matcher = q.matcher();
         let matches = |b: &[u8], props_at: u16| matcher.matches_at(b, props_at, !from_type_index);
         // Each twin is matched on its blob (only the properties asked about are decoded); a
-        // match's bytes are copied into the page and served from there.
+        // match's bytes are copied into the page and served from there (a segment's twins
+        // are referred to instead).
         let children = |id: &TwinId| idx.listed_children(id);
         let budget = query::MAX_EXAMINED_PER_PAGE;
         let found = match walk_to {
@@ -994,7 +1001,8 @@ impl Registry {
                     .and_then(|et| {
                         let big = limit >= scan::SPLIT_FROM / 2;
                         let has_children = |id: &TwinId| idx.children.contains_key(id);
-                        self.inner.twins.segment(et, source, &has_children, big)
+                        let twins = &self.inner.twins;
+                        twins.segment(et, source, &has_children, idx.version, big)
                     });
                 match segment {
                     Some(seg) => scan.run_segment(&seg, seg.position(lower)),

@@ -103,7 +103,7 @@ pub enum Cursor {
 /// page is freed as a few buffers. Pages are joined by moving their chunks (nothing copied).
 #[derive(Clone, Debug, Default, ToSchema)]
 pub struct Page {
-    #[schema(value_type = Vec<Twin>)]
+    #[schema(value_type = Vec<Twin>, rename = "items")]
     chunks: Vec<Chunk>,
     /// Twins in all the chunks.
     #[schema(ignore)]

@@ -25,7 +25,7 @@ use crate::types::TwinId;
 /// matched) and one eighth more; later ones the ids it still needs at the match rate seen so
 /// far, and one eighth more; while nothing has matched they double.
 const FIRST_WINDOW: usize = 256;
-/// The largest window (a split one's ids are copied out of the index: 16 bytes each).
+/// The largest window (a split one is walked twice: once to find where its pieces end).
 const MAX_WINDOW: usize = 32_768;
 /// A window of at least this many ids, for a page still missing at least half as many
 /// items, is matched in [`PIECES`] pieces at once (each then takes tens of µs, against a

@@ -9,8 +9,10 @@
 //! Owns: the segments of the [`TwinMap`] and when they are made and dropped. A segment is
 //! used only while no twin of its type has changed since it was made (the type's version in
 //! the map, raised by every change of a twin of the type before the change is written; the
-//! types share [`VERSIONS`] versions by a hash of their names): a query reading one sees the
-//! twins as they all were at its start. One is made by a big query that finds the type
+//! types share [`VERSIONS`] versions by a hash of their names) and no twin was added or
+//! removed (the registry's indexes' version: the twins of the type and which of them have
+//! children, read under the indexes' read lock with the segment): a query reading one sees
+//! the twins as they all were at its start. One is made by a big query that finds the type
 //! unchanged since the previous big query over it (a type whose twins change between such
 //! queries never pays for one: those queries read the map); a stale one is dropped by the
 //! next big query over its type. Together they hold at most [`MAX_BYTES`].
@@ -43,13 +45,17 @@ pub(crate) const MIN_TWINS: usize = 4_096;
 
 /// One entity type's twins as they were at one version of the map.
 pub(crate) struct Segment {
-    /// The map's version it was made at.
+    /// Its type's version in the map ([`bucket`]), and that version when it was made.
+    bucket: usize,
     version: u64,
+    /// The version of the registry's indexes (twins added and removed, children) it was
+    /// made at.
+    structure: u64,
     ids: Vec<TwinId>,
     spans: Vec<Span>,
     bytes: Vec<u8>,
     /// A bit per twin: set for those that have children (the others' JSON lists none, and a
-    /// scan does not look them up: a child's change is a change of the map).
+    /// scan does not look them up: a child added or removed raises the indexes' version).
     parents: Vec<u64>,
 }
 
@@ -115,7 +121,7 @@ impl Segment {
         ids: &BTreeSet<TwinId>,
         has_children: &dyn Fn(&TwinId) -> bool,
     ) -> Self {
-        Segment::make(map, ids, has_children, 0, usize::MAX).expect("no budget")
+        Segment::make(map, ids, has_children, (0, 0), usize::MAX).expect("no budget")
     }
 
     /// Bytes it holds.
@@ -132,11 +138,13 @@ impl Segment {
         map: &TwinMap,
         ids: &BTreeSet<TwinId>,
         has_children: &dyn Fn(&TwinId) -> bool,
-        version: u64,
+        (version, structure): (u64, u64),
         budget: usize,
     ) -> Option<Self> {
         let mut s = Segment {
+            bucket: 0,
             version,
+            structure,
             ids: Vec::with_capacity(ids.len()),
             spans: Vec::with_capacity(ids.len()),
             bytes: Vec::new(),
@@ -148,7 +156,12 @@ impl Segment {
                 return std::ops::ControlFlow::Continue(());
             };
             if s.bytes.is_empty() {
-                // Room for every twin at the first one's size and an eighth more.
+                // Every twin at the first one's size: give up early on a type that will not
+                // fit; else room for them all and an eighth more.
+                fits = ids.len().saturating_mul(b.len()) <= budget;
+                if !fits {
+                    return std::ops::ControlFlow::Break(());
+                }
                 s.bytes
                     .reserve((ids.len() * (b.len() + b.len() / 8)).min(budget));
             }
@@ -176,78 +189,131 @@ impl Segment {
 }
 
 /// The segments of a [`TwinMap`], by entity type.
-#[derive(Default)]
 pub(crate) struct Segments {
     by_type: HashMap<String, Arc<Segment>>,
-    /// The map's version when a big query over the type last found no segment for it.
-    asked: HashMap<String, u64>,
+    /// By type: its versions (twins, indexes) when a big query over it last found no
+    /// segment, and whether a segment made at those versions did not fit.
+    asked: HashMap<String, ((u64, u64), bool)>,
     /// Bytes the segments hold.
     bytes: usize,
+    /// The most they may hold ([`MAX_BYTES`]).
+    max_bytes: usize,
+    /// Whether a segment is being made (one at a time: each may take the whole budget).
+    making: bool,
+    /// Segments begun (for tests).
+    begun: u64,
+}
+
+impl Default for Segments {
+    fn default() -> Self {
+        Segments {
+            by_type: HashMap::new(),
+            asked: HashMap::new(),
+            bytes: 0,
+            max_bytes: MAX_BYTES,
+            making: false,
+            begun: 0,
+        }
+    }
+}
+
+/// Clears [`Segments::making`] when the making ends, however it ends.
+struct Making<'a>(&'a parking_lot::Mutex<Segments>);
+
+impl Drop for Making<'_> {
+    fn drop(&mut self) {
+        self.0.lock().making = false;
+    }
 }
 
 impl TwinMap {
     /// The current segment of `entity_type`'s twins (`ids`, from the type index), if there is
-    /// one; for a `big` query, one is made when the map has not changed since the previous
-    /// big query over the type found none (`has_children`: whether a twin has any, from the
-    /// hierarchy index).
+    /// one (for a query of any size); for a `big` query, one is made when the type has not
+    /// changed since the previous big query over it found none. `has_children` (whether a
+    /// twin has any) and `structure` (the indexes' version) come from the registry's
+    /// indexes, read-locked by the caller while it makes or reads the segment.
     pub(crate) fn segment(
         &self,
         entity_type: &str,
         ids: &BTreeSet<TwinId>,
         has_children: &dyn Fn(&TwinId) -> bool,
+        structure: u64,
         big: bool,
     ) -> Option<Arc<Segment>> {
         if !big && self.segment_count.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let versions = &self.versions[bucket(entity_type)];
-        let version = versions.load(Ordering::SeqCst);
-        let stale = {
-            let mut segs = self.segments.lock();
-            match segs.by_type.get(entity_type) {
-                Some(s) if s.version == version => return Some(s.clone()),
-                Some(_) if big => {
-                    let s = segs.by_type.remove(entity_type).expect("just found");
-                    segs.bytes -= s.size();
-                    self.segment_count.fetch_sub(1, Ordering::Relaxed);
-                    Some(s)
-                }
-                _ => None,
-            }
+        let now = (versions.load(Ordering::SeqCst), structure);
+        let current = |s: &Segment| {
+            (self.versions[s.bucket].load(Ordering::SeqCst), structure) == (s.version, s.structure)
         };
-        // A stale segment is freed outside the lock (its last page may hold it still).
-        drop(stale);
-        if !big || ids.len() < MIN_TWINS {
-            return None;
-        }
-        {
+        let (stale, budget) = {
             let mut segs = self.segments.lock();
-            if segs.asked.insert(entity_type.to_owned(), version) != Some(version) {
+            if let Some(s) = segs.by_type.get(entity_type).filter(|s| current(s)) {
+                return Some(s.clone());
+            }
+            if !big {
                 return None;
             }
-        }
-        let budget = MAX_BYTES.saturating_sub(self.segments.lock().bytes);
-        let s = Arc::new(Segment::make(self, ids, has_children, version, budget)?);
+            // Stale segments are never read again: a big query drops them all (freed outside
+            // the lock; a page may still hold one).
+            let stale: Vec<Arc<Segment>> = {
+                let gone: Vec<String> = (segs.by_type.iter())
+                    .filter(|(_, s)| !current(s))
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                let gone: Vec<_> = gone.iter().filter_map(|t| segs.by_type.remove(t)).collect();
+                segs.bytes -= gone.iter().map(|s| s.size()).sum::<usize>();
+                gone
+            };
+            self.segment_count
+                .store(segs.by_type.len(), Ordering::Relaxed);
+            if ids.len() < MIN_TWINS || segs.making {
+                return None;
+            }
+            match segs.asked.get(entity_type) {
+                // Asked at these versions before, and it did not fit: not again.
+                Some(&(at, true)) if at == now => return None,
+                Some(&(at, false)) if at == now => {}
+                _ => {
+                    segs.asked.insert(entity_type.to_owned(), (now, false));
+                    return None;
+                }
+            }
+            segs.making = true;
+            segs.begun += 1;
+            (stale, segs.max_bytes.saturating_sub(segs.bytes))
+        };
+        drop(stale);
+        let making = Making(&self.segments);
+        let made = Segment::make(self, ids, has_children, now, budget);
+        drop(making);
+        let mut segs = self.segments.lock();
+        let Some(mut s) = made.filter(|s| segs.bytes + s.size() <= segs.max_bytes) else {
+            segs.asked.insert(entity_type.to_owned(), (now, true));
+            return None;
+        };
         // A change while it was made (the version is raised before a change is written):
         // it may hold that twin as it was before.
-        if versions.load(Ordering::SeqCst) != version {
+        if versions.load(Ordering::SeqCst) != now.0 {
             return None;
         }
-        let mut segs = self.segments.lock();
-        if segs.bytes + s.size() > MAX_BYTES {
-            return None;
-        }
+        s.bucket = bucket(entity_type);
+        let s = Arc::new(s);
         segs.bytes += s.size();
-        match segs.by_type.insert(entity_type.to_owned(), s.clone()) {
-            Some(old) => segs.bytes -= old.size(),
-            None => {
-                self.segment_count.fetch_add(1, Ordering::Relaxed);
-            }
+        let old = segs.by_type.insert(entity_type.to_owned(), s.clone());
+        if let Some(old) = &old {
+            segs.bytes -= old.size();
         }
+        self.segment_count
+            .store(segs.by_type.len(), Ordering::Relaxed);
+        drop(segs);
+        drop(old);
         Some(s)
     }
 
-    /// Bytes the segments hold (for tests and stats).
+    /// Bytes the segments hold (for tests).
     #[cfg(test)]
     pub(crate) fn segment_bytes(&self) -> usize {
         self.segments.lock().bytes
@@ -276,10 +342,10 @@ mod tests {
         let ids = machines(&m, MIN_TWINS);
         let none = |_: &TwinId| false;
         // Small queries never make one; the first big one only notes the version.
-        assert!(m.segment("machine", &ids, &none, false).is_none());
-        assert!(m.segment("machine", &ids, &none, true).is_none());
+        assert!(m.segment("machine", &ids, &none, 0, false).is_none());
+        assert!(m.segment("machine", &ids, &none, 0, true).is_none());
         let s = m
-            .segment("machine", &ids, &none, true)
+            .segment("machine", &ids, &none, 0, true)
             .expect("made on the second");
         assert_eq!(s.len(), ids.len());
         assert!(ids.iter().enumerate().all(|(i, id)| s.id(i) == id));
@@ -293,7 +359,7 @@ mod tests {
         assert_eq!(m.segment_bytes(), s.size());
         // Small queries use it too.
         assert!(m
-            .segment("machine", &ids, &none, false)
+            .segment("machine", &ids, &none, 0, false)
             .is_some_and(|x| Arc::ptr_eq(&x, &s)));
         // A change of a twin of a type that does not share the machines' version leaves it
         // current.
@@ -305,7 +371,7 @@ mod tests {
         b.entity_type = other.into();
         m.insert(&b);
         assert!(m
-            .segment("machine", &ids, &none, true)
+            .segment("machine", &ids, &none, 0, true)
             .is_some_and(|x| Arc::ptr_eq(&x, &s)));
         // A change of any twin: no longer used; the next big query drops it, the one after
         // makes a new one that holds the change.
@@ -313,15 +379,47 @@ mod tests {
         let mut t = m.get(&first).unwrap();
         t.properties.insert("i".into(), json!(-1));
         m.insert(&t);
-        assert!(m.segment("machine", &ids, &none, false).is_none());
-        assert!(m.segment("machine", &ids, &none, true).is_none());
+        assert!(m.segment("machine", &ids, &none, 0, false).is_none());
+        assert!(m.segment("machine", &ids, &none, 0, true).is_none());
         assert_eq!(m.segment_bytes(), 0);
-        let s = m.segment("machine", &ids, &none, true).expect("made again");
+        let s = m
+            .segment("machine", &ids, &none, 0, true)
+            .expect("made again");
         assert_eq!(s.twin(0).0, &m.with(&first, |b| b.to_vec()).unwrap()[..]);
         // A type too small gets none.
         let few: BTreeSet<TwinId> = ids.iter().take(MIN_TWINS - 1).copied().collect();
-        assert!(m.segment("building", &few, &none, true).is_none());
-        assert!(m.segment("building", &few, &none, true).is_none());
+        assert!(m.segment("building", &few, &none, 0, true).is_none());
+        assert!(m.segment("building", &few, &none, 0, true).is_none());
+    }
+
+    #[test]
+    fn a_type_that_does_not_fit_is_not_tried_again_until_it_changes() {
+        let m = TwinMap::new();
+        let ids = machines(&m, MIN_TWINS);
+        let none = |_: &TwinId| false;
+        m.segments.lock().max_bytes = 1_000;
+        let begun = || m.segments.lock().begun;
+        assert!(m.segment("machine", &ids, &none, 0, true).is_none());
+        assert_eq!(begun(), 0, "the first big query only notes the versions");
+        assert!(m.segment("machine", &ids, &none, 0, true).is_none());
+        assert_eq!(begun(), 1, "the second tries");
+        assert!(m.segment("machine", &ids, &none, 0, true).is_none());
+        assert_eq!(begun(), 1, "not again at the same versions");
+        // Room again, but the same versions: still not tried.
+        m.segments.lock().max_bytes = MAX_BYTES;
+        assert!(m.segment("machine", &ids, &none, 0, true).is_none());
+        // New versions (a twin added: the indexes' version): asked, then made.
+        assert!(m.segment("machine", &ids, &none, 1, true).is_none());
+        assert!(m.segment("machine", &ids, &none, 1, true).is_some());
+        assert_eq!(begun(), 2);
+        // Stale (the indexes changed again): dropped by any type's big query.
+        assert!(m
+            .segment("pump", &BTreeSet::new(), &none, 2, true)
+            .is_none());
+        assert_eq!(
+            (m.segment_bytes(), m.segment_count.load(Ordering::Relaxed)),
+            (0, 0)
+        );
     }
 
     #[test]
@@ -331,8 +429,8 @@ mod tests {
         let v = 0;
         let tenth = *ids.iter().nth(10).unwrap();
         let parent = |id: &TwinId| *id == tenth;
-        assert!(Segment::make(&m, &ids, &parent, v, 1_000).is_none());
-        let s = Segment::make(&m, &ids, &parent, v, 1 << 20).expect("fits");
+        assert!(Segment::make(&m, &ids, &parent, (v, 0), 1_000).is_none());
+        let s = Segment::make(&m, &ids, &parent, (v, 0), 1 << 20).expect("fits");
         assert!((0..100).all(|i| s.has_children(i) == (i == 10)));
         assert_eq!(
             (s.len(), s.position(Bound::Excluded(*ids.last().unwrap()))),

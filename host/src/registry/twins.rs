@@ -93,7 +93,9 @@ pub(crate) struct TwinMap {
     pub(crate) ranges: RangeIndexes,
     /// Versions of the twins of each entity type (by [`super::segment::bucket`] of the type),
     /// raised by [`TwinMap::changed`] before a change of a twin of that type is written: a
-    /// segment made at one version holds the type's twins as they are while it lasts.
+    /// segment made at one version holds the type's twins as they are while it lasts (the
+    /// twins added and removed, and so which have children, have a version of their own in
+    /// the registry's indexes).
     pub(super) versions: [std::sync::atomic::AtomicU64; super::segment::VERSIONS],
     pub(super) segments: parking_lot::Mutex<super::segment::Segments>,
     /// How many segments there are (read without the lock by small queries).
