@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// twins themselves (which are always in memory, compact).
     #[arg(long, env = "TWINHOST_CACHE_MB", default_value_t = DEFAULT_CACHE_MB)]
     pub cache_mb: u64,
+    /// What the query segments may hold together, in MiB: read-optimized copies of the
+    /// twins of unchanged entity types for big queries (see the README); 0: none.
+    #[arg(long, env = "TWINHOST_SEGMENT_MB", default_value_t = (crate::registry::SEGMENT_BYTES >> 20) as u64)]
+    pub segment_mb: u64,
 }
 
 /// `--cache-mb` when not given.
@@ -329,6 +333,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     .await?;
     node.registry
         .set_tombstone_retention(args.tombstone_retention);
+    node.registry.set_segment_budget(
+        usize::try_from(args.segment_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+    );
     spawn_sweeps(&node);
     node.state.peers.set_flush(args.sync_flush);
     node.state

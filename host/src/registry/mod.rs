@@ -35,6 +35,7 @@ pub mod remote;
 mod replay;
 mod scan;
 mod segment;
+pub(crate) use segment::MAX_BYTES as SEGMENT_BYTES;
 mod twins;
 mod write;
 
@@ -656,6 +657,11 @@ impl Registry {
     /// never acknowledged).
     pub fn first_lseq(&self) -> u64 {
         self.inner.first_lseq
+    }
+
+    /// What the query segments may hold together, in bytes (`serve --segment-mb`; 0: none).
+    pub fn set_segment_budget(&self, bytes: usize) {
+        self.inner.twins.set_segment_budget(bytes);
     }
 
     /// How long a delete's tombstone keeps the twin's id (`serve --tombstone-retention`).

@@ -38,7 +38,8 @@ pub(crate) fn bucket(entity_type: &str) -> usize {
     rustc_hash::FxBuildHasher.hash_one(entity_type) as usize % VERSIONS
 }
 
-/// The most bytes all segments hold together (twins' bytes, ids and spans).
+/// The most bytes all segments hold together (twins' bytes, ids and spans) unless the
+/// server is told otherwise (`serve --segment-mb`).
 pub(crate) const MAX_BYTES: usize = 256 << 20;
 /// A type with fewer twins gets no segment (its scans are short anyway).
 pub(crate) const MIN_TWINS: usize = 4_096;
@@ -269,7 +270,7 @@ impl TwinMap {
             };
             self.segment_count
                 .store(segs.by_type.len(), Ordering::Relaxed);
-            if ids.len() < MIN_TWINS || segs.making {
+            if ids.len() < MIN_TWINS || segs.making || segs.max_bytes == 0 {
                 return None;
             }
             match segs.asked.get(entity_type) {
@@ -311,6 +312,19 @@ impl TwinMap {
         drop(segs);
         drop(old);
         Some(s)
+    }
+
+    /// What the segments may hold together, in bytes (0: none); the segments held now are
+    /// dropped (a smaller budget might not hold them).
+    pub(crate) fn set_segment_budget(&self, bytes: usize) {
+        let mut segs = self.segments.lock();
+        segs.max_bytes = bytes;
+        segs.bytes = 0;
+        segs.asked.clear();
+        let held = std::mem::take(&mut segs.by_type);
+        self.segment_count.store(0, Ordering::Relaxed);
+        drop(segs);
+        drop(held);
     }
 
     /// Bytes the segments hold (for tests).
@@ -408,6 +422,7 @@ mod tests {
         // Room again, but the same versions: still not tried.
         m.segments.lock().max_bytes = MAX_BYTES;
         assert!(m.segment("machine", &ids, &none, 0, true).is_none());
+        assert_eq!(begun(), 1);
         // New versions (a twin added: the indexes' version): asked, then made.
         assert!(m.segment("machine", &ids, &none, 1, true).is_none());
         assert!(m.segment("machine", &ids, &none, 1, true).is_some());
@@ -420,6 +435,12 @@ mod tests {
             (m.segment_bytes(), m.segment_count.load(Ordering::Relaxed)),
             (0, 0)
         );
+        // No budget (`serve --segment-mb 0`): none is tried.
+        m.set_segment_budget(0);
+        for _ in 0..3 {
+            assert!(m.segment("machine", &ids, &none, 2, true).is_none());
+        }
+        assert_eq!(begun(), 2);
     }
 
     #[test]
