@@ -14,8 +14,10 @@
 //! children, read under the indexes' read lock with the segment): a query reading one sees
 //! the twins as they all were at its start. One is made by a big query that finds the type
 //! unchanged since the previous big query over it (a type whose twins change between such
-//! queries never pays for one: those queries read the map); a stale one is dropped by the
-//! next big query over its type. Together they hold at most [`MAX_BYTES`].
+//! queries never pays for one: those queries read the map), one at a time; every stale one
+//! is dropped by the next big query by type. Together they hold at most the budget
+//! ([`MAX_BYTES`] unless `serve --segment-mb` says otherwise); a type that does not fit is
+//! not tried again at the same versions.
 //! Must never: serve a twin from a segment made before a change of the map; hold more than
 //! its budget.
 
@@ -218,12 +220,17 @@ impl Default for Segments {
     }
 }
 
-/// Clears [`Segments::making`] when the making ends, however it ends.
-struct Making<'a>(&'a parking_lot::Mutex<Segments>);
+/// Clears [`Segments::making`] if the making ends without doing so (a panic).
+struct Making<'a> {
+    segments: &'a parking_lot::Mutex<Segments>,
+    armed: bool,
+}
 
 impl Drop for Making<'_> {
     fn drop(&mut self) {
-        self.0.lock().making = false;
+        if self.armed {
+            self.segments.lock().making = false;
+        }
     }
 }
 
@@ -270,27 +277,35 @@ impl TwinMap {
             };
             self.segment_count
                 .store(segs.by_type.len(), Ordering::Relaxed);
-            if ids.len() < MIN_TWINS || segs.making || segs.max_bytes == 0 {
-                return None;
-            }
-            match segs.asked.get(entity_type) {
-                // Asked at these versions before, and it did not fit: not again.
-                Some(&(at, true)) if at == now => return None,
-                Some(&(at, false)) if at == now => {}
+            let make = match segs.asked.get(entity_type) {
+                _ if ids.len() < MIN_TWINS || segs.making || segs.max_bytes == 0 => false,
+                // Asked at these versions before: made now, unless it did not fit then.
+                Some(&(at, refused)) if at == now => !refused,
                 _ => {
                     segs.asked.insert(entity_type.to_owned(), (now, false));
-                    return None;
+                    false
                 }
+            };
+            if make {
+                segs.making = true;
+                segs.begun += 1;
             }
-            segs.making = true;
-            segs.begun += 1;
-            (stale, segs.max_bytes.saturating_sub(segs.bytes))
+            (
+                stale,
+                make.then(|| segs.max_bytes.saturating_sub(segs.bytes)),
+            )
         };
         drop(stale);
-        let making = Making(&self.segments);
+        let budget = budget?;
+        let mut making = Making {
+            segments: &self.segments,
+            armed: true,
+        };
         let made = Segment::make(self, ids, has_children, now, budget);
-        drop(making);
         let mut segs = self.segments.lock();
+        // Cleared under the lock the segment is added under: no other is begun meanwhile.
+        segs.making = false;
+        making.armed = false;
         let Some(mut s) = made.filter(|s| segs.bytes + s.size() <= segs.max_bytes) else {
             segs.asked.insert(entity_type.to_owned(), (now, true));
             return None;
