@@ -982,7 +982,7 @@ impl Registry {
                         .with_blob(id, |b| matches(b, b.props_at()).then(|| b.to_vec()))
                         .flatten()
                         .filter(|b| self.is_under(compact::parent_id(b), a));
-                    let found = matched.as_deref().map(scan::Found::Bytes);
+                    let found = matched.as_deref().map(query::Found::Bytes);
                     if part.visit(id, found, limit, budget, children).is_break() {
                         break;
                     }
@@ -1051,7 +1051,7 @@ impl Registry {
             let Some(a) = q.ancestor_id else {
                 let pushed = self.inner.twins.with_blob(&id, |b| {
                     matcher.matches_blob(b, true) && {
-                        page.push(id, scan::Found::Bytes(b), idx.listed_children(&id));
+                        page.push(id, query::Found::Bytes(b), idx.listed_children(&id));
                         true
                     }
                 });
@@ -1064,7 +1064,7 @@ impl Registry {
             if !self.is_under(crate::types::compact::parent_id(&blob), a) {
                 return None;
             }
-            page.push(id, scan::Found::Bytes(&blob), idx.listed_children(&id));
+            page.push(id, query::Found::Bytes(&blob), idx.listed_children(&id));
             Some(())
         });
         // The match that showed the page full was added too: not the page's.

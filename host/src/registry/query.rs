@@ -299,9 +299,12 @@ impl Page {
                 if chunk.segment.is_none() {
                     chunk.segment = Some(s.clone());
                 }
-                (i, 0, IN_SEGMENT as usize)
+                (i, 0, IN_SEGMENT)
             }
-            Found::Bytes(blob) => (chunk.copy(blob), blob.len(), chunk.buffers.len() - 1),
+            Found::Bytes(blob) => {
+                let at = chunk.copy(blob);
+                (at, blob.len(), chunk.buffers.len() as u32 - 1)
+            }
         };
         let children = if children_ids.is_empty() {
             NO_CHILDREN
@@ -313,7 +316,7 @@ impl Page {
             id,
             at: at as u32,
             len: len as u32,
-            buffer: buffer as u32,
+            buffer,
             children,
         });
         self.len += 1;
@@ -482,7 +485,7 @@ impl Matcher<'_> {
     /// [`Matcher::matches`] on a blob of the registry's map, which knows where its
     /// properties are.
     pub(crate) fn matches_blob(&self, b: &super::twins::Blob, check_type: bool) -> bool {
-        self.matches_with(b, || b.props(), check_type)
+        self.matches_at(b, b.props_at(), check_type)
     }
 
     /// [`Matcher::matches`] on compact twin `b` whose properties begin at `props_at` (0: not

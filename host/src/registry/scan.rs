@@ -11,12 +11,9 @@
 
 use std::collections::BTreeSet;
 use std::ops::{Bound, ControlFlow};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use std::sync::Arc;
-
-pub(super) use super::query::Found;
-use super::query::Page;
+use super::query::{Found, Page};
 use super::segment::Segment;
 use super::twins::TwinMap;
 use crate::types::TwinId;
@@ -111,9 +108,22 @@ impl Part {
     }
 }
 
-/// The parts of a window's pieces (each set unless one before it was not), joined in order
+/// Match a window in up to [`PIECES`] pieces on the pool: `piece(i)` hands out the `i`th
+/// (`None`: no more) while the pool matches those before it; their parts are joined in order
 /// as one part of `limit` items.
-fn join(slots: Vec<OnceLock<Part>>, limit: usize) -> Part {
+fn in_pieces<P>(limit: usize, mut piece: impl FnMut(usize) -> Option<P>) -> Part
+where
+    P: FnOnce() -> Part + Send,
+{
+    let slots: Vec<OnceLock<Part>> = (0..PIECES).map(|_| OnceLock::new()).collect();
+    rayon::in_place_scope(|s| {
+        for (i, slot) in slots.iter().enumerate() {
+            let Some(p) = piece(i) else { break };
+            s.spawn(move |_| {
+                let _ = slot.set(p());
+            });
+        }
+    });
     let mut parts = slots.into_iter().map_while(OnceLock::into_inner);
     let first = parts.next().unwrap_or_else(|| Part::new(0));
     parts.fold(first, |a, b| a.then(b, limit))
@@ -154,22 +164,14 @@ impl Scan<'_> {
                 // copy of the ids cost a fifth of matching them) and hands the piece, a
                 // range of the index, to the pool while the pool matches those before it.
                 let piece = take.div_ceil(PIECES);
-                let slots: Vec<OnceLock<Part>> = (0..PIECES).map(|_| OnceLock::new()).collect();
-                rayon::in_place_scope(|s| {
-                    for (i, slot) in slots.iter().enumerate() {
-                        let n = piece.min(take - (i * piece).min(take));
-                        let Some(last) = ids.by_ref().take(n).last().copied() else {
-                            break;
-                        };
-                        let range = source.range((pos, Bound::Included(last)));
-                        pos = Bound::Excluded(last);
-                        let budget = budget.saturating_sub(i * piece);
-                        s.spawn(move |_| {
-                            let _ = slot.set(self.part(range, need, budget, need.min(n)));
-                        });
-                    }
-                });
-                join(slots, need)
+                in_pieces(need, |i| {
+                    let n = piece.min(take - (i * piece).min(take));
+                    let last = ids.by_ref().take(n).last().copied()?;
+                    let range = source.range((pos, Bound::Included(last)));
+                    pos = Bound::Excluded(last);
+                    let budget = budget.saturating_sub(i * piece);
+                    Some(move || self.part(range, need, budget, need.min(n)))
+                })
             } else {
                 let mut last = None;
                 let part = self.part(
@@ -220,22 +222,13 @@ impl Scan<'_> {
             let take = take.min(seg.len() - pos);
             let part = if self.splits(take, need) {
                 let piece = take.div_ceil(PIECES);
-                let slots: Vec<OnceLock<Part>> = (0..PIECES).map(|_| OnceLock::new()).collect();
-                rayon::in_place_scope(|s| {
-                    for (i, slot) in slots.iter().enumerate() {
-                        let start = pos + (i * piece).min(take);
-                        let end = pos + ((i + 1) * piece).min(take);
-                        if start == end {
-                            break;
-                        }
-                        let budget = budget.saturating_sub(i * piece);
-                        s.spawn(move |_| {
-                            let part = self.segment_part(seg, start..end, need, budget);
-                            let _ = slot.set(part);
-                        });
-                    }
-                });
-                join(slots, need)
+                in_pieces(need, |i| {
+                    let start = pos + (i * piece).min(take);
+                    let end = pos + ((i + 1) * piece).min(take);
+                    let budget = budget.saturating_sub(i * piece);
+                    (start < end)
+                        .then_some(move || self.segment_part(seg, start..end, need, budget))
+                })
             } else {
                 self.segment_part(seg, pos..pos + take, need, budget)
             };

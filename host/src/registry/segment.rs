@@ -266,15 +266,11 @@ impl TwinMap {
             }
             // Stale segments are never read again: a big query drops them all (freed outside
             // the lock; a page may still hold one).
-            let stale: Vec<Arc<Segment>> = {
-                let gone: Vec<String> = (segs.by_type.iter())
-                    .filter(|(_, s)| !current(s))
-                    .map(|(t, _)| t.clone())
-                    .collect();
-                let gone: Vec<_> = gone.iter().filter_map(|t| segs.by_type.remove(t)).collect();
-                segs.bytes -= gone.iter().map(|s| s.size()).sum::<usize>();
-                gone
-            };
+            let stale: Vec<Arc<Segment>> = (segs.by_type)
+                .extract_if(|_, s| !current(s))
+                .map(|(_, s)| s)
+                .collect();
+            segs.bytes -= stale.iter().map(|s| s.size()).sum::<usize>();
             self.segment_count
                 .store(segs.by_type.len(), Ordering::Relaxed);
             let make = match segs.asked.get(entity_type) {

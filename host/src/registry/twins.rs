@@ -49,11 +49,6 @@ impl Blob {
         Blob(bytes.into_boxed_slice())
     }
 
-    /// The twin's properties, for lookups (`None`: not a readable compact twin).
-    pub(crate) fn props(&self) -> Option<compact::Props<'_>> {
-        props_at(self, self.props_at())
-    }
-
     /// Where the twin's properties begin (0: not kept).
     #[inline]
     pub(crate) fn props_at(&self) -> u16 {
@@ -190,18 +185,20 @@ impl TwinMap {
     /// are kept up to date here, and the versions of the twin's entity types raised (before
     /// the change is written, so that a segment made meanwhile is known stale).
     fn changed(&self, id: &TwinId, old: Option<&[u8]>, new: Option<&[u8]>) {
-        let bucket = |b: &[u8]| super::segment::bucket(compact::entity_type_ref(b));
-        let (ob, nb) = (old.map(bucket), new.map(bucket));
+        let (ot, nt) = (
+            old.map(compact::entity_type_ref),
+            new.map(compact::entity_type_ref),
+        );
+        let (ob, nb) = (
+            ot.map(super::segment::bucket),
+            nt.map(super::segment::bucket),
+        );
         for k in [ob, nb.filter(|k| Some(*k) != ob)].into_iter().flatten() {
             self.versions[k].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         if self.ranges.is_empty() {
             return;
         }
-        let (ot, nt) = (
-            old.map(compact::entity_type_ref),
-            new.map(compact::entity_type_ref),
-        );
         let (op, np) = (
             old.and_then(|b| compact::Props::of(b).ok()),
             new.and_then(|b| compact::Props::of(b).ok()),
